@@ -1,0 +1,43 @@
+# Every target creates .venv when missing, installs the CPU torch build first when
+# no torch is importable (a loose requirement would pull a multi-GB CUDA build),
+# then installs kdkit in editable mode with its dev extras.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kdkit-installed
+
+.PHONY: demo test test-all lint bench install sandbox-deps clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The sandbox runs generated code under bubblewrap; install it when we can (root + apt).
+sandbox-deps:
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get install -y -qq bubblewrap >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1)) ; } || \
+	  echo "note: bubblewrap is not installed; sandboxed evaluation will refuse to run (apt-get install bubblewrap)"
+
+demo: $(STAMP) sandbox-deps
+	$(VENV)/bin/kdkit diag kl-agg
+
+test: $(STAMP) sandbox-deps
+	$(PY) -m pytest -q
+
+test-all: $(STAMP) sandbox-deps
+	$(PY) -m pytest -q -m ""
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks scripts examples
+
+bench: $(STAMP)
+	$(PY) benchmarks/loss.py --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

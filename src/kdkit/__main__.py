@@ -1,0 +1,3 @@
+from kdkit.cli import app
+
+app()

@@ -1,0 +1,209 @@
+"""Batch + teacher/reference signals + config → (loss, metrics). The ONLY place that normalises.
+
+    total = ce_coef · CE  +  kd_weight · Σ_tok w(row) · KD(tok)  +  barrier
+
+* CE and KD are sums over target tokens divided by ONE denominator: the (weighted)
+  number of target tokens of the whole optimizer step — every micro-batch, every
+  rank. The caller computes it with :func:`step_denominator` (and all-reduces it
+  when distributed), so batch 8 × accumulation 1 equals batch 2 × accumulation 4.
+* ``w(row) = row weight × task_weights[task]``; the row weight also scales CE.
+* Per-role switches (``ObjectiveConfig.roles``) decide which rows carry CE, KD
+  and the barrier: the seeds put KD on ``anchor`` rows only.
+* The barrier is λ_b · relu(aggregate(div(reference, student)) − τ), computed per
+  micro-batch (an RMSE or a p95 does not decompose over micro-batches) and
+  weighted by the micro-batch's share of the step's tokens.
+
+Positions are prediction positions: ``student_logits[b, t]`` predicts
+``targets[b, t]``; the caller has already shifted (``logits[:, :-1]``,
+``labels[:, 1:]``). ``targets == -100`` marks positions without a loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from kdkit.config import ObjectiveConfig
+from kdkit.losses import TopK, aggregate, hinge, token_divergence
+
+IGNORE_INDEX = -100
+DEFAULT_ROLE = "default"
+
+
+@dataclass(frozen=True)
+class StepDenominator:
+    """Σ of CE token weights over the whole optimizer step (all micro-batches and ranks)."""
+
+    tokens: float
+
+    def __post_init__(self) -> None:
+        if not self.tokens >= 0:
+            raise ValueError(f"step denominator must be >= 0, got {self.tokens}")
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _f(x: Tensor) -> float:
+    return float(x.detach())
+
+
+def token_weights(targets: Tensor, ce_norm: str) -> Tensor:
+    """float32 [B, T] weight of each target token in the CE/KD sums (0 where ignored).
+
+    ``token``: 1 per target token. ``sqrt_row``: 1/√n_row, so a long completion
+    does not outweigh a short one by its length alone (the seeds' token-weighted CE).
+    """
+    valid = (targets != IGNORE_INDEX).float()
+    if ce_norm == "token":
+        return valid
+    if ce_norm == "sqrt_row":
+        n = valid.sum(dim=-1, keepdim=True)
+        return valid / torch.sqrt(n.clamp(min=1.0))
+    raise ValueError(f"unknown ce_norm {ce_norm!r}; valid: token, sqrt_row")
+
+
+def step_denominator(micro_batch_targets: list[Tensor], cfg: ObjectiveConfig) -> StepDenominator:
+    """Denominator for one optimizer step from the targets of its micro-batches (this rank)."""
+    total = sum(float(token_weights(t, cfg.ce_norm).sum()) for t in micro_batch_targets)
+    return StepDenominator(tokens=total)
+
+
+def _row_vector(values: list[str] | None, n: int, default: str, what: str) -> list[str]:
+    if values is None:
+        return [default] * n
+    if len(values) != n:
+        raise ValueError(f"{what}: got {len(values)} entries for a batch of {n} rows")
+    return [v if v else default for v in values]
+
+
+def compute_objective(
+    student_logits: Tensor,
+    targets: Tensor,
+    cfg: ObjectiveConfig,
+    *,
+    teacher: Tensor | TopK | None = None,
+    reference: Tensor | TopK | None = None,
+    roles: list[str] | None = None,
+    tasks: list[str] | None = None,
+    row_weights: Tensor | None = None,
+    denom: StepDenominator | None = None,
+) -> ObjectiveOutput:
+    """Combine CE, KD and the barrier for one micro-batch.
+
+    Args:
+        student_logits: Tensor[B, T, V] (any float dtype; math in float32).
+        targets: LongTensor[B, T], ``-100`` where there is no loss.
+        cfg: the objective configuration.
+        teacher: dense logits Tensor[B, T, V] or TopK[B, T, K] aligned with the
+            positions; ``None`` for no KD (plain SFT).
+        reference: the barrier's reference, dense or TopK; required iff
+            ``cfg.barrier`` is set.
+        roles, tasks: per-row strings (length B); missing means ``"default"`` / ``""``.
+        row_weights: float Tensor[B] per-row weights (default 1).
+        denom: the optimizer step's denominator; default: this micro-batch alone.
+
+    Returns:
+        ObjectiveOutput with ``loss`` (float32 scalar, this micro-batch's share of
+        the step loss) and float metrics: ``ce_loss`` (mean CE per target token),
+        ``kl_loss`` (mean KD divergence over KD positions), ``barrier``,
+        ``barrier_agg`` (the aggregate before the hinge), ``total_loss``,
+        ``tail_mass`` and ``top1_agree`` (with a teacher), ``tokens``.
+    """
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
+    bsz, seq, vocab = student_logits.shape
+    if targets.shape != (bsz, seq):
+        raise ValueError(f"targets shape {tuple(targets.shape)} != logits leading shape {(bsz, seq)}")
+    if cfg.barrier is not None and reference is None:
+        raise ValueError("objective.barrier is set but no reference signal was given")
+    valid_t = targets != IGNORE_INDEX
+    if valid_t.any() and (int(targets[valid_t].min()) < 0 or int(targets[valid_t].max()) >= vocab):
+        raise ValueError(f"target ids out of range [0, {vocab})")
+
+    role_list = _row_vector(roles, bsz, DEFAULT_ROLE, "roles")
+    task_list = _row_vector(tasks, bsz, "", "tasks")
+    device = student_logits.device
+    rw = torch.ones(bsz, device=device) if row_weights is None else row_weights.float().to(device)
+    if rw.shape != (bsz,):
+        raise ValueError(f"row_weights shape {tuple(rw.shape)} != ({bsz},)")
+
+    terms = [cfg.terms_for(r) for r in role_list]
+    ce_on = torch.tensor([t.ce for t in terms], dtype=torch.float32, device=device)
+    kd_on = torch.tensor([t.kd for t in terms], dtype=torch.float32, device=device)
+    bar_on = torch.tensor([t.barrier for t in terms], dtype=torch.bool, device=device)
+    task_w = torch.tensor([cfg.task_weights.get(t, 1.0) for t in task_list], dtype=torch.float32, device=device)
+
+    tok_w = token_weights(targets, cfg.ce_norm)  # [B, T]
+    local = float(tok_w.sum())
+    norm = local if denom is None else denom.tokens
+    inv = 1.0 / norm if norm > 0 else 0.0
+    n_valid = int(valid_t.sum())
+
+    logits32 = student_logits.float()
+    safe_targets = torch.where(valid_t, targets, torch.zeros_like(targets))
+    ce_pos = torch.nn.functional.cross_entropy(
+        logits32.reshape(-1, vocab), safe_targets.reshape(-1), reduction="none"
+    ).reshape(bsz, seq)
+    ce_pos = torch.where(valid_t, ce_pos, torch.zeros_like(ce_pos))
+    ce_sum = (ce_pos * tok_w * (rw * ce_on)[:, None]).sum()
+    loss = cfg.ce_coef * ce_sum * inv
+    metrics: dict[str, float] = {
+        "tokens": float(n_valid),
+        "ce_loss": _f(ce_pos.sum()) / max(n_valid, 1),
+    }
+
+    if teacher is not None and cfg.kd_weight > 0.0:
+        kd_cfg = cfg.kd
+        div = token_divergence(
+            logits32, teacher, kd_cfg.kind, temperature=kd_cfg.temperature, t2_scale=kd_cfg.t2_scale,
+            beta=kd_cfg.beta, alpha=kd_cfg.alpha, tail=kd_cfg.tail,
+        )
+        row_kd = rw * task_w * kd_on
+        kd_mask = valid_t & (kd_on[:, None] > 0)
+        div = torch.where(kd_mask, div, torch.zeros_like(div))
+        loss = loss + cfg.kd_weight * (div * tok_w * row_kd[:, None]).sum() * inv
+        n_kd = int(kd_mask.sum())
+        metrics["kl_loss"] = _f(div.sum()) / max(n_kd, 1)
+        metrics["kd_tokens"] = float(n_kd)
+        metrics.update(_teacher_stats(logits32, teacher, kd_mask))
+    elif teacher is not None:
+        metrics.update(_teacher_stats(logits32, teacher, valid_t))
+
+    if cfg.barrier is not None:
+        b = cfg.barrier
+        div_ref = token_divergence(logits32, reference, b.kind, temperature=b.temperature, t2_scale=False)
+        bmask = valid_t & bar_on[:, None]
+        agg = aggregate(div_ref, bmask, b.aggregate)
+        share = local * inv if denom is not None else 1.0
+        barrier = b.weight * hinge(agg, b.tau) * share
+        loss = loss + barrier
+        metrics["barrier_agg"] = _f(agg)
+        metrics["barrier"] = _f(barrier)
+
+    metrics["total_loss"] = _f(loss)
+    return ObjectiveOutput(loss=loss, metrics=metrics)
+
+
+@torch.no_grad()
+def _teacher_stats(logits32: Tensor, teacher: Tensor | TopK, mask: Tensor) -> dict[str, float]:
+    """Teacher tail mass (top-K only) and top-1 agreement between student and teacher."""
+    n = int(mask.sum())
+    if n == 0:
+        return {}
+    s_top = logits32.argmax(dim=-1)
+    if isinstance(teacher, TopK):
+        best = teacher.logprobs.float().argmax(dim=-1, keepdim=True)
+        t_top = torch.gather(teacher.ids.long(), -1, best).squeeze(-1)
+        tail = torch.exp(teacher.tail_logmass())
+        out = {"tail_mass": float(tail[mask].mean())}
+    else:
+        t_top = teacher.float().argmax(dim=-1)
+        out = {}
+    out["top1_agree"] = float((s_top == t_top)[mask].float().mean())
+    return out

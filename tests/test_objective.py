@@ -1,0 +1,201 @@
+"""kdkit.objective: composition, roles, task weights, barrier and step normalisation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from kdkit.config import BarrierConfig, DivergenceConfig, ObjectiveConfig, RoleTerms
+from kdkit.losses import TopK, aggregate, token_divergence
+from kdkit.objective import IGNORE_INDEX, StepDenominator, compute_objective, step_denominator
+
+B, T, V = 4, 9, 23
+
+
+def _batch(seed=0, ignore_frac=0.3):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, T, V, generator=g)
+    t = torch.randn(B, T, V, generator=g)
+    y = torch.randint(0, V, (B, T), generator=g)
+    y[torch.rand(B, T, generator=g) < ignore_frac] = IGNORE_INDEX
+    return s, t, y
+
+
+def _ref_ce(s, y):
+    valid = y != IGNORE_INDEX
+    lp = torch.log_softmax(s.double(), -1)
+    nll = -lp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return nll, valid
+
+
+def test_total_is_ce_plus_weighted_kd_over_valid_tokens():
+    s, t, y = _batch()
+    cfg = ObjectiveConfig(ce_coef=0.7, kd_weight=0.3, kd=DivergenceConfig(kind="kl_fwd", temperature=2.0))
+    out = compute_objective(s, y, cfg, teacher=t)
+    nll, valid = _ref_ce(s, y)
+    kd = token_divergence(s, t, "kl_fwd", temperature=2.0).double()
+    n = valid.sum()
+    expected = (0.7 * nll[valid].sum() + 0.3 * kd[valid].sum()) / n
+    assert float(out.loss) == pytest.approx(float(expected), rel=1e-5)
+    assert out.metrics["ce_loss"] == pytest.approx(float(nll[valid].mean()), rel=1e-5)
+    assert out.metrics["kl_loss"] == pytest.approx(float(kd[valid].mean()), rel=1e-5)
+    assert out.metrics["top1_agree"] == pytest.approx(float((s.argmax(-1) == t.argmax(-1))[valid].float().mean()))
+
+
+def test_ce_coef_zero_is_pure_kd_and_gradients_match():
+    s, t, y = _batch(1)
+    cfg = ObjectiveConfig(ce_coef=0.0, kd_weight=1.0, kd=DivergenceConfig(kind="jsd", beta=0.3))
+    x = s.clone().requires_grad_(True)
+    compute_objective(x, y, cfg, teacher=t).loss.backward()
+    x2 = s.clone().requires_grad_(True)
+    valid = y != IGNORE_INDEX
+    aggregate(token_divergence(x2, t, "jsd", beta=0.3), valid, "mean").backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_kd_only_on_configured_roles():
+    s, t, y = _batch(2, ignore_frac=0.0)
+    cfg = ObjectiveConfig(ce_coef=0.0, kd_weight=1.0, roles={"new": RoleTerms(kd=False), "anchor": RoleTerms()})
+    roles = ["anchor", "new", "anchor", "new"]
+    x = s.clone().requires_grad_(True)
+    out = compute_objective(x, y, cfg, teacher=t, roles=roles)
+    out.loss.backward()
+    assert torch.equal(x.grad[1], torch.zeros(T, V)) and torch.equal(x.grad[3], torch.zeros(T, V))
+    assert x.grad[0].abs().sum() > 0 and x.grad[2].abs().sum() > 0
+    kd = token_divergence(s, t, "kl_fwd")
+    assert out.metrics["kl_loss"] == pytest.approx(float(kd[[0, 2]].mean()), rel=1e-5)
+    assert out.metrics["kd_tokens"] == 2 * T
+
+
+def test_task_multiplier_scales_that_rows_gradient_exactly():
+    s, t, y = _batch(3)
+    base = ObjectiveConfig(ce_coef=0.0, kd_weight=0.5)
+    heavy = ObjectiveConfig(ce_coef=0.0, kd_weight=0.5, task_weights={"HE/34": 4.0})
+    tasks = ["MBPP/1", "HE/34", "MBPP/2", "MBPP/3"]
+    grads = []
+    for cfg in (base, heavy):
+        x = s.clone().requires_grad_(True)
+        compute_objective(x, y, cfg, teacher=t, tasks=tasks).loss.backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1][1], 4.0 * grads[0][1])
+    for r in (0, 2, 3):
+        torch.testing.assert_close(grads[1][r], grads[0][r])
+
+
+def test_row_weight_scales_ce_and_kd():
+    s, t, y = _batch(4)
+    cfg = ObjectiveConfig(ce_coef=1.0, kd_weight=1.0)
+    w = torch.tensor([1.0, 2.0, 0.0, 1.0])
+    x = s.clone().requires_grad_(True)
+    compute_objective(x, y, cfg, teacher=t, row_weights=w).loss.backward()
+    x2 = s.clone().requires_grad_(True)
+    compute_objective(x2, y, cfg, teacher=t).loss.backward()
+    torch.testing.assert_close(x.grad[1], 2 * x2.grad[1])
+    assert torch.equal(x.grad[2], torch.zeros(T, V))
+
+
+def test_sqrt_row_ce_norm():
+    s, _, y = _batch(5)
+    cfg = ObjectiveConfig(ce_norm="sqrt_row", kd_weight=0.0)
+    out = compute_objective(s, y, cfg)
+    nll, valid = _ref_ce(s, y)
+    num = den = 0.0
+    for r in range(B):
+        n_r = int(valid[r].sum())
+        if n_r:
+            num += float(nll[r][valid[r]].sum()) / math.sqrt(n_r)
+            den += n_r / math.sqrt(n_r)
+    assert float(out.loss) == pytest.approx(num / den, rel=1e-5)
+
+
+def test_accumulation_equals_one_big_batch():
+    """Batch 4 in one call == the same rows in 2 micro-batches with the step denominator."""
+    s, t, y = _batch(6)
+    cfg = ObjectiveConfig(ce_coef=1.0, kd_weight=0.5, ce_norm="sqrt_row")
+    x = s.clone().requires_grad_(True)
+    full = compute_objective(x, y, cfg, teacher=t).loss
+    full.backward()
+    x2 = s.clone().requires_grad_(True)
+    denom = step_denominator([y[:2], y[2:]], cfg)
+    parts = [compute_objective(x2[i:i + 2], y[i:i + 2], cfg, teacher=t[i:i + 2], denom=denom).loss for i in (0, 2)]
+    sum(parts).backward()
+    assert float(sum(parts)) == pytest.approx(float(full), rel=1e-6)
+    torch.testing.assert_close(x2.grad, x.grad)
+
+
+def test_topk_teacher_reports_tail_mass():
+    s, t, y = _batch(7, ignore_frac=0.0)
+    lp = torch.log_softmax(t, -1)
+    vals, ids = lp.topk(5, -1)
+    out = compute_objective(s, y, ObjectiveConfig(), teacher=TopK(ids, vals))
+    assert out.metrics["tail_mass"] == pytest.approx(float((1 - vals.exp().sum(-1)).mean()), rel=1e-4)
+
+
+def test_barrier_is_zero_below_tau_and_active_above():
+    s, t, y = _batch(8)
+    valid = y != IGNORE_INDEX
+    agg = float(aggregate(token_divergence(s, t, "kl_rev", t2_scale=False), valid, "rmse"))
+    for tau, active in ((agg + 0.1, False), (agg - 0.1, True)):
+        cfg = ObjectiveConfig(ce_coef=1.0, kd_weight=0.0,
+                              barrier=BarrierConfig(kind="kl_rev", aggregate="rmse", tau=tau, weight=2.0))
+        x = s.clone().requires_grad_(True)
+        out = compute_objective(x, y, cfg, reference=t)
+        ce_only = compute_objective(s, y, ObjectiveConfig(kd_weight=0.0)).loss
+        assert out.metrics["barrier_agg"] == pytest.approx(agg, rel=1e-5)
+        expected = 2.0 * max(agg - tau, 0.0)
+        assert out.metrics["barrier"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+        assert float(out.loss) == pytest.approx(float(ce_only) + expected, rel=1e-5)
+        assert active == (out.metrics["barrier"] > 0)
+
+
+def test_fully_masked_batch_gives_zero_loss_and_zero_gradient():
+    s, t, _ = _batch(9)
+    y = torch.full((B, T), IGNORE_INDEX)
+    cfg = ObjectiveConfig(barrier=BarrierConfig(aggregate="rmse"))
+    x = s.clone().requires_grad_(True)
+    out = compute_objective(x, y, cfg, teacher=t, reference=t)
+    out.loss.backward()
+    assert float(out.loss) == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_bf16_logits_give_finite_loss():
+    s, t, y = _batch(10)
+    out = compute_objective(s.bfloat16(), y, ObjectiveConfig(), teacher=t.bfloat16())
+    assert math.isfinite(float(out.loss)) and out.loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"kd": {"kind": "kl"}}, "kd.kind"),
+        ({"kd": {"kind": "jsd", "beta": 1.2}}, "kd.beta"),
+        ({"kd": {"alpha": 1.0}}, "kd.alpha"),
+        ({"kd": {"temperature": 0.0}}, "kd.temperature"),
+        ({"kd": {"tail": "drop"}}, "kd.tail"),
+        ({"barrier": {"aggregate": "median"}}, "barrier.aggregate"),
+        ({"ce_norm": "row"}, "ce_norm"),
+        ({"kd_wieght": 0.1}, "kd_wieght"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValidationError) as e:
+        ObjectiveConfig(**kwargs)
+    locs = [".".join(str(p) for p in err["loc"]) for err in e.value.errors()]
+    assert field in locs
+
+
+def test_runtime_errors():
+    s, t, y = _batch(11)
+    with pytest.raises(ValueError, match="barrier is set but no reference"):
+        compute_objective(s, y, ObjectiveConfig(barrier=BarrierConfig()), teacher=t)
+    with pytest.raises(ValueError, match="targets shape"):
+        compute_objective(s, y[:, :-1], ObjectiveConfig())
+    with pytest.raises(ValueError, match="roles: got 3 entries"):
+        compute_objective(s, y, ObjectiveConfig(), roles=["a", "b", "c"])
+    with pytest.raises(ValueError, match="target ids out of range"):
+        compute_objective(s, torch.full((B, T), V), ObjectiveConfig())
+    with pytest.raises(ValueError, match="must be >= 0"):
+        StepDenominator(-1.0)
