@@ -34,7 +34,7 @@ test-all: $(STAMP) sandbox-deps
 	$(PY) -m pytest -q -m ""
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks scripts examples
+	$(VENV)/bin/ruff check src tests $(wildcard benchmarks scripts examples)
 
 bench: $(STAMP)
 	$(PY) benchmarks/loss.py --quick

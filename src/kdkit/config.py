@@ -102,7 +102,7 @@ class ObjectiveConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _something_to_train(self) -> "ObjectiveConfig":
+    def _something_to_train(self) -> ObjectiveConfig:
         if self.ce_coef == 0.0 and self.kd_weight == 0.0 and self.barrier is None:
             raise ValueError("ce_coef and kd_weight are both 0 and there is no barrier: nothing to train")
         return self

@@ -23,8 +23,8 @@ A position whose logits are all ``-inf`` gives 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
