@@ -19,6 +19,8 @@ app = typer.Typer(
 diag_app = typer.Typer(help="Diagnostics that explain kdkit's conventions with numbers from the library.",
                        no_args_is_help=True)
 app.add_typer(diag_app, name="diag")
+cache_app = typer.Typer(help="Inspect and verify a teacher cache made by `kdkit precompute`.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -91,6 +93,84 @@ def diag_kl_agg(
         f"With τ = {tau}, the barrier misses the incoherent student under: {', '.join(blind) or 'none'}; "
         f"fires under: {', '.join(h for h in DIAG_AGGREGATIONS if res.fires['incoherent'][h]) or 'none'}."
     )
+
+
+@app.command("precompute")
+def precompute_cmd(
+    teacher: str = typer.Option(..., help="Teacher: a local Hugging Face model directory (safetensors) with its tokenizer."),
+    data: str = typer.Option(..., help="Training data JSONL: prompt/completion, messages or text rows."),
+    out: str = typer.Option(..., help="Cache directory to create, resume, or confirm."),
+    top_k: int = typer.Option(64, help="Teacher log-probs kept per position (the K largest)."),
+    temperature: float = typer.Option(1.0, help="Capture temperature: the teacher softmax is taken at logits / T."),
+    batch_size: int = typer.Option(8, help="Rows per teacher forward (length-sorted batches)."),
+    max_length: int = typer.Option(1024, help="Truncate rows to this many tokens (truncations are counted)."),
+    dtype: str = typer.Option("float32", help="Teacher compute dtype: float32, bfloat16 or float16."),
+    logprob_dtype: str = typer.Option("float16", help="Stored log-prob dtype: float16 (default) or float32."),
+    shard_rows: int = typer.Option(256, help="Rows per shard (the unit of resumption)."),
+    on_empty: str = typer.Option("skip", help="Rows with no target token: 'skip' (reported) or 'error'."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Run the teacher once over DATA and store its top-K log-probs, tail mass and statistics in OUT.
+
+    The cache is content-addressed: OUT records a key of (teacher, tokenizer, data, K, T, max_length,
+    dtypes). Rerunning with the same inputs resumes a killed run (or does nothing when complete) and
+    gives byte-identical shards; other inputs are refused with the differing field named.
+    """
+    from kdkit.cache.format import CacheError
+    from kdkit.cache.precompute import PrecomputeSettings, precompute
+    from kdkit.data import DataError
+    from kdkit.models import ModelError
+
+    try:
+        settings = PrecomputeSettings(top_k=top_k, temperature=temperature, batch_size=batch_size,
+                                      max_length=max_length, dtype=dtype, logprob_dtype=logprob_dtype,
+                                      shard_rows=shard_rows, on_empty=on_empty)
+        precompute(teacher, data, out, settings, progress=progress, log=console.print)
+    except (CacheError, DataError, ModelError, ValueError) as e:
+        fail(str(e))
+
+
+@cache_app.command("info")
+def cache_info(path: str = typer.Argument(..., help="Cache directory.")) -> None:
+    """Summarise a cache: teacher, key, K, temperature, rows, tokens, bytes/token, capture statistics."""
+    from kdkit.cache.format import CacheError
+    from kdkit.cache.reader import load_manifest
+
+    try:
+        m = load_manifest(path)
+    except CacheError as e:
+        fail(str(e))
+    c, st = m["components"], m["stats"]
+    table = Table(title=f"teacher cache {path}", show_header=False)
+    for k, v in [
+        ("key", m["key"]), ("teacher", m["teacher"]["path"]), ("teacher sha256", m["teacher"]["sha256"]),
+        ("tokenizer sha256", c["tokenizer"]), ("data sha256", c["data"]), ("vocab size", m["vocab_size"]),
+        ("top-K", c["top_k"]), ("capture temperature", c["temperature"]), ("max_length", c["max_length"]),
+        ("teacher dtype", c["dtype"]), ("encoding", ", ".join(f"{a}:{b}" for a, b in m["encoding"].items())),
+        ("rows", m["rows"]), ("tokens", m["tokens"]), ("shards", len(m["shards"])), ("bytes", f"{m['bytes']:,}"),
+        ("bytes/token", f"{m['bytes_per_token']:.1f} (target <= {4.25 * c['top_k'] + 16:.0f})"),
+        ("tail mass mean / p50 / p95", f"{st['tail_mass_mean']:.4f} / {st['tail_mass_p50']:.4f} / {st['tail_mass_p95']:.4f}"),
+        ("teacher entropy (mean, nats)", f"{st['teacher_entropy_mean']:.4f}"),
+    ]:
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+@cache_app.command("verify")
+def cache_verify(path: str = typer.Argument(..., help="Cache directory.")) -> None:
+    """Re-hash every shard against the manifest; exit 1 naming each missing, extra, truncated or changed shard."""
+    from kdkit.cache.format import CacheError
+    from kdkit.cache.reader import verify_cache
+
+    try:
+        problems = verify_cache(path)
+    except CacheError as e:
+        fail(str(e), code=1)
+    if problems:
+        for p in problems:
+            err_console.print(f"[bold red]bad shard:[/] {p}", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"{path}: every shard matches the manifest")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,261 @@
+"""``kdkit precompute``: run the teacher once over a dataset and store its top-K log-probs.
+
+Shards hold contiguous row ranges and are written in row order whatever order the
+batches ran in. A shard is complete when its file and its sidecar (with the
+file's sha256) both exist; a rerun skips complete shards after re-hashing them,
+so a killed run resumes and ends with the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import save as st_save
+
+from kdkit import data as kdata
+from kdkit.cache.format import (
+    FORMAT_VERSION,
+    KEY_FILE,
+    LOGPROB_DTYPES,
+    MANIFEST_FILE,
+    CacheError,
+    CacheMismatch,
+    content_key,
+    first_difference,
+    id_dtype,
+    shard_name,
+    sidecar_name,
+)
+from kdkit.io import atomic_write_bytes, atomic_write_json, remove_stale_tmp
+from kdkit.losses import TopK
+from kdkit.models import load_causal_lm, load_tokenizer, model_fingerprint, sha256_file, tokenizer_fingerprint
+
+FAULT_ENV = "KDKIT_FAULT_PRECOMPUTE"
+
+
+@dataclass(frozen=True)
+class PrecomputeSettings:
+    top_k: int = 64
+    temperature: float = 1.0
+    batch_size: int = 8
+    max_length: int = 1024
+    dtype: str = "float32"
+    logprob_dtype: str = "float16"
+    shard_rows: int = 256
+    on_empty: str = "skip"
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.batch_size < 1 or self.shard_rows < 1:
+            raise ValueError("--batch-size and --shard-rows must be >= 1")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.logprob_dtype not in LOGPROB_DTYPES:
+            raise ValueError(f"--logprob-dtype must be one of {', '.join(LOGPROB_DTYPES)}, got {self.logprob_dtype!r}")
+
+
+def _fault(point: str, shard: int) -> None:
+    """Fault injection for the crash tests: KDKIT_FAULT_PRECOMPUTE=<point>:<shard> kills -9 there."""
+    spec = os.environ.get(FAULT_ENV)
+    if spec and spec == f"{point}:{shard}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@torch.no_grad()
+def teacher_topk(model: Any, batch: kdata.Batch, top_k: int, temperature: float
+                 ) -> tuple[TopK, torch.Tensor, torch.Tensor]:
+    """Teacher top-K at every prediction position of a batch.
+
+    Returns (TopK[B, L-1, K] float32 log-probs under the full softmax at ``temperature``,
+    log tail mass [B, L-1], entropy [B, L-1]).
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    lp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    k = min(top_k, lp.shape[-1])
+    vals, ids = lp.topk(k, dim=-1, sorted=True)
+    entropy = -(lp.exp() * lp).sum(-1)
+    tk = TopK(ids=ids, logprobs=vals)
+    return tk, tk.tail_logmass(), entropy
+
+
+def _shard_bytes(rows: list[kdata.TokenizedRow], model: Any, s: PrecomputeSettings, vocab: int,
+                 pad_id: int, on_tokens: Callable[[int], None]) -> tuple[bytes, dict[str, Any]]:
+    per_row: list[tuple[np.ndarray, ...] | None] = [None] * len(rows)
+    ent_sum = 0.0
+    for idx in kdata.length_sorted_batches([len(r.input_ids) for r in rows], s.batch_size):
+        batch = kdata.collate([rows[i] for i in idx], pad_id)
+        tk, tail, ent = teacher_topk(model, batch, s.top_k, s.temperature)
+        for b, i in enumerate(idx):
+            pos = rows[i].loss_positions()
+            p = torch.from_numpy(pos).long()
+            per_row[i] = (
+                pos,
+                tk.ids[b, p].numpy().astype(id_dtype(vocab)),
+                tk.logprobs[b, p].numpy().astype(LOGPROB_DTYPES[s.logprob_dtype]),
+                tail[b, p].numpy().astype(np.float32),
+            )
+            ent_sum += float(ent[b, p].double().sum())
+            on_tokens(len(pos))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(r[0]) for r in per_row])
+    tensors = {
+        "pos": np.concatenate([r[0] for r in per_row]).astype(np.int32),
+        "ids": np.concatenate([r[1] for r in per_row]),
+        "logprobs": np.concatenate([r[2] for r in per_row]),
+        "tail": np.concatenate([r[3] for r in per_row]),
+        "row_offsets": offsets,
+    }
+    stats = {"tokens": int(offsets[-1]), "entropy_sum": ent_sum}
+    return st_save(tensors), stats
+
+
+def _prepare_dir(out: Path, components: dict[str, Any], key: str) -> bool:
+    """Create or re-open ``out``; returns True when the cache is already complete."""
+    if out.exists() and not out.is_dir():
+        raise CacheError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    key_path = out / KEY_FILE
+    if key_path.is_file():
+        import json
+
+        cached = json.loads(key_path.read_text())
+        diff = first_difference(cached.get("components", {}), components)
+        if diff is not None:
+            raise CacheMismatch(diff[0], diff[1], diff[2], out)
+        return (out / MANIFEST_FILE).is_file()
+    if any(p for p in out.iterdir() if not p.name.startswith(".")):
+        raise CacheError(f"{out}: directory is not empty and holds no {KEY_FILE}; refusing to write a cache into it")
+    atomic_write_json(key_path, {"key": key, "components": components})
+    return False
+
+
+def precompute(
+    teacher: str | Path,
+    data_path: str | Path,
+    out: str | Path,
+    settings: PrecomputeSettings = PrecomputeSettings(),
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Build (or resume, or confirm) the cache in ``out``; returns the manifest."""
+    import json
+
+    out = Path(out)
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(teacher)
+    rows, rep = kdata.load_dataset(tokenizer, data_path, max_length=settings.max_length, on_empty=settings.on_empty)
+    if rep.truncated:
+        log(f"{rep.truncated} of {rep.rows} rows were truncated to max_length={settings.max_length}")
+    if rep.empty:
+        log(f"skipped {len(rep.empty)} rows with no target token (lines {rep.empty[:10]})")
+    t_fp, k_fp = model_fingerprint(teacher), tokenizer_fingerprint(tokenizer)
+    components = {
+        "format_version": FORMAT_VERSION,
+        "teacher": t_fp["sha256"],
+        "tokenizer": k_fp["sha256"],
+        "data": kdata.data_fingerprint(rows),
+        "top_k": settings.top_k,
+        "temperature": settings.temperature,
+        "max_length": settings.max_length,
+        "dtype": settings.dtype,
+        "logprob_dtype": settings.logprob_dtype,
+        "shard_rows": settings.shard_rows,
+    }
+    key = content_key(components)
+    if _prepare_dir(out, components, key):
+        log(f"{out}: cache already complete (key {key[:12]}); nothing to do")
+        return json.loads((out / MANIFEST_FILE).read_text())
+    remove_stale_tmp(out)
+
+    model = load_causal_lm(teacher, settings.dtype)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    if settings.top_k > vocab:
+        raise ValueError(f"--top-k {settings.top_k} exceeds the teacher's vocabulary ({vocab})")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    n_shards = (len(rows) + settings.shard_rows - 1) // settings.shard_rows
+    total_tokens = rep.target_tokens
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("precompute"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
+               TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
+    shards_meta = []
+    computed_tokens, t_compute = 0, 0.0
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("precompute", total=total_tokens, rate="-")
+        for i in range(n_shards):
+            lo, hi = i * settings.shard_rows, min(len(rows), (i + 1) * settings.shard_rows)
+            spath, cpath = out / shard_name(i), out / sidecar_name(i)
+            side = json.loads(cpath.read_text()) if cpath.is_file() else None
+            if side and spath.is_file() and side.get("sha256") == sha256_file(spath) and side.get("rows") == [lo, hi]:
+                shards_meta.append(side)
+                bar.advance(task, side["tokens"])
+                continue
+            ts = time.perf_counter()
+
+            def on_tokens(n: int) -> None:
+                bar.advance(task, n)
+
+            blob, stats = _shard_bytes(rows[lo:hi], model, settings, vocab, pad_id, on_tokens)
+            atomic_write_bytes(spath, blob, before_rename=lambda: _fault("mid_shard", i))
+            side = {"file": spath.name, "rows": [lo, hi], "sha256": sha256_file(spath), "bytes": len(blob), **stats}
+            atomic_write_json(cpath, side)
+            shards_meta.append(side)
+            t_compute += time.perf_counter() - ts
+            computed_tokens += stats["tokens"]
+            bar.update(task, rate=f"{computed_tokens / max(t_compute, 1e-9):,.0f}")
+            _fault("after_shard", i)
+
+    manifest = _manifest(out, key, components, settings, teacher, t_fp, k_fp, vocab, rows, shards_meta)
+    atomic_write_json(out / MANIFEST_FILE, manifest)
+    elapsed = time.perf_counter() - t0
+    log(f"wrote {out}: {manifest['tokens']} tokens in {n_shards} shards, "
+        f"{manifest['bytes_per_token']:.1f} bytes/token (target <= {4.25 * settings.top_k + 16:.0f}), "
+        f"{elapsed:.1f}s")
+    return manifest
+
+
+def _manifest(out: Path, key: str, components: dict[str, Any], s: PrecomputeSettings, teacher: str | Path,
+              t_fp: dict[str, Any], k_fp: dict[str, Any], vocab: int, rows: list[kdata.TokenizedRow],
+              shards_meta: list[dict[str, Any]]) -> dict[str, Any]:
+    from safetensors.numpy import load_file
+
+    tails = [np.exp(load_file(str(out / m["file"]))["tail"].astype(np.float64)) for m in shards_meta]
+    tail = np.concatenate(tails) if tails else np.zeros(0)
+    tokens = int(sum(m["tokens"] for m in shards_meta))
+    nbytes = int(sum(m["bytes"] for m in shards_meta))
+    return {
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "components": components,
+        "teacher": {"path": str(Path(teacher)), **t_fp},
+        "tokenizer": k_fp,
+        "vocab_size": vocab,
+        "settings": asdict(s),
+        "encoding": {"ids": np.dtype(id_dtype(vocab)).name, "logprobs": s.logprob_dtype, "tail": "float32",
+                     "pos": "int32", "row_offsets": "int64"},
+        "rows": len(rows),
+        "tokens": tokens,
+        "bytes": nbytes,
+        "bytes_per_token": nbytes / max(tokens, 1),
+        "shards": [{k: m[k] for k in ("file", "rows", "sha256", "bytes", "tokens")} for m in shards_meta],
+        "stats": {
+            "tail_mass_mean": float(tail.mean()) if tail.size else 0.0,
+            "tail_mass_p50": float(np.percentile(tail, 50)) if tail.size else 0.0,
+            "tail_mass_p95": float(np.percentile(tail, 95)) if tail.size else 0.0,
+            "teacher_entropy_mean": float(sum(m["entropy_sum"] for m in shards_meta) / max(tokens, 1)),
+            "tokens_stored": tokens,
+        },
+    }

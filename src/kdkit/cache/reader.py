@@ -1,0 +1,139 @@
+"""Reading a teacher cache: verification, compatibility checks, and TopK batches for training."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+
+from kdkit.cache.format import MANIFEST_FILE, CacheError, CacheMismatch, shard_name
+from kdkit.losses import TopK
+from kdkit.models import sha256_file
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    mf = path / MANIFEST_FILE
+    if not path.is_dir():
+        raise CacheError(f"{path}: no such cache directory")
+    if not mf.is_file():
+        raise CacheError(f"{path}: no {MANIFEST_FILE} — the cache is incomplete (rerun `kdkit precompute` "
+                         f"with the same arguments to resume it)")
+    try:
+        return json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{mf}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def verify_cache(path: str | Path) -> list[str]:
+    """Re-hash every shard against the manifest. Returns a list of problems (empty: the cache is sound)."""
+    path = Path(path)
+    man = load_manifest(path)
+    problems = []
+    listed = {s["file"] for s in man["shards"]}
+    for s in man["shards"]:
+        f = path / s["file"]
+        if not f.is_file():
+            problems.append(f"{s['file']}: missing")
+        elif f.stat().st_size != s["bytes"]:
+            problems.append(f"{s['file']}: {f.stat().st_size} bytes, manifest says {s['bytes']} (truncated or grown)")
+        elif sha256_file(f) != s["sha256"]:
+            problems.append(f"{s['file']}: sha256 mismatch (content changed)")
+    for f in sorted(path.glob("shard-*.safetensors")):
+        if f.name not in listed:
+            problems.append(f"{f.name}: extra shard not listed in the manifest")
+    return problems
+
+
+@dataclass
+class CachedRow:
+    pos: np.ndarray  # int32 [n] prediction positions
+    ids: np.ndarray  # [n, K]
+    logprobs: np.ndarray  # [n, K]
+    tail: np.ndarray  # float32 [n] log tail mass
+
+
+class TeacherCache:
+    """A complete cache directory, opened for reading.
+
+    Each shard is re-hashed the first time it is read; a corrupt shard raises
+    :class:`CacheError` naming it instead of feeding wrong targets to training.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest = load_manifest(self.path)
+        self.components = self.manifest["components"]
+        self.top_k = int(self.components["top_k"])
+        self.temperature = float(self.components["temperature"])
+        self.vocab_size = int(self.manifest["vocab_size"])
+        self._shard_rows = int(self.components["shard_rows"])
+        self._loaded: dict[int, dict[str, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return int(self.manifest["rows"])
+
+    def check_compatible(self, **wanted: Any) -> None:
+        """Raise :class:`CacheMismatch` naming the first field that differs (data, tokenizer, top_k, ...)."""
+        for field, value in wanted.items():
+            if value is None:
+                continue
+            if field not in self.components:
+                raise KeyError(f"unknown cache key field {field!r}")
+            if self.components[field] != value:
+                raise CacheMismatch(field, self.components[field], value, self.path)
+
+    def _shard(self, i: int) -> dict[str, np.ndarray]:
+        if i not in self._loaded:
+            meta = self.manifest["shards"][i]
+            f = self.path / shard_name(i)
+            if not f.is_file():
+                raise CacheError(f"{f}: shard missing (run `kdkit cache verify {self.path}`)")
+            if sha256_file(f) != meta["sha256"]:
+                raise CacheError(f"{f}: sha256 does not match the manifest; the shard is corrupt "
+                                 f"(run `kdkit cache verify {self.path}`, then precompute again)")
+            if len(self._loaded) >= 2:  # shards are read in order; keep memory bounded
+                self._loaded.pop(next(iter(self._loaded)))
+            self._loaded[i] = load_file(str(f))
+        return self._loaded[i]
+
+    def row(self, r: int) -> CachedRow:
+        if not 0 <= r < len(self):
+            raise IndexError(f"row {r} out of range for a cache of {len(self)} rows")
+        sh = self._shard(r // self._shard_rows)
+        j = r % self._shard_rows
+        lo, hi = int(sh["row_offsets"][j]), int(sh["row_offsets"][j + 1])
+        return CachedRow(sh["pos"][lo:hi], sh["ids"][lo:hi], sh["logprobs"][lo:hi], sh["tail"][lo:hi])
+
+    def topk_batch(self, rows: list[int], seq_len: int, expected_pos: list[np.ndarray] | None = None) -> TopK:
+        """TopK[B, seq_len, K] aligned with collated prediction positions; -inf where nothing is stored.
+
+        ``expected_pos``: the loss positions of each row from the tokenised data; a
+        difference means the cache does not belong to this data.
+        """
+        ids = torch.zeros((len(rows), seq_len, self.top_k), dtype=torch.long)
+        lps = torch.full((len(rows), seq_len, self.top_k), float("-inf"), dtype=torch.float32)
+        for b, r in enumerate(rows):
+            cr = self.row(r)
+            if expected_pos is not None and not np.array_equal(cr.pos, expected_pos[b]):
+                raise CacheMismatch(f"row {r} loss positions", cr.pos.tolist()[:8], expected_pos[b].tolist()[:8],
+                                    self.path)
+            if len(cr.pos) and int(cr.pos.max()) >= seq_len:
+                raise CacheError(f"{self.path}: row {r} has positions up to {int(cr.pos.max())} >= batch length {seq_len}")
+            p = torch.from_numpy(cr.pos.astype(np.int64))
+            ids[b, p] = torch.from_numpy(cr.ids.astype(np.int64))
+            lps[b, p] = torch.from_numpy(cr.logprobs.astype(np.float32))
+        return TopK(ids=ids, logprobs=lps)
+
+    def check_student_vocab(self, tokenizer_sha: str, student_vocab_rows: int) -> None:
+        """Refuse a student whose tokenizer differs; allow padded embedding rows (masked by the trainer)."""
+        if tokenizer_sha != self.components["tokenizer"]:
+            raise CacheMismatch("tokenizer", self.components["tokenizer"], tokenizer_sha, self.path)
+        if student_vocab_rows < self.vocab_size:
+            raise CacheError(f"{self.path}: the teacher's vocabulary has {self.vocab_size} rows but the student's "
+                             f"only {student_vocab_rows}; ids would fall outside the student's logits")

@@ -1,0 +1,290 @@
+"""Training data: JSONL rows → tokenised rows with a loss mask, role, task and weight.
+
+Accepted row formats (the ones TRL users already have), one JSON object per line:
+
+* ``{"prompt": str, "completion": str}`` — loss on the completion tokens (and EOS);
+* ``{"messages": [{"role": ..., "content": ...}, ...]}`` — rendered with the
+  tokenizer's chat template, loss on the assistant turns;
+* ``{"text": str}`` — loss on every token.
+
+Optional per row: ``role`` (str, e.g. ``anchor``/``new``), ``task`` (str) and
+``weight`` (number ≥ 0). Every error names the file, the line and the field.
+
+A tokenised row keeps ``loss_mask[i]`` = "token i is a target": it is predicted
+from position ``i − 1``. :func:`collate` turns rows into model inputs and shifted
+targets (``-100`` where no loss).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+FORMATS = ("prompt_completion", "messages", "text")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names file, line and field."""
+
+
+@dataclass
+class Example:
+    """One parsed JSONL row, before tokenisation."""
+
+    line: int
+    format: str
+    fields: dict[str, Any]
+    role: str = "default"
+    task: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class TokenizedRow:
+    input_ids: list[int]
+    loss_mask: list[bool]
+    role: str = "default"
+    task: str = ""
+    weight: float = 1.0
+    line: int = 0
+    truncated: bool = False
+
+    @property
+    def n_targets(self) -> int:
+        return int(sum(self.loss_mask[1:]))
+
+    def loss_positions(self) -> np.ndarray:
+        """Prediction positions t whose next token t+1 is a target (int32)."""
+        m = np.asarray(self.loss_mask, dtype=bool)
+        return (np.nonzero(m[1:])[0]).astype(np.int32)
+
+
+@dataclass
+class TokenizeReport:
+    rows: int = 0
+    truncated: int = 0
+    empty: list[int] = field(default_factory=list)  # line numbers skipped for having no target token
+    target_tokens: int = 0
+
+
+def _err(path: Path, line: int, fld: str, msg: str) -> DataError:
+    return DataError(f"{path}:{line}: field '{fld}': {msg}")
+
+
+def _parse_row(path: Path, line: int, obj: Any) -> Example:
+    if not isinstance(obj, dict):
+        raise _err(path, line, "<row>", f"expected a JSON object, got {type(obj).__name__}")
+    has = {k for k in ("prompt", "completion", "messages", "text") if k in obj}
+    if has == {"prompt", "completion"}:
+        fmt = "prompt_completion"
+        for k in ("prompt", "completion"):
+            if not isinstance(obj[k], str):
+                raise _err(path, line, k, f"expected a string, got {type(obj[k]).__name__}")
+    elif has == {"messages"}:
+        fmt = "messages"
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise _err(path, line, "messages", "expected a non-empty list of {role, content} objects")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise _err(path, line, f"messages[{i}]", "expected an object with string 'role' and 'content'")
+    elif has == {"text"}:
+        fmt = "text"
+        if not isinstance(obj["text"], str):
+            raise _err(path, line, "text", f"expected a string, got {type(obj['text']).__name__}")
+    else:
+        found = ", ".join(sorted(has)) or "none of them"
+        raise _err(
+            path, line, "<format>",
+            f"a row needs exactly one of: prompt+completion, messages, text (found: {found})",
+        )
+    role = obj.get("role", "default")
+    if not isinstance(role, str) or not role:
+        raise _err(path, line, "role", f"expected a non-empty string, got {role!r}")
+    task = obj.get("task", "")
+    if not isinstance(task, str):
+        raise _err(path, line, "task", f"expected a string, got {task!r}")
+    weight = obj.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not (weight >= 0) or weight == float("inf"):
+        raise _err(path, line, "weight", f"expected a finite number >= 0, got {weight!r}")
+    return Example(line=line, format=fmt, fields=obj, role=role, task=task, weight=float(weight))
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Parse a JSONL training file; blank lines are skipped, anything else malformed is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    out: list[Example] = []
+    with path.open("r", encoding="utf-8") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+            out.append(_parse_row(path, line_no, obj))
+    if not out:
+        raise DataError(f"{path}: no rows")
+    return out
+
+
+def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict], **kw: Any) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, **kw)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _tokenize_messages(tokenizer: Any, path: Path, ex: Example) -> tuple[list[int], list[bool]]:
+    msgs = ex.fields["messages"]
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise _err(path, ex.line, "messages", "the tokenizer has no chat template; use prompt/completion or text rows")
+    ids = _chat_ids(tokenizer, msgs)
+    mask = [False] * len(ids)
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        # The assistant turn is what the template adds between "history + generation
+        # prompt" and "history + this turn"; both must be prefixes of the full render.
+        before = _chat_ids(tokenizer, msgs[:i], add_generation_prompt=True) if i else []
+        upto = _chat_ids(tokenizer, msgs[: i + 1])
+        if ids[: len(upto)] != upto or upto[: len(before)] != before:
+            raise _err(path, ex.line, f"messages[{i}]",
+                       "the chat template does not render turns as prefixes; cannot locate the assistant tokens")
+        for j in range(len(before), len(upto)):
+            mask[j] = True
+    return ids, mask
+
+
+def tokenize_example(tokenizer: Any, path: Path, ex: Example) -> tuple[list[int], list[bool]]:
+    """Token ids and the target mask of one example (before truncation)."""
+    if ex.format == "prompt_completion":
+        p = _encode(tokenizer, ex.fields["prompt"], True)
+        c = _encode(tokenizer, ex.fields["completion"], False)
+        if ex.fields["completion"] and tokenizer.eos_token_id is not None:
+            c = c + [tokenizer.eos_token_id]
+        return p + c, [False] * len(p) + [True] * len(c)
+    if ex.format == "messages":
+        return _tokenize_messages(tokenizer, path, ex)
+    ids = _encode(tokenizer, ex.fields["text"], True)
+    return ids, [True] * len(ids)
+
+
+def tokenize_rows(
+    tokenizer: Any,
+    path: str | Path,
+    examples: Sequence[Example],
+    *,
+    max_length: int,
+    on_empty: str = "skip",
+) -> tuple[list[TokenizedRow], TokenizeReport]:
+    """Tokenise, truncate to ``max_length`` tokens, and account for what was cut or skipped.
+
+    ``on_empty``: ``skip`` drops rows left with no target token (reported by line),
+    ``error`` refuses them.
+    """
+    if max_length < 2:
+        raise DataError(f"max_length must be >= 2, got {max_length}")
+    if on_empty not in ("skip", "error"):
+        raise DataError(f"on_empty must be 'skip' or 'error', got {on_empty!r}")
+    path = Path(path)
+    rows: list[TokenizedRow] = []
+    rep = TokenizeReport()
+    for ex in examples:
+        ids, mask = tokenize_example(tokenizer, path, ex)
+        truncated = len(ids) > max_length
+        ids, mask = ids[:max_length], mask[:max_length]
+        row = TokenizedRow(ids, mask, ex.role, ex.task, ex.weight, ex.line, truncated)
+        if row.n_targets == 0:
+            if on_empty == "error":
+                what = "completion" if ex.format == "prompt_completion" else ex.format
+                why = "after truncation to max_length" if truncated else "it is empty"
+                raise _err(path, ex.line, what, f"no target token ({why}); pass on_empty=skip to drop such rows")
+            rep.empty.append(ex.line)
+            continue
+        rep.truncated += int(truncated)
+        rep.target_tokens += row.n_targets
+        rows.append(row)
+    rep.rows = len(rows)
+    if not rows:
+        raise DataError(f"{path}: no row has a target token (skipped lines: {rep.empty[:10]})")
+    return rows, rep
+
+
+def load_dataset(tokenizer: Any, path: str | Path, *, max_length: int, on_empty: str = "skip"
+                 ) -> tuple[list[TokenizedRow], TokenizeReport]:
+    """:func:`read_jsonl` + :func:`tokenize_rows`."""
+    return tokenize_rows(tokenizer, path, read_jsonl(path), max_length=max_length, on_empty=on_empty)
+
+
+def data_fingerprint(rows: Iterable[TokenizedRow]) -> str:
+    """sha256 over every row's token ids and target mask (what the teacher sees and where it is read)."""
+    h = hashlib.sha256()
+    for r in rows:
+        ids = np.asarray(r.input_ids, dtype=np.int64)
+        h.update(np.int64(len(ids)).tobytes())
+        h.update(ids.tobytes())
+        h.update(np.asarray(r.loss_mask, dtype=np.uint8).tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Batch:
+    """Model inputs and shifted targets for a list of rows (right-padded).
+
+    input_ids, attention_mask: LongTensor[B, L]; targets: LongTensor[B, L-1] where
+    ``targets[b, t]`` is the token predicted by ``logits[b, t]`` (``-100``: no loss).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    targets: torch.Tensor
+    roles: list[str]
+    tasks: list[str]
+    weights: torch.Tensor
+    row_index: list[int]
+
+
+def collate(rows: Sequence[TokenizedRow], pad_id: int, row_index: Sequence[int] | None = None) -> Batch:
+    if not rows:
+        raise ValueError("collate: empty batch")
+    length = max(len(r.input_ids) for r in rows)
+    bsz = len(rows)
+    ids = torch.full((bsz, length), pad_id, dtype=torch.long)
+    att = torch.zeros((bsz, length), dtype=torch.long)
+    tgt = torch.full((bsz, length), IGNORE_INDEX, dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[b, :n] = torch.tensor(r.input_ids)
+        att[b, :n] = 1
+        m = torch.tensor(r.loss_mask, dtype=torch.bool)
+        tgt[b, :n] = torch.where(m, ids[b, :n], torch.full((n,), IGNORE_INDEX))
+    return Batch(
+        input_ids=ids,
+        attention_mask=att,
+        targets=tgt[:, 1:].contiguous(),
+        roles=[r.role for r in rows],
+        tasks=[r.task for r in rows],
+        weights=torch.tensor([r.weight for r in rows], dtype=torch.float32),
+        row_index=list(row_index) if row_index is not None else list(range(bsz)),
+    )
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Deterministic batches of indices, longest first (ties by index), for padding-light inference."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]

@@ -1,0 +1,1 @@
+"""The bundled tiny world: a character tokenizer, generated code tasks, a tiny teacher."""

@@ -1,0 +1,104 @@
+"""Loading and saving Hugging Face models and tokenizers; fingerprints; vocabulary alignment."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A model or tokenizer cannot be used as asked; the message says why and what would work."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _require_dir(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelError(f"{what} {p}: not a directory (kdkit loads local Hugging Face model directories)")
+    return p
+
+
+def _quiet_transformers() -> None:
+    # transformers prints a progress bar per weights load; kdkit draws its own progress.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    p = _require_dir(path, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(str(p))
+    except Exception as e:  # transformers raises many types; name the directory
+        raise ModelError(f"{p}: cannot load a tokenizer ({type(e).__name__}: {e})") from e
+
+
+def load_causal_lm(path: str | Path, dtype: str = "float32") -> Any:
+    """Load a causal LM from a local directory of safetensors weights, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    p = _require_dir(path, "model")
+    if not any(p.glob("*.safetensors")):
+        raise ModelError(f"{p}: no *.safetensors weights (kdkit never unpickles .bin files; convert them first)")
+    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype(dtype), use_safetensors=True)
+    model.eval()
+    return model
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_fingerprint(path: str | Path) -> dict[str, Any]:
+    """Config + sha256 of every weights file: identifies the teacher a cache was made from."""
+    p = _require_dir(path, "model")
+    cfg_path = p / "config.json"
+    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    # transformers writes its own version into config.json; it does not change the function.
+    config.pop("transformers_version", None)
+    weights = {f.name: sha256_file(f) for f in sorted(p.glob("*.safetensors"))}
+    digest = hashlib.sha256(json.dumps({"config": config, "weights": weights}, sort_keys=True).encode()).hexdigest()
+    return {"sha256": digest, "weights": weights, "model_type": config.get("model_type"),
+            "vocab_size": config.get("vocab_size")}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+    """sha256 of the vocabulary (token → id) and the special tokens: equal iff ids mean the same text."""
+    vocab = tokenizer.get_vocab()
+    special = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    blob = json.dumps({"vocab": sorted(vocab.items(), key=lambda kv: kv[1]), "special": special}, sort_keys=True)
+    return {"sha256": hashlib.sha256(blob.encode()).hexdigest(), "vocab_size": len(vocab)}
+
+
+def mask_padded_vocab(logits: torch.Tensor, real_vocab: int) -> torch.Tensor:
+    """Set logits of embedding rows past the tokenizer's vocabulary to -inf.
+
+    Models often pad the embedding matrix (e.g. 151936 tokens in 152064 rows); those
+    rows are never a teacher target and must not take student probability mass.
+    """
+    v = logits.shape[-1]
+    if v < real_vocab:
+        raise ModelError(f"model has {v} output rows but the tokenizer has {real_vocab} tokens")
+    if v == real_vocab:
+        return logits
+    pad = torch.zeros(v, dtype=torch.bool, device=logits.device)
+    pad[real_vocab:] = True
+    return logits.masked_fill(pad, float("-inf"))

@@ -1,0 +1,46 @@
+"""Tiny models, tokenizers and data files built in-process for the tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kdkit.demo.tokenizer import build_char_tokenizer
+
+
+def tiny_llama(vocab_size: int, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def save_model_dir(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, extra_vocab: int = 0) -> Path:
+    """A tiny Llama + char tokenizer saved as a Hugging Face directory (safetensors)."""
+    tok = build_char_tokenizer()
+    model = tiny_llama(len(tok) + extra_vocab, seed=seed, hidden=hidden, layers=layers)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def toy_rows(n: int, seed: int = 0) -> list[dict]:
+    """Prompt/completion rows of varied lengths (deterministic)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        a, b = (int(x) for x in torch.randint(0, 50, (2,), generator=g))
+        pad = " " * int(torch.randint(0, 12, (1,), generator=g))
+        rows.append({"prompt": f"def f{i}(x):{pad}\n", "completion": f"    return x * {a} + {b}\n",
+                     "role": "anchor" if i % 2 else "new", "task": f"T/{i % 5}"})
+    return rows

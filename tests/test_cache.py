@@ -1,0 +1,223 @@
+"""The teacher cache: determinism, crash-resume, verification, content key, reader."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kdkit.cache import CacheError, CacheMismatch, TeacherCache, verify_cache
+from kdkit.cache.precompute import FAULT_ENV, PrecomputeSettings, precompute
+from kdkit.cli import app
+from kdkit.data import collate, load_dataset
+from kdkit.losses import TopK, token_divergence
+from kdkit.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from tests.helpers import save_model_dir, toy_rows, write_jsonl
+
+S = PrecomputeSettings(top_k=16, shard_rows=8, batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache_world")
+    teacher = save_model_dir(root / "teacher", seed=1)
+    data = write_jsonl(root / "train.jsonl", toy_rows(30))
+    return root, teacher, data
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if not p.name.startswith(".")}
+
+
+def _run(teacher, data, out, settings=S):
+    return precompute(teacher, data, out, settings, progress=False, log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def reference_cache(world):
+    root, teacher, data = world
+    out = root / "ref"
+    _run(teacher, data, out)
+    return out
+
+
+def test_precompute_twice_gives_identical_bytes(world, reference_cache, tmp_path):
+    _, teacher, data = world
+    _run(teacher, data, tmp_path / "again")
+    assert _files(tmp_path / "again") == _files(reference_cache)
+    man = json.loads((reference_cache / "manifest.json").read_text())
+    assert man["rows"] == 30 and len(man["shards"]) == 4
+    assert man["bytes_per_token"] <= 4.25 * 16 + 16
+    assert man["encoding"]["ids"] == "uint8"  # 101-token vocabulary
+    assert 0.0 < man["stats"]["tail_mass_mean"] < 1.0
+
+
+def test_rerun_on_a_complete_cache_changes_nothing(world, reference_cache):
+    _, teacher, data = world
+    before = _files(reference_cache)
+    _run(teacher, data, reference_cache)
+    assert _files(reference_cache) == before
+
+
+@pytest.mark.parametrize("fault", ["after_shard:1", "mid_shard:2", "mid_shard:0"])
+def test_kill_9_then_resume_gives_identical_bytes(world, reference_cache, tmp_path, fault):
+    _, teacher, data = world
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "kdkit", "precompute", "--teacher", str(teacher), "--data", str(data),
+           "--out", str(out), "--top-k", "16", "--shard-rows", "8", "--batch-size", "3", "--no-progress"]
+    env = {**os.environ, FAULT_ENV: fault}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(CacheError, match="incomplete"):
+        TeacherCache(out)
+    env.pop(FAULT_ENV)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert _files(out) == _files(reference_cache)
+    assert not list(out.glob(".*.tmp-*"))
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_verify_names_flipped_truncated_missing_and_extra_shards(reference_cache, tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(app, ["cache", "verify", str(reference_cache)])
+    assert ok.exit_code == 0
+    assert verify_cache(reference_cache) == []
+
+    flipped = _copy(reference_cache, tmp_path / "flip")
+    f = flipped / "shard-00001.safetensors"
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 0x01
+    f.write_bytes(bytes(b))
+    res = runner.invoke(app, ["cache", "verify", str(flipped)])
+    assert res.exit_code == 1 and "shard-00001.safetensors" in res.output and "sha256" in res.output
+    with pytest.raises(CacheError, match="shard-00001.safetensors"):
+        TeacherCache(flipped).topk_batch([10], 64)
+
+    trunc = _copy(reference_cache, tmp_path / "trunc")
+    f = trunc / "shard-00002.safetensors"
+    f.write_bytes(f.read_bytes()[:-7])
+    assert any("shard-00002.safetensors" in p and "truncated" in p for p in verify_cache(trunc))
+
+    missing = _copy(reference_cache, tmp_path / "missing")
+    (missing / "shard-00000.safetensors").unlink()
+    assert verify_cache(missing) == ["shard-00000.safetensors: missing"]
+
+    extra = _copy(reference_cache, tmp_path / "extra")
+    shutil.copy(extra / "shard-00000.safetensors", extra / "shard-00009.safetensors")
+    assert verify_cache(extra) == ["shard-00009.safetensors: extra shard not listed in the manifest"]
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [({"top_k": 8}, "top_k"), ({"temperature": 2.0}, "temperature"), ({"max_length": 64}, "max_length")],
+)
+def test_other_settings_are_refused_with_the_field_named(world, reference_cache, change, field):
+    _, teacher, data = world
+    settings = PrecomputeSettings(**{**S.__dict__, **change})
+    with pytest.raises(CacheMismatch) as e:
+        _run(teacher, data, reference_cache, settings)
+    assert e.value.field == field
+
+
+def test_other_data_is_refused(world, reference_cache, tmp_path):
+    _, teacher, _ = world
+    other = write_jsonl(tmp_path / "other.jsonl", toy_rows(30, seed=5))
+    with pytest.raises(CacheMismatch) as e:
+        _run(teacher, other, reference_cache)
+    assert e.value.field == "data"
+    cache = TeacherCache(reference_cache)
+    with pytest.raises(CacheMismatch, match="'top_k' is 16 but 32"):
+        cache.check_compatible(top_k=32)
+
+
+def test_reader_topk_equals_live_teacher(world, reference_cache):
+    _, teacher, data = world
+    tok = load_tokenizer(teacher)
+    rows, _ = load_dataset(tok, data, max_length=1024)
+    model = load_causal_lm(teacher)
+    cache = TeacherCache(reference_cache)
+    idx = [0, 7, 8, 29]  # across shard boundaries
+    batch = collate([rows[i] for i in idx], tok.pad_token_id, idx)
+    seq = batch.targets.shape[1]
+    cached = cache.topk_batch(idx, seq, [rows[i].loss_positions() for i in idx])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1], -1)
+    live_vals, live_ids = lp.topk(16, -1)
+    mask = batch.targets != -100
+    assert torch.equal(cached.ids[mask], live_ids[mask])
+    torch.testing.assert_close(cached.logprobs[mask], live_vals[mask], rtol=1e-3, atol=2e-3)
+    assert torch.isinf(cached.logprobs[~mask]).all()
+
+
+def test_student_tokenizer_check(world, reference_cache):
+    _, teacher, _ = world
+    cache = TeacherCache(reference_cache)
+    sha = tokenizer_fingerprint(load_tokenizer(teacher))["sha256"]
+    cache.check_student_vocab(sha, 101)
+    cache.check_student_vocab(sha, 128)  # padded embedding rows are fine
+    with pytest.raises(CacheMismatch, match="tokenizer"):
+        cache.check_student_vocab("0" * 64, 101)
+    with pytest.raises(CacheError, match="only 90"):
+        cache.check_student_vocab(sha, 90)
+
+
+def test_kl_from_full_k_cache_equals_dense_and_error_shrinks_with_k(world, tmp_path):
+    _, teacher, data = world
+    tok = load_tokenizer(teacher)
+    rows, _ = load_dataset(tok, data, max_length=1024)
+    idx = list(range(6))
+    batch = collate([rows[i] for i in idx], tok.pad_token_id, idx)
+    mask = batch.targets != -100
+    model = load_causal_lm(teacher)
+    with torch.no_grad():
+        t_logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    student = torch.randn(t_logits.shape, generator=torch.Generator().manual_seed(0)) * 0.5 + t_logits
+    dense = token_divergence(student, t_logits, "kl_fwd")[mask]
+    errs = []
+    for k in (4, 32, 101):
+        out = tmp_path / f"k{k}"
+        _run(teacher, data, out, PrecomputeSettings(top_k=k, shard_rows=8, logprob_dtype="float32"))
+        tk = TeacherCache(out).topk_batch(idx, t_logits.shape[1])
+        errs.append(float((token_divergence(student, tk, "kl_fwd", tail="bucket")[mask] - dense).abs().max()))
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[2] < 1e-4
+
+
+def test_bad_data_row_is_named(world, tmp_path):
+    _, teacher, _ = world
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 3}\n')
+    res = CliRunner().invoke(app, ["precompute", "--teacher", str(teacher), "--data", str(bad), "--out",
+                                   str(tmp_path / "c"), "--no-progress"], terminal_width=300)
+    assert res.exit_code == 2
+    assert "bad.jsonl:2: field 'completion'" in " ".join(res.output.split())
+
+
+def test_refuses_foreign_directory(world, tmp_path):
+    _, teacher, data = world
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="not empty"):
+        _run(teacher, data, tmp_path / "x")
+
+
+def test_cache_info_cli(reference_cache):
+    res = CliRunner().invoke(app, ["cache", "info", str(reference_cache)], terminal_width=200)
+    assert res.exit_code == 0
+    man = json.loads((reference_cache / "manifest.json").read_text())
+    assert f"{man['bytes_per_token']:.1f}" in res.output and str(man["tokens"]) in res.output
+    assert np.isfinite(man["stats"]["teacher_entropy_mean"])

@@ -1,0 +1,105 @@
+"""kdkit.data: formats, masks, truncation, and errors that name file, line and field."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdkit.data import DataError, collate, data_fingerprint, load_dataset, read_jsonl, tokenize_rows
+from kdkit.demo.tokenizer import build_char_tokenizer
+from tests.helpers import write_jsonl
+
+TOK = build_char_tokenizer()
+
+
+def _decode(ids):
+    return TOK.decode(ids, skip_special_tokens=False)
+
+
+def test_prompt_completion_masks_the_completion_and_eos(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "ab", "completion": "cd", "role": "anchor", "task": "HE/1",
+                                            "weight": 2}])
+    rows, rep = load_dataset(TOK, f, max_length=64)
+    r = rows[0]
+    assert _decode(r.input_ids) == "<s>abcd</s>"
+    assert r.loss_mask == [False, False, False, True, True, True]
+    assert (r.role, r.task, r.weight, r.line) == ("anchor", "HE/1", 2.0, 1)
+    assert r.loss_positions().tolist() == [2, 3, 4]
+    assert rep.target_tokens == 3
+
+
+def test_messages_mask_assistant_turns_only(tmp_path):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "more"}, {"role": "assistant", "content": "ok"}]
+    f = write_jsonl(tmp_path / "d.jsonl", [{"messages": msgs}])
+    (r,), _ = load_dataset(TOK, f, max_length=256)
+    targets = "".join(_decode([i]) for i, m in zip(r.input_ids, r.loss_mask, strict=True) if m)
+    assert targets == "yo</s>ok</s>"
+
+
+def test_text_rows_train_on_every_token(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
+    (r,), _ = load_dataset(TOK, f, max_length=64)
+    assert r.n_targets == 5  # every token after BOS
+
+
+def test_truncation_is_counted_and_empty_rows_reported(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "x" * 20, "completion": "yz"},  # completion cut away entirely
+        {"prompt": "ab", "completion": "c" * 20},  # truncated but keeps targets
+        {"prompt": "ab", "completion": ""},  # empty completion
+        {"prompt": "ab", "completion": "cd"},
+    ])
+    rows, rep = load_dataset(TOK, f, max_length=10)
+    assert rep.rows == 2 and rep.truncated == 1 and rep.empty == [1, 3]
+    assert all(len(r.input_ids) <= 10 for r in rows)
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'completion': no target token \(after truncation"):
+        load_dataset(TOK, f, max_length=10, on_empty="error")
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ('{"prompt": "a"}', r"d.jsonl:2: field '<format>': a row needs exactly one of"),
+        ('{"prompt": "a", "completion": 5}', r"d.jsonl:2: field 'completion': expected a string"),
+        ('{"messages": [{"role": "user"}]}', r"d.jsonl:2: field 'messages\[0\]'"),
+        ('{"text": "a", "weight": -1}', r"d.jsonl:2: field 'weight': expected a finite number >= 0"),
+        ('{"text": "a", "role": ""}', r"d.jsonl:2: field 'role'"),
+        ('{"text": "a", "task": 3}', r"d.jsonl:2: field 'task'"),
+        ('[1, 2]', r"d.jsonl:2: field '<row>': expected a JSON object"),
+        ('{"text": "a",', r"d.jsonl:2: not valid JSON"),
+    ],
+)
+def test_malformed_rows_name_file_line_field(tmp_path, line, match):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=match):
+        read_jsonl(f)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_jsonl(tmp_path / "nope.jsonl")
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="no rows"):
+        read_jsonl(tmp_path / "e.jsonl")
+
+
+def test_collate_shifts_targets_and_pads(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "bc"}, {"prompt": "abcd", "completion": "e"}])
+    rows, _ = load_dataset(TOK, f, max_length=64)
+    b = collate(rows, TOK.pad_token_id)
+    assert b.input_ids.shape == (2, 7) and b.targets.shape == (2, 6)
+    assert b.attention_mask[0].tolist() == [1, 1, 1, 1, 1, 0, 0]
+    # targets[t] is the token at t+1 when it is a target
+    ids0 = rows[0].input_ids
+    assert b.targets[0].tolist() == [-100, ids0[2], ids0[3], ids0[4], -100, -100]
+    assert torch.equal(b.weights, torch.ones(2))
+
+
+def test_fingerprint_changes_with_ids_or_mask(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "ab", "completion": "cd"}])
+    rows, _ = tokenize_rows(TOK, f, read_jsonl(f), max_length=64)
+    fp = data_fingerprint(rows)
+    rows[0].loss_mask[1] = True
+    assert data_fingerprint(rows) != fp
