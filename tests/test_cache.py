@@ -18,7 +18,7 @@ from kdkit.cache import CacheError, CacheMismatch, TeacherCache, verify_cache
 from kdkit.cache.precompute import FAULT_ENV, PrecomputeSettings, precompute
 from kdkit.cli import app
 from kdkit.data import collate, load_dataset
-from kdkit.losses import TopK, token_divergence
+from kdkit.losses import token_divergence
 from kdkit.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
 from tests.helpers import save_model_dir, toy_rows, write_jsonl
 

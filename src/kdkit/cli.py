@@ -149,7 +149,8 @@ def cache_info(path: str = typer.Argument(..., help="Cache directory.")) -> None
         ("teacher dtype", c["dtype"]), ("encoding", ", ".join(f"{a}:{b}" for a, b in m["encoding"].items())),
         ("rows", m["rows"]), ("tokens", m["tokens"]), ("shards", len(m["shards"])), ("bytes", f"{m['bytes']:,}"),
         ("bytes/token", f"{m['bytes_per_token']:.1f} (target <= {4.25 * c['top_k'] + 16:.0f})"),
-        ("tail mass mean / p50 / p95", f"{st['tail_mass_mean']:.4f} / {st['tail_mass_p50']:.4f} / {st['tail_mass_p95']:.4f}"),
+        ("tail mass mean / p50 / p95",
+         f"{st['tail_mass_mean']:.4f} / {st['tail_mass_p50']:.4f} / {st['tail_mass_p95']:.4f}"),
         ("teacher entropy (mean, nats)", f"{st['teacher_entropy_mean']:.4f}"),
     ]:
         table.add_row(k, str(v))

@@ -209,7 +209,7 @@ def precompute(
                 bar.advance(task, n)
 
             blob, stats = _shard_bytes(rows[lo:hi], model, settings, vocab, pad_id, on_tokens)
-            atomic_write_bytes(spath, blob, before_rename=lambda: _fault("mid_shard", i))
+            atomic_write_bytes(spath, blob, before_rename=lambda i=i: _fault("mid_shard", i))
             side = {"file": spath.name, "rows": [lo, hi], "sha256": sha256_file(spath), "bytes": len(blob), **stats}
             atomic_write_json(cpath, side)
             shards_meta.append(side)
