@@ -174,5 +174,94 @@ def cache_verify(path: str = typer.Argument(..., help="Cache directory.")) -> No
     console.print(f"{path}: every shard matches the manifest")
 
 
+def _load_config(config: str, overrides: list[str]):
+    from kdkit.config import ConfigError, load_train_config
+
+    try:
+        return load_train_config(config, overrides)
+    except ConfigError as e:
+        fail(str(e))
+
+
+@app.command("validate")
+def validate_cmd(
+    config: str = typer.Argument(..., help="Training config YAML."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: --set objective.kd.beta=0.3 (repeatable)."),
+) -> None:
+    """Validate a training config without loading any model: fields and ranges, files, that a referenced
+    cache matches the data, tokenizer, K and temperature, that every role and task named occurs in the
+    data, and that no option would silently not take effect. Exits 2 naming the field."""
+    from kdkit import data as kdata
+    from kdkit.cache import CacheError
+    from kdkit.models import ModelError, load_tokenizer
+    from kdkit.train import TrainingError, check_sources
+
+    cfg = _load_config(config, set_)
+    try:
+        tok = load_tokenizer(cfg.student.path)
+        rows, rep = kdata.load_dataset(tok, cfg.data.train, max_length=cfg.data.max_length, on_empty=cfg.data.on_empty)
+        if cfg.data.validation:
+            kdata.load_dataset(tok, cfg.data.validation, max_length=cfg.data.max_length)
+        import json as _json
+        from pathlib import Path as _P
+
+        mcfg = _json.loads((_P(cfg.student.path) / "config.json").read_text())
+        check_sources(cfg, rows, tok, int(mcfg.get("vocab_size", len(tok))))
+    except (CacheError, ModelError, TrainingError, kdata.DataError, OSError) as e:
+        fail(str(e))
+    console.print(f"{config}: valid — {rep.rows} training rows, {rep.target_tokens} target tokens, "
+                  f"{rep.truncated} truncated, {len(rep.empty)} skipped")
+
+
+@app.command("train")
+def train_cmd(
+    config: str = typer.Argument(..., help="Training config YAML (see `kdkit validate`)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: --set optim.lr=1e-4 (repeatable)."),
+    out: str = typer.Option(None, help="Run directory (default: runs/<config name>)."),
+    resume: bool = typer.Option(False, help="Continue from the newest complete checkpoint in the run directory."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train a student on CE + KD (cached or live teacher) + an optional KL barrier, on Accelerate.
+
+    Writes config.yaml (resolved), run.json, metrics.jsonl, epochs.jsonl, checkpoints/ and final/
+    into the run directory. Multi-GPU or multi-process: `accelerate launch -m kdkit train ...`.
+    Ctrl-C saves a checkpoint; a non-finite loss stops with the step named.
+    """
+    from pathlib import Path as _P
+
+    from kdkit.cache import CacheError
+    from kdkit.data import DataError
+    from kdkit.models import ModelError
+    from kdkit.train import TrainingError, train
+
+    cfg = _load_config(config, set_)
+    run_dir = out or str(_P("runs") / _P(config).stem)
+    try:
+        res = train(cfg, run_dir, resume=resume, progress=progress, log=console.print)
+    except (CacheError, DataError, ModelError, TrainingError) as e:
+        fail(str(e), code=1)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    console.print(f"trained {res['steps']} steps in {res['seconds']:.1f}s → {run_dir}/final "
+                  f"(max weight change {res['max_weight_change']:.3g})")
+
+
+@app.command("merge")
+def merge_cmd(
+    run_dir: str = typer.Argument(..., help="A finished run directory (has final/)."),
+    out: str = typer.Option(..., help="Directory for the merged model pack."),
+) -> None:
+    """Write a full Hugging Face model directory from a run: LoRA adapters merged into the base,
+    or the fully fine-tuned weights; loadable with AutoModelForCausalLM.from_pretrained."""
+    from kdkit.models import ModelError
+    from kdkit.train import TrainingError, merge
+
+    try:
+        path = merge(run_dir, out)
+    except (ModelError, TrainingError) as e:
+        fail(str(e), code=1)
+    console.print(f"merged {run_dir} → {path}")
+
+
 if __name__ == "__main__":
     app()

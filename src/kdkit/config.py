@@ -6,6 +6,7 @@ the registries in :mod:`kdkit.losses`, so the schema cannot drift from the math.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -109,3 +110,237 @@ class ObjectiveConfig(_Strict):
 
     def terms_for(self, role: str) -> RoleTerms:
         return self.roles.get(role, RoleTerms())
+
+
+# --------------------------------------------------------------------------- training
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class StudentConfig(_Strict):
+    path: str = Field(..., description="local Hugging Face model directory (safetensors)")
+    dtype: str = Field("float32", description="float32, bfloat16 or float16")
+    lora: LoraConfig | None = Field(None, description="LoRA adapters via peft; omit for full fine-tuning")
+    load_in: str | None = Field(None, description="'4bit' or '8bit' (bitsandbytes, GPU only)")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        return _one_of(v, ("float32", "bfloat16", "float16"), "dtype")
+
+    @field_validator("load_in")
+    @classmethod
+    def _load_in(cls, v: str | None) -> str | None:
+        return None if v is None else _one_of(v, ("4bit", "8bit"), "load_in")
+
+
+class TeacherConfig(_Strict):
+    """Exactly one of ``cache`` (offline) or ``model`` (online); omit the section for plain SFT."""
+
+    cache: str | None = Field(None, description="teacher cache directory made by `kdkit precompute`")
+    model: str | None = Field(None, description="teacher model directory, loaded once, frozen")
+    dtype: str = "float32"
+
+    @model_validator(mode="after")
+    def _one(self) -> TeacherConfig:
+        if (self.cache is None) == (self.model is None):
+            raise ValueError("teacher: set exactly one of 'cache' or 'model'")
+        return self
+
+
+class ReferenceConfig(_Strict):
+    """The barrier's reference: ``base`` (the student before training; with LoRA, adapters
+    disabled, no second copy), a ``model`` directory, or a ``cache``."""
+
+    kind: str = Field("base", description="base, model or cache")
+    path: str | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        return _one_of(v, ("base", "model", "cache"), "reference kind")
+
+    @model_validator(mode="after")
+    def _path(self) -> ReferenceConfig:
+        if self.kind != "base" and not self.path:
+            raise ValueError(f"reference.kind={self.kind!r} needs reference.path")
+        if self.kind == "base" and self.path:
+            raise ValueError("reference.kind='base' takes no path (it is the student before training)")
+        return self
+
+
+class DataConfig(_Strict):
+    train: str
+    validation: str | None = None
+    max_length: int = Field(512, ge=2)
+    shuffle_seed: int = 0
+    on_empty: str = "skip"
+
+    @field_validator("on_empty")
+    @classmethod
+    def _oe(cls, v: str) -> str:
+        return _one_of(v, ("skip", "error"), "on_empty")
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(3e-5, gt=0.0)
+    schedule: str = Field("cosine", description="constant, linear or cosine (after warm-up)")
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, ge=0.0, description="max gradient norm; 0 disables clipping")
+    micro_batch: int = Field(2, ge=1, description="rows per forward pass per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    seed: int = 0
+
+    @field_validator("schedule")
+    @classmethod
+    def _sched(cls, v: str) -> str:
+        return _one_of(v, ("constant", "linear", "cosine"), "schedule")
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(50, ge=0, description="optimizer steps between checkpoints; 0 = only at the end")
+    keep: int = Field(2, ge=1, description="newest checkpoints kept")
+
+
+class LoggingConfig(_Strict):
+    every: int = Field(1, ge=1, description="optimizer steps between metrics.jsonl rows")
+    tensorboard: bool = False
+
+
+class TrainConfig(_Strict):
+    student: StudentConfig
+    teacher: TeacherConfig | None = None
+    reference: ReferenceConfig | None = None
+    data: DataConfig
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    drift_tolerance: float = Field(1e-7, ge=0.0, description="fail when no trainable weight moved more than this")
+
+    @model_validator(mode="after")
+    def _effective(self) -> TrainConfig:
+        # Options that would silently do nothing are errors (torchtitan's rule).
+        if self.objective.barrier is not None and self.reference is None:
+            raise ValueError("objective.barrier is set but there is no 'reference' section")
+        if self.reference is not None and self.objective.barrier is None:
+            raise ValueError("'reference' is set but objective.barrier is not: the reference would be unused")
+        if self.teacher is None and self.objective.ce_coef == 0.0 and self.objective.barrier is None:
+            raise ValueError("no teacher and objective.ce_coef = 0: nothing to train")
+        return self
+
+
+# --------------------------------------------------------------------------- YAML + overrides
+
+
+class ConfigError(ValueError):
+    """A configuration error; the message names the file, line and dotted field."""
+
+
+def _yaml_line(text: str, dotted: str) -> int | None:
+    """1-based line of a dotted key in YAML text, when it is there."""
+    import yaml
+
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in dotted.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for k, v in node.value:
+            if k.value == part:
+                line, node = k.start_mark.line + 1, v
+                break
+        else:
+            break
+    return line
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``key.sub=value`` (value parsed as YAML) onto a nested dict."""
+    import copy
+
+    import yaml
+
+    out = copy.deepcopy(raw)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"--set {ov!r}: expected key.sub=value")
+        key, val = ov.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {} if node.get(p) is None else node[p]
+                if not isinstance(node[p], dict):
+                    raise ConfigError(f"--set {key}: '{p}' is not a section")
+            node = node[p]
+        node[parts[-1]] = yaml.safe_load(val)
+    return out
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read YAML, apply ``--set`` overrides, validate; errors name file, line and field.
+
+    Relative paths inside the file are resolved against the file's directory.
+    """
+    import yaml
+    from pydantic import ValidationError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        cfg = TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            dotted = ".".join(str(p) for p in err["loc"])
+            line = _yaml_line(text, dotted)
+            where = f"{path}:{line}" if line else str(path)
+            msgs.append(f"{where}: field '{dotted or '<root>'}': {err['msg']}")
+        raise ConfigError("\n".join(msgs)) from None
+    return resolve_paths(cfg, path.parent)
+
+
+def resolve_paths(cfg: TrainConfig, base: Path) -> TrainConfig:
+    def r(p: str | None) -> str | None:
+        if p is None:
+            return None
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (base / q).resolve())
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.student.path = r(cfg.student.path)
+    cfg.data.train = r(cfg.data.train)
+    cfg.data.validation = r(cfg.data.validation)
+    if cfg.teacher is not None:
+        cfg.teacher.cache, cfg.teacher.model = r(cfg.teacher.cache), r(cfg.teacher.model)
+    if cfg.reference is not None and cfg.reference.path:
+        cfg.reference.path = r(cfg.reference.path)
+    return cfg
+
+
+def dump_config(cfg: BaseModel) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

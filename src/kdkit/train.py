@@ -1,0 +1,643 @@
+"""``kdkit train``: one loop for distillation and KL-anchored fine-tuning.
+
+Read :func:`train` top to bottom: set-up, then for every optimizer step
+forward → loss → backward (per micro-batch) → gradient edits → clip → optimizer,
+then metrics and checkpoints. Everything a user varies is in :class:`TrainConfig`.
+
+A run directory holds ``config.yaml`` (resolved), ``run.json`` (git revision,
+cache manifest hash, versions), ``metrics.jsonl`` (per logged step),
+``epochs.jsonl`` (per epoch), ``checkpoints/step-NNNNNNN/`` and ``final/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdkit import __version__
+from kdkit import data as kdata
+from kdkit.cache import TeacherCache
+from kdkit.config import TrainConfig, dump_config
+from kdkit.io import atomic_write_bytes, atomic_write_json, fsync_dir
+from kdkit.losses import TopK, aggregate, token_divergence
+from kdkit.models import (
+    ModelError,
+    load_causal_lm,
+    load_tokenizer,
+    mask_padded_vocab,
+    sha256_file,
+    tokenizer_fingerprint,
+)
+from kdkit.objective import ObjectiveOutput, StepDenominator, compute_objective, token_weights
+
+GradHook = Callable[[torch.nn.Module, int], dict[str, float] | None]
+"""Called after backward and before clipping, once per optimizer step: the place for
+gradient edits (projection, routing). May return metrics to log."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue; the message names the step and what to do."""
+
+
+FAULT_ENV = "KDKIT_FAULT_TRAIN"
+
+
+def _fault(point: str, step: int) -> None:
+    """Fault injection for the crash tests: KDKIT_FAULT_TRAIN=<point>:<step> kills -9 there."""
+    if os.environ.get(FAULT_ENV) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class Sources:
+    """Where the teacher and the barrier reference come from, resolved once."""
+
+    teacher_cache: TeacherCache | None = None
+    teacher_model: torch.nn.Module | None = None
+    reference_cache: TeacherCache | None = None
+    reference_model: torch.nn.Module | None = None
+    reference_is_adapter_base: bool = False
+
+
+def _cache_for(path: str, rows: list[kdata.TokenizedRow], tok_sha: str, vocab_rows: int, max_length: int,
+               what: str) -> TeacherCache:
+    cache = TeacherCache(path)
+    cache.check_compatible(data=kdata.data_fingerprint(rows), max_length=max_length)
+    cache.check_student_vocab(tok_sha, vocab_rows)
+    if len(cache) != len(rows):
+        raise TrainingError(f"{what} cache {path} has {len(cache)} rows, the data has {len(rows)}")
+    return cache
+
+
+def check_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, vocab_rows: int) -> None:
+    """Cheap compatibility checks shared by ``kdkit validate`` and ``kdkit train``."""
+    tok_sha = tokenizer_fingerprint(tokenizer)["sha256"]
+    if cfg.teacher is not None and cfg.teacher.cache:
+        cache = _cache_for(cfg.teacher.cache, rows, tok_sha, vocab_rows, cfg.data.max_length, "teacher")
+        if cache.temperature != cfg.objective.kd.temperature:
+            raise TrainingError(
+                f"teacher cache {cfg.teacher.cache} was captured at temperature {cache.temperature} but "
+                f"objective.kd.temperature is {cfg.objective.kd.temperature}; a top-K teacher cannot be "
+                f"re-tempered — precompute again or set objective.kd.temperature={cache.temperature}"
+            )
+    if cfg.reference is not None and cfg.reference.kind == "cache":
+        _cache_for(cfg.reference.path, rows, tok_sha, vocab_rows, cfg.data.max_length, "reference")
+    seen_roles = {r.role for r in rows}
+    for role in cfg.objective.roles:
+        if role not in seen_roles:
+            raise TrainingError(f"objective.roles.{role}: role {role!r} never occurs in {cfg.data.train} "
+                                f"(roles there: {', '.join(sorted(seen_roles))})")
+    seen_tasks = {r.task for r in rows}
+    for task in cfg.objective.task_weights:
+        if task not in seen_tasks:
+            raise TrainingError(f"objective.task_weights.{task}: task {task!r} never occurs in {cfg.data.train}")
+    if cfg.student.load_in is not None and not torch.cuda.is_available():
+        raise TrainingError(f"student.load_in={cfg.student.load_in!r} needs bitsandbytes on a CUDA GPU; none is present")
+    if cfg.logging.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise TrainingError("logging.tensorboard is true but tensorboard is not installed "
+                                "(pip install tensorboard)") from None
+
+
+def _load_student(cfg: TrainConfig) -> torch.nn.Module:
+    model = load_causal_lm(cfg.student.path, cfg.student.dtype)
+    if cfg.student.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lc = cfg.student.lora
+        names = {n.split(".")[-1] for n, _ in model.named_modules()}
+        missing = [m for m in lc.target_modules if m not in names]
+        if missing:
+            raise ModelError(f"student.lora.target_modules: {missing} are not modules of {cfg.student.path}")
+        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                 target_modules=list(lc.target_modules), task_type="CAUSAL_LM"))
+    return model
+
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], student: torch.nn.Module) -> Sources:
+    src = Sources()
+    if cfg.teacher is not None:
+        if cfg.teacher.cache:
+            src.teacher_cache = TeacherCache(cfg.teacher.cache)
+        else:
+            src.teacher_model = _frozen(load_causal_lm(cfg.teacher.model, cfg.teacher.dtype))
+    if cfg.reference is not None:
+        if cfg.reference.kind == "cache":
+            src.reference_cache = TeacherCache(cfg.reference.path)
+        elif cfg.reference.kind == "model":
+            src.reference_model = _frozen(load_causal_lm(cfg.reference.path, cfg.student.dtype))
+        elif cfg.student.lora is not None:
+            src.reference_is_adapter_base = True  # the same weights with adapters off: no second copy
+        else:
+            src.reference_model = _frozen(copy.deepcopy(student))
+    return src
+
+
+# --------------------------------------------------------------------------- data order
+
+
+def step_rows(n_rows: int, step: int, steps_per_epoch: int, global_batch: int, seed: int) -> list[int]:
+    """Row indices of one optimizer step (all ranks, all micro-batches): epoch-seeded permutation."""
+    epoch, k = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    return perm[k * global_batch:(k + 1) * global_batch]
+
+
+def micro_slices(rows: list[int], micro: int, accum: int, world: int, rank: int) -> list[list[int]]:
+    """This rank's micro-batches of a step; may be empty at the end of an epoch."""
+    return [rows[(m * world + rank) * micro:(m * world + rank + 1) * micro] for m in range(accum)]
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        frac = (step - warmup) / max(1, total - warmup)
+        frac = min(max(frac, 0.0), 1.0)
+        return 1.0 - frac if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return f
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _opt_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _opt_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    ck = run_dir / "checkpoints"
+    done = sorted(p for p in ck.glob("step-*") if (p / "COMPLETE").is_file()) if ck.is_dir() else []
+    return done[-1] if done else None
+
+
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
+                    keep: int) -> Path:
+    """Write ``checkpoints/step-N`` atomically: a temp dir, a COMPLETE marker last, then rename."""
+    ck = run_dir / "checkpoints"
+    ck.mkdir(parents=True, exist_ok=True)
+    final = ck / f"step-{state['global_step']:07d}"
+    tmp = ck / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_trainable(model), str(tmp / "trainable.safetensors"))
+    tensors, meta = _opt_to_files(opt)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    atomic_write_json(tmp / "optimizer.json", meta)
+    save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    atomic_write_json(tmp / "state.json", state)
+    atomic_write_bytes(tmp / "COMPLETE", b"ok\n")
+    fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_dir(ck)
+    for old in sorted(p for p in ck.glob("step-*") if (p / "COMPLETE").is_file())[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in weights.items():
+            if n not in params:
+                raise TrainingError(f"{path}: parameter {n} is not in the model; was the config changed?")
+            params[n].copy_(t)
+    _opt_from_files(opt, load_file(str(path / "optimizer.safetensors")),
+                    json.loads((path / "optimizer.json").read_text()))
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["cpu"])
+    return json.loads((path / "state.json").read_text())
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class Sums:
+    """Token-weighted running sums, reduced across micro-batches and ranks."""
+
+    keys = ("total", "ce", "tok", "kl", "kd_tok", "barrier", "tail", "agree", "steps")
+    v: dict[str, float] = field(default_factory=lambda: dict.fromkeys(Sums.keys, 0.0))
+
+    def add_output(self, out: ObjectiveOutput) -> None:
+        m = out.metrics
+        self.v["total"] += m["total_loss"]
+        self.v["ce"] += m["ce_loss"] * m["tokens"]
+        self.v["tok"] += m["tokens"]
+        kd_tok = m.get("kd_tokens", 0.0)
+        self.v["kl"] += m.get("kl_loss", 0.0) * kd_tok
+        self.v["kd_tok"] += kd_tok
+        self.v["barrier"] += m.get("barrier", 0.0)
+        self.v["tail"] += m.get("tail_mass", 0.0) * kd_tok
+        self.v["agree"] += m.get("top1_agree", 0.0) * kd_tok
+
+    def merge(self, other: Sums) -> None:
+        for k in self.keys:
+            self.v[k] += other.v[k]
+
+    def summary(self, per_step_total: bool) -> dict[str, float]:
+        steps = max(self.v["steps"], 1.0) if per_step_total else 1.0
+        out = {"total_loss": self.v["total"] / steps, "ce_loss": self.v["ce"] / max(self.v["tok"], 1.0),
+               "barrier": self.v["barrier"] / steps}
+        if self.v["kd_tok"]:
+            out.update(kl_loss=self.v["kl"] / self.v["kd_tok"], tail_mass=self.v["tail"] / self.v["kd_tok"],
+                       top1_agree=self.v["agree"] / self.v["kd_tok"])
+        return out
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(row, sort_keys=True) + "\n")
+        fh.flush()
+
+
+def _truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    if path.is_file():
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows if keep(r)).encode())
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def _signals(batch: kdata.Batch, rows: list[kdata.TokenizedRow], model: torch.nn.Module, src: Sources,
+             device: torch.device) -> tuple[torch.Tensor | TopK | None, torch.Tensor | TopK | None]:
+    seq = batch.targets.shape[1]
+    expected = [rows[i].loss_positions() for i in batch.row_index]
+    teacher: torch.Tensor | TopK | None = None
+    if src.teacher_cache is not None:
+        tk = src.teacher_cache.topk_batch(batch.row_index, seq, expected)
+        teacher = TopK(tk.ids.to(device), tk.logprobs.to(device))
+    elif src.teacher_model is not None:
+        with torch.no_grad():
+            teacher = src.teacher_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    reference: torch.Tensor | TopK | None = None
+    if src.reference_cache is not None:
+        tk = src.reference_cache.topk_batch(batch.row_index, seq, expected)
+        reference = TopK(tk.ids.to(device), tk.logprobs.to(device))
+    elif src.reference_model is not None or src.reference_is_adapter_base:
+        with torch.no_grad():
+            if src.reference_is_adapter_base:
+                with model.disable_adapter():
+                    reference = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+            else:
+                reference = src.reference_model(input_ids=batch.input_ids,
+                                                attention_mask=batch.attention_mask).logits[:, :-1]
+    return teacher, reference
+
+
+def _to(batch: kdata.Batch, device: torch.device) -> kdata.Batch:
+    batch.input_ids = batch.input_ids.to(device)
+    batch.attention_mask = batch.attention_mask.to(device)
+    batch.targets = batch.targets.to(device)
+    batch.weights = batch.weights.to(device)
+    return batch
+
+
+def _empty_batch(rows: list[kdata.TokenizedRow], pad_id: int) -> kdata.Batch:
+    """A micro-batch with no target: loss 0, gradient 0, but it still joins the collective ops."""
+    b = kdata.collate([rows[0]], pad_id, [0])
+    b.targets.fill_(kdata.IGNORE_INDEX)
+    return b
+
+
+def _forward_loss(model, batch, rows, cfg, src, denom, real_vocab, device) -> ObjectiveOutput:
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    logits = mask_padded_vocab(logits, real_vocab)
+    teacher, reference = _signals(batch, rows, model, src, device)
+    if teacher is not None and not isinstance(teacher, TopK):
+        teacher = mask_padded_vocab(teacher, real_vocab)
+    return compute_objective(logits, batch.targets, cfg.objective, teacher=teacher, reference=reference,
+                             roles=batch.roles, tasks=batch.tasks, row_weights=batch.weights, denom=denom)
+
+
+@torch.no_grad()
+def evaluate_loss(model, rows, cfg, pad_id, real_vocab, device, teacher_model=None) -> dict[str, float]:
+    """Validation CE per target token, and KL to an online teacher per target token when there is one."""
+    was_training = model.training
+    model.eval()
+    ce_sum = kl_sum = 0.0
+    n = 0
+    for i in range(0, len(rows), cfg.optim.micro_batch):
+        batch = _to(kdata.collate(rows[i:i + cfg.optim.micro_batch], pad_id), device)
+        logits = mask_padded_vocab(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1],
+                                   real_vocab).float()
+        valid = batch.targets != kdata.IGNORE_INDEX
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none")
+        ce_sum += float(ce[valid].sum())
+        n += int(valid.sum())
+        if teacher_model is not None:
+            t = mask_padded_vocab(teacher_model(input_ids=batch.input_ids,
+                                                attention_mask=batch.attention_mask).logits[:, :-1], real_vocab)
+            kd = cfg.objective.kd
+            div = token_divergence(logits, t, "kl_fwd", temperature=kd.temperature, t2_scale=False)
+            kl_sum += float(aggregate(div, valid, "sum"))
+    model.train(was_training)
+    out = {"val_loss": ce_sum / max(n, 1)}
+    if teacher_model is not None:
+        out["val_kl"] = kl_sum / max(n, 1)
+    return out
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    grad_hooks: list[GradHook] | None = None,
+) -> dict[str, Any]:
+    """Train a student as ``cfg`` says, writing the run into ``out_dir``; returns a summary."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    run = Path(out_dir)
+    ckpt = newest_checkpoint(run) if resume else None
+    if not resume and run.exists() and any(run.iterdir()):
+        raise TrainingError(f"{run}: run directory is not empty; pass --resume to continue it or choose another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard" if cfg.logging.tensorboard else None,
+                      project_dir=str(run))
+    set_seed(cfg.optim.seed)
+    device = acc.device
+
+    tokenizer = load_tokenizer(cfg.student.path)
+    rows, rep = kdata.load_dataset(tokenizer, cfg.data.train, max_length=cfg.data.max_length, on_empty=cfg.data.on_empty)
+    val_rows = (kdata.load_dataset(tokenizer, cfg.data.validation, max_length=cfg.data.max_length)[0]
+                if cfg.data.validation else [])
+    if rep.truncated or rep.empty:
+        log(f"data: {rep.truncated} rows truncated to {cfg.data.max_length} tokens, {len(rep.empty)} rows without "
+            f"targets skipped")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    real_vocab = len(tokenizer)
+
+    model = _load_student(cfg)
+    vocab_rows = int(model.get_output_embeddings().weight.shape[0])
+    check_sources(cfg, rows, tokenizer, vocab_rows)
+    src = _sources(cfg, rows, model)
+    model.to(device)
+    for m in (src.teacher_model, src.reference_model):
+        if m is not None:
+            m.to(device)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise TrainingError("the student has no trainable parameter")
+    initial_path = run / "initial_trainable.safetensors"
+    if ckpt is None:
+        save_file(_trainable(model), str(initial_path))
+    o = cfg.optim
+    opt = torch.optim.AdamW(trainable, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    world, rank = acc.num_processes, acc.process_index
+    global_batch = o.micro_batch * o.grad_accum * world
+    steps_per_epoch = math.ceil(len(rows) / global_batch)
+    total_steps = min(o.max_steps or 10**12, o.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.schedule, o.warmup_steps, total_steps))
+    model, opt = acc.prepare(model, opt)
+
+    manifest_sha = (sha256_file(Path(cfg.teacher.cache) / "manifest.json")
+                    if cfg.teacher is not None and cfg.teacher.cache else None)
+    if acc.is_main_process:
+        atomic_write_bytes(run / "config.yaml", dump_config(cfg).encode())
+        atomic_write_json(run / "run.json", {
+            "kdkit_version": __version__, "git_revision": _git_revision(), "torch": torch.__version__,
+            "teacher_cache_manifest_sha256": manifest_sha, "world_size": world, "rows": len(rows),
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps})
+    if cfg.logging.tensorboard:
+        acc.init_trackers("kdkit")
+
+    step, epoch_sums = 0, Sums()
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, acc.unwrap_model(model), opt)
+        step = int(state["global_step"])
+        epoch_sums.v.update(state["epoch_sums"])
+        log(f"resumed from {ckpt} at step {step}")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.schedule, o.warmup_steps, total_steps),
+                                              last_epoch=step - 1) if step else sched
+    metrics_path, epochs_path = run / "metrics.jsonl", run / "epochs.jsonl"
+    if acc.is_main_process:
+        _truncate_jsonl(metrics_path, lambda r: r["step"] <= step)
+        _truncate_jsonl(epochs_path, lambda r: r["step"] <= step)
+
+    def state_dict() -> dict[str, Any]:
+        return {"global_step": step, "epoch_sums": epoch_sums.v, "total_steps": total_steps}
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not (progress and acc.is_main_process))
+    model.train()
+    t_start = time.perf_counter()
+    last_ckpt: Path | None = ckpt
+    try:
+        with bar:
+            task = bar.add_task("train", total=total_steps, completed=step, info="")
+            while step < total_steps:
+                t0 = time.perf_counter()
+                epoch = step // steps_per_epoch
+                ids = step_rows(len(rows), step, steps_per_epoch, global_batch, cfg.data.shuffle_seed)
+                micro = micro_slices(ids, o.micro_batch, o.grad_accum, world, rank)
+                batches = [kdata.collate([rows[i] for i in m], pad_id, m) if m else _empty_batch(rows, pad_id)
+                           for m in micro]
+                # One denominator for the whole step: every micro-batch of every rank.
+                local = torch.tensor(sum(float(token_weights(b.targets, cfg.objective.ce_norm).sum()) for b in batches),
+                                     dtype=torch.float64, device=device)
+                denom = StepDenominator(float(acc.reduce(local, "sum")))
+                step_sums = Sums()
+                for j, b in enumerate(batches):
+                    b = _to(b, device)
+                    # Sync gradients across ranks only on the last micro-step: earlier ones accumulate locally.
+                    ctx = acc.no_sync(model) if j < len(batches) - 1 else _nullcontext()
+                    with ctx:
+                        out = _forward_loss(model, b, rows, cfg, src, denom, real_vocab, device)
+                        if not torch.isfinite(out.loss):
+                            raise TrainingError(
+                                f"non-finite loss ({float(out.loss.detach())}) at step {step + 1}, micro-batch {j}; "
+                                f"last good checkpoint: {last_ckpt or 'none'} (lower optim.lr or check the data)")
+                        acc.backward(out.loss)
+                    step_sums.add_output(out)
+                hook_metrics: dict[str, float] = {}
+                for hook in grad_hooks or []:
+                    hook_metrics.update(hook(acc.unwrap_model(model), step) or {})
+                gnorm = float(acc.clip_grad_norm_(trainable, o.grad_clip) if o.grad_clip > 0 else
+                              torch.norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None])))
+                lr_now = sched.get_last_lr()[0]
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+
+                packed = torch.tensor([step_sums.v[k] for k in Sums.keys], dtype=torch.float64, device=device)
+                packed = acc.reduce(packed, "sum")
+                step_sums.v = dict(zip(Sums.keys, packed.tolist(), strict=True))
+                step_sums.v["steps"] = 1.0
+                epoch_sums.merge(step_sums)
+                dt = time.perf_counter() - t0
+                summary = step_sums.summary(per_step_total=True)
+                if acc.is_main_process and (step % cfg.logging.every == 0 or step == total_steps):
+                    row = {"step": step, "epoch": epoch, "lr": lr_now, "grad_norm": gnorm,
+                           "tokens_per_s": step_sums.v["tok"] / max(dt, 1e-9), **summary, **hook_metrics}
+                    _append_jsonl(metrics_path, row)
+                    if cfg.logging.tensorboard:
+                        acc.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
+                bar.update(task, completed=step, info=f"loss {summary['total_loss']:.4f}")
+
+                end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+                if end_of_epoch:
+                    ev = evaluate_loss(acc.unwrap_model(model), val_rows, cfg, pad_id, real_vocab, device,
+                                       src.teacher_model) if val_rows else {}
+                    if acc.is_main_process:
+                        _append_jsonl(epochs_path, {"epoch": epoch, "step": step,
+                                                    "train_loss": epoch_sums.summary(True)["total_loss"],
+                                                    **epoch_sums.summary(True), **ev})
+                    epoch_sums = Sums()
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total_steps:
+                    acc.wait_for_everyone()
+                    if acc.is_main_process:
+                        last_ckpt = save_checkpoint(run, acc.unwrap_model(model), opt, state_dict(), cfg.checkpoint.keep)
+                    _fault("after_checkpoint", step)
+    except KeyboardInterrupt:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            opt.zero_grad(set_to_none=True)
+            last_ckpt = save_checkpoint(run, acc.unwrap_model(model), opt, state_dict(), cfg.checkpoint.keep)
+            log(f"interrupted: saved {last_ckpt}; continue with --resume")
+        raise
+
+    acc.wait_for_everyone()
+    unwrapped = acc.unwrap_model(model)
+    drift = _drift(unwrapped, initial_path)
+    if drift <= cfg.drift_tolerance:
+        raise TrainingError(
+            f"no trainable weight moved more than {cfg.drift_tolerance:g} (max |Δ| = {drift:.3g}) after {step} steps: "
+            f"the run would return its input unchanged (check optim.lr, the data's targets, the objective)")
+    if acc.is_main_process:
+        _save_final(run, unwrapped, tokenizer, cfg, step)
+    if cfg.logging.tensorboard:
+        acc.end_training()
+    return {"run_dir": str(run), "steps": step, "max_weight_change": drift,
+            "seconds": time.perf_counter() - t_start}
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+def _drift(model: torch.nn.Module, initial_path: Path) -> float:
+    init = load_file(str(initial_path))
+    cur = _trainable(model)
+    return max(float((cur[n].float() - init[n].float()).abs().max()) for n in init)
+
+
+def _save_final(run: Path, model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, step: int) -> None:
+    final, tmp = run / "final", run / ".tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    atomic_write_json(tmp / "kdkit.json", {"kind": "lora" if cfg.student.lora else "full", "steps": step,
+                                           "base": cfg.student.path})
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_dir(run)
+
+
+def merge(run_dir: str | Path, out: str | Path) -> Path:
+    """Write a full HF model dir (a "pack") from a run's ``final/``: LoRA merged into the base."""
+    run, out = Path(run_dir), Path(out)
+    final = run / "final"
+    meta_path = final / "kdkit.json"
+    if not meta_path.is_file():
+        raise TrainingError(f"{run}: no final/kdkit.json — the run did not finish")
+    meta = json.loads(meta_path.read_text())
+    tokenizer = load_tokenizer(final)
+    if meta["kind"] == "lora":
+        from peft import PeftModel
+
+        base = load_causal_lm(meta["base"])
+        model = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
+    else:
+        model = load_causal_lm(final)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    atomic_write_json(tmp / "kdkit_pack.json", {"source_run": str(run.resolve()), "steps": meta["steps"],
+                                                "config_sha256": sha256_file(run / "config.yaml")})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
