@@ -78,7 +78,8 @@ class Sources:
 def _cache_for(path: str, rows: list[kdata.TokenizedRow], tok_sha: str, vocab_rows: int, max_length: int,
                what: str) -> TeacherCache:
     cache = TeacherCache(path)
-    cache.check_compatible(data=kdata.data_fingerprint(rows), max_length=max_length)
+    # The data fingerprint covers the token ids after truncation, so max_length needs no separate check.
+    cache.check_compatible(data=kdata.data_fingerprint(rows))
     cache.check_student_vocab(tok_sha, vocab_rows)
     if len(cache) != len(rows):
         raise TrainingError(f"{what} cache {path} has {len(cache)} rows, the data has {len(rows)}")

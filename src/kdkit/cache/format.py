@@ -29,8 +29,8 @@ class CacheMismatch(CacheError):
     def __init__(self, field: str, cached: Any, wanted: Any, where: Path) -> None:
         self.field, self.cached, self.wanted = field, cached, wanted
         super().__init__(
-            f"{where}: cache field '{field}' is {cached!r} but {wanted!r} was asked for; "
-            f"use another --out directory or the settings the cache was made with"
+            f"{where}: cache field '{field}' is {cached!r} but {wanted!r} was asked for "
+            f"(the cache was made from other inputs or settings; precompute a new one)"
         )
 
 

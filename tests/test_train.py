@@ -1,0 +1,247 @@
+"""kdkit train: falsification, invariants (accumulation, cache == live, resume), guards, merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from kdkit.cache.precompute import PrecomputeSettings, precompute
+from kdkit.cli import app
+from kdkit.config import ConfigError, load_train_config
+from kdkit.train import FAULT_ENV, TrainingError, merge, micro_slices, step_rows, train
+from tests.helpers import save_model_dir, toy_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_world")
+    save_model_dir(root / "teacher", seed=1, hidden=32)
+    save_model_dir(root / "student", seed=2, hidden=16)
+    write_jsonl(root / "train.jsonl", toy_rows(16))
+    write_jsonl(root / "val.jsonl", toy_rows(6, seed=9))
+    # K = V, float32 log-probs: the cache carries the whole teacher distribution
+    precompute(root / "teacher", root / "train.jsonl", root / "cache_full",
+               PrecomputeSettings(top_k=101, logprob_dtype="float32", shard_rows=8), progress=False, log=lambda m: None)
+    return root
+
+
+def _cfg(root: Path, tmp: Path, **sections) -> Path:
+    base = {
+        "student": {"path": str(root / "student"), "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        "teacher": {"cache": str(root / "cache_full")},
+        "data": {"train": str(root / "train.jsonl"), "validation": str(root / "val.jsonl"), "max_length": 128},
+        "objective": {"kd_weight": 1.0},
+        "optim": {"lr": 5e-3, "micro_batch": 4, "grad_accum": 1, "epochs": 2, "schedule": "constant"},
+        "checkpoint": {"every": 0},
+    }
+    for k, v in sections.items():
+        if v is None:
+            base.pop(k, None)
+        elif isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = {**base[k], **v}
+        else:
+            base[k] = v
+    p = tmp / f"cfg-{len(list(tmp.glob('cfg-*.yaml')))}.yaml"
+    p.write_text(yaml.safe_dump(base))
+    return p
+
+
+def _run(cfg_path: Path, out: Path, **kw):
+    return train(load_train_config(cfg_path), out, progress=False, log=lambda m: None, **kw)
+
+
+def _jsonl(p: Path) -> list[dict]:
+    return [json.loads(x) for x in p.read_text().splitlines()]
+
+
+def _final(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "adapter_model.safetensors"))
+
+
+def test_training_moves_weights_and_kd_loss_falls(world, tmp_path):
+    # pure KD (the tiny teacher is random, so CE would pull elsewhere): KL to the teacher must fall
+    res = _run(_cfg(world, tmp_path, optim={"epochs": 3}, objective={"ce_coef": 0.0, "kd_weight": 1.0}), tmp_path / "run")
+    run = Path(res["run_dir"])
+    assert res["max_weight_change"] > 1e-3
+    init = load_file(str(run / "initial_trainable.safetensors"))
+    final = _final(run)
+    assert any(not torch.equal(v, init[[n for n in init if n.endswith(k.replace(".weight", ".default.weight"))][0]])
+               for k, v in final.items())
+    epochs = _jsonl(run / "epochs.jsonl")
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    assert epochs[-1]["kl_loss"] < epochs[0]["kl_loss"]
+    for key in ("train_loss", "val_loss", "ce_loss", "kl_loss", "total_loss"):
+        assert key in epochs[0]
+    steps = _jsonl(run / "metrics.jsonl")
+    assert len(steps) == 12 and steps[0]["step"] == 1
+    for key in ("lr", "total_loss", "ce_loss", "kl_loss", "barrier", "tail_mass", "top1_agree", "grad_norm",
+                "tokens_per_s"):
+        assert key in steps[0], key
+    assert yaml.safe_load((run / "config.yaml").read_text())["objective"]["ce_coef"] == 0.0
+    runinfo = json.loads((run / "run.json").read_text())
+    assert len(runinfo["teacher_cache_manifest_sha256"]) == 64
+
+
+def test_cached_teacher_equals_live_teacher(world, tmp_path):
+    cached = _run(_cfg(world, tmp_path), tmp_path / "cached")
+    live = _run(_cfg(world, tmp_path, teacher={"model": str(world / "teacher"), "cache": None}), tmp_path / "live")
+    a = _jsonl(Path(cached["run_dir"]) / "metrics.jsonl")
+    b = _jsonl(Path(live["run_dir"]) / "metrics.jsonl")
+    for x, y in zip(a, b, strict=True):
+        assert x["total_loss"] == pytest.approx(y["total_loss"], rel=1e-4)
+        assert x["kl_loss"] == pytest.approx(y["kl_loss"], rel=1e-3, abs=1e-6)
+    for k, v in _final(Path(cached["run_dir"])).items():
+        torch.testing.assert_close(v, _final(Path(live["run_dir"]))[k], rtol=1e-3, atol=1e-5)
+
+
+def test_batch_8_accum_1_equals_batch_2_accum_4(world, tmp_path):
+    one = _run(_cfg(world, tmp_path, optim={"micro_batch": 8, "grad_accum": 1}), tmp_path / "b8")
+    four = _run(_cfg(world, tmp_path, optim={"micro_batch": 2, "grad_accum": 4}), tmp_path / "b2x4")
+    a, b = _jsonl(Path(one["run_dir"]) / "metrics.jsonl"), _jsonl(Path(four["run_dir"]) / "metrics.jsonl")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b, strict=True):
+        assert x["total_loss"] == pytest.approx(y["total_loss"], rel=1e-5)
+    fa, fb = _final(Path(one["run_dir"])), _final(Path(four["run_dir"]))
+    for k in fa:
+        torch.testing.assert_close(fa[k], fb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_kill_9_after_checkpoint_then_resume_is_bitwise_equal(world, tmp_path):
+    cfg = _cfg(world, tmp_path, optim={"micro_batch": 2, "epochs": 2}, checkpoint={"every": 3, "keep": 2})
+    full = _run(cfg, tmp_path / "full")
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "kdkit", "train", str(cfg), "--out", str(run), "--no-progress"]
+    # step 6 is mid-epoch 0 (8 steps per epoch)
+    proc = subprocess.run(cmd, env={**os.environ, FAULT_ENV: "after_checkpoint:6"}, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert not (run / "final").exists()
+    # a half-written checkpoint and one without its COMPLETE marker must be ignored
+    (run / "checkpoints" / ".tmp-step-0000007").mkdir()
+    (run / "checkpoints" / "step-0000008").mkdir()
+    proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stdout and "step-0000006" in proc.stdout
+    a, b = _final(Path(full["run_dir"])), _final(run)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma, mb = _jsonl(Path(full["run_dir"]) / "metrics.jsonl"), _jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in mb] == list(range(1, 17))
+    assert [m["total_loss"] for m in ma] == [m["total_loss"] for m in mb]
+    assert _jsonl(Path(full["run_dir"]) / "epochs.jsonl") == _jsonl(run / "epochs.jsonl")
+
+
+def test_barrier_reference_base_with_lora_equals_explicit_copy(world, tmp_path):
+    barrier = {"kd_weight": 0.5, "barrier": {"kind": "kl_rev", "aggregate": "rmse", "tau": 0.0, "weight": 5.0}}
+    a = _run(_cfg(world, tmp_path, objective=barrier, reference={"kind": "base"}), tmp_path / "base")
+    b = _run(_cfg(world, tmp_path, objective=barrier, reference={"kind": "model", "path": str(world / "student")}),
+             tmp_path / "copy")
+    ma, mb = _jsonl(Path(a["run_dir"]) / "metrics.jsonl"), _jsonl(Path(b["run_dir"]) / "metrics.jsonl")
+    assert ma[0]["barrier"] == 0.0 or ma[0]["barrier"] == pytest.approx(mb[0]["barrier"])
+    assert ma[-1]["barrier"] > 0  # the student moved away from the base
+    for x, y in zip(ma, mb, strict=True):
+        assert x["barrier"] == pytest.approx(y["barrier"], rel=1e-4, abs=1e-7)
+    fa, fb = _final(Path(a["run_dir"])), _final(Path(b["run_dir"]))
+    for k in fa:
+        torch.testing.assert_close(fa[k], fb[k])
+
+
+def test_drift_guard_fails_loudly(world, tmp_path):
+    with pytest.raises(TrainingError, match="no trainable weight moved"):
+        _run(_cfg(world, tmp_path, optim={"lr": 1e-30, "epochs": 1}), tmp_path / "still")
+
+
+def test_non_finite_loss_names_the_step(world, tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "nan_student"
+    save_model_dir(bad, seed=3, hidden=16)
+    w = load_file(str(bad / "model.safetensors"))
+    w["lm_head.weight"][0, 0] = float("nan")
+    save_file(w, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(TrainingError, match="non-finite loss .* at step 1, micro-batch 0"):
+        _run(_cfg(world, tmp_path, student={"path": str(bad), "lora": None}), tmp_path / "nan")
+
+
+def test_full_finetune_and_merge_roundtrip(world, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = _run(_cfg(world, tmp_path), tmp_path / "lora")
+    pack = merge(lora["run_dir"], tmp_path / "pack")
+    merged = AutoModelForCausalLM.from_pretrained(str(pack)).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(world / "student"))
+    peft = PeftModel.from_pretrained(base, str(Path(lora["run_dir"]) / "final")).eval()
+    x = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, peft(x).logits, rtol=1e-4, atol=1e-5)
+    full = _run(_cfg(world, tmp_path, student={"path": str(world / "student"), "lora": None}), tmp_path / "full")
+    pack2 = merge(full["run_dir"], tmp_path / "pack2")
+    assert (pack2 / "model.safetensors").is_file()
+
+
+def test_step_rows_partition_each_epoch():
+    seen = []
+    for s in range(4):
+        rows = step_rows(14, s, 4, 4, seed=0)
+        seen += rows
+        for r in range(2):
+            assert sum(len(m) for m in micro_slices(rows, 1, 2, 2, r)) <= 2
+    assert sorted(seen) == list(range(14))
+    assert step_rows(14, 4, 4, 4, seed=0) != step_rows(14, 0, 4, 4, seed=0)  # a new permutation next epoch
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"objective": {"kd": {"kind": "kl"}}}, r"cfg-0.yaml:\d+: field 'objective.kd.kind'"),
+        ({"objective": {"kd": {"kind": "jsd", "beta": 2}}}, r"field 'objective.kd.beta'"),
+        ({"objective": {"roles": {"poison": {"kd": False}}}}, r"objective.roles.poison: role 'poison' never occurs"),
+        ({"objective": {"task_weights": {"HE/99": 4}}}, r"task 'HE/99' never occurs"),
+        ({"reference": {"kind": "base"}}, r"'reference' is set but objective.barrier is not"),
+        ({"objective": {"kd": {"temperature": 2.0}}}, r"captured at temperature 1.0 but objective.kd.temperature is 2.0"),
+        ({"optim": {"lr": -1}}, r"field 'optim.lr'"),
+        ({"optim": {"learning_rate": 1}}, r"field 'optim.learning_rate': Extra inputs are not permitted"),
+    ],
+)
+def test_validate_rejects_with_the_field_named(world, tmp_path, change, match):
+    cfg = _cfg(world, tmp_path, **change)
+    res = CliRunner().invoke(app, ["validate", str(cfg)], terminal_width=400)
+    assert res.exit_code == 2, res.output
+    assert __import__("re").search(match, " ".join(res.output.split())), res.output
+
+
+def test_validate_rejects_a_cache_of_other_data(world, tmp_path):
+    other = write_jsonl(tmp_path / "other.jsonl", toy_rows(16, seed=4))
+    cfg = _cfg(world, tmp_path, data={"train": str(other), "validation": None, "max_length": 128})
+    res = CliRunner().invoke(app, ["validate", str(cfg)], terminal_width=400)
+    assert res.exit_code == 2 and "cache field 'data'" in " ".join(res.output.split())
+
+
+def test_validate_accepts_and_overrides_apply(world, tmp_path):
+    cfg = _cfg(world, tmp_path)
+    res = CliRunner().invoke(app, ["validate", str(cfg), "--set", "objective.kd.kind=jsd", "--set", "optim.lr=0.1"])
+    assert res.exit_code == 0, res.output
+    c = load_train_config(cfg, ["objective.kd.kind=jsd", "optim.lr=0.1"])
+    assert c.objective.kd.kind == "jsd" and c.optim.lr == 0.1
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_train_config(cfg, ["nonsense"])
+
+
+def test_cli_train_end_to_end(world, tmp_path):
+    cfg = _cfg(world, tmp_path, optim={"epochs": 1})
+    proc = subprocess.run([sys.executable, "-m", "kdkit", "train", str(cfg), "--out", str(tmp_path / "cli"),
+                           "--no-progress"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "cli" / "final" / "adapter_model.safetensors").is_file()
+    again = subprocess.run([sys.executable, "-m", "kdkit", "train", str(cfg), "--out", str(tmp_path / "cli"),
+                            "--no-progress"], capture_output=True, text=True)
+    assert again.returncode == 1 and "not empty" in again.stderr
