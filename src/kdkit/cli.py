@@ -263,5 +263,107 @@ def merge_cmd(
     console.print(f"merged {run_dir} → {path}")
 
 
+def _print_summary(summary, title: str) -> None:
+    table = Table(title=title)
+    for c in ("tasks", "passed", "pass rate", "95% Wilson interval", "statuses", *summary.pass_at_k):
+        table.add_column(c)
+    lo, hi = summary.interval
+    table.add_row(str(summary.n_tasks), str(summary.n_passed), f"{100 * summary.pass_rate:.1f}%",
+                  f"{100 * lo:.1f}–{100 * hi:.1f}%", ", ".join(f"{k}: {v}" for k, v in sorted(summary.statuses.items())),
+                  *[f"{v:.3f}" for v in summary.pass_at_k.values()])
+    console.print(table)
+
+
+UNSAFE_HELP = ("Run generated code WITHOUT namespaces isolation (rlimits and timeout only). Only for code you "
+               "trust; the default refuses to run when bubblewrap is unavailable.")
+
+
+@app.command("verify")
+def verify_cmd(
+    tasks: str = typer.Option(..., help="Task file (HumanEval format: task_id, prompt, entry_point, test; .jsonl[.gz])."),
+    completions: str = typer.Option(None, help="Completions JSONL: {task_id, completion} rows (several rows = samples)."),
+    solutions: str = typer.Option(None, help="'canonical': verify the tasks' own canonical_solution (self-check)."),
+    out: str = typer.Option(None, help="Write per-task results (JSONL) here."),
+    timeout: float = typer.Option(10.0, help="Wall-clock seconds per program."),
+    memory_mb: int = typer.Option(1024, help="Address-space limit per program, MiB."),
+    workers: int = typer.Option(None, help="Programs run in parallel (default: CPU count)."),
+    unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
+) -> None:
+    """Run prompt + completion + test + check(entry_point) for every task in the sandbox; print the pass
+    count and rate with a 95% Wilson interval; write per-task results (passed, status, stderr tail, duration)."""
+    from kdkit.evaluate import TaskError, load_completions, load_tasks, summarise, verify, write_results
+    from kdkit.sandbox import Limits, SandboxUnavailable
+
+    if (completions is None) == (solutions is None):
+        fail("give exactly one of --completions FILE or --solutions canonical")
+    if solutions is not None and solutions != "canonical":
+        fail(f"--solutions {solutions!r}: the only value is 'canonical'")
+    try:
+        task_list = load_tasks(tasks)
+        if completions:
+            comps = load_completions(completions, task_list)
+        else:
+            missing = [t.task_id for t in task_list if t.canonical_solution is None]
+            if missing:
+                fail(f"{tasks}: tasks without canonical_solution: {', '.join(missing[:5])}")
+            comps = {t.task_id: [t.canonical_solution] for t in task_list}
+        results = verify(task_list, comps, limits=Limits(timeout_s=timeout, memory_mb=memory_mb), workers=workers,
+                         unsafe_no_isolation=unsafe_no_isolation)
+    except (TaskError, SandboxUnavailable) as e:
+        fail(str(e))
+    if out:
+        write_results(out, results)
+    summary = summarise(results)
+    _print_summary(summary, f"verify {tasks}")
+    console.print(summary.line())
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="A Hugging Face model directory (safetensors) with its tokenizer."),
+    tasks: str = typer.Option(..., help="Task file (HumanEval format, .jsonl or .jsonl.gz)."),
+    out: str = typer.Option(None, help="Directory for generations.jsonl, results.jsonl and summary.json."),
+    max_new_tokens: int = typer.Option(256, help="Generation budget per task."),
+    batch_size: int = typer.Option(8, help="Prompts per generation batch."),
+    sample: bool = typer.Option(False, help="Sample instead of greedy decoding (greedy is deterministic)."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature (with --sample)."),
+    top_p: float = typer.Option(0.95, help="Nucleus sampling mass (with --sample)."),
+    n_samples: int = typer.Option(1, help="Samples per task (with --sample; pass@k is reported for k <= n)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    timeout: float = typer.Option(10.0, help="Wall-clock seconds per program in the sandbox."),
+    workers: int = typer.Option(None, help="Programs verified in parallel."),
+    unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
+) -> None:
+    """Generate a completion for every task (greedy by default), extract the function body, verify it in
+    the sandbox, and report pass count and rate with a 95% Wilson interval (and pass@k when sampling)."""
+    from pathlib import Path as _P
+
+    from kdkit.evaluate import GenerationSettings, TaskError, evaluate_model, write_results
+    from kdkit.io import atomic_write_bytes, atomic_write_json
+    from kdkit.models import ModelError
+    from kdkit.sandbox import Limits, SandboxUnavailable
+
+    if n_samples > 1 and not sample:
+        fail("--n-samples > 1 needs --sample (greedy decoding gives the same text every time)")
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample,
+                                  temperature=temperature, top_p=top_p, n_samples=n_samples, seed=seed)
+    try:
+        results, summary, gens = evaluate_model(model, tasks, settings=settings, limits=Limits(timeout_s=timeout),
+                                                workers=workers, unsafe_no_isolation=unsafe_no_isolation)
+    except (TaskError, SandboxUnavailable, ModelError) as e:
+        fail(str(e))
+    if out:
+        import json as _json
+        from dataclasses import asdict
+
+        d = _P(out)
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(d / "generations.jsonl", "".join(_json.dumps(g, sort_keys=True) + "\n" for g in gens).encode())
+        write_results(d / "results.jsonl", results)
+        atomic_write_json(d / "summary.json", {**asdict(summary), "model": model, "tasks": tasks})
+    _print_summary(summary, f"eval {model} on {tasks}")
+    console.print(summary.line())
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,249 @@
+"""Isolated execution of untrusted, model-generated Python. Fails closed.
+
+Each program runs
+
+* in a fresh 0700 temp directory, the only writable place it sees (``/sandbox``);
+* under bubblewrap: new PID, network, IPC, UTS (and cgroup) namespaces, a root
+  made only of read-only ``/usr`` (plus the interpreter), a private ``/tmp``,
+  its own ``/proc``, a cleared environment, a new session, killed with its parent;
+* as an unprivileged uid (one per worker slot, via ``setpriv`` when kdkit runs as
+  root: RLIMIT_NPROC does not apply to root), with no capabilities;
+* with ``python3 -I`` and rlimits on address space, CPU time, file size, open
+  files and processes, and a wall-clock timeout that kills the whole process group;
+* with stdout/stderr going to files capped by RLIMIT_FSIZE, of which only a tail is kept.
+
+If bubblewrap is missing or cannot start, :class:`SandboxUnavailable` is raised
+with install instructions. ``unsafe_no_isolation=True`` runs without namespaces
+(rlimits and timeout only) and must be asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+STATUSES = ("passed", "failed", "timeout", "error", "oom")
+INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap`; Fedora: `dnf install bubblewrap`)"
+_UID_BASE = 61000
+
+
+class SandboxUnavailable(RuntimeError):
+    """Isolation cannot be set up; nothing was run."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    timeout_s: float = 10.0
+    memory_mb: int = 1024
+    output_bytes: int = 1 << 20
+    max_files: int = 64
+    max_procs: int = 32
+    stderr_tail: int = 2000
+
+
+@dataclass
+class RunResult:
+    status: str
+    returncode: int | None
+    stdout_tail: str
+    stderr_tail: str
+    duration_s: float
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+def _interpreter() -> tuple[str, list[str]]:
+    """The Python to run inside, and the directory to bind for it."""
+    base = Path(sys.base_prefix)
+    if str(base).startswith("/usr"):
+        return str(base / "bin" / "python3"), []
+    if Path("/usr/bin/python3").exists():
+        return "/usr/bin/python3", []
+    exe = base / "bin" / "python3"
+    return str(exe), [str(base)]
+
+
+def _bwrap_args(workdir: Path, uid: int | None) -> list[str]:
+    exe, binds = _interpreter()
+    args = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+            "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr"]
+    for link in ("bin", "lib", "lib64", "sbin"):
+        p = Path("/") / link
+        if p.is_symlink():
+            args += ["--symlink", os.readlink(p), f"/{link}"]
+        elif p.is_dir():
+            args += ["--ro-bind", str(p), f"/{link}"]
+    for b in binds:
+        args += ["--ro-bind", b, b]
+    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", str(workdir), "/sandbox",
+             "--chdir", "/sandbox", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/sandbox"]
+    if uid is None:
+        args += ["--unshare-user", "--"]
+    else:
+        args += ["--", "/usr/bin/setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                 "--inh-caps=-all", "--bounding-set=-all", "--"]
+    return args + [exe, "-I", "-B", "program.py"]
+
+
+def _limit_fn(lim: Limits) -> Callable[[], None]:
+    def apply() -> None:
+        mem = lim.memory_mb * 1024 * 1024
+        cpu = int(lim.timeout_s) + 1
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (lim.output_bytes, lim.output_bytes))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lim.max_files, lim.max_files))
+        resource.setrlimit(resource.RLIMIT_NPROC, (lim.max_procs, lim.max_procs))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return apply
+
+
+_probe_lock = threading.Lock()
+_probe_ok: dict[str, bool] = {}
+
+
+def check_isolation() -> None:
+    """Raise :class:`SandboxUnavailable` unless a bubblewrap sandbox starts and runs Python here."""
+    with _probe_lock:
+        key = "bwrap"
+        if _probe_ok.get(key):
+            return
+        if shutil.which("bwrap") is None:
+            raise SandboxUnavailable(f"the sandbox needs bubblewrap (bwrap), which is not installed: {INSTALL_HINT}; "
+                                     f"or pass --unsafe-no-isolation to run generated code WITHOUT isolation")
+        if os.geteuid() == 0 and not Path("/usr/bin/setpriv").exists():
+            raise SandboxUnavailable("running as root needs /usr/bin/setpriv (util-linux) to drop to an "
+                                     "unprivileged uid inside the sandbox")
+        res = _run_one("print(6 * 7)\n", Limits(timeout_s=20), slot=0, unsafe=False)
+        if res.status != "passed" or res.stdout_tail.strip() != "42":
+            raise SandboxUnavailable(f"bubblewrap is installed but the sandbox does not start here "
+                                     f"({res.status}: {res.stderr_tail.strip()[-300:]}); {INSTALL_HINT}, and check "
+                                     f"that user namespaces are allowed; or pass --unsafe-no-isolation")
+        _probe_ok[key] = True
+
+
+def _tail(path: Path, n: int) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - n))
+            return fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _classify(rc: int | None, timed_out: bool, stderr: str) -> str:
+    if timed_out:
+        return "timeout"
+    if rc == 0:
+        return "passed"
+    if "MemoryError" in stderr or rc in (-signal.SIGKILL, 128 + signal.SIGKILL) and "Killed" in stderr:
+        return "oom"
+    if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
+        return "timeout"
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    if last.startswith("AssertionError") or last.startswith("AssertionError:"):
+        return "failed"
+    return "error"
+
+
+def _run_one(program: str, lim: Limits, *, slot: int, unsafe: bool) -> RunResult:
+    root_mode = os.geteuid() == 0
+    uid = _UID_BASE + slot if root_mode else None
+    outer = Path(tempfile.mkdtemp(prefix="kdkit-sbx-"))  # 0700, ours: holds the captured output
+    workdir = outer / "work"  # the program's only writable directory
+    try:
+        workdir.mkdir(mode=0o700)
+        (workdir / "program.py").write_text(program)
+        out_p, err_p = outer / "stdout", outer / "stderr"
+        if root_mode and not unsafe:
+            os.chown(workdir, uid, uid)
+            os.chown(workdir / "program.py", uid, uid)
+        if unsafe:
+            cmd = [sys.executable, "-I", "-B", "program.py"]
+            env = {"PATH": "/usr/bin:/bin", "HOME": str(workdir)}
+        else:
+            cmd, env = _bwrap_args(workdir, uid), {"PATH": "/usr/bin:/bin"}
+        t0 = time.perf_counter()
+        timed_out = False
+        with out_p.open("wb") as out_f, err_p.open("wb") as err_f:
+            try:
+                proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out_f,
+                                        stderr=err_f, preexec_fn=_limit_fn(lim), start_new_session=True, close_fds=True)
+            except OSError as e:
+                return RunResult("error", None, "", f"cannot start the sandbox: {e}", 0.0)
+            try:
+                rc = proc.wait(timeout=lim.timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_group(proc)
+                rc = proc.wait()
+        dur = time.perf_counter() - t0
+        stdout, stderr = _tail(out_p, lim.stderr_tail), _tail(err_p, lim.stderr_tail)
+        return RunResult(_classify(rc, timed_out, stderr), rc, stdout, stderr, dur)
+    finally:
+        shutil.rmtree(outer, ignore_errors=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_programs(programs: Sequence[str], *, limits: Limits = Limits(), workers: int | None = None,
+                 unsafe_no_isolation: bool = False,
+                 on_done: Callable[[int, RunResult], None] | None = None) -> list[RunResult]:
+    """Run each program in its own sandbox, ``workers`` at a time; results in input order."""
+    if not unsafe_no_isolation:
+        check_isolation()
+    workers = max(1, min(workers or os.cpu_count() or 1, 16, len(programs) or 1))
+    slots = list(range(workers))
+    lock = threading.Lock()
+    results: list[RunResult | None] = [None] * len(programs)
+
+    def job(i: int) -> None:
+        with lock:
+            slot = slots.pop()
+        try:
+            results[i] = _run_one(programs[i], limits, slot=slot, unsafe=unsafe_no_isolation)
+        finally:
+            with lock:
+                slots.append(slot)
+        if on_done is not None:
+            on_done(i, results[i])
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(job, range(len(programs))))
+    return [r for r in results if r is not None]
+
+
+def leftover_processes() -> list[int]:
+    """PIDs still running as a sandbox uid (a test checks that none survive)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            uid = (p / "status").read_text().split("\nUid:")[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if _UID_BASE <= int(uid) < _UID_BASE + 16:
+            pids.append(int(p.name))
+    return pids
