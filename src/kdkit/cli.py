@@ -19,6 +19,9 @@ app = typer.Typer(
 diag_app = typer.Typer(help="Diagnostics that explain kdkit's conventions with numbers from the library.",
                        no_args_is_help=True)
 app.add_typer(diag_app, name="diag")
+registry_app = typer.Typer(help="The workspace registry: packs, production pointer, evaluations, gate decisions.",
+                           no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
 cache_app = typer.Typer(help="Inspect and verify a teacher cache made by `kdkit precompute`.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
@@ -363,6 +366,218 @@ def eval_cmd(
         atomic_write_json(d / "summary.json", {**asdict(summary), "model": model, "tasks": tasks})
     _print_summary(summary, f"eval {model} on {tasks}")
     console.print(summary.line())
+
+
+WORKSPACE_HELP = "Workspace directory holding registry.sqlite and packs (env KDKIT_WORKSPACE; default .kdkit)."
+
+
+def _registry(workspace: str | None):
+    import os as _os
+
+    from kdkit.registry import Registry
+
+    return Registry(workspace or _os.environ.get("KDKIT_WORKSPACE", ".kdkit"))
+
+
+def _pack_table(reg, title: str) -> Table:
+    prod = reg.production()
+    t = Table(title=title)
+    for c in ("id", "name", "status", "production", "weights sha256", "parent", "source run", "path"):
+        t.add_column(c)
+    for p in reg.packs():
+        t.add_row(str(p.id), p.name, p.status, "★" if prod and prod.id == p.id else "", p.weights_sha256[:12],
+                  str(p.parent_id or ""), p.source_run or "", p.path)
+    return t
+
+
+@registry_app.command("list")
+def registry_list(workspace: str = typer.Option(None, help=WORKSPACE_HELP)) -> None:
+    """List packs, their status (active/archived) and which one is production."""
+    reg = _registry(workspace)
+    console.print(_pack_table(reg, f"packs in {reg.db_path}"))
+
+
+@registry_app.command("show")
+def registry_show(
+    pack: str = typer.Argument(None, help="Pack name or id (default: production)."),
+    workspace: str = typer.Option(None, help=WORKSPACE_HELP),
+) -> None:
+    """Show one pack: its evaluations, the gate decisions about it, and the production history."""
+    import json as _json
+
+    from kdkit.gate import format_tasks
+    from kdkit.registry import RegistryError
+
+    reg = _registry(workspace)
+    try:
+        p = reg.pack(pack) if pack else reg.production()
+    except RegistryError as e:
+        fail(str(e))
+    if p is None:
+        fail("no production pack yet")
+    console.print(f"[bold]{p.name}[/] (id {p.id}, {p.status}) {p.path}\nweights sha256 {p.weights_sha256}")
+    t = Table(title="evaluations")
+    for c in ("id", "tasks", "passed", "95% interval"):
+        t.add_column(c)
+    for e in reg.evaluations(p.id):
+        t.add_row(str(e["id"]), e["tasks_path"], f"{e['n_passed']}/{e['n_tasks']}",
+                  f"{100 * e['ci_low']:.1f}–{100 * e['ci_high']:.1f}%")
+    console.print(t)
+    g = Table(title="gate decisions")
+    for c in ("id", "candidate", "baseline", "decision", "regressed", "fixed", "p", "reason"):
+        g.add_column(c)
+    for row in reg.gates():
+        if p.id in (row["candidate_id"], row["baseline_id"]):
+            g.add_row(str(row["id"]), reg.pack(row["candidate_id"]).name, reg.pack(row["baseline_id"]).name,
+                      row["decision"], format_tasks(_json.loads(row["regressed"])), format_tasks(_json.loads(row["fixed"])),
+                      f"{row['p_value']:.3g}", row["reason"])
+    console.print(g)
+    h = Table(title="production history")
+    for c in ("#", "pack", "reason"):
+        h.add_column(c)
+    for row in reg.production_history():
+        h.add_row(str(row["id"]), reg.pack(row["pack_id"]).name, row["reason"])
+    console.print(h)
+
+
+@registry_app.command("promote")
+def registry_promote(
+    pack: str = typer.Argument(..., help="A model directory (registered first) or a pack name/id."),
+    name: str = typer.Option(None, help="Name for a newly registered pack (default: the directory name)."),
+    workspace: str = typer.Option(None, help=WORKSPACE_HELP),
+) -> None:
+    """Make a pack production (registering a model directory first). The first production pack is
+    usually the teacher or the untouched student."""
+    from pathlib import Path as _P
+
+    from kdkit.registry import RegistryError
+
+    reg = _registry(workspace)
+    try:
+        p = reg.register(pack, name=name) if _P(pack).is_dir() else reg.pack(pack)
+        reg.promote(p.id, reason="manual promote")
+    except RegistryError as e:
+        fail(str(e))
+    console.print(f"production is now {p.name} (id {p.id})")
+
+
+@registry_app.command("rollback")
+def registry_rollback(workspace: str = typer.Option(None, help=WORKSPACE_HELP)) -> None:
+    """Restore the previous production pack (recorded as a new production entry)."""
+    from kdkit.registry import RegistryError
+
+    reg = _registry(workspace)
+    try:
+        p = reg.rollback()
+    except RegistryError as e:
+        fail(str(e))
+    console.print(f"production rolled back to {p.name} (id {p.id})")
+
+
+@registry_app.command("archive")
+def registry_archive(
+    pack: str = typer.Argument(..., help="Pack name or id."),
+    workspace: str = typer.Option(None, help=WORKSPACE_HELP),
+) -> None:
+    """Mark a pack archived (its files stay in the workspace; production cannot be archived)."""
+    from kdkit.registry import RegistryError
+
+    reg = _registry(workspace)
+    try:
+        p = reg.archive(pack)
+    except RegistryError as e:
+        fail(str(e))
+    console.print(f"archived {p.name} (id {p.id})")
+
+
+RULE_HELP = ("Gate rule as key=value pairs: max_regressions=N (anchor tasks the baseline passes that may fail; "
+             "default 0), require_not_worse=true|false (pass count may not fall; default true).")
+
+
+@app.command("gate")
+def gate_cmd(
+    candidate: str = typer.Argument(..., help="Candidate: a model directory (e.g. from `kdkit merge`) or a pack name."),
+    tasks: str = typer.Option(..., help="Anchor task file (HumanEval format)."),
+    against: str = typer.Option("production", help="Baseline: 'production' or a pack name/id."),
+    rule: str = typer.Option(None, help=RULE_HELP),
+    max_new_tokens: int = typer.Option(256, help="Generation budget per task (greedy decoding)."),
+    timeout: float = typer.Option(10.0, help="Wall-clock seconds per program in the sandbox."),
+    workspace: str = typer.Option(None, help=WORKSPACE_HELP),
+    json_out: str = typer.Option(None, "--json", help="Also write the decision as JSON here."),
+    unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
+) -> None:
+    """Evaluate candidate and baseline on the anchors (reusing stored evaluations), compare task by task,
+    run the exact paired test, decide KEEP (promote) or REVERT (archive), and record it.
+    Exit code 0 on KEEP, 1 on REVERT."""
+    from kdkit.evaluate import GenerationSettings, TaskError
+    from kdkit.gate import GateRule, format_tasks, gate
+    from kdkit.io import atomic_write_json
+    from kdkit.models import ModelError
+    from kdkit.registry import RegistryError
+    from kdkit.sandbox import Limits, SandboxUnavailable
+
+    reg = _registry(workspace)
+    try:
+        res = gate(reg, candidate, tasks, against=against, rule=GateRule.parse(rule),
+                   settings=GenerationSettings(max_new_tokens=max_new_tokens), limits=Limits(timeout_s=timeout),
+                   unsafe_no_isolation=unsafe_no_isolation, log=console.print)
+    except (RegistryError, TaskError, SandboxUnavailable, ModelError, ValueError) as e:
+        fail(str(e))
+    t = Table(title=f"gate: {res.candidate} vs {res.baseline}")
+    for c in ("model", "anchor pass", "95% interval"):
+        t.add_column(c)
+    for name, k, (lo, hi) in ((res.baseline, res.baseline_passed, res.baseline_interval),
+                              (res.candidate, res.candidate_passed, res.candidate_interval)):
+        t.add_row(name, f"{k}/{res.n_tasks}", f"{100 * lo:.1f}–{100 * hi:.1f}%")
+    console.print(t)
+    console.print(f"regressed: {format_tasks(res.regressed)}\nfixed: {format_tasks(res.fixed)}\n"
+                  f"exact McNemar p = {res.p_value:.3g}\n[bold]{res.decision}[/]: {res.reason}")
+    if json_out:
+        atomic_write_json(json_out, res.to_json())
+    raise typer.Exit(0 if res.decision == "KEEP" else 1)
+
+
+@app.command("ladder")
+def ladder_cmd(
+    config: str = typer.Argument(..., help="Training config YAML (the rungs override it)."),
+    vary: list[str] = typer.Option(..., help="key.sub=v1,v2,v3 — one rung per value (repeat for a grid)."),
+    tasks: str = typer.Option(..., help="Anchor task file for the gate."),
+    out: str = typer.Option(None, help="Ladder directory (default: ladders/<config name>)."),
+    rule: str = typer.Option(None, help=RULE_HELP),
+    max_new_tokens: int = typer.Option(256, help="Generation budget per anchor task."),
+    timeout: float = typer.Option(10.0, help="Wall-clock seconds per program in the sandbox."),
+    workspace: str = typer.Option(None, help=WORKSPACE_HELP),
+    unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
+) -> None:
+    """For each rung: train → merge → gate against the production at the ladder's start → KEEP/REVERT.
+    A failed rung does not stop the ladder; a rerun skips finished rungs. Writes ladder.md, ladder.csv
+    and ladder.png (anchor pass and losses against the varied value)."""
+    from pathlib import Path as _P
+
+    from kdkit.config import ConfigError
+    from kdkit.evaluate import GenerationSettings
+    from kdkit.gate import GateRule
+    from kdkit.ladder import parse_vary, run_ladder, table_rows
+    from kdkit.registry import RegistryError
+    from kdkit.sandbox import Limits
+
+    reg = _registry(workspace)
+    out_dir = out or str(_P("ladders") / _P(config).stem)
+    try:
+        results = run_ladder(config, vary, tasks, out_dir, registry=reg, rule=GateRule.parse(rule),
+                             settings=GenerationSettings(max_new_tokens=max_new_tokens),
+                             limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation,
+                             log=console.print)
+    except (ConfigError, RegistryError, ValueError) as e:
+        fail(str(e))
+    header, rows = table_rows(parse_vary(vary), results)
+    t = Table(title=f"ladder {out_dir}")
+    for h in header:
+        t.add_column(h)
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+    console.print(f"wrote {out_dir}/ladder.md, ladder.csv, ladder.png")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,168 @@
+"""``kdkit gate``: compare a candidate with production task by task, decide KEEP or REVERT, record it.
+
+The default rule is the seeds': no anchor task that the baseline passes may fail,
+and the pass count may not fall. The exact paired test (McNemar's, i.e. a
+two-sided binomial test on the discordant pairs) and both Wilson intervals are
+reported so that a regression can be told from sampling noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdkit.evaluate import GenerationSettings, evaluate_model, tasks_fingerprint
+from kdkit.registry import Pack, Registry, RegistryError
+from kdkit.sandbox import Limits
+
+
+@dataclass(frozen=True)
+class GateRule:
+    max_regressions: int = 0
+    require_not_worse: bool = True
+
+    @classmethod
+    def parse(cls, text: str | None) -> GateRule:
+        """``max_regressions=1,require_not_worse=false``."""
+        if not text:
+            return cls()
+        kw: dict[str, Any] = {}
+        for part in text.split(","):
+            if "=" not in part:
+                raise ValueError(f"--rule {text!r}: expected key=value pairs separated by commas")
+            k, v = (s.strip() for s in part.split("=", 1))
+            if k == "max_regressions":
+                if not v.isdigit():
+                    raise ValueError(f"--rule max_regressions={v!r}: expected a whole number >= 0")
+                kw[k] = int(v)
+            elif k == "require_not_worse":
+                if v.lower() not in ("true", "false"):
+                    raise ValueError(f"--rule require_not_worse={v!r}: expected true or false")
+                kw[k] = v.lower() == "true"
+            else:
+                raise ValueError(f"--rule: unknown key {k!r}; valid: max_regressions, require_not_worse")
+        return cls(**kw)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: binomial test of min(b, c) in b + c trials at p = 1/2."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2.0 * tail)
+
+
+def _task_key(task_id: str) -> tuple[str, int | float, str]:
+    m = re.match(r"^(.*?)/(\d+)$", task_id)
+    return (m.group(1), int(m.group(2)), task_id) if m else (task_id, math.inf, task_id)
+
+
+def format_tasks(task_ids: list[str]) -> str:
+    """The seeds' compact list: ``MBPP/20, /53, HE/27, /45`` (prefix written once per run of a prefix)."""
+    out, prev = [], None
+    for tid in sorted(task_ids, key=_task_key):
+        prefix, num, _ = _task_key(tid)
+        if prefix == prev and num != math.inf:
+            out.append(f"/{num}")
+        else:
+            out.append(tid)
+        prev = prefix
+    return ", ".join(out) if out else "—"
+
+
+@dataclass
+class GateResult:
+    decision: str
+    candidate: str
+    baseline: str
+    candidate_passed: int
+    baseline_passed: int
+    n_tasks: int
+    candidate_interval: tuple[float, float]
+    baseline_interval: tuple[float, float]
+    regressed: list[str]
+    fixed: list[str]
+    p_value: float
+    reason: str
+    rule: dict[str, Any] = field(default_factory=dict)
+    gate_id: int = 0
+    candidate_outcomes: dict[str, bool] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+EvalFn = Callable[[Pack, Path], tuple[dict[str, bool], tuple[float, float]]]
+
+
+def evaluate_pack(reg: Registry, pack: Pack, tasks: Path, settings: GenerationSettings, limits: Limits,
+                  unsafe_no_isolation: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate a pack on a task file, reusing a stored evaluation of the same weights, tasks and settings."""
+    sha = tasks_fingerprint(tasks)
+    key = json.dumps({"generation": asdict(settings), "timeout_s": limits.timeout_s}, sort_keys=True)
+    found = reg.find_evaluation(pack.id, sha, key)
+    if found is not None:
+        log(f"reusing stored evaluation of {pack.name} on {tasks.name}")
+        return found
+    results, summary, _ = evaluate_model(pack.path, tasks, settings=settings, limits=limits,
+                                         unsafe_no_isolation=unsafe_no_isolation, progress=False)
+    outcomes = {r.task_id: r.passed for r in results if r.sample == 0}
+    return reg.add_evaluation(pack.id, sha, str(tasks), key, outcomes, summary.interval,
+                              {"statuses": summary.statuses})
+
+
+def decide(base: dict[str, bool], cand: dict[str, bool], rule: GateRule) -> tuple[str, list[str], list[str], float, str]:
+    if set(base) != set(cand):
+        raise ValueError("candidate and baseline were evaluated on different task sets")
+    regressed = [t for t in base if base[t] and not cand[t]]
+    fixed = [t for t in base if cand[t] and not base[t]]
+    p = mcnemar_exact(len(regressed), len(fixed))
+    nb, nc = sum(base.values()), sum(cand.values())
+    reasons = []
+    if len(regressed) > rule.max_regressions:
+        reasons.append(f"{len(regressed)} task(s) that the baseline passes now fail (allowed: {rule.max_regressions})")
+    if rule.require_not_worse and nc < nb:
+        reasons.append(f"pass count fell {nb} → {nc}")
+    decision = "REVERT" if reasons else "KEEP"
+    if not reasons:
+        reasons.append(f"no disallowed regression; pass count {nb} → {nc}")
+    return decision, regressed, fixed, p, "; ".join(reasons) + f" (exact McNemar p = {p:.3g})"
+
+
+def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "production",
+         rule: GateRule = GateRule(), settings: GenerationSettings = GenerationSettings(), limits: Limits = Limits(),
+         unsafe_no_isolation: bool = False, candidate_meta: dict[str, Any] | None = None,
+         log: Callable[[str], None] = print) -> GateResult:
+    """Evaluate candidate and baseline, decide, and record + apply the decision in one transaction."""
+    tasks = Path(tasks)
+    if against == "production":
+        base = reg.production()
+        if base is None:
+            raise RegistryError("there is no production pack yet: `kdkit registry promote MODEL_DIR` first")
+    else:
+        base = _resolve(reg, against)
+    meta = candidate_meta or {}
+    cand = _resolve(reg, candidate, parent_id=base.id, **meta)
+    if cand.id == base.id:
+        raise RegistryError(f"candidate and baseline are the same pack ({cand.name}: identical weights)")
+    ev_b = evaluate_pack(reg, base, tasks, settings, limits, unsafe_no_isolation, log)
+    ev_c = evaluate_pack(reg, cand, tasks, settings, limits, unsafe_no_isolation, log)
+    decision, regressed, fixed, p, reason = decide(ev_b["outcomes"], ev_c["outcomes"], rule)
+    gid = reg.record_gate(cand.id, base.id, asdict(rule), decision, regressed, fixed, p, reason)
+    return GateResult(decision, cand.name, base.name, ev_c["n_passed"], ev_b["n_passed"], ev_c["n_tasks"],
+                      (ev_c["ci_low"], ev_c["ci_high"]), (ev_b["ci_low"], ev_b["ci_high"]), regressed, fixed, p,
+                      reason, asdict(rule), gid, ev_c["outcomes"])
+
+
+def _resolve(reg: Registry, ref: str, **register_kw: Any) -> Pack:
+    """A registered pack by name/id, or a model directory (registered on the fly)."""
+    if Path(ref).is_dir():
+        return reg.register(ref, **register_kw)
+    return reg.pack(ref)

@@ -1,0 +1,188 @@
+"""``kdkit ladder``: sweep config values as rungs of train → merge → gate, ending in one table.
+
+Every rung gates against the production pack recorded when the ladder started, so
+rungs are compared with the same baseline. Each finished rung writes
+``rungs/NN.json`` atomically; a rerun skips finished rungs, and a rung that fails
+is recorded as failed without stopping the ladder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdkit.config import load_train_config
+from kdkit.evaluate import GenerationSettings
+from kdkit.gate import GateRule, format_tasks, gate
+from kdkit.io import atomic_write_bytes, atomic_write_json
+from kdkit.registry import Registry, RegistryError
+from kdkit.sandbox import Limits
+
+
+def parse_vary(specs: list[str]) -> list[tuple[str, list[Any]]]:
+    """``key.sub=v1,v2,v3`` → (key, [parsed values]); values are parsed as YAML scalars."""
+    out = []
+    for spec in specs:
+        if "=" not in spec:
+            raise ValueError(f"--vary {spec!r}: expected key.sub=v1,v2,...")
+        key, vals = spec.split("=", 1)
+        values = [yaml.safe_load(v) for v in vals.split(",") if v.strip()]
+        if not values:
+            raise ValueError(f"--vary {spec!r}: no values")
+        out.append((key.strip(), values))
+    return out
+
+
+def rungs(vary: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
+    keys = [k for k, _ in vary]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*[v for _, v in vary])]
+
+
+def _epoch_means(run_dir: Path) -> dict[str, float | None]:
+    """avg CE / avg KL over the training steps (as the seeds' table), val loss of the last epoch."""
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    epochs = [json.loads(x) for x in (run_dir / "epochs.jsonl").read_text().splitlines() if x.strip()]
+
+    def mean(key: str) -> float | None:
+        vals = [s[key] for s in steps if key in s]
+        return sum(vals) / len(vals) if vals else None
+
+    return {"avg_ce": mean("ce_loss"), "avg_kl": mean("kl_loss"),
+            "val_loss": epochs[-1].get("val_loss") if epochs else None}
+
+
+def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path, out: str | Path, *,
+               registry: Registry, rule: GateRule = GateRule(), settings: GenerationSettings = GenerationSettings(),
+               limits: Limits = Limits(), unsafe_no_isolation: bool = False, progress: bool = False,
+               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    from kdkit.train import merge, train
+
+    out = Path(out)
+    (out / "rungs").mkdir(parents=True, exist_ok=True)
+    vary = parse_vary(vary_specs)
+    plan = rungs(vary)
+    state_path = out / "ladder.json"
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if state["vary"] != [[k, v] for k, v in vary] or state["config"] != str(Path(config).resolve()):
+            raise ValueError(f"{out}: holds a ladder of another config or --vary; use another --out")
+        baseline = registry.pack(state["baseline_pack"])
+    else:
+        baseline = registry.production()
+        if baseline is None:
+            raise RegistryError("there is no production pack yet: `kdkit registry promote MODEL_DIR` first")
+        state = {"config": str(Path(config).resolve()), "vary": [[k, v] for k, v in vary],
+                 "baseline_pack": baseline.name, "tasks": str(Path(tasks).resolve())}
+        atomic_write_json(state_path, state)
+    load_train_config(config)  # fail early on a bad config, before any rung
+
+    results = []
+    for i, values in enumerate(plan):
+        done = out / "rungs" / f"{i:02d}.json"
+        if done.is_file():
+            rec = json.loads(done.read_text())
+            if rec["status"] == "done":
+                log(f"rung {i} {values}: finished earlier ({rec['decision']}), skipped")
+                results.append(rec)
+                continue
+        log(f"rung {i} {values}: train → merge → gate")
+        run_dir, pack_dir = out / f"rung-{i:02d}" / "run", out / f"rung-{i:02d}" / "pack"
+        rec: dict[str, Any] = {"rung": i, "values": values, "run_dir": str(run_dir)}
+        try:
+            cfg = load_train_config(config, [f"{k}={json.dumps(v)}" for k, v in values.items()])
+            train(cfg, run_dir, resume=run_dir.exists(), progress=progress, log=log)
+            merge(run_dir, pack_dir)
+            res = gate(registry, str(pack_dir), tasks, against=baseline.name, rule=rule, settings=settings,
+                       limits=limits, unsafe_no_isolation=unsafe_no_isolation, log=log,
+                       candidate_meta={"name": f"{out.name}-rung{i:02d}", "source_run": str(run_dir),
+                                       "config": (run_dir / "config.yaml").read_text()})
+            rec.update(status="done", **_epoch_means(run_dir), decision=res.decision, passed=res.candidate_passed,
+                       n_tasks=res.n_tasks, interval=list(res.candidate_interval), regressed=res.regressed,
+                       fixed=res.fixed, p_value=res.p_value, baseline_passed=res.baseline_passed, pack=res.candidate)
+        except Exception as e:  # a failed rung must not stop the ladder
+            rec.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
+            log(f"rung {i} failed: {type(e).__name__}: {e}")
+        atomic_write_json(done, rec)
+        results.append(rec)
+    write_table(out, vary, results)
+    return results
+
+
+def _fmt(v: float | None, nd: int = 4) -> str:
+    return "—" if v is None else f"{v:.{nd}f}"
+
+
+def table_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    keys = [k for k, _ in vary]
+    header = ["rung", *keys, "avg CE", "avg KL", "val loss", "anchor pass", "gate", "regressed"]
+    rows = []
+    for r in results:
+        vals = [str(r["values"][k]) for k in keys]
+        if r["status"] != "done":
+            rows.append([str(r["rung"]), *vals, "—", "—", "—", "—", "FAILED", r.get("error", "")[:80]])
+            continue
+        lo, hi = r["interval"]
+        rows.append([str(r["rung"]), *vals, _fmt(r["avg_ce"]), _fmt(r["avg_kl"]), _fmt(r["val_loss"]),
+                     f"{r['passed']}/{r['n_tasks']} [{100 * lo:.0f}–{100 * hi:.0f}%]", r["decision"],
+                     format_tasks(r["regressed"])])
+    return header, rows
+
+
+def write_table(out: Path, vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]) -> None:
+    header, rows = table_rows(vary, results)
+    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+    md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
+    atomic_write_bytes(out / "ladder.md", md.encode())
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_bytes(out / "ladder.csv", buf.getvalue().encode())
+    _plot(out, vary, results)
+
+
+def _plot(out: Path, vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = vary[0][0]
+    done = [r for r in results if r["status"] == "done"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    if done:
+        xs = [r["values"][key] for r in done]
+        labels = [", ".join(f"{v}" for v in r["values"].values()) for r in done]
+        pos = list(range(len(done))) if len(vary) > 1 or not all(isinstance(x, int | float) for x in xs) else xs
+        rate = [r["passed"] / max(r["n_tasks"], 1) for r in done]
+        err_lo = [p - r["interval"][0] for p, r in zip(rate, done, strict=True)]
+        err_hi = [r["interval"][1] - p for p, r in zip(rate, done, strict=True)]
+        ax1.errorbar(pos, rate, yerr=[err_lo, err_hi], fmt="o-", capsize=4, label="candidate")
+        base = done[0]["baseline_passed"] / max(done[0]["n_tasks"], 1)
+        ax1.axhline(base, color="grey", ls="--", label="baseline")
+        for name in ("avg_ce", "avg_kl", "val_loss"):
+            ys = [r[name] for r in done]
+            if all(y is not None for y in ys):
+                ax2.plot(pos, ys, "o-", label=name)
+        if pos is not xs:
+            for ax in (ax1, ax2):
+                ax.set_xticks(pos, labels, rotation=30)
+    ax1.set(title="anchor pass rate (95% Wilson)", xlabel=key, ylim=(0, 1.05))
+    ax2.set(title="losses", xlabel=key)
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    atomic_write_bytes(out / "ladder.png", buf.getvalue())
+
+

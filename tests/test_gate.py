@@ -1,0 +1,193 @@
+"""Registry, gate and ladder: decisions, atomicity under kill -9, the paired test, the table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scipy.stats import binomtest
+from typer.testing import CliRunner
+
+from kdkit import gate as gate_mod
+from kdkit.cli import app
+from kdkit.evaluate import EvalSummary, TaskResult, wilson_interval
+from kdkit.gate import GateRule, decide, format_tasks, gate, mcnemar_exact
+from kdkit.registry import FAULT_ENV, Registry, RegistryError
+from tests.helpers import save_model_dir, write_jsonl
+
+ANCHORS = [f"MBPP/{i}" for i in (20, 53, 93)] + [f"HE/{i}" for i in (27, 34)]
+
+
+@pytest.mark.parametrize("b, c", [(0, 0), (1, 0), (3, 1), (5, 5), (10, 2), (0, 7), (13, 4)])
+def test_mcnemar_exact_matches_scipy_binomial_test(b, c):
+    expected = 1.0 if b + c == 0 else binomtest(min(b, c), b + c, 0.5, alternative="two-sided").pvalue
+    assert mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-12)
+
+
+def test_format_tasks_like_the_seeds():
+    ids = ["HE/85", "MBPP/53", "HE/27", "MBPP/20", "HE/45"]
+    assert format_tasks(ids) == "HE/27, /45, /85, MBPP/20, /53"
+    assert format_tasks(["MBPP/53", "HE/34"]) == "HE/34, MBPP/53"
+    assert format_tasks([]) == "—"
+
+
+def test_decide_rules():
+    base = dict.fromkeys(ANCHORS, True) | {"HE/34": False}
+    lose_one = base | {"MBPP/53": False, "HE/34": True}
+    d, reg, fix, p, reason = decide(base, lose_one, GateRule())
+    assert d == "REVERT" and reg == ["MBPP/53"] and fix == ["HE/34"] and p == 1.0
+    assert "allowed: 0" in reason
+    assert decide(base, lose_one, GateRule(max_regressions=1))[0] == "KEEP"
+    better = base | {"HE/34": True}
+    assert decide(base, better, GateRule())[0] == "KEEP"
+    assert decide(base, dict(base), GateRule())[0] == "KEEP"
+    with pytest.raises(ValueError, match="different task sets"):
+        decide(base, {"x": True}, GateRule())
+    assert GateRule.parse("max_regressions=2,require_not_worse=false") == GateRule(2, False)
+    with pytest.raises(ValueError, match="unknown key"):
+        GateRule.parse("tau=1")
+
+
+@pytest.fixture
+def packs(tmp_path):
+    """Three distinct tiny model dirs and a 5-task anchor file."""
+    dirs = {n: save_model_dir(tmp_path / n, seed=s) for n, s in (("prod", 1), ("good", 2), ("bad", 3))}
+    tasks = write_jsonl(tmp_path / "anchors.jsonl", [
+        {"task_id": t, "prompt": "def f():\n", "entry_point": "f", "test": "def check(c):\n    pass\n"} for t in ANCHORS])
+    return dirs, tasks
+
+
+def _fake_eval(outcomes_by_dirname: dict[str, dict[str, bool]], calls: list[str]):
+    """Stands in for generation + sandbox: outcomes keyed by the ORIGINAL dir name recorded in config.json."""
+
+    def fake(model_dir, tasks_path, **kw):
+        name = json.loads((Path(model_dir) / "kdkit_test_name.json").read_text())
+        calls.append(name)
+        res = [TaskResult(t, ok, "passed" if ok else "failed", "", 0.0) for t, ok in outcomes_by_dirname[name].items()]
+        k = sum(r.passed for r in res)
+        return res, EvalSummary(len(res), k, k / len(res), wilson_interval(k, len(res)), {}, {}), []
+
+    return fake
+
+
+def _tag(dirs):
+    for n, d in dirs.items():
+        (d / "kdkit_test_name.json").write_text(json.dumps(n))
+
+
+def test_gate_reverts_a_regression_and_keeps_an_improvement(packs, tmp_path, monkeypatch):
+    dirs, tasks = packs
+    _tag(dirs)
+    base = dict.fromkeys(ANCHORS, True) | {"HE/34": False}
+    outcomes = {"prod": base, "bad": base | {"MBPP/53": False}, "good": base | {"HE/34": True}}
+    calls: list[str] = []
+    monkeypatch.setattr(gate_mod, "evaluate_model", _fake_eval(outcomes, calls))
+    reg = Registry(tmp_path / "ws")
+    prod = reg.register(dirs["prod"], name="prod")
+    reg.promote(prod.id)
+
+    bad = gate(reg, str(dirs["bad"]), tasks, log=lambda m: None)
+    assert bad.decision == "REVERT" and bad.regressed == ["MBPP/53"]
+    assert reg.production().name == "prod"
+    assert reg.pack(bad.candidate).status == "archived"
+
+    good = gate(reg, str(dirs["good"]), tasks, log=lambda m: None)
+    assert good.decision == "KEEP" and good.fixed == ["HE/34"]
+    assert reg.production().name == good.candidate
+    # the production evaluation was stored once and reused for the second gate
+    assert calls == ["prod", "bad", "good"]
+    assert [g["decision"] for g in reg.gates()] == ["REVERT", "KEEP"]
+
+    back = reg.rollback()
+    assert back.name == "prod" and reg.production().name == "prod"
+    with pytest.raises(RegistryError, match="is production"):
+        reg.archive("prod")
+
+
+def test_gate_cli_exit_codes(packs, tmp_path, monkeypatch):
+    dirs, tasks = packs
+    _tag(dirs)
+    base = dict.fromkeys(ANCHORS, True)
+    outcomes = {"prod": base, "bad": base | {"MBPP/53": False, "HE/27": False}, "good": dict(base)}
+    monkeypatch.setattr(gate_mod, "evaluate_model", _fake_eval(outcomes, []))
+    ws = str(tmp_path / "ws")
+    r = CliRunner()
+    assert r.invoke(app, ["registry", "promote", str(dirs["prod"]), "--workspace", ws]).exit_code == 0
+    res = r.invoke(app, ["gate", str(dirs["bad"]), "--tasks", str(tasks), "--workspace", ws], terminal_width=200)
+    assert res.exit_code == 1 and "REVERT" in res.output and "HE/27, MBPP/53" in res.output
+    res = r.invoke(app, ["gate", str(dirs["good"]), "--tasks", str(tasks), "--workspace", ws], terminal_width=200)
+    assert res.exit_code == 0 and "KEEP" in res.output
+    listing = r.invoke(app, ["registry", "list", "--workspace", ws], terminal_width=250)
+    assert "archived" in listing.output and "★" in listing.output
+    show = r.invoke(app, ["registry", "show", "--workspace", ws], terminal_width=250)
+    assert show.exit_code == 0 and "production history" in show.output
+
+
+_PROMOTE = """
+import sys
+from kdkit.registry import Registry
+reg = Registry(sys.argv[1])
+reg.promote(sys.argv[2])
+"""
+
+_GATE = """
+import sys
+from kdkit.registry import Registry
+reg = Registry(sys.argv[1])
+cand, base = reg.pack(sys.argv[2]), reg.pack(sys.argv[3])
+reg.record_gate(cand.id, base.id, {}, sys.argv[4], ["T/1"], [], 1.0, "test")
+"""
+
+
+@pytest.mark.parametrize("point", ["promote:between", "promote:before_commit"])
+def test_kill_during_promote_leaves_the_old_production(packs, tmp_path, point):
+    dirs, _ = packs
+    ws = tmp_path / "ws"
+    reg = Registry(ws)
+    a, b = reg.register(dirs["prod"], name="a"), reg.register(dirs["good"], name="b")
+    reg.promote(a.id)
+    reg.close()
+    proc = subprocess.run([sys.executable, "-c", _PROMOTE, str(ws), "b"], env={**os.environ, FAULT_ENV: point},
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    reg = Registry(ws)
+    assert reg.production().name == "a" and len(reg.production_history()) == 1
+    proc = subprocess.run([sys.executable, "-c", _PROMOTE, str(ws), "b"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    reg2 = Registry(ws)
+    assert reg2.production().name == "b"
+
+
+@pytest.mark.parametrize("decision", ["KEEP", "REVERT"])
+@pytest.mark.parametrize("point", ["gate:after_insert", "gate:before_commit"])
+def test_kill_during_gate_record_is_all_or_nothing(packs, tmp_path, decision, point):
+    dirs, _ = packs
+    ws = tmp_path / "ws"
+    reg = Registry(ws)
+    a, b = reg.register(dirs["prod"], name="a"), reg.register(dirs["good"], name="b")
+    reg.promote(a.id)
+    reg.close()
+    proc = subprocess.run([sys.executable, "-c", _GATE, str(ws), "b", "a", decision],
+                          env={**os.environ, FAULT_ENV: point}, capture_output=True, text=True)
+    assert proc.returncode == -9
+    reg = Registry(ws)
+    assert reg.gates() == [] and reg.production().name == "a" and reg.pack("b").status == "active"
+
+
+def test_register_is_idempotent_and_survives_source_deletion(packs, tmp_path):
+    import shutil
+
+    dirs, _ = packs
+    reg = Registry(tmp_path / "ws")
+    p1 = reg.register(dirs["prod"])
+    assert reg.register(dirs["prod"]).id == p1.id
+    shutil.rmtree(dirs["prod"])
+    assert (Path(reg.pack(p1.id).path) / "model.safetensors").is_file()
+    with pytest.raises(RegistryError, match="not a Hugging Face model directory"):
+        reg.register(tmp_path)
+    with pytest.raises(RegistryError, match="no pack 'nope'"):
+        reg.pack("nope")
