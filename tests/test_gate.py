@@ -148,7 +148,8 @@ def test_kill_during_promote_leaves_the_old_production(packs, tmp_path, point):
     dirs, _ = packs
     ws = tmp_path / "ws"
     reg = Registry(ws)
-    a, b = reg.register(dirs["prod"], name="a"), reg.register(dirs["good"], name="b")
+    a = reg.register(dirs["prod"], name="a")
+    reg.register(dirs["good"], name="b")
     reg.promote(a.id)
     reg.close()
     proc = subprocess.run([sys.executable, "-c", _PROMOTE, str(ws), "b"], env={**os.environ, FAULT_ENV: point},
@@ -168,7 +169,8 @@ def test_kill_during_gate_record_is_all_or_nothing(packs, tmp_path, decision, po
     dirs, _ = packs
     ws = tmp_path / "ws"
     reg = Registry(ws)
-    a, b = reg.register(dirs["prod"], name="a"), reg.register(dirs["good"], name="b")
+    a = reg.register(dirs["prod"], name="a")
+    reg.register(dirs["good"], name="b")
     reg.promote(a.id)
     reg.close()
     proc = subprocess.run([sys.executable, "-c", _GATE, str(ws), "b", "a", decision],
