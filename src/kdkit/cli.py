@@ -580,5 +580,51 @@ def ladder_cmd(
     console.print(f"wrote {out_dir}/ladder.md, ladder.csv, ladder.png")
 
 
+@app.command("report")
+def report_cmd(
+    path: str = typer.Argument(..., help="A run, demo or ladder directory."),
+    out: str = typer.Option(None, help="HTML file to write (default: PATH/report.html)."),
+) -> None:
+    """Write a self-contained HTML report (plots embedded as PNG): loss curves per step and epoch,
+    per-task pass grids, the ladder table and plot, and the resolved configs."""
+    from kdkit.report import write_report
+
+    try:
+        target = write_report(path, out)
+    except FileNotFoundError as e:
+        fail(str(e))
+    console.print(f"wrote {target}")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: str = typer.Option("demo-out", help="Directory for the world, cache, runs, packs, registry and report."),
+    seed: int = typer.Option(0, help="Seed of the world, the student initialisation and the data order."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Distil the bundled tiny teacher into a smaller student, train the same student without the teacher
+    (same init, data, steps, seed), evaluate all three on anchors and holdout in the sandbox, gate the
+    distilled student against the baseline, and print the table. Minutes on a laptop CPU, no download."""
+    from kdkit.demo.run import DemoSettings, run_demo
+
+    res = run_demo(out, DemoSettings(seed=seed), progress=progress, log=console.print)
+    t = Table(title=f"kdkit demo (seed {seed})")
+    for c in ("model", "parameters", "anchor pass [95%]", "holdout pass", "val loss", "KL to teacher", "wall s"):
+        t.add_column(c)
+    for m in res["models"]:
+        lo, hi = m["anchor_interval"]
+        kl = "—" if m["kl_to_teacher"] is None else f"{m['kl_to_teacher']:.4f}"
+        t.add_row(m["model"], f"{m['parameters']:,}", f"{m['anchor_passed']}/{m['anchor_total']} [{100 * lo:.0f}–"
+                  f"{100 * hi:.0f}%]", f"{m['holdout_passed']}/{m['holdout_total']}", f"{m['val_loss']:.4f}", kl,
+                  f"{m['wall_s']:.1f}")
+    console.print(t)
+    g = res["gate"]
+    console.print(f"gate (distilled vs production = baseline): [bold]{g['decision']}[/] — {g['reason']}")
+    verdict = ("distillation beats the CE-only baseline on holdout" if res["distillation_wins_holdout"] else
+               "distillation does NOT beat the CE-only baseline on holdout this time")
+    console.print(f"{verdict} (Δ = {res['holdout_delta']:+d} tasks). Report: {res['report']}. "
+                  f"Total {res['total_seconds']:.0f} s.")
+
+
 if __name__ == "__main__":
     app()

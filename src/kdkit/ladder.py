@@ -80,7 +80,8 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path, out
         if baseline is None:
             raise RegistryError("there is no production pack yet: `kdkit registry promote MODEL_DIR` first")
         state = {"config": str(Path(config).resolve()), "vary": [[k, v] for k, v in vary],
-                 "baseline_pack": baseline.name, "tasks": str(Path(tasks).resolve())}
+                 "baseline_pack": baseline.name, "tasks": str(Path(tasks).resolve()),
+                 "workspace": str(registry.workspace.resolve())}
         atomic_write_json(state_path, state)
     load_train_config(config)  # fail early on a bad config, before any rung
 
@@ -113,6 +114,9 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path, out
         atomic_write_json(done, rec)
         results.append(rec)
     write_table(out, vary, results)
+    from kdkit.report import write_report
+
+    write_report(out)
     return results
 
 

@@ -1,0 +1,193 @@
+"""``kdkit report``: one self-contained HTML file for a run, a demo or a ladder.
+
+Plots are drawn with matplotlib and embedded as base64 PNG; there are no external
+links, scripts or fonts, so the file opens from disk in any browser.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from kdkit.io import atomic_write_bytes
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1,h2{font-weight:600} table{border-collapse:collapse;margin:1em 0} td,th{border:1px solid #ccc;padding:4px 8px}
+th{background:#f4f4f4} .pass{background:#c8ebc8} .fail{background:#f5c6c6} .grid td{font-size:11px;text-align:center}
+pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px} img{max-width:100%}
+.keep{color:#17741a;font-weight:700} .revert{color:#a11;font-weight:700}
+"""
+
+
+def _jsonl(p: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _img(src: str, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="{src}">'
+
+
+def loss_curves(runs: dict[str, Path]) -> str | None:
+    """Per-step total/CE/KL and per-epoch train/val curves of one or more runs, as a data: URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = {n: (_jsonl(d / "metrics.jsonl"), _jsonl(d / "epochs.jsonl")) for n, d in runs.items()}
+    if not any(m for m, _ in data.values()):
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for name, (steps, epochs) in data.items():
+        xs = [s["step"] for s in steps]
+        axes[0].plot(xs, [s["total_loss"] for s in steps], label=f"{name} total")
+        axes[0].plot(xs, [s["ce_loss"] for s in steps], ls="--", label=f"{name} CE")
+        if any("kl_loss" in s for s in steps):
+            axes[1].plot([s["step"] for s in steps if "kl_loss" in s], [s["kl_loss"] for s in steps if "kl_loss" in s],
+                         label=f"{name} KL")
+        if epochs:
+            ex = [e["step"] for e in epochs]
+            axes[2].plot(ex, [e["train_loss"] for e in epochs], "o-", label=f"{name} train")
+            if all("val_loss" in e for e in epochs):
+                axes[2].plot(ex, [e["val_loss"] for e in epochs], "s--", label=f"{name} val")
+    for ax, t in zip(axes, ("loss per step", "KD divergence per step", "per epoch"), strict=True):
+        ax.set(title=t, xlabel="optimizer step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    b = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{h}</tr>{b}</table>"
+
+
+def pass_grid(title: str, outcomes: dict[str, dict[str, bool]]) -> str:
+    """Models × tasks, green = passed, red = failed."""
+    tasks = sorted({t for o in outcomes.values() for t in o}, key=lambda t: (t.split("/")[0], int(t.split("/")[-1])
+                                                                              if t.split("/")[-1].isdigit() else 0))
+    head = "<th>model</th>" + "".join(f"<th>{html.escape(t.split('/')[-1])}</th>" for t in tasks)
+    body = ""
+    for model, o in outcomes.items():
+        cells = "".join(f'<td class="{"pass" if o.get(t) else "fail"}" title="{html.escape(t)}">'
+                        f'{"✓" if o.get(t) else "✗"}</td>' for t in tasks)
+        body += f"<tr><td>{html.escape(model)}</td>{cells}</tr>"
+    return f"<h3>{html.escape(title)}</h3><table class='grid'><tr>{head}</tr>{body}</table>"
+
+
+def _config_block(run: Path) -> str:
+    p = run / "config.yaml"
+    return f"<details><summary>resolved config: {html.escape(str(run))}</summary><pre>{html.escape(p.read_text())}</pre>" \
+           f"</details>" if p.is_file() else ""
+
+
+def _demo_body(d: Path) -> str:
+    s = json.loads((d / "demo.json").read_text())
+    rows = []
+    for m in s["models"]:
+        lo, hi = m["anchor_interval"]
+        kl = "—" if m["kl_to_teacher"] is None else f"{m['kl_to_teacher']:.4f}"
+        rows.append([m["model"], f"{m['parameters']:,}", f"{m['anchor_passed']}/{m['anchor_total']} "
+                     f"[{100 * lo:.0f}–{100 * hi:.0f}%]", f"{m['holdout_passed']}/{m['holdout_total']}",
+                     f"{m['val_loss']:.4f}", kl, f"{m['wall_s']:.1f}"])
+    g = s["gate"]
+    verdict = ("distillation WINS on holdout" if s["distillation_wins_holdout"] else
+               "distillation does NOT beat the baseline on holdout")
+    parts = [f"<h1>kdkit demo</h1><p>{html.escape(verdict)} (Δ holdout = {s['holdout_delta']:+d}, "
+             f"Δ anchors = {s['anchor_delta']:+d}); total {s['total_seconds']:.0f} s.</p>",
+             _table(["model", "parameters", "anchor pass [95%]", "holdout pass", "val loss", "KL to teacher",
+                     "train wall s"], rows),
+             f"<p>Gate (distilled vs production = baseline): <span class='{g['decision'].lower()}'>{g['decision']}"
+             f"</span> — {html.escape(g['reason'])}</p>"]
+    curves = loss_curves({n: d / "runs" / n for n in ("distilled", "baseline")})
+    if curves:
+        parts.append("<h2>Training curves</h2>" + _img(curves, "loss curves"))
+    parts.append(pass_grid("Anchors", {m["model"]: m["anchor_outcomes"] for m in s["models"]}))
+    parts.append(pass_grid("Holdout", {m["model"]: m["holdout_outcomes"] for m in s["models"]}))
+    parts += [_config_block(d / "runs" / n) for n in ("distilled", "baseline")]
+    return "".join(parts)
+
+
+def _ladder_body(d: Path) -> str:
+    parts = [f"<h1>kdkit ladder {html.escape(d.name)}</h1>"]
+    md = (d / "ladder.md").read_text() if (d / "ladder.md").is_file() else ""
+    lines = [ln.strip().strip("|").split("|") for ln in md.splitlines() if ln.strip() and not ln.startswith("|---")]
+    if lines:
+        parts.append(_table([c.strip() for c in lines[0]], [[c.strip() for c in r] for r in lines[1:]]))
+    if (d / "ladder.png").is_file():
+        parts.append(_img("data:image/png;base64," + base64.b64encode((d / "ladder.png").read_bytes()).decode(),
+                          "ladder plot"))
+    rung_runs = {p.parent.name: p for p in sorted(d.glob("rung-*/run")) if (p / "metrics.jsonl").is_file()}
+    curves = loss_curves(rung_runs)
+    if curves:
+        parts.append("<h2>Training curves</h2>" + _img(curves, "loss curves"))
+    outcomes = {}
+    for f in sorted((d / "rungs").glob("*.json")):
+        r = json.loads(f.read_text())
+        if r.get("status") == "done" and r.get("pack"):
+            outcomes[f"rung {r['rung']} {r['values']}"] = _rung_outcomes(d, r)
+    if any(outcomes.values()):
+        parts.append(pass_grid("Anchors per rung", outcomes))
+    parts += [_config_block(p) for p in rung_runs.values()]
+    return "".join(parts)
+
+
+def _rung_outcomes(d: Path, r: dict[str, Any]) -> dict[str, bool]:
+    reg_dir = Path(json.loads((d / "ladder.json").read_text()).get("workspace", ".kdkit"))
+    try:
+        from kdkit.registry import Registry
+
+        reg = Registry(reg_dir)
+        ev = reg.evaluations(reg.pack(r["pack"]).id)
+        return ev[-1]["outcomes"] if ev else {}
+    except Exception:
+        return {}
+
+
+def _run_body(d: Path) -> str:
+    parts = [f"<h1>kdkit run {html.escape(str(d))}</h1>"]
+    epochs = _jsonl(d / "epochs.jsonl")
+    if epochs:
+        keys = [k for k in ("epoch", "step", "train_loss", "val_loss", "ce_loss", "kl_loss", "val_kl", "barrier")
+                if k in epochs[0]]
+        parts.append(_table(keys, [[f"{e[k]:.4f}" if isinstance(e[k], float) else str(e[k]) for k in keys]
+                                   for e in epochs]))
+    curves = loss_curves({d.name: d})
+    if curves:
+        parts.append(_img(curves, "loss curves"))
+    parts.append(_config_block(d))
+    return "".join(parts)
+
+
+def write_report(path: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.html`` for a demo dir (demo.json), a ladder dir (ladder.json) or a run dir (metrics.jsonl)."""
+    d = Path(path)
+    if (d / "demo.json").is_file():
+        body, title = _demo_body(d), "kdkit demo"
+    elif (d / "ladder.json").is_file():
+        body, title = _ladder_body(d), "kdkit ladder"
+    elif (d / "metrics.jsonl").is_file():
+        body, title = _run_body(d), "kdkit run"
+    else:
+        raise FileNotFoundError(f"{d}: not a demo, ladder or run directory (no demo.json, ladder.json or metrics.jsonl)")
+    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{CSS}</style></head>"
+           f"<body>{body}</body></html>")
+    target = Path(out) if out else d / "report.html"
+    atomic_write_bytes(target, doc.encode())
+    return target
