@@ -94,13 +94,16 @@ def _render(spec: Spec) -> dict[str, Any]:
     return {"doc": doc, "expr": expr, "arg": arg, "inputs": inputs}
 
 
-def _task(task_id: str, name: str, spec: Spec) -> dict[str, Any]:
+def _task(task_id: str, name: str, spec: Spec) -> dict[str, Any] | None:
     r = _render(spec)
     prompt = f'def {name}({r["arg"]}):\n    """{r["doc"]}"""\n'
     body = f"    return {r['expr']}\n"
     fn: dict[str, Any] = {}
     exec(f"def {name}({r['arg']}):\n{body}", fn)  # our own generated code, to compute expected outputs
-    asserts = "".join(f"    assert candidate({x!r}) == {fn[name](x)!r}\n" for x in r["inputs"])
+    outputs = [fn[name](x) for x in r["inputs"]]
+    if len({repr(o) for o in outputs}) == 1:
+        return None  # a constant function: its test could not tell a right answer from a guess
+    asserts = "".join(f"    assert candidate({x!r}) == {o!r}\n" for x, o in zip(r["inputs"], outputs, strict=True))
     return {"task_id": task_id, "prompt": prompt, "entry_point": name,
             "test": f"def check(candidate):\n{asserts}", "canonical_solution": body}
 
@@ -154,6 +157,8 @@ def make_world(seed: int = 0, n_train: int = 3000, n_anchors: int = 30, n_holdou
                 continue  # a constant-free op exists once; as an anchor it would never be trained on
             name = f"{rng.choice(NAMES)}_{rng.randint(10, 99)}"
             t = _task(f"{prefix}/{len(out)}", name, spec)
+            if t is None:
+                continue
             sig = t["prompt"].split("\n", 1)[1]  # the docstring: identical specs are one task
             if sig in seen:
                 continue
