@@ -199,3 +199,35 @@ def test_runtime_errors():
         compute_objective(s, torch.full((B, T), V), ObjectiveConfig())
     with pytest.raises(ValueError, match="must be >= 0"):
         StepDenominator(-1.0)
+
+
+@pytest.mark.parametrize("teacher_kind", ["topk", "dense", None])
+def test_chunked_objective_equals_dense_objective(teacher_kind):
+    from kdkit.objective import compute_objective_chunked
+
+    g = torch.Generator().manual_seed(12)
+    hidden = torch.randn(B, T, 16, generator=g)
+    head_w = torch.randn(V, 16, generator=g) * 0.5
+    _, t, y = _batch(12)
+    teacher = None
+    if teacher_kind == "topk":
+        vals, ids = torch.log_softmax(t, -1).topk(6, -1)
+        teacher = TopK(ids, vals)
+    elif teacher_kind == "dense":
+        teacher = t
+    cfg = ObjectiveConfig(ce_coef=0.8, kd_weight=0.6, ce_norm="sqrt_row", chunk_size=5, task_weights={"b": 3.0},
+                          roles={"new": RoleTerms(kd=False)}, kd=DivergenceConfig(kind="kl_rev", temperature=2.0))
+    kw = {"roles": ["anchor", "new", "anchor", "anchor"], "tasks": ["a", "b", "b", "c"],
+          "row_weights": torch.tensor([1.0, 2.0, 0.5, 1.0]), "denom": StepDenominator(31.0)}
+    h1, w1 = hidden.clone().requires_grad_(True), head_w.clone().requires_grad_(True)
+    dense = compute_objective(h1 @ w1.t(), y, cfg, teacher=teacher, **kw)
+    dense.loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(True), head_w.clone().requires_grad_(True)
+    chunk = compute_objective_chunked(h2, w2, y, cfg, teacher=teacher, **kw)
+    chunk.loss.backward()
+    assert float(chunk.loss) == pytest.approx(float(dense.loss), rel=1e-5)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-4, atol=1e-6)
+    for key in ("ce_loss", "kl_loss", "top1_agree", "tail_mass", "tokens", "kd_tokens"):
+        if key in dense.metrics:
+            assert chunk.metrics[key] == pytest.approx(dense.metrics[key], rel=1e-5), key

@@ -245,3 +245,15 @@ def test_cli_train_end_to_end(world, tmp_path):
     again = subprocess.run([sys.executable, "-m", "kdkit", "train", str(cfg), "--out", str(tmp_path / "cli"),
                             "--no-progress"], capture_output=True, text=True)
     assert again.returncode == 1 and "not empty" in again.stderr
+
+
+def test_chunked_loss_path_trains_like_the_dense_path(world, tmp_path):
+    dense = _run(_cfg(world, tmp_path, objective={"kd_weight": 1.0, "chunk_size": 0}), tmp_path / "dense")
+    chunk = _run(_cfg(world, tmp_path, objective={"kd_weight": 1.0, "chunk_size": 7}), tmp_path / "chunk")
+    a, b = _jsonl(Path(dense["run_dir"]) / "metrics.jsonl"), _jsonl(Path(chunk["run_dir"]) / "metrics.jsonl")
+    for x, y in zip(a, b, strict=True):
+        for k in ("total_loss", "ce_loss", "kl_loss", "top1_agree", "tail_mass"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+    fa, fb = _final(Path(dense["run_dir"])), _final(Path(chunk["run_dir"]))
+    for k in fa:
+        torch.testing.assert_close(fa[k], fb[k], rtol=1e-3, atol=1e-6)

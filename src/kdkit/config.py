@@ -87,7 +87,10 @@ class ObjectiveConfig(_Strict):
         description="per-role terms; a role not listed gets every term (rows without a role have role 'default')",
     )
     barrier: BarrierConfig | None = None
-    chunk_size: int = Field(0, ge=0, description="tokens per chunk for the memory-lean loss; 0 = dense")
+    chunk_size: int = Field(
+        1024, ge=0,
+        description="target tokens per chunk of the memory-lean loss (at most chunk × V logits at once); 0 = dense path",
+    )
 
     @field_validator("ce_norm")
     @classmethod

@@ -82,6 +82,44 @@ def _row_vector(values: list[str] | None, n: int, default: str, what: str) -> li
     return [v if v else default for v in values]
 
 
+@dataclass
+class _Coefficients:
+    valid: Tensor
+    n_valid: int
+    tok_w: Tensor
+    rw: Tensor
+    ce_on: Tensor
+    kd_on: Tensor
+    task_w: Tensor
+    bar_on: Tensor
+    local: float
+    inv: float
+
+
+def _coefficients(targets: Tensor, cfg: ObjectiveConfig, roles: list[str] | None, tasks: list[str] | None,
+                  row_weights: Tensor | None, denom: StepDenominator | None, device: torch.device) -> _Coefficients:
+    """Per-row switches and per-token weights shared by the dense and the chunked paths."""
+    bsz = targets.shape[0]
+    role_list = _row_vector(roles, bsz, DEFAULT_ROLE, "roles")
+    task_list = _row_vector(tasks, bsz, "", "tasks")
+    rw = torch.ones(bsz, device=device) if row_weights is None else row_weights.float().to(device)
+    if rw.shape != (bsz,):
+        raise ValueError(f"row_weights shape {tuple(rw.shape)} != ({bsz},)")
+    terms = [cfg.terms_for(r) for r in role_list]
+    valid = targets != IGNORE_INDEX
+    tok_w = token_weights(targets, cfg.ce_norm)
+    local = float(tok_w.sum())
+    norm = local if denom is None else denom.tokens
+    return _Coefficients(
+        valid=valid, n_valid=int(valid.sum()), tok_w=tok_w, rw=rw,
+        ce_on=torch.tensor([t.ce for t in terms], dtype=torch.float32, device=device),
+        kd_on=torch.tensor([t.kd for t in terms], dtype=torch.float32, device=device),
+        task_w=torch.tensor([cfg.task_weights.get(t, 1.0) for t in task_list], dtype=torch.float32, device=device),
+        bar_on=torch.tensor([t.barrier for t in terms], dtype=torch.bool, device=device),
+        local=local, inv=1.0 / norm if norm > 0 else 0.0,
+    )
+
+
 def compute_objective(
     student_logits: Tensor,
     targets: Tensor,
@@ -126,24 +164,9 @@ def compute_objective(
     if valid_t.any() and (int(targets[valid_t].min()) < 0 or int(targets[valid_t].max()) >= vocab):
         raise ValueError(f"target ids out of range [0, {vocab})")
 
-    role_list = _row_vector(roles, bsz, DEFAULT_ROLE, "roles")
-    task_list = _row_vector(tasks, bsz, "", "tasks")
-    device = student_logits.device
-    rw = torch.ones(bsz, device=device) if row_weights is None else row_weights.float().to(device)
-    if rw.shape != (bsz,):
-        raise ValueError(f"row_weights shape {tuple(rw.shape)} != ({bsz},)")
-
-    terms = [cfg.terms_for(r) for r in role_list]
-    ce_on = torch.tensor([t.ce for t in terms], dtype=torch.float32, device=device)
-    kd_on = torch.tensor([t.kd for t in terms], dtype=torch.float32, device=device)
-    bar_on = torch.tensor([t.barrier for t in terms], dtype=torch.bool, device=device)
-    task_w = torch.tensor([cfg.task_weights.get(t, 1.0) for t in task_list], dtype=torch.float32, device=device)
-
-    tok_w = token_weights(targets, cfg.ce_norm)  # [B, T]
-    local = float(tok_w.sum())
-    norm = local if denom is None else denom.tokens
-    inv = 1.0 / norm if norm > 0 else 0.0
-    n_valid = int(valid_t.sum())
+    co = _coefficients(targets, cfg, roles, tasks, row_weights, denom, student_logits.device)
+    inv, local, valid_t, n_valid = co.inv, co.local, co.valid, co.n_valid
+    tok_w, rw, ce_on, kd_on, task_w, bar_on = co.tok_w, co.rw, co.ce_on, co.kd_on, co.task_w, co.bar_on
 
     logits32 = student_logits.float()
     safe_targets = torch.where(valid_t, targets, torch.zeros_like(targets))
@@ -207,3 +230,57 @@ def _teacher_stats(logits32: Tensor, teacher: Tensor | TopK, mask: Tensor) -> di
         out = {}
     out["top1_agree"] = float((s_top == t_top)[mask].float().mean())
     return out
+
+
+def compute_objective_chunked(
+    hidden: Tensor,
+    head_weight: Tensor,
+    targets: Tensor,
+    cfg: ObjectiveConfig,
+    *,
+    head_bias: Tensor | None = None,
+    teacher: Tensor | TopK | None = None,
+    roles: list[str] | None = None,
+    tasks: list[str] | None = None,
+    row_weights: Tensor | None = None,
+    denom: StepDenominator | None = None,
+) -> ObjectiveOutput:
+    """:func:`compute_objective` (without the barrier) from final hidden states [B, T, H] and the LM head,
+    never holding more than ``cfg.chunk_size`` × V logits. Only target positions are computed at all."""
+    from kdkit.chunked import KDSpec, chunked_ce_kd
+
+    if cfg.barrier is not None:
+        raise ValueError("the chunked path has no barrier; use chunk_size: 0 with a barrier")
+    if cfg.chunk_size < 1:
+        raise ValueError("objective.chunk_size must be >= 1 for the chunked path")
+    bsz, seq, _ = hidden.shape
+    if targets.shape != (bsz, seq):
+        raise ValueError(f"targets shape {tuple(targets.shape)} != hidden leading shape {(bsz, seq)}")
+    vocab = head_weight.shape[0]
+    valid_t = targets != IGNORE_INDEX
+    if valid_t.any() and (int(targets[valid_t].min()) < 0 or int(targets[valid_t].max()) >= vocab):
+        raise ValueError(f"target ids out of range [0, {vocab})")
+    co = _coefficients(targets, cfg, roles, tasks, row_weights, denom, hidden.device)
+    sel = co.valid
+    ce_w = (co.tok_w * (co.rw * co.ce_on)[:, None])[sel] * (cfg.ce_coef * co.inv)
+    kd_row = co.rw * co.task_w * co.kd_on
+    use_kd = teacher is not None and cfg.kd_weight > 0.0
+    kd_w = (co.tok_w * kd_row[:, None])[sel] * (cfg.kd_weight * co.inv) if use_kd else None
+    t_sel: Tensor | TopK | None = None
+    if use_kd:
+        t_sel = TopK(teacher.ids[sel], teacher.logprobs[sel]) if isinstance(teacher, TopK) else teacher[sel]
+    k = cfg.kd
+    spec = KDSpec(kind=k.kind, temperature=k.temperature, t2_scale=k.t2_scale, beta=k.beta, alpha=k.alpha, tail=k.tail)
+    loss, st = chunked_ce_kd(hidden[sel], head_weight, targets[sel], bias=head_bias, teacher=t_sel, ce_weights=ce_w,
+                             kd_weights=kd_w, spec=spec, chunk_size=cfg.chunk_size)
+    metrics = {"tokens": float(co.n_valid), "ce_loss": st.ce_sum / max(co.n_valid, 1)}
+    if use_kd:
+        n_kd = int((co.valid & (co.kd_on[:, None] > 0)).sum())
+        # the chunked kernel sums the divergence over every position with a nonzero KD weight
+        metrics.update(kl_loss=st.kd_sum / max(n_kd, 1), kd_tokens=float(n_kd))
+        if n_kd:
+            metrics["top1_agree"] = st.top1_agree / n_kd
+            if isinstance(teacher, TopK):
+                metrics["tail_mass"] = st.tail_sum / n_kd
+    metrics["total_loss"] = _f(loss)
+    return ObjectiveOutput(loss=loss, metrics=metrics)

@@ -41,7 +41,13 @@ from kdkit.models import (
     sha256_file,
     tokenizer_fingerprint,
 )
-from kdkit.objective import ObjectiveOutput, StepDenominator, compute_objective, token_weights
+from kdkit.objective import (
+    ObjectiveOutput,
+    StepDenominator,
+    compute_objective,
+    compute_objective_chunked,
+    token_weights,
+)
 
 GradHook = Callable[[torch.nn.Module, int], dict[str, float] | None]
 """Called after backward and before clipping, once per optimizer step: the place for
@@ -361,12 +367,43 @@ def _empty_batch(rows: list[kdata.TokenizedRow], pad_id: int) -> kdata.Batch:
     return b
 
 
-def _forward_loss(model, batch, rows, cfg, src, denom, real_vocab, device) -> ObjectiveOutput:
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    logits = mask_padded_vocab(logits, real_vocab)
+def use_chunked(cfg: TrainConfig, model: torch.nn.Module) -> str | None:
+    """Why the memory-lean chunked loss cannot be used for this run (None: it can)."""
+    if cfg.objective.chunk_size == 0:
+        return "objective.chunk_size is 0"
+    if cfg.objective.barrier is not None:
+        return "the barrier needs full logits"
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return f"the LM head is a {type(head).__name__} (e.g. LoRA on lm_head), not a plain Linear"
+    return None
+
+
+def _head(model: torch.nn.Module) -> torch.nn.Linear:
+    inner = model.module if hasattr(model, "module") else model  # DDP
+    return inner.get_output_embeddings()
+
+
+def _forward_loss(model, batch, rows, cfg, src, denom, real_vocab, device, chunked: bool) -> ObjectiveOutput:
     teacher, reference = _signals(batch, rows, model, src, device)
     if teacher is not None and not isinstance(teacher, TopK):
         teacher = mask_padded_vocab(teacher, real_vocab)
+    if chunked:
+        # Only the last position's logits are materialised by the model; the loss is computed from the
+        # final hidden states, chunk by chunk. Padded embedding rows are dropped from the head.
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
+                    logits_to_keep=1)
+        hidden = out.hidden_states[-1]
+        head = _head(model)
+        if not torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(), rtol=1e-3, atol=1e-3,
+                              equal_nan=True):
+            raise TrainingError("this model's last hidden state is not the LM head's input; set objective.chunk_size: 0")
+        bias = None if head.bias is None else head.bias[:real_vocab]
+        return compute_objective_chunked(hidden[:, :-1], head.weight[:real_vocab], batch.targets, cfg.objective,
+                                         head_bias=bias, teacher=teacher, roles=batch.roles, tasks=batch.tasks,
+                                         row_weights=batch.weights, denom=denom)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    logits = mask_padded_vocab(logits, real_vocab)
     return compute_objective(logits, batch.targets, cfg.objective, teacher=teacher, reference=reference,
                              roles=batch.roles, tasks=batch.tasks, row_weights=batch.weights, denom=denom)
 
@@ -457,6 +494,9 @@ def train(
     steps_per_epoch = math.ceil(len(rows) / global_batch)
     total_steps = min(o.max_steps or 10**12, o.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.schedule, o.warmup_steps, total_steps))
+    why_not = use_chunked(cfg, model)
+    if why_not and cfg.objective.chunk_size:
+        log(f"note: using the dense loss path ({why_not})")
     model, opt = acc.prepare(model, opt)
 
     manifest_sha = (sha256_file(Path(cfg.teacher.cache) / "manifest.json")
@@ -513,7 +553,7 @@ def train(
                     # Sync gradients across ranks only on the last micro-step: earlier ones accumulate locally.
                     ctx = acc.no_sync(model) if j < len(batches) - 1 else _nullcontext()
                     with ctx:
-                        out = _forward_loss(model, b, rows, cfg, src, denom, real_vocab, device)
+                        out = _forward_loss(model, b, rows, cfg, src, denom, real_vocab, device, why_not is None)
                         if not torch.isfinite(out.loss):
                             raise TrainingError(
                                 f"non-finite loss ({float(out.loss.detach())}) at step {step + 1}, micro-batch {j}; "

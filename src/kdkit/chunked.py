@@ -1,0 +1,161 @@
+"""Memory-lean CE + KD straight from hidden states: at most ``chunk × V`` float32 logits at a time.
+
+A naive KD loss materialises ``[N, V]`` float32 logits for the student (and the
+teacher), their softmaxes and their gradients. Here the LM head is applied to
+``chunk`` positions at a time; for each chunk the loss and its gradient with
+respect to the chunk's logits are computed (with the same ``token_divergence``
+body as the dense path), and immediately folded into the gradients of the hidden
+states and of the LM-head weight. ``backward`` only scales those by the incoming
+gradient. Values and gradients equal the dense path up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kdkit.losses import TopK, token_divergence
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class KDSpec:
+    kind: str = "kl_fwd"
+    temperature: float = 1.0
+    t2_scale: bool = True
+    beta: float = 0.5
+    alpha: float = 0.1
+    tail: str = "bucket"
+
+
+@dataclass
+class ChunkStats:
+    """Sums over the positions, for metrics (not differentiable)."""
+
+    ce_sum: float = 0.0
+    kd_sum: float = 0.0
+    top1_agree: float = 0.0
+    tail_sum: float = 0.0
+
+
+def _slice_teacher(teacher: Tensor | TopK | None, lo: int, hi: int) -> Tensor | TopK | None:
+    if teacher is None:
+        return None
+    if isinstance(teacher, TopK):
+        return TopK(teacher.ids[lo:hi], teacher.logprobs[lo:hi])
+    return teacher[lo:hi]
+
+
+def _chunk_loss(logits: Tensor, targets: Tensor, teacher: Tensor | TopK | None, ce_w: Tensor, kd_w: Tensor,
+                spec: KDSpec, stats: ChunkStats) -> Tensor:
+    valid = targets != IGNORE_INDEX
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    ce = torch.nn.functional.cross_entropy(logits, safe, reduction="none")
+    ce = torch.where(valid, ce, torch.zeros_like(ce))
+    loss = (ce * ce_w).sum()
+    stats.ce_sum += float(ce.detach().sum())
+    if teacher is not None:
+        div = token_divergence(logits, teacher, spec.kind, temperature=spec.temperature, t2_scale=spec.t2_scale,
+                               beta=spec.beta, alpha=spec.alpha, tail=spec.tail)
+        kd_mask = valid & (kd_w != 0)
+        div = torch.where(kd_mask, div, torch.zeros_like(div))
+        loss = loss + (div * kd_w).sum()
+        stats.kd_sum += float(div.detach().sum())
+        with torch.no_grad():
+            s_top = logits.argmax(-1)
+            if isinstance(teacher, TopK):
+                best = teacher.logprobs.float().argmax(-1, keepdim=True)
+                t_top = torch.gather(teacher.ids.long(), -1, best).squeeze(-1)
+                stats.tail_sum += float(torch.exp(teacher.tail_logmass())[kd_mask].sum())
+            else:
+                t_top = teacher.float().argmax(-1)
+            stats.top1_agree += float((s_top == t_top)[kd_mask].sum())
+    return loss
+
+
+class _ChunkedCEKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, teacher_a, teacher_b, ce_w, kd_w, spec, chunk, stats):
+        teacher = None if teacher_a is None else (TopK(teacher_a, teacher_b) if teacher_b is not None else teacher_a)
+        n = hidden.shape[0]
+        grad_h = torch.zeros_like(hidden, dtype=torch.float32)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and bias.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        w32 = weight.float()
+        b32 = bias.float() if bias is not None else None
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            h = hidden[lo:hi].float()
+            with torch.enable_grad():
+                logits = h @ w32.t()
+                if b32 is not None:
+                    logits = logits + b32
+                logits = logits.detach().requires_grad_(True)
+                loss = _chunk_loss(logits, targets[lo:hi], _slice_teacher(teacher, lo, hi), ce_w[lo:hi],
+                                   kd_w[lo:hi], spec, stats)
+                (g,) = torch.autograd.grad(loss, logits)
+            total += loss.detach()
+            grad_h[lo:hi] = g @ w32
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), h)
+            if grad_b is not None:
+                grad_b += g.sum(0)
+        ctx.save_for_backward(grad_h, *(t for t in (grad_w, grad_b) if t is not None))
+        ctx.has_w, ctx.has_b = grad_w is not None, grad_b is not None
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        grad_h = saved.pop(0) * grad_out
+        grad_w = saved.pop(0) * grad_out if ctx.has_w else None
+        grad_b = saved.pop(0) * grad_out if ctx.has_b else None
+        hd, wd, bd = ctx.dtypes
+        return (grad_h.to(hd), None if grad_w is None else grad_w.to(wd), None if grad_b is None else grad_b.to(bd),
+                None, None, None, None, None, None, None, None)
+
+
+def chunked_ce_kd(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    teacher: Tensor | TopK | None = None,
+    ce_weights: Tensor,
+    kd_weights: Tensor | None = None,
+    spec: KDSpec = KDSpec(),
+    chunk_size: int = 1024,
+) -> tuple[Tensor, ChunkStats]:
+    """Σ_n ce_w[n]·CE[n] + Σ_n kd_w[n]·KD[n] from hidden states, ``chunk_size`` positions at a time.
+
+    Args:
+        hidden: Tensor[N, H] final hidden states (after the final norm), any float dtype.
+        weight: Tensor[V, H] LM-head weight; ``bias``: Tensor[V] or None.
+        targets: LongTensor[N], ``-100`` where there is no loss.
+        teacher: TopK[N, K] (every kind) or dense logits Tensor[N, V] (kl_fwd, kl_rev, jsd), or None.
+        ce_weights, kd_weights: float32 Tensor[N] per-token coefficients (normalisation included).
+        spec: the divergence settings. chunk_size: positions per chunk.
+
+    Returns:
+        (float32 scalar loss with gradients for ``hidden``, ``weight`` and ``bias``, ChunkStats).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    n = hidden.shape[0]
+    if targets.shape != (n,) or ce_weights.shape != (n,):
+        raise ValueError("targets and ce_weights must be [N]")
+    if teacher is not None and not isinstance(teacher, TopK) and spec.kind not in ("kl_fwd", "kl_rev", "jsd"):
+        raise ValueError(f"the chunked path takes a dense teacher only for kl_fwd, kl_rev, jsd (got {spec.kind})")
+    kd_w = torch.zeros(n, device=hidden.device) if kd_weights is None else kd_weights.float()
+    stats = ChunkStats()
+    ta, tb = (teacher.ids, teacher.logprobs) if isinstance(teacher, TopK) else (teacher, None)
+    loss = _ChunkedCEKD.apply(hidden, weight, bias, targets, ta, tb, ce_weights.float(), kd_w, spec, chunk_size, stats)
+    return loss, stats

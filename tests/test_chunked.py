@@ -1,0 +1,103 @@
+"""The chunked CE + KD path equals the dense path: values and gradients (hidden, weight, bias)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdkit.chunked import IGNORE_INDEX, KDSpec, chunked_ce_kd
+from kdkit.losses import KINDS, TAIL_POLICIES, TopK, token_divergence
+
+N, H, V, K = 37, 24, 97, 9
+
+
+def _inputs(seed, dtype=torch.float32, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * 0.3).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.1).to(dtype) if bias else None
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[torch.rand(N, generator=g) < 0.25] = IGNORE_INDEX
+    t_logits = torch.randn(N, V, generator=g) * 2
+    ce_w = torch.rand(N, generator=g)
+    kd_w = torch.rand(N, generator=g) * 2
+    return hidden, weight, b, targets, t_logits, ce_w, kd_w
+
+
+def _topk(t_logits, temperature):
+    vals, ids = torch.log_softmax(t_logits / temperature, -1).topk(K, -1)
+    return TopK(ids, vals)
+
+
+def _dense(hidden, weight, bias, targets, teacher, ce_w, kd_w, spec):
+    logits = hidden.float() @ weight.float().t()
+    if bias is not None:
+        logits = logits + bias.float()
+    valid = targets != IGNORE_INDEX
+    ce = torch.nn.functional.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+    loss = (torch.where(valid, ce, torch.zeros_like(ce)) * ce_w).sum()
+    if teacher is not None:
+        div = token_divergence(logits, teacher, spec.kind, temperature=spec.temperature, beta=spec.beta,
+                               alpha=spec.alpha, tail=spec.tail)
+        loss = loss + (torch.where(valid, div, torch.zeros_like(div)) * kd_w).sum()
+    return loss
+
+
+def _both(seed, teacher_kind, spec, chunk, dtype=torch.float32, grad_out=1.7):
+    hidden, weight, bias, targets, t_logits, ce_w, kd_w = _inputs(seed, dtype)
+    teacher = None if teacher_kind is None else (_topk(t_logits, spec.temperature) if teacher_kind == "topk" else t_logits)
+    out = []
+    for fn in ("chunked", "dense"):
+        h, w, b = (x.detach().clone().requires_grad_(True) for x in (hidden, weight, bias))
+        if fn == "chunked":
+            loss, _ = chunked_ce_kd(h, w, targets, bias=b, teacher=teacher, ce_weights=ce_w, kd_weights=kd_w, spec=spec,
+                                    chunk_size=chunk)
+        else:
+            loss = _dense(h, w, b, targets, teacher, ce_w, kd_w, spec)
+        (loss * grad_out).backward()
+        out.append((loss.detach(), h.grad, w.grad, b.grad))
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 16, 37, 64])
+@pytest.mark.parametrize("tail", TAIL_POLICIES)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_topk_every_kind_equals_dense(kind, tail, chunk):
+    spec = KDSpec(kind=kind, temperature=2.0, beta=0.3, alpha=0.2, tail=tail)
+    (lc, hc, wc, bc), (ld, hd, wd, bd) = _both(1, "topk", spec, chunk)
+    torch.testing.assert_close(lc, ld, rtol=1e-5, atol=1e-5)
+    for a, b in ((hc, hd), (wc, wd), (bc, bd)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
+@pytest.mark.parametrize("kind", ["kl_fwd", "kl_rev", "jsd"])
+def test_dense_teacher_equals_dense(kind, temperature):
+    spec = KDSpec(kind=kind, temperature=temperature, beta=0.5)
+    (lc, hc, wc, bc), (ld, hd, wd, bd) = _both(2, "dense", spec, 10)
+    torch.testing.assert_close(lc, ld, rtol=1e-5, atol=1e-5)
+    for a, b in ((hc, hd), (wc, wd), (bc, bd)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_ce_only_and_bf16_inputs():
+    (lc, hc, wc, _), (ld, hd, wd, _) = _both(3, None, KDSpec(), 7)
+    torch.testing.assert_close(lc, ld, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hc, hd, rtol=1e-4, atol=1e-6)
+    (lc, hc, wc, bc), (ld, hd, wd, bd) = _both(4, "topk", KDSpec(kind="kl_rev"), 12, dtype=torch.bfloat16)
+    assert hc.dtype == torch.bfloat16 and torch.isfinite(lc)
+    torch.testing.assert_close(lc, ld, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hc.float(), hd.float(), rtol=2e-2, atol=1e-3)
+
+
+def test_fully_masked_gives_zero_and_errors():
+    hidden, weight, bias, targets, t_logits, ce_w, kd_w = _inputs(5)
+    h = hidden.clone().requires_grad_(True)
+    loss, stats = chunked_ce_kd(h, weight, torch.full((N,), IGNORE_INDEX), teacher=_topk(t_logits, 1.0), ce_weights=ce_w,
+                                kd_weights=kd_w, chunk_size=8)
+    loss.backward()
+    assert float(loss) == 0.0 and torch.equal(h.grad, torch.zeros_like(h)) and stats.ce_sum == 0.0
+    with pytest.raises(ValueError, match="dense teacher only"):
+        chunked_ce_kd(hidden, weight, targets, teacher=t_logits, ce_weights=ce_w, spec=KDSpec(kind="tvd"))
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_ce_kd(hidden, weight, targets, ce_weights=ce_w, chunk_size=0)
