@@ -35,7 +35,9 @@ def main() -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        paths = write_world(make_world(args.seed), tmp / "world")
+        world = make_world(args.seed)
+        n_train = len(world.train)
+        paths = write_world(world, tmp / "world")
         init = fresh_model_dir(tmp / "init", TEACHER_SHAPE, seed=args.seed)
         cfg = {
             "student": {"path": str(init)},
@@ -74,7 +76,7 @@ docstrings: the teacher of the bundled tiny world (`kdkit demo`).
 |---|---|
 | parameters | {n_params:,} |
 | shape | hidden {TEACHER_SHAPE['hidden']}, layers {TEACHER_SHAPE['layers']}, heads {TEACHER_SHAPE['heads']}, vocab 101 (printable ASCII) |
-| data | `kdkit.demo.world.make_world(seed={args.seed})` train split: 3000 tasks |
+| data | `kdkit.demo.world.make_world(seed={args.seed})` train split: {n_train} tasks |
 | training | `kdkit train`, plain SFT, {args.epochs} epochs, lr {args.lr}, batch 32, seed {args.seed} |
 | final train loss | {epochs[-1]['train_loss']:.4f} |
 | anchors (greedy) | {rates['anchors'].line()} |

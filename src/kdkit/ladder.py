@@ -167,8 +167,8 @@ def _plot(out: Path, vary: list[tuple[str, list[Any]]], results: list[dict[str, 
         labels = [", ".join(f"{v}" for v in r["values"].values()) for r in done]
         pos = list(range(len(done))) if len(vary) > 1 or not all(isinstance(x, int | float) for x in xs) else xs
         rate = [r["passed"] / max(r["n_tasks"], 1) for r in done]
-        err_lo = [p - r["interval"][0] for p, r in zip(rate, done, strict=True)]
-        err_hi = [r["interval"][1] - p for p, r in zip(rate, done, strict=True)]
+        err_lo = [max(0.0, p - r["interval"][0]) for p, r in zip(rate, done, strict=True)]
+        err_hi = [max(0.0, r["interval"][1] - p) for p, r in zip(rate, done, strict=True)]
         ax1.errorbar(pos, rate, yerr=[err_lo, err_hi], fmt="o-", capsize=4, label="candidate")
         base = done[0]["baseline_passed"] / max(done[0]["n_tasks"], 1)
         ax1.axhline(base, color="grey", ls="--", label="baseline")

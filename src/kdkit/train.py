@@ -580,6 +580,7 @@ def train(
                 summary = step_sums.summary(per_step_total=True)
                 if acc.is_main_process and (step % cfg.logging.every == 0 or step == total_steps):
                     row = {"step": step, "epoch": epoch, "lr": lr_now, "grad_norm": gnorm,
+                           "tokens": step_sums.v["tok"], "step_time_s": dt,
                            "tokens_per_s": step_sums.v["tok"] / max(dt, 1e-9), **summary, **hook_metrics}
                     _append_jsonl(metrics_path, row)
                     if cfg.logging.tensorboard:

@@ -1,14 +1,17 @@
 """The tiny world's executable code tasks, in HumanEval format, generated from a seed.
 
-Each task is a one-line Python function over an int, a string or a list of ints,
-described in an English docstring and checked by asserts on several inputs.
-Functions compose one or two operations with constants, so the held-out split
-(combinations and constants never seen together in training) cannot be passed by
-memorising the training split.
+Each task is a short Python function over an int, a list of ints or a string,
+described in an English docstring as a chain of steps ("double it, then add one,
+then square it") and checked by asserts on several inputs. The solution writes
+one line per step, so the body has several lines (which also exercises the
+extractor). The world is the set of all chains up to a length; the holdout split
+is three-step integer chains never seen as a whole in training, so it tests
+composition of known steps, not recall.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -17,114 +20,83 @@ from typing import Any
 
 NAMES = ["alpha", "bravo", "delta", "echo", "gamma", "kappa", "lima", "omega", "sigma", "tango", "zeta", "nova"]
 
-# (english, python expression over the variable) for each argument type; {k} is a constant.
-INT_OPS = [
-    ("add {k} to it", "{v} + {k}"),
-    ("subtract {k} from it", "{v} - {k}"),
-    ("multiply it by {k}", "{v} * {k}"),
-    ("take it modulo {k}", "{v} % {k}"),
-    ("floor-divide it by {k}", "{v} // {k}"),
+INT_STEPS = [
+    ("double it", "x = x * 2"),
+    ("triple it", "x = x * 3"),
+    ("add one", "x = x + 1"),
+    ("add ten", "x = x + 10"),
+    ("subtract one", "x = x - 1"),
+    ("square it", "x = x * x"),
+    ("negate it", "x = -x"),
+    ("halve it", "x = x // 2"),
+    ("take it modulo seven", "x = x % 7"),
+    ("take its absolute value", "x = abs(x)"),
 ]
-INT_FINAL = [
-    ("return the result", "{e}"),
-    ("return True if the result is greater than {k}", "{e} > {k}"),
-    ("return the result squared", "({e}) ** 2"),
-    ("return the absolute value of the result", "abs({e})"),
+LIST_STEPS = [
+    ("sort it", "xs = sorted(xs)"),
+    ("reverse it", "xs = xs[::-1]"),
+    ("keep the even elements", "xs = [t for t in xs if t % 2 == 0]"),
+    ("double every element", "xs = [t * 2 for t in xs]"),
+    ("add one to every element", "xs = [t + 1 for t in xs]"),
+    ("drop the first element", "xs = xs[1:]"),
+    ("keep the first three elements", "xs = xs[:3]"),
 ]
-LIST_OPS = [
-    ("return the sum of the elements", "sum({v})"),
-    ("return the largest element", "max({v})"),
-    ("return the smallest element", "min({v})"),
-    ("return the number of elements greater than {k}", "len([t for t in {v} if t > {k}])"),
-    ("return the elements plus {k}", "[t + {k} for t in {v}]"),
-    ("return the elements times {k}", "[t * {k} for t in {v}]"),
-    ("return the elements that are even", "[t for t in {v} if t % 2 == 0]"),
-    ("return the list sorted", "sorted({v})"),
-    ("return the list reversed", "{v}[::-1]"),
-    ("return the first {k} elements", "{v}[:{k}]"),
+LIST_FINAL = [("return it", "return xs"), ("return its sum", "return sum(xs)"), ("return its length", "return len(xs)")]
+STR_STEPS = [
+    ("upper-case it", "s = s.upper()"),
+    ("reverse it", "s = s[::-1]"),
+    ("double it", "s = s + s"),
+    ("drop its first character", "s = s[1:]"),
+    ("append an exclamation mark", "s = s + '!'"),
+    ("replace every 'a' with 'o'", "s = s.replace('a', 'o')"),
 ]
-STR_OPS = [
-    ("return it in upper case", "{v}.upper()"),
-    ("return it reversed", "{v}[::-1]"),
-    ("return it repeated {k} times", "{v} * {k}"),
-    ("return its first {k} characters", "{v}[:{k}]"),
-    ("return the number of times '{c}' occurs in it", "{v}.count('{c}')"),
-    ("return True if it starts with '{c}'", "{v}.startswith('{c}')"),
-    ("return it with '{c}' appended", "{v} + '{c}'"),
-    ("return its length plus {k}", "len({v}) + {k}"),
-]
-LETTERS = "abcdexyz"
+STR_FINAL = [("return it", "return s"), ("return its length", "return len(s)")]
+
+INPUTS = {
+    "x": [-7, -1, 0, 3, 10, 25],
+    "xs": [[3, 1, 2, 8], [5], [-4, 8, 0, 7, 6], [2, 2, 9, 1, 6]],
+    "s": ["abc", "", "banana", "zebra", "aaa"],
+}
+GIVEN = {"x": "an integer x", "xs": "a list of integers xs", "s": "a string s"}
 
 
 @dataclass(frozen=True)
 class Spec:
-    kind: str  # int | list | str
-    ops: tuple[int, ...]  # indices into the op tables
-    consts: tuple[int, ...]
-    char: str
+    arg: str  # x | xs | s
+    steps: tuple[int, ...]
+    final: int  # index into the final table (ints: always "return it")
 
-    def key(self) -> tuple:
-        return (self.kind, self.ops)
-
-
-def _int_task(ops: tuple[int, int, int], ks: tuple[int, int, int]) -> tuple[str, str]:
-    (d1, e1), (d2, e2) = INT_OPS[ops[0]], INT_OPS[ops[1]]
-    df, ef = INT_FINAL[ops[2]]
-    expr = e1.format(v="x", k=ks[0])
-    expr = e2.format(v=f"({expr})", k=ks[1])
-    expr = ef.format(e=expr, k=ks[2])
-    doc = f"Given an integer x, {d1.format(k=ks[0])}, then {d2.format(k=ks[1])}, then {df.format(k=ks[2])}."
-    return doc, expr
+    def render(self) -> tuple[str, list[str]]:
+        table = {"x": INT_STEPS, "xs": LIST_STEPS, "s": STR_STEPS}[self.arg]
+        final = {"x": [("return it", "return x")], "xs": LIST_FINAL, "s": STR_FINAL}[self.arg][self.final]
+        phrases = [table[i][0] for i in self.steps] + [final[0]]
+        lines = [table[i][1] for i in self.steps] + [final[1]]
+        text = ", then ".join(phrases)
+        return f"Given {GIVEN[self.arg]}, {text}.", lines
 
 
-def _render(spec: Spec) -> dict[str, Any]:
-    if spec.kind == "int":
-        doc, expr = _int_task(spec.ops, spec.consts)  # type: ignore[arg-type]
-        arg, inputs = "x", [-7, -1, 0, 3, 10, 25]
-    elif spec.kind == "list":
-        d, e = LIST_OPS[spec.ops[0]]
-        doc = f"Given a non-empty list of integers xs, {d.format(k=spec.consts[0])}."
-        expr = e.format(v="xs", k=spec.consts[0])
-        arg, inputs = "xs", [[3, 1, 2], [5], [-4, 8, 0, 7], [2, 2, 9, 1, 6]]
-    else:
-        d, e = STR_OPS[spec.ops[0]]
-        doc = f"Given a string s, {d.format(k=spec.consts[0], c=spec.char)}."
-        expr = e.format(v="s", k=spec.consts[0], c=spec.char)
-        arg, inputs = "s", ["abc", "", "xaxbx", "zebra", "aaa"]
-    return {"doc": doc, "expr": expr, "arg": arg, "inputs": inputs}
+def universe() -> list[Spec]:
+    """Every task of the world: int chains of 1–3 steps, list and string chains of 1–2 steps."""
+    out = [Spec("x", c, 0) for n in (1, 2, 3) for c in itertools.product(range(len(INT_STEPS)), repeat=n)]
+    for arg, steps, finals in (("xs", LIST_STEPS, LIST_FINAL), ("s", STR_STEPS, STR_FINAL)):
+        out += [Spec(arg, c, f) for n in (1, 2) for c in itertools.product(range(len(steps)), repeat=n)
+                for f in range(len(finals))]
+    return out
 
 
-def _task(task_id: str, name: str, spec: Spec) -> dict[str, Any] | None:
-    r = _render(spec)
-    prompt = f'def {name}({r["arg"]}):\n    """{r["doc"]}"""\n'
-    body = f"    return {r['expr']}\n"
+def make_task(task_id: str, name: str, spec: Spec) -> dict[str, Any] | None:
+    """A HumanEval-format task, or None when the chain is a constant function (its test proves nothing)."""
+    doc, lines = spec.render()
+    prompt = f'def {name}({spec.arg}):\n    """{doc}"""\n'
+    body = "".join(f"    {ln}\n" for ln in lines)
     fn: dict[str, Any] = {}
-    exec(f"def {name}({r['arg']}):\n{body}", fn)  # our own generated code, to compute expected outputs
-    outputs = [fn[name](x) for x in r["inputs"]]
+    exec(f"def {name}({spec.arg}):\n{body}", fn)  # our own generated code: computes the expected outputs
+    outputs = [fn[name](x) for x in INPUTS[spec.arg]]
     if len({repr(o) for o in outputs}) == 1:
-        return None  # a constant function: its test could not tell a right answer from a guess
-    asserts = "".join(f"    assert candidate({x!r}) == {o!r}\n" for x, o in zip(r["inputs"], outputs, strict=True))
+        return None
+    asserts = "".join(f"    assert candidate({x!r}) == {o!r}\n" for x, o in zip(INPUTS[spec.arg], outputs, strict=True))
     return {"task_id": task_id, "prompt": prompt, "entry_point": name,
             "test": f"def check(candidate):\n{asserts}", "canonical_solution": body}
-
-
-def _random_spec(rng: random.Random) -> Spec:
-    kind = rng.choices(["int", "list", "str"], weights=[3, 2, 2])[0]
-    if kind == "int":
-        ops = (rng.randrange(len(INT_OPS)), rng.randrange(len(INT_OPS)), rng.randrange(len(INT_FINAL)))
-        consts = (rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9))
-    elif kind == "list":
-        ops, consts = (rng.randrange(len(LIST_OPS)),), (rng.randint(1, 9),)
-    else:
-        ops, consts = (rng.randrange(len(STR_OPS)),), (rng.randint(1, 4),)
-    return Spec(kind, ops, consts, rng.choice(LETTERS))
-
-
-def _has_constant(spec: Spec) -> bool:
-    if spec.kind == "int":
-        return True
-    text = (LIST_OPS if spec.kind == "list" else STR_OPS)[spec.ops[0]][0]
-    return "{k}" in text or "{c}" in text
 
 
 @dataclass
@@ -134,41 +106,25 @@ class World:
     holdout: list[dict[str, Any]]
 
 
-def make_world(seed: int = 0, n_train: int = 3000, n_anchors: int = 30, n_holdout: int = 40) -> World:
-    """Deterministic splits. Holdout tasks are integer operation chains whose combination of steps
-    never occurs in train or anchors, so they test composition, not recall. Anchors are unseen
-    tasks built from operations the training split covers."""
+def make_world(seed: int = 0, n_anchors: int = 30, n_holdout: int = 40) -> World:
+    """Deterministic splits of the universe: holdout = unseen 3-step integer chains; anchors = other
+    unseen chains; train = everything else."""
     rng = random.Random(seed)
-    int_keys = sorted({(a, b, f) for a in range(len(INT_OPS)) for b in range(len(INT_OPS))
-                       for f in range(len(INT_FINAL))})
-    rng.shuffle(int_keys)
-    held_keys = set(int_keys[: max(1, len(int_keys) // 6)])
-    seen: set[str] = set()
-
-    def draw(n: int, prefix: str, holdout: bool) -> list[dict[str, Any]]:
-        out = []
-        while len(out) < n:
-            spec = _random_spec(rng)
-            if holdout and (spec.kind != "int" or spec.ops not in held_keys):
-                continue  # holdout: only integer operation chains never seen in training
-            if not holdout and spec.kind == "int" and spec.ops in held_keys:
-                continue
-            if prefix == "ANCHOR" and not _has_constant(spec):
-                continue  # a constant-free op exists once; as an anchor it would never be trained on
-            name = f"{rng.choice(NAMES)}_{rng.randint(10, 99)}"
-            t = _task(f"{prefix}/{len(out)}", name, spec)
-            if t is None:
-                continue
-            sig = t["prompt"].split("\n", 1)[1]  # the docstring: identical specs are one task
-            if sig in seen:
-                continue
-            seen.add(sig)
-            out.append(t)
-        return out
-
-    holdout = draw(n_holdout, "HOLD", True)
-    anchors = draw(n_anchors, "ANCHOR", False)
-    train = draw(n_train, "TRAIN", False)
+    specs = universe()
+    rng.shuffle(specs)
+    names = [f"{a}_{b}" for a in NAMES for b in NAMES if a != b]
+    tasks: list[tuple[Spec, dict[str, Any]]] = []
+    for i, spec in enumerate(specs):
+        t = make_task("", rng.choice(names), spec)
+        if t is not None:
+            tasks.append((spec, t))
+    holdout = [t for s, t in tasks if s.arg == "x" and len(s.steps) == 3][:n_holdout]
+    held = {id(t) for t in holdout}
+    rest = [t for _, t in tasks if id(t) not in held]
+    anchors, train = rest[:n_anchors], rest[n_anchors:]
+    for prefix, split in (("HOLD", holdout), ("ANCHOR", anchors), ("TRAIN", train)):
+        for i, t in enumerate(split):
+            t["task_id"] = f"{prefix}/{i}"
     return World(train, anchors, holdout)
 
 

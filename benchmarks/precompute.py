@@ -1,0 +1,81 @@
+"""Precompute throughput as a ratio to a bare teacher forward over the same batches, and bytes/token.
+
+    python benchmarks/precompute.py [--rows 512] [--top-k 64] [--repeats 3]
+
+Teacher: the bundled demo teacher; data: the tiny world's training rows. The bare
+forward runs the same length-sorted batches through the model and discards the
+logits; precompute adds the softmax, top-K, encoding, hashing and writing. Target:
+ratio >= 0.90; bytes/token <= 4.25·K + 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine, world_files  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    import torch
+
+    from kdkit import data as kdata
+    from kdkit.cache.precompute import PrecomputeSettings, precompute
+    from kdkit.demo.run import TEACHER_DIR
+    from kdkit.models import load_causal_lm, load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = world_files(tmp, args.rows)["train"]
+        tok = load_tokenizer(TEACHER_DIR)
+        rows, rep = kdata.load_dataset(tok, data, max_length=256)
+        model = load_causal_lm(TEACHER_DIR)
+        batches = kdata.length_sorted_batches([len(r.input_ids) for r in rows], args.batch_size)
+
+        def bare() -> None:
+            with torch.no_grad():
+                for idx in batches:
+                    b = kdata.collate([rows[i] for i in idx], tok.pad_token_id)
+                    model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+
+        bare()
+        t_bare, t_pre = [], []
+        man = None
+        for r in range(args.repeats):
+            t0 = time.perf_counter()
+            bare()
+            t_bare.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            man = precompute(TEACHER_DIR, data, tmp / f"cache{r}", PrecomputeSettings(
+                top_k=args.top_k, batch_size=args.batch_size, max_length=256, shard_rows=256), progress=False,
+                log=lambda m: None)
+            t_pre.append(time.perf_counter() - t0)
+    tokens = rep.target_tokens
+    res = {"benchmark": "precompute", "rows": len(rows), "target_tokens": tokens, "top_k": args.top_k,
+           "bare_forward_s": round(statistics.median(t_bare), 4), "precompute_s": round(statistics.median(t_pre), 4),
+           "throughput_ratio": round(statistics.median(t_bare) / statistics.median(t_pre), 3),
+           "bytes_per_token": round(man["bytes_per_token"], 2), "bytes_target": 4.25 * args.top_k + 16, **machine()}
+    print(json.dumps(res))
+    print("\n| rows | K | bare forward s | precompute s | throughput ratio | bytes/token (target) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {res['rows']} | {args.top_k} | {res['bare_forward_s']} | {res['precompute_s']} | "
+          f"{res['throughput_ratio']} | {res['bytes_per_token']} ({res['bytes_target']:.0f}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Training-step time: offline KD (teacher cache) and online KD (live teacher) against plain SFT.
+
+    python benchmarks/step.py [--rows 256] [--steps 24]
+
+Same student (the demo student shape, full fine-tuning), same rows, batch and
+steps; only the teacher source differs. Reports the median seconds per optimizer
+step (first two steps dropped) and the ratios. Targets: offline KD / SFT <= 1.10;
+online KD / SFT is compared with the FLOP estimate 1 + N_teacher / (3·N_student)
+(a teacher forward costs ~1/3 of a student forward + backward per parameter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine, world_files  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--micro-batch", type=int, default=16)
+    args = ap.parse_args()
+
+    from kdkit.cache.precompute import PrecomputeSettings, precompute
+    from kdkit.config import load_train_config
+    from kdkit.demo.assets_build import STUDENT_SHAPE, fresh_model_dir
+    from kdkit.demo.run import TEACHER_DIR
+    from kdkit.models import load_causal_lm
+    from kdkit.train import count_parameters, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = world_files(tmp, args.rows)["train"]
+        student = fresh_model_dir(tmp / "student", STUDENT_SHAPE, seed=1)
+        precompute(TEACHER_DIR, data, tmp / "cache", PrecomputeSettings(top_k=64, max_length=256), progress=False,
+                   log=lambda m: None)
+        per_step = {}
+        for name, teacher in (("sft", None), ("offline_kd", {"cache": str(tmp / "cache")}),
+                              ("online_kd", {"model": str(TEACHER_DIR)})):
+            cfg = {"student": {"path": str(student)}, "data": {"train": str(data), "max_length": 256},
+                   "objective": {"kd_weight": 1.0 if teacher else 0.0},
+                   "optim": {"lr": 1e-3, "micro_batch": args.micro_batch, "max_steps": args.steps, "epochs": 100},
+                   "checkpoint": {"every": 0}}
+            if teacher:
+                cfg["teacher"] = teacher
+            (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+            train(load_train_config(tmp / f"{name}.yaml"), tmp / name, progress=False, log=lambda m: None)
+            steps = [json.loads(x) for x in (tmp / name / "metrics.jsonl").read_text().splitlines()][2:]
+            per_step[name] = statistics.median(s["step_time_s"] for s in steps)
+        n_t = count_parameters(load_causal_lm(TEACHER_DIR))
+        n_s = count_parameters(load_causal_lm(student))
+    res = {"benchmark": "step", "sft_s": round(per_step["sft"], 5), "offline_kd_s": round(per_step["offline_kd"], 5),
+           "online_kd_s": round(per_step["online_kd"], 5),
+           "offline_ratio": round(per_step["offline_kd"] / per_step["sft"], 3),
+           "online_ratio": round(per_step["online_kd"] / per_step["sft"], 3),
+           "online_flop_estimate": round(1 + n_t / (3 * n_s), 3), "teacher_params": n_t, "student_params": n_s,
+           **machine()}
+    print(json.dumps(res))
+    print("\n| SFT s/step | offline KD s/step | online KD s/step | offline/SFT (target <= 1.10) | online/SFT | "
+          "FLOP estimate |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {res['sft_s']} | {res['offline_kd_s']} | {res['online_kd_s']} | {res['offline_ratio']} | "
+          f"{res['online_ratio']} | {res['online_flop_estimate']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""A 3-rung ladder end to end (real training, merge, sandboxed gate), its table, plot, resume; reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdkit.cache.precompute import PrecomputeSettings, precompute
+from kdkit.evaluate import GenerationSettings
+from kdkit.ladder import parse_vary, run_ladder
+from kdkit.registry import Registry
+from kdkit.report import write_report
+from kdkit.sandbox import Limits
+from tests.helpers import save_model_dir, toy_rows, write_jsonl
+
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+
+TASKS = [{"task_id": f"toy/{i}", "prompt": f"def add{i}(x):\n    \"\"\"Return x + {i}.\"\"\"\n", "entry_point": f"add{i}",
+          "test": f"def check(c):\n    assert c(1) == {1 + i}\n    assert c(2) == {2 + i}\n"} for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def ladder_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ladder")
+    save_model_dir(root / "teacher", seed=1)
+    save_model_dir(root / "student", seed=2, hidden=16)
+    write_jsonl(root / "train.jsonl", toy_rows(8))
+    write_jsonl(root / "tasks.jsonl", TASKS)
+    precompute(root / "teacher", root / "train.jsonl", root / "cache", PrecomputeSettings(top_k=8), progress=False,
+               log=lambda m: None)
+    cfg = {"student": {"path": "student", "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj"]}},
+           "teacher": {"cache": "cache"}, "data": {"train": "train.jsonl", "validation": "train.jsonl"},
+           "optim": {"lr": 1e-2, "micro_batch": 4, "epochs": 1}, "checkpoint": {"every": 0}}
+    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def test_parse_vary():
+    assert parse_vary(["objective.kd_weight=0.05,0.10,0.2"]) == [("objective.kd_weight", [0.05, 0.1, 0.2])]
+    with pytest.raises(ValueError, match="expected key.sub=v1"):
+        parse_vary(["nonsense"])
+
+
+@needs_bwrap
+def test_three_rung_ladder_table_plot_and_resume(ladder_world, tmp_path):
+    root = ladder_world
+    reg = Registry(tmp_path / "ws")
+    reg.promote(reg.register(root / "student", name="base").id)
+    kw = {"registry": reg, "settings": GenerationSettings(max_new_tokens=12), "limits": Limits(timeout_s=5),
+          "log": lambda m: None}
+    vary = ["objective.kd_weight=0.5,1.0,abc"]  # the third rung fails validation: the ladder goes on
+    res = run_ladder(root / "cfg.yaml", vary, root / "tasks.jsonl", tmp_path / "lad", **kw)
+    assert [r["status"] for r in res] == ["done", "done", "failed"]
+    assert "kd_weight" in res[2]["error"]
+    for r in res[:2]:
+        assert r["decision"] in ("KEEP", "REVERT") and r["n_tasks"] == 3 and r["avg_ce"] > 0 and r["avg_kl"] >= 0
+    md = (tmp_path / "lad" / "ladder.md").read_text()
+    assert md.count("\n") == 5 and "| rung | objective.kd_weight | avg CE | avg KL | val loss | anchor pass |" in md
+    rows = list(csv.reader((tmp_path / "lad" / "ladder.csv").open()))
+    assert rows[1][1] == "0.5" and rows[3][6] == "FAILED"
+    assert (tmp_path / "lad" / "ladder.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(reg.gates()) == 2
+    # rerun: finished rungs are skipped (no new gate), the failed one is tried again
+    before = (tmp_path / "lad" / "rungs" / "00.json").read_text()
+    res2 = run_ladder(root / "cfg.yaml", vary, root / "tasks.jsonl", tmp_path / "lad", **kw)
+    assert len(reg.gates()) == 2 and (tmp_path / "lad" / "rungs" / "00.json").read_text() == before
+    assert [r["status"] for r in res2] == ["done", "done", "failed"]
+    html = (tmp_path / "lad" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 2
+    with pytest.raises(ValueError, match="another config or --vary"):
+        run_ladder(root / "cfg.yaml", ["optim.lr=0.1"], root / "tasks.jsonl", tmp_path / "lad", **kw)
+
+
+def test_run_report_is_self_contained(ladder_world, tmp_path):
+    from kdkit.config import load_train_config
+    from kdkit.train import train
+
+    train(load_train_config(ladder_world / "cfg.yaml"), tmp_path / "run", progress=False, log=lambda m: None)
+    out = write_report(tmp_path / "run")
+    html = out.read_text()
+    assert html.startswith("<!doctype html>") and "data:image/png;base64," in html
+    assert not re.search(r"(src|href)=[\"']https?:", html)
+    assert "kd_weight" in html  # the resolved config is embedded
+    epochs = [json.loads(x) for x in (tmp_path / "run" / "epochs.jsonl").read_text().splitlines()]
+    assert f"{epochs[0]['train_loss']:.4f}" in html
+    with pytest.raises(FileNotFoundError, match="not a demo, ladder or run"):
+        write_report(tmp_path)
