@@ -75,7 +75,8 @@ docstrings: the teacher of the bundled tiny world (`kdkit demo`).
 | field | value |
 |---|---|
 | parameters | {n_params:,} |
-| shape | hidden {TEACHER_SHAPE['hidden']}, layers {TEACHER_SHAPE['layers']}, heads {TEACHER_SHAPE['heads']}, vocab 101 (printable ASCII) |
+| shape | hidden {TEACHER_SHAPE['hidden']}, layers {TEACHER_SHAPE['layers']}, heads {TEACHER_SHAPE['heads']}, \
+vocab 101 (printable ASCII) |
 | data | `kdkit.demo.world.make_world(seed={args.seed})` train split: {n_train} tasks |
 | training | `kdkit train`, plain SFT, {args.epochs} epochs, lr {args.lr}, batch 32, seed {args.seed} |
 | final train loss | {epochs[-1]['train_loss']:.4f} |

@@ -114,7 +114,7 @@ def make_world(seed: int = 0, n_anchors: int = 30, n_holdout: int = 40) -> World
     rng.shuffle(specs)
     names = [f"{a}_{b}" for a in NAMES for b in NAMES if a != b]
     tasks: list[tuple[Spec, dict[str, Any]]] = []
-    for i, spec in enumerate(specs):
+    for spec in specs:
         t = make_task("", rng.choice(names), spec)
         if t is not None:
             tasks.append((spec, t))
