@@ -18,7 +18,6 @@ targets (``-100`` where no loss).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,9 +78,7 @@ def _err(path: Path, line: int, fld: str, msg: str) -> DataError:
     return DataError(f"{path}:{line}: field '{fld}': {msg}")
 
 
-def _parse_row(path: Path, line: int, obj: Any) -> Example:
-    if not isinstance(obj, dict):
-        raise _err(path, line, "<row>", f"expected a JSON object, got {type(obj).__name__}")
+def _parse_row(path: Path, line: int, obj: dict[str, Any]) -> Example:
     has = {k for k in ("prompt", "completion", "messages", "text") if k in obj}
     if has == {"prompt", "completion"}:
         fmt = "prompt_completion"
@@ -120,22 +117,9 @@ def _parse_row(path: Path, line: int, obj: Any) -> Example:
 
 def read_jsonl(path: str | Path) -> list[Example]:
     """Parse a JSONL training file; blank lines are skipped, anything else malformed is an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    out: list[Example] = []
-    with path.open("r", encoding="utf-8") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
-            out.append(_parse_row(path, line_no, obj))
-    if not out:
-        raise DataError(f"{path}: no rows")
-    return out
+    from kdkit.io import read_jsonl_objects
+
+    return [_parse_row(Path(path), n, obj) for n, obj in read_jsonl_objects(path, DataError)]
 
 
 def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:

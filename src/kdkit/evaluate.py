@@ -8,7 +8,6 @@ the end in the sandbox.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import math
@@ -36,28 +35,10 @@ class Task:
     canonical_solution: str | None = None
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open("r", encoding="utf-8")
-
-
 def _jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    if not path.is_file():
-        raise TaskError(f"{path}: no such file")
-    rows = []
-    with _open_text(path) as fh:
-        for n, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise TaskError(f"{path}:{n}: field '<row>': expected a JSON object")
-            rows.append((n, obj))
-    if not rows:
-        raise TaskError(f"{path}: no rows")
-    return rows
+    from kdkit.io import read_jsonl_objects
+
+    return read_jsonl_objects(path, TaskError)
 
 
 def load_tasks(path: str | Path) -> list[Task]:

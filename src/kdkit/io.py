@@ -55,3 +55,32 @@ def remove_stale_tmp(directory: Path) -> int:
         p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+def read_jsonl_objects(path: str | Path, error: type[Exception]) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSONL file (``.gz`` accepted).
+
+    Raises ``error`` naming the file and line for a missing file, invalid JSON, a
+    line that is not a JSON object, or a file without rows.
+    """
+    import gzip
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such file")
+    rows = []
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for n, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise error(f"{path}:{n}: field '<row>': expected a JSON object, got {type(obj).__name__}")
+            rows.append((n, obj))
+    if not rows:
+        raise error(f"{path}: no rows")
+    return rows

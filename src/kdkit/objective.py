@@ -74,6 +74,14 @@ def step_denominator(micro_batch_targets: list[Tensor], cfg: ObjectiveConfig) ->
     return StepDenominator(tokens=total)
 
 
+def _check_targets(targets: Tensor, vocab: int) -> Tensor:
+    """The mask of target positions, after checking every target id is a vocabulary row."""
+    valid = targets != IGNORE_INDEX
+    if valid.any() and (int(targets[valid].min()) < 0 or int(targets[valid].max()) >= vocab):
+        raise ValueError(f"target ids out of range [0, {vocab})")
+    return valid
+
+
 def _row_vector(values: list[str] | None, n: int, default: str, what: str) -> list[str]:
     if values is None:
         return [default] * n
@@ -160,9 +168,7 @@ def compute_objective(
         raise ValueError(f"targets shape {tuple(targets.shape)} != logits leading shape {(bsz, seq)}")
     if cfg.barrier is not None and reference is None:
         raise ValueError("objective.barrier is set but no reference signal was given")
-    valid_t = targets != IGNORE_INDEX
-    if valid_t.any() and (int(targets[valid_t].min()) < 0 or int(targets[valid_t].max()) >= vocab):
-        raise ValueError(f"target ids out of range [0, {vocab})")
+    valid_t = _check_targets(targets, vocab)
 
     co = _coefficients(targets, cfg, roles, tasks, row_weights, denom, student_logits.device)
     inv, local, valid_t, n_valid = co.inv, co.local, co.valid, co.n_valid
@@ -257,9 +263,7 @@ def compute_objective_chunked(
     if targets.shape != (bsz, seq):
         raise ValueError(f"targets shape {tuple(targets.shape)} != hidden leading shape {(bsz, seq)}")
     vocab = head_weight.shape[0]
-    valid_t = targets != IGNORE_INDEX
-    if valid_t.any() and (int(targets[valid_t].min()) < 0 or int(targets[valid_t].max()) >= vocab):
-        raise ValueError(f"target ids out of range [0, {vocab})")
+    _check_targets(targets, vocab)
     co = _coefficients(targets, cfg, roles, tasks, row_weights, denom, hidden.device)
     sel = co.valid
     ce_w = (co.tok_w * (co.rw * co.ce_on)[:, None])[sel] * (cfg.ce_coef * co.inv)
