@@ -25,7 +25,7 @@ sandbox-deps:
 	  echo "note: bubblewrap is not installed; sandboxed evaluation will refuse to run (apt-get install bubblewrap)"
 
 demo: $(STAMP) sandbox-deps
-	$(VENV)/bin/kdkit diag kl-agg
+	$(VENV)/bin/kdkit demo
 
 test: $(STAMP) sandbox-deps
 	$(PY) -m pytest -q

@@ -69,7 +69,7 @@ def main() -> int:
     n_params = sum(p.numel() for p in __import__("kdkit.models", fromlist=["x"]).load_causal_lm(out).parameters())
     card = f"""# kdkit demo teacher
 
-A character-level Llama-architecture model that writes one-line Python functions from English
+A character-level Llama-architecture model that writes short Python functions from English
 docstrings: the teacher of the bundled tiny world (`kdkit demo`).
 
 | field | value |

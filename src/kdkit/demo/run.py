@@ -28,8 +28,8 @@ TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "teacher"
 @dataclass
 class DemoSettings:
     seed: int = 0
-    student_rows: int = 600
-    epochs: int = 4
+    student_rows: int = 400
+    epochs: int = 12
     micro_batch: int = 16
     lr: float = 3e-3
     kd_weight: float = 1.0
@@ -122,7 +122,8 @@ def run_demo(out: str | Path = "demo-out", settings: DemoSettings = DemoSettings
     world = make_world(s.seed, n_anchors=s.n_anchors, n_holdout=s.n_holdout)
     wdir = out / "world"
     wdir.mkdir()
-    train_rows = training_rows(world.train[: s.student_rows])
+    # the last 200 training tasks are the validation rows; the student trains on the first student_rows
+    train_rows = training_rows(world.train[:-200][: s.student_rows])
     train_p = _write_jsonl(wdir / "student_train.jsonl", train_rows)
     val_p = _write_jsonl(wdir / "val.jsonl", training_rows(world.train[-200:]))
     anchors_p = _write_jsonl(wdir / "anchors.jsonl", world.anchors)
