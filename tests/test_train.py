@@ -257,3 +257,22 @@ def test_chunked_loss_path_trains_like_the_dense_path(world, tmp_path):
     fa, fb = _final(Path(dense["run_dir"])), _final(Path(chunk["run_dir"]))
     for k in fa:
         torch.testing.assert_close(fa[k], fb[k], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_the_same_global_batch(world, tmp_path):
+    """torchrun (gloo on CPU, what `accelerate launch` runs) with 2 ranks × micro-batch 2 == 1 rank × 4."""
+    cfg = _cfg(world, tmp_path, optim={"micro_batch": 2, "grad_accum": 2, "epochs": 1})
+    one = _run(_cfg(world, tmp_path, optim={"micro_batch": 4, "grad_accum": 2, "epochs": 1}), tmp_path / "one")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "kdkit", "train", str(cfg), "--out",
+                           str(tmp_path / "two"), "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+    a, b = _final(Path(one["run_dir"])), _final(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    ma, mb = _jsonl(Path(one["run_dir"]) / "metrics.jsonl"), _jsonl(tmp_path / "two" / "metrics.jsonl")
+    for x, y in zip(ma, mb, strict=True):
+        assert x["total_loss"] == pytest.approx(y["total_loss"], rel=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)

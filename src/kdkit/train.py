@@ -558,7 +558,9 @@ def train(
                             raise TrainingError(
                                 f"non-finite loss ({float(out.loss.detach())}) at step {step + 1}, micro-batch {j}; "
                                 f"last good checkpoint: {last_ckpt or 'none'} (lower optim.lr or check the data)")
-                        acc.backward(out.loss)
+                        # DDP averages gradients over ranks; the loss is already this rank's share of the
+                        # step's sum, so undo the average to get the gradient of the global loss.
+                        acc.backward(out.loss * world)
                     step_sums.add_output(out)
                 hook_metrics: dict[str, float] = {}
                 for hook in grad_hooks or []:

@@ -109,7 +109,7 @@ def run_demo(out: str | Path = "demo-out", settings: DemoSettings = DemoSettings
 
     t_all = time.perf_counter()
     s = settings
-    out = Path(out)
+    out = Path(out).resolve()  # the run configs hold absolute paths
     if out.exists() and any(out.iterdir()):
         import shutil
 
