@@ -48,8 +48,7 @@ def _version(value: bool) -> None:
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
-    """kdkit: capture a teacher once, train a student on CE + KD + a KL barrier, evaluate it in a
-    sandbox, gate it against production and sweep a parameter as a ladder of such runs."""
+    """kdkit: capture a teacher once, train a student on CE + KD + a KL barrier, evaluate it in a sandbox, gate it against production and sweep a parameter as a ladder of such runs."""
 
 
 @diag_app.command("kinds")
@@ -72,10 +71,7 @@ def diag_kl_agg(
 ) -> None:
     """Why the KL barrier should aggregate by rmse/p95/max, not mean (the seeds' synthetic case).
 
-    A coherent student shifts a little mass at every one of 60 positions; an incoherent one spikes
-    on an improbable token at 4 positions. Prints each aggregate of the per-position divergence
-    to the reference, the separation ratio incoherent/coherent, and whether the hinge τ fires.
-    """
+    A coherent student shifts a little mass at every one of 60 positions; an incoherent one spikes on an improbable token at 4 positions. Prints each aggregate of the per-position divergence to the reference, the separation ratio incoherent/coherent, and whether the hinge τ fires."""
     from kdkit.diag import DIAG_AGGREGATIONS, kl_agg_demo
 
     if kind not in KINDS:
@@ -115,10 +111,7 @@ def precompute_cmd(
 ) -> None:
     """Run the teacher once over DATA and store its top-K log-probs, tail mass and statistics in OUT.
 
-    The cache is content-addressed: OUT records a key of (teacher, tokenizer, data, K, T, max_length,
-    dtypes). Rerunning with the same inputs resumes a killed run (or does nothing when complete) and
-    gives byte-identical shards; other inputs are refused with the differing field named.
-    """
+    The cache is content-addressed: OUT records a key of (teacher, tokenizer, data, K, T, max_length, dtypes). Rerunning with the same inputs resumes a killed run (or does nothing when complete) and gives byte-identical shards; other inputs are refused with the differing field named."""
     from kdkit.cache.format import CacheError
     from kdkit.cache.precompute import PrecomputeSettings, precompute
     from kdkit.data import DataError
@@ -191,9 +184,7 @@ def validate_cmd(
     config: str = typer.Argument(..., help="Training config YAML."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: --set objective.kd.beta=0.3 (repeatable)."),
 ) -> None:
-    """Validate a training config without loading any model: fields and ranges, files, that a referenced
-    cache matches the data, tokenizer, K and temperature, that every role and task named occurs in the
-    data, and that no option would silently not take effect. Exits 2 naming the field."""
+    """Validate a training config without loading any model: fields and ranges, files, that a referenced cache matches the data, tokenizer, K and temperature, that every role and task named occurs in the data, and that no option would silently not take effect. Exits 2 naming the field."""
     from kdkit import data as kdata
     from kdkit.cache import CacheError
     from kdkit.models import ModelError, load_tokenizer
@@ -226,10 +217,7 @@ def train_cmd(
 ) -> None:
     """Train a student on CE + KD (cached or live teacher) + an optional KL barrier, on Accelerate.
 
-    Writes config.yaml (resolved), run.json, metrics.jsonl, epochs.jsonl, checkpoints/ and final/
-    into the run directory. Multi-GPU or multi-process: `accelerate launch -m kdkit train ...`.
-    Ctrl-C saves a checkpoint; a non-finite loss stops with the step named.
-    """
+    Writes config.yaml (resolved), run.json, metrics.jsonl, epochs.jsonl, checkpoints/ and final/ into the run directory. Multi-GPU or multi-process: `accelerate launch -m kdkit train ...`. Ctrl-C saves a checkpoint; a non-finite loss stops with the step named."""
     from pathlib import Path as _P
 
     from kdkit.cache import CacheError
@@ -254,8 +242,7 @@ def merge_cmd(
     run_dir: str = typer.Argument(..., help="A finished run directory (has final/)."),
     out: str = typer.Option(..., help="Directory for the merged model pack."),
 ) -> None:
-    """Write a full Hugging Face model directory from a run: LoRA adapters merged into the base,
-    or the fully fine-tuned weights; loadable with AutoModelForCausalLM.from_pretrained."""
+    """Write a full Hugging Face model directory from a run: LoRA adapters merged into the base, or the fully fine-tuned weights; loadable with AutoModelForCausalLM.from_pretrained."""
     from kdkit.models import ModelError
     from kdkit.train import TrainingError, merge
 
@@ -292,8 +279,7 @@ def verify_cmd(
     workers: int = typer.Option(None, help="Programs run in parallel (default: CPU count)."),
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
 ) -> None:
-    """Run prompt + completion + test + check(entry_point) for every task in the sandbox; print the pass
-    count and rate with a 95% Wilson interval; write per-task results (passed, status, stderr tail, duration)."""
+    """Run prompt + completion + test + check(entry_point) for every task in the sandbox; print the pass count and rate with a 95% Wilson interval; write per-task results (passed, status, stderr tail, duration)."""
     from kdkit.evaluate import TaskError, load_completions, load_tasks, summarise, verify, write_results
     from kdkit.sandbox import Limits, SandboxUnavailable
 
@@ -337,8 +323,7 @@ def eval_cmd(
     workers: int = typer.Option(None, help="Programs verified in parallel."),
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
 ) -> None:
-    """Generate a completion for every task (greedy by default), extract the function body, verify it in
-    the sandbox, and report pass count and rate with a 95% Wilson interval (and pass@k when sampling)."""
+    """Generate a completion for every task (greedy by default), extract the function body, verify it in the sandbox, and report pass count and rate with a 95% Wilson interval (and pass@k when sampling)."""
     from pathlib import Path as _P
 
     from kdkit.evaluate import GenerationSettings, TaskError, evaluate_model, write_results
@@ -446,8 +431,7 @@ def registry_promote(
     name: str = typer.Option(None, help="Name for a newly registered pack (default: the directory name)."),
     workspace: str = typer.Option(None, help=WORKSPACE_HELP),
 ) -> None:
-    """Make a pack production (registering a model directory first). The first production pack is
-    usually the teacher or the untouched student."""
+    """Make a pack production (registering a model directory first). The first production pack is usually the teacher or the untouched student."""
     from pathlib import Path as _P
 
     from kdkit.registry import RegistryError
@@ -506,9 +490,7 @@ def gate_cmd(
     json_out: str = typer.Option(None, "--json", help="Also write the decision as JSON here."),
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
 ) -> None:
-    """Evaluate candidate and baseline on the anchors (reusing stored evaluations), compare task by task,
-    run the exact paired test, decide KEEP (promote) or REVERT (archive), and record it.
-    Exit code 0 on KEEP, 1 on REVERT."""
+    """Evaluate candidate and baseline on the anchors (reusing stored evaluations), compare task by task, run the exact paired test, decide KEEP (promote) or REVERT (archive), and record it. Exit code 0 on KEEP, 1 on REVERT."""
     from kdkit.evaluate import GenerationSettings, TaskError
     from kdkit.gate import GateRule, format_tasks, gate
     from kdkit.io import atomic_write_json
@@ -549,9 +531,7 @@ def ladder_cmd(
     workspace: str = typer.Option(None, help=WORKSPACE_HELP),
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
 ) -> None:
-    """For each rung: train → merge → gate against the production at the ladder's start → KEEP/REVERT.
-    A failed rung does not stop the ladder; a rerun skips finished rungs. Writes ladder.md, ladder.csv
-    and ladder.png (anchor pass and losses against the varied value)."""
+    """For each rung: train → merge → gate against the production at the ladder's start → KEEP/REVERT. A failed rung does not stop the ladder; a rerun skips finished rungs. Writes ladder.md, ladder.csv and ladder.png (anchor pass and losses against the varied value)."""
     from pathlib import Path as _P
 
     from kdkit.config import ConfigError
@@ -585,8 +565,7 @@ def report_cmd(
     path: str = typer.Argument(..., help="A run, demo or ladder directory."),
     out: str = typer.Option(None, help="HTML file to write (default: PATH/report.html)."),
 ) -> None:
-    """Write a self-contained HTML report (plots embedded as PNG): loss curves per step and epoch,
-    per-task pass grids, the ladder table and plot, and the resolved configs."""
+    """Write a self-contained HTML report (plots embedded as PNG): loss curves per step and epoch, per-task pass grids, the ladder table and plot, and the resolved configs."""
     from kdkit.report import write_report
 
     try:
@@ -602,9 +581,7 @@ def demo_cmd(
     seed: int = typer.Option(0, help="Seed of the world, the student initialisation and the data order."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Distil the bundled tiny teacher into a smaller student, train the same student without the teacher
-    (same init, data, steps, seed), evaluate all three on anchors and holdout in the sandbox, gate the
-    distilled student against the baseline, and print the table. Minutes on a laptop CPU, no download."""
+    """Distil the bundled tiny teacher into a smaller student, train the same student without the teacher (same init, data, steps, seed), evaluate all three on anchors and holdout in the sandbox, gate the distilled student against the baseline, and print the table. Minutes on a laptop CPU, no download."""
     from kdkit.demo.run import DemoSettings, run_demo
 
     res = run_demo(out, DemoSettings(seed=seed), progress=progress, log=console.print)
