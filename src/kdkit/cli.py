@@ -578,7 +578,7 @@ def report_cmd(
 @app.command("demo")
 def demo_cmd(
     out: str = typer.Option("demo-out", help="Directory for the world, cache, runs, packs, registry and report."),
-    seed: int = typer.Option(0, help="Seed of the world, the student initialisation and the data order."),
+    seed: int = typer.Option(0, help="Seed of the student initialisation and the data order (the world is the teacher's)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Distil the bundled tiny teacher into a smaller student, train the same student without the teacher (same init, data, steps, seed), evaluate all three on anchors and holdout in the sandbox, gate the distilled student against the baseline, and print the table. Minutes on a laptop CPU, no download."""

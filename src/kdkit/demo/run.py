@@ -23,6 +23,7 @@ from kdkit.demo.assets_build import STUDENT_SHAPE, fresh_model_dir
 from kdkit.demo.world import make_world, training_rows
 
 TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "teacher"
+WORLD_SEED = 0  # the seed scripts/train_demo_teacher.py trained the bundled teacher on
 
 
 @dataclass
@@ -118,8 +119,10 @@ def run_demo(out: str | Path = "demo-out", settings: DemoSettings = DemoSettings
     if not (teacher / "model.safetensors").is_file():
         raise FileNotFoundError(f"{teacher}: the demo teacher is missing (run scripts/train_demo_teacher.py)")
 
-    log(f"[1/6] world: seed {s.seed}")
-    world = make_world(s.seed, n_anchors=s.n_anchors, n_holdout=s.n_holdout)
+    # The world is the teacher's (seed 0): another world would put the teacher's training tasks into the
+    # anchors and holdout. --seed varies the student's initialisation and data order.
+    log(f"[1/6] world: the teacher's (seed {WORLD_SEED}); student seed {s.seed}")
+    world = make_world(WORLD_SEED, n_anchors=s.n_anchors, n_holdout=s.n_holdout)
     wdir = out / "world"
     wdir.mkdir()
     # the last 200 training tasks are the validation rows; the student trains on the first student_rows
