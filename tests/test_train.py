@@ -276,3 +276,19 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(world, tmp_p
     for x, y in zip(ma, mb, strict=True):
         assert x["total_loss"] == pytest.approx(y["total_loss"], rel=1e-5)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_completes_identically(world, tmp_path):
+    cfg = _cfg(world, tmp_path, optim={"micro_batch": 2, "epochs": 1}, checkpoint={"every": 0})
+    full = _run(cfg, tmp_path / "full")
+    run = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "kdkit", "train", str(cfg), "--out", str(run), "--no-progress"]
+    proc = subprocess.run(cmd, env={**os.environ, FAULT_ENV: "sigint:3"}, capture_output=True, text=True)
+    assert proc.returncode == 130, proc.stderr[-1000:]
+    assert "interrupted: saved" in proc.stdout
+    assert (run / "checkpoints" / "step-0000003" / "COMPLETE").is_file()
+    proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    a, b = _final(Path(full["run_dir"])), _final(run)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

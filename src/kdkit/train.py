@@ -62,9 +62,13 @@ FAULT_ENV = "KDKIT_FAULT_TRAIN"
 
 
 def _fault(point: str, step: int) -> None:
-    """Fault injection for the crash tests: KDKIT_FAULT_TRAIN=<point>:<step> kills -9 there."""
-    if os.environ.get(FAULT_ENV) == f"{point}:{step}":
+    """Fault injection for the crash tests: KDKIT_FAULT_TRAIN=<point>:<step> kills -9 there
+    (``sigint:<step>`` delivers a Ctrl-C instead)."""
+    spec = os.environ.get(FAULT_ENV)
+    if spec == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if spec == f"sigint:{step}" and point == "after_step":
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -588,6 +592,7 @@ def train(
                     if cfg.logging.tensorboard:
                         acc.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
                 bar.update(task, completed=step, info=f"loss {summary['total_loss']:.4f}")
+                _fault("after_step", step)
 
                 end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
                 if end_of_epoch:
