@@ -63,12 +63,13 @@ FAULT_ENV = "KDKIT_FAULT_TRAIN"
 
 def _fault(point: str, step: int) -> None:
     """Fault injection for the crash tests: KDKIT_FAULT_TRAIN=<point>:<step> kills -9 there
-    (``sigint:<step>`` delivers a Ctrl-C instead)."""
+    (``sigint:<step>`` raises the KeyboardInterrupt a Ctrl-C would: a signal would be ignored in a
+    background job, where SIGINT starts out ignored)."""
     spec = os.environ.get(FAULT_ENV)
     if spec == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
     if spec == f"sigint:{step}" and point == "after_step":
-        os.kill(os.getpid(), signal.SIGINT)
+        raise KeyboardInterrupt
 
 
 # --------------------------------------------------------------------------- set-up
