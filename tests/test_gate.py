@@ -143,15 +143,20 @@ reg.record_gate(cand.id, base.id, {}, sys.argv[4], ["T/1"], [], 1.0, "test")
 """
 
 
-@pytest.mark.parametrize("point", ["promote:between", "promote:before_commit"])
-def test_kill_during_promote_leaves_the_old_production(packs, tmp_path, point):
+def _workspace_a_in_production(packs, tmp_path) -> Path:
+    """A workspace with packs 'a' (production) and 'b' (active), closed for a subprocess to open."""
     dirs, _ = packs
     ws = tmp_path / "ws"
     reg = Registry(ws)
-    a = reg.register(dirs["prod"], name="a")
+    reg.promote(reg.register(dirs["prod"], name="a").id)
     reg.register(dirs["good"], name="b")
-    reg.promote(a.id)
     reg.close()
+    return ws
+
+
+@pytest.mark.parametrize("point", ["promote:between", "promote:before_commit"])
+def test_kill_during_promote_leaves_the_old_production(packs, tmp_path, point):
+    ws = _workspace_a_in_production(packs, tmp_path)
     proc = subprocess.run([sys.executable, "-c", _PROMOTE, str(ws), "b"], env={**os.environ, FAULT_ENV: point},
                           capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
@@ -166,13 +171,7 @@ def test_kill_during_promote_leaves_the_old_production(packs, tmp_path, point):
 @pytest.mark.parametrize("decision", ["KEEP", "REVERT"])
 @pytest.mark.parametrize("point", ["gate:after_insert", "gate:before_commit"])
 def test_kill_during_gate_record_is_all_or_nothing(packs, tmp_path, decision, point):
-    dirs, _ = packs
-    ws = tmp_path / "ws"
-    reg = Registry(ws)
-    a = reg.register(dirs["prod"], name="a")
-    reg.register(dirs["good"], name="b")
-    reg.promote(a.id)
-    reg.close()
+    ws = _workspace_a_in_production(packs, tmp_path)
     proc = subprocess.run([sys.executable, "-c", _GATE, str(ws), "b", "a", decision],
                           env={**os.environ, FAULT_ENV: point}, capture_output=True, text=True)
     assert proc.returncode == -9
