@@ -74,6 +74,7 @@ class TeacherCache:
         self.vocab_size = int(self.manifest["vocab_size"])
         self._shard_rows = int(self.components["shard_rows"])
         self._loaded: dict[int, dict[str, np.ndarray]] = {}
+        self._verified: set[int] = set()  # shards re-hashed once per process, not at every reload
 
     def __len__(self) -> int:
         return int(self.manifest["rows"])
@@ -94,10 +95,12 @@ class TeacherCache:
             f = self.path / shard_name(i)
             if not f.is_file():
                 raise CacheError(f"{f}: shard missing (run `kdkit cache verify {self.path}`)")
-            if sha256_file(f) != meta["sha256"]:
-                raise CacheError(f"{f}: sha256 does not match the manifest; the shard is corrupt "
-                                 f"(run `kdkit cache verify {self.path}`, then precompute again)")
-            if len(self._loaded) >= 2:  # shards are read in order; keep memory bounded
+            if i not in self._verified:
+                if sha256_file(f) != meta["sha256"]:
+                    raise CacheError(f"{f}: sha256 does not match the manifest; the shard is corrupt "
+                                     f"(run `kdkit cache verify {self.path}`, then precompute again)")
+                self._verified.add(i)
+            if len(self._loaded) >= 4:  # shuffled batches touch several shards; keep memory bounded
                 self._loaded.pop(next(iter(self._loaded)))
             self._loaded[i] = load_file(str(f))
         return self._loaded[i]
