@@ -38,6 +38,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/loss.py --quick
+	$(PY) benchmarks/precompute.py
+	$(PY) benchmarks/step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
