@@ -86,8 +86,7 @@ class Sources:
     reference_is_adapter_base: bool = False
 
 
-def _cache_for(path: str, rows: list[kdata.TokenizedRow], tok_sha: str, vocab_rows: int, max_length: int,
-               what: str) -> TeacherCache:
+def _cache_for(path: str, rows: list[kdata.TokenizedRow], tok_sha: str, vocab_rows: int, what: str) -> TeacherCache:
     cache = TeacherCache(path)
     # The data fingerprint covers the token ids after truncation, so max_length needs no separate check.
     cache.check_compatible(data=kdata.data_fingerprint(rows))
@@ -101,7 +100,7 @@ def check_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: A
     """Cheap compatibility checks shared by ``kdkit validate`` and ``kdkit train``."""
     tok_sha = tokenizer_fingerprint(tokenizer)["sha256"]
     if cfg.teacher is not None and cfg.teacher.cache:
-        cache = _cache_for(cfg.teacher.cache, rows, tok_sha, vocab_rows, cfg.data.max_length, "teacher")
+        cache = _cache_for(cfg.teacher.cache, rows, tok_sha, vocab_rows, "teacher")
         if cache.temperature != cfg.objective.kd.temperature:
             raise TrainingError(
                 f"teacher cache {cfg.teacher.cache} was captured at temperature {cache.temperature} but "
@@ -109,7 +108,7 @@ def check_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: A
                 f"re-tempered — precompute again or set objective.kd.temperature={cache.temperature}"
             )
     if cfg.reference is not None and cfg.reference.kind == "cache":
-        _cache_for(cfg.reference.path, rows, tok_sha, vocab_rows, cfg.data.max_length, "reference")
+        _cache_for(cfg.reference.path, rows, tok_sha, vocab_rows, "reference")
     seen_roles = {r.role for r in rows}
     for role in cfg.objective.roles:
         if role not in seen_roles:
@@ -151,7 +150,7 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], student: torch.nn.Module) -> Sources:
+def _sources(cfg: TrainConfig, student: torch.nn.Module) -> Sources:
     src = Sources()
     if cfg.teacher is not None:
         if cfg.teacher.cache:
@@ -480,7 +479,7 @@ def train(
     model = _load_student(cfg)
     vocab_rows = int(model.get_output_embeddings().weight.shape[0])
     check_sources(cfg, rows, tokenizer, vocab_rows)
-    src = _sources(cfg, rows, model)
+    src = _sources(cfg, model)
     model.to(device)
     for m in (src.teacher_model, src.reference_model):
         if m is not None:
