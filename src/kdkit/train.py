@@ -84,6 +84,7 @@ class Sources:
     reference_cache: TeacherCache | None = None
     reference_model: torch.nn.Module | None = None
     reference_is_adapter_base: bool = False
+    head_checked: bool = False  # the chunked path's "hidden state feeds the LM head" check ran once
 
 
 def _cache_for(path: str, rows: list[kdata.TokenizedRow], tok_sha: str, vocab_rows: int, what: str) -> TeacherCache:
@@ -333,7 +334,8 @@ def _git_revision() -> str | None:
 def _signals(batch: kdata.Batch, rows: list[kdata.TokenizedRow], model: torch.nn.Module, src: Sources,
              device: torch.device) -> tuple[torch.Tensor | TopK | None, torch.Tensor | TopK | None]:
     seq = batch.targets.shape[1]
-    expected = [rows[i].loss_positions() for i in batch.row_index]
+    uses_cache = src.teacher_cache is not None or src.reference_cache is not None
+    expected = [rows[i].loss_positions() for i in batch.row_index] if uses_cache else None
     teacher: torch.Tensor | TopK | None = None
     if src.teacher_cache is not None:
         tk = src.teacher_cache.topk_batch(batch.row_index, seq, expected)
@@ -399,9 +401,12 @@ def _forward_loss(model, batch, rows, cfg, src, denom, real_vocab, device, chunk
                     logits_to_keep=1)
         hidden = out.hidden_states[-1]
         head = _head(model)
-        if not torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(), rtol=1e-3, atol=1e-3,
-                              equal_nan=True):
-            raise TrainingError("this model's last hidden state is not the LM head's input; set objective.chunk_size: 0")
+        if not src.head_checked:  # once per run: the architecture does not change between steps
+            if not torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(), rtol=1e-3, atol=1e-3,
+                                  equal_nan=True):
+                raise TrainingError("this model's last hidden state is not the LM head's input; "
+                                    "set objective.chunk_size: 0")
+            src.head_checked = True
         bias = None if head.bias is None else head.bias[:real_vocab]
         return compute_objective_chunked(hidden[:, :-1], head.weight[:real_vocab], batch.targets, cfg.objective,
                                          head_bias=bias, teacher=teacher, roles=batch.roles, tasks=batch.tasks,
