@@ -144,3 +144,34 @@ def test_environment_of_unsafe_mode_is_cleared(monkeypatch):
     (r,) = run_programs(["import os\nprint(sorted(os.environ))\n"], limits=FAST, unsafe_no_isolation=True)
     assert "KDKIT_TEST_SECRET" not in r.stdout_tail and r.passed
     assert os.environ["KDKIT_TEST_SECRET"] == "hunter2"
+
+
+@needs_bwrap
+@pytest.mark.skipif(os.geteuid() != 0, reason="per-program uids need root (setpriv)")
+def test_fork_bomb_leaves_nothing_for_the_next_program_on_its_uid():
+    # One worker: the fork bomb and the next program run on the same slot, hence the same uid. The next
+    # program needs more processes than a half-dead fork bomb would leave under RLIMIT_NPROC.
+    # 30 children alive at once (each blocks on a pipe until the parent closes it): 31 of the 32 allowed.
+    forker = ("import os\nr, w = os.pipe()\nkids = []\nfor _ in range(30):\n    pid = os.fork()\n    if pid == 0:\n"
+              "        os.close(w)\n        os.read(r, 1)\n        os._exit(0)\n    kids.append(pid)\nos.close(w)\n"
+              "for k in kids:\n    os.waitpid(k, 0)\nprint('ok')\n")
+    bomb = "import os\nwhile True:\n    os.fork()\n"
+    results = run_programs([bomb, forker, bomb, forker], limits=FAST, workers=1)
+    assert [r.passed for r in results] == [False, True, False, True], [r.stderr_tail[-300:] for r in results]
+    assert leftover_processes() == []
+
+
+@needs_bwrap
+@pytest.mark.skipif(os.geteuid() != 0, reason="per-program uids need root (setpriv)")
+def test_each_kdkit_process_gets_its_own_sandbox_uids(tmp_path):
+    import subprocess
+    import sys
+
+    mine = sandbox.uid_base()
+    code = "from kdkit import sandbox; print(sandbox.uid_base())"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    theirs = int(other.stdout.strip())
+    assert abs(theirs - mine) >= sandbox._BLOCK
+    # a program reports the uid it ran as: one of this process's block
+    r = run_programs(["import os\nprint(os.getuid())\n"], limits=FAST, workers=1)[0]
+    assert mine <= int(r.stdout_tail.strip()) < mine + sandbox._BLOCK

@@ -7,7 +7,11 @@ Each program runs
   made only of read-only ``/usr`` (plus the interpreter), a private ``/tmp``,
   its own ``/proc``, a cleared environment, a new session, killed with its parent;
 * as an unprivileged uid (one per worker slot, via ``setpriv`` when kdkit runs as
-  root: RLIMIT_NPROC does not apply to root), with no capabilities;
+  root: RLIMIT_NPROC does not apply to root), with no capabilities. Each kdkit
+  process holds its own block of uids (a lock file per block), so two kdkit
+  processes never share a uid, and a slot's uid is reused only after every
+  process of the previous program is gone — a fork bomb cannot exhaust the next
+  program's process limit, and no sandbox process outlives its result;
 * with ``python3 -I`` and rlimits on address space, CPU time, file size, open
   files and processes, and a wall-clock timeout that kills the whole process group;
 * with stdout/stderr going to files capped by RLIMIT_FSIZE, of which only a tail is kept.
@@ -19,6 +23,7 @@ with install instructions. ``unsafe_no_isolation=True`` runs without namespaces
 
 from __future__ import annotations
 
+import fcntl
 import os
 import resource
 import shutil
@@ -36,6 +41,9 @@ from pathlib import Path
 STATUSES = ("passed", "failed", "timeout", "error", "oom")
 INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap`; Fedora: `dnf install bubblewrap`)"
 _UID_BASE = 61000
+_BLOCK = 16  # uids per kdkit process: one per worker slot
+_N_BLOCKS = 64
+_REAP_TIMEOUT_S = 30.0
 
 
 class SandboxUnavailable(RuntimeError):
@@ -96,6 +104,71 @@ def _bwrap_args(workdir: Path, uid: int | None) -> list[str]:
         args += ["--", "/usr/bin/setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                  "--inh-caps=-all", "--bounding-set=-all", "--"]
     return args + [exe, "-I", "-B", "program.py"]
+
+
+_block_lock = threading.Lock()
+_block: tuple[int, int] | None = None  # (first uid, fd of the held lock file)
+
+
+def _lock_dir() -> Path:
+    d = Path(tempfile.gettempdir()) / "kdkit-sandbox-uids"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
+
+
+def uid_base() -> int:
+    """The first of this process's ``_BLOCK`` sandbox uids, claimed once by an exclusive lock file.
+
+    The lock is released by the kernel when the process ends, however it ends."""
+    global _block
+    with _block_lock:
+        if _block is not None:
+            return _block[0]
+        d = _lock_dir()
+        for k in range(_N_BLOCKS):
+            fd = os.open(d / f"block-{k:02d}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            _block = (_UID_BASE + k * _BLOCK, fd)
+            return _block[0]
+    raise SandboxUnavailable(f"all {_N_BLOCKS} blocks of sandbox uids are held by other kdkit processes")
+
+
+def _uid_processes(uids: range) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            uid = int((p / "status").read_text().split("\nUid:")[1].split()[0])
+        except (OSError, IndexError, ValueError):
+            continue
+        if uid in uids:
+            pids.append(int(p.name))
+    return pids
+
+
+def _reap(uid: int) -> None:
+    """Kill every process running as ``uid`` and wait until none is left.
+
+    bubblewrap can exit before the kernel has torn down the sandbox's PID namespace,
+    so its exit alone does not mean the program's processes are gone."""
+    deadline = time.monotonic() + _REAP_TIMEOUT_S
+    while True:
+        pids = _uid_processes(range(uid, uid + 1))
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if time.monotonic() > deadline:
+            raise SandboxUnavailable(f"sandbox processes {pids} of uid {uid} survive SIGKILL; refusing to reuse it")
+        time.sleep(0.005)
 
 
 def _limit_fn(lim: Limits) -> Callable[[], None]:
@@ -163,15 +236,17 @@ def _classify(rc: int | None, timed_out: bool, stderr: str) -> str:
 
 
 def _run_one(program: str, lim: Limits, *, slot: int, unsafe: bool) -> RunResult:
-    root_mode = os.geteuid() == 0
-    uid = _UID_BASE + slot if root_mode else None
+    root_mode = os.geteuid() == 0 and not unsafe
+    uid = uid_base() + slot if root_mode else None
+    if uid is not None:
+        _reap(uid)  # leftovers of a killed earlier holder of this block
     outer = Path(tempfile.mkdtemp(prefix="kdkit-sbx-"))  # 0700, ours: holds the captured output
     workdir = outer / "work"  # the program's only writable directory
     try:
         workdir.mkdir(mode=0o700)
         (workdir / "program.py").write_text(program)
         out_p, err_p = outer / "stdout", outer / "stderr"
-        if root_mode and not unsafe:
+        if root_mode:
             os.chown(workdir, uid, uid)
             os.chown(workdir / "program.py", uid, uid)
         if unsafe:
@@ -193,6 +268,8 @@ def _run_one(program: str, lim: Limits, *, slot: int, unsafe: bool) -> RunResult
                 timed_out = True
                 _kill_group(proc)
                 rc = proc.wait()
+        if uid is not None:
+            _reap(uid)  # the result is returned only once the whole sandbox is gone
         dur = time.perf_counter() - t0
         stdout, stderr = _tail(out_p, lim.stderr_tail), _tail(err_p, lim.stderr_tail)
         return RunResult(_classify(rc, timed_out, stderr), rc, stdout, stderr, dur)
@@ -213,7 +290,7 @@ def run_programs(programs: Sequence[str], *, limits: Limits = Limits(), workers:
     """Run each program in its own sandbox, ``workers`` at a time; results in input order."""
     if not unsafe_no_isolation:
         check_isolation()
-    workers = max(1, min(workers or os.cpu_count() or 1, 16, len(programs) or 1))
+    workers = max(1, min(workers or os.cpu_count() or 1, _BLOCK, len(programs) or 1))
     slots = list(range(workers))
     lock = threading.Lock()
     results: list[RunResult | None] = [None] * len(programs)
@@ -235,15 +312,8 @@ def run_programs(programs: Sequence[str], *, limits: Limits = Limits(), workers:
 
 
 def leftover_processes() -> list[int]:
-    """PIDs still running as a sandbox uid (a test checks that none survive)."""
-    pids = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            uid = (p / "status").read_text().split("\nUid:")[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if _UID_BASE <= int(uid) < _UID_BASE + 16:
-            pids.append(int(p.name))
-    return pids
+    """PIDs still running as one of this process's sandbox uids (a test checks that none survive)."""
+    if os.geteuid() != 0:
+        return []
+    base = uid_base()
+    return _uid_processes(range(base, base + _BLOCK))
