@@ -139,7 +139,7 @@ import sys
 from kdkit.registry import Registry
 reg = Registry(sys.argv[1])
 cand, base = reg.pack(sys.argv[2]), reg.pack(sys.argv[3])
-reg.record_gate(cand.id, base.id, {}, sys.argv[4], ["T/1"], [], 1.0, "test")
+reg.record_gate(cand.id, base.id, {}, sys.argv[4], ["T/1"], [], 1.0, "test", expected_production=base.id)
 """
 
 
@@ -192,3 +192,86 @@ def test_register_is_idempotent_and_survives_source_deletion(packs, tmp_path):
         reg.register(tmp_path)
     with pytest.raises(RegistryError, match="no pack 'nope'"):
         reg.pack("nope")
+
+
+def test_two_gates_at_once_apply_only_a_decision_about_the_current_production(packs, tmp_path, monkeypatch):
+    """Gate A compares 'good' with production 'prod'; while A evaluates, gate B (another process's view of
+    the same workspace) keeps 'bad2'. A's KEEP is about a production that is gone: it must not be applied."""
+    dirs, tasks = packs
+    dirs["bad2"] = save_model_dir(tmp_path / "bad2", seed=4)
+    _tag(dirs)
+    base = dict.fromkeys(ANCHORS, True) | {"HE/34": False}
+    outcomes = {"prod": base, "good": base | {"HE/34": True}, "bad2": dict(base), "bad": base}
+    calls: list[str] = []
+    fake = _fake_eval(outcomes, calls)
+    ws = tmp_path / "ws"
+    reg_a = Registry(ws)
+    reg_a.promote(reg_a.register(dirs["prod"], name="prod").id)
+
+    def racing_eval(model_dir, tasks_path, **kw):
+        if json.loads((Path(model_dir) / "kdkit_test_name.json").read_text()) == "good":
+            reg_b = Registry(ws)
+            assert gate(reg_b, str(dirs["bad2"]), tasks, log=lambda m: None).decision == "KEEP"
+            reg_b.close()
+        return fake(model_dir, tasks_path, **kw)
+
+    monkeypatch.setattr(gate_mod, "evaluate_model", racing_eval)
+    with pytest.raises(RegistryError, match="production changed from 'prod' to 'bad2'"):
+        gate(reg_a, str(dirs["good"]), tasks, log=lambda m: None)
+    assert reg_a.production().name == "bad2"
+    assert [g["decision"] for g in reg_a.gates()] == ["KEEP"]  # only B's decision was recorded
+    # gated again, A's candidate is compared with the new production
+    again = gate(reg_a, "good", tasks, log=lambda m: None)
+    assert again.baseline == "bad2" and again.decision == "KEEP"
+
+
+def test_writes_to_the_source_directory_cannot_reach_a_registered_pack(packs, tmp_path, monkeypatch):
+    dirs, tasks = packs
+    _tag(dirs)
+    base = dict.fromkeys(ANCHORS, True)
+    monkeypatch.setattr(gate_mod, "evaluate_model", _fake_eval({"prod": base, "good": base, "bad": base}, []))
+    reg = Registry(tmp_path / "ws")
+    prod = reg.register(dirs["prod"], name="prod")
+    reg.promote(prod.id)
+    stored = Path(prod.path) / "model.safetensors"
+    before = stored.read_bytes()
+    # `cp other/model.safetensors prod/model.safetensors` writes in place (same inode)
+    with (dirs["prod"] / "model.safetensors").open("r+b") as fh:
+        fh.write((dirs["good"] / "model.safetensors").read_bytes())
+    assert stored.read_bytes() == before
+    assert not os.access(stored, os.W_OK) or os.geteuid() == 0
+    assert stored.stat().st_mode & 0o222 == 0
+    assert reg.check_weights(prod) == prod
+
+
+def test_a_pack_changed_on_disk_is_neither_reused_nor_promoted(packs, tmp_path, monkeypatch):
+    dirs, tasks = packs
+    _tag(dirs)
+    base = dict.fromkeys(ANCHORS, True)
+    calls: list[str] = []
+    monkeypatch.setattr(gate_mod, "evaluate_model", _fake_eval({"prod": base, "good": base, "bad": base}, calls))
+    ws = tmp_path / "ws"
+    reg = Registry(ws)
+    prod = reg.register(dirs["prod"], name="prod")
+    reg.promote(prod.id)
+    good = reg.register(dirs["good"], name="good")
+    stored = Path(prod.path) / "model.safetensors"
+    stored.chmod(0o644)
+    with stored.open("r+b") as fh:  # tamper with the stored copy itself
+        fh.seek(-4, os.SEEK_END)
+        fh.write(b"\x00\x01\x02\x03")
+    fresh = Registry(ws)  # a new process: nothing verified yet
+    with pytest.raises(RegistryError, match="no longer matches its registered weights"):
+        gate(fresh, "good", tasks, log=lambda m: None)
+    with pytest.raises(RegistryError, match="no longer matches its registered weights"):
+        fresh.promote(prod.id)
+    assert calls == [] and fresh.gates() == [] and fresh.production().name == "prod"
+    assert fresh.pack(good.id).status == "active"
+
+
+def test_registry_commands_do_not_create_a_workspace_for_a_typo(tmp_path):
+    r = CliRunner()
+    for args in (["registry", "list"], ["registry", "show"], ["registry", "rollback"], ["registry", "archive", "x"]):
+        res = r.invoke(app, [*args, "--workspace", str(tmp_path / "TYPO")])
+        assert res.exit_code == 2 and "no kdkit workspace" in res.output, res.output
+        assert not (tmp_path / "TYPO").exists()

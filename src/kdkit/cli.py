@@ -26,7 +26,7 @@ cache_app = typer.Typer(help="Inspect and verify a teacher cache made by `kdkit 
 app.add_typer(cache_app, name="cache")
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # messages are never cut or hard-wrapped mid-path
 
 KIND_HELP = f"Divergence kind, one of: {', '.join(KINDS)}."
 AGG_HELP = f"Aggregation over positions, one of: {', '.join(AGGREGATIONS)}."
@@ -356,12 +356,16 @@ def eval_cmd(
 WORKSPACE_HELP = "Workspace directory holding registry.sqlite and packs (env KDKIT_WORKSPACE; default .kdkit)."
 
 
-def _registry(workspace: str | None):
+def _registry(workspace: str | None, create: bool = False):
+    """The workspace registry; only commands that add a pack (promote) create a missing workspace."""
     import os as _os
 
-    from kdkit.registry import Registry
+    from kdkit.registry import Registry, RegistryError
 
-    return Registry(workspace or _os.environ.get("KDKIT_WORKSPACE", ".kdkit"))
+    try:
+        return Registry(workspace or _os.environ.get("KDKIT_WORKSPACE", ".kdkit"), create=create)
+    except RegistryError as e:
+        fail(str(e))
 
 
 def _pack_table(reg, title: str) -> Table:
@@ -436,7 +440,7 @@ def registry_promote(
 
     from kdkit.registry import RegistryError
 
-    reg = _registry(workspace)
+    reg = _registry(workspace, create=True)
     try:
         p = reg.register(pack, name=name) if _P(pack).is_dir() else reg.pack(pack)
         reg.promote(p.id, reason="manual promote")

@@ -103,16 +103,19 @@ EvalFn = Callable[[Pack, Path], tuple[dict[str, bool], tuple[float, float]]]
 
 
 def evaluate_pack(reg: Registry, pack: Pack, tasks: Path, settings: GenerationSettings, limits: Limits,
-                  unsafe_no_isolation: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+                  unsafe_no_isolation: bool = False, log: Callable[[str], None] = print,
+                  progress: bool = False) -> dict[str, Any]:
     """Evaluate a pack on a task file, reusing a stored evaluation of the same weights, tasks and settings."""
+    reg.check_weights(pack)  # a stored evaluation is about the registered weights; refuse changed files
     sha = tasks_fingerprint(tasks)
     key = json.dumps({"generation": asdict(settings), "timeout_s": limits.timeout_s}, sort_keys=True)
     found = reg.find_evaluation(pack.id, sha, key)
     if found is not None:
         log(f"reusing stored evaluation of {pack.name} on {tasks.name}")
         return found
+    log(f"evaluating {pack.name} on {tasks.name}")
     results, summary, _ = evaluate_model(pack.path, tasks, settings=settings, limits=limits,
-                                         unsafe_no_isolation=unsafe_no_isolation, progress=False)
+                                         unsafe_no_isolation=unsafe_no_isolation, progress=progress)
     outcomes = {r.task_id: r.passed for r in results if r.sample == 0}
     return reg.add_evaluation(pack.id, sha, str(tasks), key, outcomes, summary.interval,
                               {"statuses": summary.statuses})
@@ -139,11 +142,14 @@ def decide(base: dict[str, bool], cand: dict[str, bool], rule: GateRule) -> tupl
 def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "production",
          rule: GateRule = GateRule(), settings: GenerationSettings = GenerationSettings(), limits: Limits = Limits(),
          unsafe_no_isolation: bool = False, candidate_meta: dict[str, Any] | None = None,
-         log: Callable[[str], None] = print) -> GateResult:
-    """Evaluate candidate and baseline, decide, and record + apply the decision in one transaction."""
+         log: Callable[[str], None] = print, progress: bool = False) -> GateResult:
+    """Evaluate candidate and baseline, decide, and record + apply the decision in one transaction.
+
+    The decision is applied only if production is still what it was when the gate started."""
     tasks = Path(tasks)
+    prod = reg.production()
     if against == "production":
-        base = reg.production()
+        base = prod
         if base is None:
             raise RegistryError("there is no production pack yet: `kdkit registry promote MODEL_DIR` first")
     else:
@@ -152,10 +158,11 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
     cand = _resolve(reg, candidate, parent_id=base.id, **meta)
     if cand.id == base.id:
         raise RegistryError(f"candidate and baseline are the same pack ({cand.name}: identical weights)")
-    ev_b = evaluate_pack(reg, base, tasks, settings, limits, unsafe_no_isolation, log)
-    ev_c = evaluate_pack(reg, cand, tasks, settings, limits, unsafe_no_isolation, log)
+    ev_b = evaluate_pack(reg, base, tasks, settings, limits, unsafe_no_isolation, log, progress)
+    ev_c = evaluate_pack(reg, cand, tasks, settings, limits, unsafe_no_isolation, log, progress)
     decision, regressed, fixed, p, reason = decide(ev_b["outcomes"], ev_c["outcomes"], rule)
-    gid = reg.record_gate(cand.id, base.id, asdict(rule), decision, regressed, fixed, p, reason)
+    gid = reg.record_gate(cand.id, base.id, asdict(rule), decision, regressed, fixed, p, reason,
+                          expected_production=None if prod is None else prod.id)
     return GateResult(decision, cand.name, base.name, ev_c["n_passed"], ev_b["n_passed"], ev_c["n_tasks"],
                       (ev_c["ci_low"], ev_c["ci_high"]), (ev_b["ci_low"], ev_b["ci_high"]), regressed, fixed, p,
                       reason, asdict(rule), gid, ev_c["outcomes"])

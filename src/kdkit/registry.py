@@ -4,8 +4,12 @@ Every change is one transaction, so a crash at any point leaves either the old o
 the new state — production is never "neither". Production is a history: the
 current production is its newest row; ``rollback`` appends the previous one again.
 
-A *pack* is a full Hugging Face model directory. Registering one links (or copies)
-its files into the workspace, so production survives the user deleting a run.
+A *pack* is a full Hugging Face model directory. Registering one copies its files
+into the workspace as read-only files, so production survives the user deleting a
+run and no write to the source directory can reach it; the weights hash is checked
+again before an evaluation of a pack is reused and before a pack is promoted.
+A gate's decision is applied only if production is still the pack the candidate was
+compared with (compare-and-swap inside the decision's transaction).
 """
 
 from __future__ import annotations
@@ -77,6 +81,10 @@ class RegistryError(RuntimeError):
     pass
 
 
+class ProductionChanged(RegistryError):
+    """Production moved while a gate ran: its decision was about another baseline."""
+
+
 @dataclass
 class Pack:
     id: int
@@ -100,21 +108,24 @@ def _now() -> int:
     return int(time.time())
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    def copy(s: str, d: str) -> None:
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-
-    shutil.copytree(src, dst, copy_function=copy)
+def _copy_read_only(src: Path, dst: Path) -> None:
+    """Copy a model directory (never hard links: a later write to the source must not reach the pack)."""
+    shutil.copytree(src, dst, copy_function=shutil.copyfile)
+    for f in dst.rglob("*"):
+        if f.is_file():
+            f.chmod(0o444)
 
 
 class Registry:
-    def __init__(self, workspace: str | Path = DEFAULT_WORKSPACE) -> None:
+    def __init__(self, workspace: str | Path = DEFAULT_WORKSPACE, *, create: bool = True) -> None:
+        """Open the workspace; with ``create=False`` a missing one is an error instead of a new empty one."""
         self.workspace = Path(workspace)
-        self.workspace.mkdir(parents=True, exist_ok=True)
         self.db_path = self.workspace / "registry.sqlite"
+        if not create and not self.db_path.is_file():
+            raise RegistryError(f"{self.workspace}: no kdkit workspace here (no registry.sqlite); it is created by "
+                                f"`kdkit registry promote` (check --workspace / KDKIT_WORKSPACE)")
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        self._verified: set[int] = set()  # packs whose weights were re-hashed by this process
         self.conn = sqlite3.connect(str(self.db_path), isolation_level=None, timeout=30)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA journal_mode=WAL")
@@ -179,7 +190,10 @@ class Registry:
             tmp = dst.with_name(f".tmp-{dst.name}-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(src, tmp)
+            _copy_read_only(src, tmp)
+            if model_fingerprint(tmp)["sha256"] != sha:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RegistryError(f"{src}: the weights changed while they were being copied; register it again")
             tmp.rename(dst)
         with self.tx() as c:
             cur = c.execute("INSERT INTO packs (name, path, weights_sha256, parent_id, source_run, config, created) "
@@ -187,6 +201,22 @@ class Registry:
                                                              config, _now()))
             pid = cur.lastrowid
         return self.pack(pid)
+
+    def check_weights(self, pack: Pack) -> Pack:
+        """Re-hash a pack's stored files (once per process); refuse a pack changed behind the registry's back."""
+        if pack.id in self._verified:
+            return pack
+        try:
+            sha = model_fingerprint(pack.path)["sha256"]
+        except Exception as e:  # a deleted or unreadable pack directory
+            raise RegistryError(f"pack {pack.name!r} ({pack.path}) cannot be read: {e}") from None
+        if sha != pack.weights_sha256:
+            raise RegistryError(
+                f"pack {pack.name!r} ({pack.path}) no longer matches its registered weights "
+                f"(sha256 {sha[:12]}… on disk, {pack.weights_sha256[:12]}… registered): it was modified outside "
+                f"kdkit; its evaluations are not reused and it cannot be promoted — register the model again")
+        self._verified.add(pack.id)
+        return pack
 
     def packs(self) -> list[Pack]:
         return [self._row_pack(r) for r in self.conn.execute("SELECT * FROM packs ORDER BY id")]
@@ -201,7 +231,7 @@ class Registry:
         return [dict(r) for r in self.conn.execute("SELECT * FROM production ORDER BY id")]
 
     def promote(self, ref: str | int, reason: str = "promote") -> Pack:
-        p = self.pack(ref)
+        p = self.check_weights(self.pack(ref))
         with self.tx() as c:
             c.execute("UPDATE packs SET status = 'active' WHERE id = ?", (p.id,))
             _fault("promote:between")
@@ -246,12 +276,29 @@ class Registry:
             eid = cur.lastrowid
         return _eval_dict(self.conn.execute("SELECT * FROM evaluations WHERE id = ?", (eid,)).fetchone())
 
+    def _production_id(self, c: sqlite3.Connection) -> int | None:
+        r = c.execute("SELECT pack_id FROM production ORDER BY id DESC LIMIT 1").fetchone()
+        return None if r is None else int(r["pack_id"])
+
     def record_gate(self, candidate_id: int, baseline_id: int, rule: dict[str, Any], decision: str,
-                    regressed: list[str], fixed: list[str], p_value: float, reason: str) -> int:
-        """Record the decision and apply it (KEEP → promote, REVERT → archive) in ONE transaction."""
+                    regressed: list[str], fixed: list[str], p_value: float, reason: str, *,
+                    expected_production: int | None) -> int:
+        """Record the decision and apply it (KEEP → promote, REVERT → archive) in ONE transaction.
+
+        ``expected_production`` is the production pack id seen when the gate started: if another
+        process changed production since, nothing is recorded and :class:`ProductionChanged` is raised."""
         if decision not in ("KEEP", "REVERT"):
             raise ValueError(decision)
+        if decision == "KEEP":
+            self.check_weights(self.pack(candidate_id))
         with self.tx() as c:
+            now = self._production_id(c)
+            if now != expected_production:
+                names = {i: self.pack(i).name if i is not None else "none" for i in (now, expected_production)}
+                raise ProductionChanged(
+                    f"production changed from {names[expected_production]!r} to {names[now]!r} while this gate ran "
+                    f"(another gate or promote on {self.workspace}); nothing was recorded — gate again against the "
+                    f"new production")
             cur = c.execute(
                 "INSERT INTO gates (candidate_id, baseline_id, rule, decision, regressed, fixed, p_value, reason, "
                 "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
