@@ -285,10 +285,77 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_completes_identically(world, tmp_p
     cmd = [sys.executable, "-m", "kdkit", "train", str(cfg), "--out", str(run), "--no-progress"]
     proc = subprocess.run(cmd, env={**os.environ, FAULT_ENV: "sigint:3"}, capture_output=True, text=True)
     assert proc.returncode == 130, proc.stderr[-1000:]
-    assert "interrupted: saved" in proc.stdout
+    assert "interrupted after step 3: saved" in proc.stdout
     assert (run / "checkpoints" / "step-0000003" / "COMPLETE").is_file()
     proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-1000:]
     a, b = _final(Path(full["run_dir"])), _final(run)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def _interrupt_and_resume(cfg: Path, run: Path, fault: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "kdkit", "train", str(cfg), "--out", str(run), "--no-progress"]
+    proc = subprocess.run(cmd, env={**os.environ, FAULT_ENV: fault}, capture_output=True, text=True)
+    assert proc.returncode == 130, proc.stderr[-1000:]
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-1000:]
+    return proc
+
+
+def test_real_sigint_mid_step_with_lora_dropout_resumes_bitwise(world, tmp_path):
+    # dropout draws from the RNG during the step: a checkpoint taken mid-step would store a mid-step RNG state
+    lora = {"r": 4, "alpha": 8, "dropout": 0.2, "target_modules": ["q_proj", "v_proj"]}
+    cfg = _cfg(world, tmp_path, student={"path": str(world / "student"), "lora": lora},
+               optim={"micro_batch": 2, "grad_accum": 2, "epochs": 2})
+    full = _run(cfg, tmp_path / "full")
+    run = tmp_path / "interrupted"
+    proc = _interrupt_and_resume(cfg, run, "sigint_mid:3")  # SIGINT after step 3's first micro-batch
+    assert "finishing this step" in proc.stdout and "interrupted after step 3" in proc.stdout
+    a, b = _final(Path(full["run_dir"])), _final(run)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma, mb = _jsonl(Path(full["run_dir"]) / "metrics.jsonl"), _jsonl(run / "metrics.jsonl")
+    assert [m["total_loss"] for m in ma] == [m["total_loss"] for m in mb]
+
+
+def test_sigint_right_after_the_last_step_of_an_epoch_keeps_its_epoch_row(world, tmp_path):
+    cfg = _cfg(world, tmp_path, optim={"micro_batch": 2, "epochs": 2})  # 8 steps per epoch
+    full = _run(cfg, tmp_path / "full")
+    run = tmp_path / "interrupted"
+    _interrupt_and_resume(cfg, run, "sigint:8")
+    assert _jsonl(Path(full["run_dir"]) / "epochs.jsonl") == _jsonl(run / "epochs.jsonl")
+    assert [e["epoch"] for e in _jsonl(run / "epochs.jsonl")] == [0, 1]
+
+
+def test_resume_refuses_a_changed_config_and_a_finished_run_is_left_alone(world, tmp_path):
+    cfg = _cfg(world, tmp_path, optim={"micro_batch": 4, "epochs": 1})
+    run = tmp_path / "run"
+    _run(cfg, run)
+    final_bytes = (run / "final" / "adapter_model.safetensors").read_bytes()
+    changed = load_train_config(cfg, ["optim.lr=0.001", "objective.kd_weight=0.5"])
+    with pytest.raises(TrainingError, match=r"objective.kd_weight: 1.0 → 0.5; optim.lr: 0.005 → 0.001"):
+        train(changed, run, resume=True, progress=False, log=lambda m: None)
+    # logging and checkpoint settings do not change what is trained; the finished run is not retrained
+    cmd = [sys.executable, "-m", "kdkit", "train", str(cfg), "--out", str(run), "--no-progress", "--resume",
+           "--set", "logging.every=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert "the run is complete" in proc.stdout
+    assert (run / "final" / "adapter_model.safetensors").read_bytes() == final_bytes
+    assert not (run / "checkpoints").exists()
+
+
+def test_merge_never_replaces_a_directory_kdkit_did_not_write(world, tmp_path):
+    from kdkit.errors import OutputDirError
+
+    run = _run(_cfg(world, tmp_path, optim={"epochs": 1}), tmp_path / "run")
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputDirError, match="not written by kdkit"):
+        merge(run["run_dir"], user)
+    assert (user / "notes.txt").read_text() == "keep me" and len(list(user.iterdir())) == 1
+    pack = merge(run["run_dir"], tmp_path / "pack")
+    again = merge(run["run_dir"], pack)  # an earlier pack is kdkit's own: replaced
+    assert (again / "kdkit_pack.json").is_file()

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import warnings
+
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from kdkit import __version__
+from kdkit.errors import KdkitError
 from kdkit.losses import AGGREGATIONS, KINDS, TAIL_POLICIES
+
+
+class _Group(TyperGroup):
+    """Every :class:`KdkitError` a command lets through is printed once, as a message, exit code 2."""
+
+    def invoke(self, ctx):  # noqa: ANN001, ANN201
+        try:
+            return super().invoke(ctx)
+        except KdkitError as e:
+            fail(str(e))
+
 
 app = typer.Typer(
     name="kdkit",
+    cls=_Group,
     help="Distil language models and fine-tune them on a KL leash, with the evidence to decide what ships.",
     no_args_is_help=True,
     add_completion=False,
@@ -25,7 +41,10 @@ app.add_typer(registry_app, name="registry")
 cache_app = typer.Typer(help="Inspect and verify a teacher cache made by `kdkit precompute`.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
-console = Console()
+# Deprecation notices between transformers and peft are for their developers, not for kdkit's users.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
+
+console = Console(soft_wrap=True)  # messages wrap in the terminal, never mid-path in a pipe
 err_console = Console(stderr=True, soft_wrap=True)  # messages are never cut or hard-wrapped mid-path
 
 KIND_HELP = f"Divergence kind, one of: {', '.join(KINDS)}."
@@ -55,8 +74,8 @@ def main(
 def diag_kinds() -> None:
     """List the registered divergence kinds, aggregations and top-K tail policies."""
     table = Table(title="kdkit registries")
-    table.add_column("registry")
-    table.add_column("names")
+    table.add_column("registry", overflow="fold")
+    table.add_column("names", overflow="fold")
     table.add_row("divergence kinds", ", ".join(KINDS))
     table.add_row("aggregations", ", ".join(AGGREGATIONS))
     table.add_row("tail policies", ", ".join(TAIL_POLICIES))
@@ -78,9 +97,9 @@ def diag_kl_agg(
         fail(f"--kind {kind!r} is not a divergence kind; valid: {', '.join(KINDS)}")
     res = kl_agg_demo(kind=kind, tau=tau, seed=seed)
     table = Table(title=f"per-position {kind}(student, reference) over 60 positions, τ = {tau}")
-    table.add_column("student")
+    table.add_column("student", overflow="fold")
     for h in DIAG_AGGREGATIONS:
-        table.add_column(h, justify="right")
+        table.add_column(h, justify="right", overflow="fold")
     for name in ("coherent", "incoherent"):
         table.add_row(name, *[
             f"{res.values[name][h]:.3f}" + (" [red]fires[/]" if res.fires[name][h] else "") for h in DIAG_AGGREGATIONS
@@ -138,6 +157,8 @@ def cache_info(path: str = typer.Argument(..., help="Cache directory.")) -> None
         fail(str(e))
     c, st = m["components"], m["stats"]
     table = Table(title=f"teacher cache {path}", show_header=False)
+    table.add_column("field", overflow="fold")
+    table.add_column("value", overflow="fold")
     for k, v in [
         ("key", m["key"]), ("teacher", m["teacher"]["path"]), ("teacher sha256", m["teacher"]["sha256"]),
         ("tokenizer sha256", c["tokenizer"]), ("data sha256", c["data"]), ("vocab size", m["vocab_size"]),
@@ -233,6 +254,8 @@ def train_cmd(
         fail(str(e), code=1)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    if res.get("already_complete"):
+        return
     console.print(f"trained {res['steps']} steps in {res['seconds']:.1f}s → {run_dir}/final "
                   f"(max weight change {res['max_weight_change']:.3g})")
 
@@ -256,7 +279,7 @@ def merge_cmd(
 def _print_summary(summary, title: str) -> None:
     table = Table(title=title)
     for c in ("tasks", "passed", "pass rate", "95% Wilson interval", "statuses", *summary.pass_at_k):
-        table.add_column(c)
+        table.add_column(c, overflow="fold")
     lo, hi = summary.interval
     table.add_row(str(summary.n_tasks), str(summary.n_passed), f"{100 * summary.pass_rate:.1f}%",
                   f"{100 * lo:.1f}–{100 * hi:.1f}%", ", ".join(f"{k}: {v}" for k, v in sorted(summary.statuses.items())),
@@ -372,7 +395,7 @@ def _pack_table(reg, title: str) -> Table:
     prod = reg.production()
     t = Table(title=title)
     for c in ("id", "name", "status", "production", "weights sha256", "parent", "source run", "path"):
-        t.add_column(c)
+        t.add_column(c, overflow="fold")
     for p in reg.packs():
         t.add_row(str(p.id), p.name, p.status, "★" if prod and prod.id == p.id else "", p.weights_sha256[:12],
                   str(p.parent_id or ""), p.source_run or "", p.path)
@@ -407,14 +430,14 @@ def registry_show(
     console.print(f"[bold]{p.name}[/] (id {p.id}, {p.status}) {p.path}\nweights sha256 {p.weights_sha256}")
     t = Table(title="evaluations")
     for c in ("id", "tasks", "passed", "95% interval"):
-        t.add_column(c)
+        t.add_column(c, overflow="fold")
     for e in reg.evaluations(p.id):
         t.add_row(str(e["id"]), e["tasks_path"], f"{e['n_passed']}/{e['n_tasks']}",
                   f"{100 * e['ci_low']:.1f}–{100 * e['ci_high']:.1f}%")
     console.print(t)
     g = Table(title="gate decisions")
     for c in ("id", "candidate", "baseline", "decision", "regressed", "fixed", "p", "reason"):
-        g.add_column(c)
+        g.add_column(c, overflow="fold")
     for row in reg.gates():
         if p.id in (row["candidate_id"], row["baseline_id"]):
             g.add_row(str(row["id"]), reg.pack(row["candidate_id"]).name, reg.pack(row["baseline_id"]).name,
@@ -423,7 +446,7 @@ def registry_show(
     console.print(g)
     h = Table(title="production history")
     for c in ("#", "pack", "reason"):
-        h.add_column(c)
+        h.add_column(c, overflow="fold")
     for row in reg.production_history():
         h.add_row(str(row["id"]), reg.pack(row["pack_id"]).name, row["reason"])
     console.print(h)
@@ -511,7 +534,7 @@ def gate_cmd(
         fail(str(e))
     t = Table(title=f"gate: {res.candidate} vs {res.baseline}")
     for c in ("model", "anchor pass", "95% interval"):
-        t.add_column(c)
+        t.add_column(c, overflow="fold")
     for name, k, (lo, hi) in ((res.baseline, res.baseline_passed, res.baseline_interval),
                               (res.candidate, res.candidate_passed, res.candidate_interval)):
         t.add_row(name, f"{k}/{res.n_tasks}", f"{100 * lo:.1f}–{100 * hi:.1f}%")
@@ -557,7 +580,7 @@ def ladder_cmd(
     header, rows = table_rows(parse_vary(vary), results)
     t = Table(title=f"ladder {out_dir}")
     for h in header:
-        t.add_column(h)
+        t.add_column(h, overflow="fold")
     for r in rows:
         t.add_row(*r)
     console.print(t)
@@ -591,7 +614,7 @@ def demo_cmd(
     res = run_demo(out, DemoSettings(seed=seed), progress=progress, log=console.print)
     t = Table(title=f"kdkit demo (seed {seed})")
     for c in ("model", "parameters", "anchor pass [95%]", "holdout pass", "val loss", "KL to teacher", "wall s"):
-        t.add_column(c)
+        t.add_column(c, overflow="fold")
     for m in res["models"]:
         lo, hi = m["anchor_interval"]
         kl = "—" if m["kl_to_teacher"] is None else f"{m['kl_to_teacher']:.4f}"

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kdkit.errors import KdkitError
 from kdkit.losses import AGGREGATIONS, KINDS, TAIL_POLICIES
 
 
@@ -245,7 +246,7 @@ class TrainConfig(_Strict):
 # --------------------------------------------------------------------------- YAML + overrides
 
 
-class ConfigError(ValueError):
+class ConfigError(KdkitError, ValueError):
     """A configuration error; the message names the file, line and dotted field."""
 
 

@@ -26,11 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdkit.errors import KdkitError
+
 IGNORE_INDEX = -100
 FORMATS = ("prompt_completion", "messages", "text")
 
 
-class DataError(ValueError):
+class DataError(KdkitError, ValueError):
     """Bad input data; the message names file, line and field."""
 
 

@@ -17,12 +17,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kdkit.errors import KdkitError
 from kdkit.sandbox import Limits, RunResult, run_programs
 
 TASK_FIELDS = ("task_id", "prompt", "entry_point", "test")
 
 
-class TaskError(ValueError):
+class TaskError(KdkitError, ValueError):
     """A malformed task or completion file; the message names file, line and field."""
 
 

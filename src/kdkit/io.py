@@ -12,6 +12,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kdkit.errors import OutputDirError
+
+OWNER_FILE = ".kdkit-owner.json"
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(str(path), os.O_RDONLY)
@@ -84,3 +88,38 @@ def read_jsonl_objects(path: str | Path, error: type[Exception]) -> list[tuple[i
     if not rows:
         raise error(f"{path}: no rows")
     return rows
+
+
+def written_by_kdkit(path: Path, marker: str = OWNER_FILE, kind: str | None = None) -> bool:
+    """True when ``path`` carries kdkit's marker file (of output ``kind`` when it is the owner file)."""
+    f = path / marker
+    if not f.is_file():
+        return False
+    if marker != OWNER_FILE or kind is None:
+        return True
+    try:
+        return json.loads(f.read_text()).get("kind") == kind
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return False
+
+
+def check_output_dir(path: str | Path, what: str, *, marker: str = OWNER_FILE, kind: str | None = None) -> bool:
+    """May kdkit (re)write the directory ``path``? False: absent or empty; True: a previous kdkit output.
+
+    Raises :class:`OutputDirError` for a non-empty directory without kdkit's marker: kdkit never
+    deletes or overwrites what it did not write."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"{path}: exists and is not a directory; choose another {what}")
+    if not path.is_dir() or not any(path.iterdir()):
+        return False
+    if written_by_kdkit(path, marker, kind):
+        return True
+    raise OutputDirError(f"{path}: directory is not empty and was not written by kdkit (no {marker}); choose another "
+                         f"{what} — kdkit never deletes or overwrites files it did not write")
+
+
+def mark_output_dir(path: Path, kind: str) -> None:
+    from kdkit import __version__
+
+    atomic_write_json(path / OWNER_FILE, {"kind": kind, "kdkit_version": __version__})

@@ -9,10 +9,12 @@ from typing import Any
 
 import torch
 
+from kdkit.errors import KdkitError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelError(ValueError):
+class ModelError(KdkitError, ValueError):
     """A model or tokenizer cannot be used as asked; the message says why and what would work."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdkit.errors import KdkitError
 from kdkit.models import model_fingerprint
 
 DEFAULT_WORKSPACE = ".kdkit"
@@ -77,7 +78,7 @@ CREATE TABLE IF NOT EXISTS production (
 """
 
 
-class RegistryError(RuntimeError):
+class RegistryError(KdkitError, RuntimeError):
     pass
 
 

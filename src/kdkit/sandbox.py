@@ -38,6 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdkit.errors import KdkitError
+
 STATUSES = ("passed", "failed", "timeout", "error", "oom")
 INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap`; Fedora: `dnf install bubblewrap`)"
 _UID_BASE = 61000
@@ -46,7 +48,7 @@ _N_BLOCKS = 64
 _REAP_TIMEOUT_S = 30.0
 
 
-class SandboxUnavailable(RuntimeError):
+class SandboxUnavailable(KdkitError, RuntimeError):
     """Isolation cannot be set up; nothing was run."""
 
 

@@ -31,7 +31,8 @@ from kdkit import __version__
 from kdkit import data as kdata
 from kdkit.cache import TeacherCache
 from kdkit.config import TrainConfig, dump_config
-from kdkit.io import atomic_write_bytes, atomic_write_json, fsync_dir
+from kdkit.errors import KdkitError
+from kdkit.io import atomic_write_bytes, atomic_write_json, check_output_dir, fsync_dir
 from kdkit.losses import TopK, aggregate, token_divergence
 from kdkit.models import (
     ModelError,
@@ -54,22 +55,59 @@ GradHook = Callable[[torch.nn.Module, int], dict[str, float] | None]
 gradient edits (projection, routing). May return metrics to log."""
 
 
-class TrainingError(RuntimeError):
+class TrainingError(KdkitError, RuntimeError):
     """Training cannot continue; the message names the step and what to do."""
 
 
 FAULT_ENV = "KDKIT_FAULT_TRAIN"
+PACK_FILE = "kdkit_pack.json"  # written by merge into every pack: the pack's marker
 
 
 def _fault(point: str, step: int) -> None:
-    """Fault injection for the crash tests: KDKIT_FAULT_TRAIN=<point>:<step> kills -9 there
-    (``sigint:<step>`` raises the KeyboardInterrupt a Ctrl-C would: a signal would be ignored in a
-    background job, where SIGINT starts out ignored)."""
+    """Fault injection for the crash tests: KDKIT_FAULT_TRAIN=<point>:<step> kills -9 there;
+    ``sigint:<step>`` sends this process a real SIGINT after that step, ``sigint_mid:<step>`` in the middle
+    of it (after the first micro-batch's backward), as a Ctrl-C would."""
     spec = os.environ.get(FAULT_ENV)
     if spec == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
-    if spec == f"sigint:{step}" and point == "after_step":
-        raise KeyboardInterrupt
+    if (spec == f"sigint:{step}" and point == "after_step") or (spec == f"sigint_mid:{step}" and point == "mid_step"):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+class _Interrupts:
+    """Ctrl-C during training: the current step finishes, a checkpoint is saved at that step boundary (so
+    weights, optimizer, RNG state and logs agree), then KeyboardInterrupt. A second Ctrl-C stops at once.
+
+    The handler is installed explicitly, so it works where SIGINT starts out ignored (background jobs)."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.requested = False
+        self.log = log
+        self._old: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to stop without one)")
+
+    def __enter__(self) -> _Interrupts:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+    def agreed(self, acc: Any) -> bool:
+        """Whether any rank was interrupted (every rank must stop at the same step)."""
+        if acc.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=acc.device)
+        return bool(acc.reduce(flag, "sum").item() > 0)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -244,7 +282,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Opti
     tensors, meta = _opt_to_files(opt)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     atomic_write_json(tmp / "optimizer.json", meta)
-    save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    save_file(_rng_states(), str(tmp / "rng.safetensors"))
     atomic_write_json(tmp / "state.json", state)
     atomic_write_bytes(tmp / "COMPLETE", b"ok\n")
     fsync_dir(tmp)
@@ -267,8 +305,58 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
             params[n].copy_(t)
     _opt_from_files(opt, load_file(str(path / "optimizer.safetensors")),
                     json.loads((path / "optimizer.json").read_text()))
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["cpu"])
+    _set_rng_states(load_file(str(path / "rng.safetensors")))
     return json.loads((path / "state.json").read_text())
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    """The CPU generator and every CUDA device's: dropout on any device resumes exactly."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, st in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda.{i}"] = st
+    return states
+
+
+def _set_rng_states(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    cuda = [states[k] for k in sorted((k for k in states if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():
+            raise TrainingError(f"the checkpoint holds the RNG state of {len(cuda)} GPU(s), this machine has "
+                                f"{torch.cuda.device_count()}; an exact resume needs the same devices")
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# Settings that do not change what is trained: a resume may change them.
+RESUME_FREE = ("logging", "checkpoint")
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """``field: old → new`` for every field that differs (except :data:`RESUME_FREE` sections)."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        name = f"{prefix}{k}"
+        if not prefix and k in RESUME_FREE:
+            continue
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{name}.")
+        elif a != b:
+            out.append(f"{name}: {a!r} → {b!r}")
+    return out
+
+
+def _check_resume(run: Path, cfg: TrainConfig) -> None:
+    import yaml
+
+    saved_path = run / "config.yaml"
+    if not saved_path.is_file():
+        raise TrainingError(f"{run}: no config.yaml — not a kdkit run directory, nothing to resume")
+    changes = config_changes(yaml.safe_load(saved_path.read_text()) or {}, cfg.model_dump(mode="json"))
+    if changes:
+        raise TrainingError(f"--resume with a config that differs from {saved_path} in what is trained: "
+                            f"{'; '.join(changes)}. Resume with the saved config, or start a new run with another --out")
 
 
 # --------------------------------------------------------------------------- metrics
@@ -461,10 +549,19 @@ def train(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        log = _quiet  # one voice per run under torchrun / accelerate launch: rank 0's
     run = Path(out_dir)
-    ckpt = newest_checkpoint(run) if resume else None
     if not resume and run.exists() and any(run.iterdir()):
         raise TrainingError(f"{run}: run directory is not empty; pass --resume to continue it or choose another --out")
+    if resume and run.is_dir() and any(run.iterdir()):
+        _check_resume(run, cfg)
+        done = _finished(run)
+        if done is not None:
+            log(f"{run}: the run is complete ({done['steps']} steps, final/ written); nothing to resume")
+            return {"run_dir": str(run), "steps": done["steps"], "max_weight_change": None, "seconds": 0.0,
+                    "already_complete": True}
+    ckpt = newest_checkpoint(run) if resume else None
     run.mkdir(parents=True, exist_ok=True)
     acc = Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard" if cfg.logging.tensorboard else None,
                       project_dir=str(run))
@@ -542,84 +639,86 @@ def train(
     model.train()
     t_start = time.perf_counter()
     last_ckpt: Path | None = ckpt
-    try:
-        with bar:
-            task = bar.add_task("train", total=total_steps, completed=step, info="")
-            while step < total_steps:
-                t0 = time.perf_counter()
-                epoch = step // steps_per_epoch
-                ids = step_rows(len(rows), step, steps_per_epoch, global_batch, cfg.data.shuffle_seed)
-                micro = micro_slices(ids, o.micro_batch, o.grad_accum, world, rank)
-                batches = [kdata.collate([rows[i] for i in m], pad_id, m) if m else _empty_batch(rows, pad_id)
-                           for m in micro]
-                # One denominator for the whole step: every micro-batch of every rank.
-                local = torch.tensor(sum(float(token_weights(b.targets, cfg.objective.ce_norm).sum()) for b in batches),
-                                     dtype=torch.float64, device=device)
-                denom = StepDenominator(float(acc.reduce(local, "sum")))
-                step_sums = Sums()
-                for j, b in enumerate(batches):
-                    b = _to(b, device)
-                    # Sync gradients across ranks only on the last micro-step: earlier ones accumulate locally.
-                    ctx = acc.no_sync(model) if j < len(batches) - 1 else _nullcontext()
-                    with ctx:
-                        out = _forward_loss(model, b, rows, cfg, src, denom, real_vocab, device, why_not is None)
-                        if not torch.isfinite(out.loss):
-                            raise TrainingError(
-                                f"non-finite loss ({float(out.loss.detach())}) at step {step + 1}, micro-batch {j}; "
-                                f"last good checkpoint: {last_ckpt or 'none'} (lower optim.lr or check the data)")
-                        # DDP averages gradients over ranks; the loss is already this rank's share of the
-                        # step's sum, so undo the average to get the gradient of the global loss.
-                        acc.backward(out.loss * world)
-                    step_sums.add_output(out)
-                hook_metrics: dict[str, float] = {}
-                for hook in grad_hooks or []:
-                    hook_metrics.update(hook(acc.unwrap_model(model), step) or {})
-                gnorm = float(acc.clip_grad_norm_(trainable, o.grad_clip) if o.grad_clip > 0 else
-                              torch.norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None])))
-                lr_now = sched.get_last_lr()[0]
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-
-                packed = torch.tensor([step_sums.v[k] for k in Sums.keys], dtype=torch.float64, device=device)
-                packed = acc.reduce(packed, "sum")
-                step_sums.v = dict(zip(Sums.keys, packed.tolist(), strict=True))
-                step_sums.v["steps"] = 1.0
-                epoch_sums.merge(step_sums)
-                dt = time.perf_counter() - t0
-                summary = step_sums.summary(per_step_total=True)
-                if acc.is_main_process and (step % cfg.logging.every == 0 or step == total_steps):
-                    row = {"step": step, "epoch": epoch, "lr": lr_now, "grad_norm": gnorm,
-                           "tokens": step_sums.v["tok"], "step_time_s": dt,
-                           "tokens_per_s": step_sums.v["tok"] / max(dt, 1e-9), **summary, **hook_metrics}
-                    _append_jsonl(metrics_path, row)
-                    if cfg.logging.tensorboard:
-                        acc.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
-                bar.update(task, completed=step, info=f"loss {summary['total_loss']:.4f}")
-                _fault("after_step", step)
-
-                end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-                if end_of_epoch:
-                    ev = evaluate_loss(acc.unwrap_model(model), val_rows, cfg, pad_id, real_vocab, device,
-                                       src.teacher_model) if val_rows else {}
-                    if acc.is_main_process:
-                        _append_jsonl(epochs_path, {"epoch": epoch, "step": step,
-                                                    "train_loss": epoch_sums.summary(True)["total_loss"],
-                                                    **epoch_sums.summary(True), **ev})
-                    epoch_sums = Sums()
-                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total_steps:
-                    acc.wait_for_everyone()
-                    if acc.is_main_process:
-                        last_ckpt = save_checkpoint(run, acc.unwrap_model(model), opt, state_dict(), cfg.checkpoint.keep)
-                    _fault("after_checkpoint", step)
-    except KeyboardInterrupt:
-        acc.wait_for_everyone()
-        if acc.is_main_process:
+    with _Interrupts(log) as interrupts, bar:
+        task = bar.add_task("train", total=total_steps, completed=step, info="")
+        while step < total_steps:
+            t0 = time.perf_counter()
+            epoch = step // steps_per_epoch
+            ids = step_rows(len(rows), step, steps_per_epoch, global_batch, cfg.data.shuffle_seed)
+            micro = micro_slices(ids, o.micro_batch, o.grad_accum, world, rank)
+            batches = [kdata.collate([rows[i] for i in m], pad_id, m) if m else _empty_batch(rows, pad_id)
+                       for m in micro]
+            # One denominator for the whole step: every micro-batch of every rank.
+            local = torch.tensor(sum(float(token_weights(b.targets, cfg.objective.ce_norm).sum()) for b in batches),
+                                 dtype=torch.float64, device=device)
+            denom = StepDenominator(float(acc.reduce(local, "sum")))
+            step_sums = Sums()
+            for j, b in enumerate(batches):
+                b = _to(b, device)
+                # Sync gradients across ranks only on the last micro-step: earlier ones accumulate locally.
+                ctx = acc.no_sync(model) if j < len(batches) - 1 else _nullcontext()
+                with ctx:
+                    out = _forward_loss(model, b, rows, cfg, src, denom, real_vocab, device, why_not is None)
+                    if not torch.isfinite(out.loss):
+                        raise TrainingError(
+                            f"non-finite loss ({float(out.loss.detach())}) at step {step + 1}, micro-batch {j}; "
+                            f"last good checkpoint: {last_ckpt or 'none'} (lower optim.lr or check the data)")
+                    # DDP averages gradients over ranks; the loss is already this rank's share of the
+                    # step's sum, so undo the average to get the gradient of the global loss.
+                    acc.backward(out.loss * world)
+                step_sums.add_output(out)
+                if j == 0:
+                    _fault("mid_step", step + 1)
+            hook_metrics: dict[str, float] = {}
+            for hook in grad_hooks or []:
+                hook_metrics.update(hook(acc.unwrap_model(model), step) or {})
+            gnorm = float(acc.clip_grad_norm_(trainable, o.grad_clip) if o.grad_clip > 0 else
+                          torch.norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None])))
+            lr_now = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
             opt.zero_grad(set_to_none=True)
-            last_ckpt = save_checkpoint(run, acc.unwrap_model(model), opt, state_dict(), cfg.checkpoint.keep)
-            log(f"interrupted: saved {last_ckpt}; continue with --resume")
-        raise
+            step += 1
+
+            packed = torch.tensor([step_sums.v[k] for k in Sums.keys], dtype=torch.float64, device=device)
+            packed = acc.reduce(packed, "sum")
+            step_sums.v = dict(zip(Sums.keys, packed.tolist(), strict=True))
+            step_sums.v["steps"] = 1.0
+            epoch_sums.merge(step_sums)
+            dt = time.perf_counter() - t0
+            summary = step_sums.summary(per_step_total=True)
+            if acc.is_main_process and (step % cfg.logging.every == 0 or step == total_steps):
+                row = {"step": step, "epoch": epoch, "lr": lr_now, "grad_norm": gnorm,
+                       "tokens": step_sums.v["tok"], "step_time_s": dt,
+                       "tokens_per_s": step_sums.v["tok"] / max(dt, 1e-9), **summary, **hook_metrics}
+                _append_jsonl(metrics_path, row)
+                if cfg.logging.tensorboard:
+                    acc.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
+            bar.update(task, completed=step, info=f"loss {summary['total_loss']:.4f}")
+            _fault("after_step", step)
+
+            end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+            if end_of_epoch:
+                ev = evaluate_loss(acc.unwrap_model(model), val_rows, cfg, pad_id, real_vocab, device,
+                                   src.teacher_model) if val_rows else {}
+                if acc.is_main_process:
+                    _append_jsonl(epochs_path, {"epoch": epoch, "step": step,
+                                                "train_loss": epoch_sums.summary(True)["total_loss"],
+                                                **epoch_sums.summary(True), **ev})
+                epoch_sums = Sums()
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total_steps:
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    last_ckpt = save_checkpoint(run, acc.unwrap_model(model), opt, state_dict(), cfg.checkpoint.keep)
+                _fault("after_checkpoint", step)
+            if step < total_steps and interrupts.agreed(acc):
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    if last_ckpt is None or last_ckpt.name != f"step-{step:07d}":
+                        last_ckpt = save_checkpoint(run, acc.unwrap_model(model), opt, state_dict(),
+                                                    cfg.checkpoint.keep)
+                    log(f"interrupted after step {step}: saved {last_ckpt}; continue with --resume")
+                raise KeyboardInterrupt
 
     acc.wait_for_everyone()
     unwrapped = acc.unwrap_model(model)
@@ -650,6 +749,16 @@ def _drift(model: torch.nn.Module, initial_path: Path) -> float:
     return max(float((cur[n].float() - init[n].float()).abs().max()) for n in init)
 
 
+def _quiet(message: str) -> None:
+    return None
+
+
+def _finished(run: Path) -> dict[str, Any] | None:
+    """The final/ metadata of a run that completed, else None."""
+    meta = run / "final" / "kdkit.json"
+    return json.loads(meta.read_text()) if meta.is_file() else None
+
+
 def _save_final(run: Path, model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, step: int) -> None:
     final, tmp = run / "final", run / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -666,6 +775,7 @@ def _save_final(run: Path, model: torch.nn.Module, tokenizer: Any, cfg: TrainCon
 def merge(run_dir: str | Path, out: str | Path) -> Path:
     """Write a full HF model dir (a "pack") from a run's ``final/``: LoRA merged into the base."""
     run, out = Path(run_dir), Path(out)
+    replace = check_output_dir(out, "--out", marker=PACK_FILE)  # an earlier pack may be replaced; nothing else
     final = run / "final"
     meta_path = final / "kdkit.json"
     if not meta_path.is_file():
@@ -679,13 +789,13 @@ def merge(run_dir: str | Path, out: str | Path) -> Path:
         model = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
     else:
         model = load_causal_lm(final)
-    tmp = out.with_name(f".tmp-{out.name}")
+    tmp = out.with_name(f".kdkit-tmp-{out.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
-    atomic_write_json(tmp / "kdkit_pack.json", {"source_run": str(run.resolve()), "steps": meta["steps"],
-                                                "config_sha256": sha256_file(run / "config.yaml")})
-    if out.exists():
+    atomic_write_json(tmp / PACK_FILE, {"source_run": str(run.resolve()), "steps": meta["steps"],
+                                        "config_sha256": sha256_file(run / "config.yaml")})
+    if replace or out.is_dir():  # our earlier pack, or an empty directory
         shutil.rmtree(out)
     tmp.rename(out)
     return out

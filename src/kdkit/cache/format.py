@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from kdkit.errors import KdkitError
+
 FORMAT_VERSION = 1
 KEY_FILE = "key.json"
 MANIFEST_FILE = "manifest.json"
@@ -19,7 +21,7 @@ KEY_FIELDS = ("format_version", "teacher", "tokenizer", "data", "top_k", "temper
               "logprob_dtype", "shard_rows")
 
 
-class CacheError(RuntimeError):
+class CacheError(KdkitError, RuntimeError):
     """The cache cannot be used: corrupt, incomplete, or not a kdkit cache."""
 
 

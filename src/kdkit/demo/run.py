@@ -21,6 +21,7 @@ import yaml
 
 from kdkit.demo.assets_build import STUDENT_SHAPE, fresh_model_dir
 from kdkit.demo.world import make_world, training_rows
+from kdkit.io import check_output_dir, mark_output_dir
 
 TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "teacher"
 WORLD_SEED = 0  # the seed scripts/train_demo_teacher.py trained the bundled teacher on
@@ -111,11 +112,12 @@ def run_demo(out: str | Path = "demo-out", settings: DemoSettings = DemoSettings
     t_all = time.perf_counter()
     s = settings
     out = Path(out).resolve()  # the run configs hold absolute paths
-    if out.exists() and any(out.iterdir()):
+    if check_output_dir(out, "--out", kind="demo"):  # a previous demo's output: replaced, never a user's files
         import shutil
 
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    mark_output_dir(out, "demo")
     if not (teacher / "model.safetensors").is_file():
         raise FileNotFoundError(f"{teacher}: the demo teacher is missing (run scripts/train_demo_teacher.py)")
 
