@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -221,3 +222,72 @@ def test_cache_info_cli(reference_cache):
     man = json.loads((reference_cache / "manifest.json").read_text())
     assert f"{man['bytes_per_token']:.1f}" in res.output and str(man["tokens"]) in res.output
     assert np.isfinite(man["stats"]["teacher_entropy_mean"])
+
+
+def _damage_flip(out: Path) -> None:
+    f = out / "shard-00001.safetensors"
+    b = bytearray(f.read_bytes())
+    b[-3] ^= 0xFF
+    f.write_bytes(bytes(b))
+
+
+def _damage_truncate_shard(out: Path) -> None:
+    f = out / "shard-00002.safetensors"
+    f.write_bytes(f.read_bytes()[:-40])
+
+
+def _damage_delete_shard(out: Path) -> None:
+    (out / "shard-00000.safetensors").unlink()
+
+
+def _damage_truncate_manifest(out: Path) -> None:
+    f = out / "manifest.json"
+    f.write_bytes(f.read_bytes()[:100])
+
+
+def _damage_empty_manifest(out: Path) -> None:
+    (out / "manifest.json").write_text("{}")
+
+
+def _damage_sidecar_and_shard(out: Path) -> None:
+    (out / "shard-00003.json").write_text("not json")
+    _damage_flip(out)
+
+
+@pytest.mark.parametrize("damage", [_damage_flip, _damage_truncate_shard, _damage_delete_shard,
+                                    _damage_truncate_manifest, _damage_empty_manifest, _damage_sidecar_and_shard])
+def test_rerun_on_a_damaged_cache_repairs_it_to_the_same_bytes(world, reference_cache, tmp_path, damage):
+    _, teacher, data = world
+    out = tmp_path / "damaged"
+    shutil.copytree(reference_cache, out)
+    damage(out)
+    with pytest.raises(CacheError):  # the reader never trains on it
+        TeacherCache(out).topk_batch(list(range(30)), 128)
+    said: list[str] = []
+    precompute(teacher, data, out, S, progress=False, log=said.append)
+    assert any("damaged" in m for m in said), said
+    assert not any("nothing to do" in m for m in said)
+    assert _files(out) == _files(reference_cache)
+    assert verify_cache(out) == []
+
+
+@pytest.mark.parametrize("text, field", [
+    ("{}", "field 'format_version': field required"),
+    ("[]", "expected a JSON object, got list"),
+    ('{"format_version": 1', "not valid JSON"),
+    (None, "field 'shards[1].sha256': field required"),
+    ("\xff", "not valid JSON"),
+])
+def test_a_malformed_manifest_is_a_clear_error(reference_cache, tmp_path, text, field):
+    out = tmp_path / "bad"
+    shutil.copytree(reference_cache, out)
+    if text is None:
+        man = json.loads((out / "manifest.json").read_text())
+        del man["shards"][1]["sha256"]
+        text = json.dumps(man)
+    (out / "manifest.json").write_text(text)
+    for call in (lambda: TeacherCache(out), lambda: verify_cache(out)):
+        with pytest.raises(CacheError, match=re.escape(field)):
+            call()
+    res = CliRunner().invoke(app, ["cache", "info", str(out)])
+    assert res.exit_code == 2 and field in res.output and "Traceback" not in res.output

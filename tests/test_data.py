@@ -103,3 +103,16 @@ def test_fingerprint_changes_with_ids_or_mask(tmp_path):
     fp = data_fingerprint(rows)
     rows[0].loss_mask[1] = True
     assert data_fingerprint(rows) != fp
+
+
+def test_non_utf8_bytes_name_file_and_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\)"):
+        read_jsonl(f)
+    import gzip
+
+    g = tmp_path / "d.jsonl.gz"
+    g.write_bytes(gzip.compress(b'{"text": "fine"}\n')[:-6])  # truncated archive
+    with pytest.raises(DataError, match=r"d.jsonl.gz: cannot be read"):
+        read_jsonl(g)

@@ -147,7 +147,9 @@ def test_task_file_errors_name_line_and_field(tmp_path):
     cases = [({k: v for k, v in good.items() if k != "test"}, "field 'test': missing"),
              ({**good, "entry_point": "not valid"}, "field 'entry_point'"),
              ({**good, "test": "assert True"}, "must define check"),
-             ({**good, "prompt": 3}, "field 'prompt': expected a string")]
+             ({**good, "prompt": 3}, "field 'prompt': expected a string"),
+             ({**good, "task_id": "T/1", "test": "def check(c):\n    assert c() == (1,\n"},
+              "field 'test': task 'T/1' has a syntax error (line 2 of the test)")]
     for row, match in cases:
         p = write_jsonl(tmp_path / "t.jsonl", [good, row])
         with pytest.raises(TaskError, match=rf"t.jsonl:2: .*{re.escape(match)}"):

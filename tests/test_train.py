@@ -359,3 +359,26 @@ def test_merge_never_replaces_a_directory_kdkit_did_not_write(world, tmp_path):
     pack = merge(run["run_dir"], tmp_path / "pack")
     again = merge(run["run_dir"], pack)  # an earlier pack is kdkit's own: replaced
     assert (again / "kdkit_pack.json").is_file()
+
+
+def test_validate_checks_what_train_will_need(world, tmp_path):
+    import shutil
+
+    r = CliRunner()
+    cache = tmp_path / "cache"
+    shutil.copytree(world / "cache_full", cache)
+    (cache / "shard-00001.safetensors").unlink()
+    res = r.invoke(app, ["validate", str(_cfg(world, tmp_path, teacher={"cache": str(cache)}))])
+    assert res.exit_code == 2 and "shard-00001.safetensors: missing" in res.output, res.output
+    empty = tmp_path / "no_weights"
+    shutil.copytree(world / "student", empty)
+    (empty / "model.safetensors").unlink()
+    res = r.invoke(app, ["validate", str(_cfg(world, tmp_path, student={"path": str(empty), "lora": None}))])
+    assert res.exit_code == 2 and "no *.safetensors weights" in res.output, res.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "b"}\n')
+    cfg = _cfg(world, tmp_path, data={"train": str(bad), "validation": None}, teacher=None)
+    for cmd in (["validate", str(cfg)], ["train", str(cfg), "--out", str(tmp_path / "r"), "--no-progress"],
+                ["precompute", "--teacher", str(world / "teacher"), "--data", str(bad), "--out", str(tmp_path / "c")]):
+        res = r.invoke(app, cmd)
+        assert res.exit_code in (1, 2) and f"{bad}:2: not UTF-8 text" in res.output, (cmd, res.output)

@@ -208,11 +208,12 @@ def validate_cmd(
     """Validate a training config without loading any model: fields and ranges, files, that a referenced cache matches the data, tokenizer, K and temperature, that every role and task named occurs in the data, and that no option would silently not take effect. Exits 2 naming the field."""
     from kdkit import data as kdata
     from kdkit.cache import CacheError
-    from kdkit.models import ModelError, load_tokenizer
+    from kdkit.models import ModelError, check_model_dir, load_tokenizer
     from kdkit.train import TrainingError, check_sources
 
     cfg = _load_config(config, set_)
     try:
+        check_model_dir(cfg.student.path, "student.path:")
         tok = load_tokenizer(cfg.student.path)
         rows, rep = kdata.load_dataset(tok, cfg.data.train, max_length=cfg.data.max_length, on_empty=cfg.data.on_empty)
         if cfg.data.validation:
@@ -221,7 +222,7 @@ def validate_cmd(
         from pathlib import Path as _P
 
         mcfg = _json.loads((_P(cfg.student.path) / "config.json").read_text())
-        check_sources(cfg, rows, tok, int(mcfg.get("vocab_size", len(tok))))
+        check_sources(cfg, rows, tok, int(mcfg.get("vocab_size", len(tok))), verify=True)
     except (CacheError, ModelError, TrainingError, kdata.DataError, OSError) as e:
         fail(str(e))
     console.print(f"{config}: valid — {rep.rows} training rows, {rep.target_tokens} target tokens, "

@@ -56,6 +56,12 @@ def load_tasks(path: str | Path) -> list[Task]:
             raise TaskError(f"{path}:{n}: field 'entry_point': {obj['entry_point']!r} is not a Python identifier")
         if "def check" not in obj["test"]:
             raise TaskError(f"{path}:{n}: field 'test': must define check(candidate)")
+        try:  # a broken test would score every model as failing: refuse it here, not in the sandbox
+            compile(obj["test"], f"{obj['task_id']} test", "exec")
+        except (SyntaxError, ValueError) as e:
+            where = f" (line {e.lineno} of the test)" if getattr(e, "lineno", None) else ""
+            raise TaskError(f"{path}:{n}: field 'test': task {obj['task_id']!r} has a syntax error{where}: "
+                            f"{getattr(e, 'msg', e)}") from None
         cs = obj.get("canonical_solution")
         if cs is not None and not isinstance(cs, str):
             raise TaskError(f"{path}:{n}: field 'canonical_solution': expected a string")

@@ -72,10 +72,22 @@ def read_jsonl_objects(path: str | Path, error: type[Exception]) -> list[tuple[i
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: no such file")
-    rows = []
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for n, raw in enumerate(fh, start=1):
+    try:
+        return _jsonl_rows(path, opener, error)
+    except (OSError, EOFError) as e:  # e.g. a truncated or corrupt .gz
+        raise error(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _jsonl_rows(path: Path, opener: Any, error: type[Exception]) -> list[tuple[int, dict[str, Any]]]:
+    rows = []
+    with opener(path, "rb") as fh:
+        for n, raw_bytes in enumerate(fh, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"{path}:{n}: not UTF-8 text (byte 0x{raw_bytes[e.start]:02x} at column {e.start + 1}); "
+                            f"save the file as UTF-8") from None
             if not raw.strip():
                 continue
             try:

@@ -48,14 +48,33 @@ def load_tokenizer(path: str | Path) -> Any:
         raise ModelError(f"{p}: cannot load a tokenizer ({type(e).__name__}: {e})") from e
 
 
+def check_model_dir(path: str | Path, what: str = "model") -> Path:
+    """What loading will need, without loading: config.json and every safetensors weights file.
+
+    A sharded checkpoint's index must name only files that exist."""
+    p = _require_dir(path, what)
+    if not (p / "config.json").is_file():
+        raise ModelError(f"{what} {p}: no config.json (not a Hugging Face model directory)")
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ModelError(f"{what} {index}: not a valid safetensors index (no 'weight_map')") from None
+        missing = sorted(f for f in files if not (p / f).is_file())
+        if missing:
+            raise ModelError(f"{what} {p}: weights files named by {index.name} are missing: {', '.join(missing)}")
+    elif not any(f.stat().st_size > 0 for f in p.glob("*.safetensors")):
+        raise ModelError(f"{what} {p}: no *.safetensors weights (kdkit never unpickles .bin files; convert them first)")
+    return p
+
+
 def load_causal_lm(path: str | Path, dtype: str = "float32") -> Any:
     """Load a causal LM from a local directory of safetensors weights, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    p = _require_dir(path, "model")
-    if not any(p.glob("*.safetensors")):
-        raise ModelError(f"{p}: no *.safetensors weights (kdkit never unpickles .bin files; convert them first)")
+    p = check_model_dir(path)
     model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype(dtype), use_safetensors=True)
     model.eval()
     return model

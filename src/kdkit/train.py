@@ -29,13 +29,14 @@ from safetensors.torch import load_file, save_file
 
 from kdkit import __version__
 from kdkit import data as kdata
-from kdkit.cache import TeacherCache
+from kdkit.cache import TeacherCache, verify_cache
 from kdkit.config import TrainConfig, dump_config
 from kdkit.errors import KdkitError
 from kdkit.io import atomic_write_bytes, atomic_write_json, check_output_dir, fsync_dir
 from kdkit.losses import TopK, aggregate, token_divergence
 from kdkit.models import (
     ModelError,
+    check_model_dir,
     load_causal_lm,
     load_tokenizer,
     mask_padded_vocab,
@@ -125,8 +126,14 @@ class Sources:
     head_checked: bool = False  # the chunked path's "hidden state feeds the LM head" check ran once
 
 
-def _cache_for(path: str, rows: list[kdata.TokenizedRow], tok_sha: str, vocab_rows: int, what: str) -> TeacherCache:
+def _cache_for(path: str, rows: list[kdata.TokenizedRow], tok_sha: str, vocab_rows: int, what: str,
+               verify: bool = False) -> TeacherCache:
     cache = TeacherCache(path)
+    if verify:  # `kdkit validate`: every shard training will read is present and sound
+        problems = verify_cache(path)
+        if problems:
+            raise TrainingError(f"{what} cache {path} is damaged: {'; '.join(problems)} (rerun the same "
+                                f"`kdkit precompute` to repair it)")
     # The data fingerprint covers the token ids after truncation, so max_length needs no separate check.
     cache.check_compatible(data=kdata.data_fingerprint(rows))
     cache.check_student_vocab(tok_sha, vocab_rows)
@@ -135,11 +142,19 @@ def _cache_for(path: str, rows: list[kdata.TokenizedRow], tok_sha: str, vocab_ro
     return cache
 
 
-def check_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, vocab_rows: int) -> None:
-    """Cheap compatibility checks shared by ``kdkit validate`` and ``kdkit train``."""
+def check_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, vocab_rows: int,
+                  verify: bool = False) -> None:
+    """Compatibility checks shared by ``kdkit validate`` and ``kdkit train`` (``verify``: also re-hash every
+    cache shard and check model directories, as validate does without loading anything)."""
     tok_sha = tokenizer_fingerprint(tokenizer)["sha256"]
+    if verify:
+        check_model_dir(cfg.student.path, "student.path:")
+        if cfg.teacher is not None and cfg.teacher.model:
+            check_model_dir(cfg.teacher.model, "teacher.model:")
+        if cfg.reference is not None and cfg.reference.kind == "model":
+            check_model_dir(cfg.reference.path, "reference.path:")
     if cfg.teacher is not None and cfg.teacher.cache:
-        cache = _cache_for(cfg.teacher.cache, rows, tok_sha, vocab_rows, "teacher")
+        cache = _cache_for(cfg.teacher.cache, rows, tok_sha, vocab_rows, "teacher", verify)
         if cache.temperature != cfg.objective.kd.temperature:
             raise TrainingError(
                 f"teacher cache {cfg.teacher.cache} was captured at temperature {cache.temperature} but "
@@ -147,7 +162,7 @@ def check_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: A
                 f"re-tempered — precompute again or set objective.kd.temperature={cache.temperature}"
             )
     if cfg.reference is not None and cfg.reference.kind == "cache":
-        _cache_for(cfg.reference.path, rows, tok_sha, vocab_rows, "reference")
+        _cache_for(cfg.reference.path, rows, tok_sha, vocab_rows, "reference", verify)
     seen_roles = {r.role for r in rows}
     for role in cfg.objective.roles:
         if role not in seen_roles:

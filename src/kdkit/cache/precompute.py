@@ -34,7 +34,8 @@ from kdkit.cache.format import (
     shard_name,
     sidecar_name,
 )
-from kdkit.io import atomic_write_bytes, atomic_write_json, remove_stale_tmp
+from kdkit.cache.reader import load_manifest, verify_cache
+from kdkit.io import atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_tmp
 from kdkit.losses import TopK
 from kdkit.models import load_causal_lm, load_tokenizer, model_fingerprint, sha256_file, tokenizer_fingerprint
 
@@ -129,8 +130,13 @@ def _prepare_dir(out: Path, components: dict[str, Any], key: str) -> bool:
     if key_path.is_file():
         import json
 
-        cached = json.loads(key_path.read_text())
-        diff = first_difference(cached.get("components", {}), components)
+        try:
+            cached = json.loads(key_path.read_text(encoding="utf-8"))
+            cached_components = cached["components"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise CacheError(f"{key_path}: unreadable (not the JSON object kdkit writes); the cache's identity is "
+                             f"unknown — precompute into a new directory") from None
+        diff = first_difference(cached_components, components)
         if diff is not None:
             raise CacheMismatch(diff[0], diff[1], diff[2], out)
         return (out / MANIFEST_FILE).is_file()
@@ -138,6 +144,34 @@ def _prepare_dir(out: Path, components: dict[str, Any], key: str) -> bool:
         raise CacheError(f"{out}: directory is not empty and holds no {KEY_FILE}; refusing to write a cache into it")
     atomic_write_json(key_path, {"key": key, "components": components})
     return False
+
+
+def _damage(out: Path, key: str) -> list[str]:
+    """What is wrong with a cache whose manifest exists: an unreadable manifest, another key, bad shards."""
+    try:
+        man = load_manifest(out)
+    except CacheError as e:
+        return [str(e).split(" (the manifest is damaged")[0]]
+    if man["key"] != key:
+        return [f"{MANIFEST_FILE}: key {man['key'][:12]} is not this cache's {key[:12]}"]
+    problems = verify_cache(out)
+    listed = {s["file"] for s in man["shards"]}
+    for f in sorted(out.glob("shard-*.safetensors")):
+        if f.name not in listed:  # a shard file past the data's end: not part of this cache
+            f.unlink()
+            f.with_suffix(".json").unlink(missing_ok=True)
+    return problems
+
+
+def _read_sidecar(path: Path) -> dict[str, Any] | None:
+    """A shard's sidecar, or None when it is absent or unreadable (the shard is then recomputed)."""
+    import json
+
+    try:
+        side = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return side if isinstance(side, dict) else None
 
 
 def precompute(
@@ -150,7 +184,6 @@ def precompute(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Build (or resume, or confirm) the cache in ``out``; returns the manifest."""
-    import json
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -175,8 +208,13 @@ def precompute(
     }
     key = content_key(components)
     if _prepare_dir(out, components, key):
-        log(f"{out}: cache already complete (key {key[:12]}); nothing to do")
-        return json.loads((out / MANIFEST_FILE).read_text())
+        damage = _damage(out, key)
+        if not damage:
+            log(f"{out}: cache already complete (key {key[:12]}), every shard verified; nothing to do")
+            return load_manifest(out)
+        log(f"{out}: the cache is damaged ({'; '.join(damage)}); recomputing what is damaged")
+        (out / MANIFEST_FILE).unlink()  # the cache is incomplete again until every shard is sound
+        fsync_dir(out)
     remove_stale_tmp(out)
 
     model = load_causal_lm(teacher, settings.dtype)
@@ -198,7 +236,7 @@ def precompute(
         for i in range(n_shards):
             lo, hi = i * settings.shard_rows, min(len(rows), (i + 1) * settings.shard_rows)
             spath, cpath = out / shard_name(i), out / sidecar_name(i)
-            side = json.loads(cpath.read_text()) if cpath.is_file() else None
+            side = _read_sidecar(cpath)
             if side and spath.is_file() and side.get("sha256") == sha256_file(spath) and side.get("rows") == [lo, hi]:
                 shards_meta.append(side)
                 bar.advance(task, side["tokens"])

@@ -9,14 +9,72 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.numpy import load_file
 
-from kdkit.cache.format import MANIFEST_FILE, CacheError, CacheMismatch, shard_name
+from kdkit.cache.format import KEY_FIELDS, MANIFEST_FILE, CacheError, CacheMismatch, shard_name
 from kdkit.losses import TopK
 from kdkit.models import sha256_file
 
 
+class _Shard(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    file: str
+    rows: tuple[int, int]
+    sha256: str
+    bytes: int
+    tokens: int
+
+
+class _Stats(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    tail_mass_mean: float
+    tail_mass_p50: float
+    tail_mass_p95: float
+    teacher_entropy_mean: float
+
+
+class _Manifest(BaseModel):
+    """The fields a reader relies on; anything missing or of the wrong type is refused by name."""
+
+    model_config = ConfigDict(extra="allow")
+    format_version: int
+    key: str
+    components: dict[str, Any]
+    teacher: dict[str, Any]
+    vocab_size: int
+    encoding: dict[str, str]
+    rows: int
+    tokens: int
+    bytes: int
+    bytes_per_token: float
+    shards: list[_Shard]
+    stats: _Stats
+
+
+def _check_manifest(man: Any, mf: Path) -> dict[str, Any]:
+    if not isinstance(man, dict):
+        raise CacheError(f"{mf}: expected a JSON object, got {type(man).__name__}{_RERUN}")
+    try:
+        _Manifest.model_validate(man)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+        raise CacheError(f"{mf}: field '{where}': {err['msg'].lower()}{_RERUN}") from None
+    missing = [f for f in KEY_FIELDS if f not in man["components"]]
+    if missing:
+        raise CacheError(f"{mf}: field 'components.{missing[0]}': missing{_RERUN}")
+    expected = -(-man["rows"] // max(int(man["components"]["shard_rows"]), 1))
+    if len(man["shards"]) != expected:
+        raise CacheError(f"{mf}: field 'shards': {len(man['shards'])} listed, {man['rows']} rows need {expected}{_RERUN}")
+    return man
+
+
+_RERUN = " (the manifest is damaged: rerun the same `kdkit precompute` to verify and repair the cache)"
+
+
 def load_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a complete cache, checked field by field."""
     path = Path(path)
     mf = path / MANIFEST_FILE
     if not path.is_dir():
@@ -25,9 +83,12 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
         raise CacheError(f"{path}: no {MANIFEST_FILE} — the cache is incomplete (rerun `kdkit precompute` "
                          f"with the same arguments to resume it)")
     try:
-        return json.loads(mf.read_text())
+        man = json.loads(mf.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CacheError(f"{mf}: not UTF-8 text{_RERUN}") from None
     except json.JSONDecodeError as e:
-        raise CacheError(f"{mf}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        raise CacheError(f"{mf}: not valid JSON ({e.msg}, line {e.lineno}){_RERUN}") from None
+    return _check_manifest(man, mf)
 
 
 def verify_cache(path: str | Path) -> list[str]:
