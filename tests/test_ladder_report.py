@@ -90,3 +90,35 @@ def test_run_report_is_self_contained(ladder_world, tmp_path):
     assert f"{epochs[0]['train_loss']:.4f}" in html
     with pytest.raises(FileNotFoundError, match="not a demo, ladder or run"):
         write_report(tmp_path)
+
+
+def _demo_json(d: Path, decision: str, holdout_delta: int) -> None:
+    def model(name: str, holdout: int, pre: float) -> dict:
+        return {"model": name, "parameters": 1000, "anchor_passed": 2, "anchor_total": 30,
+                "anchor_interval": [0.01, 0.2], "holdout_passed": holdout, "holdout_total": 40, "val_loss": 0.2,
+                "kl_to_teacher": 0.1, "wall_s": 50.0, "precompute_s": pre,
+                "anchor_outcomes": {f"A/{i}": i < 2 for i in range(30)},
+                "holdout_outcomes": {f"H/{i}": i < holdout for i in range(40)}}
+
+    s = {"models": [model("teacher", 39, 0.0), model("distilled", 5 + holdout_delta, 7.5), model("baseline", 5, 0.0)],
+         "gate": {"decision": decision, "reason": "1 task(s) that the baseline passes now fail"},
+         "distillation_wins_holdout": holdout_delta > 0, "holdout_delta": holdout_delta, "anchor_delta": -1,
+         "total_seconds": 100.0}
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "demo.json").write_text(json.dumps(s))
+
+
+def test_demo_report_says_the_gate_is_anchors_only_and_fits_the_grid(tmp_path):
+    import re
+
+    _demo_json(tmp_path / "revert", "REVERT", 4)
+    page = write_report(tmp_path / "revert").read_text()
+    assert "distillation wins on the holdout (Δ = +4) but the gate REVERTs" in page
+    assert "precompute s</th><th>train s" in page and "<td>7.5</td><td>50.0</td>" in page
+    # 40 holdout + 30 anchor tasks in blocks of at most 20 columns (+ the model column)
+    for table in re.findall(r"<table class='grid'><tr>(.*?)</tr>", page):
+        assert 2 <= table.count("<th>") <= 21
+    assert page.count("<table class='grid'>") == 2 + 2
+    _demo_json(tmp_path / "keep", "KEEP", 4)
+    page = write_report(tmp_path / "keep").read_text()
+    assert "but the gate REVERTs" not in page and "decides on the anchor tasks only" in page

@@ -7,7 +7,7 @@ import warnings
 import typer
 from rich.console import Console
 from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from kdkit import __version__
 from kdkit.errors import KdkitError
@@ -22,6 +22,15 @@ class _Group(TyperGroup):
             return super().invoke(ctx)
         except KdkitError as e:
             fail(str(e))
+
+
+def _flag_type(self, ctx):  # noqa: ANN001, ANN202
+    """A flag takes no value: its help row shows no `<bool>` type."""
+    return None if getattr(self, "is_flag", False) else _option_type(self, ctx)
+
+
+_option_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = _flag_type
 
 
 app = typer.Typer(
@@ -392,22 +401,26 @@ def _registry(workspace: str | None, create: bool = False):
         fail(str(e))
 
 
-def _pack_table(reg, title: str) -> Table:
+def _print_packs(reg) -> None:
+    """A narrow table (fits 80 columns), then each pack's paths in full on its own line (never cut)."""
     prod = reg.production()
-    t = Table(title=title)
-    for c in ("id", "name", "status", "production", "weights sha256", "parent", "source run", "path"):
+    console.print(f"packs in {reg.db_path}")
+    t = Table()
+    for c in ("id", "name", "status", "prod", "weights sha256", "parent"):
         t.add_column(c, overflow="fold")
-    for p in reg.packs():
+    packs = reg.packs()
+    for p in packs:
         t.add_row(str(p.id), p.name, p.status, "★" if prod and prod.id == p.id else "", p.weights_sha256[:12],
-                  str(p.parent_id or ""), p.source_run or "", p.path)
-    return t
+                  str(p.parent_id or ""))
+    console.print(t)
+    for p in packs:
+        console.print(f"{p.id}: {p.path}" + (f" (from run {p.source_run})" if p.source_run else ""), highlight=False)
 
 
 @registry_app.command("list")
 def registry_list(workspace: str = typer.Option(None, help=WORKSPACE_HELP)) -> None:
-    """List packs, their status (active/archived) and which one is production."""
-    reg = _registry(workspace)
-    console.print(_pack_table(reg, f"packs in {reg.db_path}"))
+    """List packs, their status (active/archived) and which one is production, then where each pack is stored."""
+    _print_packs(_registry(workspace))
 
 
 @registry_app.command("show")
@@ -517,6 +530,7 @@ def gate_cmd(
     workspace: str = typer.Option(None, help=WORKSPACE_HELP),
     json_out: str = typer.Option(None, "--json", help="Also write the decision as JSON here."),
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
+    progress: bool = typer.Option(True, help="Show progress bars while the packs are evaluated."),
 ) -> None:
     """Evaluate candidate and baseline on the anchors (reusing stored evaluations), compare task by task, run the exact paired test, decide KEEP (promote) or REVERT (archive), and record it. Exit code 0 on KEEP, 1 on REVERT."""
     from kdkit.evaluate import GenerationSettings, TaskError
@@ -530,7 +544,7 @@ def gate_cmd(
     try:
         res = gate(reg, candidate, tasks, against=against, rule=GateRule.parse(rule),
                    settings=GenerationSettings(max_new_tokens=max_new_tokens), limits=Limits(timeout_s=timeout),
-                   unsafe_no_isolation=unsafe_no_isolation, log=console.print)
+                   unsafe_no_isolation=unsafe_no_isolation, log=console.print, progress=progress)
     except (RegistryError, TaskError, SandboxUnavailable, ModelError, ValueError) as e:
         fail(str(e))
     t = Table(title=f"gate: {res.candidate} vs {res.baseline}")
@@ -558,6 +572,7 @@ def ladder_cmd(
     timeout: float = typer.Option(10.0, help="Wall-clock seconds per program in the sandbox."),
     workspace: str = typer.Option(None, help=WORKSPACE_HELP),
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
+    progress: bool = typer.Option(True, help="Show progress bars for each rung's training and evaluation."),
 ) -> None:
     """For each rung: train → merge → gate against the production at the ladder's start → KEEP/REVERT. A failed rung does not stop the ladder; a rerun skips finished rungs. Writes ladder.md, ladder.csv and ladder.png (anchor pass and losses against the varied value)."""
     from pathlib import Path as _P
@@ -575,7 +590,7 @@ def ladder_cmd(
         results = run_ladder(config, vary, tasks, out_dir, registry=reg, rule=GateRule.parse(rule),
                              settings=GenerationSettings(max_new_tokens=max_new_tokens),
                              limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation,
-                             log=console.print)
+                             progress=progress, log=console.print)
     except (ConfigError, RegistryError, ValueError) as e:
         fail(str(e))
     header, rows = table_rows(parse_vary(vary), results)
@@ -614,17 +629,19 @@ def demo_cmd(
 
     res = run_demo(out, DemoSettings(seed=seed), progress=progress, log=console.print)
     t = Table(title=f"kdkit demo (seed {seed})")
-    for c in ("model", "parameters", "anchor pass [95%]", "holdout pass", "val loss", "KL to teacher", "wall s"):
+    for c in ("model", "parameters", "anchor pass [95%]", "holdout pass", "val loss", "KL to teacher",
+              "precompute s", "train s"):
         t.add_column(c, overflow="fold")
     for m in res["models"]:
         lo, hi = m["anchor_interval"]
         kl = "—" if m["kl_to_teacher"] is None else f"{m['kl_to_teacher']:.4f}"
         t.add_row(m["model"], f"{m['parameters']:,}", f"{m['anchor_passed']}/{m['anchor_total']} [{100 * lo:.0f}–"
                   f"{100 * hi:.0f}%]", f"{m['holdout_passed']}/{m['holdout_total']}", f"{m['val_loss']:.4f}", kl,
-                  f"{m['wall_s']:.1f}")
+                  f"{m.get('precompute_s', 0.0):.1f}", f"{m['wall_s']:.1f}")
     console.print(t)
     g = res["gate"]
-    console.print(f"gate (distilled vs production = baseline): [bold]{g['decision']}[/] — {g['reason']}")
+    console.print(f"gate (distilled vs production = baseline, on the anchors only): [bold]{g['decision']}[/] — "
+                  f"{g['reason']}")
     verdict = ("distillation beats the CE-only baseline on holdout" if res["distillation_wins_holdout"] else
                "distillation does NOT beat the CE-only baseline on holdout this time")
     console.print(f"{verdict} (Δ = {res['holdout_delta']:+d} tasks). Report: {res['report']}. "

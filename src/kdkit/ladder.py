@@ -22,7 +22,7 @@ import yaml
 from kdkit.config import load_train_config
 from kdkit.evaluate import GenerationSettings
 from kdkit.gate import GateRule, format_tasks, gate
-from kdkit.io import atomic_write_bytes, atomic_write_json
+from kdkit.io import atomic_write_bytes, atomic_write_json, check_output_dir
 from kdkit.registry import Registry, RegistryError
 from kdkit.sandbox import Limits
 
@@ -66,7 +66,7 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path, out
     from kdkit.train import merge, train
 
     out = Path(out)
-    (out / "rungs").mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, "--out", marker="ladder.json")  # a new ladder, or this ladder's rerun; never a user's dir
     vary = parse_vary(vary_specs)
     plan = rungs(vary)
     state_path = out / "ladder.json"
@@ -82,8 +82,10 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path, out
         state = {"config": str(Path(config).resolve()), "vary": [[k, v] for k, v in vary],
                  "baseline_pack": baseline.name, "tasks": str(Path(tasks).resolve()),
                  "workspace": str(registry.workspace.resolve())}
+        load_train_config(config)  # fail early on a bad config, before anything is written
+        (out / "rungs").mkdir(parents=True, exist_ok=True)
         atomic_write_json(state_path, state)
-    load_train_config(config)  # fail early on a bad config, before any rung
+    load_train_config(config)
 
     results = []
     for i, values in enumerate(plan):
@@ -91,10 +93,10 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path, out
         if done.is_file():
             rec = json.loads(done.read_text())
             if rec["status"] == "done":
-                log(f"rung {i} {values}: finished earlier ({rec['decision']}), skipped")
+                log(f"rung {i + 1}/{len(plan)} {values}: finished earlier ({rec['decision']}), skipped")
                 results.append(rec)
                 continue
-        log(f"rung {i} {values}: train → merge → gate")
+        log(f"rung {i + 1}/{len(plan)} {values}: train → merge → gate")
         run_dir, pack_dir = out / f"rung-{i:02d}" / "run", out / f"rung-{i:02d}" / "pack"
         rec: dict[str, Any] = {"rung": i, "values": values, "run_dir": str(run_dir)}
         try:
@@ -102,7 +104,7 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path, out
             train(cfg, run_dir, resume=run_dir.exists(), progress=progress, log=log)
             merge(run_dir, pack_dir)
             res = gate(registry, str(pack_dir), tasks, against=baseline.name, rule=rule, settings=settings,
-                       limits=limits, unsafe_no_isolation=unsafe_no_isolation, log=log,
+                       limits=limits, unsafe_no_isolation=unsafe_no_isolation, log=log, progress=progress,
                        candidate_meta={"name": f"{out.name}-rung{i:02d}", "source_run": str(run_dir),
                                        "config": (run_dir / "config.yaml").read_text()})
             rec.update(status="done", **_epoch_means(run_dir), decision=res.decision, passed=res.candidate_passed,

@@ -20,7 +20,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em a
 h1,h2{font-weight:600} table{border-collapse:collapse;margin:1em 0} td,th{border:1px solid #ccc;padding:4px 8px}
 th{background:#f4f4f4} .pass{background:#c8ebc8} .fail{background:#f5c6c6} .grid td{font-size:11px;text-align:center}
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px} img{max-width:100%}
-.keep{color:#17741a;font-weight:700} .revert{color:#a11;font-weight:700}
+.keep{color:#17741a;font-weight:700} .revert{color:#a11;font-weight:700} .note{background:#fff6d6;padding:.5em}
+.grid{table-layout:fixed;max-width:100%} .grid td:first-child{text-align:left;white-space:nowrap}
 """
 
 
@@ -78,17 +79,24 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{h}</tr>{b}</table>"
 
 
+GRID_COLUMNS = 20  # tasks per grid block: a block fits the page width
+
+
 def pass_grid(title: str, outcomes: dict[str, dict[str, bool]]) -> str:
-    """Models × tasks, green = passed, red = failed."""
+    """Models × tasks, green = passed, red = failed; in blocks of :data:`GRID_COLUMNS` tasks."""
     tasks = sorted({t for o in outcomes.values() for t in o}, key=lambda t: (t.split("/")[0], int(t.split("/")[-1])
                                                                               if t.split("/")[-1].isdigit() else 0))
-    head = "<th>model</th>" + "".join(f"<th>{html.escape(t.split('/')[-1])}</th>" for t in tasks)
-    body = ""
-    for model, o in outcomes.items():
-        cells = "".join(f'<td class="{"pass" if o.get(t) else "fail"}" title="{html.escape(t)}">'
-                        f'{"✓" if o.get(t) else "✗"}</td>' for t in tasks)
-        body += f"<tr><td>{html.escape(model)}</td>{cells}</tr>"
-    return f"<h3>{html.escape(title)}</h3><table class='grid'><tr>{head}</tr>{body}</table>"
+    blocks = []
+    for lo in range(0, len(tasks), GRID_COLUMNS):
+        part = tasks[lo:lo + GRID_COLUMNS]
+        head = "<th>model</th>" + "".join(f"<th>{html.escape(t.split('/')[-1])}</th>" for t in part)
+        body = ""
+        for model, o in outcomes.items():
+            cells = "".join(f'<td class="{"pass" if o.get(t) else "fail"}" title="{html.escape(t)}">'
+                            f'{"✓" if o.get(t) else "✗"}</td>' for t in part)
+            body += f"<tr><td>{html.escape(model)}</td>{cells}</tr>"
+        blocks.append(f"<table class='grid'><tr>{head}</tr>{body}</table>")
+    return f"<h3>{html.escape(title)}</h3>" + "".join(blocks)
 
 
 def _config_block(run: Path) -> str:
@@ -105,16 +113,16 @@ def _demo_body(d: Path) -> str:
         kl = "—" if m["kl_to_teacher"] is None else f"{m['kl_to_teacher']:.4f}"
         rows.append([m["model"], f"{m['parameters']:,}", f"{m['anchor_passed']}/{m['anchor_total']} "
                      f"[{100 * lo:.0f}–{100 * hi:.0f}%]", f"{m['holdout_passed']}/{m['holdout_total']}",
-                     f"{m['val_loss']:.4f}", kl, f"{m['wall_s']:.1f}"])
+                     f"{m['val_loss']:.4f}", kl, f"{m.get('precompute_s', 0.0):.1f}", f"{m['wall_s']:.1f}"])
     g = s["gate"]
     verdict = ("distillation WINS on holdout" if s["distillation_wins_holdout"] else
                "distillation does NOT beat the baseline on holdout")
     parts = [f"<h1>kdkit demo</h1><p>{html.escape(verdict)} (Δ holdout = {s['holdout_delta']:+d}, "
              f"Δ anchors = {s['anchor_delta']:+d}); total {s['total_seconds']:.0f} s.</p>",
              _table(["model", "parameters", "anchor pass [95%]", "holdout pass", "val loss", "KL to teacher",
-                     "train wall s"], rows),
+                     "precompute s", "train s"], rows),
              f"<p>Gate (distilled vs production = baseline): <span class='{g['decision'].lower()}'>{g['decision']}"
-             f"</span> — {html.escape(g['reason'])}</p>"]
+             f"</span> — {html.escape(g['reason'])}</p>", _gate_scope_note(s)]
     curves = loss_curves({n: d / "runs" / n for n in ("distilled", "baseline")})
     if curves:
         parts.append("<h2>Training curves</h2>" + _img(curves, "loss curves"))
@@ -122,6 +130,15 @@ def _demo_body(d: Path) -> str:
     parts.append(pass_grid("Holdout", {m["model"]: m["holdout_outcomes"] for m in s["models"]}))
     parts += [_config_block(d / "runs" / n) for n in ("distilled", "baseline")]
     return "".join(parts)
+
+
+def _gate_scope_note(s: dict[str, Any]) -> str:
+    """The gate's rule looks at the anchors only; say so, loudly when the holdout disagrees with it."""
+    note = "The gate decides on the anchor tasks only; the holdout is reported here, not gated."
+    if s["gate"]["decision"] == "REVERT" and s["holdout_delta"] > 0:
+        note = (f"Note: distillation wins on the holdout (Δ = {s['holdout_delta']:+d}) but the gate REVERTs: " + note +
+                " A REVERT means an anchor the baseline passed now fails (or the anchor count fell).")
+    return f"<p class='note'>{html.escape(note)}</p>"
 
 
 def _ladder_body(d: Path) -> str:

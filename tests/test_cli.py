@@ -1,0 +1,53 @@
+"""What a user sees of the CLI: complete help without type noise, readable output in a pipe at 80 columns."""
+
+from __future__ import annotations
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from kdkit.cli import app
+from kdkit.registry import Registry
+from tests.helpers import save_model_dir
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for name, cmd in group.commands.items():
+        path = (*prefix, name)
+        out += _commands(cmd, path) if isinstance(cmd, click.Group) else [path]
+    return out
+
+
+COMMANDS = _commands(typer.main.get_command(app))
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+def test_every_help_is_complete_and_shows_no_bool_type(cmd):
+    res = CliRunner().invoke(app, [*cmd, "--help"], terminal_width=100)
+    assert res.exit_code == 0, res.output
+    assert "<bool>" not in res.output and "BOOLEAN" not in res.output
+    params = typer.main.get_command(app)
+    for part in cmd:
+        params = params.commands[part]
+    assert params.help, f"kdkit {' '.join(cmd)} has no description"
+    for p in params.params:
+        if isinstance(p, click.Option) and p.name != "help":
+            assert p.help, f"kdkit {' '.join(cmd)} {p.opts[0]} has no help text"
+
+
+def test_tables_at_80_columns_in_a_pipe_fold_instead_of_truncating(tmp_path):
+    deep = tmp_path / "a-rather-long-directory-name" / "and-another-level-of-nesting" / "model-pack-v1"
+    save_model_dir(deep, seed=1)
+    ws = tmp_path / "workspace-with-a-long-name"
+    reg = Registry(ws)
+    reg.promote(reg.register(deep, name="production-model-with-a-long-name").id)
+    res = CliRunner().invoke(app, ["registry", "list", "--workspace", str(ws)], terminal_width=80)
+    assert res.exit_code == 0, res.output
+    assert "…" not in res.output
+    table = [ln for ln in res.output.splitlines() if ln[:1] in "┏┃┡│└"]
+    assert table and max(len(line) for line in table) <= 80
+    name_cells = "".join(ln.split("│")[2].strip() for ln in table if ln.startswith("│"))
+    assert name_cells == "production-model-with-a-long-name"  # folded over lines, every character kept
+    assert f"1: {reg.pack(1).path}\n" in res.output  # the whole path, unbroken, greppable
