@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from kdkit.cli import app
@@ -201,3 +202,92 @@ def test_a_task_without_completion_is_an_error_not_a_pass():
     t = Task("x/1", "def f():\n", "f", "def check(c):\n    pass\n")
     (r,) = verify([t], {}, unsafe_no_isolation=True)
     assert not r.passed and r.status == "error"
+
+
+def _pure_greedy(model, tok, prompt: str, n: int) -> str:
+    """Argmax of the full forward at every step: greedy with nothing else, the reference."""
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"]
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def test_the_models_generation_config_cannot_leak_into_greedy_decoding(tmp_path):
+    from kdkit.evaluate import _truncate_at_stop, generate
+    from kdkit.models import load_causal_lm, load_tokenizer
+
+    model_dir = save_model_dir(tmp_path / "m", seed=3)
+    cfg = json.loads((model_dir / "generation_config.json").read_text())
+    cfg.update(repetition_penalty=1.3, no_repeat_ngram_size=2, top_k=5, temperature=0.7, top_p=0.5)
+    (model_dir / "generation_config.json").write_text(json.dumps(cfg))
+    model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    assert model.generation_config.repetition_penalty == 1.3
+    prompts = [t["prompt"] for t in TOY_TASKS]
+    ours = [g[0] for g in generate(model, tok, prompts, GenerationSettings(max_new_tokens=20, batch_size=3))]
+    reference = [_truncate_at_stop(_pure_greedy(model, tok, p, 20)) for p in prompts]
+    assert ours == reference
+    # the set-up has teeth: transformers left alone applies the penalty and changes the text
+    with torch.no_grad():
+        hf = [tok.decode(model.generate(**tok(p, return_tensors="pt"), max_new_tokens=20, do_sample=False)[0],
+                         skip_special_tokens=True)[len(p):] for p in prompts]
+    assert [_truncate_at_stop(h) for h in hf] != reference
+    assert model.generation_config.repetition_penalty == 1.3  # the model's own config is restored
+
+
+def test_eval_refuses_sampling_options_without_sample(tmp_path):
+    res = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "t.jsonl", "--temperature", "0.5", "--top-k", "3"])
+    assert res.exit_code == 2 and "--temperature, --top-k only take(s) effect with --sample" in res.output
+
+
+MBPP = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp" / "mbpp.jsonl"
+needs_mbpp = pytest.mark.skipif(not MBPP.is_file(), reason="../shared/data/mbpp is not beside this checkout")
+# the harness cases: setup code that needs the solution's class, and functions that are themselves called check
+MBPP_SPECIAL = {"MBPP/367", "MBPP/927", "MBPP/56", "MBPP/349", "MBPP/899", "MBPP/967"}
+
+
+def _mbpp_canonical(subset: set[str] | None):
+    tasks = [t for t in load_tasks(MBPP) if subset is None or t.task_id in subset]
+    return tasks, verify(tasks, {t.task_id: [t.canonical_solution] for t in tasks}, limits=Limits(timeout_s=20),
+                         workers=4)
+
+
+@needs_mbpp
+@needs_bwrap
+def test_mbpp_release_file_loads_and_its_reference_solutions_pass():
+    tasks = load_tasks(MBPP)
+    assert len(tasks) == 974 and tasks[0].task_id == "MBPP/1" and tasks[0].entry_point == "min_cost"
+    assert tasks[0].prompt.startswith("def min_cost(cost, m, n):\n    \"\"\"Write a function to find the minimum")
+    sample = {t.task_id for t in tasks[::10]} | MBPP_SPECIAL
+    chosen, results = _mbpp_canonical(sample)
+    assert [r.task_id for r in results if not r.passed] == []
+    stubs = verify(chosen[:8], {t.task_id: ["    pass\n"] for t in chosen[:8]}, workers=4)
+    assert not any(r.passed for r in stubs)
+
+
+@pytest.mark.slow
+@needs_mbpp
+@needs_bwrap
+def test_all_974_mbpp_reference_solutions_pass():
+    _, results = _mbpp_canonical(None)
+    assert [r.task_id for r in results if not r.passed] == []
+
+
+def test_mbpp_rows_are_checked_field_by_field(tmp_path):
+    good = {"task_id": 7, "text": "Add one.", "code": "def inc(x):\n    return x + 1",
+            "test_list": ["assert inc(1) == 2"], "test_setup_code": "", "challenge_test_list": []}
+    (t,) = load_tasks(write_jsonl(tmp_path / "m.jsonl", [good]))
+    assert (t.task_id, t.entry_point) == ("MBPP/7", "inc")
+    cases = [({**good, "task_id": "7"}, "field 'task_id': expected an integer"),
+             ({**good, "test_list": []}, "field 'test_list': expected a non-empty list"),
+             ({**good, "code": "def inc(x:\n"}, "field 'code': task MBPP/7 does not compile"),
+             ({**good, "test_list": ["assert dec(1) == 0"]}, "the first test calls none of the functions"),
+             ({**good, "test_list": ["assert inc(1 == 2"]}, "field 'test': task 'MBPP/7' has a syntax error")]
+    for row, match in cases:
+        with pytest.raises(TaskError, match=re.escape(match)):
+            load_tasks(write_jsonl(tmp_path / "bad.jsonl", [row]))

@@ -347,11 +347,13 @@ def eval_cmd(
     out: str = typer.Option(None, help="Directory for generations.jsonl, results.jsonl and summary.json."),
     max_new_tokens: int = typer.Option(256, help="Generation budget per task."),
     batch_size: int = typer.Option(8, help="Prompts per generation batch."),
-    sample: bool = typer.Option(False, help="Sample instead of greedy decoding (greedy is deterministic)."),
-    temperature: float = typer.Option(0.8, help="Sampling temperature (with --sample)."),
-    top_p: float = typer.Option(0.95, help="Nucleus sampling mass (with --sample)."),
+    sample: bool = typer.Option(False, help="Sample instead of greedy decoding (greedy is deterministic). Nothing is taken from the model's generation_config.json: every setting is one of these options, recorded in summary.json."),
+    temperature: float = typer.Option(None, help="Sampling temperature (only with --sample; default 0.8)."),
+    top_p: float = typer.Option(None, help="Nucleus sampling mass (only with --sample; default 0.95)."),
+    top_k: int = typer.Option(None, help="Sample among the k most likely tokens (only with --sample; default 0 = off)."),
+    repetition_penalty: float = typer.Option(1.0, help="Repetition penalty (1.0 = none, the default, also for greedy)."),
     n_samples: int = typer.Option(1, help="Samples per task (with --sample; pass@k is reported for k <= n)."),
-    seed: int = typer.Option(0, help="Sampling seed."),
+    seed: int = typer.Option(0, help="Sampling seed (only with --sample)."),
     timeout: float = typer.Option(10.0, help="Wall-clock seconds per program in the sandbox."),
     workers: int = typer.Option(None, help="Programs verified in parallel."),
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
@@ -364,10 +366,16 @@ def eval_cmd(
     from kdkit.models import ModelError
     from kdkit.sandbox import Limits, SandboxUnavailable
 
-    if n_samples > 1 and not sample:
-        fail("--n-samples > 1 needs --sample (greedy decoding gives the same text every time)")
+    if not sample:
+        unused = [name for name, v in (("--temperature", temperature), ("--top-p", top_p), ("--top-k", top_k),
+                                       ("--seed", seed or None), ("--n-samples", n_samples if n_samples != 1 else None))
+                  if v is not None]
+        if unused:
+            fail(f"{', '.join(unused)} only take(s) effect with --sample (greedy decoding has no randomness)")
+    sampling = {"temperature": 0.8 if temperature is None else temperature, "top_p": 0.95 if top_p is None else top_p,
+                "top_k": top_k or 0} if sample else {}
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample,
-                                  temperature=temperature, top_p=top_p, n_samples=n_samples, seed=seed)
+                                  repetition_penalty=repetition_penalty, n_samples=n_samples, seed=seed, **sampling)
     try:
         results, summary, gens = evaluate_model(model, tasks, settings=settings, limits=Limits(timeout_s=timeout),
                                                 workers=workers, unsafe_no_isolation=unsafe_no_isolation)
@@ -381,7 +389,8 @@ def eval_cmd(
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(d / "generations.jsonl", "".join(_json.dumps(g, sort_keys=True) + "\n" for g in gens).encode())
         write_results(d / "results.jsonl", results)
-        atomic_write_json(d / "summary.json", {**asdict(summary), "model": model, "tasks": tasks})
+        atomic_write_json(d / "summary.json", {**asdict(summary), "model": model, "tasks": tasks,
+                                               "generation": asdict(settings)})
     _print_summary(summary, f"eval {model} on {tasks}")
     console.print(summary.line())
 

@@ -1,14 +1,11 @@
-"""Executable-task evaluation: task files, generation, extraction, sandboxed verification, pass rates.
+"""Executable-task evaluation: generation, extraction, sandboxed verification, pass rates.
 
-Task files are JSONL in HumanEval's format: ``task_id``, ``prompt``, ``entry_point``,
-``test`` (defines ``check(candidate)``), optional ``canonical_solution``. A
-completion passes when ``prompt + completion + test + check(entry_point)`` runs to
-the end in the sandbox.
+Task files are read by :mod:`kdkit.tasks`. A completion passes when
+``prompt + completion + test + check(entry_point)`` runs to the end in the sandbox.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -17,80 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kdkit.errors import KdkitError
 from kdkit.sandbox import Limits, RunResult, run_programs
+from kdkit.tasks import Task, TaskError, load_completions, load_tasks, tasks_fingerprint
 
-TASK_FIELDS = ("task_id", "prompt", "entry_point", "test")
-
-
-class TaskError(KdkitError, ValueError):
-    """A malformed task or completion file; the message names file, line and field."""
-
-
-@dataclass(frozen=True)
-class Task:
-    task_id: str
-    prompt: str
-    entry_point: str
-    test: str
-    canonical_solution: str | None = None
-
-
-def _jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    from kdkit.io import read_jsonl_objects
-
-    return read_jsonl_objects(path, TaskError)
-
-
-def load_tasks(path: str | Path) -> list[Task]:
-    """Read a HumanEval-format task file (``.jsonl`` or ``.jsonl.gz``)."""
-    path = Path(path)
-    tasks, seen = [], {}
-    for n, obj in _jsonl(path):
-        for f in TASK_FIELDS:
-            if f not in obj:
-                raise TaskError(f"{path}:{n}: field '{f}': missing (a task needs {', '.join(TASK_FIELDS)})")
-            if not isinstance(obj[f], str):
-                raise TaskError(f"{path}:{n}: field '{f}': expected a string, got {type(obj[f]).__name__}")
-        if not obj["entry_point"].isidentifier():
-            raise TaskError(f"{path}:{n}: field 'entry_point': {obj['entry_point']!r} is not a Python identifier")
-        if "def check" not in obj["test"]:
-            raise TaskError(f"{path}:{n}: field 'test': must define check(candidate)")
-        try:  # a broken test would score every model as failing: refuse it here, not in the sandbox
-            compile(obj["test"], f"{obj['task_id']} test", "exec")
-        except (SyntaxError, ValueError) as e:
-            where = f" (line {e.lineno} of the test)" if getattr(e, "lineno", None) else ""
-            raise TaskError(f"{path}:{n}: field 'test': task {obj['task_id']!r} has a syntax error{where}: "
-                            f"{getattr(e, 'msg', e)}") from None
-        cs = obj.get("canonical_solution")
-        if cs is not None and not isinstance(cs, str):
-            raise TaskError(f"{path}:{n}: field 'canonical_solution': expected a string")
-        if obj["task_id"] in seen:
-            raise TaskError(f"{path}:{n}: field 'task_id': {obj['task_id']!r} already used on line {seen[obj['task_id']]}")
-        seen[obj["task_id"]] = n
-        tasks.append(Task(obj["task_id"], obj["prompt"], obj["entry_point"], obj["test"], cs))
-    return tasks
-
-
-def tasks_fingerprint(path: str | Path) -> str:
-    """sha256 of the task file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def load_completions(path: str | Path, tasks: Sequence[Task]) -> dict[str, list[str]]:
-    """``{"task_id", "completion"}`` rows; several rows per task are several samples."""
-    path = Path(path)
-    known = {t.task_id for t in tasks}
-    out: dict[str, list[str]] = {}
-    for n, obj in _jsonl(path):
-        for f in ("task_id", "completion"):
-            if not isinstance(obj.get(f), str):
-                raise TaskError(f"{path}:{n}: field '{f}': missing or not a string")
-        if obj["task_id"] not in known:
-            raise TaskError(f"{path}:{n}: field 'task_id': {obj['task_id']!r} is not in the task file")
-        out.setdefault(obj["task_id"], []).append(obj["completion"])
-    return out
-
+__all__ = ["Task", "TaskError", "load_completions", "load_tasks", "tasks_fingerprint"]  # task files: kdkit.tasks
 
 # --------------------------------------------------------------------------- extraction
 
@@ -266,13 +193,39 @@ STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\na
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    """Every setting generation uses. Nothing is taken from the model's ``generation_config.json``:
+    greedy means greedy (no repetition penalty, no forced tokens, no top-k/top-p), as the seeds' lever F."""
+
     max_new_tokens: int = 256
     batch_size: int = 8
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off (sampling only)
+    repetition_penalty: float = 1.0
     n_samples: int = 1
     seed: int = 0
+
+
+def explicit_generation_config(settings: GenerationSettings, model: Any, tokenizer: Any) -> Any:
+    """A GenerationConfig built only from ``settings`` and the special-token ids (EOS, pad, BOS).
+
+    transformers fills every unset field of a passed config from the model's own generation config,
+    so the model's config is swapped for this one during generation (see :func:`generate`)."""
+    from transformers import GenerationConfig
+
+    own = getattr(model, "generation_config", None)
+    eos = getattr(own, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+        eos[0] if isinstance(eos, list) else eos)
+    kw: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample, "num_beams": 1,
+                          "repetition_penalty": settings.repetition_penalty, "eos_token_id": eos, "pad_token_id": pad,
+                          "bos_token_id": getattr(own, "bos_token_id", None)}
+    if settings.do_sample:
+        kw.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    return GenerationConfig(**kw)
 
 
 def _truncate_at_stop(text: str) -> str:
@@ -295,7 +248,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: Gener
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = explicit_generation_config(settings, model, tokenizer)
+    own_config = model.generation_config
+    model.generation_config = config  # nothing of the model's own generation config may leak in
     prev_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     outs: list[list[str]] = [[] for _ in prompts]
@@ -321,15 +276,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: Gener
                 chunk = list(prompts[lo:lo + settings.batch_size])
                 enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=True).to(device)
                 start = enc["input_ids"].shape[1]
-                kw: dict[str, Any] = {"do_sample": settings.do_sample, "max_new_tokens": settings.max_new_tokens,
-                                      "pad_token_id": pad_id,
-                                      "stopping_criteria": StoppingCriteriaList([_AllStopped(start)])}
-                if settings.do_sample:
-                    kw.update(temperature=settings.temperature, top_p=settings.top_p)
-                else:
-                    kw.update(temperature=None, top_p=None, top_k=None)
                 with torch.no_grad():
-                    gen = model.generate(**enc, **kw)
+                    gen = model.generate(**enc, generation_config=config,
+                                         stopping_criteria=StoppingCriteriaList([_AllStopped(start)]))
                 texts = tokenizer.batch_decode(gen[:, start:], skip_special_tokens=True)
                 for j, t in enumerate(texts):
                     outs[lo + j].append(_truncate_at_stop(t))
@@ -337,6 +286,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: Gener
                     on_batch(len(chunk))
     finally:
         tokenizer.padding_side = prev_side
+        model.generation_config = own_config
     return outs
 
 

@@ -165,8 +165,8 @@ def run_demo(out: str | Path = "demo-out", settings: DemoSettings = DemoSettings
         val_loss, kl = _val_metrics(path, val_p, teacher)
         rows.append(ModelRow(name, count_parameters(load_causal_lm(path)), ev["anchors"][0].n_passed,
                              ev["anchors"][0].n_tasks, ev["anchors"][0].interval, ev["holdout"][0].n_passed,
-                             ev["holdout"][0].n_tasks, val_loss, kl, wall, ev["anchors"][1], ev["holdout"][1],
-                             t_cache if name == "distilled" else 0.0))
+                             ev["holdout"][0].n_tasks, val_loss, kl, wall, precompute_s=t_cache if name == "distilled"
+                             else 0.0, anchor_outcomes=ev["anchors"][1], holdout_outcomes=ev["holdout"][1]))
 
     log("[5/6] gate: baseline is production; distilled is the candidate")
     reg = Registry(out / ".kdkit")
