@@ -268,6 +268,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(world, tmp_p
     proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "kdkit", "train", str(cfg), "--out",
                            str(tmp_path / "two"), "--no-progress"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("trained 2 steps") == 1, proc.stdout  # printed once, not once per rank
+    assert "FutureWarning" not in proc.stderr
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
     a, b = _final(Path(one["run_dir"])), _final(tmp_path / "two")
     for k in a:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import typer
@@ -264,7 +265,7 @@ def train_cmd(
         fail(str(e), code=1)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    if res.get("already_complete"):
+    if res.get("already_complete") or int(os.environ.get("RANK", "0")) != 0:  # one voice under torchrun
         return
     console.print(f"trained {res['steps']} steps in {res['seconds']:.1f}s → {run_dir}/final "
                   f"(max weight change {res['max_weight_change']:.3g})")
