@@ -50,11 +50,18 @@ def test_truncation_is_counted_and_empty_rows_reported(tmp_path):
         {"prompt": "ab", "completion": ""},  # empty completion
         {"prompt": "ab", "completion": "cd"},
     ])
-    rows, rep = load_dataset(TOK, f, max_length=10)
+    rows, rep = load_dataset(TOK, f, max_length=10, truncation="right")
     assert rep.rows == 2 and rep.truncated == 1 and rep.empty == [1, 3]
     assert all(len(r.input_ids) <= 10 for r in rows)
     with pytest.raises(DataError, match=r"d.jsonl:1: field 'completion': no target token \(after truncation"):
-        load_dataset(TOK, f, max_length=10, on_empty="error")
+        load_dataset(TOK, f, max_length=10, on_empty="error", truncation="right")
+    # the default keeps the completion: the oldest prompt tokens go, the BOS stays
+    rows, rep = load_dataset(TOK, f, max_length=10)
+    assert rep.rows == 3 and rep.truncated == 2 and rep.empty == [3]
+    assert _decode(rows[0].input_ids) == "<s>xxxxxxyz</s>"
+    assert rows[0].loss_mask == [False] * 7 + [True] * 3
+    assert _decode(rows[1].input_ids) == "<s>" + "c" * 8 + "</s>" and all(rows[1].loss_mask[1:])
+    assert "2 truncated to 10 tokens (left: oldest tokens dropped)" in rep.summary(10)
 
 
 @pytest.mark.parametrize(
@@ -116,3 +123,35 @@ def test_non_utf8_bytes_name_file_and_line(tmp_path):
     g.write_bytes(gzip.compress(b'{"text": "fine"}\n')[:-6])  # truncated archive
     with pytest.raises(DataError, match=r"d.jsonl.gz: cannot be read"):
         read_jsonl(g)
+
+
+def _merging_tokenizer():
+    """A tokenizer whose vocabulary has one token spanning the assistant header and the answer's
+    indentation (as SmolLM2's merges "assistant\\n" with the first line's spaces): the rendered turns
+    are prefixes as text, not as tokens."""
+    from tokenizers import AddedToken
+
+    tok = build_char_tokenizer()
+    tok.add_tokens([AddedToken("assistant:\n    ", normalized=False)])
+    return tok
+
+
+def test_messages_whose_header_merges_with_the_answer_train_on_exactly_the_assistant_spans(tmp_path):
+    tok = _merging_tokenizer()
+    msgs = [{"role": "user", "content": "write f"}, {"role": "assistant", "content": "    return 1"},
+            {"role": "user", "content": "and g"}, {"role": "assistant", "content": "    return 2"}]
+    f = write_jsonl(tmp_path / "d.jsonl", [{"messages": msgs}])
+    (r,), _ = load_dataset(tok, f, max_length=512)
+    pieces = [tok.decode([i], skip_special_tokens=False) for i in r.input_ids]
+    merged = [i for i, p in enumerate(pieces) if p == "assistant:\n    "]
+    assert len(merged) == 2  # the merge happened in both turns: a token-prefix rule could not locate them
+    # spans by characters: each answer's text (and its end-of-turn token) exactly, plus the straddling token
+    targets = [i for i, m in enumerate(r.loss_mask) if m]
+    expected = set()
+    for start in merged:
+        end = start + 1
+        while pieces[end] != "</s>":
+            end += 1
+        expected |= set(range(start, end + 1))
+    assert targets == sorted(expected)
+    assert "".join(pieces[i] for i in targets) == "assistant:\n    return 1</s>assistant:\n    return 2</s>"

@@ -219,7 +219,7 @@ def _pure_greedy(model, tok, prompt: str, n: int) -> str:
 
 
 def test_the_models_generation_config_cannot_leak_into_greedy_decoding(tmp_path):
-    from kdkit.evaluate import _truncate_at_stop, generate
+    from kdkit.evaluate import answer_end, generate
     from kdkit.models import load_causal_lm, load_tokenizer
 
     model_dir = save_model_dir(tmp_path / "m", seed=3)
@@ -229,14 +229,15 @@ def test_the_models_generation_config_cannot_leak_into_greedy_decoding(tmp_path)
     model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
     assert model.generation_config.repetition_penalty == 1.3
     prompts = [t["prompt"] for t in TOY_TASKS]
-    ours = [g[0] for g in generate(model, tok, prompts, GenerationSettings(max_new_tokens=20, batch_size=3))]
-    reference = [_truncate_at_stop(_pure_greedy(model, tok, p, 20)) for p in prompts]
+    cut = lambda t: t if answer_end(t) is None else t[:answer_end(t)]  # noqa: E731
+    ours = [g[0] for g in generate(model, tok, prompts, GenerationSettings(max_new_tokens=20, batch_size=3), stop=answer_end)]
+    reference = [cut(_pure_greedy(model, tok, p, 20)) for p in prompts]
     assert ours == reference
     # the set-up has teeth: transformers left alone applies the penalty and changes the text
     with torch.no_grad():
         hf = [tok.decode(model.generate(**tok(p, return_tensors="pt"), max_new_tokens=20, do_sample=False)[0],
                          skip_special_tokens=True)[len(p):] for p in prompts]
-    assert [_truncate_at_stop(h) for h in hf] != reference
+    assert [cut(h) for h in hf] != reference
     assert model.generation_config.repetition_penalty == 1.3  # the model's own config is restored
 
 
@@ -291,3 +292,66 @@ def test_mbpp_rows_are_checked_field_by_field(tmp_path):
     for row, match in cases:
         with pytest.raises(TaskError, match=re.escape(match)):
             load_tasks(write_jsonl(tmp_path / "bad.jsonl", [row]))
+
+
+# --------------------------------------------------------------------------- answers as chat models write them
+
+CHAT_ANSWER = ('Here is the solution:\n```python\nimport math\n\n\ndef add3(x):\n    """Return x + 3."""\n'
+               '    return helper(x)\n\n\ndef helper(x):\n    return int(math.floor(x)) + 3\n```\n'
+               'This adds three. And then the model keeps talking about it for a long time...')
+ADD3 = {"task_id": "toy/add3", "prompt": 'def add3(x):\n    """Return x + 3."""\n', "entry_point": "add3",
+        "test": "def check(candidate):\n    assert candidate(1) == 4\n    assert candidate(2.5) == 5\n"}
+
+
+def test_extraction_keeps_imports_before_a_restated_def_and_its_helpers():
+    got = extract_completion(ADD3["prompt"], CHAT_ANSWER)
+    assert got == ("    return helper(x)\n\n\nimport math\n\n\ndef helper(x):\n"
+                   "    return int(math.floor(x)) + 3\n")
+    two_space = "```python\nfrom math import floor\ndef add3(x):\n  y = floor(x)\n  return y + 3\nprint(add3(1))\n```"
+    assert extract_completion(ADD3["prompt"], two_space) == "    y = floor(x)\n    return y + 3\n\n\nfrom math import floor\n"
+    one_line = "def add3(x): return x + 3\n"
+    assert extract_completion(ADD3["prompt"], one_line) == "    return x + 3\n"
+
+
+@pytest.mark.parametrize("text, cut", [
+    ("    return 1\n\nprint(f())\n", len("    return 1\n\n")),  # a continuation ends at column 0
+    ("    return 1\n", None),  # may still continue
+    ("```python\ndef f():\n    return 1\n```\nmore", len("```python\ndef f():\n    return 1\n```")),
+    ("Sure.\ndef f():\n    return g()\n\ndef g():\n    return 1\n\nf()\n", len("Sure.\ndef f():\n    return g()\n\n"
+                                                                           "def g():\n    return 1\n\n")),
+    ("```python\ndef f():\n\n\n    return 1\n", None),  # inside an open fence nothing ends the answer
+])
+def test_answer_end_cuts_only_where_an_answer_is_complete(text, cut):
+    from kdkit.extract import answer_end
+
+    assert answer_end(text) == cut
+
+
+
+
+@needs_bwrap
+def test_a_fenced_restated_chat_answer_survives_generation_and_passes(tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    from kdkit.models import load_tokenizer
+
+    model_dir = save_model_dir(tmp_path / "m", seed=3)
+    tok = load_tokenizer(model_dir)
+    model = LlamaForCausalLM.from_pretrained(str(model_dir)).eval()
+    script = tok(CHAT_ANSWER, add_special_tokens=False)["input_ids"]
+    prompt_len = len(tok(ADD3["prompt"])["input_ids"])
+    forward = model.forward
+
+    def scripted(*args, **kw):  # the real model's forward, with its next-token logits replaced by the script's
+        out = forward(*args, **kw)
+        step = kw["attention_mask"].shape[1] - prompt_len
+        out.logits[:, -1] = -1e4
+        out.logits[:, -1, script[step] if step < len(script) else tok.eos_token_id] = 1e4
+        return out
+
+    monkeypatch.setattr(model, "forward", scripted)
+    tasks = write_jsonl(tmp_path / "t.jsonl", [ADD3])
+    results, summary, gens = evaluate_model(model_dir, tasks, settings=GenerationSettings(max_new_tokens=len(script)),
+                                            model=model, tokenizer=tok, progress=False)
+    assert gens[0]["raw"] == CHAT_ANSWER[:CHAT_ANSWER.index("```\n") + 3]  # stopped at the closing fence, nothing cut
+    assert results[0].passed, (gens[0], results[0].stderr_tail)

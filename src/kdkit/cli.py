@@ -132,6 +132,7 @@ def precompute_cmd(
     temperature: float = typer.Option(1.0, help="Capture temperature: the teacher softmax is taken at logits / T."),
     batch_size: int = typer.Option(8, help="Rows per teacher forward (length-sorted batches)."),
     max_length: int = typer.Option(1024, help="Truncate rows to this many tokens (truncations are counted)."),
+    truncation: str = typer.Option("left", help="Rows over --max-length: 'left' drops the oldest tokens (keeps the completion; a leading BOS stays), 'right' drops the end. Must match the training config's data.truncation."),
     dtype: str = typer.Option("float32", help="Teacher compute dtype: float32, bfloat16 or float16."),
     logprob_dtype: str = typer.Option("float16", help="Stored log-prob dtype: float16 (default) or float32."),
     shard_rows: int = typer.Option(256, help="Rows per shard (the unit of resumption)."),
@@ -149,7 +150,7 @@ def precompute_cmd(
     try:
         settings = PrecomputeSettings(top_k=top_k, temperature=temperature, batch_size=batch_size,
                                       max_length=max_length, dtype=dtype, logprob_dtype=logprob_dtype,
-                                      shard_rows=shard_rows, on_empty=on_empty)
+                                      shard_rows=shard_rows, on_empty=on_empty, truncation=truncation)
         precompute(teacher, data, out, settings, progress=progress, log=console.print)
     except (CacheError, DataError, ModelError, ValueError) as e:
         fail(str(e))
@@ -225,9 +226,10 @@ def validate_cmd(
     try:
         check_model_dir(cfg.student.path, "student.path:")
         tok = load_tokenizer(cfg.student.path)
-        rows, rep = kdata.load_dataset(tok, cfg.data.train, max_length=cfg.data.max_length, on_empty=cfg.data.on_empty)
+        rows, rep = kdata.load_dataset(tok, cfg.data.train, max_length=cfg.data.max_length, on_empty=cfg.data.on_empty,
+                                       truncation=cfg.data.truncation)
         if cfg.data.validation:
-            kdata.load_dataset(tok, cfg.data.validation, max_length=cfg.data.max_length)
+            kdata.load_dataset(tok, cfg.data.validation, max_length=cfg.data.max_length, truncation=cfg.data.truncation)
         import json as _json
         from pathlib import Path as _P
 
@@ -235,8 +237,7 @@ def validate_cmd(
         check_sources(cfg, rows, tok, int(mcfg.get("vocab_size", len(tok))), verify=True)
     except (CacheError, ModelError, TrainingError, kdata.DataError, OSError) as e:
         fail(str(e))
-    console.print(f"{config}: valid — {rep.rows} training rows, {rep.target_tokens} target tokens, "
-                  f"{rep.truncated} truncated, {len(rep.empty)} skipped")
+    console.print(f"{config}: valid — training data: {rep.summary(cfg.data.max_length)}")
 
 
 @app.command("train")

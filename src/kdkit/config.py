@@ -184,11 +184,18 @@ class DataConfig(_Strict):
     max_length: int = Field(512, ge=2)
     shuffle_seed: int = 0
     on_empty: str = "skip"
+    truncation: str = Field("left", description="rows over max_length: 'left' drops the oldest tokens (keeps the "
+                                                "completion / latest turns; a leading BOS stays), 'right' the end")
 
     @field_validator("on_empty")
     @classmethod
     def _oe(cls, v: str) -> str:
         return _one_of(v, ("skip", "error"), "on_empty")
+
+    @field_validator("truncation")
+    @classmethod
+    def _tr(cls, v: str) -> str:
+        return _one_of(v, ("left", "right"), "truncation")
 
 
 class OptimConfig(_Strict):

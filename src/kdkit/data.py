@@ -30,6 +30,7 @@ from kdkit.errors import KdkitError
 
 IGNORE_INDEX = -100
 FORMATS = ("prompt_completion", "messages", "text")
+TRUNCATION_SIDES = ("left", "right")
 
 
 class DataError(KdkitError, ValueError):
@@ -74,6 +75,12 @@ class TokenizeReport:
     truncated: int = 0
     empty: list[int] = field(default_factory=list)  # line numbers skipped for having no target token
     target_tokens: int = 0
+    truncation: str = "left"
+
+    def summary(self, max_length: int) -> str:
+        side = {"left": "oldest tokens dropped", "right": "ends dropped"}[self.truncation]
+        return (f"{self.rows} rows, {self.target_tokens} target tokens; {self.truncated} truncated to {max_length} "
+                f"tokens ({self.truncation}: {side}); {len(self.empty)} without targets skipped")
 
 
 def _err(path: Path, line: int, fld: str, msg: str) -> DataError:
@@ -128,32 +135,38 @@ def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _chat_ids(tokenizer: Any, messages: list[dict], **kw: Any) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, **kw)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
+def _chat_text(tokenizer: Any, messages: list[dict], **kw: Any) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
 
 
 def _tokenize_messages(tokenizer: Any, path: Path, ex: Example) -> tuple[list[int], list[bool]]:
+    """Render with the chat template; targets are the tokens that overlap an assistant turn's characters.
+
+    An assistant turn is the text the template adds between "history + generation prompt" and
+    "history + this turn" (both must be prefixes of the full rendering). Spans are located in
+    characters, then mapped to tokens by the tokenizer's offsets, so a tokenizer that merges the
+    role header with the start of the answer (SmolLM2: ``assistant\\n`` + indentation) still works: a
+    token that straddles the boundary is a target, since the model must produce it to answer.
+    """
     msgs = ex.fields["messages"]
     if getattr(tokenizer, "chat_template", None) is None:
         raise _err(path, ex.line, "messages", "the tokenizer has no chat template; use prompt/completion or text rows")
-    ids = _chat_ids(tokenizer, msgs)
-    mask = [False] * len(ids)
+    if not getattr(tokenizer, "is_fast", False):
+        raise _err(path, ex.line, "messages", "locating assistant turns needs a fast tokenizer (offset mapping)")
+    text = _chat_text(tokenizer, msgs)
+    spans = []
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        # The assistant turn is what the template adds between "history + generation
-        # prompt" and "history + this turn"; both must be prefixes of the full render.
-        before = _chat_ids(tokenizer, msgs[:i], add_generation_prompt=True) if i else []
-        upto = _chat_ids(tokenizer, msgs[: i + 1])
-        if ids[: len(upto)] != upto or upto[: len(before)] != before:
-            raise _err(path, ex.line, f"messages[{i}]",
-                       "the chat template does not render turns as prefixes; cannot locate the assistant tokens")
-        for j in range(len(before), len(upto)):
-            mask[j] = True
-    return ids, mask
+        before = _chat_text(tokenizer, msgs[:i], add_generation_prompt=True) if i else ""
+        upto = _chat_text(tokenizer, msgs[: i + 1])
+        if not text.startswith(upto) or not upto.startswith(before):
+            raise _err(path, ex.line, f"messages[{i}]", "the chat template does not render earlier turns as a prefix "
+                       "of later ones; cannot locate the assistant's text")
+        spans.append((len(before), len(upto)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [any(a < hi and lo < b for lo, hi in spans) for a, b in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask
 
 
 def tokenize_example(tokenizer: Any, path: Path, ex: Example) -> tuple[list[int], list[bool]]:
@@ -170,6 +183,19 @@ def tokenize_example(tokenizer: Any, path: Path, ex: Example) -> tuple[list[int]
     return ids, [True] * len(ids)
 
 
+def truncate(ids: list[int], mask: list[bool], max_length: int, side: str, bos_id: int | None
+             ) -> tuple[list[int], list[bool]]:
+    """Cut a row to ``max_length`` tokens. ``right`` drops the end; ``left`` drops the oldest tokens and
+    keeps the end (the completion, the latest turns), keeping a leading BOS token in place."""
+    if len(ids) <= max_length:
+        return ids, mask
+    if side == "right":
+        return ids[:max_length], mask[:max_length]
+    keep_bos = bos_id is not None and ids[0] == bos_id
+    n = max_length - int(keep_bos)
+    return ids[:int(keep_bos)] + ids[-n:], mask[:int(keep_bos)] + mask[-n:]
+
+
 def tokenize_rows(
     tokenizer: Any,
     path: str | Path,
@@ -177,8 +203,10 @@ def tokenize_rows(
     *,
     max_length: int,
     on_empty: str = "skip",
+    truncation: str = "left",
 ) -> tuple[list[TokenizedRow], TokenizeReport]:
-    """Tokenise, truncate to ``max_length`` tokens, and account for what was cut or skipped.
+    """Tokenise, truncate to ``max_length`` tokens (see :func:`truncate`), and account for what was cut
+    or skipped.
 
     ``on_empty``: ``skip`` drops rows left with no target token (reported by line),
     ``error`` refuses them.
@@ -187,13 +215,15 @@ def tokenize_rows(
         raise DataError(f"max_length must be >= 2, got {max_length}")
     if on_empty not in ("skip", "error"):
         raise DataError(f"on_empty must be 'skip' or 'error', got {on_empty!r}")
+    if truncation not in TRUNCATION_SIDES:
+        raise DataError(f"truncation must be one of {', '.join(TRUNCATION_SIDES)}, got {truncation!r}")
     path = Path(path)
     rows: list[TokenizedRow] = []
-    rep = TokenizeReport()
+    rep = TokenizeReport(truncation=truncation)
     for ex in examples:
         ids, mask = tokenize_example(tokenizer, path, ex)
         truncated = len(ids) > max_length
-        ids, mask = ids[:max_length], mask[:max_length]
+        ids, mask = truncate(ids, mask, max_length, truncation, getattr(tokenizer, "bos_token_id", None))
         row = TokenizedRow(ids, mask, ex.role, ex.task, ex.weight, ex.line, truncated)
         if row.n_targets == 0:
             if on_empty == "error":
@@ -211,10 +241,11 @@ def tokenize_rows(
     return rows, rep
 
 
-def load_dataset(tokenizer: Any, path: str | Path, *, max_length: int, on_empty: str = "skip"
-                 ) -> tuple[list[TokenizedRow], TokenizeReport]:
+def load_dataset(tokenizer: Any, path: str | Path, *, max_length: int, on_empty: str = "skip",
+                 truncation: str = "left") -> tuple[list[TokenizedRow], TokenizeReport]:
     """:func:`read_jsonl` + :func:`tokenize_rows`."""
-    return tokenize_rows(tokenizer, path, read_jsonl(path), max_length=max_length, on_empty=on_empty)
+    return tokenize_rows(tokenizer, path, read_jsonl(path), max_length=max_length, on_empty=on_empty,
+                         truncation=truncation)
 
 
 def data_fingerprint(rows: Iterable[TokenizedRow]) -> str:

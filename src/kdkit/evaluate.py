@@ -8,80 +8,19 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kdkit.extract import answer_end, extract_completion
+from kdkit.generation import GenerationSettings, explicit_generation_config, generate
 from kdkit.sandbox import Limits, RunResult, run_programs
 from kdkit.tasks import Task, TaskError, load_completions, load_tasks, tasks_fingerprint
 
-__all__ = ["Task", "TaskError", "load_completions", "load_tasks", "tasks_fingerprint"]  # task files: kdkit.tasks
-
-# --------------------------------------------------------------------------- extraction
-
-_FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.S)
-
-
-def extract_completion(prompt: str, generation: str) -> str:
-    """The part of a generation that continues the prompt's function body.
-
-    Keeps every line while the body's indentation continues — blank lines inside the
-    body included (the seeds' holdouts failed only because an extractor stopped at
-    them) — and stops at the first non-blank line that is not indented (the next
-    top-level statement: prose, ``if __name__``, another ``def``, a test). Markdown
-    fences are stripped first; if the code restates the prompt's function (``def
-    name(``), only the body after that line (and after a repeated docstring) is kept.
-    """
-    text = generation.replace("\r\n", "\n")
-    fenced = _FENCE.findall(text)
-    if fenced:
-        text = fenced[0]
-    name = _function_name(prompt)
-    lines = text.split("\n")
-    first = next((ln for ln in lines if ln.strip()), "")
-    if name and (fenced or not first[:1].isspace()):
-        for i, line in enumerate(lines):
-            if re.match(rf"\s*(async\s+)?def\s+{re.escape(name)}\s*\(", line):
-                lines = _drop_docstring(lines[i + 1:])
-                break
-    kept: list[str] = []
-    for line in lines:
-        if line.strip() == "":
-            kept.append(line)
-            continue
-        if not line[0].isspace():
-            break
-        kept.append(line)
-    while kept and kept[-1].strip() == "":
-        kept.pop()
-    return "\n".join(kept) + ("\n" if kept else "")
-
-
-def _function_name(prompt: str) -> str | None:
-    names = re.findall(r"^\s*(?:async\s+)?def\s+([A-Za-z_]\w*)\s*\(", prompt, re.M)
-    return names[-1] if names else None
-
-
-def _drop_docstring(lines: list[str]) -> list[str]:
-    """Remove a docstring that opens the body (the prompt already has one)."""
-    i = 0
-    while i < len(lines) and not lines[i].strip():
-        i += 1
-    if i == len(lines):
-        return lines
-    head = lines[i].strip()
-    for q in ('"""', "'''"):
-        if head.startswith(q):
-            if head.count(q) >= 2 and len(head) > 3:
-                return lines[i + 1:]
-            for j in range(i + 1, len(lines)):
-                if q in lines[j]:
-                    return lines[j + 1:]
-            return lines
-    return lines
-
+# task files: kdkit.tasks; generation: kdkit.generation; extraction: kdkit.extract (re-exported here)
+__all__ = ["GenerationSettings", "Task", "TaskError", "answer_end", "explicit_generation_config", "extract_completion",
+           "generate", "load_completions", "load_tasks", "tasks_fingerprint"]
 
 def program_for(task: Task, completion: str) -> str:
     return f"{task.prompt}{completion}\n\n{task.test}\n\ncheck({task.entry_point})\n"
@@ -186,110 +125,6 @@ def write_results(path: str | Path, results: Sequence[TaskResult]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(asdict(r), sort_keys=True) + "\n" for r in results).encode())
 
 
-# --------------------------------------------------------------------------- generation
-
-STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", "\n```")
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Every setting generation uses. Nothing is taken from the model's ``generation_config.json``:
-    greedy means greedy (no repetition penalty, no forced tokens, no top-k/top-p), as the seeds' lever F."""
-
-    max_new_tokens: int = 256
-    batch_size: int = 8
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off (sampling only)
-    repetition_penalty: float = 1.0
-    n_samples: int = 1
-    seed: int = 0
-
-
-def explicit_generation_config(settings: GenerationSettings, model: Any, tokenizer: Any) -> Any:
-    """A GenerationConfig built only from ``settings`` and the special-token ids (EOS, pad, BOS).
-
-    transformers fills every unset field of a passed config from the model's own generation config,
-    so the model's config is swapped for this one during generation (see :func:`generate`)."""
-    from transformers import GenerationConfig
-
-    own = getattr(model, "generation_config", None)
-    eos = getattr(own, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
-        eos[0] if isinstance(eos, list) else eos)
-    kw: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample, "num_beams": 1,
-                          "repetition_penalty": settings.repetition_penalty, "eos_token_id": eos, "pad_token_id": pad,
-                          "bos_token_id": getattr(own, "bos_token_id", None)}
-    if settings.do_sample:
-        kw.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
-    return GenerationConfig(**kw)
-
-
-def _truncate_at_stop(text: str) -> str:
-    cut = len(text)
-    for s in STOP_SEQUENCES:
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut]
-
-
-def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationSettings = GenerationSettings(),
-             on_batch: Callable[[int], None] | None = None) -> list[list[str]]:
-    """Raw continuations of each prompt (``n_samples`` each). Greedy by default: deterministic.
-
-    Batches are left-padded; generation stops early once every row has produced a
-    stop sequence or EOS. The same model + prompts + settings give the same text.
-    """
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    device = next(model.parameters()).device
-    config = explicit_generation_config(settings, model, tokenizer)
-    own_config = model.generation_config
-    model.generation_config = config  # nothing of the model's own generation config may leak in
-    prev_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    outs: list[list[str]] = [[] for _ in prompts]
-
-    class _AllStopped(StoppingCriteria):
-        def __init__(self, start: int) -> None:
-            self.start = start
-
-        def __call__(self, input_ids, scores, **kw):  # noqa: ANN001
-            texts = tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
-            done = [any(s in t for s in STOP_SEQUENCES) for t in texts]
-            if tokenizer.eos_token_id is not None:
-                done = [d or bool((row == tokenizer.eos_token_id).any()) for d, row in
-                        zip(done, input_ids[:, self.start:], strict=True)]
-            return torch.tensor(done, device=input_ids.device)
-
-    try:
-        model.eval()
-        for sample in range(settings.n_samples):
-            if settings.do_sample:
-                torch.manual_seed(settings.seed + sample)
-            for lo in range(0, len(prompts), settings.batch_size):
-                chunk = list(prompts[lo:lo + settings.batch_size])
-                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=True).to(device)
-                start = enc["input_ids"].shape[1]
-                with torch.no_grad():
-                    gen = model.generate(**enc, generation_config=config,
-                                         stopping_criteria=StoppingCriteriaList([_AllStopped(start)]))
-                texts = tokenizer.batch_decode(gen[:, start:], skip_special_tokens=True)
-                for j, t in enumerate(texts):
-                    outs[lo + j].append(_truncate_at_stop(t))
-                if on_batch is not None:
-                    on_batch(len(chunk))
-    finally:
-        tokenizer.padding_side = prev_side
-        model.generation_config = own_config
-    return outs
-
-
 def evaluate_model(model_dir: str | Path, tasks_path: str | Path, *, settings: GenerationSettings = GenerationSettings(),
                    limits: Limits = Limits(), workers: int | None = None, unsafe_no_isolation: bool = False,
                    progress: bool = True, model: Any = None, tokenizer: Any = None
@@ -308,7 +143,8 @@ def evaluate_model(model_dir: str | Path, tasks_path: str | Path, *, settings: G
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not progress) as bar:
         g = bar.add_task("generate", total=len(tasks) * settings.n_samples)
-        raw = generate(model, tokenizer, [t.prompt for t in tasks], settings, on_batch=lambda n: bar.advance(g, n))
+        raw = generate(model, tokenizer, [t.prompt for t in tasks], settings, on_batch=lambda n: bar.advance(g, n),
+                       stop=answer_end)
         completions = {t.task_id: [extract_completion(t.prompt, r) for r in rs] for t, rs in zip(tasks, raw, strict=True)}
         v = bar.add_task("verify", total=sum(len(c) for c in completions.values()))
         results = verify(tasks, completions, limits=limits, workers=workers, unsafe_no_isolation=unsafe_no_isolation,

@@ -584,12 +584,12 @@ def train(
     device = acc.device
 
     tokenizer = load_tokenizer(cfg.student.path)
-    rows, rep = kdata.load_dataset(tokenizer, cfg.data.train, max_length=cfg.data.max_length, on_empty=cfg.data.on_empty)
-    val_rows = (kdata.load_dataset(tokenizer, cfg.data.validation, max_length=cfg.data.max_length)[0]
-                if cfg.data.validation else [])
-    if rep.truncated or rep.empty:
-        log(f"data: {rep.truncated} rows truncated to {cfg.data.max_length} tokens, {len(rep.empty)} rows without "
-            f"targets skipped")
+    d = cfg.data
+    rows, rep = kdata.load_dataset(tokenizer, d.train, max_length=d.max_length, on_empty=d.on_empty,
+                                   truncation=d.truncation)
+    val_rows = (kdata.load_dataset(tokenizer, d.validation, max_length=d.max_length, truncation=d.truncation)[0]
+                if d.validation else [])
+    log(f"data: {rep.summary(d.max_length)}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     real_vocab = len(tokenizer)
 

@@ -52,6 +52,7 @@ class PrecomputeSettings:
     logprob_dtype: str = "float16"
     shard_rows: int = 256
     on_empty: str = "skip"
+    truncation: str = "left"
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -74,15 +75,35 @@ def _fault(point: str, shard: int) -> None:
 
 
 @torch.no_grad()
+def target_logits(model: Any, batch: kdata.Batch) -> torch.Tensor:
+    """The teacher's logits at the batch's target positions only, row-major: [N_targets, V].
+
+    The LM head runs on the target positions' final hidden states (a third of all positions on
+    typical prompt/completion rows), not on every position; a model whose last hidden state is not
+    the head's input (checked once per model) gets the full logits, indexed."""
+    sel = batch.targets != kdata.IGNORE_INDEX
+    head = model.get_output_embeddings()
+    if getattr(model, "_kdkit_head_on_hidden", True) and isinstance(head, torch.nn.Linear):
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
+                    logits_to_keep=1)
+        hidden = out.hidden_states[-1]
+        if not hasattr(model, "_kdkit_head_on_hidden"):
+            model._kdkit_head_on_hidden = bool(torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(),
+                                                              rtol=1e-4, atol=1e-4))
+        if model._kdkit_head_on_hidden:
+            return head(hidden[:, :-1][sel])
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][sel]
+
+
+@torch.no_grad()
 def teacher_topk(model: Any, batch: kdata.Batch, top_k: int, temperature: float
                  ) -> tuple[TopK, torch.Tensor, torch.Tensor]:
-    """Teacher top-K at every prediction position of a batch.
+    """Teacher top-K at the target positions of a batch, row-major (row 0's targets first).
 
-    Returns (TopK[B, L-1, K] float32 log-probs under the full softmax at ``temperature``,
-    log tail mass [B, L-1], entropy [B, L-1]).
+    Returns (TopK[N, K] float32 log-probs under the full softmax at ``temperature``, log tail mass [N],
+    entropy [N]); log-softmax, top-K and entropy are computed at target positions only.
     """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    lp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    lp = torch.log_softmax(target_logits(model, batch).float() / temperature, dim=-1)
     k = min(top_k, lp.shape[-1])
     vals, ids = lp.topk(k, dim=-1, sorted=True)
     entropy = -(lp.exp() * lp).sum(-1)
@@ -97,16 +118,18 @@ def _shard_bytes(rows: list[kdata.TokenizedRow], model: Any, s: PrecomputeSettin
     for idx in kdata.length_sorted_batches([len(r.input_ids) for r in rows], s.batch_size):
         batch = kdata.collate([rows[i] for i in idx], pad_id)
         tk, tail, ent = teacher_topk(model, batch, s.top_k, s.temperature)
-        for b, i in enumerate(idx):
+        start = 0
+        for i in idx:
             pos = rows[i].loss_positions()
-            p = torch.from_numpy(pos).long()
+            seg = slice(start, start + len(pos))
+            start += len(pos)
             per_row[i] = (
                 pos,
-                tk.ids[b, p].numpy().astype(id_dtype(vocab)),
-                tk.logprobs[b, p].numpy().astype(LOGPROB_DTYPES[s.logprob_dtype]),
-                tail[b, p].numpy().astype(np.float32),
+                tk.ids[seg].numpy().astype(id_dtype(vocab)),
+                tk.logprobs[seg].numpy().astype(LOGPROB_DTYPES[s.logprob_dtype]),
+                tail[seg].numpy().astype(np.float32),
             )
-            ent_sum += float(ent[b, p].double().sum())
+            ent_sum += float(ent[seg].double().sum())
             on_tokens(len(pos))
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(r[0]) for r in per_row])
@@ -188,9 +211,11 @@ def precompute(
     out = Path(out)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(teacher)
-    rows, rep = kdata.load_dataset(tokenizer, data_path, max_length=settings.max_length, on_empty=settings.on_empty)
+    rows, rep = kdata.load_dataset(tokenizer, data_path, max_length=settings.max_length, on_empty=settings.on_empty,
+                                   truncation=settings.truncation)
     if rep.truncated:
-        log(f"{rep.truncated} of {rep.rows} rows were truncated to max_length={settings.max_length}")
+        log(f"{rep.truncated} of {rep.rows} rows were truncated to max_length={settings.max_length} "
+            f"({settings.truncation})")
     if rep.empty:
         log(f"skipped {len(rep.empty)} rows with no target token (lines {rep.empty[:10]})")
     t_fp, k_fp = model_fingerprint(teacher), tokenizer_fingerprint(tokenizer)

@@ -1,0 +1,106 @@
+"""Text generation with every setting explicit: one module for evaluation and everything that generates.
+
+Nothing is inherited from a model's ``generation_config.json`` (a repetition penalty there would
+silently change "greedy" outputs); the settings used are a :class:`GenerationSettings`, recorded by
+the callers with their results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+StopRule = Callable[[str], "int | None"]
+"""Given a row's generated text so far: the index to cut it at once it is complete, else None."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Every setting generation uses. Nothing is taken from the model's ``generation_config.json``:
+    greedy means greedy (no repetition penalty, no forced tokens, no top-k/top-p), as the seeds' lever F."""
+
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off (sampling only)
+    repetition_penalty: float = 1.0
+    n_samples: int = 1
+    seed: int = 0
+
+
+def explicit_generation_config(settings: GenerationSettings, model: Any, tokenizer: Any) -> Any:
+    """A GenerationConfig built only from ``settings`` and the special-token ids (EOS, pad, BOS).
+
+    transformers fills every unset field of a passed config from the model's own generation config,
+    so the model's config is swapped for this one during generation (see :func:`generate`)."""
+    from transformers import GenerationConfig
+
+    own = getattr(model, "generation_config", None)
+    eos = getattr(own, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+        eos[0] if isinstance(eos, list) else eos)
+    kw: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample, "num_beams": 1,
+                          "repetition_penalty": settings.repetition_penalty, "eos_token_id": eos, "pad_token_id": pad,
+                          "bos_token_id": getattr(own, "bos_token_id", None)}
+    if settings.do_sample:
+        kw.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    return GenerationConfig(**kw)
+
+
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationSettings = GenerationSettings(),
+             on_batch: Callable[[int], None] | None = None, stop: StopRule | None = None) -> list[list[str]]:
+    """Continuations of each prompt (``n_samples`` each). Greedy by default: deterministic.
+
+    Batches are left-padded and use the KV cache; each row stops on its own at EOS or where
+    ``stop(text)`` returns a cut index (its text is cut there); a batch ends when every row has
+    stopped. The same model + prompts + settings give the same text.
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    config = explicit_generation_config(settings, model, tokenizer)
+    own_config = model.generation_config
+    model.generation_config = config  # nothing of the model's own generation config may leak in
+    prev_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outs: list[list[str]] = [[] for _ in prompts]
+
+    class _AllStopped(StoppingCriteria):
+        def __init__(self, start: int) -> None:
+            self.start = start
+
+        def __call__(self, input_ids, scores, **kw):  # noqa: ANN001
+            # EOS is handled by generate itself; this adds the caller's per-row rule
+            if stop is None:
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            texts = tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+            return torch.tensor([stop(t) is not None for t in texts], device=input_ids.device)
+
+    try:
+        model.eval()
+        for sample in range(settings.n_samples):
+            if settings.do_sample:
+                torch.manual_seed(settings.seed + sample)
+            for lo in range(0, len(prompts), settings.batch_size):
+                chunk = list(prompts[lo:lo + settings.batch_size])
+                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=True).to(device)
+                start = enc["input_ids"].shape[1]
+                with torch.no_grad():
+                    gen = model.generate(**enc, generation_config=config,
+                                         stopping_criteria=StoppingCriteriaList([_AllStopped(start)]))
+                texts = tokenizer.batch_decode(gen[:, start:], skip_special_tokens=True)
+                for j, t in enumerate(texts):
+                    cut = stop(t) if stop is not None else None
+                    outs[lo + j].append(t if cut is None else t[:cut])
+                if on_batch is not None:
+                    on_batch(len(chunk))
+    finally:
+        tokenizer.padding_side = prev_side
+        model.generation_config = own_config
+    return outs
