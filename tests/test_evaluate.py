@@ -230,7 +230,8 @@ def test_the_models_generation_config_cannot_leak_into_greedy_decoding(tmp_path)
     assert model.generation_config.repetition_penalty == 1.3
     prompts = [t["prompt"] for t in TOY_TASKS]
     cut = lambda t: t if answer_end(t) is None else t[:answer_end(t)]  # noqa: E731
-    ours = [g[0] for g in generate(model, tok, prompts, GenerationSettings(max_new_tokens=20, batch_size=3), stop=answer_end)]
+    settings = GenerationSettings(max_new_tokens=20, batch_size=3)
+    ours = [g[0] for g in generate(model, tok, prompts, settings, stop=answer_end)]
     reference = [cut(_pure_greedy(model, tok, p, 20)) for p in prompts]
     assert ours == reference
     # the set-up has teeth: transformers left alone applies the penalty and changes the text
@@ -308,7 +309,8 @@ def test_extraction_keeps_imports_before_a_restated_def_and_its_helpers():
     assert got == ("    return helper(x)\n\n\nimport math\n\n\ndef helper(x):\n"
                    "    return int(math.floor(x)) + 3\n")
     two_space = "```python\nfrom math import floor\ndef add3(x):\n  y = floor(x)\n  return y + 3\nprint(add3(1))\n```"
-    assert extract_completion(ADD3["prompt"], two_space) == "    y = floor(x)\n    return y + 3\n\n\nfrom math import floor\n"
+    expected = "    y = floor(x)\n    return y + 3\n\n\nfrom math import floor\n"
+    assert extract_completion(ADD3["prompt"], two_space) == expected
     one_line = "def add3(x): return x + 3\n"
     assert extract_completion(ADD3["prompt"], one_line) == "    return x + 3\n"
 
