@@ -280,6 +280,28 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(world, tmp_p
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_lora_with_a_barrier_to_the_base_under_two_processes_equals_one(world, tmp_path):
+    """The seeds' headline configuration (LoRA, barrier to the adapters-off base) under torchrun."""
+    barrier = {"kd_weight": 0.5, "barrier": {"kind": "kl_rev", "aggregate": "rmse", "tau": 0.0, "weight": 5.0}}
+    cfg = _cfg(world, tmp_path, objective=barrier, reference={"kind": "base"},
+               optim={"micro_batch": 2, "grad_accum": 2, "epochs": 1})
+    one = _run(_cfg(world, tmp_path, objective=barrier, reference={"kind": "base"},
+                    optim={"micro_batch": 4, "grad_accum": 2, "epochs": 1}), tmp_path / "one")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "kdkit", "train", str(cfg), "--out",
+                           str(tmp_path / "two"), "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ma, mb = _jsonl(Path(one["run_dir"]) / "metrics.jsonl"), _jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert ma[-1]["barrier"] > 0
+    for x, y in zip(ma, mb, strict=True):
+        assert x["total_loss"] == pytest.approx(y["total_loss"], rel=1e-5)
+        assert x["barrier"] == pytest.approx(y["barrier"], rel=1e-4, abs=1e-7)
+    a, b = _final(Path(one["run_dir"])), _final(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resume_completes_identically(world, tmp_path):
     cfg = _cfg(world, tmp_path, optim={"micro_batch": 2, "epochs": 1}, checkpoint={"every": 0})
     full = _run(cfg, tmp_path / "full")
@@ -379,8 +401,34 @@ def test_validate_checks_what_train_will_need(world, tmp_path):
     assert res.exit_code == 2 and "no *.safetensors weights" in res.output, res.output
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "b"}\n')
-    cfg = _cfg(world, tmp_path, data={"train": str(bad), "validation": None}, teacher=None)
+    cfg = _cfg(world, tmp_path, data={"train": str(bad), "validation": None}, teacher=None, objective={"kd_weight": 0.0})
     for cmd in (["validate", str(cfg)], ["train", str(cfg), "--out", str(tmp_path / "r"), "--no-progress"],
                 ["precompute", "--teacher", str(world / "teacher"), "--data", str(bad), "--out", str(tmp_path / "c")]):
         res = r.invoke(app, cmd)
         assert res.exit_code in (1, 2) and f"{bad}:2: not UTF-8 text" in res.output, (cmd, res.output)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"objective": {"kd": {"kind": "kl_fwd", "beta": 0.3}}}, "objective.kd.beta: only jsd takes beta"),
+    ({"objective": {"kd": {"kind": "jsd", "alpha": 0.2}}}, "objective.kd.alpha: only skew_fwd/skew_rev take alpha"),
+    ({"teacher": None, "objective": {"kd_weight": 0.5}}, "objective.kd_weight: there is no teacher section"),
+    ({"teacher": None, "objective": {"kd_weight": 0.0, "task_weights": {"T/1": 4}}},
+     "objective.task_weights.T/1: there is no teacher section"),
+    ({"teacher": None, "objective": {"kd_weight": 0.0, "roles": {"anchor": {"kd": False}}}},
+     "objective.roles.anchor.kd: there is no teacher section"),
+    ({"teacher": None, "objective": {"kd_weight": 0.0, "kd": {"temperature": 2.0}}},
+     "objective.kd.temperature: there is no teacher section"),
+    ({"teacher": {"cache": "x", "dtype": "bfloat16"}}, "teacher.dtype: a cached teacher is not run"),
+    ({"teacher": {"cache": None, "model": "x"}, "objective": {"kd": {"tail": "renorm"}}},
+     "objective.kd.tail: a live teacher gives the dense distribution"),
+])
+def test_options_that_cannot_take_effect_are_refused_naming_the_field(world, tmp_path, change, match):
+    res = CliRunner().invoke(app, ["validate", str(_cfg(world, tmp_path, **change))], terminal_width=400)
+    assert res.exit_code == 2 and match in " ".join(res.output.split()), res.output
+
+
+def test_a_reference_cache_at_another_temperature_is_refused(world, tmp_path):
+    barrier = {"kd_weight": 0.5, "barrier": {"kind": "kl_rev", "temperature": 2.0}}
+    cfg = _cfg(world, tmp_path, objective=barrier, reference={"kind": "cache", "path": str(world / "cache_full")})
+    res = CliRunner().invoke(app, ["validate", str(cfg)], terminal_width=400)
+    assert res.exit_code == 2 and "objective.barrier.temperature is 2.0" in " ".join(res.output.split()), res.output

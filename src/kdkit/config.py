@@ -247,7 +247,32 @@ class TrainConfig(_Strict):
             raise ValueError("'reference' is set but objective.barrier is not: the reference would be unused")
         if self.teacher is None and self.objective.ce_coef == 0.0 and self.objective.barrier is None:
             raise ValueError("no teacher and objective.ce_coef = 0: nothing to train")
+        for field, why in _without_effect(self):
+            raise ValueError(f"{field}: {why}")
         return self
+
+
+def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(field, why) for every explicitly set option that cannot take effect in this configuration."""
+    o, kd = cfg.objective, cfg.objective.kd
+    out = []
+    if "beta" in kd.model_fields_set and kd.kind != "jsd":
+        out.append(("objective.kd.beta", f"only jsd takes beta; objective.kd.kind is {kd.kind}"))
+    if "alpha" in kd.model_fields_set and not kd.kind.startswith("skew_"):
+        out.append(("objective.kd.alpha", f"only skew_fwd/skew_rev take alpha; objective.kd.kind is {kd.kind}"))
+    if cfg.teacher is None:
+        no_teacher = "there is no teacher section, so there is no KD term"
+        if "kd_weight" in o.model_fields_set and o.kd_weight > 0:
+            out.append(("objective.kd_weight", no_teacher))
+        out += [(f"objective.kd.{f}", no_teacher) for f in sorted(kd.model_fields_set)]
+        out += [(f"objective.task_weights.{t}", f"{no_teacher} (task weights scale KD only)") for t in o.task_weights]
+        out += [(f"objective.roles.{r}.kd", no_teacher) for r, t in o.roles.items() if "kd" in t.model_fields_set]
+    else:
+        if cfg.teacher.cache and "dtype" in cfg.teacher.model_fields_set:
+            out.append(("teacher.dtype", "a cached teacher is not run; its capture dtype is in the cache"))
+        if cfg.teacher.model and "tail" in kd.model_fields_set:
+            out.append(("objective.kd.tail", "a live teacher gives the dense distribution: there is no top-K tail"))
+    return out
 
 
 # --------------------------------------------------------------------------- YAML + overrides

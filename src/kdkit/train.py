@@ -162,7 +162,12 @@ def check_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: A
                 f"re-tempered — precompute again or set objective.kd.temperature={cache.temperature}"
             )
     if cfg.reference is not None and cfg.reference.kind == "cache":
-        _cache_for(cfg.reference.path, rows, tok_sha, vocab_rows, "reference", verify)
+        ref = _cache_for(cfg.reference.path, rows, tok_sha, vocab_rows, "reference", verify)
+        if ref.temperature != cfg.objective.barrier.temperature:
+            raise TrainingError(
+                f"reference cache {cfg.reference.path} was captured at temperature {ref.temperature} but "
+                f"objective.barrier.temperature is {cfg.objective.barrier.temperature}; precompute the reference "
+                f"again or set objective.barrier.temperature={ref.temperature}")
     seen_roles = {r.role for r in rows}
     for role in cfg.objective.roles:
         if role not in seen_roles:
@@ -453,8 +458,9 @@ def _signals(batch: kdata.Batch, rows: list[kdata.TokenizedRow], model: torch.nn
     elif src.reference_model is not None or src.reference_is_adapter_base:
         with torch.no_grad():
             if src.reference_is_adapter_base:
-                with model.disable_adapter():
-                    reference = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+                inner = _unwrap(model)  # DDP's wrapper has no disable_adapter; no gradient flows here anyway
+                with inner.disable_adapter():
+                    reference = inner(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
             else:
                 reference = src.reference_model(input_ids=batch.input_ids,
                                                 attention_mask=batch.attention_mask).logits[:, :-1]
@@ -488,9 +494,12 @@ def use_chunked(cfg: TrainConfig, model: torch.nn.Module) -> str | None:
     return None
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def _head(model: torch.nn.Module) -> torch.nn.Linear:
-    inner = model.module if hasattr(model, "module") else model  # DDP
-    return inner.get_output_embeddings()
+    return _unwrap(model).get_output_embeddings()
 
 
 def _forward_loss(model, batch, rows, cfg, src, denom, real_vocab, device, chunked: bool) -> ObjectiveOutput:

@@ -69,15 +69,15 @@ def _config(s: DemoSettings, student: Path, train: Path, val: Path, cache: Path 
     cfg: dict[str, Any] = {
         "student": {"path": str(student)},
         "data": {"train": str(train), "validation": str(val), "max_length": 256, "shuffle_seed": s.seed},
-        "objective": {"ce_coef": 1.0, "kd_weight": s.kd_weight if cache else 0.0,
-                      "kd": {"kind": s.kd_kind, "temperature": s.temperature}},
+        "objective": {"ce_coef": 1.0},
         "optim": {"lr": s.lr, "micro_batch": s.micro_batch, "epochs": s.epochs, "warmup_steps": 20,
                   "schedule": "cosine", "seed": s.seed},
         "checkpoint": {"every": 0},
         "logging": {"every": 5},
     }
-    if cache is not None:
+    if cache is not None:  # the baseline has no teacher, hence no KD settings (they would do nothing)
         cfg["teacher"] = {"cache": str(cache)}
+        cfg["objective"].update(kd_weight=s.kd_weight, kd={"kind": s.kd_kind, "temperature": s.temperature})
     return cfg
 
 
