@@ -201,8 +201,10 @@ def test_runtime_errors():
         StepDenominator(-1.0)
 
 
+@pytest.mark.parametrize("weights", [(1.0, 2.0, 0.5, 1.0), (0.0, 2.0, 0.5, 1.0), (0.0, 0.0, 0.25, 0.0)])
+@pytest.mark.parametrize("task_b", [3.0, 0.0])
 @pytest.mark.parametrize("teacher_kind", ["topk", "dense", None])
-def test_chunked_objective_equals_dense_objective(teacher_kind):
+def test_chunked_objective_equals_dense_objective(teacher_kind, task_b, weights):
     from kdkit.objective import compute_objective_chunked
 
     g = torch.Generator().manual_seed(12)
@@ -215,10 +217,10 @@ def test_chunked_objective_equals_dense_objective(teacher_kind):
         teacher = TopK(ids, vals)
     elif teacher_kind == "dense":
         teacher = t
-    cfg = ObjectiveConfig(ce_coef=0.8, kd_weight=0.6, ce_norm="sqrt_row", chunk_size=5, task_weights={"b": 3.0},
+    cfg = ObjectiveConfig(ce_coef=0.8, kd_weight=0.6, ce_norm="sqrt_row", chunk_size=5, task_weights={"b": task_b},
                           roles={"new": RoleTerms(kd=False)}, kd=DivergenceConfig(kind="kl_rev", temperature=2.0))
     kw = {"roles": ["anchor", "new", "anchor", "anchor"], "tasks": ["a", "b", "b", "c"],
-          "row_weights": torch.tensor([1.0, 2.0, 0.5, 1.0]), "denom": StepDenominator(31.0)}
+          "row_weights": torch.tensor(weights), "denom": StepDenominator(31.0)}
     h1, w1 = hidden.clone().requires_grad_(True), head_w.clone().requires_grad_(True)
     dense = compute_objective(h1 @ w1.t(), y, cfg, teacher=teacher, **kw)
     dense.loss.backward()
@@ -228,6 +230,17 @@ def test_chunked_objective_equals_dense_objective(teacher_kind):
     assert float(chunk.loss) == pytest.approx(float(dense.loss), rel=1e-5)
     torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-4, atol=1e-6)
+    assert set(chunk.metrics) == set(dense.metrics)
     for key in ("ce_loss", "kl_loss", "top1_agree", "tail_mass", "tokens", "kd_tokens"):
         if key in dense.metrics:
             assert chunk.metrics[key] == pytest.approx(dense.metrics[key], rel=1e-5), key
+    if teacher is not None:  # KD statistics are over the KD positions whatever their weight: a float64 reference
+        kd_rows = torch.tensor([r != "new" for r in kw["roles"]])
+        mask = (y != -100) & kd_rows[:, None]
+        s_lp = torch.log_softmax(hidden.double() @ head_w.double().t() / 2.0, -1)
+        if teacher_kind == "dense":
+            t_lp = torch.log_softmax(t.double() / 2.0, -1)
+            ref = 4.0 * (s_lp.exp() * (s_lp - t_lp)).sum(-1)
+            assert dense.metrics["kl_loss"] == pytest.approx(float(ref[mask].mean()), rel=1e-4)
+        agree = (hidden @ head_w.t()).argmax(-1) == (t.argmax(-1) if teacher_kind == "dense" else teacher.ids[..., 0])
+        assert dense.metrics["top1_agree"] == pytest.approx(float(agree[mask].float().mean()), rel=1e-6)

@@ -33,12 +33,12 @@ class KDSpec:
 
 @dataclass
 class ChunkStats:
-    """Sums over the positions, for metrics (not differentiable)."""
+    """Per-position values for metrics (detached): the caller reduces them with its own mask, the same
+    way as on the dense path (:func:`kdkit.objective.kd_metrics`)."""
 
     ce_sum: float = 0.0
-    kd_sum: float = 0.0
-    top1_agree: float = 0.0
-    tail_sum: float = 0.0
+    kd_div: Tensor | None = None  # float32 [N]: the KD divergence at every valid position (0 elsewhere)
+    student_top: Tensor | None = None  # long [N]: the student's argmax token
 
 
 def _slice_teacher(teacher: Tensor | TopK | None, lo: int, hi: int) -> Tensor | TopK | None:
@@ -50,7 +50,7 @@ def _slice_teacher(teacher: Tensor | TopK | None, lo: int, hi: int) -> Tensor | 
 
 
 def _chunk_loss(logits: Tensor, targets: Tensor, teacher: Tensor | TopK | None, ce_w: Tensor, kd_w: Tensor,
-                spec: KDSpec, stats: ChunkStats) -> Tensor:
+                spec: KDSpec, stats: ChunkStats, lo: int) -> Tensor:
     valid = targets != IGNORE_INDEX
     safe = torch.where(valid, targets, torch.zeros_like(targets))
     ce = torch.nn.functional.cross_entropy(logits, safe, reduction="none")
@@ -60,19 +60,10 @@ def _chunk_loss(logits: Tensor, targets: Tensor, teacher: Tensor | TopK | None, 
     if teacher is not None:
         div = token_divergence(logits, teacher, spec.kind, temperature=spec.temperature, t2_scale=spec.t2_scale,
                                beta=spec.beta, alpha=spec.alpha, tail=spec.tail)
-        kd_mask = valid & (kd_w != 0)
-        div = torch.where(kd_mask, div, torch.zeros_like(div))
+        div = torch.where(valid, div, torch.zeros_like(div))
         loss = loss + (div * kd_w).sum()
-        stats.kd_sum += float(div.detach().sum())
-        with torch.no_grad():
-            s_top = logits.argmax(-1)
-            if isinstance(teacher, TopK):
-                best = teacher.logprobs.float().argmax(-1, keepdim=True)
-                t_top = torch.gather(teacher.ids.long(), -1, best).squeeze(-1)
-                stats.tail_sum += float(torch.exp(teacher.tail_logmass())[kd_mask].sum())
-            else:
-                t_top = teacher.float().argmax(-1)
-            stats.top1_agree += float((s_top == t_top)[kd_mask].sum())
+        stats.kd_div[lo:lo + len(div)] = div.detach()
+        stats.student_top[lo:lo + len(div)] = logits.detach().argmax(-1)
     return loss
 
 
@@ -96,7 +87,7 @@ class _ChunkedCEKD(torch.autograd.Function):
                     logits = logits + b32
                 logits = logits.detach().requires_grad_(True)
                 loss = _chunk_loss(logits, targets[lo:hi], _slice_teacher(teacher, lo, hi), ce_w[lo:hi],
-                                   kd_w[lo:hi], spec, stats)
+                                   kd_w[lo:hi], spec, stats, lo)
                 (g,) = torch.autograd.grad(loss, logits)
             total += loss.detach()
             grad_h[lo:hi] = g @ w32
@@ -155,7 +146,8 @@ def chunked_ce_kd(
     if teacher is not None and not isinstance(teacher, TopK) and spec.kind not in ("kl_fwd", "kl_rev", "jsd"):
         raise ValueError(f"the chunked path takes a dense teacher only for kl_fwd, kl_rev, jsd (got {spec.kind})")
     kd_w = torch.zeros(n, device=hidden.device) if kd_weights is None else kd_weights.float()
-    stats = ChunkStats()
+    stats = ChunkStats(kd_div=torch.zeros(n, device=hidden.device),
+                       student_top=torch.zeros(n, dtype=torch.long, device=hidden.device))
     ta, tb = (teacher.ids, teacher.logprobs) if isinstance(teacher, TopK) else (teacher, None)
     loss = _ChunkedCEKD.apply(hidden, weight, bias, targets, ta, tb, ce_weights.float(), kd_w, spec, chunk_size, stats)
     return loss, stats

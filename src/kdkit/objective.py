@@ -197,12 +197,7 @@ def compute_objective(
         kd_mask = valid_t & (kd_on[:, None] > 0)
         div = torch.where(kd_mask, div, torch.zeros_like(div))
         loss = loss + cfg.kd_weight * (div * tok_w * row_kd[:, None]).sum() * inv
-        n_kd = int(kd_mask.sum())
-        metrics["kl_loss"] = _f(div.sum()) / max(n_kd, 1)
-        metrics["kd_tokens"] = float(n_kd)
-        metrics.update(_teacher_stats(logits32, teacher, kd_mask))
-    elif teacher is not None:
-        metrics.update(_teacher_stats(logits32, teacher, valid_t))
+        metrics.update(kd_metrics(div.detach(), logits32.detach().argmax(-1), teacher, kd_mask))
 
     if cfg.barrier is not None:
         b = cfg.barrier
@@ -220,21 +215,22 @@ def compute_objective(
 
 
 @torch.no_grad()
-def _teacher_stats(logits32: Tensor, teacher: Tensor | TopK, mask: Tensor) -> dict[str, float]:
-    """Teacher tail mass (top-K only) and top-1 agreement between student and teacher."""
+def kd_metrics(div: Tensor, student_top: Tensor, teacher: Tensor | TopK, mask: Tensor) -> dict[str, float]:
+    """KD statistics over the KD positions ``mask`` (targets whose row's role has KD on, whatever their
+    weight): mean divergence ``kl_loss``, ``kd_tokens``, ``top1_agree`` and the teacher's ``tail_mass``
+    (top-K only). The one place both loss paths compute them. Shapes: ``div``, ``student_top``, ``mask``
+    alike ([B, T] or [N]); ``teacher`` aligned with them."""
     n = int(mask.sum())
+    out = {"kl_loss": _f(div[mask].sum()) / max(n, 1), "kd_tokens": float(n)}
     if n == 0:
-        return {}
-    s_top = logits32.argmax(dim=-1)
+        return out
     if isinstance(teacher, TopK):
         best = teacher.logprobs.float().argmax(dim=-1, keepdim=True)
         t_top = torch.gather(teacher.ids.long(), -1, best).squeeze(-1)
-        tail = torch.exp(teacher.tail_logmass())
-        out = {"tail_mass": float(tail[mask].mean())}
+        out["tail_mass"] = _f(torch.exp(teacher.tail_logmass())[mask].sum()) / n
     else:
         t_top = teacher.float().argmax(dim=-1)
-        out = {}
-    out["top1_agree"] = float((s_top == t_top)[mask].float().mean())
+    out["top1_agree"] = _f((student_top == t_top)[mask].float().sum()) / n
     return out
 
 
@@ -279,12 +275,7 @@ def compute_objective_chunked(
                              kd_weights=kd_w, spec=spec, chunk_size=cfg.chunk_size)
     metrics = {"tokens": float(co.n_valid), "ce_loss": st.ce_sum / max(co.n_valid, 1)}
     if use_kd:
-        n_kd = int((co.valid & (co.kd_on[:, None] > 0)).sum())
-        # the chunked kernel sums the divergence over every position with a nonzero KD weight
-        metrics.update(kl_loss=st.kd_sum / max(n_kd, 1), kd_tokens=float(n_kd))
-        if n_kd:
-            metrics["top1_agree"] = st.top1_agree / n_kd
-            if isinstance(teacher, TopK):
-                metrics["tail_mass"] = st.tail_sum / n_kd
+        kd_mask = (co.kd_on[:, None] > 0).expand_as(sel)[sel]
+        metrics.update(kd_metrics(st.kd_div, st.student_top, t_sel, kd_mask))
     metrics["total_loss"] = _f(loss)
     return ObjectiveOutput(loss=loss, metrics=metrics)
