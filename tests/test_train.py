@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from kdkit.cache import TeacherCache
 from kdkit.cache.precompute import PrecomputeSettings, precompute
 from kdkit.cli import app
 from kdkit.config import ConfigError, load_train_config
@@ -432,3 +433,48 @@ def test_a_reference_cache_at_another_temperature_is_refused(world, tmp_path):
     cfg = _cfg(world, tmp_path, objective=barrier, reference={"kind": "cache", "path": str(world / "cache_full")})
     res = CliRunner().invoke(app, ["validate", str(cfg)], terminal_width=400)
     assert res.exit_code == 2 and "objective.barrier.temperature is 2.0" in " ".join(res.output.split()), res.output
+
+
+def _padded_copy(src: Path, dst: Path, extra: int) -> Path:
+    """The same model with `extra` more embedding/head rows (as 152,064 rows for 151,936 tokens), loud ones."""
+    from transformers import AutoModelForCausalLM
+
+    from kdkit.models import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(src))
+    n = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(n + extra, mean_resizing=False)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[n:] = 5.0  # would dominate every softmax if not dropped
+    model.save_pretrained(str(dst), safe_serialization=True)
+    load_tokenizer(src).save_pretrained(str(dst))
+    return dst
+
+
+def test_a_teacher_with_more_padded_rows_than_the_student_trains_as_the_unpadded_one(world, tmp_path):
+    padded = _padded_copy(world / "teacher", tmp_path / "teacher_padded", 27)
+    live = {"cache": None, "model": str(world / "teacher")}
+    a = _run(_cfg(world, tmp_path, teacher=live, optim={"epochs": 1}), tmp_path / "unpadded")
+    b = _run(_cfg(world, tmp_path, teacher={**live, "model": str(padded)}, optim={"epochs": 1}), tmp_path / "padded")
+    fa, fb = _final(Path(a["run_dir"])), _final(Path(b["run_dir"]))
+    for k in fa:
+        torch.testing.assert_close(fa[k], fb[k], rtol=1e-5, atol=1e-7)
+    # offline: a cache of the padded teacher holds no padded id and trains the 101-row student
+    precompute(padded, world / "train.jsonl", tmp_path / "cache_padded",
+               PrecomputeSettings(top_k=16, shard_rows=8), progress=False, log=lambda m: None)
+    cache = TeacherCache(tmp_path / "cache_padded")
+    assert cache.vocab_size == 128 and max(int(cache.row(r).ids.max()) for r in range(len(cache))) < 101
+    _run(_cfg(world, tmp_path, teacher={"cache": str(tmp_path / "cache_padded")}, optim={"epochs": 1}),
+         tmp_path / "from_cache")
+
+
+def test_a_model_without_a_logit_for_every_token_is_refused(world, tmp_path):
+    from kdkit.models import load_tokenizer
+    from tests.helpers import tiny_llama
+
+    short = tmp_path / "short"
+    tiny_llama(96, seed=1).save_pretrained(str(short), safe_serialization=True)
+    load_tokenizer(world / "teacher").save_pretrained(str(short))
+    res = CliRunner().invoke(app, ["validate", str(_cfg(world, tmp_path, teacher={"cache": None, "model": str(short)}))],
+                             terminal_width=400)
+    assert res.exit_code == 2 and "has 96 output rows but the tokenizer has 101 tokens" in res.output, res.output

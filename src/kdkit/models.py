@@ -109,17 +109,15 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(blob.encode()).hexdigest(), "vocab_size": len(vocab)}
 
 
-def mask_padded_vocab(logits: torch.Tensor, real_vocab: int) -> torch.Tensor:
-    """Set logits of embedding rows past the tokenizer's vocabulary to -inf.
+def vocab_logits(logits: torch.Tensor, real_vocab: int, what: str = "model") -> torch.Tensor:
+    """The logits of the tokenizer's real vocabulary: [..., :real_vocab].
 
-    Models often pad the embedding matrix (e.g. 151936 tokens in 152064 rows); those
-    rows are never a teacher target and must not take student probability mass.
+    Models often pad the embedding matrix (e.g. 151,936 tokens in 152,064 rows), and a teacher may be
+    padded more than its student; padded rows are never a target and must take no probability mass.
+    Dropping them equals a -inf logit on either side, which removes an entry from both distributions.
     """
     v = logits.shape[-1]
     if v < real_vocab:
-        raise ModelError(f"model has {v} output rows but the tokenizer has {real_vocab} tokens")
-    if v == real_vocab:
-        return logits
-    pad = torch.zeros(v, dtype=torch.bool, device=logits.device)
-    pad[real_vocab:] = True
-    return logits.masked_fill(pad, float("-inf"))
+        raise ModelError(f"the {what} has {v} output rows but the tokenizer has {real_vocab} tokens: tokens "
+                         f"{v}..{real_vocab - 1} have no logit (is this the tokenizer the {what} was trained with?)")
+    return logits if v == real_vocab else logits[..., :real_vocab]

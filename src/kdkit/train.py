@@ -39,9 +39,9 @@ from kdkit.models import (
     check_model_dir,
     load_causal_lm,
     load_tokenizer,
-    mask_padded_vocab,
     sha256_file,
     tokenizer_fingerprint,
+    vocab_logits,
 )
 from kdkit.objective import (
     ObjectiveOutput,
@@ -142,6 +142,19 @@ def _cache_for(path: str, rows: list[kdata.TokenizedRow], tok_sha: str, vocab_ro
     return cache
 
 
+def _check_live_vocab(path: str, field: str, student_tok_sha: str, real_vocab: int) -> None:
+    """A live model must share the student's tokenizer and have a logit for every real token; rows past
+    the tokenizer's vocabulary (padding, possibly more than the student's) are dropped."""
+    tok = load_tokenizer(path)
+    if tokenizer_fingerprint(tok)["sha256"] != student_tok_sha:
+        raise TrainingError(f"{field}: {path} has another tokenizer than the student (ids would mean different "
+                            f"text); kdkit distils between models that share a tokenizer")
+    cfg_path = Path(path) / "config.json"
+    rows = json.loads(cfg_path.read_text()).get("vocab_size") if cfg_path.is_file() else None
+    if isinstance(rows, int) and rows < real_vocab:
+        raise TrainingError(f"{field}: {path} has {rows} output rows but the tokenizer has {real_vocab} tokens")
+
+
 def check_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, vocab_rows: int,
                   verify: bool = False) -> None:
     """Compatibility checks shared by ``kdkit validate`` and ``kdkit train`` (``verify``: also re-hash every
@@ -153,6 +166,10 @@ def check_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: A
             check_model_dir(cfg.teacher.model, "teacher.model:")
         if cfg.reference is not None and cfg.reference.kind == "model":
             check_model_dir(cfg.reference.path, "reference.path:")
+    if cfg.teacher is not None and cfg.teacher.model:
+        _check_live_vocab(cfg.teacher.model, "teacher.model", tok_sha, len(tokenizer))
+    if cfg.reference is not None and cfg.reference.kind == "model":
+        _check_live_vocab(cfg.reference.path, "reference.path", tok_sha, len(tokenizer))
     if cfg.teacher is not None and cfg.teacher.cache:
         cache = _cache_for(cfg.teacher.cache, rows, tok_sha, vocab_rows, "teacher", verify)
         if cache.temperature != cfg.objective.kd.temperature:
@@ -505,7 +522,9 @@ def _head(model: torch.nn.Module) -> torch.nn.Linear:
 def _forward_loss(model, batch, rows, cfg, src, denom, real_vocab, device, chunked: bool) -> ObjectiveOutput:
     teacher, reference = _signals(batch, rows, model, src, device)
     if teacher is not None and not isinstance(teacher, TopK):
-        teacher = mask_padded_vocab(teacher, real_vocab)
+        teacher = vocab_logits(teacher, real_vocab, "teacher")
+    if reference is not None and not isinstance(reference, TopK):
+        reference = vocab_logits(reference, real_vocab, "reference")
     if chunked:
         # Only the last position's logits are materialised by the model; the loss is computed from the
         # final hidden states, chunk by chunk. Padded embedding rows are dropped from the head.
@@ -524,7 +543,7 @@ def _forward_loss(model, batch, rows, cfg, src, denom, real_vocab, device, chunk
                                          head_bias=bias, teacher=teacher, roles=batch.roles, tasks=batch.tasks,
                                          row_weights=batch.weights, denom=denom)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    logits = mask_padded_vocab(logits, real_vocab)
+    logits = vocab_logits(logits, real_vocab, "student")
     return compute_objective(logits, batch.targets, cfg.objective, teacher=teacher, reference=reference,
                              roles=batch.roles, tasks=batch.tasks, row_weights=batch.weights, denom=denom)
 
@@ -538,15 +557,15 @@ def evaluate_loss(model, rows, cfg, pad_id, real_vocab, device, teacher_model=No
     n = 0
     for i in range(0, len(rows), cfg.optim.micro_batch):
         batch = _to(kdata.collate(rows[i:i + cfg.optim.micro_batch], pad_id), device)
-        logits = mask_padded_vocab(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1],
-                                   real_vocab).float()
+        logits = vocab_logits(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1],
+                              real_vocab, "student").float()
         valid = batch.targets != kdata.IGNORE_INDEX
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none")
         ce_sum += float(ce[valid].sum())
         n += int(valid.sum())
         if teacher_model is not None:
-            t = mask_padded_vocab(teacher_model(input_ids=batch.input_ids,
-                                                attention_mask=batch.attention_mask).logits[:, :-1], real_vocab)
+            t = vocab_logits(teacher_model(input_ids=batch.input_ids,
+                                           attention_mask=batch.attention_mask).logits[:, :-1], real_vocab, "teacher")
             kd = cfg.objective.kd
             div = token_divergence(logits, t, "kl_fwd", temperature=kd.temperature, t2_scale=False)
             kl_sum += float(aggregate(div, valid, "sum"))

@@ -37,7 +37,7 @@ from kdkit.cache.format import (
 from kdkit.cache.reader import load_manifest, verify_cache
 from kdkit.io import atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_tmp
 from kdkit.losses import TopK
-from kdkit.models import load_causal_lm, load_tokenizer, model_fingerprint, sha256_file, tokenizer_fingerprint
+from kdkit.models import load_causal_lm, load_tokenizer, model_fingerprint, sha256_file, tokenizer_fingerprint, vocab_logits
 
 FAULT_ENV = "KDKIT_FAULT_PRECOMPUTE"
 
@@ -75,7 +75,7 @@ def _fault(point: str, shard: int) -> None:
 
 
 @torch.no_grad()
-def target_logits(model: Any, batch: kdata.Batch) -> torch.Tensor:
+def target_logits(model: Any, batch: kdata.Batch, real_vocab: int) -> torch.Tensor:
     """The teacher's logits at the batch's target positions only, row-major: [N_targets, V].
 
     The LM head runs on the target positions' final hidden states (a third of all positions on
@@ -91,19 +91,20 @@ def target_logits(model: Any, batch: kdata.Batch) -> torch.Tensor:
             model._kdkit_head_on_hidden = bool(torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(),
                                                               rtol=1e-4, atol=1e-4))
         if model._kdkit_head_on_hidden:
-            return head(hidden[:, :-1][sel])
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][sel]
+            return vocab_logits(head(hidden[:, :-1][sel]), real_vocab, "teacher")
+    return vocab_logits(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][sel],
+                        real_vocab, "teacher")
 
 
 @torch.no_grad()
-def teacher_topk(model: Any, batch: kdata.Batch, top_k: int, temperature: float
+def teacher_topk(model: Any, batch: kdata.Batch, top_k: int, temperature: float, real_vocab: int
                  ) -> tuple[TopK, torch.Tensor, torch.Tensor]:
     """Teacher top-K at the target positions of a batch, row-major (row 0's targets first).
 
     Returns (TopK[N, K] float32 log-probs under the full softmax at ``temperature``, log tail mass [N],
     entropy [N]); log-softmax, top-K and entropy are computed at target positions only.
     """
-    lp = torch.log_softmax(target_logits(model, batch).float() / temperature, dim=-1)
+    lp = torch.log_softmax(target_logits(model, batch, real_vocab).float() / temperature, dim=-1)
     k = min(top_k, lp.shape[-1])
     vals, ids = lp.topk(k, dim=-1, sorted=True)
     entropy = -(lp.exp() * lp).sum(-1)
@@ -111,13 +112,13 @@ def teacher_topk(model: Any, batch: kdata.Batch, top_k: int, temperature: float
     return tk, tk.tail_logmass(), entropy
 
 
-def _shard_bytes(rows: list[kdata.TokenizedRow], model: Any, s: PrecomputeSettings, vocab: int,
+def _shard_bytes(rows: list[kdata.TokenizedRow], model: Any, s: PrecomputeSettings, vocab: int, real_vocab: int,
                  pad_id: int, on_tokens: Callable[[int], None]) -> tuple[bytes, dict[str, Any]]:
     per_row: list[tuple[np.ndarray, ...] | None] = [None] * len(rows)
     ent_sum = 0.0
     for idx in kdata.length_sorted_batches([len(r.input_ids) for r in rows], s.batch_size):
         batch = kdata.collate([rows[i] for i in idx], pad_id)
-        tk, tail, ent = teacher_topk(model, batch, s.top_k, s.temperature)
+        tk, tail, ent = teacher_topk(model, batch, s.top_k, s.temperature, real_vocab)
         start = 0
         for i in idx:
             pos = rows[i].loss_positions()
@@ -244,8 +245,8 @@ def precompute(
 
     model = load_causal_lm(teacher, settings.dtype)
     vocab = int(model.get_output_embeddings().weight.shape[0])
-    if settings.top_k > vocab:
-        raise ValueError(f"--top-k {settings.top_k} exceeds the teacher's vocabulary ({vocab})")
+    if settings.top_k > len(tokenizer):
+        raise ValueError(f"--top-k {settings.top_k} exceeds the vocabulary ({len(tokenizer)} tokens)")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     n_shards = (len(rows) + settings.shard_rows - 1) // settings.shard_rows
     total_tokens = rep.target_tokens
@@ -271,7 +272,7 @@ def precompute(
             def on_tokens(n: int) -> None:
                 bar.advance(task, n)
 
-            blob, stats = _shard_bytes(rows[lo:hi], model, settings, vocab, pad_id, on_tokens)
+            blob, stats = _shard_bytes(rows[lo:hi], model, settings, vocab, len(tokenizer), pad_id, on_tokens)
             atomic_write_bytes(spath, blob, before_rename=lambda i=i: _fault("mid_shard", i))
             side = {"file": spath.name, "rows": [lo, hi], "sha256": sha256_file(spath), "bytes": len(blob), **stats}
             atomic_write_json(cpath, side)

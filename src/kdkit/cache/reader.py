@@ -198,6 +198,7 @@ class TeacherCache:
         """Refuse a student whose tokenizer differs; allow padded embedding rows (masked by the trainer)."""
         if tokenizer_sha != self.components["tokenizer"]:
             raise CacheMismatch("tokenizer", self.components["tokenizer"], tokenizer_sha, self.path)
-        if student_vocab_rows < self.vocab_size:
-            raise CacheError(f"{self.path}: the teacher's vocabulary has {self.vocab_size} rows but the student's "
-                             f"only {student_vocab_rows}; ids would fall outside the student's logits")
+        real = int(self.manifest["tokenizer"].get("vocab_size", self.vocab_size))
+        if student_vocab_rows < real:
+            raise CacheError(f"{self.path}: the tokenizer has {real} tokens but the student only {student_vocab_rows} "
+                             f"output rows; teacher ids would fall outside the student's logits")
