@@ -291,3 +291,62 @@ def test_a_malformed_manifest_is_a_clear_error(reference_cache, tmp_path, text, 
             call()
     res = CliRunner().invoke(app, ["cache", "info", str(out)])
     assert res.exit_code == 2 and field in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("vocab", [101, 49_152, 65_536, 65_537, 151_936, 262_144])
+def test_ids_are_stored_in_ceil_log2_v_bits_losslessly(vocab):
+    from kdkit.cache.format import decode_ids, encode_ids, id_bits
+
+    g = np.random.default_rng(vocab)
+    ids = g.integers(0, vocab, size=(97, 64), dtype=np.int64)
+    ids[0, :3] = [0, vocab - 1, vocab // 2]
+    enc = encode_ids(ids, vocab)
+    assert np.array_equal(decode_ids(enc, vocab), ids)
+    nbytes = sum(a.nbytes for a in enc.values())
+    bits = max(8, (vocab - 1).bit_length())
+    assert id_bits(vocab) == (bits if bits > 16 else 16 if bits > 8 else 8)
+    assert nbytes == -(-ids.size * id_bits(vocab) // 8)  # exactly ⌈log2 V⌉ bits per id (byte types up to 2^16)
+
+
+def _big_vocab_world(root: Path, vocab: int) -> tuple[Path, Path]:
+    """A tiny Llama whose tokenizer has `vocab` tokens (chars first, then synthetic ones)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from kdkit.demo.tokenizer import CHARS, SPECIALS
+    from tests.helpers import tiny_llama
+
+    base = SPECIALS + CHARS
+    names = base + [f"<t{i}>" for i in range(vocab - len(base))]
+    tk = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(names)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    model_dir = root / "big_teacher"
+    tiny_llama(vocab, seed=7, hidden=16).save_pretrained(str(model_dir), safe_serialization=True)
+    tok.save_pretrained(str(model_dir))
+    return model_dir, write_jsonl(root / "big.jsonl", toy_rows(12))
+
+
+def test_a_152k_vocabulary_cache_meets_the_bytes_per_token_target_and_reads_back_exactly(tmp_path):
+    teacher, data = _big_vocab_world(tmp_path, 151_936)
+    man = precompute(teacher, data, tmp_path / "cache", PrecomputeSettings(top_k=64, shard_rows=8, batch_size=4),
+                     progress=False, log=lambda m: None)
+    assert man["encoding"]["ids"] == "uint16+2bit"
+    assert man["bytes_per_token"] <= 4.25 * 64 + 16
+    tok = load_tokenizer(teacher)
+    rows, _ = load_dataset(tok, data, max_length=1024)
+    model = load_causal_lm(teacher)
+    idx = [0, 9]
+    batch = collate([rows[i] for i in idx], tok.pad_token_id, idx)
+    cached = TeacherCache(tmp_path / "cache").topk_batch(idx, batch.targets.shape[1],
+                                                          [rows[i].loss_positions() for i in idx])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1], -1)
+    mask = batch.targets != -100
+    live_ids = lp.topk(64, -1).indices[mask]
+    assert int(cached.ids[mask].max()) > 1 << 16  # high bits were exercised
+    assert (cached.ids[mask][:, :8] == live_ids[:, :8]).float().mean() > 0.99  # near-ties may swap deeper ranks
+    res = CliRunner().invoke(app, ["cache", "info", str(tmp_path / "cache")], terminal_width=200)
+    assert res.exit_code == 0 and "target <= 288" in res.output

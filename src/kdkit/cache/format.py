@@ -53,6 +53,40 @@ def id_dtype(vocab_size: int) -> type[np.unsignedinteger]:
     return np.uint32
 
 
+def id_bits(vocab_size: int) -> int:
+    """⌈log2 V⌉: the bits an id takes on disk (at least 8; byte-aligned up to 16)."""
+    bits = max(1, (vocab_size - 1).bit_length())
+    return 8 if bits <= 8 else 16 if bits <= 16 else bits
+
+
+def id_encoding(vocab_size: int) -> str:
+    bits = id_bits(vocab_size)
+    return f"uint{bits}" if bits in (8, 16) else f"uint16+{bits - 16}bit"
+
+
+def encode_ids(ids: np.ndarray, vocab_size: int) -> dict[str, np.ndarray]:
+    """Token ids in ⌈log2 V⌉ bits, losslessly: byte types up to V = 2^16; above, the low 16 bits as uint16
+    (``ids``) and the high bits as little-endian bit planes packed 8 to a byte (``ids_hi``), so an id of
+    V = 151,936 takes 18 bits, not 32."""
+    bits = id_bits(vocab_size)
+    if bits <= 16:
+        return {"ids": ids.astype(id_dtype(vocab_size))}
+    flat = ids.astype(np.uint32).reshape(-1)
+    planes = ((flat[:, None] >> (16 + np.arange(bits - 16, dtype=np.uint32))) & 1).astype(np.uint8)
+    return {"ids": (ids & 0xFFFF).astype(np.uint16), "ids_hi": np.packbits(planes.reshape(-1), bitorder="little")}
+
+
+def decode_ids(tensors: dict[str, np.ndarray], vocab_size: int) -> np.ndarray:
+    """The ids of :func:`encode_ids`, shape of ``tensors["ids"]``."""
+    lo = tensors["ids"]
+    if "ids_hi" not in tensors:
+        return lo
+    extra = id_bits(vocab_size) - 16
+    planes = np.unpackbits(tensors["ids_hi"], count=lo.size * extra, bitorder="little").reshape(lo.size, extra)
+    hi = (planes.astype(np.uint32) << np.arange(extra, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)
+    return (lo.astype(np.uint32).reshape(-1) | (hi << 16)).reshape(lo.shape)
+
+
 def content_key(components: dict[str, Any]) -> str:
     missing = [f for f in KEY_FIELDS if f not in components]
     if missing:

@@ -29,8 +29,9 @@ from kdkit.cache.format import (
     CacheError,
     CacheMismatch,
     content_key,
+    encode_ids,
     first_difference,
-    id_dtype,
+    id_encoding,
     shard_name,
     sidecar_name,
 )
@@ -126,7 +127,7 @@ def _shard_bytes(rows: list[kdata.TokenizedRow], model: Any, s: PrecomputeSettin
             start += len(pos)
             per_row[i] = (
                 pos,
-                tk.ids[seg].numpy().astype(id_dtype(vocab)),
+                tk.ids[seg].numpy(),
                 tk.logprobs[seg].numpy().astype(LOGPROB_DTYPES[s.logprob_dtype]),
                 tail[seg].numpy().astype(np.float32),
             )
@@ -136,7 +137,7 @@ def _shard_bytes(rows: list[kdata.TokenizedRow], model: Any, s: PrecomputeSettin
     offsets[1:] = np.cumsum([len(r[0]) for r in per_row])
     tensors = {
         "pos": np.concatenate([r[0] for r in per_row]).astype(np.int32),
-        "ids": np.concatenate([r[1] for r in per_row]),
+        **encode_ids(np.concatenate([r[1] for r in per_row]), vocab),
         "logprobs": np.concatenate([r[2] for r in per_row]),
         "tail": np.concatenate([r[3] for r in per_row]),
         "row_offsets": offsets,
@@ -308,7 +309,7 @@ def _manifest(out: Path, key: str, components: dict[str, Any], s: PrecomputeSett
         "tokenizer": k_fp,
         "vocab_size": vocab,
         "settings": asdict(s),
-        "encoding": {"ids": np.dtype(id_dtype(vocab)).name, "logprobs": s.logprob_dtype, "tail": "float32",
+        "encoding": {"ids": id_encoding(vocab), "logprobs": s.logprob_dtype, "tail": "float32",
                      "pos": "int32", "row_offsets": "int64"},
         "rows": len(rows),
         "tokens": tokens,

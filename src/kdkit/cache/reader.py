@@ -12,7 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.numpy import load_file
 
-from kdkit.cache.format import KEY_FIELDS, MANIFEST_FILE, CacheError, CacheMismatch, shard_name
+from kdkit.cache.format import KEY_FIELDS, MANIFEST_FILE, CacheError, CacheMismatch, decode_ids, shard_name
 from kdkit.losses import TopK
 from kdkit.models import sha256_file
 
@@ -163,7 +163,9 @@ class TeacherCache:
                 self._verified.add(i)
             if len(self._loaded) >= 4:  # shuffled batches touch several shards; keep memory bounded
                 self._loaded.pop(next(iter(self._loaded)))
-            self._loaded[i] = load_file(str(f))
+            tensors = load_file(str(f))
+            tensors["ids"] = decode_ids(tensors, self.vocab_size)  # ids packed in ⌈log2 V⌉ bits above 2^16
+            self._loaded[i] = tensors
         return self._loaded[i]
 
     def row(self, r: int) -> CachedRow:
