@@ -350,3 +350,26 @@ def test_a_152k_vocabulary_cache_meets_the_bytes_per_token_target_and_reads_back
     assert (cached.ids[mask][:, :8] == live_ids[:, :8]).float().mean() > 0.99  # near-ties may swap deeper ranks
     res = CliRunner().invoke(app, ["cache", "info", str(tmp_path / "cache")], terminal_width=200)
     assert res.exit_code == 0 and "target <= 288" in res.output
+
+
+def test_the_opt_in_8bit_logprobs_are_close_and_smaller(world, reference_cache, tmp_path):
+    from kdkit.cache.format import decode_logprobs, encode_logprobs
+
+    g = np.random.default_rng(0)
+    lp = np.sort(np.log(g.dirichlet(np.full(500, 0.05), size=200)), axis=1)[:, ::-1][:, :64].astype(np.float32)
+    lp = np.maximum(lp, -60.0)
+    enc = encode_logprobs(lp, "uint8")
+    step = enc["lp_step"].astype(np.float32)[:, None]
+    err = np.abs(decode_logprobs(enc) - lp)
+    assert (err <= step / 2 + 2e-3 * np.abs(lp[:, :1]) + 1e-3).all()
+    _, teacher, data = world
+    man = _run(teacher, data, tmp_path / "u8", PrecomputeSettings(top_k=16, shard_rows=8, batch_size=3,
+                                                                  logprob_dtype="uint8"))
+    ref = json.loads((reference_cache / "manifest.json").read_text())
+    # 1 byte instead of 2 per log-prob (K = 16), + 4 bytes of scale per position, + two tensor headers per shard
+    assert man["bytes_per_token"] < ref["bytes_per_token"] - 16 + 4 + 2
+    a, b = TeacherCache(reference_cache), TeacherCache(tmp_path / "u8")
+    for r in (0, 13, 29):
+        ra, rb = a.row(r), b.row(r)
+        assert np.array_equal(ra.ids, rb.ids)
+        np.testing.assert_allclose(rb.logprobs, ra.logprobs.astype(np.float32), atol=0.05)

@@ -134,7 +134,7 @@ def precompute_cmd(
     max_length: int = typer.Option(1024, help="Truncate rows to this many tokens (truncations are counted)."),
     truncation: str = typer.Option("left", help="Rows over --max-length: 'left' drops the oldest tokens (keeps the completion; a leading BOS stays), 'right' drops the end. Must match the training config's data.truncation."),
     dtype: str = typer.Option("float32", help="Teacher compute dtype: float32, bfloat16 or float16."),
-    logprob_dtype: str = typer.Option("float16", help="Stored log-prob dtype: float16 (default) or float32."),
+    logprob_dtype: str = typer.Option("float16", help="Stored log-probs: float16 (default), float32, or uint8 — lossy, opt-in: 8 bits per log-prob on a per-position scale (about 60 fewer bytes per token at K = 64; its KL error is in docs/benchmarks.md)."),
     shard_rows: int = typer.Option(256, help="Rows per shard (the unit of resumption)."),
     on_empty: str = typer.Option("skip", help="Rows with no target token: 'skip' (reported) or 'error'."),
     progress: bool = typer.Option(True, help="Show a progress bar."),

@@ -14,7 +14,7 @@ from kdkit.errors import KdkitError
 FORMAT_VERSION = 1
 KEY_FILE = "key.json"
 MANIFEST_FILE = "manifest.json"
-LOGPROB_DTYPES = {"float16": np.float16, "float32": np.float32}
+LOGPROB_DTYPES = {"float16": np.float16, "float32": np.float32, "uint8": np.uint8}  # uint8: lossy, opt-in
 
 # The fields of the content key, in the order they are reported when they differ.
 KEY_FIELDS = ("format_version", "teacher", "tokenizer", "data", "top_k", "temperature", "max_length", "dtype",
@@ -62,6 +62,30 @@ def id_bits(vocab_size: int) -> int:
 def id_encoding(vocab_size: int) -> str:
     bits = id_bits(vocab_size)
     return f"uint{bits}" if bits in (8, 16) else f"uint16+{bits - 16}bit"
+
+
+def encode_logprobs(lp: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    """Top-K log-probs [N, K] (sorted, descending) as stored. ``float16``/``float32`` are casts; ``uint8`` is
+    lossy: per position the top log-prob and the step (lp_0 − lp_{K−1}) / 255 in float16, and each
+    log-prob as round((lp_0 − lp_j) / step) in one byte (error ≤ step / 2, largest for the least likely)."""
+    if dtype != "uint8":
+        return {"logprobs": lp.astype(LOGPROB_DTYPES[dtype])}
+    lp = np.maximum(lp.astype(np.float32), -1e4)  # a masked (-inf) entry stays far below the rest, finite
+    top = lp[:, :1].astype(np.float16).astype(np.float32)
+    span = np.maximum(top - lp[:, -1:], 1e-6)
+    step = (span / 255).astype(np.float16).astype(np.float32)
+    step = np.where(step > 0, step, np.float32(1e-6))
+    q = np.clip(np.rint((top - lp) / step), 0, 255).astype(np.uint8)
+    return {"logprobs": q, "lp_top": top[:, 0].astype(np.float16), "lp_step": step[:, 0].astype(np.float16)}
+
+
+def decode_logprobs(tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """float32 [N, K] log-probs of :func:`encode_logprobs`."""
+    lp = tensors["logprobs"]
+    if "lp_step" not in tensors:
+        return lp
+    return tensors["lp_top"].astype(np.float32)[:, None] - lp.astype(np.float32) * tensors["lp_step"].astype(
+        np.float32)[:, None]
 
 
 def encode_ids(ids: np.ndarray, vocab_size: int) -> dict[str, np.ndarray]:

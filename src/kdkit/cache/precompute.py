@@ -30,6 +30,7 @@ from kdkit.cache.format import (
     CacheMismatch,
     content_key,
     encode_ids,
+    encode_logprobs,
     first_difference,
     id_encoding,
     shard_name,
@@ -128,7 +129,7 @@ def _shard_bytes(rows: list[kdata.TokenizedRow], model: Any, s: PrecomputeSettin
             per_row[i] = (
                 pos,
                 tk.ids[seg].numpy(),
-                tk.logprobs[seg].numpy().astype(LOGPROB_DTYPES[s.logprob_dtype]),
+                tk.logprobs[seg].numpy(),
                 tail[seg].numpy().astype(np.float32),
             )
             ent_sum += float(ent[seg].double().sum())
@@ -138,7 +139,7 @@ def _shard_bytes(rows: list[kdata.TokenizedRow], model: Any, s: PrecomputeSettin
     tensors = {
         "pos": np.concatenate([r[0] for r in per_row]).astype(np.int32),
         **encode_ids(np.concatenate([r[1] for r in per_row]), vocab),
-        "logprobs": np.concatenate([r[2] for r in per_row]),
+        **encode_logprobs(np.concatenate([r[2] for r in per_row]), s.logprob_dtype),
         "tail": np.concatenate([r[3] for r in per_row]),
         "row_offsets": offsets,
     }

@@ -12,7 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.numpy import load_file
 
-from kdkit.cache.format import KEY_FIELDS, MANIFEST_FILE, CacheError, CacheMismatch, decode_ids, shard_name
+from kdkit.cache.format import KEY_FIELDS, MANIFEST_FILE, CacheError, CacheMismatch, decode_ids, decode_logprobs, shard_name
 from kdkit.losses import TopK
 from kdkit.models import sha256_file
 
@@ -165,6 +165,7 @@ class TeacherCache:
                 self._loaded.pop(next(iter(self._loaded)))
             tensors = load_file(str(f))
             tensors["ids"] = decode_ids(tensors, self.vocab_size)  # ids packed in ⌈log2 V⌉ bits above 2^16
+            tensors["logprobs"] = decode_logprobs(tensors)  # the opt-in 8-bit encoding
             self._loaded[i] = tensors
         return self._loaded[i]
 
