@@ -478,3 +478,20 @@ def test_a_model_without_a_logit_for_every_token_is_refused(world, tmp_path):
     res = CliRunner().invoke(app, ["validate", str(_cfg(world, tmp_path, teacher={"cache": None, "model": str(short)}))],
                              terminal_width=400)
     assert res.exit_code == 2 and "has 96 output rows but the tokenizer has 101 tokens" in res.output, res.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, 4/8-bit loading runs (with bitsandbytes)")
+@pytest.mark.parametrize("change, match", [
+    ({"student": {"load_in": "4bit"}}, "student.load_in='4bit' needs bitsandbytes on a CUDA GPU"),
+    ({"teacher": {"cache": None, "model": "TEACHER", "load_in": "8bit"}}, "teacher.load_in='8bit' needs bitsandbytes"),
+    ({"student": {"load_in": "4bit", "lora": None}}, "student.load_in: quantised weights cannot be fine-tuned in full"),
+    ({"teacher": {"load_in": "8bit"}}, "teacher.load_in: a cached teacher is not run"),
+])
+def test_4_and_8_bit_loading_is_refused_where_it_cannot_run(world, tmp_path, change, match):
+    if change.get("teacher", {}).get("model") == "TEACHER":
+        change["teacher"]["model"] = str(world / "teacher")
+    cfg = _cfg(world, tmp_path, **change)
+    for cmd in (["validate", str(cfg)], ["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]):
+        res = CliRunner().invoke(app, cmd, terminal_width=400)
+        assert res.exit_code in (1, 2) and match in " ".join(res.output.split()), (cmd, res.output)
+        assert not (tmp_path / "run" / "final").exists()

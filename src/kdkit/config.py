@@ -149,6 +149,12 @@ class TeacherConfig(_Strict):
     cache: str | None = Field(None, description="teacher cache directory made by `kdkit precompute`")
     model: str | None = Field(None, description="teacher model directory, loaded once, frozen")
     dtype: str = "float32"
+    load_in: str | None = Field(None, description="'4bit' or '8bit' for a live teacher (bitsandbytes, CUDA only)")
+
+    @field_validator("load_in")
+    @classmethod
+    def _load_in(cls, v: str | None) -> str | None:
+        return None if v is None else _one_of(v, ("4bit", "8bit"), "load_in")
 
     @model_validator(mode="after")
     def _one(self) -> TeacherConfig:
@@ -256,6 +262,8 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
     """(field, why) for every explicitly set option that cannot take effect in this configuration."""
     o, kd = cfg.objective, cfg.objective.kd
     out = []
+    if cfg.student.load_in is not None and cfg.student.lora is None:
+        out.append(("student.load_in", "quantised weights cannot be fine-tuned in full; add student.lora (QLoRA)"))
     if "beta" in kd.model_fields_set and kd.kind != "jsd":
         out.append(("objective.kd.beta", f"only jsd takes beta; objective.kd.kind is {kd.kind}"))
     if "alpha" in kd.model_fields_set and not kd.kind.startswith("skew_"):
@@ -270,6 +278,8 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
     else:
         if cfg.teacher.cache and "dtype" in cfg.teacher.model_fields_set:
             out.append(("teacher.dtype", "a cached teacher is not run; its capture dtype is in the cache"))
+        if cfg.teacher.cache and cfg.teacher.load_in is not None:
+            out.append(("teacher.load_in", "a cached teacher is not run; quantise the teacher of a live run only"))
         if cfg.teacher.model and "tail" in kd.model_fields_set:
             out.append(("objective.kd.tail", "a live teacher gives the dense distribution: there is no top-K tail"))
     return out

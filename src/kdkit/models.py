@@ -69,13 +69,36 @@ def check_model_dir(path: str | Path, what: str = "model") -> Path:
     return p
 
 
-def load_causal_lm(path: str | Path, dtype: str = "float32") -> Any:
-    """Load a causal LM from a local directory of safetensors weights, in eval mode."""
+def check_quantisation(load_in: str | None, field: str) -> None:
+    """4/8-bit loading runs with bitsandbytes on a CUDA GPU; anywhere else it is refused, never ignored."""
+    if load_in is None:
+        return
+    if not torch.cuda.is_available():
+        raise ModelError(f"{field}={load_in!r} needs bitsandbytes on a CUDA GPU; this machine has none "
+                         f"(remove {field} to load the weights in the configured dtype)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError(f"{field}={load_in!r} needs bitsandbytes: pip install bitsandbytes") from None
+
+
+def load_causal_lm(path: str | Path, dtype: str = "float32", load_in: str | None = None,
+                   field: str = "load_in") -> Any:
+    """Load a causal LM from a local directory of safetensors weights, in eval mode (``load_in``: '4bit' or
+    '8bit' with bitsandbytes on the current CUDA device, compute in ``dtype``)."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     p = check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype(dtype), use_safetensors=True)
+    kw: dict[str, Any] = {}
+    if load_in is not None:
+        from transformers import BitsAndBytesConfig
+
+        check_quantisation(load_in, field)
+        kw["quantization_config"] = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch_dtype(dtype))
+                                     if load_in == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+        kw["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype(dtype), use_safetensors=True, **kw)
     model.eval()
     return model
 

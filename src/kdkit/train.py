@@ -37,6 +37,7 @@ from kdkit.losses import TopK, aggregate, token_divergence
 from kdkit.models import (
     ModelError,
     check_model_dir,
+    check_quantisation,
     load_causal_lm,
     load_tokenizer,
     sha256_file,
@@ -194,8 +195,9 @@ def check_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: A
     for task in cfg.objective.task_weights:
         if task not in seen_tasks:
             raise TrainingError(f"objective.task_weights.{task}: task {task!r} never occurs in {cfg.data.train}")
-    if cfg.student.load_in is not None and not torch.cuda.is_available():
-        raise TrainingError(f"student.load_in={cfg.student.load_in!r} needs bitsandbytes on a CUDA GPU; none is present")
+    check_quantisation(cfg.student.load_in, "student.load_in")
+    if cfg.teacher is not None:
+        check_quantisation(cfg.teacher.load_in, "teacher.load_in")
     if cfg.logging.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -205,9 +207,12 @@ def check_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: A
 
 
 def _load_student(cfg: TrainConfig) -> torch.nn.Module:
-    model = load_causal_lm(cfg.student.path, cfg.student.dtype)
+    model = load_causal_lm(cfg.student.path, cfg.student.dtype, cfg.student.load_in, "student.load_in")
     if cfg.student.lora is not None:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if cfg.student.load_in is not None:  # QLoRA: norms in float32, inputs that carry gradients
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
         lc = cfg.student.lora
         names = {n.split(".")[-1] for n, _ in model.named_modules()}
@@ -232,7 +237,8 @@ def _sources(cfg: TrainConfig, student: torch.nn.Module) -> Sources:
         if cfg.teacher.cache:
             src.teacher_cache = TeacherCache(cfg.teacher.cache)
         else:
-            src.teacher_model = _frozen(load_causal_lm(cfg.teacher.model, cfg.teacher.dtype))
+            src.teacher_model = _frozen(load_causal_lm(cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.load_in,
+                                                       "teacher.load_in"))
     if cfg.reference is not None:
         if cfg.reference.kind == "cache":
             src.reference_cache = TeacherCache(cfg.reference.path)
@@ -625,9 +631,9 @@ def train(
     vocab_rows = int(model.get_output_embeddings().weight.shape[0])
     check_sources(cfg, rows, tokenizer, vocab_rows)
     src = _sources(cfg, model)
-    model.to(device)
-    for m in (src.teacher_model, src.reference_model):
-        if m is not None:
+    for m in (model, src.teacher_model, src.reference_model):
+        # bitsandbytes places quantised weights on the GPU when loading and refuses .to()
+        if m is not None and not (getattr(m, "is_loaded_in_4bit", False) or getattr(m, "is_loaded_in_8bit", False)):
             m.to(device)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
