@@ -661,6 +661,7 @@ def train(
         atomic_write_json(run / "run.json", {
             "kdkit_version": __version__, "git_revision": _git_revision(), "torch": torch.__version__,
             "teacher_cache_manifest_sha256": manifest_sha, "world_size": world, "rows": len(rows),
+            "loss_path": f"dense ({why_not})" if why_not else f"chunked ({cfg.objective.chunk_size} positions)",
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps})
     if cfg.logging.tensorboard:
         acc.init_trackers("kdkit")
@@ -774,7 +775,8 @@ def train(
     drift = _drift(unwrapped, initial_path)
     if drift <= cfg.drift_tolerance:
         raise TrainingError(
-            f"no trainable weight moved more than {cfg.drift_tolerance:g} (max |Δ| = {drift:.3g}) after {step} steps: "
+            f"no trainable weight moved more than drift_tolerance = {cfg.drift_tolerance:g} (max |Δ| = {drift:.3g}) "
+            f"after {step} steps: "
             f"the run would return its input unchanged (check optim.lr, the data's targets, the objective)")
     if acc.is_main_process:
         _save_final(run, unwrapped, tokenizer, cfg, step)

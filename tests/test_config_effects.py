@@ -1,0 +1,195 @@
+"""Every field of the training config changes what a run produces, or is refused where it cannot.
+
+The table below has one entry per field (a new field without an entry fails the first test). Each
+entry names a context (overrides of a small base config) and another value for the field; both runs
+are made and their signatures compared: final weights, metrics (timings removed), epoch rows, run.json
+and the files written — or the error when the run is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from pydantic import BaseModel
+
+from kdkit.cache.precompute import PrecomputeSettings, precompute
+from kdkit.config import TrainConfig, load_train_config
+from kdkit.errors import KdkitError
+from kdkit.train import train
+from tests.helpers import save_model_dir, toy_rows, write_jsonl
+
+LIVE = {"teacher": {"cache": None, "model": "@teacher"}}
+BARRIER = {"reference": {"kind": "base"},
+           "objective": {"barrier": {"kind": "kl_rev", "aggregate": "mean", "tau": 0.0, "weight": 2.0}}}
+ROLES = {"objective": {"roles": {"anchor": {"ce": True, "kd": True, "barrier": True}}}}
+CUDA = torch.cuda.is_available()
+
+def _merge_ctx(a: dict, b: dict) -> dict:
+    return {**a, **b}
+
+
+# field -> (context overrides, the field's other value)
+EFFECTS: dict[str, tuple[dict, typing.Any]] = {
+    "student.path": ({}, "@student2"),
+    "student.dtype": ({}, "bfloat16"),
+    "student.lora.r": ({}, 8),
+    "student.lora.alpha": ({}, 4),
+    "student.lora.dropout": ({}, 0.3),
+    "student.lora.target_modules": ({}, ["q_proj"]),
+    "student.load_in": ({}, "4bit"),  # refused without a CUDA GPU
+    "teacher.cache": ({}, "@cache16"),
+    "teacher.model": (LIVE, "@student2"),
+    "teacher.dtype": (LIVE, "bfloat16"),
+    "teacher.load_in": (LIVE, "8bit"),  # refused without a CUDA GPU
+    "reference.kind": (BARRIER, "cache"),
+    "reference.path": ({**BARRIER, "reference": {"kind": "model", "path": "@student"}}, "@student2"),
+    "data.train": (LIVE, "@train2"),  # a cache belongs to its data: another file is refused, live it trains
+    "data.validation": ({}, "@val"),
+    "data.max_length": (LIVE, 16),
+    "data.shuffle_seed": ({}, 1),
+    "data.on_empty": ({"data": {"train": "@with_empty"}}, "error"),
+    "data.truncation": (_merge_ctx(LIVE, {"data": {"max_length": 16}}), "right"),
+    "objective.ce_coef": ({}, 0.5),
+    "objective.ce_norm": ({}, "sqrt_row"),
+    "objective.kd_weight": ({}, 0.25),
+    "objective.kd.kind": ({}, "kl_rev"),
+    "objective.kd.temperature": (LIVE, 2.0),
+    "objective.kd.t2_scale": ({**LIVE, "objective": {"kd": {"temperature": 2.0}}}, False),
+    "objective.kd.beta": ({"objective": {"kd": {"kind": "jsd"}}}, 0.2),
+    "objective.kd.alpha": ({"objective": {"kd": {"kind": "skew_fwd"}}}, 0.4),
+    "objective.kd.tail": ({"teacher": {"cache": "@cache16"}}, "renorm"),
+    "objective.task_weights": ({}, {"T/1": 4.0}),
+    "objective.roles.ce": (ROLES, False),
+    "objective.roles.kd": (ROLES, False),
+    "objective.roles.barrier": ({**BARRIER, **ROLES, "objective": {**BARRIER["objective"], **ROLES["objective"]}},
+                                False),
+    "objective.barrier.kind": (BARRIER, "kl_fwd"),
+    "objective.barrier.aggregate": (BARRIER, "rmse"),
+    "objective.barrier.tau": (BARRIER, 0.05),
+    "objective.barrier.weight": (BARRIER, 5.0),
+    "objective.barrier.temperature": (BARRIER, 2.0),
+    "objective.chunk_size": ({}, 0),  # same loss, other path: recorded in run.json
+    "optim.lr": ({}, 1e-3),
+    "optim.schedule": ({"optim": {"warmup_steps": 0}}, "cosine"),
+    "optim.warmup_steps": ({}, 2),
+    "optim.weight_decay": ({}, 0.1),
+    "optim.betas": ({}, [0.8, 0.9]),
+    "optim.grad_clip": ({}, 0.01),
+    "optim.micro_batch": ({}, 2),
+    "optim.grad_accum": ({}, 2),
+    "optim.epochs": ({"optim": {"max_steps": None}}, 2),
+    "optim.max_steps": ({}, 2),
+    "optim.seed": ({}, 1),
+    "checkpoint.every": ({}, 1),
+    "checkpoint.keep": ({"checkpoint": {"every": 1}}, 1),
+    "logging.every": ({}, 2),
+    "logging.tensorboard": ({}, True),  # event files, or refused when tensorboard is not installed
+    "drift_tolerance": ({}, 10.0),  # no weight moves 10: refused at the end
+}
+
+
+def _leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, f in model.model_fields.items():
+        sub = [a for a in (typing.get_args(f.annotation) or (f.annotation,))
+               if isinstance(a, type) and issubclass(a, BaseModel)]
+        out += _leaves(sub[0], f"{prefix}{name}.") if sub else [f"{prefix}{name}"]
+    return out
+
+
+def test_every_config_field_has_an_effect_entry():
+    assert sorted(_leaves(TrainConfig)) == sorted(EFFECTS)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("effects")
+    save_model_dir(root / "teacher", seed=1, hidden=32)
+    save_model_dir(root / "student", seed=2, hidden=16)
+    save_model_dir(root / "student2", seed=5, hidden=16)
+    rows = toy_rows(12)
+    write_jsonl(root / "train.jsonl", rows)
+    write_jsonl(root / "train2.jsonl", toy_rows(12, seed=3))
+    write_jsonl(root / "with_empty.jsonl", rows + [{"prompt": "x", "completion": ""}])
+    write_jsonl(root / "val.jsonl", toy_rows(4, seed=9))
+    for name, k in (("cache", 101), ("cache16", 16)):
+        precompute(root / "teacher", root / "train.jsonl", root / name, PrecomputeSettings(top_k=k, shard_rows=8),
+                   progress=False, log=lambda m: None)
+    return root
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set(cfg: dict, dotted: str, value) -> dict:
+    out = json.loads(json.dumps(cfg))
+    node = out
+    parts = dotted.split(".")
+    if parts[:2] == ["objective", "roles"]:  # a per-role switch: the role 'anchor'
+        parts = ["objective", "roles", "anchor", parts[2]]
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _resolve(obj, root: Path):
+    if isinstance(obj, dict):
+        return {k: _resolve(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_resolve(v, root) for v in obj]
+    if isinstance(obj, str) and obj.startswith("@"):
+        name = obj[1:]
+        return str(root / (f"{name}.jsonl" if name in ("train2", "with_empty", "val") else name))
+    return obj
+
+
+def _signature(cfg: dict, root: Path, out: Path) -> dict:
+    base = {"student": {"path": "@student", "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+            "teacher": {"cache": "@cache"}, "data": {"train": str(root / "train.jsonl"), "max_length": 64},
+            "objective": {"kd_weight": 1.0},
+            "optim": {"lr": 5e-3, "micro_batch": 4, "max_steps": 3, "epochs": 1, "schedule": "constant"},
+            "checkpoint": {"every": 0}}
+    full = _resolve(_merge(base, cfg), root)
+    if full.get("reference", {}).get("kind") == "cache":  # the teacher's full cache as the barrier's reference
+        full["reference"]["path"] = str(root / "cache")
+    p = out.with_suffix(".yaml")
+    p.write_text(yaml.safe_dump(full))
+    try:
+        train(load_train_config(p), out, progress=False, log=lambda m: None)
+    except KdkitError as e:
+        return {"refused": str(e).replace(str(out), "RUN")}
+    final = out / "final"
+    weights = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(final.glob("*.safetensors"))}
+    metrics = [{k: v for k, v in json.loads(x).items() if k not in ("step_time_s", "tokens_per_s")}
+               for x in (out / "metrics.jsonl").read_text().splitlines()]
+    run = json.loads((out / "run.json").read_text())
+    files = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file() and "events" not in f.name)
+    events = any("events" in f.name for f in out.rglob("*"))
+    return {"weights": weights, "metrics": metrics, "epochs": (out / "epochs.jsonl").read_text(), "run": run,
+            "files": files, "events": events}
+
+
+def test_a_run_is_its_own_signature(world, tmp_path):
+    assert _signature({}, world, tmp_path / "a") == _signature({}, world, tmp_path / "b")
+
+
+@pytest.mark.parametrize("field", sorted(EFFECTS))
+def test_each_field_changes_the_run_or_is_refused(world, tmp_path, field):
+    context, other = EFFECTS[field]
+    before = _signature(context, world, tmp_path / "before")
+    assert "refused" not in before, before
+    after = _signature(_set(_merge({}, context), field, other), world, tmp_path / "after")
+    assert after != before, f"{field}={other!r} changed nothing"
+    if "refused" in after:
+        assert field in after["refused"] or field.split(".")[-1] in after["refused"], after["refused"]
