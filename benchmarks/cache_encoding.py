@@ -40,7 +40,8 @@ def _rows(path: Path, n: int) -> Path:
 def _bucket(lp, tail):
     import torch
 
-    return torch.cat([lp, tail[:, None]], dim=1)  # log-probs of K + 1 outcomes
+    # log-probs of K + 1 outcomes, renormalised: rounding leaves the stored mass a little off 1
+    return torch.log_softmax(torch.cat([lp, tail[:, None]], dim=1), dim=1)
 
 
 def _kl(p, q):
