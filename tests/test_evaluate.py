@@ -332,28 +332,48 @@ def test_answer_end_cuts_only_where_an_answer_is_complete(text, cut):
 
 
 @needs_bwrap
-def test_a_fenced_restated_chat_answer_survives_generation_and_passes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("style", ["raw", "chat"])
+def test_a_fenced_restated_chat_answer_survives_generation_and_passes(tmp_path, monkeypatch, style):
     from transformers import LlamaForCausalLM
 
+    from kdkit.generation import render_prompts
     from kdkit.models import load_tokenizer
 
     model_dir = save_model_dir(tmp_path / "m", seed=3)
     tok = load_tokenizer(model_dir)
     model = LlamaForCausalLM.from_pretrained(str(model_dir)).eval()
     script = tok(CHAT_ANSWER, add_special_tokens=False)["input_ids"]
-    prompt_len = len(tok(ADD3["prompt"])["input_ids"])
-    forward = model.forward
+    settings = GenerationSettings(max_new_tokens=len(script), prompt_style=style)
+    (shown,) = render_prompts(tok, [ADD3["prompt"]], settings)
+    prompt_ids = tok(shown, add_special_tokens=style == "raw")["input_ids"]
+    forward, seen = model.forward, []
 
     def scripted(*args, **kw):  # the real model's forward, with its next-token logits replaced by the script's
         out = forward(*args, **kw)
-        step = kw["attention_mask"].shape[1] - prompt_len
+        seen.append(kw["input_ids"])
+        step = kw["attention_mask"].shape[1] - len(prompt_ids)
         out.logits[:, -1] = -1e4
         out.logits[:, -1, script[step] if step < len(script) else tok.eos_token_id] = 1e4
         return out
 
     monkeypatch.setattr(model, "forward", scripted)
     tasks = write_jsonl(tmp_path / "t.jsonl", [ADD3])
-    results, summary, gens = evaluate_model(model_dir, tasks, settings=GenerationSettings(max_new_tokens=len(script)),
-                                            model=model, tokenizer=tok, progress=False)
+    results, summary, gens = evaluate_model(model_dir, tasks, settings=settings, model=model, tokenizer=tok,
+                                            progress=False)
+    assert seen[0][0].tolist() == prompt_ids  # the model was given exactly the rendered prompt
     assert gens[0]["raw"] == CHAT_ANSWER[:CHAT_ANSWER.index("```\n") + 3]  # stopped at the closing fence, nothing cut
     assert results[0].passed, (gens[0], results[0].stderr_tail)
+
+
+def test_chat_prompts_use_the_models_template_with_the_instruction_and_system():
+    from kdkit.demo.tokenizer import build_char_tokenizer
+    from kdkit.generation import DEFAULT_INSTRUCTION, render_prompts
+
+    tok = build_char_tokenizer()
+    (plain,) = render_prompts(tok, [ADD3["prompt"]], GenerationSettings())
+    assert plain == ADD3["prompt"]
+    (chat,) = render_prompts(tok, [ADD3["prompt"]], GenerationSettings(prompt_style="chat", system="Be terse."))
+    assert chat == (f"<s>system:\nBe terse.</s><s>user:\n{DEFAULT_INSTRUCTION}\n\n```python\n"
+                    f"{ADD3['prompt'].rstrip()}\n```</s><s>assistant:\n")
+    res = CliRunner().invoke(app, ["eval", "m", "--tasks", "t.jsonl", "--instruction", "Solve it."])
+    assert res.exit_code == 2 and "only take effect with --prompt-style chat" in res.output

@@ -299,6 +299,22 @@ def _print_summary(summary, title: str) -> None:
     console.print(table)
 
 
+PROMPT_STYLE_HELP = ("How the model is prompted: 'raw' gives the task's prompt as is (base models); 'chat' puts "
+                     "--instruction and the prompt (in a code block) in a user turn of the model's own chat template, "
+                     "after --system if given (instruct models). Extraction takes the function from the answer.")
+
+
+def _prompting(prompt_style: str, instruction: str | None, system: str | None) -> dict:
+    """GenerationSettings fields for the prompt options; instruction/system only take effect with chat."""
+    from kdkit.generation import DEFAULT_INSTRUCTION, PROMPT_STYLES
+
+    if prompt_style not in PROMPT_STYLES:
+        fail(f"--prompt-style {prompt_style!r}; valid: {', '.join(PROMPT_STYLES)}")
+    if prompt_style != "chat" and (instruction is not None or system is not None):
+        fail("--instruction and --system only take effect with --prompt-style chat")
+    return {"prompt_style": prompt_style, "instruction": instruction or DEFAULT_INSTRUCTION, "system": system}
+
+
 UNSAFE_HELP = ("Run generated code WITHOUT namespaces isolation (rlimits and timeout only). Only for code you "
                "trust; the default refuses to run when bubblewrap is unavailable.")
 
@@ -356,6 +372,9 @@ def eval_cmd(
     repetition_penalty: float = typer.Option(1.0, help="Repetition penalty (1.0 = none, the default, also for greedy)."),
     n_samples: int = typer.Option(1, help="Samples per task (with --sample; pass@k is reported for k <= n)."),
     seed: int = typer.Option(0, help="Sampling seed (only with --sample)."),
+    prompt_style: str = typer.Option("raw", help=PROMPT_STYLE_HELP),
+    instruction: str = typer.Option(None, help="The instruction of --prompt-style chat (default: complete the function, answer with it in one Python code block)."),
+    system: str = typer.Option(None, help="A system message for --prompt-style chat (default: none)."),
     timeout: float = typer.Option(10.0, help="Wall-clock seconds per program in the sandbox."),
     workers: int = typer.Option(None, help="Programs verified in parallel."),
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
@@ -377,7 +396,8 @@ def eval_cmd(
     sampling = {"temperature": 0.8 if temperature is None else temperature, "top_p": 0.95 if top_p is None else top_p,
                 "top_k": top_k or 0} if sample else {}
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample,
-                                  repetition_penalty=repetition_penalty, n_samples=n_samples, seed=seed, **sampling)
+                                  repetition_penalty=repetition_penalty, n_samples=n_samples, seed=seed, **sampling,
+                                  **_prompting(prompt_style, instruction, system))
     try:
         results, summary, gens = evaluate_model(model, tasks, settings=settings, limits=Limits(timeout_s=timeout),
                                                 workers=workers, unsafe_no_isolation=unsafe_no_isolation)
@@ -537,6 +557,9 @@ def gate_cmd(
     against: str = typer.Option("production", help="Baseline: 'production' or a pack name/id."),
     rule: str = typer.Option(None, help=RULE_HELP),
     max_new_tokens: int = typer.Option(256, help="Generation budget per task (greedy decoding)."),
+    prompt_style: str = typer.Option("raw", help=PROMPT_STYLE_HELP),
+    instruction: str = typer.Option(None, help="The instruction of --prompt-style chat."),
+    system: str = typer.Option(None, help="A system message for --prompt-style chat."),
     timeout: float = typer.Option(10.0, help="Wall-clock seconds per program in the sandbox."),
     workspace: str = typer.Option(None, help=WORKSPACE_HELP),
     json_out: str = typer.Option(None, "--json", help="Also write the decision as JSON here."),
@@ -554,8 +577,10 @@ def gate_cmd(
     reg = _registry(workspace)
     try:
         res = gate(reg, candidate, tasks, against=against, rule=GateRule.parse(rule),
-                   settings=GenerationSettings(max_new_tokens=max_new_tokens), limits=Limits(timeout_s=timeout),
-                   unsafe_no_isolation=unsafe_no_isolation, log=console.print, progress=progress)
+                   settings=GenerationSettings(max_new_tokens=max_new_tokens,
+                                               **_prompting(prompt_style, instruction, system)),
+                   limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation, log=console.print,
+                   progress=progress)
     except (RegistryError, TaskError, SandboxUnavailable, ModelError, ValueError) as e:
         fail(str(e))
     t = Table(title=f"gate: {res.candidate} vs {res.baseline}")

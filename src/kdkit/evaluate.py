@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kdkit.extract import answer_end, extract_completion
-from kdkit.generation import GenerationSettings, explicit_generation_config, generate
+from kdkit.generation import GenerationSettings, explicit_generation_config, generate, render_prompts
 from kdkit.sandbox import Limits, RunResult, run_programs
 from kdkit.tasks import Task, TaskError, load_completions, load_tasks, tasks_fingerprint
 
@@ -143,8 +143,14 @@ def evaluate_model(model_dir: str | Path, tasks_path: str | Path, *, settings: G
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not progress) as bar:
         g = bar.add_task("generate", total=len(tasks) * settings.n_samples)
-        raw = generate(model, tokenizer, [t.prompt for t in tasks], settings, on_batch=lambda n: bar.advance(g, n),
-                       stop=answer_end)
+        try:
+            prompts = render_prompts(tokenizer, [t.prompt for t in tasks], settings)
+        except ValueError as e:
+            from kdkit.models import ModelError
+
+            raise ModelError(f"{model_dir}: {e}") from None
+        raw = generate(model, tokenizer, prompts, settings, on_batch=lambda n: bar.advance(g, n), stop=answer_end,
+                       add_special_tokens=settings.prompt_style == "raw")
         completions = {t.task_id: [extract_completion(t.prompt, r) for r in rs] for t, rs in zip(tasks, raw, strict=True)}
         v = bar.add_task("verify", total=sum(len(c) for c in completions.values()))
         results = verify(tasks, completions, limits=limits, workers=workers, unsafe_no_isolation=unsafe_no_isolation,

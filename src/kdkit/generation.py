@@ -11,6 +11,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+PROMPT_STYLES = ("raw", "chat")
+DEFAULT_INSTRUCTION = ("Complete the following Python function. Answer with the whole function, including any "
+                       "imports it needs, in one Python code block.")
 StopRule = Callable[[str], "int | None"]
 """Given a row's generated text so far: the index to cut it at once it is complete, else None."""
 
@@ -29,6 +32,27 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     n_samples: int = 1
     seed: int = 0
+    prompt_style: str = "raw"  # raw: the task's prompt as is; chat: inside the model's chat template
+    instruction: str = DEFAULT_INSTRUCTION
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt style {self.prompt_style!r}; valid: {', '.join(PROMPT_STYLES)}")
+
+
+def render_prompts(tokenizer: Any, prompts: Sequence[str], settings: GenerationSettings) -> list[str]:
+    """The text the model is given: the prompt itself (raw), or a user turn holding the instruction and
+    the prompt in a code block, rendered by the model's own chat template with the generation prompt
+    (chat; with the system message first when there is one)."""
+    if settings.prompt_style == "raw":
+        return list(prompts)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("--prompt-style chat: the model's tokenizer has no chat template (use --prompt-style raw)")
+    head = [{"role": "system", "content": settings.system}] if settings.system else []
+    return [tokenizer.apply_chat_template(head + [{"role": "user", "content": f"{settings.instruction}\n\n```python\n"
+                                                   f"{p.rstrip()}\n```"}], tokenize=False, add_generation_prompt=True)
+            for p in prompts]
 
 
 def explicit_generation_config(settings: GenerationSettings, model: Any, tokenizer: Any) -> Any:
@@ -53,12 +77,14 @@ def explicit_generation_config(settings: GenerationSettings, model: Any, tokeniz
 
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationSettings = GenerationSettings(),
-             on_batch: Callable[[int], None] | None = None, stop: StopRule | None = None) -> list[list[str]]:
+             on_batch: Callable[[int], None] | None = None, stop: StopRule | None = None,
+             add_special_tokens: bool = True) -> list[list[str]]:
     """Continuations of each prompt (``n_samples`` each). Greedy by default: deterministic.
 
     Batches are left-padded and use the KV cache; each row stops on its own at EOS or where
     ``stop(text)`` returns a cut index (its text is cut there); a batch ends when every row has
-    stopped. The same model + prompts + settings give the same text.
+    stopped. The same model + prompts + settings give the same text. ``add_special_tokens=False`` for
+    prompts that already carry them (a rendered chat template).
     """
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -89,7 +115,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: Gener
                 torch.manual_seed(settings.seed + sample)
             for lo in range(0, len(prompts), settings.batch_size):
                 chunk = list(prompts[lo:lo + settings.batch_size])
-                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=True).to(device)
+                enc = tokenizer(chunk, return_tensors="pt", padding=True,
+                                add_special_tokens=add_special_tokens).to(device)
                 start = enc["input_ids"].shape[1]
                 with torch.no_grad():
                     gen = model.generate(**enc, generation_config=config,
