@@ -275,3 +275,46 @@ def test_registry_commands_do_not_create_a_workspace_for_a_typo(tmp_path):
         res = r.invoke(app, [*args, "--workspace", str(tmp_path / "TYPO")])
         assert res.exit_code == 2 and "no kdkit workspace" in res.output, res.output
         assert not (tmp_path / "TYPO").exists()
+
+
+def test_a_gate_over_several_suites_reverts_on_a_regression_in_any_suite(packs, tmp_path, monkeypatch):
+    dirs, anchors = packs
+    dirs["worse"] = save_model_dir(tmp_path / "worse", seed=4)
+    _tag(dirs)
+    mbpp_ids = [f"MBPP/{i}" for i in range(1, 21)]
+    mbpp = write_jsonl(tmp_path / "mbpp.jsonl", [
+        {"task_id": t, "prompt": "def f():\n", "entry_point": "f", "test": "def check(c):\n    pass\n"} for t in mbpp_ids])
+    a = dict.fromkeys(ANCHORS, True)
+    m = dict.fromkeys(mbpp_ids, True) | {"MBPP/20": False}
+    outcomes = {  # keyed by model; each model's outcomes on both suites
+        "prod": a | m,
+        "good": a | m | {"MBPP/20": True, "MBPP/3": False},  # one swap on MBPP: noise
+        "bad": a | m | {f"MBPP/{i}": False for i in range(1, 8)},  # seven MBPP tasks lost: beyond noise
+        "worse": a | {"HE/27": False} | m,  # an anchor lost
+    }
+
+    def fake(model_dir, tasks_path, **kw):
+        name = json.loads((Path(model_dir) / "kdkit_test_name.json").read_text())
+        ids = ANCHORS if Path(tasks_path).name == "anchors.jsonl" else mbpp_ids
+        res = [TaskResult(t, outcomes[name][t], "passed" if outcomes[name][t] else "failed", "", 0.0) for t in ids]
+        k = sum(r.passed for r in res)
+        return res, EvalSummary(len(res), k, k / len(res), wilson_interval(k, len(res)), {}, {}), []
+
+    monkeypatch.setattr(gate_mod, "evaluate_model", fake)
+    reg = Registry(tmp_path / "ws")
+    reg.promote(reg.register(dirs["prod"], name="prod").id)
+    both = [anchors, mbpp]
+    bad = gate(reg, str(dirs["bad"]), both, log=lambda m: None)
+    assert bad.decision == "REVERT" and [s["decision"] for s in bad.suites] == ["KEEP", "REVERT"]
+    assert "mbpp.jsonl: REVERT — pass count fell 19 → 12, beyond noise" in bad.reason
+    worse = gate(reg, str(dirs["worse"]), both, log=lambda m: None)
+    assert worse.decision == "REVERT" and [s["decision"] for s in worse.suites] == ["REVERT", "KEEP"]
+    # a margin makes the rule explicit: 7 lost tasks are within a margin of 7
+    assert gate_mod.decide(outcomes["prod"] | {}, outcomes["bad"], gate_mod.SuiteRule(margin=7))[0] == "KEEP"
+    good = gate(reg, str(dirs["good"]), both, log=lambda m: None)
+    assert good.decision == "KEEP" and reg.production().name == good.candidate
+    stored = json.loads(reg.gates()[-1]["rule"])
+    assert [s["decision"] for s in stored["suites"]] == ["KEEP", "KEEP"] and len(reg.gates()) == 3
+    r = CliRunner().invoke(app, ["gate", "prod", "--tasks", str(anchors), "--suite-rule", "margin=1",
+                                 "--workspace", str(tmp_path / "ws")])
+    assert r.exit_code == 2 and "--suite-rule only takes effect with a second --tasks file" in r.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path as _P
 
 import typer
 from rich.console import Console
@@ -550,12 +551,18 @@ RULE_HELP = ("Gate rule as key=value pairs: max_regressions=N (anchor tasks the 
              "default 0), require_not_worse=true|false (pass count may not fall; default true).")
 
 
+SUITE_RULE_HELP = ("Rule of every --tasks file after the first: alpha=0.05 (default: the pass count may not fall "
+                   "with an exact paired p below alpha; a drop the test calls noise is allowed) or margin=N (it may "
+                   "fall by at most N tasks).")
+
+
 @app.command("gate")
 def gate_cmd(
     candidate: str = typer.Argument(..., help="Candidate: a model directory (e.g. from `kdkit merge`) or a pack name."),
-    tasks: str = typer.Option(..., help="Anchor task file (HumanEval format)."),
+    tasks: list[str] = typer.Option(..., help="Task file (HumanEval or MBPP format). Repeat for several suites in one decision: the first is the anchors (--rule), the others are judged by --suite-rule."),
     against: str = typer.Option("production", help="Baseline: 'production' or a pack name/id."),
     rule: str = typer.Option(None, help=RULE_HELP),
+    suite_rule: str = typer.Option(None, help=SUITE_RULE_HELP),
     max_new_tokens: int = typer.Option(256, help="Generation budget per task (greedy decoding)."),
     prompt_style: str = typer.Option("raw", help=PROMPT_STYLE_HELP),
     instruction: str = typer.Option(None, help="The instruction of --prompt-style chat."),
@@ -566,32 +573,35 @@ def gate_cmd(
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
     progress: bool = typer.Option(True, help="Show progress bars while the packs are evaluated."),
 ) -> None:
-    """Evaluate candidate and baseline on the anchors (reusing stored evaluations), compare task by task, run the exact paired test, decide KEEP (promote) or REVERT (archive), and record it. Exit code 0 on KEEP, 1 on REVERT."""
-    from kdkit.evaluate import GenerationSettings, TaskError
-    from kdkit.gate import GateRule, format_tasks, gate
+    """Evaluate candidate and baseline on every task file (reusing stored evaluations), compare task by task, run the exact paired test per suite, decide KEEP (promote) or REVERT (archive) once for all suites, and record it. Exit code 0 on KEEP, 1 on REVERT."""
+    from kdkit.evaluate import GenerationSettings
+    from kdkit.gate import GateRule, SuiteRule, format_tasks, gate
     from kdkit.io import atomic_write_json
-    from kdkit.models import ModelError
-    from kdkit.registry import RegistryError
-    from kdkit.sandbox import Limits, SandboxUnavailable
+    from kdkit.sandbox import Limits
 
+    if suite_rule is not None and len(tasks) < 2:
+        fail("--suite-rule only takes effect with a second --tasks file")
     reg = _registry(workspace)
     try:
         res = gate(reg, candidate, tasks, against=against, rule=GateRule.parse(rule),
+                   suite_rule=SuiteRule.parse(suite_rule),
                    settings=GenerationSettings(max_new_tokens=max_new_tokens,
                                                **_prompting(prompt_style, instruction, system)),
                    limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation, log=console.print,
                    progress=progress)
-    except (RegistryError, TaskError, SandboxUnavailable, ModelError, ValueError) as e:
+    except ValueError as e:
         fail(str(e))
-    t = Table(title=f"gate: {res.candidate} vs {res.baseline}")
-    for c in ("model", "anchor pass", "95% interval"):
-        t.add_column(c, overflow="fold")
-    for name, k, (lo, hi) in ((res.baseline, res.baseline_passed, res.baseline_interval),
-                              (res.candidate, res.candidate_passed, res.candidate_interval)):
-        t.add_row(name, f"{k}/{res.n_tasks}", f"{100 * lo:.1f}–{100 * hi:.1f}%")
-    console.print(t)
-    console.print(f"regressed: {format_tasks(res.regressed)}\nfixed: {format_tasks(res.fixed)}\n"
-                  f"exact McNemar p = {res.p_value:.3g}\n[bold]{res.decision}[/]: {res.reason}")
+    for s in res.suites:
+        t = Table(title=f"{_P(s['tasks']).name} ({'anchors' if s is res.suites[0] else 'suite'}): {s['decision']}")
+        for c in ("model", "pass", "95% interval"):
+            t.add_column(c, overflow="fold")
+        for name, k, (lo, hi) in ((res.baseline, s["baseline_passed"], s["baseline_interval"]),
+                                  (res.candidate, s["candidate_passed"], s["candidate_interval"])):
+            t.add_row(name, f"{k}/{s['n_tasks']}", f"{100 * lo:.1f}–{100 * hi:.1f}%")
+        console.print(t)
+        console.print(f"regressed: {format_tasks(s['regressed'])}\nfixed: {format_tasks(s['fixed'])}\n"
+                      f"exact McNemar p = {s['p_value']:.3g}")
+    console.print(f"[bold]{res.decision}[/]: {res.reason}")
     if json_out:
         atomic_write_json(json_out, res.to_json())
     raise typer.Exit(0 if res.decision == "KEEP" else 1)

@@ -49,6 +49,41 @@ class GateRule:
         return cls(**kw)
 
 
+@dataclass(frozen=True)
+class SuiteRule:
+    """The rule of every suite after the first (the anchors): the pass count may not fall by more than
+    ``margin`` tasks, or, without a margin, may not fall with an exact paired p-value below ``alpha``
+    (a drop the test calls noise is allowed)."""
+
+    alpha: float = 0.05
+    margin: int | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> SuiteRule:
+        """``alpha=0.05`` or ``margin=2``."""
+        if not text:
+            return cls()
+        kw: dict[str, Any] = {}
+        for part in text.split(","):
+            k, _, v = (s.strip() for s in part.partition("="))
+            try:
+                if k == "alpha":
+                    kw[k] = float(v)
+                    if not 0 < kw[k] < 1:
+                        raise ValueError
+                elif k == "margin":
+                    kw[k] = int(v)
+                    if kw[k] < 0:
+                        raise ValueError
+                else:
+                    raise KeyError
+            except KeyError:
+                raise ValueError(f"--suite-rule: unknown key {k!r}; valid: alpha, margin") from None
+            except ValueError:
+                raise ValueError(f"--suite-rule {part!r}: alpha in (0, 1) or margin a whole number >= 0") from None
+        return cls(**kw)
+
+
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value: binomial test of min(b, c) in b + c trials at p = 1/2."""
     n = b + c
@@ -94,6 +129,7 @@ class GateResult:
     rule: dict[str, Any] = field(default_factory=dict)
     gate_id: int = 0
     candidate_outcomes: dict[str, bool] = field(default_factory=dict)
+    suites: list[dict[str, Any]] = field(default_factory=list)  # one entry per task file, the anchors first
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,7 +157,8 @@ def evaluate_pack(reg: Registry, pack: Pack, tasks: Path, settings: GenerationSe
                               {"statuses": summary.statuses})
 
 
-def decide(base: dict[str, bool], cand: dict[str, bool], rule: GateRule) -> tuple[str, list[str], list[str], float, str]:
+def decide(base: dict[str, bool], cand: dict[str, bool], rule: GateRule | SuiteRule
+           ) -> tuple[str, list[str], list[str], float, str]:
     if set(base) != set(cand):
         raise ValueError("candidate and baseline were evaluated on different task sets")
     regressed = [t for t in base if base[t] and not cand[t]]
@@ -129,9 +166,14 @@ def decide(base: dict[str, bool], cand: dict[str, bool], rule: GateRule) -> tupl
     p = mcnemar_exact(len(regressed), len(fixed))
     nb, nc = sum(base.values()), sum(cand.values())
     reasons = []
-    if len(regressed) > rule.max_regressions:
+    if isinstance(rule, SuiteRule):
+        if rule.margin is not None and nb - nc > rule.margin:
+            reasons.append(f"pass count fell {nb} → {nc}, more than the margin of {rule.margin}")
+        elif rule.margin is None and nc < nb and p < rule.alpha:
+            reasons.append(f"pass count fell {nb} → {nc}, beyond noise (p < {rule.alpha:g})")
+    elif len(regressed) > rule.max_regressions:
         reasons.append(f"{len(regressed)} task(s) that the baseline passes now fail (allowed: {rule.max_regressions})")
-    if rule.require_not_worse and nc < nb:
+    if isinstance(rule, GateRule) and rule.require_not_worse and nc < nb:
         reasons.append(f"pass count fell {nb} → {nc}")
     decision = "REVERT" if reasons else "KEEP"
     if not reasons:
@@ -142,11 +184,14 @@ def decide(base: dict[str, bool], cand: dict[str, bool], rule: GateRule) -> tupl
 def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "production",
          rule: GateRule = GateRule(), settings: GenerationSettings = GenerationSettings(), limits: Limits = Limits(),
          unsafe_no_isolation: bool = False, candidate_meta: dict[str, Any] | None = None,
-         log: Callable[[str], None] = print, progress: bool = False) -> GateResult:
-    """Evaluate candidate and baseline, decide, and record + apply the decision in one transaction.
+         log: Callable[[str], None] = print, progress: bool = False,
+         suite_rule: SuiteRule = SuiteRule()) -> GateResult:
+    """Evaluate candidate and baseline on every task file, decide, and record + apply ONE decision in one
+    transaction. ``tasks``: a file or a list of files; the first (the anchors) is judged by ``rule``, the
+    others by ``suite_rule``; a REVERT in any suite reverts.
 
     The decision is applied only if production is still what it was when the gate started."""
-    tasks = Path(tasks)
+    files = [Path(t) for t in (tasks if isinstance(tasks, list | tuple) else [tasks])]
     prod = reg.production()
     if against == "production":
         base = prod
@@ -158,14 +203,31 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
     cand = _resolve(reg, candidate, parent_id=base.id, **meta)
     if cand.id == base.id:
         raise RegistryError(f"candidate and baseline are the same pack ({cand.name}: identical weights)")
-    ev_b = evaluate_pack(reg, base, tasks, settings, limits, unsafe_no_isolation, log, progress)
-    ev_c = evaluate_pack(reg, cand, tasks, settings, limits, unsafe_no_isolation, log, progress)
-    decision, regressed, fixed, p, reason = decide(ev_b["outcomes"], ev_c["outcomes"], rule)
-    gid = reg.record_gate(cand.id, base.id, asdict(rule), decision, regressed, fixed, p, reason,
+    suites = []
+    for i, f in enumerate(files):
+        ev_b = evaluate_pack(reg, base, f, settings, limits, unsafe_no_isolation, log, progress)
+        ev_c = evaluate_pack(reg, cand, f, settings, limits, unsafe_no_isolation, log, progress)
+        suite_r = rule if i == 0 else suite_rule
+        decision, regressed, fixed, p, reason = decide(ev_b["outcomes"], ev_c["outcomes"], suite_r)
+        suites.append({"tasks": str(f), "rule": {"kind": "anchors" if i == 0 else "suite", **asdict(suite_r)},
+                       "decision": decision, "regressed": regressed, "fixed": fixed, "p_value": p, "reason": reason,
+                       "candidate_passed": ev_c["n_passed"], "baseline_passed": ev_b["n_passed"],
+                       "n_tasks": ev_c["n_tasks"], "candidate_interval": (ev_c["ci_low"], ev_c["ci_high"]),
+                       "baseline_interval": (ev_b["ci_low"], ev_b["ci_high"]), "candidate_outcomes": ev_c["outcomes"]})
+    first = suites[0]
+    decision = "REVERT" if any(s["decision"] == "REVERT" for s in suites) else "KEEP"
+    reason = first["reason"] if len(suites) == 1 else "; ".join(f"{Path(s['tasks']).name}: {s['decision']} — "
+                                                                f"{s['reason']}" for s in suites)
+    regressed = [t for s in suites for t in s["regressed"]]
+    fixed = [t for s in suites for t in s["fixed"]]
+    rule_json = asdict(rule) if len(suites) == 1 else {**asdict(rule), "suites": [
+        {k: s[k] for k in ("tasks", "rule", "decision", "candidate_passed", "baseline_passed", "n_tasks", "p_value")}
+        for s in suites]}
+    gid = reg.record_gate(cand.id, base.id, rule_json, decision, regressed, fixed, first["p_value"], reason,
                           expected_production=None if prod is None else prod.id)
-    return GateResult(decision, cand.name, base.name, ev_c["n_passed"], ev_b["n_passed"], ev_c["n_tasks"],
-                      (ev_c["ci_low"], ev_c["ci_high"]), (ev_b["ci_low"], ev_b["ci_high"]), regressed, fixed, p,
-                      reason, asdict(rule), gid, ev_c["outcomes"])
+    return GateResult(decision, cand.name, base.name, first["candidate_passed"], first["baseline_passed"],
+                      first["n_tasks"], first["candidate_interval"], first["baseline_interval"], regressed, fixed,
+                      first["p_value"], reason, rule_json, gid, first["candidate_outcomes"], suites)
 
 
 def _resolve(reg: Registry, ref: str, **register_kw: Any) -> Pack:
