@@ -377,3 +377,18 @@ def test_chat_prompts_use_the_models_template_with_the_instruction_and_system():
                     f"{ADD3['prompt'].rstrip()}\n```</s><s>assistant:\n")
     res = CliRunner().invoke(app, ["eval", "m", "--tasks", "t.jsonl", "--instruction", "Solve it."])
     assert res.exit_code == 2 and "only take effect with --prompt-style chat" in res.output
+
+
+@needs_bwrap
+def test_per_category_pass_counts_when_tasks_carry_a_category(tmp_path):
+    from kdkit.evaluate import by_category
+
+    rows = [{**t, "category": "held-out" if i < 2 else "in-distribution"} for i, t in enumerate(TOY_TASKS)]
+    tasks = load_tasks(write_jsonl(tmp_path / "t.jsonl", rows))
+    comps = {t.task_id: [t.canonical_solution if i != 1 else "    return 0\n"] for i, t in enumerate(tasks)}
+    cats = by_category(tasks, verify(tasks, comps, workers=2))
+    assert {k: (v["passed"], v["tasks"]) for k, v in cats.items()} == {"held-out": (1, 2), "in-distribution": (2, 2)}
+    assert cats["held-out"]["interval"] == pytest.approx(wilson_interval(1, 2))
+    assert by_category(load_tasks(write_jsonl(tmp_path / "u.jsonl", TOY_TASKS)), []) == {}
+    with pytest.raises(TaskError, match="field 'category': expected a string"):
+        load_tasks(write_jsonl(tmp_path / "bad.jsonl", [{**TOY_TASKS[0], "category": 3}]))

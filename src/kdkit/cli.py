@@ -383,7 +383,7 @@ def eval_cmd(
     """Generate a completion for every task (greedy by default), extract the function body, verify it in the sandbox, and report pass count and rate with a 95% Wilson interval (and pass@k when sampling)."""
     from pathlib import Path as _P
 
-    from kdkit.evaluate import GenerationSettings, TaskError, evaluate_model, write_results
+    from kdkit.evaluate import GenerationSettings, TaskError, by_category, evaluate_model, load_tasks, write_results
     from kdkit.io import atomic_write_bytes, atomic_write_json
     from kdkit.models import ModelError
     from kdkit.sandbox import Limits, SandboxUnavailable
@@ -402,6 +402,7 @@ def eval_cmd(
     try:
         results, summary, gens = evaluate_model(model, tasks, settings=settings, limits=Limits(timeout_s=timeout),
                                                 workers=workers, unsafe_no_isolation=unsafe_no_isolation)
+        categories = by_category(load_tasks(tasks), results)
     except (TaskError, SandboxUnavailable, ModelError) as e:
         fail(str(e))
     if out:
@@ -413,8 +414,15 @@ def eval_cmd(
         atomic_write_bytes(d / "generations.jsonl", "".join(_json.dumps(g, sort_keys=True) + "\n" for g in gens).encode())
         write_results(d / "results.jsonl", results)
         atomic_write_json(d / "summary.json", {**asdict(summary), "model": model, "tasks": tasks,
-                                               "generation": asdict(settings)})
+                                               "generation": asdict(settings), "by_category": categories})
     _print_summary(summary, f"eval {model} on {tasks}")
+    if categories:
+        t = Table(title="per category")
+        for c in ("category", "passed", "95% Wilson interval"):
+            t.add_column(c, overflow="fold")
+        for name, c in categories.items():
+            t.add_row(name, f"{c['passed']}/{c['tasks']}", f"{100 * c['interval'][0]:.1f}–{100 * c['interval'][1]:.1f}%")
+        console.print(t)
     console.print(summary.line())
 
 

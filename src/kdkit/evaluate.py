@@ -103,6 +103,22 @@ def verify(tasks: Sequence[Task], completions: dict[str, list[str]], *, limits: 
     return out
 
 
+def by_category(tasks: Sequence[Task], results: Sequence[TaskResult]) -> dict[str, dict[str, Any]]:
+    """Pass counts (first sample) and Wilson intervals per task ``category``; empty when no task has one."""
+    cat = {t.task_id: t.category for t in tasks}
+    if not any(cat.values()):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for r in results:
+        if r.sample == 0:
+            c = out.setdefault(cat[r.task_id] or "(none)", {"passed": 0, "tasks": 0})
+            c["tasks"] += 1
+            c["passed"] += int(r.passed)
+    for c in out.values():
+        c["interval"] = wilson_interval(c["passed"], c["tasks"])
+    return dict(sorted(out.items()))
+
+
 def summarise(results: Sequence[TaskResult], ks: Sequence[int] = (1,)) -> EvalSummary:
     per_task: dict[str, list[bool]] = {}
     statuses: dict[str, int] = {}

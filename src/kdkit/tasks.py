@@ -42,6 +42,7 @@ class Task:
     entry_point: str
     test: str
     canonical_solution: str | None = None
+    category: str | None = None  # optional grouping (e.g. held-out vs in-distribution) for per-category counts
 
 
 def _jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -78,7 +79,10 @@ def load_tasks(path: str | Path) -> list[Task]:
         if obj["task_id"] in seen:
             raise TaskError(f"{path}:{n}: field 'task_id': {obj['task_id']!r} already used on line {seen[obj['task_id']]}")
         seen[obj["task_id"]] = n
-        tasks.append(Task(obj["task_id"], obj["prompt"], obj["entry_point"], obj["test"], cs))
+        category = obj.get("category")
+        if category is not None and not isinstance(category, str):
+            raise TaskError(f"{path}:{n}: field 'category': expected a string, got {type(category).__name__}")
+        tasks.append(Task(obj["task_id"], obj["prompt"], obj["entry_point"], obj["test"], cs, category))
     return tasks
 
 
