@@ -86,7 +86,8 @@ def main() -> int:
         comps = {t.task_id: [extract_completion(t.prompt, x)] for t, x in zip(tasks, texts, strict=True)}
         plain = verify(tasks, comps)
         t_plain = time.perf_counter() - t0
-        rows.append({"model": args.model, "style": style, "kdkit_passed": summary.n_passed, "plain_passed": sum(r.passed for r in plain),
+        rows.append({"model": args.model, "style": style,
+                     "kdkit_passed": summary.n_passed, "plain_passed": sum(r.passed for r in plain),
                      "tasks": len(tasks), "kdkit_s": round(t_kdkit, 1), "plain_s": round(t_plain, 1),
                      "kdkit_tasks_per_min": round(60 * len(tasks) / t_kdkit, 1),
                      "plain_tasks_per_min": round(60 * len(tasks) / t_plain, 1),
