@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,14 @@ def evaluate_model(model_dir: str | Path, tasks_path: str | Path, *, settings: G
         check_isolation()  # fail before spending time on generation
     tokenizer = tokenizer or load_tokenizer(model_dir)
     model = model or load_causal_lm(model_dir)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class _Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            return Text(f"{task.speed:.2f} tasks/s" if task.speed else "")
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(), TimeElapsedColumn(),
                   disable=not progress) as bar:
         g = bar.add_task("generate", total=len(tasks) * settings.n_samples)
         try:
@@ -165,12 +173,29 @@ def evaluate_model(model_dir: str | Path, tasks_path: str | Path, *, settings: G
             from kdkit.models import ModelError
 
             raise ModelError(f"{model_dir}: {e}") from None
-        raw = generate(model, tokenizer, prompts, settings, on_batch=lambda n: bar.advance(g, n), stop=answer_end,
-                       add_special_tokens=settings.prompt_style == "raw")
-        completions = {t.task_id: [extract_completion(t.prompt, r) for r in rs] for t, rs in zip(tasks, raw, strict=True)}
-        v = bar.add_task("verify", total=sum(len(c) for c in completions.values()))
-        results = verify(tasks, completions, limits=limits, workers=workers, unsafe_no_isolation=unsafe_no_isolation,
-                         on_done=lambda i, r: bar.advance(v, 1))
+        v = bar.add_task("verify", total=len(tasks) * settings.n_samples)
+        # each batch is verified in the sandbox while the next one generates
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = []
+
+            def submit(sample: int, lo: int, texts: list[str]) -> None:
+                part = tasks[lo:lo + len(texts)]
+                comps = {t.task_id: [extract_completion(t.prompt, x)] for t, x in zip(part, texts, strict=True)}
+                pending.append((sample, lo, pool.submit(verify, part, comps, limits=limits, workers=workers,
+                                                        unsafe_no_isolation=unsafe_no_isolation,
+                                                        on_done=lambda i, r: bar.advance(v, 1))))
+
+            raw = generate(model, tokenizer, prompts, settings, on_batch=lambda n: bar.advance(g, n), stop=answer_end,
+                           add_special_tokens=settings.prompt_style == "raw", on_texts=submit)
+            results = []
+            for sample, lo, fut in pending:
+                for j, r in enumerate(fut.result()):
+                    r.sample = sample
+                    results.append((lo + j, sample, r))
+    results = [r for _, _, r in sorted(results, key=lambda x: (x[0], x[1]))]
+    completions = {r.task_id: [] for r in results}
+    for r in results:
+        completions[r.task_id].append(r.completion)
     ks = [k for k in (1, 5, 10) if k <= settings.n_samples]
     generations = [{"task_id": t.task_id, "sample": s, "raw": r, "completion": completions[t.task_id][s]}
                    for t, rs in zip(tasks, raw, strict=True) for s, r in enumerate(rs)]

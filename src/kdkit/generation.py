@@ -78,13 +78,15 @@ def explicit_generation_config(settings: GenerationSettings, model: Any, tokeniz
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationSettings = GenerationSettings(),
              on_batch: Callable[[int], None] | None = None, stop: StopRule | None = None,
-             add_special_tokens: bool = True) -> list[list[str]]:
+             add_special_tokens: bool = True,
+             on_texts: Callable[[int, int, list[str]], None] | None = None) -> list[list[str]]:
     """Continuations of each prompt (``n_samples`` each). Greedy by default: deterministic.
 
     Batches are left-padded and use the KV cache; each row stops on its own at EOS or where
     ``stop(text)`` returns a cut index (its text is cut there); a batch ends when every row has
     stopped. The same model + prompts + settings give the same text. ``add_special_tokens=False`` for
-    prompts that already carry them (a rendered chat template).
+    prompts that already carry them (a rendered chat template). ``on_texts(sample, first_prompt, texts)``
+    receives each batch's texts as soon as it is done (to verify them while the next batch generates).
     """
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -122,9 +124,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: Gener
                     gen = model.generate(**enc, generation_config=config,
                                          stopping_criteria=StoppingCriteriaList([_AllStopped(start)]))
                 texts = tokenizer.batch_decode(gen[:, start:], skip_special_tokens=True)
+                texts = [t if (cut := stop(t) if stop is not None else None) is None else t[:cut] for t in texts]
                 for j, t in enumerate(texts):
-                    cut = stop(t) if stop is not None else None
-                    outs[lo + j].append(t if cut is None else t[:cut])
+                    outs[lo + j].append(t)
+                if on_texts is not None:
+                    on_texts(sample, lo, texts)
                 if on_batch is not None:
                     on_batch(len(chunk))
     finally:
