@@ -123,3 +123,25 @@ def test_demo_report_says_the_gate_is_anchors_only_and_fits_the_grid(tmp_path):
     _demo_json(tmp_path / "keep", "KEEP", 4)
     page = write_report(tmp_path / "keep").read_text()
     assert "but the gate REVERTs" not in page and "decides on the anchor tasks only" in page
+
+
+def test_rungs_over_seeds_aggregate_to_one_row_with_a_pooled_interval():
+    from kdkit.evaluate import wilson_interval
+    from kdkit.ladder import seed_rows
+
+    vary = [("objective.kd_weight", [0.5, 1.0]), ("optim.seed", [0, 1, 2])]
+    results, rung = [], 0
+    for w in (0.5, 1.0):
+        for seed in (0, 1, 2):
+            passed = {0.5: [2, 3, 1], 1.0: [4, 4, 5]}[w][seed]
+            results.append({"rung": rung, "values": {"objective.kd_weight": w, "optim.seed": seed}, "status": "done",
+                            "avg_ce": 1.0 + seed, "avg_kl": 0.1 * seed, "val_loss": 2.0, "passed": passed,
+                            "n_tasks": 10, "decision": "KEEP" if passed >= 3 else "REVERT"})
+            rung += 1
+    results[-1] = {**results[-1], "status": "failed"}
+    header, rows = seed_rows(vary, results)
+    assert header[:2] == ["objective.kd_weight", "seeds"]
+    lo, hi = wilson_interval(6, 30)
+    assert rows[0] == ["0.5", "3/3", "2.0000", "0.1000", "2.0000", f"6/30 [{100 * lo:.0f}–{100 * hi:.0f}%]", "1/3"]
+    assert rows[1][1] == "2/3" and rows[1][5].startswith("8/20") and rows[1][6] == "2/2"
+    assert seed_rows([("objective.kd_weight", [0.5])], results[:1]) is None

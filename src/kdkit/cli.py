@@ -619,6 +619,7 @@ def gate_cmd(
 def ladder_cmd(
     config: str = typer.Argument(..., help="Training config YAML (the rungs override it)."),
     vary: list[str] = typer.Option(..., help="key.sub=v1,v2,v3 — one rung per value (repeat for a grid)."),
+    seeds: int = typer.Option(1, help="Run every rung with optim.seed = 0..N-1 and add a table that aggregates each rung over its seeds (mean losses, pooled anchor pass with its Wilson interval, KEEP count); the same as --vary optim.seed=0,1,..."),
     tasks: str = typer.Option(..., help="Anchor task file for the gate."),
     out: str = typer.Option(None, help="Ladder directory (default: ladders/<config name>)."),
     rule: str = typer.Option(None, help=RULE_HELP),
@@ -634,10 +635,16 @@ def ladder_cmd(
     from kdkit.config import ConfigError
     from kdkit.evaluate import GenerationSettings
     from kdkit.gate import GateRule
-    from kdkit.ladder import parse_vary, run_ladder, table_rows
+    from kdkit.ladder import parse_vary, run_ladder, seed_rows, table_rows
     from kdkit.registry import RegistryError
     from kdkit.sandbox import Limits
 
+    if seeds < 1:
+        fail("--seeds must be >= 1")
+    if seeds > 1:
+        if any(v.split("=", 1)[0].strip() == "optim.seed" for v in vary):
+            fail("--seeds and --vary optim.seed=... both set the seed axis; give one")
+        vary = [*vary, "optim.seed=" + ",".join(str(i) for i in range(seeds))]
     reg = _registry(workspace)
     out_dir = out or str(_P("ladders") / _P(config).stem)
     try:
@@ -648,12 +655,17 @@ def ladder_cmd(
     except (ConfigError, RegistryError, ValueError) as e:
         fail(str(e))
     header, rows = table_rows(parse_vary(vary), results)
-    t = Table(title=f"ladder {out_dir}")
-    for h in header:
-        t.add_column(h, overflow="fold")
-    for r in rows:
-        t.add_row(*r)
-    console.print(t)
+    tables = [(f"ladder {out_dir}", header, rows)]
+    by_seed = seed_rows(parse_vary(vary), results)
+    if by_seed is not None:
+        tables.append((f"ladder {out_dir}, over seeds", *by_seed))
+    for title, header, rows in tables:
+        t = Table(title=title)
+        for h in header:
+            t.add_column(h, overflow="fold")
+        for r in rows:
+            t.add_row(*r)
+        console.print(t)
     console.print(f"wrote {out_dir}/ladder.md, ladder.csv, ladder.png")
 
 

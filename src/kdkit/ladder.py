@@ -142,11 +142,49 @@ def table_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]])
     return header, rows
 
 
+SEED_KEY = "optim.seed"
+
+
+def seed_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]
+              ) -> tuple[list[str], list[list[str]]] | None:
+    """Rungs that differ only in ``optim.seed`` as one row: mean losses over the seeds, the pooled anchor
+    pass count with its Wilson interval, and how many seeds the gate kept. None without a seed axis."""
+    from kdkit.evaluate import wilson_interval
+
+    keys = [k for k, _ in vary if k != SEED_KEY]
+    if len(keys) == len(vary):
+        return None
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(tuple(str(r["values"][k]) for k in keys), []).append(r)
+    header = [*keys, "seeds", "avg CE", "avg KL", "val loss", "anchor pass (pooled)", "KEEP"]
+    rows = []
+    for vals, rs in groups.items():
+        done = [r for r in rs if r["status"] == "done"]
+
+        def mean(name: str, done: list[dict[str, Any]] = done) -> float | None:
+            xs = [r[name] for r in done if r.get(name) is not None]
+            return sum(xs) / len(xs) if xs else None
+
+        k, n = sum(r["passed"] for r in done), sum(r["n_tasks"] for r in done)
+        lo, hi = wilson_interval(k, n)
+        rows.append([*vals, f"{len(done)}/{len(rs)}", _fmt(mean("avg_ce")), _fmt(mean("avg_kl")),
+                     _fmt(mean("val_loss")), f"{k}/{n} [{100 * lo:.0f}–{100 * hi:.0f}%]" if n else "—",
+                     f"{sum(r['decision'] == 'KEEP' for r in done)}/{len(done)}"])
+    return header, rows
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    return "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n" + "".join(
+        "| " + " | ".join(r) + " |\n" for r in rows)
+
+
 def write_table(out: Path, vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]) -> None:
+    by_seed = seed_rows(vary, results)
+    if by_seed is not None:
+        atomic_write_bytes(out / "ladder_seeds.md", _markdown(*by_seed).encode())
     header, rows = table_rows(vary, results)
-    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-    md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
-    atomic_write_bytes(out / "ladder.md", md.encode())
+    atomic_write_bytes(out / "ladder.md", _markdown(header, rows).encode())
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
