@@ -495,3 +495,22 @@ def test_4_and_8_bit_loading_is_refused_where_it_cannot_run(world, tmp_path, cha
         res = CliRunner().invoke(app, cmd, terminal_width=400)
         assert res.exit_code in (1, 2) and match in " ".join(res.output.split()), (cmd, res.output)
         assert not (tmp_path / "run" / "final").exists()
+
+
+def test_checkpoints_carry_the_rng_state_of_every_gpu(monkeypatch):
+    """Without a GPU here, the CUDA calls are stood in for: every device's state is saved and restored."""
+    from kdkit import train as train_mod
+
+    states = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5, 6], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: restored.extend(s))
+    saved = train_mod._rng_states()
+    assert set(saved) == {"cpu", "cuda.0", "cuda.1"} and torch.equal(saved["cuda.1"], states[1])
+    train_mod._set_rng_states(saved)
+    assert [t.tolist() for t in restored] == [[1, 2, 3], [4, 5, 6]]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(TrainingError, match="RNG state of 2 GPU"):
+        train_mod._set_rng_states(saved)
