@@ -514,3 +514,20 @@ def test_checkpoints_carry_the_rng_state_of_every_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(TrainingError, match="RNG state of 2 GPU"):
         train_mod._set_rng_states(saved)
+
+
+@pytest.mark.parametrize("change", [{}, {"teacher": None, "objective": {"kd_weight": 0.0}},
+                                    {"teacher": {"cache": None, "model": "TEACHER"}}])
+def test_a_runs_resolved_config_loads_again(world, tmp_path, change):
+    """config.yaml lists every field with its value, defaults included: it must validate and resume as is."""
+    import copy
+
+    change = copy.deepcopy(change)
+    if change.get("teacher") and change["teacher"].get("model") == "TEACHER":
+        change["teacher"]["model"] = str(world / "teacher")
+    run = tmp_path / "run"
+    _run(_cfg(world, tmp_path, optim={"epochs": 1}, **change), run)
+    res = CliRunner().invoke(app, ["validate", str(run / "config.yaml")], terminal_width=400)
+    assert res.exit_code == 0, res.output
+    done = train(load_train_config(run / "config.yaml"), run, resume=True, progress=False, log=lambda m: None)
+    assert done["already_complete"]

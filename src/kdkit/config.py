@@ -258,29 +258,34 @@ class TrainConfig(_Strict):
         return self
 
 
+def _set(model: BaseModel, name: str) -> bool:
+    """Set to something other than its default (a resolved config.yaml lists every default: it must load)."""
+    return name in model.model_fields_set and getattr(model, name) != type(model).model_fields[name].default
+
+
 def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
-    """(field, why) for every explicitly set option that cannot take effect in this configuration."""
+    """(field, why) for every option set away from its default that cannot take effect in this configuration."""
     o, kd = cfg.objective, cfg.objective.kd
     out = []
     if cfg.student.load_in is not None and cfg.student.lora is None:
         out.append(("student.load_in", "quantised weights cannot be fine-tuned in full; add student.lora (QLoRA)"))
-    if "beta" in kd.model_fields_set and kd.kind != "jsd":
+    if _set(kd, "beta") and kd.kind != "jsd":
         out.append(("objective.kd.beta", f"only jsd takes beta; objective.kd.kind is {kd.kind}"))
-    if "alpha" in kd.model_fields_set and not kd.kind.startswith("skew_"):
+    if _set(kd, "alpha") and not kd.kind.startswith("skew_"):
         out.append(("objective.kd.alpha", f"only skew_fwd/skew_rev take alpha; objective.kd.kind is {kd.kind}"))
     if cfg.teacher is None:
         no_teacher = "there is no teacher section, so there is no KD term"
-        if "kd_weight" in o.model_fields_set and o.kd_weight > 0:
+        if _set(o, "kd_weight") and o.kd_weight > 0:
             out.append(("objective.kd_weight", no_teacher))
-        out += [(f"objective.kd.{f}", no_teacher) for f in sorted(kd.model_fields_set)]
+        out += [(f"objective.kd.{f}", no_teacher) for f in sorted(kd.model_fields_set) if _set(kd, f)]
         out += [(f"objective.task_weights.{t}", f"{no_teacher} (task weights scale KD only)") for t in o.task_weights]
-        out += [(f"objective.roles.{r}.kd", no_teacher) for r, t in o.roles.items() if "kd" in t.model_fields_set]
+        out += [(f"objective.roles.{r}.kd", no_teacher) for r, t in o.roles.items() if _set(t, "kd")]
     else:
-        if cfg.teacher.cache and "dtype" in cfg.teacher.model_fields_set:
+        if cfg.teacher.cache and _set(cfg.teacher, "dtype"):
             out.append(("teacher.dtype", "a cached teacher is not run; its capture dtype is in the cache"))
         if cfg.teacher.cache and cfg.teacher.load_in is not None:
             out.append(("teacher.load_in", "a cached teacher is not run; quantise the teacher of a live run only"))
-        if cfg.teacher.model and "tail" in kd.model_fields_set:
+        if cfg.teacher.model and _set(kd, "tail"):
             out.append(("objective.kd.tail", "a live teacher gives the dense distribution: there is no top-K tail"))
     return out
 
