@@ -1,8 +1,9 @@
 """Precompute throughput as a ratio to a bare teacher forward over the same batches, and bytes/token.
 
     python benchmarks/precompute.py [--rows 512] [--top-k 64] [--repeats 3]
+    python benchmarks/precompute.py --teacher /tmp/smollm2/teacher --data rows.jsonl --batch-size 4 --max-length 512
 
-Teacher: the bundled demo teacher; data: the tiny world's training rows. The bare
+Teacher: the bundled demo teacher (or --teacher); data: the tiny world's training rows (or --data). The bare
 forward runs the same length-sorted batches through the model and discards the
 logits; precompute adds the softmax, top-K, encoding, hashing and writing. Target:
 ratio >= 0.90; bytes/token <= 4.25·K + 16.
@@ -29,6 +30,9 @@ def main() -> int:
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--teacher", default=None, help="a model directory (default: the demo teacher)")
+    ap.add_argument("--data", default=None, help="a JSONL data file (default: the tiny world's rows)")
+    ap.add_argument("--max-length", type=int, default=256)
     args = ap.parse_args()
 
     import torch
@@ -40,10 +44,11 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = world_files(tmp, args.rows)["train"]
-        tok = load_tokenizer(TEACHER_DIR)
-        rows, rep = kdata.load_dataset(tok, data, max_length=256)
-        model = load_causal_lm(TEACHER_DIR)
+        teacher = Path(args.teacher) if args.teacher else TEACHER_DIR
+        data = Path(args.data) if args.data else world_files(tmp, args.rows)["train"]
+        tok = load_tokenizer(teacher)
+        rows, rep = kdata.load_dataset(tok, data, max_length=args.max_length)
+        model = load_causal_lm(teacher)
         batches = kdata.length_sorted_batches([len(r.input_ids) for r in rows], args.batch_size)
 
         def bare() -> None:
@@ -60,8 +65,8 @@ def main() -> int:
             bare()
             t_bare.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            man = precompute(TEACHER_DIR, data, tmp / f"cache{r}", PrecomputeSettings(
-                top_k=args.top_k, batch_size=args.batch_size, max_length=256, shard_rows=256), progress=False,
+            man = precompute(teacher, data, tmp / f"cache{r}", PrecomputeSettings(
+                top_k=args.top_k, batch_size=args.batch_size, max_length=args.max_length, shard_rows=256), progress=False,
                 log=lambda m: None)
             t_pre.append(time.perf_counter() - t0)
     tokens = rep.target_tokens
