@@ -189,6 +189,19 @@ def _damage(out: Path, key: str) -> list[str]:
     return problems
 
 
+def _sound(out: Path, key: str, log: Callable[[str], None]) -> bool:
+    """A complete cache: True when every shard verifies; else its manifest is removed (the cache is
+    incomplete again) so that the run recomputes what is damaged."""
+    damage = _damage(out, key)
+    if not damage:
+        log(f"{out}: cache already complete (key {key[:12]}), every shard verified; nothing to do")
+        return True
+    log(f"{out}: the cache is damaged ({'; '.join(damage)}); recomputing what is damaged")
+    (out / MANIFEST_FILE).unlink()
+    fsync_dir(out)
+    return False
+
+
 def _read_sidecar(path: Path) -> dict[str, Any] | None:
     """A shard's sidecar, or None when it is absent or unreadable (the shard is then recomputed)."""
     import json
@@ -235,14 +248,8 @@ def precompute(
         "shard_rows": settings.shard_rows,
     }
     key = content_key(components)
-    if _prepare_dir(out, components, key):
-        damage = _damage(out, key)
-        if not damage:
-            log(f"{out}: cache already complete (key {key[:12]}), every shard verified; nothing to do")
-            return load_manifest(out)
-        log(f"{out}: the cache is damaged ({'; '.join(damage)}); recomputing what is damaged")
-        (out / MANIFEST_FILE).unlink()  # the cache is incomplete again until every shard is sound
-        fsync_dir(out)
+    if _prepare_dir(out, components, key) and _sound(out, key, log):
+        return load_manifest(out)
     remove_stale_tmp(out)
 
     model = load_causal_lm(teacher, settings.dtype)
