@@ -89,7 +89,7 @@ def test_run_report_is_self_contained(ladder_world, tmp_path):
     assert "kd_weight" in html  # the resolved config is embedded
     epochs = [json.loads(x) for x in (tmp_path / "run" / "epochs.jsonl").read_text().splitlines()]
     assert f"{epochs[0]['train_loss']:.4f}" in html
-    with pytest.raises(FileNotFoundError, match="not a demo, ladder or run"):
+    with pytest.raises(ValueError, match="not a demo, ladder or run"):
         write_report(tmp_path)
 
 

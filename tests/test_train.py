@@ -499,7 +499,7 @@ def test_4_and_8_bit_loading_is_refused_where_it_cannot_run(world, tmp_path, cha
 
 def test_checkpoints_carry_the_rng_state_of_every_gpu(monkeypatch):
     """Without a GPU here, the CUDA calls are stood in for: every device's state is saved and restored."""
-    from kdkit import train as train_mod
+    from kdkit import checkpoint as train_mod
 
     states = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5, 6], dtype=torch.uint8)]
     restored = []
@@ -507,13 +507,13 @@ def test_checkpoints_carry_the_rng_state_of_every_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: restored.extend(s))
-    saved = train_mod._rng_states()
+    saved = train_mod.rng_states()
     assert set(saved) == {"cpu", "cuda.0", "cuda.1"} and torch.equal(saved["cuda.1"], states[1])
-    train_mod._set_rng_states(saved)
+    train_mod.set_rng_states(saved)
     assert [t.tolist() for t in restored] == [[1, 2, 3], [4, 5, 6]]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(TrainingError, match="RNG state of 2 GPU"):
-        train_mod._set_rng_states(saved)
+        train_mod.set_rng_states(saved)
 
 
 @pytest.mark.parametrize("change", [{}, {"teacher": None, "objective": {"kd_weight": 0.0}},

@@ -44,9 +44,7 @@ class ChunkStats:
 def _slice_teacher(teacher: Tensor | TopK | None, lo: int, hi: int) -> Tensor | TopK | None:
     if teacher is None:
         return None
-    if isinstance(teacher, TopK):
-        return TopK(teacher.ids[lo:hi], teacher.logprobs[lo:hi])
-    return teacher[lo:hi]
+    return teacher.select(slice(lo, hi)) if isinstance(teacher, TopK) else teacher[lo:hi]
 
 
 def _chunk_loss(logits: Tensor, targets: Tensor, teacher: Tensor | TopK | None, ce_w: Tensor, kd_w: Tensor,
@@ -69,8 +67,8 @@ def _chunk_loss(logits: Tensor, targets: Tensor, teacher: Tensor | TopK | None, 
 
 class _ChunkedCEKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, teacher_a, teacher_b, ce_w, kd_w, spec, chunk, stats):
-        teacher = None if teacher_a is None else (TopK(teacher_a, teacher_b) if teacher_b is not None else teacher_a)
+    def forward(ctx, hidden, weight, bias, targets, teacher, ce_w, kd_w, spec, chunk, stats):
+        # the teacher (dense logits or a TopK) takes no gradient: passed through as a plain argument
         n = hidden.shape[0]
         grad_h = torch.zeros_like(hidden, dtype=torch.float32)
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
@@ -108,7 +106,7 @@ class _ChunkedCEKD(torch.autograd.Function):
         grad_b = saved.pop(0) * grad_out if ctx.has_b else None
         hd, wd, bd = ctx.dtypes
         return (grad_h.to(hd), None if grad_w is None else grad_w.to(wd), None if grad_b is None else grad_b.to(bd),
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def chunked_ce_kd(
@@ -148,6 +146,5 @@ def chunked_ce_kd(
     kd_w = torch.zeros(n, device=hidden.device) if kd_weights is None else kd_weights.float()
     stats = ChunkStats(kd_div=torch.zeros(n, device=hidden.device),
                        student_top=torch.zeros(n, dtype=torch.long, device=hidden.device))
-    ta, tb = (teacher.ids, teacher.logprobs) if isinstance(teacher, TopK) else (teacher, None)
-    loss = _ChunkedCEKD.apply(hidden, weight, bias, targets, ta, tb, ce_weights.float(), kd_w, spec, chunk_size, stats)
+    loss = _ChunkedCEKD.apply(hidden, weight, bias, targets, teacher, ce_weights.float(), kd_w, spec, chunk_size, stats)
     return loss, stats

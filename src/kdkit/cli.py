@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path as _P
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -17,13 +18,14 @@ from kdkit.losses import AGGREGATIONS, KINDS, TAIL_POLICIES
 
 
 class _Group(TyperGroup):
-    """Every :class:`KdkitError` a command lets through is printed once, as a message, exit code 2."""
+    """Every :class:`KdkitError` a command lets through is printed once, as a message, with the error's
+    exit code (2: a bad input or option; 1: work that failed on the way)."""
 
     def invoke(self, ctx):  # noqa: ANN001, ANN201
         try:
             return super().invoke(ctx)
         except KdkitError as e:
-            fail(str(e))
+            fail(str(e), code=e.exit_code)
 
 
 def _flag_type(self, ctx):  # noqa: ANN001, ANN202
@@ -126,47 +128,99 @@ def diag_kl_agg(
 
 @app.command("precompute")
 def precompute_cmd(
-    teacher: str = typer.Option(..., help="Teacher: a local Hugging Face model directory (safetensors) with its tokenizer."),
-    data: str = typer.Option(..., help="Training data JSONL: prompt/completion, messages or text rows."),
-    out: str = typer.Option(..., help="Cache directory to create, resume, or confirm."),
+    teacher: str = typer.Option(None, help="Teacher: a local Hugging Face model directory (safetensors) with its tokenizer. With --config: defaults to the config's teacher.model."),
+    data: str = typer.Option(None, help="Training data JSONL: prompt/completion, messages or text rows. With --config: the config's data.train."),
+    out: str = typer.Option(None, help="Cache directory to create, resume, or confirm. With --config: defaults to the config's teacher.cache."),
+    config: str = typer.Option(None, help="Training config YAML: data, max_length, truncation and the temperature (objective.kd.temperature) are read from it, so capture and loss settings are declared once; giving them again here is refused unless equal."),
     top_k: int = typer.Option(64, help="Teacher log-probs kept per position (the K largest)."),
-    temperature: float = typer.Option(1.0, help="Capture temperature: the teacher softmax is taken at logits / T."),
+    temperature: float = typer.Option(None, help="Capture temperature: the teacher softmax is taken at logits / T (default 1.0)."),
     batch_size: int = typer.Option(8, help="Rows per teacher forward (length-sorted batches)."),
-    max_length: int = typer.Option(1024, help="Truncate rows to this many tokens (truncations are counted)."),
-    truncation: str = typer.Option("left", help="Rows over --max-length: 'left' drops the oldest tokens (keeps the completion; a leading BOS stays), 'right' drops the end. Must match the training config's data.truncation."),
+    max_length: int = typer.Option(None, help="Truncate rows to this many tokens (truncations are counted; default 1024)."),
+    truncation: str = typer.Option(None, help="Rows over --max-length: 'left' (default) drops the oldest tokens (keeps the completion; a leading BOS stays), 'right' drops the end. Must match the training config's data.truncation."),
     dtype: str = typer.Option("float32", help="Teacher compute dtype: float32, bfloat16 or float16."),
     logprob_dtype: str = typer.Option("float16", help="Stored log-probs: float16 (default), float32, or uint8 — lossy, opt-in: 8 bits per log-prob on a per-position scale (about 60 fewer bytes per token at K = 64; its KL error is in docs/benchmarks.md)."),
     shard_rows: int = typer.Option(256, help="Rows per shard (the unit of resumption)."),
-    on_empty: str = typer.Option("skip", help="Rows with no target token: 'skip' (reported) or 'error'."),
+    on_empty: str = typer.Option(None, help="Rows with no target token: 'skip' (default; reported) or 'error'."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Run the teacher once over DATA and store its top-K log-probs, tail mass and statistics in OUT.
 
     The cache is content-addressed: OUT records a key of (teacher, tokenizer, data, K, T, max_length, dtypes). Rerunning with the same inputs resumes a killed run (or does nothing when complete) and gives byte-identical shards; other inputs are refused with the differing field named."""
-    from kdkit.cache.format import CacheError
     from kdkit.cache.precompute import PrecomputeSettings, precompute
-    from kdkit.data import DataError
-    from kdkit.models import ModelError
 
-    try:
-        settings = PrecomputeSettings(top_k=top_k, temperature=temperature, batch_size=batch_size,
-                                      max_length=max_length, dtype=dtype, logprob_dtype=logprob_dtype,
-                                      shard_rows=shard_rows, on_empty=on_empty, truncation=truncation)
-        precompute(teacher, data, out, settings, progress=progress, log=console.print)
-    except (CacheError, DataError, ModelError, ValueError) as e:
-        fail(str(e))
+    given = {"--teacher": teacher, "--data": data, "--out": out, "--temperature": temperature,
+             "--max-length": max_length, "--truncation": truncation, "--on-empty": on_empty}
+    v = _precompute_inputs(given, config) if config else {
+        **given, "--temperature": 1.0 if temperature is None else temperature,
+        "--max-length": max_length or 1024, "--truncation": truncation or "left", "--on-empty": on_empty or "skip"}
+    missing = [k for k in ("--teacher", "--data", "--out") if not v[k]]
+    if missing:
+        fail(f"missing {', '.join(missing)} (or give --config with a training config that names them)")
+    settings = PrecomputeSettings(top_k=top_k, temperature=v["--temperature"], batch_size=batch_size,
+                                  max_length=v["--max-length"], dtype=dtype, logprob_dtype=logprob_dtype,
+                                  shard_rows=shard_rows, on_empty=v["--on-empty"], truncation=v["--truncation"])
+    precompute(v["--teacher"], v["--data"], v["--out"], settings, progress=progress, log=console.print)
+
+
+def _precompute_inputs(given: dict[str, Any], config: str) -> dict[str, Any]:
+    """precompute's inputs from a training config; an option also given on the command line must agree."""
+    cfg = _load_config(config, [])
+    t = cfg.teacher
+    declared = {"--teacher": t.model if t is not None else None, "--data": cfg.data.train,
+                "--out": t.cache if t is not None else None, "--temperature": cfg.objective.kd.temperature,
+                "--max-length": cfg.data.max_length, "--truncation": cfg.data.truncation,
+                "--on-empty": cfg.data.on_empty}
+    fields = {"--teacher": "teacher.model", "--data": "data.train", "--out": "teacher.cache",
+              "--temperature": "objective.kd.temperature", "--max-length": "data.max_length",
+              "--truncation": "data.truncation", "--on-empty": "data.on_empty"}
+    for opt, value in given.items():
+        if value is None:
+            continue
+        same = (declared[opt] is None or (str(_P(value).resolve()) == declared[opt] if opt in ("--teacher", "--data",
+                                                                                               "--out") else value == declared[opt]))
+        if not same:
+            fail(f"{opt} {value!r} differs from {config}'s {fields[opt]} ({declared[opt]!r}); the cache must be "
+                 f"captured as the run will use it — leave {opt} out or change the config")
+    return {k: given[k] if given[k] is not None and declared[k] is None else declared[k] for k in given}
+
+
+@app.command("generate")
+def generate_cmd(
+    model: str = typer.Option(..., help="The teacher: a local Hugging Face model directory (safetensors) with its tokenizer."),
+    data: str = typer.Option(..., help="Prompt rows (JSONL): {\"prompt\": ...} or {\"messages\": [...]}; a completion or final assistant turn already there is replaced; role, task and weight are kept."),
+    out: str = typer.Option(..., help="Training rows to write (JSONL, same format as the input); resumed when rerun with the same inputs."),
+    max_new_tokens: int = typer.Option(256, help="The most tokens per completion (each stops at EOS)."),
+    batch_size: int = typer.Option(8, help="Prompts per generation batch (fixed batches in file order: the unit of resumption)."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 (default) is greedy decoding."),
+    top_p: float = typer.Option(None, help="Nucleus sampling (only with --temperature > 0; default 1.0)."),
+    seed: int = typer.Option(None, help="Sampling seed (only with --temperature > 0; default 0)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Sequence-level KD: write the teacher's completions of DATA's prompts as training rows for `kdkit train`.
+
+    Greedy by default, with every generation setting explicit (nothing from the model's generation_config.json). The same model, prompts and settings give the same bytes; a killed run resumes at its last complete batch; a rerun with other inputs is refused naming the field (the inputs are in OUT.kdkit.json)."""
+    from kdkit.generation import GenerationSettings
+    from kdkit.seqkd import generate_rows
+
+    if temperature < 0:
+        fail(f"--temperature must be >= 0, got {temperature}")
+    if temperature == 0 and (top_p is not None or seed is not None):
+        fail("--top-p and --seed only take effect with --temperature > 0 (greedy decoding has no randomness)")
+    if batch_size < 1 or max_new_tokens < 1:
+        fail("--batch-size and --max-new-tokens must be >= 1")
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=temperature > 0,
+                                  temperature=temperature or 1.0, top_p=1.0 if top_p is None else top_p,
+                                  seed=seed or 0)
+    res = generate_rows(model, data, out, settings, progress=progress, log=console.print)
+    console.print(f"{out}: {res['rows']} rows ({res['generated']} generated now)")
 
 
 @cache_app.command("info")
 def cache_info(path: str = typer.Argument(..., help="Cache directory.")) -> None:
     """Summarise a cache: teacher, key, K, temperature, rows, tokens, bytes/token, capture statistics."""
-    from kdkit.cache.format import CacheError
     from kdkit.cache.reader import load_manifest
 
-    try:
-        m = load_manifest(path)
-    except CacheError as e:
-        fail(str(e))
+    m = load_manifest(path)
     c, st = m["components"], m["stats"]
     table = Table(title=f"teacher cache {path}", show_header=False)
     table.add_column("field", overflow="fold")
@@ -189,13 +243,9 @@ def cache_info(path: str = typer.Argument(..., help="Cache directory.")) -> None
 @cache_app.command("verify")
 def cache_verify(path: str = typer.Argument(..., help="Cache directory.")) -> None:
     """Re-hash every shard against the manifest; exit 1 naming each missing, extra, truncated or changed shard."""
-    from kdkit.cache.format import CacheError
     from kdkit.cache.reader import verify_cache
 
-    try:
-        problems = verify_cache(path)
-    except CacheError as e:
-        fail(str(e), code=1)
+    problems = verify_cache(path)
     if problems:
         for p in problems:
             err_console.print(f"[bold red]bad shard:[/] {p}", highlight=False)
@@ -204,12 +254,9 @@ def cache_verify(path: str = typer.Argument(..., help="Cache directory.")) -> No
 
 
 def _load_config(config: str, overrides: list[str]):
-    from kdkit.config import ConfigError, load_train_config
+    from kdkit.config import load_train_config
 
-    try:
-        return load_train_config(config, overrides)
-    except ConfigError as e:
-        fail(str(e))
+    return load_train_config(config, overrides)
 
 
 @app.command("validate")
@@ -218,25 +265,25 @@ def validate_cmd(
     set_: list[str] = typer.Option([], "--set", help="Override a field: --set objective.kd.beta=0.3 (repeatable)."),
 ) -> None:
     """Validate a training config without loading any model: fields and ranges, files, that a referenced cache matches the data, tokenizer, K and temperature, that every role and task named occurs in the data, and that no option would silently not take effect. Exits 2 naming the field."""
+    import json as _json
+    from pathlib import Path as _P
+
     from kdkit import data as kdata
-    from kdkit.cache import CacheError
-    from kdkit.models import ModelError, check_model_dir, load_tokenizer
-    from kdkit.train import TrainingError, check_sources
+    from kdkit.models import check_model_dir, load_tokenizer
+    from kdkit.teacher import check_sources
 
     cfg = _load_config(config, set_)
-    try:
+    try:  # whatever is wrong, the config is invalid: exit 2 naming it
         check_model_dir(cfg.student.path, "student.path:")
         tok = load_tokenizer(cfg.student.path)
-        rows, rep = kdata.load_dataset(tok, cfg.data.train, max_length=cfg.data.max_length, on_empty=cfg.data.on_empty,
-                                       truncation=cfg.data.truncation)
-        if cfg.data.validation:
-            kdata.load_dataset(tok, cfg.data.validation, max_length=cfg.data.max_length, truncation=cfg.data.truncation)
-        import json as _json
-        from pathlib import Path as _P
-
+        d = cfg.data
+        rows, rep = kdata.load_dataset(tok, d.train, max_length=d.max_length, on_empty=d.on_empty,
+                                       truncation=d.truncation)
+        if d.validation:
+            kdata.load_dataset(tok, d.validation, max_length=d.max_length, truncation=d.truncation)
         mcfg = _json.loads((_P(cfg.student.path) / "config.json").read_text())
         check_sources(cfg, rows, tok, int(mcfg.get("vocab_size", len(tok))), verify=True)
-    except (CacheError, ModelError, TrainingError, kdata.DataError, OSError) as e:
+    except (KdkitError, OSError) as e:
         fail(str(e))
     console.print(f"{config}: valid — training data: {rep.summary(cfg.data.max_length)}")
 
@@ -254,17 +301,12 @@ def train_cmd(
     Writes config.yaml (resolved), run.json, metrics.jsonl, epochs.jsonl, checkpoints/ and final/ into the run directory. Several GPUs: `accelerate launch -m kdkit train ...`; several CPU processes: `torchrun --nproc_per_node N -m kdkit train ...`. Ctrl-C saves a checkpoint; a non-finite loss stops with the step named."""
     from pathlib import Path as _P
 
-    from kdkit.cache import CacheError
-    from kdkit.data import DataError
-    from kdkit.models import ModelError
-    from kdkit.train import TrainingError, train
+    from kdkit.train import train
 
     cfg = _load_config(config, set_)
     run_dir = out or str(_P("runs") / _P(config).stem)
     try:
         res = train(cfg, run_dir, resume=resume, progress=progress, log=console.print)
-    except (CacheError, DataError, ModelError, TrainingError) as e:
-        fail(str(e), code=1)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     if res.get("already_complete") or int(os.environ.get("RANK", "0")) != 0:  # one voice under torchrun
@@ -279,13 +321,9 @@ def merge_cmd(
     out: str = typer.Option(..., help="Directory for the merged model pack."),
 ) -> None:
     """Write a full Hugging Face model directory from a run: LoRA adapters merged into the base, or the fully fine-tuned weights; loadable with AutoModelForCausalLM.from_pretrained."""
-    from kdkit.models import ModelError
-    from kdkit.train import TrainingError, merge
+    from kdkit.train import merge
 
-    try:
-        path = merge(run_dir, out)
-    except (ModelError, TrainingError) as e:
-        fail(str(e), code=1)
+    path = merge(run_dir, out)
     console.print(f"merged {run_dir} → {path}")
 
 
@@ -332,26 +370,23 @@ def verify_cmd(
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
 ) -> None:
     """Run prompt + completion + test + check(entry_point) for every task in the sandbox; print the pass count and rate with a 95% Wilson interval; write per-task results (passed, status, stderr tail, duration)."""
-    from kdkit.evaluate import TaskError, load_completions, load_tasks, summarise, verify, write_results
-    from kdkit.sandbox import Limits, SandboxUnavailable
+    from kdkit.evaluate import load_completions, load_tasks, summarise, verify, write_results
+    from kdkit.sandbox import Limits
 
     if (completions is None) == (solutions is None):
         fail("give exactly one of --completions FILE or --solutions canonical")
     if solutions is not None and solutions != "canonical":
         fail(f"--solutions {solutions!r}: the only value is 'canonical'")
-    try:
-        task_list = load_tasks(tasks)
-        if completions:
-            comps = load_completions(completions, task_list)
-        else:
-            missing = [t.task_id for t in task_list if t.canonical_solution is None]
-            if missing:
-                fail(f"{tasks}: tasks without canonical_solution: {', '.join(missing[:5])}")
-            comps = {t.task_id: [t.canonical_solution] for t in task_list}
-        results = verify(task_list, comps, limits=Limits(timeout_s=timeout, memory_mb=memory_mb), workers=workers,
-                         unsafe_no_isolation=unsafe_no_isolation)
-    except (TaskError, SandboxUnavailable) as e:
-        fail(str(e))
+    task_list = load_tasks(tasks)
+    if completions:
+        comps = load_completions(completions, task_list)
+    else:
+        missing = [t.task_id for t in task_list if t.canonical_solution is None]
+        if missing:
+            fail(f"{tasks}: tasks without canonical_solution: {', '.join(missing[:5])}")
+        comps = {t.task_id: [t.canonical_solution] for t in task_list}
+    results = verify(task_list, comps, limits=Limits(timeout_s=timeout, memory_mb=memory_mb), workers=workers,
+                     unsafe_no_isolation=unsafe_no_isolation)
     if out:
         write_results(out, results)
     summary = summarise(results)
@@ -383,10 +418,9 @@ def eval_cmd(
     """Generate a completion for every task (greedy by default), extract the function body, verify it in the sandbox, and report pass count and rate with a 95% Wilson interval (and pass@k when sampling)."""
     from pathlib import Path as _P
 
-    from kdkit.evaluate import GenerationSettings, TaskError, by_category, evaluate_model, load_tasks, write_results
+    from kdkit.evaluate import GenerationSettings, by_category, evaluate_model, load_tasks, write_results
     from kdkit.io import atomic_write_bytes, atomic_write_json
-    from kdkit.models import ModelError
-    from kdkit.sandbox import Limits, SandboxUnavailable
+    from kdkit.sandbox import Limits
 
     if not sample:
         unused = [name for name, v in (("--temperature", temperature), ("--top-p", top_p), ("--top-k", top_k),
@@ -399,12 +433,9 @@ def eval_cmd(
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample,
                                   repetition_penalty=repetition_penalty, n_samples=n_samples, seed=seed, **sampling,
                                   **_prompting(prompt_style, instruction, system))
-    try:
-        results, summary, gens = evaluate_model(model, tasks, settings=settings, limits=Limits(timeout_s=timeout),
-                                                workers=workers, unsafe_no_isolation=unsafe_no_isolation)
-        categories = by_category(load_tasks(tasks), results)
-    except (TaskError, SandboxUnavailable, ModelError) as e:
-        fail(str(e))
+    results, summary, gens = evaluate_model(model, tasks, settings=settings, limits=Limits(timeout_s=timeout),
+                                            workers=workers, unsafe_no_isolation=unsafe_no_isolation)
+    categories = by_category(load_tasks(tasks), results)
     if out:
         import json as _json
         from dataclasses import asdict
@@ -433,12 +464,9 @@ def _registry(workspace: str | None, create: bool = False):
     """The workspace registry; only commands that add a pack (promote) create a missing workspace."""
     import os as _os
 
-    from kdkit.registry import Registry, RegistryError
+    from kdkit.registry import Registry
 
-    try:
-        return Registry(workspace or _os.environ.get("KDKIT_WORKSPACE", ".kdkit"), create=create)
-    except RegistryError as e:
-        fail(str(e))
+    return Registry(workspace or _os.environ.get("KDKIT_WORKSPACE", ".kdkit"), create=create)
 
 
 def _print_packs(reg) -> None:
@@ -472,13 +500,9 @@ def registry_show(
     import json as _json
 
     from kdkit.gate import format_tasks
-    from kdkit.registry import RegistryError
 
     reg = _registry(workspace)
-    try:
-        p = reg.pack(pack) if pack else reg.production()
-    except RegistryError as e:
-        fail(str(e))
+    p = reg.pack(pack) if pack else reg.production()
     if p is None:
         fail("no production pack yet")
     console.print(f"[bold]{p.name}[/] (id {p.id}, {p.status}) {p.path}\nweights sha256 {p.weights_sha256}")
@@ -515,27 +539,19 @@ def registry_promote(
     """Make a pack production (registering a model directory first). The first production pack is usually the teacher or the untouched student."""
     from pathlib import Path as _P
 
-    from kdkit.registry import RegistryError
 
     reg = _registry(workspace, create=True)
-    try:
-        p = reg.register(pack, name=name) if _P(pack).is_dir() else reg.pack(pack)
-        reg.promote(p.id, reason="manual promote")
-    except RegistryError as e:
-        fail(str(e))
+    p = reg.register(pack, name=name) if _P(pack).is_dir() else reg.pack(pack)
+    reg.promote(p.id, reason="manual promote")
     console.print(f"production is now {p.name} (id {p.id})")
 
 
 @registry_app.command("rollback")
 def registry_rollback(workspace: str = typer.Option(None, help=WORKSPACE_HELP)) -> None:
     """Restore the previous production pack (recorded as a new production entry)."""
-    from kdkit.registry import RegistryError
 
     reg = _registry(workspace)
-    try:
-        p = reg.rollback()
-    except RegistryError as e:
-        fail(str(e))
+    p = reg.rollback()
     console.print(f"production rolled back to {p.name} (id {p.id})")
 
 
@@ -545,13 +561,9 @@ def registry_archive(
     workspace: str = typer.Option(None, help=WORKSPACE_HELP),
 ) -> None:
     """Mark a pack archived (its files stay in the workspace; production cannot be archived)."""
-    from kdkit.registry import RegistryError
 
     reg = _registry(workspace)
-    try:
-        p = reg.archive(pack)
-    except RegistryError as e:
-        fail(str(e))
+    p = reg.archive(pack)
     console.print(f"archived {p.name} (id {p.id})")
 
 
@@ -590,15 +602,12 @@ def gate_cmd(
     if suite_rule is not None and len(tasks) < 2:
         fail("--suite-rule only takes effect with a second --tasks file")
     reg = _registry(workspace)
-    try:
-        res = gate(reg, candidate, tasks, against=against, rule=GateRule.parse(rule),
-                   suite_rule=SuiteRule.parse(suite_rule),
-                   settings=GenerationSettings(max_new_tokens=max_new_tokens,
-                                               **_prompting(prompt_style, instruction, system)),
-                   limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation, log=console.print,
-                   progress=progress)
-    except ValueError as e:
-        fail(str(e))
+    res = gate(reg, candidate, tasks, against=against, rule=GateRule.parse(rule),
+               suite_rule=SuiteRule.parse(suite_rule),
+               settings=GenerationSettings(max_new_tokens=max_new_tokens,
+                                           **_prompting(prompt_style, instruction, system)),
+               limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation, log=console.print,
+               progress=progress)
     for s in res.suites:
         t = Table(title=f"{_P(s['tasks']).name} ({'anchors' if s is res.suites[0] else 'suite'}): {s['decision']}")
         for c in ("model", "pass", "95% interval"):
@@ -632,11 +641,9 @@ def ladder_cmd(
     """For each rung: train → merge → gate against the production at the ladder's start → KEEP/REVERT. A failed rung does not stop the ladder; a rerun skips finished rungs. Writes ladder.md, ladder.csv and ladder.png (anchor pass and losses against the varied value)."""
     from pathlib import Path as _P
 
-    from kdkit.config import ConfigError
     from kdkit.evaluate import GenerationSettings
     from kdkit.gate import GateRule
     from kdkit.ladder import parse_vary, run_ladder, seed_rows, table_rows
-    from kdkit.registry import RegistryError
     from kdkit.sandbox import Limits
 
     if seeds < 1:
@@ -647,13 +654,10 @@ def ladder_cmd(
         vary = [*vary, "optim.seed=" + ",".join(str(i) for i in range(seeds))]
     reg = _registry(workspace)
     out_dir = out or str(_P("ladders") / _P(config).stem)
-    try:
-        results = run_ladder(config, vary, tasks, out_dir, registry=reg, rule=GateRule.parse(rule),
-                             settings=GenerationSettings(max_new_tokens=max_new_tokens),
-                             limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation,
-                             progress=progress, log=console.print)
-    except (ConfigError, RegistryError, ValueError) as e:
-        fail(str(e))
+    results = run_ladder(config, vary, tasks, out_dir, registry=reg, rule=GateRule.parse(rule),
+                         settings=GenerationSettings(max_new_tokens=max_new_tokens),
+                         limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation,
+                         progress=progress, log=console.print)
     header, rows = table_rows(parse_vary(vary), results)
     tables = [(f"ladder {out_dir}", header, rows)]
     by_seed = seed_rows(parse_vary(vary), results)
@@ -677,10 +681,7 @@ def report_cmd(
     """Write a self-contained HTML report (plots embedded as PNG): loss curves per step and epoch, per-task pass grids, the ladder table and plot, and the resolved configs."""
     from kdkit.report import write_report
 
-    try:
-        target = write_report(path, out)
-    except FileNotFoundError as e:
-        fail(str(e))
+    target = write_report(path, out)
     console.print(f"wrote {target}")
 
 

@@ -75,6 +75,19 @@ class RoleTerms(_Strict):
     barrier: bool = True
 
 
+class OnPolicyConfig(_Strict):
+    """On-policy distillation (GKD): on a λ share of optimizer steps the student writes the completions and
+    the live teacher scores the student's own tokens; the loss on them is objective.kd (CE is off there)."""
+
+    fraction: float = Field(0.5, ge=0.0, le=1.0, description="λ: the share of optimizer steps that are on-policy "
+                                                             "(chosen from seed and step, so a resume is exact)")
+    max_new_tokens: int = Field(64, ge=1, description="the most tokens the student writes per prompt")
+    temperature: float = Field(1.0, ge=0.0, description="sampling temperature of the student's completions "
+                                                        "(0 = greedy); not the loss temperature objective.kd.temperature")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling of the student's completions")
+    seed: int = Field(0, description="seed of the on-policy step choice and of sampling")
+
+
 class ObjectiveConfig(_Strict):
     """total = ce_coef·CE + kd_weight·w(row)·KD + barrier (see ``kdkit.objective``)."""
 
@@ -88,6 +101,7 @@ class ObjectiveConfig(_Strict):
         description="per-role terms; a role not listed gets every term (rows without a role have role 'default')",
     )
     barrier: BarrierConfig | None = None
+    on_policy: OnPolicyConfig | None = Field(None, description="on-policy distillation; omit for off-policy only")
     chunk_size: int = Field(
         1024, ge=0,
         description="target tokens per chunk of the memory-lean loss (at most chunk × V logits at once); 0 = dense path",
@@ -287,7 +301,25 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
             out.append(("teacher.load_in", "a cached teacher is not run; quantise the teacher of a live run only"))
         if cfg.teacher.model and _set(kd, "tail"):
             out.append(("objective.kd.tail", "a live teacher gives the dense distribution: there is no top-K tail"))
+    out += _on_policy_without_effect(cfg)
     return out
+
+
+def _on_policy_without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
+    op = cfg.objective.on_policy
+    if op is None:
+        return []
+    if cfg.teacher is None or not cfg.teacher.model:
+        return [("objective.on_policy", "the teacher must score the student's own tokens: set teacher.model (a "
+                                        "cache holds the dataset's completions only)")]
+    if cfg.objective.kd_weight == 0:
+        return [("objective.on_policy", "objective.kd_weight is 0: on-policy steps would train nothing")]
+    if cfg.reference is not None and cfg.reference.kind == "cache":
+        return [("objective.on_policy", "reference.kind 'cache' cannot score the student's own tokens for the "
+                                        "barrier; use reference.kind base or model")]
+    if _set(op, "top_p") and op.temperature == 0:
+        return [("objective.on_policy.top_p", "on_policy.temperature is 0 (greedy): top_p only shapes sampling")]
+    return []
 
 
 # --------------------------------------------------------------------------- YAML + overrides

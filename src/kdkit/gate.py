@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdkit.errors import UsageError
 from kdkit.evaluate import GenerationSettings, evaluate_model, tasks_fingerprint
 from kdkit.registry import Pack, Registry, RegistryError
 from kdkit.sandbox import Limits
@@ -34,18 +35,18 @@ class GateRule:
         kw: dict[str, Any] = {}
         for part in text.split(","):
             if "=" not in part:
-                raise ValueError(f"--rule {text!r}: expected key=value pairs separated by commas")
+                raise UsageError(f"--rule {text!r}: expected key=value pairs separated by commas")
             k, v = (s.strip() for s in part.split("=", 1))
             if k == "max_regressions":
                 if not v.isdigit():
-                    raise ValueError(f"--rule max_regressions={v!r}: expected a whole number >= 0")
+                    raise UsageError(f"--rule max_regressions={v!r}: expected a whole number >= 0")
                 kw[k] = int(v)
             elif k == "require_not_worse":
                 if v.lower() not in ("true", "false"):
-                    raise ValueError(f"--rule require_not_worse={v!r}: expected true or false")
+                    raise UsageError(f"--rule require_not_worse={v!r}: expected true or false")
                 kw[k] = v.lower() == "true"
             else:
-                raise ValueError(f"--rule: unknown key {k!r}; valid: max_regressions, require_not_worse")
+                raise UsageError(f"--rule: unknown key {k!r}; valid: max_regressions, require_not_worse")
         return cls(**kw)
 
 
@@ -70,17 +71,17 @@ class SuiteRule:
                 if k == "alpha":
                     kw[k] = float(v)
                     if not 0 < kw[k] < 1:
-                        raise ValueError
+                        raise UsageError
                 elif k == "margin":
                     kw[k] = int(v)
                     if kw[k] < 0:
-                        raise ValueError
+                        raise UsageError
                 else:
                     raise KeyError
             except KeyError:
-                raise ValueError(f"--suite-rule: unknown key {k!r}; valid: alpha, margin") from None
+                raise UsageError(f"--suite-rule: unknown key {k!r}; valid: alpha, margin") from None
             except ValueError:
-                raise ValueError(f"--suite-rule {part!r}: alpha in (0, 1) or margin a whole number >= 0") from None
+                raise UsageError(f"--suite-rule {part!r}: alpha in (0, 1) or margin a whole number >= 0") from None
         return cls(**kw)
 
 
@@ -160,7 +161,7 @@ def evaluate_pack(reg: Registry, pack: Pack, tasks: Path, settings: GenerationSe
 def decide(base: dict[str, bool], cand: dict[str, bool], rule: GateRule | SuiteRule
            ) -> tuple[str, list[str], list[str], float, str]:
     if set(base) != set(cand):
-        raise ValueError("candidate and baseline were evaluated on different task sets")
+        raise UsageError("candidate and baseline were evaluated on different task sets")
     regressed = [t for t in base if base[t] and not cand[t]]
     fixed = [t for t in base if cand[t] and not base[t]]
     p = mcnemar_exact(len(regressed), len(fixed))

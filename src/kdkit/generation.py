@@ -135,3 +135,42 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: Gener
         tokenizer.padding_side = prev_side
         model.generation_config = own_config
     return outs
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every token id that ends a completion: the model's generation EOS ids and the tokenizer's EOS."""
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(own if isinstance(own, list) else [own]) | {tokenizer.eos_token_id}
+    return {int(i) for i in ids if i is not None}
+
+
+def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
+                 settings: GenerationSettings) -> list[list[int]]:
+    """Token-level :func:`generate` for prompts already tokenised: one batch, left-padded, KV cache; each
+    completion is cut after its first EOS (kept: it is a token the model chose). Sampling draws from
+    torch's global generator: seed it (inside ``torch.random.fork_rng``) before calling."""
+    import torch
+
+    device = next(model.parameters()).device
+    config = explicit_generation_config(settings, model, tokenizer)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), int(config.pad_token_id), dtype=torch.long)
+    att = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        att[b, width - len(p):] = 1
+    stops = eos_ids(model, tokenizer)
+    own_config, was_training = model.generation_config, model.training
+    model.generation_config = config  # nothing of the model's own generation config may leak in
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=config)
+    finally:
+        model.generation_config = own_config
+        model.train(was_training)
+    completions = []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        completions.append(row[:end])
+    return completions

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from kdkit.config import load_train_config
+from kdkit.errors import UsageError
 from kdkit.evaluate import GenerationSettings
 from kdkit.gate import GateRule, format_tasks, gate
 from kdkit.io import atomic_write_bytes, atomic_write_json, check_output_dir
@@ -32,11 +33,11 @@ def parse_vary(specs: list[str]) -> list[tuple[str, list[Any]]]:
     out = []
     for spec in specs:
         if "=" not in spec:
-            raise ValueError(f"--vary {spec!r}: expected key.sub=v1,v2,...")
+            raise UsageError(f"--vary {spec!r}: expected key.sub=v1,v2,...")
         key, vals = spec.split("=", 1)
         values = [yaml.safe_load(v) for v in vals.split(",") if v.strip()]
         if not values:
-            raise ValueError(f"--vary {spec!r}: no values")
+            raise UsageError(f"--vary {spec!r}: no values")
         out.append((key.strip(), values))
     return out
 
@@ -73,7 +74,7 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path, out
     if state_path.is_file():
         state = json.loads(state_path.read_text())
         if state["vary"] != [[k, v] for k, v in vary] or state["config"] != str(Path(config).resolve()):
-            raise ValueError(f"{out}: holds a ladder of another config or --vary; use another --out")
+            raise UsageError(f"{out}: holds a ladder of another config or --vary; use another --out")
         baseline = registry.pack(state["baseline_pack"])
     else:
         baseline = registry.production()

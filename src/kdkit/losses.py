@@ -62,10 +62,15 @@ class TopK:
         logprobs: Tensor[..., K] log-probabilities of those ids under the teacher's
             FULL-vocabulary softmax at the capture temperature. ``-inf`` marks an
             unused slot (contributes nothing).
+        tail: optional float32 Tensor[...]: log(1 − Σ_K p_t), the exact tail mass the
+            teacher had at capture (a cache stores it in float32). Without it the tail is
+            recomputed from ``logprobs``, which loses it when they are stored in float16
+            or 8 bits and the teacher is confident (1 − Σ rounds to 0).
     """
 
     ids: Tensor
     logprobs: Tensor
+    tail: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.ids.shape != self.logprobs.shape:
@@ -73,6 +78,8 @@ class TopK:
                 f"TopK: ids shape {tuple(self.ids.shape)} != logprobs shape "
                 f"{tuple(self.logprobs.shape)}"
             )
+        if self.tail is not None and self.tail.shape != self.ids.shape[:-1]:
+            raise ValueError(f"TopK: tail shape {tuple(self.tail.shape)} != leading shape {tuple(self.ids.shape[:-1])}")
         if self.ids.dtype.is_floating_point or self.ids.dtype == torch.bool:
             raise ValueError(f"TopK: ids must be an integer tensor, got {self.ids.dtype}")
 
@@ -81,8 +88,15 @@ class TopK:
         return int(self.ids.shape[-1])
 
     def tail_logmass(self) -> Tensor:
-        """log(1 − Σ_K p_t) per position, float32; ``-inf`` when the K ids hold all the mass."""
+        """log(1 − Σ_K p_t) per position, float32 (the stored tail when there is one); ``-inf`` when the
+        K ids hold all the mass."""
+        if self.tail is not None:
+            return self.tail.float()
         return _log1mexp_safe(torch.logsumexp(self.logprobs.float(), dim=-1))
+
+    def select(self, index: Tensor | slice) -> TopK:
+        """The positions ``index`` of the leading dimensions (a boolean mask or a slice), tail included."""
+        return TopK(self.ids[index], self.logprobs[index], None if self.tail is None else self.tail[index])
 
 
 # ---------------------------------------------------------------------------
@@ -230,7 +244,7 @@ def _topk_pair(student_logits: Tensor, teacher: TopK, temperature: float, tail: 
     b = torch.where(torch.isfinite(a), b, torch.full_like(b, float("-inf")))
     if tail == "renorm":
         return _renorm(a), _renorm(b)
-    a_tail = _log1mexp_safe(torch.logsumexp(a, dim=-1)).unsqueeze(-1)
+    a_tail = teacher.tail_logmass().unsqueeze(-1)
     b_tail = _log1mexp_safe(torch.logsumexp(b, dim=-1)).unsqueeze(-1)
     return torch.cat([a, a_tail], dim=-1), torch.cat([b, b_tail], dim=-1)
 

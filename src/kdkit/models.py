@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import torch
 
 from kdkit.errors import KdkitError
 
+PACK_FILE = "kdkit_pack.json"  # written by merge into every pack: the pack's marker
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -144,3 +147,34 @@ def vocab_logits(logits: torch.Tensor, real_vocab: int, what: str = "model") -> 
         raise ModelError(f"the {what} has {v} output rows but the tokenizer has {real_vocab} tokens: tokens "
                          f"{v}..{real_vocab - 1} have no logit (is this the tokenizer the {what} was trained with?)")
     return logits if v == real_vocab else logits[..., :real_vocab]
+
+
+def merge(run_dir: str | Path, out: str | Path) -> Path:
+    """Write a full HF model dir (a "pack") from a run's ``final/``: LoRA merged into the base."""
+    from kdkit.io import atomic_write_json, check_output_dir
+
+    run, out = Path(run_dir), Path(out)
+    replace = check_output_dir(out, "--out", marker=PACK_FILE)  # an earlier pack may be replaced; nothing else
+    final = run / "final"
+    meta_path = final / "kdkit.json"
+    if not meta_path.is_file():
+        raise ModelError(f"{run}: no final/kdkit.json — the run did not finish")
+    meta = json.loads(meta_path.read_text())
+    tokenizer = load_tokenizer(final)
+    if meta["kind"] == "lora":
+        from peft import PeftModel
+
+        base = load_causal_lm(meta["base"])
+        model = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
+    else:
+        model = load_causal_lm(final)
+    tmp = out.with_name(f".kdkit-tmp-{out.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    atomic_write_json(tmp / PACK_FILE, {"source_run": str(run.resolve()), "steps": meta["steps"],
+                                        "config_sha256": sha256_file(run / "config.yaml")})
+    if replace or out.is_dir():  # our earlier pack, or an empty directory
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

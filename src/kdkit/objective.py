@@ -268,7 +268,7 @@ def compute_objective_chunked(
     kd_w = (co.tok_w * kd_row[:, None])[sel] * (cfg.kd_weight * co.inv) if use_kd else None
     t_sel: Tensor | TopK | None = None
     if use_kd:
-        t_sel = TopK(teacher.ids[sel], teacher.logprobs[sel]) if isinstance(teacher, TopK) else teacher[sel]
+        t_sel = teacher.select(sel) if isinstance(teacher, TopK) else teacher[sel]
     k = cfg.kd
     spec = KDSpec(kind=k.kind, temperature=k.temperature, t2_scale=k.t2_scale, beta=k.beta, alpha=k.alpha, tail=k.tail)
     loss, st = chunked_ce_kd(hidden[sel], head_weight, targets[sel], bias=head_bias, teacher=t_sel, ce_weights=ce_w,

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kdkit.errors import UsageError
 from kdkit.io import atomic_write_bytes
 
 CSS = """
@@ -202,7 +203,7 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
     elif (d / "metrics.jsonl").is_file():
         body, title = _run_body(d), "kdkit run"
     else:
-        raise FileNotFoundError(f"{d}: not a demo, ladder or run directory (no demo.json, ladder.json or metrics.jsonl)")
+        raise UsageError(f"{d}: not a demo, ladder or run directory (no demo.json, ladder.json or metrics.jsonl)")
     doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{CSS}</style></head>"
            f"<body>{body}</body></html>")
     target = Path(out) if out else d / "report.html"

@@ -37,6 +37,7 @@ from kdkit.cache.format import (
     sidecar_name,
 )
 from kdkit.cache.reader import load_manifest, verify_cache
+from kdkit.errors import UsageError
 from kdkit.io import atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_tmp
 from kdkit.losses import TopK
 from kdkit.models import load_causal_lm, load_tokenizer, model_fingerprint, sha256_file, tokenizer_fingerprint, vocab_logits
@@ -58,15 +59,15 @@ class PrecomputeSettings:
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
+            raise UsageError(f"--top-k must be >= 1, got {self.top_k}")
         if not self.temperature > 0:
-            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+            raise UsageError(f"--temperature must be > 0, got {self.temperature}")
         if self.batch_size < 1 or self.shard_rows < 1:
-            raise ValueError("--batch-size and --shard-rows must be >= 1")
+            raise UsageError("--batch-size and --shard-rows must be >= 1")
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+            raise UsageError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.logprob_dtype not in LOGPROB_DTYPES:
-            raise ValueError(f"--logprob-dtype must be one of {', '.join(LOGPROB_DTYPES)}, got {self.logprob_dtype!r}")
+            raise UsageError(f"--logprob-dtype must be one of {', '.join(LOGPROB_DTYPES)}, got {self.logprob_dtype!r}")
 
 
 def _fault(point: str, shard: int) -> None:
@@ -255,7 +256,7 @@ def precompute(
     model = load_causal_lm(teacher, settings.dtype)
     vocab = int(model.get_output_embeddings().weight.shape[0])
     if settings.top_k > len(tokenizer):
-        raise ValueError(f"--top-k {settings.top_k} exceeds the vocabulary ({len(tokenizer)} tokens)")
+        raise UsageError(f"--top-k {settings.top_k} exceeds the vocabulary ({len(tokenizer)} tokens)")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     n_shards = (len(rows) + settings.shard_rows - 1) // settings.shard_rows
     total_tokens = rep.target_tokens

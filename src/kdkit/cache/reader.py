@@ -178,13 +178,15 @@ class TeacherCache:
         return CachedRow(sh["pos"][lo:hi], sh["ids"][lo:hi], sh["logprobs"][lo:hi], sh["tail"][lo:hi])
 
     def topk_batch(self, rows: list[int], seq_len: int, expected_pos: list[np.ndarray] | None = None) -> TopK:
-        """TopK[B, seq_len, K] aligned with collated prediction positions; -inf where nothing is stored.
+        """TopK[B, seq_len, K] aligned with collated prediction positions, with the stored float32 tail mass;
+        -inf where nothing is stored.
 
         ``expected_pos``: the loss positions of each row from the tokenised data; a
         difference means the cache does not belong to this data.
         """
         ids = torch.zeros((len(rows), seq_len, self.top_k), dtype=torch.long)
         lps = torch.full((len(rows), seq_len, self.top_k), float("-inf"), dtype=torch.float32)
+        tail = torch.full((len(rows), seq_len), float("-inf"), dtype=torch.float32)
         for b, r in enumerate(rows):
             cr = self.row(r)
             if expected_pos is not None and not np.array_equal(cr.pos, expected_pos[b]):
@@ -195,7 +197,8 @@ class TeacherCache:
             p = torch.from_numpy(cr.pos.astype(np.int64))
             ids[b, p] = torch.from_numpy(cr.ids.astype(np.int64))
             lps[b, p] = torch.from_numpy(cr.logprobs.astype(np.float32))
-        return TopK(ids=ids, logprobs=lps)
+            tail[b, p] = torch.from_numpy(cr.tail.astype(np.float32))
+        return TopK(ids=ids, logprobs=lps, tail=tail)
 
     def check_student_vocab(self, tokenizer_sha: str, student_vocab_rows: int) -> None:
         """Refuse a student whose tokenizer differs; allow padded embedding rows (masked by the trainer)."""

@@ -1,0 +1,160 @@
+"""Checkpoints and run state on disk: what a resume reads back, written so a crash never leaves half of it.
+
+``checkpoints/step-NNNNNNN/`` holds the trainable weights, the optimizer state, every device's RNG
+state and the loop's counters, written into a temp directory with a ``COMPLETE`` marker last and
+renamed; ``final/`` is written the same way. A resume refuses a config that differs in what is
+trained (:data:`RESUME_FREE` lists what may change).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdkit.config import TrainConfig
+from kdkit.errors import TrainingError
+from kdkit.io import atomic_write_bytes, atomic_write_json, fsync_dir
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _opt_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _opt_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    ck = run_dir / "checkpoints"
+    done = sorted(p for p in ck.glob("step-*") if (p / "COMPLETE").is_file()) if ck.is_dir() else []
+    return done[-1] if done else None
+
+
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
+                    keep: int) -> Path:
+    """Write ``checkpoints/step-N`` atomically: a temp dir, a COMPLETE marker last, then rename."""
+    ck = run_dir / "checkpoints"
+    ck.mkdir(parents=True, exist_ok=True)
+    final = ck / f"step-{state['global_step']:07d}"
+    tmp = ck / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    tensors, meta = _opt_to_files(opt)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    atomic_write_json(tmp / "optimizer.json", meta)
+    save_file(rng_states(), str(tmp / "rng.safetensors"))
+    atomic_write_json(tmp / "state.json", state)
+    atomic_write_bytes(tmp / "COMPLETE", b"ok\n")
+    fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_dir(ck)
+    for old in sorted(p for p in ck.glob("step-*") if (p / "COMPLETE").is_file())[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in weights.items():
+            if n not in params:
+                raise TrainingError(f"{path}: parameter {n} is not in the model; was the config changed?")
+            params[n].copy_(t)
+    _opt_from_files(opt, load_file(str(path / "optimizer.safetensors")),
+                    json.loads((path / "optimizer.json").read_text()))
+    set_rng_states(load_file(str(path / "rng.safetensors")))
+    return json.loads((path / "state.json").read_text())
+
+
+def rng_states() -> dict[str, torch.Tensor]:
+    """The CPU generator and every CUDA device's: dropout on any device resumes exactly."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, st in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda.{i}"] = st
+    return states
+
+
+def set_rng_states(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    cuda = [states[k] for k in sorted((k for k in states if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():
+            raise TrainingError(f"the checkpoint holds the RNG state of {len(cuda)} GPU(s), this machine has "
+                                f"{torch.cuda.device_count()}; an exact resume needs the same devices")
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# Settings that do not change what is trained: a resume may change them.
+RESUME_FREE = ("logging", "checkpoint")
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """``field: old → new`` for every field that differs (except :data:`RESUME_FREE` sections)."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        name = f"{prefix}{k}"
+        if not prefix and k in RESUME_FREE:
+            continue
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{name}.")
+        elif a != b:
+            out.append(f"{name}: {a!r} → {b!r}")
+    return out
+
+
+def check_resume(run: Path, cfg: TrainConfig) -> None:
+    import yaml
+
+    saved_path = run / "config.yaml"
+    if not saved_path.is_file():
+        raise TrainingError(f"{run}: no config.yaml — not a kdkit run directory, nothing to resume")
+    changes = config_changes(yaml.safe_load(saved_path.read_text()) or {}, cfg.model_dump(mode="json"))
+    if changes:
+        raise TrainingError(f"--resume with a config that differs from {saved_path} in what is trained: "
+                            f"{'; '.join(changes)}. Resume with the saved config, or start a new run with another --out")
+
+
+def finished(run: Path) -> dict[str, Any] | None:
+    """The final/ metadata of a run that completed, else None."""
+    meta = run / "final" / "kdkit.json"
+    return json.loads(meta.read_text()) if meta.is_file() else None
+
+
+def save_final(run: Path, model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, step: int) -> None:
+    final, tmp = run / "final", run / ".tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    atomic_write_json(tmp / "kdkit.json", {"kind": "lora" if cfg.student.lora else "full", "steps": step,
+                                           "base": cfg.student.path})
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_dir(run)

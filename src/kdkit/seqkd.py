@@ -1,0 +1,144 @@
+"""``kdkit generate``: sequence-level KD (Kim & Rush, 2016) — the teacher's completions as training rows.
+
+Each prompt row (``{"prompt": ...}`` or ``{"messages": [...]}``; a completion or a final assistant
+turn already there is replaced) gets the model's completion, greedy by default, and is written as a
+training row of the same format, with its ``role``, ``task`` and ``weight`` kept. Rows are generated
+in fixed batches in file order and appended batch by batch, so a killed run resumes at the last
+complete batch and the file ends byte-identical to an uninterrupted run; a sidecar
+``<out>.kdkit.json`` records the inputs, and a rerun with other inputs is refused naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdkit.errors import KdkitError, OutputDirError
+from kdkit.generation import GenerationSettings, generate_ids
+from kdkit.io import atomic_write_json, read_jsonl_objects
+from kdkit.models import load_causal_lm, load_tokenizer, model_fingerprint
+
+KEPT_FIELDS = ("role", "task", "weight")
+
+
+class GenerateError(KdkitError, ValueError):
+    """A prompt row or an output file that ``kdkit generate`` cannot use; the message names file and line."""
+
+
+def sidecar(out: Path) -> Path:
+    return out.with_name(out.name + ".kdkit.json")
+
+
+def read_prompts(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line, row) for every prompt row; a row needs ``prompt`` (a string) or ``messages`` (a non-empty list)."""
+    rows = read_jsonl_objects(path, GenerateError)
+    for line, obj in rows:
+        if isinstance(obj.get("prompt"), str):
+            continue
+        msgs = obj.get("messages")
+        if isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str) and
+                                                    isinstance(m.get("content"), str) for m in msgs):
+            if [m for m in msgs if m["role"] != "assistant"]:
+                continue
+        raise GenerateError(f"{path}:{line}: field 'prompt': a prompt row needs 'prompt' (a string) or 'messages' "
+                            f"(a list of {{role, content}} with at least one turn that is not the assistant's)")
+    if not rows:
+        raise GenerateError(f"{path}: no prompt rows")
+    return rows
+
+
+def _history(obj: dict[str, Any]) -> list[dict[str, str]]:
+    msgs = list(obj["messages"])
+    return msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
+
+
+def prompt_tokens(tokenizer: Any, obj: dict[str, Any], path: str | Path, line: int) -> list[int]:
+    """The ids training will see before the completion: the prompt with special tokens, or the chat
+    history rendered by the tokenizer's template with the generation prompt."""
+    if "prompt" in obj and isinstance(obj["prompt"], str):
+        return list(tokenizer(obj["prompt"], add_special_tokens=True)["input_ids"])
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise GenerateError(f"{path}:{line}: field 'messages': the tokenizer has no chat template")
+    text = tokenizer.apply_chat_template(_history(obj), tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def as_row(obj: dict[str, Any], completion: str) -> dict[str, Any]:
+    kept = {k: obj[k] for k in KEPT_FIELDS if k in obj}
+    if "prompt" in obj and isinstance(obj["prompt"], str):
+        return {"prompt": obj["prompt"], "completion": completion, **kept}
+    return {"messages": _history(obj) + [{"role": "assistant", "content": completion}], **kept}
+
+
+def _inputs(model_dir: str, data: str, settings: GenerationSettings) -> dict[str, Any]:
+    return {"model": model_fingerprint(model_dir)["sha256"],
+            "data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
+            "settings": {"max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size,
+                         "do_sample": settings.do_sample, "temperature": settings.temperature,
+                         "top_p": settings.top_p, "seed": settings.seed}}
+
+
+def _resume_point(out: Path, inputs: dict[str, Any], batch: int) -> int:
+    """Rows already written by an earlier run with the same inputs, down to a whole batch (the file is cut
+    back there); refuses a file kdkit did not write or one made from other inputs."""
+    side = sidecar(out)
+    if not out.exists():
+        return 0
+    if not side.is_file():
+        raise OutputDirError(f"{out}: exists and was not written by `kdkit generate` (no {side.name}); "
+                             f"choose another --out")
+    old = json.loads(side.read_text())
+    for key in ("model", "data_sha256", "settings"):
+        if old.get(key) != inputs[key]:
+            raise GenerateError(f"{out}: made from other inputs ({key}: {old.get(key)!r} → {inputs[key]!r}); "
+                                f"choose another --out")
+    raw = out.read_bytes()
+    lines = raw.split(b"\n")[:-1]  # a last line without its newline was cut by a crash
+    keep = len(lines) - len(lines) % batch
+    with out.open("r+b") as fh:
+        fh.truncate(sum(len(x) + 1 for x in lines[:keep]))
+    return keep
+
+
+def generate_rows(model_dir: str, data: str, out: str | Path, settings: GenerationSettings, *,
+                  progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write ``out`` (JSONL): every prompt row of ``data`` with the model's completion. Returns a summary."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    out = Path(out)
+    rows = read_prompts(data)
+    inputs = _inputs(model_dir, data, settings)
+    done = _resume_point(out, inputs, settings.batch_size)
+    if done >= len(rows) and json.loads(sidecar(out).read_text()).get("complete"):
+        log(f"{out}: complete ({len(rows)} rows); nothing to do")
+        return {"rows": len(rows), "generated": 0, "out": str(out)}
+    if done:
+        log(f"{out}: resuming after {done} rows")
+    atomic_write_json(sidecar(out), {**inputs, "complete": False})
+    tokenizer = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir)
+    prompts = [prompt_tokens(tokenizer, obj, data, line) for line, obj in rows]
+    bar = Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   disable=not progress)
+    with bar, out.open("ab") as fh:
+        task = bar.add_task("generate", total=len(rows), completed=done)
+        for lo in range(done, len(rows), settings.batch_size):
+            chunk = prompts[lo:lo + settings.batch_size]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(settings.seed * 1_000_003 + lo)  # a batch's samples do not depend on a resume
+                completions = generate_ids(model, tokenizer, chunk, settings)
+            stops = {tokenizer.eos_token_id}
+            for (_, obj), ids in zip(rows[lo:lo + len(chunk)], completions, strict=True):
+                text = tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
+                fh.write(json.dumps(as_row(obj, text), ensure_ascii=False, sort_keys=True).encode() + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            bar.update(task, completed=lo + len(chunk))
+    atomic_write_json(sidecar(out), {**inputs, "complete": True})
+    return {"rows": len(rows), "generated": len(rows) - done, "out": str(out)}

@@ -1,0 +1,221 @@
+"""Teacher signals: where the distribution a student is compared with comes from.
+
+Every source — a cache made by ``kdkit precompute``, a live model, the student itself with its
+LoRA adapters switched off, a reference model or cache for the barrier — is a :class:`Signal`:
+called with a collated batch and the student, it returns the signal at the batch's prediction
+positions (dense logits ``[B, T, V]`` over the tokenizer's real vocabulary, or a :class:`TopK`).
+``kdkit.train`` asks its sources for signals and does not know their kinds.
+
+A source also owns its compatibility checks (tokenizer, data, K, temperature, vocabulary rows), run
+once by :func:`check_sources` for ``kdkit validate`` and ``kdkit train`` alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from kdkit import data as kdata
+from kdkit.cache import TeacherCache, verify_cache
+from kdkit.config import TrainConfig
+from kdkit.errors import KdkitError
+from kdkit.losses import TopK
+from kdkit.models import (
+    check_model_dir,
+    check_quantisation,
+    load_causal_lm,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    vocab_logits,
+)
+
+
+class SourceError(KdkitError, RuntimeError):
+    """A teacher or reference source does not fit the student or the data; the message names the field."""
+
+    exit_code = 1
+
+
+class Signal(Protocol):
+    """A teacher signal. ``scores_any_tokens``: whether it can score tokens that are not in the data
+    (a model can; a cache holds the dataset's positions only), which on-policy distillation needs."""
+
+    what: str
+    scores_any_tokens: bool
+
+    def __call__(self, batch: kdata.Batch, student: torch.nn.Module) -> Tensor | TopK: ...
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (which has no ``disable_adapter``)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _logits(model: torch.nn.Module, batch: kdata.Batch, real_vocab: int, what: str) -> Tensor:
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    return vocab_logits(out, real_vocab, what)  # padded rows of the embedding matrix take no mass
+
+
+@dataclass
+class CachedSignal:
+    """Top-K log-probs and the exact float32 tail mass stored by ``kdkit precompute`` for the training rows."""
+
+    cache: TeacherCache
+    rows: list[kdata.TokenizedRow]
+    what: str = "teacher"
+    scores_any_tokens: bool = False
+
+    @classmethod
+    def open(cls, path: str, rows: list[kdata.TokenizedRow], tok_sha: str, vocab_rows: int, temperature: float,
+             field: str, what: str, verify: bool = False) -> CachedSignal:
+        """Open a cache after checking it belongs to these rows, this tokenizer and this temperature."""
+        cache = TeacherCache(path)
+        if verify:  # `kdkit validate`: every shard training will read is present and sound
+            problems = verify_cache(path)
+            if problems:
+                raise SourceError(f"{what} cache {path} is damaged: {'; '.join(problems)} (rerun the same "
+                                  f"`kdkit precompute` to repair it)")
+        # The data fingerprint covers the token ids after truncation, so max_length needs no separate check.
+        cache.check_compatible(data=kdata.data_fingerprint(rows))
+        cache.check_student_vocab(tok_sha, vocab_rows)
+        if len(cache) != len(rows):
+            raise SourceError(f"{what} cache {path} has {len(cache)} rows, the data has {len(rows)}")
+        if cache.temperature != temperature:
+            raise SourceError(
+                f"{what} cache {path} was captured at temperature {cache.temperature} but {field} is {temperature}; "
+                f"a top-K distribution cannot be re-tempered — precompute again or set {field}={cache.temperature}")
+        return cls(cache, rows, what)
+
+    def __call__(self, batch: kdata.Batch, student: torch.nn.Module) -> TopK:
+        expected = [self.rows[i].loss_positions() for i in batch.row_index]
+        tk = self.cache.topk_batch(batch.row_index, batch.targets.shape[1], expected)
+        device = batch.input_ids.device
+        return TopK(tk.ids.to(device), tk.logprobs.to(device), tk.tail.to(device))
+
+
+@dataclass
+class LiveSignal:
+    """A frozen model run on the batch: dense logits over the real vocabulary."""
+
+    model: torch.nn.Module
+    real_vocab: int
+    what: str = "teacher"
+    scores_any_tokens: bool = True
+
+    @torch.no_grad()
+    def __call__(self, batch: kdata.Batch, student: torch.nn.Module) -> Tensor:
+        return _logits(self.model, batch, self.real_vocab, self.what)
+
+
+@dataclass
+class AdapterOffSignal:
+    """The student with its LoRA adapters switched off: the base model, without a second copy in memory."""
+
+    real_vocab: int
+    what: str = "reference"
+    scores_any_tokens: bool = True
+
+    @torch.no_grad()
+    def __call__(self, batch: kdata.Batch, student: torch.nn.Module) -> Tensor:
+        inner = unwrap(student)  # no gradient flows here, so DDP's synchronisation is not needed
+        with inner.disable_adapter():
+            return _logits(inner, batch, self.real_vocab, self.what)
+
+
+@dataclass
+class Sources:
+    """The run's signals: the KD teacher and the barrier's reference (either may be absent)."""
+
+    teacher: Signal | None = None
+    reference: Signal | None = None
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The frozen models the sources hold (to move them to the run's device)."""
+        return [s.model for s in (self.teacher, self.reference) if isinstance(s, LiveSignal)]
+
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _check_live_vocab(path: str, field: str, student_tok_sha: str, real_vocab: int) -> None:
+    """A live model must share the student's tokenizer and have a logit for every real token; rows past
+    the tokenizer's vocabulary (padding, possibly more than the student's) are dropped."""
+    tok = load_tokenizer(path)
+    if tokenizer_fingerprint(tok)["sha256"] != student_tok_sha:
+        raise SourceError(f"{field}: {path} has another tokenizer than the student (ids would mean different "
+                          f"text); kdkit distils between models that share a tokenizer")
+    cfg_path = Path(path) / "config.json"
+    rows = json.loads(cfg_path.read_text()).get("vocab_size") if cfg_path.is_file() else None
+    if isinstance(rows, int) and rows < real_vocab:
+        raise SourceError(f"{field}: {path} has {rows} output rows but the tokenizer has {real_vocab} tokens")
+
+
+def open_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, vocab_rows: int,
+                 student: torch.nn.Module | None = None, verify: bool = False) -> Sources:
+    """Check every source against the student and the data; load them when ``student`` is given (training),
+    else only check (``kdkit validate``, with ``verify``: also re-hash cache shards and check model dirs)."""
+    tok_sha, real_vocab = tokenizer_fingerprint(tokenizer)["sha256"], len(tokenizer)
+    src, t, ref = Sources(), cfg.teacher, cfg.reference
+    if verify:
+        check_model_dir(cfg.student.path, "student.path:")
+    if t is not None and t.model:
+        if verify:
+            check_model_dir(t.model, "teacher.model:")
+        _check_live_vocab(t.model, "teacher.model", tok_sha, real_vocab)
+        check_quantisation(t.load_in, "teacher.load_in")
+        if student is not None:
+            model = load_causal_lm(t.model, t.dtype, t.load_in, "teacher.load_in")
+            src.teacher = LiveSignal(_frozen(model), real_vocab, "teacher")
+    elif t is not None:
+        src.teacher = CachedSignal.open(t.cache, rows, tok_sha, vocab_rows, cfg.objective.kd.temperature,
+                                        "objective.kd.temperature", "teacher", verify)
+    if ref is not None and ref.kind == "model":
+        if verify:
+            check_model_dir(ref.path, "reference.path:")
+        _check_live_vocab(ref.path, "reference.path", tok_sha, real_vocab)
+        if student is not None:
+            src.reference = LiveSignal(_frozen(load_causal_lm(ref.path, cfg.student.dtype)), real_vocab, "reference")
+    elif ref is not None and ref.kind == "cache":
+        src.reference = CachedSignal.open(ref.path, rows, tok_sha, vocab_rows, cfg.objective.barrier.temperature,
+                                          "objective.barrier.temperature", "reference", verify)
+    elif ref is not None and student is not None:  # kind "base": the student as it starts
+        src.reference = (AdapterOffSignal(real_vocab) if cfg.student.lora is not None else
+                         LiveSignal(_frozen(copy.deepcopy(unwrap(student))), real_vocab, "reference"))
+    return src
+
+
+def check_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, vocab_rows: int,
+                  verify: bool = False) -> None:
+    """The checks of :func:`open_sources` without loading a model, and :func:`check_objective_data`."""
+    open_sources(cfg, rows, tokenizer, vocab_rows, verify=verify)
+    check_objective_data(cfg, rows)
+
+
+def check_objective_data(cfg: TrainConfig, rows: list[kdata.TokenizedRow]) -> None:
+    """Every role and task the objective names occurs in the data; the optional packages it needs are here."""
+    seen_roles = {r.role for r in rows}
+    for role in cfg.objective.roles:
+        if role not in seen_roles:
+            raise SourceError(f"objective.roles.{role}: role {role!r} never occurs in {cfg.data.train} "
+                              f"(roles there: {', '.join(sorted(seen_roles))})")
+    seen_tasks = {r.task for r in rows}
+    for task in cfg.objective.task_weights:
+        if task not in seen_tasks:
+            raise SourceError(f"objective.task_weights.{task}: task {task!r} never occurs in {cfg.data.train}")
+    check_quantisation(cfg.student.load_in, "student.load_in")
+    if cfg.logging.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise SourceError("logging.tensorboard is true but tensorboard is not installed "
+                              "(pip install tensorboard)") from None
