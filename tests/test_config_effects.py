@@ -29,6 +29,7 @@ BARRIER = {"reference": {"kind": "base"},
            "objective": {"barrier": {"kind": "kl_rev", "aggregate": "mean", "tau": 0.0, "weight": 2.0}}}
 ROLES = {"objective": {"roles": {"anchor": {"ce": True, "kd": True, "barrier": True}}}}
 CUDA = torch.cuda.is_available()
+ON_POLICY = {**LIVE, "objective": {"on_policy": {"fraction": 1.0, "max_new_tokens": 4, "temperature": 1.0}}}
 
 def _merge_ctx(a: dict, b: dict) -> dict:
     return {**a, **b}
@@ -74,6 +75,11 @@ EFFECTS: dict[str, tuple[dict, typing.Any]] = {
     "objective.barrier.tau": (BARRIER, 0.05),
     "objective.barrier.weight": (BARRIER, 5.0),
     "objective.barrier.temperature": (BARRIER, 2.0),
+    "objective.on_policy.fraction": (ON_POLICY, 0.0),
+    "objective.on_policy.max_new_tokens": (ON_POLICY, 2),
+    "objective.on_policy.temperature": (ON_POLICY, 0.5),
+    "objective.on_policy.top_p": (ON_POLICY, 0.5),
+    "objective.on_policy.seed": (ON_POLICY, 1),
     "objective.chunk_size": ({}, 0),  # same loss, other path: recorded in run.json
     "optim.lr": ({}, 1e-3),
     "optim.schedule": ({"optim": {"warmup_steps": 0}}, "cosine"),
