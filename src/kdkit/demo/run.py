@@ -86,12 +86,14 @@ def _val_metrics(model_dir: Path, val: Path, teacher_dir: Path) -> tuple[float, 
     from kdkit import data as kdata
     from kdkit.config import TrainConfig
     from kdkit.models import load_causal_lm, load_tokenizer
+    from kdkit.teacher import LiveSignal
     from kdkit.train import evaluate_loss
 
     tok = load_tokenizer(model_dir)
     rows, _ = kdata.load_dataset(tok, val, max_length=256)
     model = load_causal_lm(model_dir)
-    teacher = None if model_dir.resolve() == teacher_dir.resolve() else load_causal_lm(teacher_dir)
+    teacher = (None if model_dir.resolve() == teacher_dir.resolve() else
+               LiveSignal(load_causal_lm(teacher_dir), len(tok), "teacher"))
     cfg = TrainConfig.model_validate({"student": {"path": str(model_dir)}, "data": {"train": str(val)},
                                       "optim": {"micro_batch": 16}})
     import torch
