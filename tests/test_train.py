@@ -531,3 +531,25 @@ def test_a_runs_resolved_config_loads_again(world, tmp_path, change):
     assert res.exit_code == 0, res.output
     done = train(load_train_config(run / "config.yaml"), run, resume=True, progress=False, log=lambda m: None)
     assert done["already_complete"]
+
+
+def test_precompute_reads_capture_settings_from_the_training_config(world, tmp_path):
+    """`kdkit precompute --config` captures at the config's temperature, max_length and truncation into its
+    teacher.cache, so the run validates and trains on it; a differing option on the command line is refused."""
+    cache = tmp_path / "cache_cfg"
+    cfg = _cfg(world, tmp_path, teacher={"cache": str(cache)},
+               data={"max_length": 40, "truncation": "right", "validation": None},
+               objective={"kd_weight": 1.0, "kd": {"temperature": 2.0}})
+    runner = CliRunner()
+    bad = runner.invoke(app, ["precompute", "--config", str(cfg), "--teacher", str(world / "teacher"),
+                              "--temperature", "1.0"], terminal_width=400)
+    assert bad.exit_code == 2 and "--temperature 1.0 differs" in " ".join(bad.output.split())
+    assert not cache.exists()
+    res = runner.invoke(app, ["precompute", "--config", str(cfg), "--teacher", str(world / "teacher"), "--top-k", "8",
+                              "--no-progress"], terminal_width=400)
+    assert res.exit_code == 0, res.output
+    man = json.loads((cache / "manifest.json").read_text())["components"]
+    assert (man["temperature"], man["max_length"], man["top_k"]) == (2.0, 40, 8)
+    assert runner.invoke(app, ["validate", str(cfg)], terminal_width=400).exit_code == 0
+    missing = runner.invoke(app, ["precompute", "--config", str(cfg)], terminal_width=400)
+    assert missing.exit_code == 2 and "missing --teacher" in missing.output
