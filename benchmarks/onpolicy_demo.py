@@ -8,10 +8,17 @@ greedy in the sandbox on the demo's 30 anchors and 40 holdout tasks:
 * ``off_policy``   CE + KL(teacher ‖ student) from the teacher's top-16 cache (the demo's distilled student);
 * ``on_policy_0.5`` / ``on_policy_1.0``  a live teacher; on a λ share of steps the student writes the
   completions (temperature 1, ≤ 96 tokens) and the loss is KL(teacher ‖ student) on its tokens, CE off;
-  the other steps are ``off_policy``'s loss with the live teacher;
+  the other steps are ``off_policy``'s loss with the live teacher (``on_policy_1.0_greedy``, on request:
+  λ = 1 with greedy rollouts, temperature 0);
 * ``seq_kd``       CE on the teacher's greedy completions of the training prompts (``kdkit generate``).
 
-Run: ``python benchmarks/onpolicy_demo.py --seeds 0 1 2 --out /tmp/onpolicy`` (prints JSON, then a table).
+With ``--from-sft E`` every variant instead starts from the CE-only student of the first setting (trained
+as above, or reused from the same --out) and continues for E epochs at lr 1e-3: GKD's setting, where
+on-policy distillation refines a student that already writes plausible completions (``ce_only`` is then
+E more epochs of CE).
+
+Run: ``python benchmarks/onpolicy_demo.py --seeds 0 1 2 --out /tmp/onpolicy [--from-sft 4]`` (prints JSON, then
+a table).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from pathlib import Path
 import yaml
 
 VARIANTS = ("ce_only", "off_policy", "on_policy_0.5", "on_policy_1.0", "seq_kd")
+EXTRA = ("on_policy_1.0_greedy",)  # on request (--variants): λ = 1 with greedy rollouts
 
 
 def _variant_config(name: str, base: dict, cache: Path, teacher: Path, seq_rows: Path) -> dict:
@@ -38,14 +46,14 @@ def _variant_config(name: str, base: dict, cache: Path, teacher: Path, seq_rows:
         cfg["objective"].update(kd)
     elif name.startswith("on_policy"):
         cfg["teacher"] = {"model": str(teacher)}
-        cfg["objective"].update(kd, on_policy={"fraction": float(name.split("_")[-1]), "max_new_tokens": s.max_new_tokens,
-                                               "temperature": 1.0})
+        cfg["objective"].update(kd, on_policy={"fraction": float(name.split("_")[2]), "max_new_tokens": s.max_new_tokens,
+                                               "temperature": 0.0 if name.endswith("_greedy") else 1.0})
     elif name == "seq_kd":
         cfg["data"]["train"] = str(seq_rows)
     return cfg
 
 
-def run_seed(seed: int, out: Path, variants: tuple[str, ...]) -> list[dict]:
+def run_seed(seed: int, out: Path, variants: tuple[str, ...], from_sft: int = 0) -> list[dict]:
     from kdkit.cache.precompute import PrecomputeSettings, precompute
     from kdkit.config import load_train_config
     from kdkit.demo.assets_build import STUDENT_SHAPE, fresh_model_dir
@@ -73,15 +81,26 @@ def run_seed(seed: int, out: Path, variants: tuple[str, ...]) -> list[dict]:
     t_seq = time.perf_counter() - t_seq
     init = fresh_model_dir(out / "student_init", STUDENT_SHAPE, seed=s.seed + 1)
     base = _config(s, init, train_p, val_p, None)
+    stage = ""
+    if from_sft:
+        sft = out / "packs" / "ce_only"
+        if not sft.is_dir():
+            (out / "ce_only.yaml").write_text(yaml.safe_dump(base))
+            train(load_train_config(out / "ce_only.yaml"), out / "runs" / "ce_only", progress=False, log=lambda m: None)
+            merge(out / "runs" / "ce_only", sft)
+        base = _config(s, sft, train_p, val_p, None)
+        base["optim"].update(epochs=from_sft, lr=1e-3, warmup_steps=0)
+        stage = f"from-sft-{from_sft}/"
     gen = GenerationSettings(max_new_tokens=s.max_new_tokens, batch_size=16)
     rows = []
     for name in variants:
-        cfg_p = out / f"{name}.yaml"
+        cfg_p = out / f"{stage}{name}.yaml"
+        cfg_p.parent.mkdir(parents=True, exist_ok=True)
         cfg_p.write_text(yaml.safe_dump(_variant_config(name, base, cache, TEACHER_DIR, seq_rows)))
         t0 = time.perf_counter()
-        train(load_train_config(cfg_p), out / "runs" / name, progress=False, log=lambda m: None)
+        train(load_train_config(cfg_p), out / stage / "runs" / name, progress=False, log=lambda m: None)
         wall = time.perf_counter() - t0 + (t_seq if name == "seq_kd" else 0.0)
-        pack = merge(out / "runs" / name, out / "packs" / name)
+        pack = merge(out / stage / "runs" / name, out / stage / "packs" / name)
         passed = {split: evaluate_model(pack, tp, settings=gen, progress=False)[1].n_passed
                   for split, tp in (("anchors", anchors_p), ("holdout", holdout_p))}
         val_loss, kl = _val_metrics(pack, val_p, TEACHER_DIR)
@@ -113,11 +132,13 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + EXTRA)
     ap.add_argument("--out", type=Path, required=True, help="working directory (created)")
+    ap.add_argument("--from-sft", type=int, default=0, metavar="E",
+                    help="start every variant from the CE-only student and train E more epochs")
     a = ap.parse_args()
-    rows = [r for seed in a.seeds for r in run_seed(seed, a.out / f"seed-{seed}", tuple(a.variants))]
-    (a.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    rows = [r for seed in a.seeds for r in run_seed(seed, a.out / f"seed-{seed}", tuple(a.variants), a.from_sft)]
+    (a.out / f"results{f'-from-sft-{a.from_sft}' if a.from_sft else ''}.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(json.dumps(rows))
     print(table(rows))
 
