@@ -29,6 +29,9 @@ BARRIER = {"reference": {"kind": "base"},
            "objective": {"barrier": {"kind": "kl_rev", "aggregate": "mean", "tau": 0.0, "weight": 2.0}}}
 ROLES = {"objective": {"roles": {"anchor": {"ce": True, "kd": True, "barrier": True}}}}
 CUDA = torch.cuda.is_available()
+PROBES = {"probes": {"prompts": "@probes", "every": 1, "max_new_tokens": 6}}
+# the random student loops ("On0474747…") within 24 tokens: below a floor of 0.9 from step 0
+FLOOR = {"probes": {**PROBES["probes"], "max_new_tokens": 24}, "early_stop": {"coherence_floor": 0.9, "patience": 1}}
 ON_POLICY = {**LIVE, "objective": {"on_policy": {"fraction": 1.0, "max_new_tokens": 4, "temperature": 1.0}}}
 
 def _merge_ctx(a: dict, b: dict) -> dict:
@@ -96,6 +99,11 @@ EFFECTS: dict[str, tuple[dict, typing.Any]] = {
     "checkpoint.keep": ({"checkpoint": {"every": 1}}, 1),
     "logging.every": ({}, 2),
     "logging.tensorboard": ({}, True),  # event files, or refused when tensorboard is not installed
+    "probes.prompts": (PROBES, "@probes2"),
+    "probes.every": (PROBES, 2),
+    "probes.max_new_tokens": (PROBES, 3),
+    "early_stop.coherence_floor": (FLOOR, 0.001),
+    "early_stop.patience": (FLOOR, 3),
     "drift_tolerance": ({}, 10.0),  # no weight moves 10: refused at the end
 }
 
@@ -124,6 +132,8 @@ def world(tmp_path_factory):
     write_jsonl(root / "train2.jsonl", toy_rows(12, seed=3))
     write_jsonl(root / "with_empty.jsonl", rows + [{"prompt": "x", "completion": ""}])
     write_jsonl(root / "val.jsonl", toy_rows(4, seed=9))
+    write_jsonl(root / "probes.jsonl", [{"prompt": "def f(x):\n"}, {"prompt": "Once"}])
+    write_jsonl(root / "probes2.jsonl", [{"prompt": "The sky"}])
     for name, k in (("cache", 101), ("cache16", 16)):
         precompute(root / "teacher", root / "train.jsonl", root / name, PrecomputeSettings(top_k=k, shard_rows=8),
                    progress=False, log=lambda m: None)
@@ -156,7 +166,7 @@ def _resolve(obj, root: Path):
         return [_resolve(v, root) for v in obj]
     if isinstance(obj, str) and obj.startswith("@"):
         name = obj[1:]
-        return str(root / (f"{name}.jsonl" if name in ("train2", "with_empty", "val") else name))
+        return str(root / (f"{name}.jsonl" if name in ("train2", "with_empty", "val", "probes", "probes2") else name))
     return obj
 
 
@@ -182,7 +192,9 @@ def _signature(cfg: dict, root: Path, out: Path) -> dict:
     run = json.loads((out / "run.json").read_text())
     files = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file() and "events" not in f.name)
     events = any("events" in f.name for f in out.rglob("*"))
-    return {"weights": weights, "metrics": metrics, "epochs": (out / "epochs.jsonl").read_text(), "run": run,
+    epochs = (out / "epochs.jsonl").read_text() if (out / "epochs.jsonl").is_file() else None  # stopped at step 0
+    probes = (out / "probes.jsonl").read_text() if (out / "probes.jsonl").is_file() else None
+    return {"weights": weights, "metrics": metrics, "epochs": epochs, "probes": probes, "run": run,
             "files": files, "events": events}
 
 

@@ -1,10 +1,12 @@
-"""Coherence of generated text: how much of it is not a loop.
+r"""Coherence of generated text: how much of it is not a loop.
 
-    coherence = (1 − looped / n) · min(1, distinct_3 / 0.5)
+    coherence = (1 − looped) · min(1, distinct_3 / 0.5)
 
-over the text's units: words and single punctuation marks (``\w+`` or one non-space character),
-whitespace dropped — so indentation and a tokenizer's quirks (a character-level model's spaces are
-tokens) are not loops, while "return x return x return x" and "= = = =" are.
+``looped`` is the larger of two shares: of the text's units (words and punctuation marks, ``\w+`` or
+a run of one non-space character such as "..." or "==") inside a loop, and of its non-space characters inside a loop of
+at least 4 repeats (a loop inside one "word", ``4747474747``, that the units cannot see). Whitespace
+never counts: indentation and a character-level tokenizer's spaces are not loops, while
+"return x return x return x", "= = = =" and "abababab" are. ``distinct_3`` is over the units.
 
 * ``looped``: tokens inside a tandem repeat — a unit of p tokens (1 ≤ p ≤ ``max_period``) repeated
   back to back so that it occurs at least ``min_repeats`` times in a row ("the the the", "ab ab ab ab",
@@ -12,8 +14,8 @@ tokens) are not loops, while "return x return x return x" and "= = = =" are.
 * ``distinct_3``: distinct 3-grams ÷ 3-grams. It catches a degenerate text whose repeats are too long
   or too irregular to be a tandem repeat; ordinary text and code stay above 0.5, where the factor is 1.
 
-1.0 = no loop and no degeneration; a text that is one loop from its first token gives 0.0; fewer than
-two tokens give 1.0 (nothing to judge). The seeds (002) watch this number per probe round and plot
+1.0 = no loop and no degeneration; a text that is one loop from its first unit gives 0.0; a text of
+fewer than two units and characters gives 1.0 (nothing to judge). The seeds (002) watch this number per probe round and plot
 1 − coherence on a log axis ("log-incoherence": down is coherent).
 """
 
@@ -24,6 +26,7 @@ from collections.abc import Hashable, Sequence
 
 MAX_PERIOD = 16
 MIN_REPEATS = 3
+MIN_CHAR_REPEATS = 4
 DISTINCT_N = 3
 DISTINCT_FLOOR = 0.5
 
@@ -52,18 +55,19 @@ def distinct_n(tokens: Sequence[Hashable], n: int = DISTINCT_N) -> float:
 
 
 def units(text: str) -> list[str]:
-    """Words and single punctuation marks, whitespace dropped."""
-    return re.findall(r"\w+|[^\w\s]", text)
+    """Words and punctuation marks (a run of one mark, "..." or "==", is one unit), whitespace dropped."""
+    return [m.group(0) for m in re.finditer(r"\w+|([^\w\s])\1*", text)]
 
 
-def coherence_of(seq: Sequence[Hashable]) -> float:
-    """The coherence of a sequence of units (see the module docstring)."""
-    if len(seq) < 2:
-        return 1.0
-    loop_free = 1.0 - sum(loop_mask(seq)) / len(seq)
-    return loop_free * min(1.0, distinct_n(seq) / DISTINCT_FLOOR)
+def looped_share(seq: Sequence[Hashable], min_repeats: int = MIN_REPEATS) -> float:
+    return sum(loop_mask(seq, min_repeats=min_repeats)) / len(seq) if seq else 0.0
 
 
 def coherence(text: str) -> float:
-    """The coherence of a generated text (see the module docstring)."""
-    return coherence_of(units(text))
+    """The coherence of a generated text (see the module docstring); fewer than two units give 1.0."""
+    seq = units(text)
+    if len(seq) < 2 and len(text.strip()) < 2:
+        return 1.0
+    chars = [c for c in text if not c.isspace()]
+    looped = max(looped_share(seq), looped_share(chars, MIN_CHAR_REPEATS))
+    return (1.0 - looped) * min(1.0, distinct_n(seq) / DISTINCT_FLOOR)

@@ -247,6 +247,22 @@ class LoggingConfig(_Strict):
     tensorboard: bool = False
 
 
+class ProbesConfig(_Strict):
+    """Probe generations during training (the seeds' per-round outputs): greedy completions of fixed
+    prompts at step 0, every ``every`` steps and at the end, with their coherence and KL to the reference."""
+
+    prompts: str = Field(..., description="JSONL of prompt rows: {\"prompt\": ...} or {\"messages\": [...]}")
+    every: int = Field(50, ge=1, description="optimizer steps between probe rounds (also at step 0 and at the end)")
+    max_new_tokens: int = Field(64, ge=1, description="the most tokens per probe generation (greedy)")
+
+
+class EarlyStopConfig(_Strict):
+    """Stop when the probes' mean coherence stays below the floor; final/ is the last round at or above it."""
+
+    coherence_floor: float = Field(..., gt=0.0, le=1.0, description="the lowest acceptable mean probe coherence")
+    patience: int = Field(1, ge=1, description="probe rounds in a row below the floor before the run stops")
+
+
 class TrainConfig(_Strict):
     student: StudentConfig
     teacher: TeacherConfig | None = None
@@ -256,6 +272,8 @@ class TrainConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    probes: ProbesConfig | None = Field(None, description="probe generations during training; omit for none")
+    early_stop: EarlyStopConfig | None = Field(None, description="stop on a coherence floor (needs probes)")
     drift_tolerance: float = Field(1e-7, ge=0.0, description="fail when no trainable weight moved more than this")
 
     @model_validator(mode="after")
@@ -302,6 +320,8 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
         if cfg.teacher.model and _set(kd, "tail"):
             out.append(("objective.kd.tail", "a live teacher gives the dense distribution: there is no top-K tail"))
     out += _on_policy_without_effect(cfg)
+    if cfg.early_stop is not None and cfg.probes is None:
+        out.append(("early_stop", "the coherence floor is judged on probe generations: add a probes section"))
     return out
 
 
@@ -425,6 +445,8 @@ def resolve_paths(cfg: TrainConfig, base: Path) -> TrainConfig:
         cfg.teacher.cache, cfg.teacher.model = r(cfg.teacher.cache), r(cfg.teacher.model)
     if cfg.reference is not None and cfg.reference.path:
         cfg.reference.path = r(cfg.reference.path)
+    if cfg.probes is not None:
+        cfg.probes.prompts = r(cfg.probes.prompts)
     return cfg
 
 

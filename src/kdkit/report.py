@@ -50,7 +50,8 @@ def loss_curves(runs: dict[str, Path]) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = {n: (_jsonl(d / "metrics.jsonl"), _jsonl(d / "epochs.jsonl")) for n, d in runs.items()}
+    data = {n: ([s for s in _jsonl(d / "metrics.jsonl") if "total_loss" in s], _jsonl(d / "epochs.jsonl"))
+            for n, d in runs.items()}  # probe rounds have rows of their own
     if not any(m for m, _ in data.values()):
         return None
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))

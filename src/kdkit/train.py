@@ -60,6 +60,7 @@ from kdkit.objective import (
     compute_objective_chunked,
     token_weights,
 )
+from kdkit.probes import EarlyStop, Probe, load_probes, probe_round
 from kdkit.teacher import Signal, Sources, check_objective_data, check_sources, open_sources, unwrap
 
 __all__ = ["train", "merge", "check_sources", "evaluate_loss", "TrainingError", "PACK_FILE", "FAULT_ENV",
@@ -373,6 +374,8 @@ class _Run:
     steps_per_epoch: int
     total_steps: int
     head_checked: bool = False
+    probes: list[Probe] = field(default_factory=list)
+    early: EarlyStop | None = None
 
     @property
     def metrics_path(self) -> Path:
@@ -381,6 +384,10 @@ class _Run:
     @property
     def epochs_path(self) -> Path:
         return self.dir / "epochs.jsonl"
+
+    @property
+    def probes_path(self) -> Path:
+        return self.dir / "probes.jsonl"
 
 
 def _open_run(run: Path, cfg: TrainConfig, resume: bool, log: Callable[[str], None]) -> dict[str, Any] | None:
@@ -433,6 +440,9 @@ def _prepare(cfg: TrainConfig, run: Path, acc: Any, fresh: bool, log: Callable[[
     model, opt = acc.prepare(model, opt)
     r = _Run(cfg, acc, run, tokenizer, rows, val_rows, pad_id, len(tokenizer), model, trainable, opt, sched, src,
              why_not is None, world, rank, global_batch, steps_per_epoch, total_steps)
+    if cfg.probes is not None:
+        r.probes = load_probes(cfg.probes, tokenizer)
+        r.early = EarlyStop(cfg.early_stop) if cfg.early_stop is not None else None
     if acc.is_main_process:
         _write_run_meta(r, why_not)
     return r
@@ -457,6 +467,8 @@ def _restore(r: _Run, ckpt: Path | None, log: Callable[[str], None]) -> tuple[in
         state = load_checkpoint(ckpt, r.acc.unwrap_model(r.model), r.opt)
         step = int(state["global_step"])
         epoch_sums.v.update(state["epoch_sums"])
+        if r.early is not None:
+            r.early.load(state["early_stop"])
         o = r.cfg.optim
         r.sched = torch.optim.lr_scheduler.LambdaLR(r.opt, lr_lambda(o.schedule, o.warmup_steps, r.total_steps),
                                                     last_epoch=step - 1)
@@ -464,6 +476,7 @@ def _restore(r: _Run, ckpt: Path | None, log: Callable[[str], None]) -> tuple[in
     if r.acc.is_main_process:
         _truncate_jsonl(r.metrics_path, lambda row: row["step"] <= step)
         _truncate_jsonl(r.epochs_path, lambda row: row["step"] <= step)
+        _truncate_jsonl(r.probes_path, lambda row: row["step"] <= step)
     return step, epoch_sums
 
 
@@ -499,6 +512,7 @@ def train(
     if cfg.logging.tensorboard:
         acc.init_trackers("kdkit")
     step, epoch_sums = _restore(r, ckpt, log)
+    stopped = bool(r.probes) and step == 0 and _probe(r, 0, log) == "stop"
 
     bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not (progress and acc.is_main_process))
@@ -507,7 +521,7 @@ def train(
     last_ckpt: Path | None = ckpt
     with _Interrupts(log) as interrupts, bar:
         task = bar.add_task("train", total=r.total_steps, completed=step, info="")
-        while step < r.total_steps:
+        while step < r.total_steps and not stopped:
             t0 = time.perf_counter()
             batches, on_policy = _step_batches(r, step)
             step_sums, metrics = _optimizer_step(r, step, batches, on_policy, grad_hooks or [], last_ckpt)
@@ -516,32 +530,85 @@ def train(
             summary = _log_step(r, step, step_sums, metrics, time.perf_counter() - t0)
             bar.update(task, completed=step, info=f"loss {summary['total_loss']:.4f}")
             _fault("after_step", step)
-            if step % r.steps_per_epoch == 0 or step == r.total_steps:
+            if r.probes and (step % cfg.probes.every == 0 or step == r.total_steps):
+                stopped = _probe(r, step, log) == "stop"
+            if step % r.steps_per_epoch == 0 or step == r.total_steps or stopped:
                 _end_epoch(r, step, epoch_sums)
                 epoch_sums = Sums()
-            state = {"global_step": step, "epoch_sums": epoch_sums.v, "total_steps": r.total_steps}
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < r.total_steps:
+            state = {"global_step": step, "epoch_sums": epoch_sums.v, "total_steps": r.total_steps,
+                     "early_stop": r.early.state() if r.early is not None else None}
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < r.total_steps and not stopped:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
                     last_ckpt = save_checkpoint(run, acc.unwrap_model(r.model), r.opt, state, cfg.checkpoint.keep)
                 _fault("after_checkpoint", step)
-            if step < r.total_steps and interrupts.agreed(acc):
+            if step < r.total_steps and not stopped and interrupts.agreed(acc):
                 _stop_interrupted(r, step, state, last_ckpt, log)
 
     acc.wait_for_everyone()
     unwrapped = acc.unwrap_model(r.model)
+    final_step = _early_stopped(r, step, log) if stopped else step
     drift = _drift(unwrapped, run / "initial_trainable.safetensors")
-    if drift <= cfg.drift_tolerance:
+    if drift <= cfg.drift_tolerance and not stopped:
         raise TrainingError(
             f"no trainable weight moved more than drift_tolerance = {cfg.drift_tolerance:g} (max |Δ| = {drift:.3g}) "
             f"after {step} steps: "
             f"the run would return its input unchanged (check optim.lr, the data's targets, the objective)")
     if acc.is_main_process:
-        save_final(run, unwrapped, r.tokenizer, cfg, step)
+        save_final(run, unwrapped, r.tokenizer, cfg, final_step)
     if cfg.logging.tensorboard:
         acc.end_training()
-    return {"run_dir": str(run), "steps": step, "max_weight_change": drift,
-            "seconds": time.perf_counter() - t_start}
+    return {"run_dir": str(run), "steps": final_step, "max_weight_change": drift,
+            "seconds": time.perf_counter() - t_start, "early_stopped_at": step if stopped else None}
+
+
+LAST_GOOD = "last_good_trainable.safetensors"
+
+
+def _probe(r: _Run, step: int, log: Callable[[str], None]) -> str:
+    """A probe round after ``step``: its rows written, the coherence floor applied ('none' without one)."""
+    live = [s for s in (r.src.reference, r.src.teacher) if s is not None and s.scores_any_tokens]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):  # greedy, but never let a probe move the training RNG
+        records, row = probe_round(unwrap(r.model), r.tokenizer, r.probes, r.cfg.probes, step,
+                                   live[0] if live else None, r.real_vocab)
+    if live:
+        row["probe_kl_to"] = live[0].what
+    verdict = r.early.update(step, row["probe_coherence"]) if r.early is not None else "none"
+    if r.early is not None:
+        row["coherence_floor"] = verdict
+    if r.acc.is_main_process:
+        for rec in records:
+            _append_jsonl(r.probes_path, rec)
+        _append_jsonl(r.metrics_path, row)
+        if verdict == "good":  # the weights final/ falls back to if the run later drops below the floor
+            save_file(trainable_state(r.acc.unwrap_model(r.model)), str(r.dir / f".tmp-{LAST_GOOD}"))
+            os.replace(r.dir / f".tmp-{LAST_GOOD}", r.dir / LAST_GOOD)
+    if verdict == "stop":
+        log(f"early stop after step {step}: probe coherence {row['probe_coherence']:.3f} below the floor "
+            f"{r.cfg.early_stop.coherence_floor} for {r.cfg.early_stop.patience} round(s)")
+    return verdict
+
+
+def _early_stopped(r: _Run, step: int, log: Callable[[str], None]) -> int:
+    """Put the weights of the last probe round at or above the floor back (the initial ones if none was),
+    record the stop in run.json, and return that round's step: final/ holds those weights."""
+    good = r.early.last_good_step
+    source = r.dir / (LAST_GOOD if good is not None else "initial_trainable.safetensors")
+    weights = load_file(str(source))
+    params = dict(r.acc.unwrap_model(r.model).named_parameters())
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    final_step = good if good is not None else 0
+    if r.acc.is_main_process:
+        meta = json.loads((r.dir / "run.json").read_text())
+        meta["early_stop"] = {"stopped_after_step": step, "final_step": final_step,
+                              "coherence_floor": r.cfg.early_stop.coherence_floor,
+                              "patience": r.cfg.early_stop.patience, "probe_coherence": r.early.history}
+        atomic_write_json(r.dir / "run.json", meta)
+    log(f"final/ holds the weights of step {final_step}, the last probe round at or above the floor")
+    return final_step
 
 
 def _log_step(r: _Run, step: int, sums: Sums, metrics: dict[str, float], dt: float) -> dict[str, float]:
