@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from kdkit.coherence import coherence, distinct_n, loop_mask, units
+from kdkit.coherence import coherence, distinct_n, loop_mask
 from kdkit.config import ConfigError, load_train_config
 from kdkit.demo.run import TEACHER_DIR
 from kdkit.demo.world import make_world, training_rows
