@@ -67,7 +67,8 @@ def _fake_eval(outcomes_by_dirname: dict[str, dict[str, bool]], calls: list[str]
     def fake(model_dir, tasks_path, **kw):
         name = json.loads((Path(model_dir) / "kdkit_test_name.json").read_text())
         calls.append(name)
-        res = [TaskResult(t, ok, "passed" if ok else "failed", "", 0.0) for t, ok in outcomes_by_dirname[name].items()]
+        res = [TaskResult(t, ok, "passed" if ok else "failed", "", 0.0, completion=f"<{name}> {t}")
+               for t, ok in outcomes_by_dirname[name].items()]
         k = sum(r.passed for r in res)
         return res, EvalSummary(len(res), k, k / len(res), wilson_interval(k, len(res)), {}, {}), []
 
@@ -92,6 +93,9 @@ def test_gate_reverts_a_regression_and_keeps_an_improvement(packs, tmp_path, mon
 
     bad = gate(reg, str(dirs["bad"]), tasks, log=lambda m: None)
     assert bad.decision == "REVERT" and bad.regressed == ["MBPP/53"]
+    # the gate keeps what both models wrote for each regressed task
+    assert bad.suites[0]["regressed_completions"] == {"MBPP/53": {"candidate": "<bad> MBPP/53",
+                                                                  "baseline": "<prod> MBPP/53"}}
     assert reg.production().name == "prod"
     assert reg.pack(bad.candidate).status == "archived"
 

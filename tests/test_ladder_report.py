@@ -93,6 +93,32 @@ def test_run_report_is_self_contained(ladder_world, tmp_path):
         write_report(tmp_path)
 
 
+def test_run_report_shows_the_coherence_trajectory_and_the_probe_outputs(ladder_world, tmp_path):
+    from kdkit.config import load_train_config
+    from kdkit.train import train
+
+    write_jsonl(tmp_path / "probes.jsonl", [{"prompt": "def f(x):\n"}, {"prompt": "<b>bold</b>", "id": "html"}])
+    cfg = yaml.safe_load((ladder_world / "cfg.yaml").read_text())
+    cfg["probes"] = {"prompts": str(tmp_path / "probes.jsonl"), "every": 1, "max_new_tokens": 5}
+    for k in ("student", "teacher"):
+        cfg[k] = {**cfg[k], **{f: str(ladder_world / v) for f, v in cfg[k].items() if f in ("path", "cache")}}
+    cfg["data"] = {"train": str(ladder_world / "train.jsonl")}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    train(load_train_config(tmp_path / "cfg.yaml"), tmp_path / "run", progress=False, log=lambda m: None)
+    page = write_report(tmp_path / "run").read_text()
+    probes = [json.loads(x) for x in (tmp_path / "run" / "probes.jsonl").read_text().splitlines()]
+    assert "probe log-incoherence" in page and page.count("data:image/png;base64,") == 2
+    assert "<h3>probe html</h3>" in page and "<h3>probe 1</h3>" in page
+    for p in probes:  # every round of every probe is quoted, escaped
+        assert f"<td>{p['step']}</td><td>{p['coherence']:.3f}</td><td><pre>{html_escape(p['text'])}</pre>" in page
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
 def _demo_json(d: Path, decision: str, holdout_delta: int) -> None:
     def model(name: str, holdout: int, pre: float) -> dict:
         return {"model": name, "parameters": 1000, "anchor_passed": 2, "anchor_total": 30,
@@ -102,7 +128,9 @@ def _demo_json(d: Path, decision: str, holdout_delta: int) -> None:
                 "holdout_outcomes": {f"H/{i}": i < holdout for i in range(40)}}
 
     s = {"models": [model("teacher", 39, 0.0), model("distilled", 5 + holdout_delta, 7.5), model("baseline", 5, 0.0)],
-         "gate": {"decision": decision, "reason": "1 task(s) that the baseline passes now fail"},
+         "gate": {"decision": decision, "reason": "1 task(s) that the baseline passes now fail",
+                  "suites": [{"tasks": "/x/anchors.jsonl", "regressed_completions": {
+                      "A/1": {"candidate": "    return x <script>", "baseline": "    return x + 1"}}}]},
          "distillation_wins_holdout": holdout_delta > 0, "holdout_delta": holdout_delta, "anchor_delta": -1,
          "total_seconds": 100.0}
     d.mkdir(parents=True, exist_ok=True)
@@ -120,6 +148,9 @@ def test_demo_report_says_the_gate_is_anchors_only_and_fits_the_grid(tmp_path):
     for table in re.findall(r"<table class='grid'><tr>(.*?)</tr>", page):
         assert 2 <= table.count("<th>") <= 21
     assert page.count("<table class='grid'>") == 2 + 2
+    # each regressed task: the candidate's and the baseline's completion side by side, escaped
+    assert "Regressed on anchors.jsonl" in page and "<pre>    return x &lt;script&gt;</pre>" in page
+    assert "<pre>    return x + 1</pre>" in page and "<script>" not in page
     _demo_json(tmp_path / "keep", "KEEP", 4)
     page = write_report(tmp_path / "keep").read_text()
     assert "but the gate REVERTs" not in page and "decides on the anchor tasks only" in page
@@ -127,7 +158,7 @@ def test_demo_report_says_the_gate_is_anchors_only_and_fits_the_grid(tmp_path):
 
 def test_rungs_over_seeds_aggregate_to_one_row_with_a_pooled_interval():
     from kdkit.evaluate import wilson_interval
-    from kdkit.ladder import seed_rows
+    from kdkit.ladder import seed_rows, table_rows
 
     vary = [("objective.kd_weight", [0.5, 1.0]), ("optim.seed", [0, 1, 2])]
     results, rung = [], 0
@@ -145,3 +176,10 @@ def test_rungs_over_seeds_aggregate_to_one_row_with_a_pooled_interval():
     assert rows[0] == ["0.5", "3/3", "2.0000", "0.1000", "2.0000", f"6/30 [{100 * lo:.0f}–{100 * hi:.0f}%]", "1/3"]
     assert rows[1][1] == "2/3" and rows[1][5].startswith("8/20") and rows[1][6] == "2/2"
     assert seed_rows([("objective.kd_weight", [0.5])], results[:1]) is None
+    # runs with probes get a coherence column: the last round's, and its mean over the seeds
+    probed = [{**r, "coherence": 0.5 + 0.1 * r["values"]["optim.seed"], "coherence_min": 0.25, "interval": [0.1, 0.5],
+               "regressed": []} for r in results]
+    header, rows = seed_rows(vary, probed)
+    assert header[5] == "coherence (mean of last)" and rows[0][5] == "0.600" and rows[1][5] == "0.550"
+    header, rows = table_rows(vary, probed)
+    assert header[6] == "coherence (last / min)" and rows[2][6] == "0.700 / 0.250" and rows[-1][6] == "—"

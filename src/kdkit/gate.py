@@ -154,8 +154,17 @@ def evaluate_pack(reg: Registry, pack: Pack, tasks: Path, settings: GenerationSe
     results, summary, _ = evaluate_model(pack.path, tasks, settings=settings, limits=limits,
                                          unsafe_no_isolation=unsafe_no_isolation, progress=progress)
     outcomes = {r.task_id: r.passed for r in results if r.sample == 0}
+    completions = {r.task_id: r.completion for r in results if r.sample == 0}  # kept: the report quotes them
     return reg.add_evaluation(pack.id, sha, str(tasks), key, outcomes, summary.interval,
-                              {"statuses": summary.statuses})
+                              {"statuses": summary.statuses, "completions": completions})
+
+
+def side_by_side(tasks: list[str], ev_c: dict[str, Any], ev_b: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """The candidate's and the baseline's completion of each task (evaluations stored before completions
+    were kept say so)."""
+    missing = "(not stored: evaluated by an earlier kdkit)"
+    cc, bc = ev_c["metrics"].get("completions", {}), ev_b["metrics"].get("completions", {})
+    return {t: {"candidate": cc.get(t, missing), "baseline": bc.get(t, missing)} for t in tasks}
 
 
 def decide(base: dict[str, bool], cand: dict[str, bool], rule: GateRule | SuiteRule
@@ -214,7 +223,8 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
                        "decision": decision, "regressed": regressed, "fixed": fixed, "p_value": p, "reason": reason,
                        "candidate_passed": ev_c["n_passed"], "baseline_passed": ev_b["n_passed"],
                        "n_tasks": ev_c["n_tasks"], "candidate_interval": (ev_c["ci_low"], ev_c["ci_high"]),
-                       "baseline_interval": (ev_b["ci_low"], ev_b["ci_high"]), "candidate_outcomes": ev_c["outcomes"]})
+                       "baseline_interval": (ev_b["ci_low"], ev_b["ci_high"]), "candidate_outcomes": ev_c["outcomes"],
+                       "regressed_completions": side_by_side(regressed, ev_c, ev_b)})
     first = suites[0]
     decision = "REVERT" if any(s["decision"] == "REVERT" for s in suites) else "KEEP"
     reason = first["reason"] if len(suites) == 1 else "; ".join(f"{Path(s['tasks']).name}: {s['decision']} — "

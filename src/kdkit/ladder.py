@@ -56,8 +56,11 @@ def _epoch_means(run_dir: Path) -> dict[str, float | None]:
         vals = [s[key] for s in steps if key in s]
         return sum(vals) / len(vals) if vals else None
 
+    rounds = [s for s in steps if s.get("probe_round")]
     return {"avg_ce": mean("ce_loss"), "avg_kl": mean("kl_loss"),
-            "val_loss": epochs[-1].get("val_loss") if epochs else None}
+            "val_loss": epochs[-1].get("val_loss") if epochs else None,
+            "coherence": rounds[-1]["probe_coherence"] if rounds else None,
+            "coherence_min": min(r["probe_coherence"] for r in rounds) if rounds else None}
 
 
 def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path, out: str | Path, *,
@@ -110,7 +113,8 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path, out
                                        "config": (run_dir / "config.yaml").read_text()})
             rec.update(status="done", **_epoch_means(run_dir), decision=res.decision, passed=res.candidate_passed,
                        n_tasks=res.n_tasks, interval=list(res.candidate_interval), regressed=res.regressed,
-                       fixed=res.fixed, p_value=res.p_value, baseline_passed=res.baseline_passed, pack=res.candidate)
+                       fixed=res.fixed, p_value=res.p_value, baseline_passed=res.baseline_passed, pack=res.candidate,
+                       regressed_completions=res.suites[0]["regressed_completions"])
         except Exception as e:  # a failed rung must not stop the ladder
             rec.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
             log(f"rung {i} failed: {type(e).__name__}: {e}")
@@ -129,15 +133,19 @@ def _fmt(v: float | None, nd: int = 4) -> str:
 
 def table_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     keys = [k for k, _ in vary]
-    header = ["rung", *keys, "avg CE", "avg KL", "val loss", "anchor pass", "gate", "regressed"]
+    probed = any(r.get("coherence") is not None for r in results)  # runs with probes: a coherence column
+    header = ["rung", *keys, "avg CE", "avg KL", "val loss", *(["coherence (last / min)"] if probed else []),
+              "anchor pass", "gate", "regressed"]
     rows = []
     for r in results:
         vals = [str(r["values"][k]) for k in keys]
         if r["status"] != "done":
-            rows.append([str(r["rung"]), *vals, "—", "—", "—", "—", "FAILED", r.get("error", "")[:80]])
+            rows.append([str(r["rung"]), *vals, "—", "—", "—", *(["—"] if probed else []), "—", "FAILED",
+                         r.get("error", "")[:80]])
             continue
         lo, hi = r["interval"]
-        rows.append([str(r["rung"]), *vals, _fmt(r["avg_ce"]), _fmt(r["avg_kl"]), _fmt(r["val_loss"]),
+        coh = [f"{_fmt(r.get('coherence'), 3)} / {_fmt(r.get('coherence_min'), 3)}"] if probed else []
+        rows.append([str(r["rung"]), *vals, _fmt(r["avg_ce"]), _fmt(r["avg_kl"]), _fmt(r["val_loss"]), *coh,
                      f"{r['passed']}/{r['n_tasks']} [{100 * lo:.0f}–{100 * hi:.0f}%]", r["decision"],
                      format_tasks(r["regressed"])])
     return header, rows
@@ -158,7 +166,9 @@ def seed_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for r in results:
         groups.setdefault(tuple(str(r["values"][k]) for k in keys), []).append(r)
-    header = [*keys, "seeds", "avg CE", "avg KL", "val loss", "anchor pass (pooled)", "KEEP"]
+    probed = any(r.get("coherence") is not None for r in results)
+    header = [*keys, "seeds", "avg CE", "avg KL", "val loss", *(["coherence (mean of last)"] if probed else []),
+              "anchor pass (pooled)", "KEEP"]
     rows = []
     for vals, rs in groups.items():
         done = [r for r in rs if r["status"] == "done"]
@@ -170,7 +180,8 @@ def seed_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]
         k, n = sum(r["passed"] for r in done), sum(r["n_tasks"] for r in done)
         lo, hi = wilson_interval(k, n)
         rows.append([*vals, f"{len(done)}/{len(rs)}", _fmt(mean("avg_ce")), _fmt(mean("avg_kl")),
-                     _fmt(mean("val_loss")), f"{k}/{n} [{100 * lo:.0f}–{100 * hi:.0f}%]" if n else "—",
+                     _fmt(mean("val_loss")), *([_fmt(mean("coherence"), 3)] if probed else []),
+                     f"{k}/{n} [{100 * lo:.0f}–{100 * hi:.0f}%]" if n else "—",
                      f"{sum(r['decision'] == 'KEEP' for r in done)}/{len(done)}"])
     return header, rows
 

@@ -75,6 +75,65 @@ def loss_curves(runs: dict[str, Path]) -> str | None:
     return _png(fig)
 
 
+INCOHERENCE_FLOOR = 1e-3  # 1 − coherence is drawn at least this high on the log axis (a fully coherent round)
+
+
+def coherence_trajectory(runs: dict[str, Path]) -> str | None:
+    """Log-incoherence (1 − mean probe coherence, log axis, down = coherent) per probe round of each run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = {n: [m for m in _jsonl(d / "metrics.jsonl") if m.get("probe_round")] for n, d in runs.items()}
+    if not any(data.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for name, rounds in data.items():
+        if rounds:
+            ax.plot([m["step"] for m in rounds], [max(1.0 - m["probe_coherence"], INCOHERENCE_FLOOR) for m in rounds],
+                    marker="o", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("1 − coherence (log)")
+    ax.set_title(f"probe log-incoherence (down = coherent; {INCOHERENCE_FLOOR:g} = no loop)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+FOLD = 400  # characters of a probe text shown before the rest is folded away
+
+
+def probe_outputs(run: Path) -> str:
+    """The outputs-over-the-run appendix: each probe's generation per round, escaped, long texts folded."""
+    rows = _jsonl(run / "probes.jsonl")
+    if not rows:
+        return ""
+    parts = ["<h2>Probe outputs over the run</h2>"]
+    for pid in dict.fromkeys(r["prompt_id"] for r in rows):
+        body = []
+        for r in (r for r in rows if r["prompt_id"] == pid):
+            text = html.escape(r["text"])
+            if len(r["text"]) > FOLD:
+                text = (f"{html.escape(r['text'][:FOLD])}<details><summary>{len(r['text']) - FOLD} more characters"
+                        f"</summary>{html.escape(r['text'][FOLD:])}</details>")
+            body.append(f"<tr><td>{r['step']}</td><td>{r['coherence']:.3f}</td><td><pre>{text}</pre></td></tr>")
+        parts.append(f"<h3>probe {html.escape(str(pid))}</h3><table><tr><th>step</th><th>coherence</th>"
+                     f"<th>generation (greedy)</th></tr>{''.join(body)}</table>")
+    return "".join(parts)
+
+
+def regressions(title: str, pairs: dict[str, dict[str, str]]) -> str:
+    """For each regressed task, the candidate's and the baseline's completion side by side (escaped)."""
+    if not pairs:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(t)}</td><td><pre>{html.escape(p['candidate'])}</pre></td>"
+                   f"<td><pre>{html.escape(p['baseline'])}</pre></td></tr>" for t, p in pairs.items())
+    return (f"<h3>{html.escape(title)}</h3><table><tr><th>task</th><th>candidate (fails)</th>"
+            f"<th>baseline (passes)</th></tr>{rows}</table>")
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
     b = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
@@ -125,6 +184,9 @@ def _demo_body(d: Path) -> str:
                      "precompute s", "train s"], rows),
              f"<p>Gate (distilled vs production = baseline): <span class='{g['decision'].lower()}'>{g['decision']}"
              f"</span> — {html.escape(g['reason'])}</p>", _gate_scope_note(s)]
+    for suite in g.get("suites", []):
+        parts.append(regressions(f"Regressed on {Path(suite['tasks']).name}: distilled vs baseline",
+                                 suite.get("regressed_completions", {})))
     curves = loss_curves({n: d / "runs" / n for n in ("distilled", "baseline")})
     if curves:
         parts.append("<h2>Training curves</h2>" + _img(curves, "loss curves"))
@@ -156,13 +218,19 @@ def _ladder_body(d: Path) -> str:
     curves = loss_curves(rung_runs)
     if curves:
         parts.append("<h2>Training curves</h2>" + _img(curves, "loss curves"))
-    outcomes = {}
+    coh = coherence_trajectory(rung_runs)
+    if coh:
+        parts.append("<h2>Coherence of every rung</h2>" + _img(coh, "probe log-incoherence per rung"))
+    outcomes, regressed = {}, []
     for f in sorted((d / "rungs").glob("*.json")):
         r = json.loads(f.read_text())
         if r.get("status") == "done" and r.get("pack"):
             outcomes[f"rung {r['rung']} {r['values']}"] = _rung_outcomes(d, r)
+            regressed.append(regressions(f"rung {r['rung']} {r['values']}: regressed anchors",
+                                         r.get("regressed_completions", {})))
     if any(outcomes.values()):
         parts.append(pass_grid("Anchors per rung", outcomes))
+    parts += regressed
     parts += [_config_block(p) for p in rung_runs.values()]
     return "".join(parts)
 
@@ -190,6 +258,16 @@ def _run_body(d: Path) -> str:
     curves = loss_curves({d.name: d})
     if curves:
         parts.append(_img(curves, "loss curves"))
+    meta = json.loads((d / "run.json").read_text()) if (d / "run.json").is_file() else {}
+    if meta.get("early_stop"):
+        e = meta["early_stop"]
+        parts.append(f"<p class='note'>Early stop after step {e['stopped_after_step']}: probe coherence below the "
+                     f"floor {e['coherence_floor']} for {e['patience']} round(s); final/ holds the weights of step "
+                     f"{e['final_step']}, the last round at or above it.</p>")
+    coh = coherence_trajectory({d.name: d})
+    if coh:
+        parts.append("<h2>Coherence</h2>" + _img(coh, "probe log-incoherence"))
+    parts.append(probe_outputs(d))
     parts.append(_config_block(d))
     return "".join(parts)
 
