@@ -48,7 +48,7 @@ def build(out: Path, tau: float, weight: float, steps_every: int) -> Path:
     cfg = {
         "student": {"path": str(TEACHER_DIR), "lora": {"r": 8, "alpha": 16, "dropout": 0.0,
                                                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
-        "data": {"train": "loops.jsonl", "max_length": 256},
+        "data": {"train": "loops.jsonl", "max_length": 384},
         "reference": {"kind": "base"},
         "objective": {"ce_coef": 1.0, "barrier": {"kind": "kl_rev", "aggregate": "mean", "tau": tau,
                                                   "weight": weight}},
@@ -67,8 +67,11 @@ def summary(ladder: Path, label: str | None = None) -> str:
     rungs = [json.loads(p.read_text()) for p in sorted((ladder / "rungs").glob("*.json"))]
     lines = ["| aggregate | last-round coherence per seed | mean [min–max] | lowest round (mean) | "
              "anchors passed (pooled) [95% Wilson] |", "|---|---|---|---|---|"]
-    for agg in dict.fromkeys(r["values"]["objective.barrier.aggregate"] for r in rungs):
-        rs = [r for r in rungs if r["values"]["objective.barrier.aggregate"] == agg and r["status"] == "done"]
+    def agg_of(r: dict) -> str:
+        return r["values"].get("objective.barrier.aggregate", "—")
+
+    for agg in dict.fromkeys(agg_of(r) for r in rungs):
+        rs = [r for r in rungs if agg_of(r) == agg and r["status"] == "done"]
         last = [r["coherence"] for r in rs]
         k, n = sum(r["passed"] for r in rs), sum(r["n_tasks"] for r in rs)
         lo, hi = wilson_interval(k, n)
@@ -103,6 +106,26 @@ def main() -> None:
                registry=reg, settings=gen, progress=False, log=print)
     print(summary(a.out / "control", "no barrier (λ_b = 0)"))
     print(summary(a.out / "ladder"))
+    print(f"figure: {figure(a.out)}")
+
+
+def figure(out: Path) -> Path:
+    """Every run's probe log-incoherence on one plot, as ``coherence.png``."""
+    import base64
+
+    from kdkit.report import coherence_trajectory
+
+    runs, colors = {}, {}
+    palette = {"no barrier": "tab:gray", "mean": "tab:red", "rmse": "tab:blue"}
+    for ladder in ("control", "ladder"):
+        for rec in sorted((out / ladder / "rungs").glob("*.json")):
+            r = json.loads(rec.read_text())
+            name = r["values"].get("objective.barrier.aggregate", "no barrier") if ladder == "ladder" else "no barrier"
+            runs[f"{name}, seed {r['values']['optim.seed']}"] = Path(r["run_dir"])
+            colors[f"{name}, seed {r['values']['optim.seed']}"] = palette[name]
+    uri = coherence_trajectory(runs, colors)
+    (out / "coherence.png").write_bytes(base64.b64decode(uri.split(",", 1)[1]))
+    return out / "coherence.png"
 
 
 if __name__ == "__main__":

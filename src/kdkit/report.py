@@ -78,8 +78,9 @@ def loss_curves(runs: dict[str, Path]) -> str | None:
 INCOHERENCE_FLOOR = 1e-3  # 1 − coherence is drawn at least this high on the log axis (a fully coherent round)
 
 
-def coherence_trajectory(runs: dict[str, Path]) -> str | None:
-    """Log-incoherence (1 − mean probe coherence, log axis, down = coherent) per probe round of each run."""
+def coherence_trajectory(runs: dict[str, Path], colors: dict[str, str] | None = None) -> str | None:
+    """Log-incoherence (1 − mean probe coherence, log axis, down = coherent) per probe round of each run
+    (``colors``: a matplotlib colour per run name, e.g. one per arm of an experiment)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +93,7 @@ def coherence_trajectory(runs: dict[str, Path]) -> str | None:
     for name, rounds in data.items():
         if rounds:
             ax.plot([m["step"] for m in rounds], [max(1.0 - m["probe_coherence"], INCOHERENCE_FLOOR) for m in rounds],
-                    marker="o", label=name)
+                    marker="o", label=name, color=(colors or {}).get(name))
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("1 − coherence (log)")
