@@ -52,7 +52,7 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
-                    keep: int) -> Path:
+                    keep: int, extra: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``checkpoints/step-N`` atomically: a temp dir, a COMPLETE marker last, then rename."""
     ck = run_dir / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)
@@ -66,6 +66,8 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Opti
     atomic_write_json(tmp / "optimizer.json", meta)
     save_file(rng_states(), str(tmp / "rng.safetensors"))
     atomic_write_json(tmp / "state.json", state)
+    if extra:  # loop state that is a tensor (e.g. the routing directions)
+        save_file(extra, str(tmp / "extra.safetensors"))
     atomic_write_bytes(tmp / "COMPLETE", b"ok\n")
     fsync_dir(tmp)
     if final.exists():
@@ -89,6 +91,12 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
                     json.loads((path / "optimizer.json").read_text()))
     set_rng_states(load_file(str(path / "rng.safetensors")))
     return json.loads((path / "state.json").read_text())
+
+
+def load_extra(path: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors a checkpoint was saved with as ``extra`` (None when there were none)."""
+    f = path / "extra.safetensors"
+    return load_file(str(f)) if f.is_file() else None
 
 
 def rng_states() -> dict[str, torch.Tensor]:

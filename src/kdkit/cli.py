@@ -319,11 +319,12 @@ def train_cmd(
 def merge_cmd(
     run_dir: str = typer.Argument(..., help="A finished run directory (has final/)."),
     out: str = typer.Option(..., help="Directory for the merged model pack."),
+    drop_adapter: list[str] = typer.Option([], "--drop-adapter", help="An extra adapter of the run to leave out of the pack (repeatable): `--drop-adapter quarantine` is a routed run's deployment, \"knob off\"; without it the quarantine is merged too (\"knob on\")."),
 ) -> None:
     """Write a full Hugging Face model directory from a run: LoRA adapters merged into the base, or the fully fine-tuned weights; loadable with AutoModelForCausalLM.from_pretrained."""
     from kdkit.train import merge
 
-    path = merge(run_dir, out)
+    path = merge(run_dir, out, drop=drop_adapter)
     console.print(f"merged {run_dir} → {path}")
 
 

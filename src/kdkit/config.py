@@ -263,6 +263,40 @@ class EarlyStopConfig(_Strict):
     patience: int = Field(1, ge=1, description="probe rounds in a row below the floor before the run stops")
 
 
+class QuarantineConfig(_Strict):
+    """The quarantine adapter: its own LoRA (a basis distinct from the main adapter's), in the forward during
+    training, dropped at deployment (`kdkit merge --drop-adapter quarantine`)."""
+
+    r: int = Field(4, ge=1)
+    alpha: float = Field(8.0, gt=0.0)
+
+
+class RoutingConfig(_Strict):
+    """Gradient routing (seed 003): the part of the main adapter's gradient along a "hack" direction goes to
+    the quarantine adapter instead."""
+
+    pairs: str = Field(..., description="JSONL contrast pairs: {\"prompt\", \"hack\", \"clean\"} completions")
+    method: str = Field("act", description="act: mean activation difference hack − clean per routed module; grad: "
+                                           "mean CE-gradient difference; both unit-normalised")
+    target_modules: list[str] = Field(default_factory=lambda: ["v_proj"],
+                                      description="routed modules (a subset of student.lora.target_modules)")
+    quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
+    refresh_every: int = Field(0, ge=0, description="re-extract the directions every N steps from the current "
+                                                    "model, quarantine ablated; 0 = extract once")
+    control: str = Field("none", description="none, or random: a random unit direction per module (the control)")
+    seed: int = Field(0, description="seed of the random control's directions")
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        return _one_of(v, ("act", "grad"), "routing method")
+
+    @field_validator("control")
+    @classmethod
+    def _control(cls, v: str) -> str:
+        return _one_of(v, ("none", "random"), "routing control")
+
+
 class TrainConfig(_Strict):
     student: StudentConfig
     teacher: TeacherConfig | None = None
@@ -274,6 +308,7 @@ class TrainConfig(_Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     probes: ProbesConfig | None = Field(None, description="probe generations during training; omit for none")
     early_stop: EarlyStopConfig | None = Field(None, description="stop on a coherence floor (needs probes)")
+    routing: RoutingConfig | None = Field(None, description="gradient routing into a quarantine adapter")
     drift_tolerance: float = Field(1e-7, ge=0.0, description="fail when no trainable weight moved more than this")
 
     @model_validator(mode="after")
@@ -322,6 +357,26 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
     out += _on_policy_without_effect(cfg)
     if cfg.early_stop is not None and cfg.probes is None:
         out.append(("early_stop", "the coherence floor is judged on probe generations: add a probes section"))
+    out += _routing_without_effect(cfg)
+    return out
+
+
+def _routing_without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
+    rt = cfg.routing
+    if rt is None:
+        return []
+    if cfg.student.lora is None:
+        return [("routing", "routing edits the main LoRA adapter's gradient: add student.lora")]
+    out = [("routing.target_modules", f"{m!r} is not in student.lora.target_modules") for m in rt.target_modules
+           if m not in cfg.student.lora.target_modules]
+    if rt.control == "random":
+        if rt.refresh_every:
+            out.append(("routing.refresh_every", "a random direction does not depend on the model: a refresh "
+                                                 "would change nothing (the seeds' silent no-op)"))
+        if _set(rt, "method"):
+            out.append(("routing.method", "routing.control is random: no direction is extracted"))
+    elif _set(rt, "seed"):
+        out.append(("routing.seed", "only the random control draws directions"))
     return out
 
 
@@ -447,6 +502,8 @@ def resolve_paths(cfg: TrainConfig, base: Path) -> TrainConfig:
         cfg.reference.path = r(cfg.reference.path)
     if cfg.probes is not None:
         cfg.probes.prompts = r(cfg.probes.prompts)
+    if cfg.routing is not None:
+        cfg.routing.pairs = r(cfg.routing.pairs)
     return cfg
 
 

@@ -149,8 +149,26 @@ def vocab_logits(logits: torch.Tensor, real_vocab: int, what: str = "model") -> 
     return logits if v == real_vocab else logits[..., :real_vocab]
 
 
-def merge(run_dir: str | Path, out: str | Path) -> Path:
-    """Write a full HF model dir (a "pack") from a run's ``final/``: LoRA merged into the base."""
+def _merged_lora(final: Path, base_path: str, drop: list[str]) -> torch.nn.Module:
+    """The base with the run's adapters merged in: the main one and every extra adapter saved beside it
+    (``final/<name>/``, e.g. routing's quarantine) that ``drop`` does not name."""
+    from peft import PeftModel
+
+    extra = sorted(p.name for p in final.iterdir() if (p / "adapter_config.json").is_file())
+    unknown = [d for d in drop if d not in extra]
+    if unknown:
+        raise ModelError(f"--drop-adapter {', '.join(unknown)}: {final} has no such adapter "
+                         f"(its extra adapters: {', '.join(extra) or 'none'})")
+    model = PeftModel.from_pretrained(load_causal_lm(base_path), str(final))
+    keep = [a for a in extra if a not in drop]
+    for name in keep:
+        model.load_adapter(str(final / name), adapter_name=name)
+    return model.merge_and_unload(adapter_names=["default", *keep])
+
+
+def merge(run_dir: str | Path, out: str | Path, drop: list[str] | None = None) -> Path:
+    """Write a full HF model dir (a "pack") from a run's ``final/``: LoRA merged into the base; ``drop``
+    names extra adapters to leave out (routing's ``quarantine``: the deployment "knob off")."""
     from kdkit.io import atomic_write_json, check_output_dir
 
     run, out = Path(run_dir), Path(out)
@@ -162,10 +180,9 @@ def merge(run_dir: str | Path, out: str | Path) -> Path:
     meta = json.loads(meta_path.read_text())
     tokenizer = load_tokenizer(final)
     if meta["kind"] == "lora":
-        from peft import PeftModel
-
-        base = load_causal_lm(meta["base"])
-        model = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
+        model = _merged_lora(final, meta["base"], list(drop or []))
+    elif drop:
+        raise ModelError(f"--drop-adapter: {run} was fully fine-tuned; it has no adapters to drop")
     else:
         model = load_causal_lm(final)
     tmp = out.with_name(f".kdkit-tmp-{out.name}-{os.getpid()}")
@@ -173,7 +190,8 @@ def merge(run_dir: str | Path, out: str | Path) -> Path:
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     atomic_write_json(tmp / PACK_FILE, {"source_run": str(run.resolve()), "steps": meta["steps"],
-                                        "config_sha256": sha256_file(run / "config.yaml")})
+                                        "config_sha256": sha256_file(run / "config.yaml"),
+                                        "dropped_adapters": sorted(drop or [])})
     if replace or out.is_dir():  # our earlier pack, or an empty directory
         shutil.rmtree(out)
     tmp.rename(out)

@@ -47,6 +47,7 @@ class StepDenominator:
 class ObjectiveOutput:
     loss: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    terms: dict[str, Tensor] = field(default_factory=dict)  # the dense path's CE and KD terms (with their graph)
 
 
 def _f(x: Tensor) -> float:
@@ -182,6 +183,7 @@ def compute_objective(
     ce_pos = torch.where(valid_t, ce_pos, torch.zeros_like(ce_pos))
     ce_sum = (ce_pos * tok_w * (rw * ce_on)[:, None]).sum()
     loss = cfg.ce_coef * ce_sum * inv
+    terms = {"ce": loss}
     metrics: dict[str, float] = {
         "tokens": float(n_valid),
         "ce_loss": _f(ce_pos.sum()) / max(n_valid, 1),
@@ -196,7 +198,8 @@ def compute_objective(
         row_kd = rw * task_w * kd_on
         kd_mask = valid_t & (kd_on[:, None] > 0)
         div = torch.where(kd_mask, div, torch.zeros_like(div))
-        loss = loss + cfg.kd_weight * (div * tok_w * row_kd[:, None]).sum() * inv
+        terms["kd"] = cfg.kd_weight * (div * tok_w * row_kd[:, None]).sum() * inv
+        loss = loss + terms["kd"]
         metrics.update(kd_metrics(div.detach(), logits32.detach().argmax(-1), teacher, kd_mask))
 
     if cfg.barrier is not None:
@@ -211,7 +214,7 @@ def compute_objective(
         metrics["barrier"] = _f(barrier)
 
     metrics["total_loss"] = _f(loss)
-    return ObjectiveOutput(loss=loss, metrics=metrics)
+    return ObjectiveOutput(loss=loss, metrics=metrics, terms=terms)
 
 
 @torch.no_grad()

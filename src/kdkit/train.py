@@ -35,6 +35,7 @@ from kdkit.checkpoint import (
     check_resume,
     finished,
     load_checkpoint,
+    load_extra,
     newest_checkpoint,
     save_checkpoint,
     save_final,
@@ -61,6 +62,7 @@ from kdkit.objective import (
     token_weights,
 )
 from kdkit.probes import EarlyStop, Probe, load_probes, probe_round
+from kdkit.routing import Router, add_quarantine
 from kdkit.teacher import Signal, Sources, check_objective_data, check_sources, open_sources, unwrap
 
 __all__ = ["train", "merge", "check_sources", "evaluate_loss", "TrainingError", "PACK_FILE", "FAULT_ENV",
@@ -139,6 +141,8 @@ def _load_student(cfg: TrainConfig) -> torch.nn.Module:
             raise ModelError(f"student.lora.target_modules: {missing} are not modules of {cfg.student.path}")
         model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                                                  target_modules=list(lc.target_modules), task_type="CAUSAL_LM"))
+        if cfg.routing is not None:
+            add_quarantine(model, cfg.routing)
     return model
 
 
@@ -248,6 +252,8 @@ def use_chunked(cfg: TrainConfig, model: torch.nn.Module) -> str | None:
         return "objective.chunk_size is 0"
     if cfg.objective.barrier is not None:
         return "the barrier needs full logits"
+    if cfg.routing is not None:
+        return "routing's cin_t / cin_s need the CE and KD terms apart"
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return f"the LM head is a {type(head).__name__} (e.g. LoRA on lm_head), not a plain Linear"
@@ -319,6 +325,8 @@ def _optimizer_step(r: _Run, step: int, batches: list[kdata.Batch], on_policy: b
         # Sync gradients across ranks only on the last micro-step: earlier ones accumulate locally.
         with acc.no_sync(r.model) if j < len(batches) - 1 else nullcontext():
             out = _forward_loss(r, r.model, b, objective, denom)
+            if r.router is not None and j == 0:
+                r.router.term_shares(out.terms)  # cin_t / cin_s: the KD and CE terms' gradients apart
             if not torch.isfinite(out.loss):
                 raise TrainingError(
                     f"non-finite loss ({float(out.loss.detach())}) at step {step + 1}, micro-batch {j}; "
@@ -330,7 +338,7 @@ def _optimizer_step(r: _Run, step: int, batches: list[kdata.Batch], on_policy: b
         if j == 0:
             _fault("mid_step", step + 1)
     metrics: dict[str, float] = {}
-    for hook in grad_hooks:
+    for hook in ([r.router] if r.router is not None else []) + grad_hooks:
         metrics.update(hook(acc.unwrap_model(r.model), step) or {})
     o = cfg.optim
     metrics["grad_norm"] = float(acc.clip_grad_norm_(r.trainable, o.grad_clip) if o.grad_clip > 0 else torch.norm(
@@ -376,6 +384,7 @@ class _Run:
     head_checked: bool = False
     probes: list[Probe] = field(default_factory=list)
     early: EarlyStop | None = None
+    router: Router | None = None
 
     @property
     def metrics_path(self) -> Path:
@@ -440,6 +449,8 @@ def _prepare(cfg: TrainConfig, run: Path, acc: Any, fresh: bool, log: Callable[[
     model, opt = acc.prepare(model, opt)
     r = _Run(cfg, acc, run, tokenizer, rows, val_rows, pad_id, len(tokenizer), model, trainable, opt, sched, src,
              why_not is None, world, rank, global_batch, steps_per_epoch, total_steps)
+    if cfg.routing is not None:  # directions from the initial weights (a resume loads the saved ones)
+        r.router = Router(unwrap(model), cfg.routing, tokenizer, pad_id)
     if cfg.probes is not None:
         r.probes = load_probes(cfg.probes, tokenizer)
         r.early = EarlyStop(cfg.early_stop) if cfg.early_stop is not None else None
@@ -469,6 +480,8 @@ def _restore(r: _Run, ckpt: Path | None, log: Callable[[str], None]) -> tuple[in
         epoch_sums.v.update(state["epoch_sums"])
         if r.early is not None:
             r.early.load(state["early_stop"])
+        if r.router is not None:
+            r.router.load(load_extra(ckpt))
         o = r.cfg.optim
         r.sched = torch.optim.lr_scheduler.LambdaLR(r.opt, lr_lambda(o.schedule, o.warmup_steps, r.total_steps),
                                                     last_epoch=step - 1)
@@ -540,7 +553,8 @@ def train(
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < r.total_steps and not stopped:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
-                    last_ckpt = save_checkpoint(run, acc.unwrap_model(r.model), r.opt, state, cfg.checkpoint.keep)
+                    last_ckpt = save_checkpoint(run, acc.unwrap_model(r.model), r.opt, state, cfg.checkpoint.keep,
+                                                _extra(r))
                 _fault("after_checkpoint", step)
             if step < r.total_steps and not stopped and interrupts.agreed(acc):
                 _stop_interrupted(r, step, state, last_ckpt, log)
@@ -640,9 +654,14 @@ def _stop_interrupted(r: _Run, step: int, state: dict[str, Any], last_ckpt: Path
     r.acc.wait_for_everyone()
     if r.acc.is_main_process:
         if last_ckpt is None or last_ckpt.name != f"step-{step:07d}":
-            last_ckpt = save_checkpoint(r.dir, r.acc.unwrap_model(r.model), r.opt, state, r.cfg.checkpoint.keep)
+            last_ckpt = save_checkpoint(r.dir, r.acc.unwrap_model(r.model), r.opt, state, r.cfg.checkpoint.keep,
+                                        _extra(r))
         log(f"interrupted after step {step}: saved {last_ckpt}; continue with --resume")
     raise KeyboardInterrupt
+
+
+def _extra(r: _Run) -> dict[str, torch.Tensor] | None:
+    return r.router.state() if r.router is not None else None
 
 
 def _drift(model: torch.nn.Module, initial_path: Path) -> float:
