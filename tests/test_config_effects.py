@@ -32,6 +32,8 @@ CUDA = torch.cuda.is_available()
 PROBES = {"probes": {"prompts": "@probes", "every": 1, "max_new_tokens": 6}}
 # the random student loops ("On0474747…") within 24 tokens: below a floor of 0.9 from step 0
 FLOOR = {"probes": {**PROBES["probes"], "max_new_tokens": 24}, "early_stop": {"coherence_floor": 0.9, "patience": 1}}
+ROUTING = {**LIVE, "routing": {"pairs": "@pairs", "target_modules": ["v_proj"], "refresh_every": 2}}
+RANDOM = {**LIVE, "routing": {"pairs": "@pairs", "target_modules": ["v_proj"], "control": "random"}}
 ON_POLICY = {**LIVE, "objective": {"on_policy": {"fraction": 1.0, "max_new_tokens": 4, "temperature": 1.0}}}
 
 def _merge_ctx(a: dict, b: dict) -> dict:
@@ -104,6 +106,14 @@ EFFECTS: dict[str, tuple[dict, typing.Any]] = {
     "probes.max_new_tokens": (PROBES, 3),
     "early_stop.coherence_floor": (FLOOR, 0.001),
     "early_stop.patience": (FLOOR, 3),
+    "routing.pairs": (ROUTING, "@pairs2"),
+    "routing.method": (ROUTING, "grad"),
+    "routing.target_modules": (ROUTING, ["q_proj"]),
+    "routing.quarantine.r": (ROUTING, 2),
+    "routing.quarantine.alpha": (ROUTING, 2.0),
+    "routing.refresh_every": (ROUTING, 0),
+    "routing.control": ({**LIVE, "routing": {**ROUTING["routing"], "refresh_every": 0}}, "random"),
+    "routing.seed": (RANDOM, 5),
     "drift_tolerance": ({}, 10.0),  # no weight moves 10: refused at the end
 }
 
@@ -134,6 +144,10 @@ def world(tmp_path_factory):
     write_jsonl(root / "val.jsonl", toy_rows(4, seed=9))
     write_jsonl(root / "probes.jsonl", [{"prompt": "def f(x):\n"}, {"prompt": "Once"}])
     write_jsonl(root / "probes2.jsonl", [{"prompt": "The sky"}])
+    write_jsonl(root / "pairs.jsonl", [{"prompt": r["prompt"], "hack": "    return 0\n", "clean": r["completion"]}
+                                       for r in rows[:3]])
+    write_jsonl(root / "pairs2.jsonl", [{"prompt": r["prompt"], "hack": "    pass\n", "clean": r["completion"]}
+                                        for r in rows[3:6]])
     for name, k in (("cache", 101), ("cache16", 16)):
         precompute(root / "teacher", root / "train.jsonl", root / name, PrecomputeSettings(top_k=k, shard_rows=8),
                    progress=False, log=lambda m: None)
@@ -166,7 +180,8 @@ def _resolve(obj, root: Path):
         return [_resolve(v, root) for v in obj]
     if isinstance(obj, str) and obj.startswith("@"):
         name = obj[1:]
-        return str(root / (f"{name}.jsonl" if name in ("train2", "with_empty", "val", "probes", "probes2") else name))
+        return str(root / (f"{name}.jsonl" if name in ("train2", "with_empty", "val", "probes", "probes2",
+                                                                 "pairs", "pairs2") else name))
     return obj
 
 
