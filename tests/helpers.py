@@ -44,3 +44,20 @@ def toy_rows(n: int, seed: int = 0) -> list[dict]:
         rows.append({"prompt": f"def f{i}(x):{pad}\n", "completion": f"    return x * {a} + {b}\n",
                      "role": "anchor" if i % 2 else "new", "task": f"T/{i % 5}"})
     return rows
+
+
+def kill_then_resume(cfg: Path, run: Path, fault: str, before_resume=None) -> None:
+    """`kdkit train` killed by KDKIT_FAULT_TRAIN=<fault> (kill -9), then `--resume`d to the end."""
+    import os
+    import subprocess
+    import sys
+
+    from kdkit.train import FAULT_ENV
+
+    cmd = [sys.executable, "-m", "kdkit", "train", str(cfg), "--out", str(run), "--no-progress"]
+    proc = subprocess.run(cmd, env={**os.environ, FAULT_ENV: fault}, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    if before_resume is not None:
+        before_resume()
+    proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

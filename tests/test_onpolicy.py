@@ -4,7 +4,6 @@ reference, λ = 0 equal to off-policy bitwise, exact resume, and `kdkit generate
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +20,8 @@ from kdkit.cli import app
 from kdkit.config import ConfigError, ObjectiveConfig, OnPolicyConfig, load_train_config
 from kdkit.models import load_causal_lm, load_tokenizer
 from kdkit.objective import compute_objective
-from kdkit.train import FAULT_ENV, train
-from tests.helpers import save_model_dir, toy_rows, write_jsonl
+from kdkit.train import train
+from tests.helpers import kill_then_resume, save_model_dir, toy_rows, write_jsonl
 from tests.reference import ref_div, softmax64
 
 
@@ -154,11 +153,7 @@ def test_kill_9_mid_on_policy_run_then_resume_is_bitwise_equal(world, tmp_path):
     cfg.write_text(yaml.safe_dump(raw))
     full = _run(cfg, tmp_path / "full")
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "kdkit", "train", str(cfg), "--out", str(run), "--no-progress"]
-    proc = subprocess.run(cmd, env={**os.environ, FAULT_ENV: "after_checkpoint:4"}, capture_output=True, text=True)
-    assert proc.returncode == -9, proc.stderr
-    proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    kill_then_resume(cfg, run, "after_checkpoint:4")
     a, b = _weights(full), _weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     ma, mb = _jsonl(full / "metrics.jsonl"), _jsonl(run / "metrics.jsonl")

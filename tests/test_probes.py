@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +14,8 @@ from kdkit.coherence import coherence, distinct_n, loop_mask
 from kdkit.config import ConfigError, load_train_config
 from kdkit.demo.run import TEACHER_DIR
 from kdkit.demo.world import make_world, training_rows
-from kdkit.train import FAULT_ENV, train
-from tests.helpers import save_model_dir, toy_rows, write_jsonl
+from kdkit.train import train
+from tests.helpers import kill_then_resume, save_model_dir, toy_rows, write_jsonl
 
 # ----------------------------------------------------------------------------- the metric
 
@@ -127,13 +124,11 @@ def test_resume_neither_duplicates_nor_drops_probe_rounds(world, tmp_path):
     cfg = _cfg(tmp_path, body)
     train(load_train_config(cfg), tmp_path / "full", progress=False, log=lambda m: None)
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "kdkit", "train", str(cfg), "--out", str(run), "--no-progress"]
-    # killed after step 7's probe? no probe at 7; after step 6's probe and before the checkpoint at 8
-    proc = subprocess.run(cmd, env={**os.environ, FAULT_ENV: "after_step:7"}, capture_output=True, text=True)
-    assert proc.returncode == -9, proc.stderr
-    assert [p["step"] for p in _jsonl(run / "probes.jsonl")][-1] == 6
-    proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+
+    def killed_after_step_7() -> None:  # the probe of step 6 written, the checkpoint of step 8 not yet
+        assert [p["step"] for p in _jsonl(run / "probes.jsonl")][-1] == 6
+
+    kill_then_resume(cfg, run, "after_step:7", killed_after_step_7)
     assert (run / "probes.jsonl").read_text() == (tmp_path / "full" / "probes.jsonl").read_text()
     strip = [{k: v for k, v in m.items() if k not in ("step_time_s", "tokens_per_s")}
              for m in _jsonl(run / "metrics.jsonl")]

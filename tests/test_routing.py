@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +15,8 @@ from kdkit.cli import app
 from kdkit.config import ConfigError, load_train_config
 from kdkit.models import load_causal_lm, load_tokenizer
 from kdkit.routing import MAIN, QUARANTINE, extract, load_pairs, project_onto, project_out, routed_layers, share
-from kdkit.train import FAULT_ENV, train
-from tests.helpers import save_model_dir, toy_rows, write_jsonl
+from kdkit.train import train
+from tests.helpers import kill_then_resume, save_model_dir, toy_rows, write_jsonl
 
 
 def test_projection_removes_exactly_the_directions_component():
@@ -134,11 +131,7 @@ def test_resume_across_a_refresh_is_bitwise_exact(world, tmp_path):
     cfg = _cfg(tmp_path, body)
     train(load_train_config(cfg), tmp_path / "full", progress=False, log=lambda m: None)
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "kdkit", "train", str(cfg), "--out", str(run), "--no-progress"]
-    proc = subprocess.run(cmd, env={**os.environ, FAULT_ENV: "after_step:5"}, capture_output=True, text=True)
-    assert proc.returncode == -9, proc.stderr
-    proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    kill_then_resume(cfg, run, "after_step:5")
     for sub in ("adapter_model.safetensors", f"{QUARANTINE}/adapter_model.safetensors"):
         a, b = load_file(str(tmp_path / "full" / "final" / sub)), load_file(str(run / "final" / sub))
         assert all(torch.equal(a[k], b[k]) for k in a), sub

@@ -7,7 +7,7 @@ the registries in :mod:`kdkit.losses`, so the schema cannot drift from the math.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -276,25 +276,15 @@ class RoutingConfig(_Strict):
     the quarantine adapter instead."""
 
     pairs: str = Field(..., description="JSONL contrast pairs: {\"prompt\", \"hack\", \"clean\"} completions")
-    method: str = Field("act", description="act: mean activation difference hack − clean per routed module; grad: "
+    method: Literal["act", "grad"] = Field("act", description="act: mean activation difference hack − clean per routed module; grad: "
                                            "mean CE-gradient difference; both unit-normalised")
     target_modules: list[str] = Field(default_factory=lambda: ["v_proj"],
                                       description="routed modules (a subset of student.lora.target_modules)")
     quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
     refresh_every: int = Field(0, ge=0, description="re-extract the directions every N steps from the current "
                                                     "model, quarantine ablated; 0 = extract once")
-    control: str = Field("none", description="none, or random: a random unit direction per module (the control)")
+    control: Literal["none", "random"] = Field("none", description="none, or random: a random unit direction per module (the control)")
     seed: int = Field(0, description="seed of the random control's directions")
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        return _one_of(v, ("act", "grad"), "routing method")
-
-    @field_validator("control")
-    @classmethod
-    def _control(cls, v: str) -> str:
-        return _one_of(v, ("none", "random"), "routing control")
 
 
 class TrainConfig(_Strict):
