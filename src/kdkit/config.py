@@ -276,14 +276,16 @@ class RoutingConfig(_Strict):
     the quarantine adapter instead."""
 
     pairs: str = Field(..., description="JSONL contrast pairs: {\"prompt\", \"hack\", \"clean\"} completions")
-    method: Literal["act", "grad"] = Field("act", description="act: mean activation difference hack − clean per routed module; grad: "
-                                           "mean CE-gradient difference; both unit-normalised")
+    method: Literal["act", "grad"] = Field(
+        "act", description="act: mean activation difference hack − clean per routed module; grad: mean CE-gradient "
+                           "difference; both unit-normalised")
     target_modules: list[str] = Field(default_factory=lambda: ["v_proj"],
                                       description="routed modules (a subset of student.lora.target_modules)")
     quarantine: QuarantineConfig = Field(default_factory=QuarantineConfig)
     refresh_every: int = Field(0, ge=0, description="re-extract the directions every N steps from the current "
                                                     "model, quarantine ablated; 0 = extract once")
-    control: Literal["none", "random"] = Field("none", description="none, or random: a random unit direction per module (the control)")
+    control: Literal["none", "random"] = Field(
+        "none", description="none, or random: a random unit direction per module (the control)")
     seed: int = Field(0, description="seed of the random control's directions")
 
 
