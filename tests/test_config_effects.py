@@ -32,6 +32,7 @@ CUDA = torch.cuda.is_available()
 PROBES = {"probes": {"prompts": "@probes", "every": 1, "max_new_tokens": 6}}
 # the random student loops ("On0474747…") within 24 tokens: below a floor of 0.9 from step 0
 FLOOR = {"probes": {**PROBES["probes"], "max_new_tokens": 24}, "early_stop": {"coherence_floor": 0.9, "patience": 1}}
+HIDDEN = {**LIVE, "objective": {"hidden": {"layers": {1: 2}, "loss": "cosine", "weight": 1.0}}}
 ROUTING = {**LIVE, "routing": {"pairs": "@pairs", "target_modules": ["v_proj"], "refresh_every": 2}}
 RANDOM = {**LIVE, "routing": {"pairs": "@pairs", "target_modules": ["v_proj"], "control": "random"}}
 ON_POLICY = {**LIVE, "objective": {"on_policy": {"fraction": 1.0, "max_new_tokens": 4, "temperature": 1.0}}}
@@ -85,6 +86,10 @@ EFFECTS: dict[str, tuple[dict, typing.Any]] = {
     "objective.on_policy.temperature": (ON_POLICY, 0.5),
     "objective.on_policy.top_p": (ON_POLICY, 0.5),
     "objective.on_policy.seed": (ON_POLICY, 1),
+    "objective.hidden.layers": (HIDDEN, {2: 1}),
+    "objective.hidden.loss": (HIDDEN, "mse"),
+    "objective.hidden.weight": (HIDDEN, 3.0),
+    "objective.hidden.projection": (HIDDEN, "none"),  # the teacher is wider: refused naming the field
     "objective.chunk_size": ({}, 0),  # same loss, other path: recorded in run.json
     "optim.lr": ({}, 1e-3),
     "optim.schedule": ({"optim": {"warmup_steps": 0}}, "cosine"),

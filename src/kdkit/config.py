@@ -88,6 +88,28 @@ class OnPolicyConfig(_Strict):
     seed: int = Field(0, description="seed of the on-policy step choice and of sampling")
 
 
+class HiddenConfig(_Strict):
+    """Hidden-state distillation: student layer outputs, projected to the teacher's width, pulled toward the
+    live teacher's at the KD positions. Layer l is ``hidden_states[l]``: 0 = the embeddings, i = after block i."""
+
+    layers: dict[int, int] = Field(..., description="student layer → teacher layer, e.g. {2: 6}")
+    loss: Literal["cosine", "mse"] = Field("cosine", description="cosine: 1 − cos(P·h_s, h_t); mse: mean over "
+                                                                  "the teacher's width of (P·h_s − h_t)²")
+    weight: float = Field(1.0, gt=0.0, description="coefficient of the hidden-state term")
+    projection: Literal["linear", "none"] = Field(
+        "linear", description="linear: a learned student-width → teacher-width map per layer pair, trained with "
+                              "the student, saved in the run, not in the merged pack; none: equal widths only")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: dict[int, int]) -> dict[int, int]:
+        if not v:
+            raise ValueError("give at least one student layer → teacher layer pair")
+        if any(a < 0 or b < 0 for a, b in v.items()):
+            raise ValueError(f"layer indices are >= 0 (0 = the embeddings), got {v}")
+        return v
+
+
 class ObjectiveConfig(_Strict):
     """total = ce_coef·CE + kd_weight·w(row)·KD + barrier (see ``kdkit.objective``)."""
 
@@ -102,6 +124,7 @@ class ObjectiveConfig(_Strict):
     )
     barrier: BarrierConfig | None = None
     on_policy: OnPolicyConfig | None = Field(None, description="on-policy distillation; omit for off-policy only")
+    hidden: HiddenConfig | None = Field(None, description="hidden-state distillation from a live teacher")
     chunk_size: int = Field(
         1024, ge=0,
         description="target tokens per chunk of the memory-lean loss (at most chunk × V logits at once); 0 = dense path",
@@ -122,8 +145,8 @@ class ObjectiveConfig(_Strict):
 
     @model_validator(mode="after")
     def _something_to_train(self) -> ObjectiveConfig:
-        if self.ce_coef == 0.0 and self.kd_weight == 0.0 and self.barrier is None:
-            raise ValueError("ce_coef and kd_weight are both 0 and there is no barrier: nothing to train")
+        if self.ce_coef == 0.0 and self.kd_weight == 0.0 and self.barrier is None and self.hidden is None:
+            raise ValueError("ce_coef and kd_weight are both 0 and there is no barrier or hidden term: nothing to train")
         return self
 
     def terms_for(self, role: str) -> RoleTerms:
@@ -347,6 +370,9 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
         if cfg.teacher.model and _set(kd, "tail"):
             out.append(("objective.kd.tail", "a live teacher gives the dense distribution: there is no top-K tail"))
     out += _on_policy_without_effect(cfg)
+    if cfg.objective.hidden is not None and (cfg.teacher is None or not cfg.teacher.model):
+        out.append(("objective.hidden", "hidden states come from a live teacher: set teacher.model (a cache holds "
+                                        "log-probs only)"))
     if cfg.early_stop is not None and cfg.probes is None:
         out.append(("early_stop", "the coherence floor is judged on probe generations: add a probes section"))
     out += _routing_without_effect(cfg)

@@ -282,3 +282,23 @@ def compute_objective_chunked(
         metrics.update(kd_metrics(st.kd_div, st.student_top, t_sel, kd_mask))
     metrics["total_loss"] = _f(loss)
     return ObjectiveOutput(loss=loss, metrics=metrics)
+
+
+def hidden_term(values: Tensor, targets: Tensor, cfg: ObjectiveConfig, *, roles: list[str] | None = None,
+                tasks: list[str] | None = None, row_weights: Tensor | None = None,
+                denom: StepDenominator | None = None) -> tuple[Tensor, dict[str, float]]:
+    """The hidden-state term: ``cfg.hidden.weight`` · Σ_tok w(row) · values(tok) ÷ the step's denominator, over
+    the KD positions (targets of rows whose role has KD on), weighted like KD (row weight × task weight).
+
+    Args:
+        values: float Tensor[B, T], the per-position hidden-state loss summed over the layer pairs.
+        targets: LongTensor[B, T] (``-100``: no loss).
+    Returns:
+        (term, {"hidden_loss": mean of ``values`` over the KD positions, "hidden_tokens": their count})."""
+    co = _coefficients(targets, cfg, roles, tasks, row_weights, denom, values.device)
+    row = co.rw * co.task_w * co.kd_on
+    mask = co.valid & (co.kd_on[:, None] > 0)
+    v = torch.where(mask, values.float(), torch.zeros_like(values, dtype=torch.float32))
+    term = cfg.hidden.weight * (v * co.tok_w * row[:, None]).sum() * co.inv
+    n = int(mask.sum())
+    return term, {"hidden_loss": _f(v.sum()) / max(n, 1), "hidden_tokens": float(n)}

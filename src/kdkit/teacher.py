@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -101,16 +101,24 @@ class CachedSignal:
 
 @dataclass
 class LiveSignal:
-    """A frozen model run on the batch: dense logits over the real vocabulary."""
+    """A frozen model run on the batch: dense logits over the real vocabulary. With ``keep_hidden`` (layer
+    indices), the same forward also leaves those hidden states, at the prediction positions, in
+    ``last_hidden`` (for hidden-state distillation: one teacher forward serves both)."""
 
     model: torch.nn.Module
     real_vocab: int
     what: str = "teacher"
     scores_any_tokens: bool = True
+    keep_hidden: tuple[int, ...] = ()
+    last_hidden: dict[int, Tensor] = field(default_factory=dict)
 
     @torch.no_grad()
     def __call__(self, batch: kdata.Batch, student: torch.nn.Module) -> Tensor:
-        return _logits(self.model, batch, self.real_vocab, self.what)
+        if not self.keep_hidden:
+            return _logits(self.model, batch, self.real_vocab, self.what)
+        out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+        self.last_hidden = {layer: out.hidden_states[layer][:, :-1] for layer in self.keep_hidden}
+        return vocab_logits(out.logits[:, :-1], self.real_vocab, self.what)
 
 
 @dataclass

@@ -43,6 +43,7 @@ from kdkit.checkpoint import (
 )
 from kdkit.config import TrainConfig, dump_config
 from kdkit.errors import TrainingError
+from kdkit.hidden import HiddenDistill
 from kdkit.io import atomic_write_bytes, atomic_write_json
 from kdkit.losses import aggregate, token_divergence
 from kdkit.models import (
@@ -59,6 +60,7 @@ from kdkit.objective import (
     StepDenominator,
     compute_objective,
     compute_objective_chunked,
+    hidden_term,
     token_weights,
 )
 from kdkit.probes import EarlyStop, Probe, load_probes, probe_round
@@ -181,7 +183,7 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
 class Sums:
     """Token-weighted running sums, reduced across micro-batches and ranks."""
 
-    keys = ("total", "ce", "tok", "kl", "kd_tok", "barrier", "tail", "agree", "steps")
+    keys = ("total", "ce", "tok", "kl", "kd_tok", "barrier", "tail", "agree", "hidden", "hidden_tok", "steps")
     v: dict[str, float] = field(default_factory=lambda: dict.fromkeys(Sums.keys, 0.0))
 
     def add_output(self, out: ObjectiveOutput) -> None:
@@ -195,6 +197,8 @@ class Sums:
         self.v["barrier"] += m.get("barrier", 0.0)
         self.v["tail"] += m.get("tail_mass", 0.0) * kd_tok
         self.v["agree"] += m.get("top1_agree", 0.0) * kd_tok
+        self.v["hidden"] += m.get("hidden_loss", 0.0) * m.get("hidden_tokens", 0.0)
+        self.v["hidden_tok"] += m.get("hidden_tokens", 0.0)
 
     def merge(self, other: Sums) -> None:
         for k in self.keys:
@@ -207,6 +211,8 @@ class Sums:
         if self.v["kd_tok"]:
             out.update(kl_loss=self.v["kl"] / self.v["kd_tok"], tail_mass=self.v["tail"] / self.v["kd_tok"],
                        top1_agree=self.v["agree"] / self.v["kd_tok"])
+        if self.v["hidden_tok"]:
+            out["hidden_loss"] = self.v["hidden"] / self.v["hidden_tok"]
         return out
 
 
@@ -270,9 +276,11 @@ def _forward_loss(r: _Run, model: torch.nn.Module, batch: kdata.Batch, objective
     reference = r.src.reference(batch, model) if r.src.reference is not None else None
     kw = dict(teacher=teacher, roles=batch.roles, tasks=batch.tasks, row_weights=batch.weights, denom=denom)
     if not r.chunked:
-        logits = vocab_logits(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1],
-                              r.real_vocab, "student")
-        return compute_objective(logits, batch.targets, objective, reference=reference, **kw)
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    output_hidden_states=r.hidden is not None)
+        res = compute_objective(vocab_logits(out.logits[:, :-1], r.real_vocab, "student"), batch.targets, objective,
+                                reference=reference, **kw)
+        return _with_hidden(r, res, out.hidden_states, batch, objective, denom)
     # Only the last position's logits are materialised by the model; the loss is computed from the
     # final hidden states, chunk by chunk. Padded embedding rows are dropped from the head.
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
@@ -285,8 +293,23 @@ def _forward_loss(r: _Run, model: torch.nn.Module, batch: kdata.Batch, objective
                                 "set objective.chunk_size: 0")
         r.head_checked = True
     bias = None if head.bias is None else head.bias[:r.real_vocab]
-    return compute_objective_chunked(hidden[:, :-1], head.weight[:r.real_vocab], batch.targets, objective,
-                                     head_bias=bias, **kw)
+    res = compute_objective_chunked(hidden[:, :-1], head.weight[:r.real_vocab], batch.targets, objective,
+                                    head_bias=bias, **kw)
+    return _with_hidden(r, res, out.hidden_states, batch, objective, denom)
+
+
+def _with_hidden(r: _Run, res: ObjectiveOutput, states: tuple[torch.Tensor, ...] | None, batch: kdata.Batch,
+                 objective: Any, denom: StepDenominator) -> ObjectiveOutput:
+    """The hidden-state term added to a micro-batch's objective (when the run distils hidden states)."""
+    if r.hidden is None:
+        return res
+    values = r.hidden(states, r.src.teacher.last_hidden)
+    term, metrics = hidden_term(values, batch.targets, objective, roles=batch.roles, tasks=batch.tasks,
+                                row_weights=batch.weights, denom=denom)
+    res.loss = res.loss + term
+    res.terms["hidden"] = term
+    res.metrics.update(metrics, total_loss=res.metrics["total_loss"] + float(term.detach()))
+    return res
 
 
 def _step_batches(r: _Run, step: int) -> tuple[list[kdata.Batch], bool]:
@@ -337,6 +360,10 @@ def _optimizer_step(r: _Run, step: int, batches: list[kdata.Batch], on_policy: b
         sums.add_output(out)
         if j == 0:
             _fault("mid_step", step + 1)
+    if r.hidden is not None and r.world > 1:  # outside DDP's wrapper: average the projections' gradients here
+        for p in r.hidden.parameters():
+            if p.grad is not None:
+                p.grad.copy_(acc.reduce(p.grad, "mean"))
     metrics: dict[str, float] = {}
     for hook in ([r.router] if r.router is not None else []) + grad_hooks:
         metrics.update(hook(acc.unwrap_model(r.model), step) or {})
@@ -385,6 +412,7 @@ class _Run:
     probes: list[Probe] = field(default_factory=list)
     early: EarlyStop | None = None
     router: Router | None = None
+    hidden: HiddenDistill | None = None
 
     @property
     def metrics_path(self) -> Path:
@@ -434,6 +462,9 @@ def _prepare(cfg: TrainConfig, run: Path, acc: Any, fresh: bool, log: Callable[[
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise TrainingError("the student has no trainable parameter")
+    hidden = _hidden_distill(cfg, model, src, acc.device)
+    if hidden is not None:  # the projections train with the student (after its parameters: one optimizer)
+        trainable = trainable + list(hidden.parameters())
     if fresh:
         save_file(trainable_state(model), str(run / "initial_trainable.safetensors"))
     o = cfg.optim
@@ -448,7 +479,7 @@ def _prepare(cfg: TrainConfig, run: Path, acc: Any, fresh: bool, log: Callable[[
         log(f"note: using the dense loss path ({why_not})")
     model, opt = acc.prepare(model, opt)
     r = _Run(cfg, acc, run, tokenizer, rows, val_rows, pad_id, len(tokenizer), model, trainable, opt, sched, src,
-             why_not is None, world, rank, global_batch, steps_per_epoch, total_steps)
+             why_not is None, world, rank, global_batch, steps_per_epoch, total_steps, hidden=hidden)
     if cfg.routing is not None:  # directions from the initial weights (a resume loads the saved ones)
         r.router = Router(unwrap(model), cfg.routing, tokenizer, pad_id)
     if cfg.probes is not None:
@@ -457,6 +488,17 @@ def _prepare(cfg: TrainConfig, run: Path, acc: Any, fresh: bool, log: Callable[[
     if acc.is_main_process:
         _write_run_meta(r, why_not)
     return r
+
+
+def _hidden_distill(cfg: TrainConfig, model: torch.nn.Module, src: Sources, device: torch.device
+                    ) -> HiddenDistill | None:
+    if cfg.objective.hidden is None:
+        return None
+    h = cfg.objective.hidden
+    s_cfg, t_cfg = unwrap(model).config, src.teacher.model.config
+    src.teacher.keep_hidden = tuple(sorted(set(h.layers.values())))
+    return HiddenDistill(h, s_cfg.hidden_size, t_cfg.hidden_size, s_cfg.num_hidden_layers,
+                         t_cfg.num_hidden_layers).to(device)
 
 
 def _write_run_meta(r: _Run, why_not: str | None) -> None:
@@ -480,8 +522,11 @@ def _restore(r: _Run, ckpt: Path | None, log: Callable[[str], None]) -> tuple[in
         epoch_sums.v.update(state["epoch_sums"])
         if r.early is not None:
             r.early.load(state["early_stop"])
+        extra = load_extra(ckpt)
         if r.router is not None:
-            r.router.load(load_extra(ckpt))
+            r.router.load(extra)
+        if r.hidden is not None:
+            r.hidden.load_state_dict({k[len("hidden."):]: v for k, v in extra.items() if k.startswith("hidden.")})
         o = r.cfg.optim
         r.sched = torch.optim.lr_scheduler.LambdaLR(r.opt, lr_lambda(o.schedule, o.warmup_steps, r.total_steps),
                                                     last_epoch=step - 1)
@@ -570,6 +615,9 @@ def train(
             f"the run would return its input unchanged (check optim.lr, the data's targets, the objective)")
     if acc.is_main_process:
         save_final(run, unwrapped, r.tokenizer, cfg, final_step)
+        if r.hidden is not None and len(r.hidden.proj):  # the run keeps its projections; a merged pack does not
+            save_file({k: v.detach().cpu().contiguous() for k, v in r.hidden.state_dict().items()},
+                      str(run / "final" / "hidden_projection.safetensors"))
     if cfg.logging.tensorboard:
         acc.end_training()
     return {"run_dir": str(run), "steps": final_step, "max_weight_change": drift,
@@ -661,7 +709,11 @@ def _stop_interrupted(r: _Run, step: int, state: dict[str, Any], last_ckpt: Path
 
 
 def _extra(r: _Run) -> dict[str, torch.Tensor] | None:
-    return r.router.state() if r.router is not None else None
+    """Loop state beside the model's weights: routing directions, hidden-state projections."""
+    out = r.router.state() if r.router is not None else {}
+    if r.hidden is not None:
+        out.update({f"hidden.{k}": v.detach().cpu().contiguous() for k, v in r.hidden.state_dict().items()})
+    return out or None
 
 
 def _drift(model: torch.nn.Module, initial_path: Path) -> float:
