@@ -1,0 +1,126 @@
+"""Distillation across tokenizers: align two tokenisations of one text, and compare distributions over two
+vocabularies.
+
+Alignment. Both tokenizers split the same text; a token's span is its characters (offsets). A boundary is
+a character index where a token starts (or the text ends); the boundaries both tokenisations share cut the
+text into spans, so every character lies in exactly one span. Each span's first student token and first
+teacher token are aligned: the student position predicting the one and the teacher position predicting
+the other see the same text before them and predict the same next characters. A completion's final EOS is
+aligned with the teacher's EOS. Special tokens without characters (BOS) never align.
+
+Losses at an aligned position, p_t over the teacher's vocabulary and p_s over the student's, both at
+temperature T:
+
+* ``uld`` (Universal Logit Distillation, Boizard et al. 2024): Σ_k |sort(p_t)_k − sort(p_s)_k|, both
+  sorted descending and the shorter zero-padded — it needs no shared token.
+* ``gold`` (as TRL's GOLD): tokens whose text is the same in both vocabularies are matched; the divergence
+  ``objective.kd.kind`` is taken over the matched tokens plus one bucket holding each side's unmatched
+  mass, and ULD is added over the unmatched probabilities. With identical tokenizers every token matches,
+  the buckets are empty and the loss is the same-tokenizer divergence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kdkit.losses import TopK, token_divergence
+
+CROSS_LOSSES = ("uld", "gold")
+
+
+def shared_boundaries(student: Sequence[tuple[int, int]], teacher: Sequence[tuple[int, int]], end: int) -> list[int]:
+    """Character indices where a token starts in both tokenisations, and the text's end, ascending."""
+    starts_s = {a for a, b in student if b > a}
+    starts_t = {a for a, b in teacher if b > a}
+    return sorted((starts_s & starts_t) | {end})
+
+
+def spans(student: Sequence[tuple[int, int]], teacher: Sequence[tuple[int, int]], end: int,
+          start: int = 0) -> list[tuple[int, int]]:
+    """The spans [c, c') between consecutive shared boundaries from ``start``: they cover every character of
+    [start, end) exactly once."""
+    cuts = [c for c in shared_boundaries(student, teacher, end) if c >= start]
+    if not cuts or cuts[0] != start:
+        cuts = [start, *cuts]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def align(student: Sequence[tuple[int, int]], teacher: Sequence[tuple[int, int]], targets: Sequence[int],
+          end: int) -> list[tuple[int, int]]:
+    """(student token index, teacher token index) of tokens that start a shared span, for the student's target
+    tokens ``targets`` (indices); positions predicting them are index − 1 on each side."""
+    first_t = {}
+    for i, (a, b) in enumerate(teacher):
+        if b > a:
+            first_t.setdefault(a, i)
+    cuts = set(shared_boundaries(student, teacher, end))
+    out = []
+    for j in targets:
+        a, b = student[j]
+        if b > a and a in cuts and a in first_t and first_t[a] > 0 and j > 0:
+            out.append((j, first_t[a]))
+    return out
+
+
+def uld(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Σ_k |sort(p_t)_k − sort(p_s)_k| per position ([N, V_s], [N, V_t] → [N]), float32."""
+    p_s = torch.softmax(student_logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+    p_t = torch.softmax(teacher_logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+    width = max(p_s.shape[-1], p_t.shape[-1])
+    p_s = torch.nn.functional.pad(p_s, (0, width - p_s.shape[-1]))
+    p_t = torch.nn.functional.pad(p_t, (0, width - p_t.shape[-1]))
+    return (p_t - p_s).abs().sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class VocabMap:
+    """Token ids with the same text in both vocabularies (``student[i]`` ↔ ``teacher[i]``)."""
+
+    student: Tensor
+    teacher: Tensor
+
+    @classmethod
+    def build(cls, student_tok: Any, teacher_tok: Any, student_vocab: int, teacher_vocab: int) -> VocabMap:
+        """Match tokens by their vocabulary strings, with the byte-level (``Ġ``, ``Ċ``) and SentencePiece
+        (``▁``) markers read as the space and newline they stand for; the first id wins a collision. Two
+        copies of one tokenizer match every token."""
+        def texts(tok: Any, n: int) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for i, piece in enumerate(tok.convert_ids_to_tokens(list(range(n)))):
+                if piece is not None:
+                    out.setdefault(piece.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\n"), i)
+            return out
+
+        s, t = texts(student_tok, student_vocab), texts(teacher_tok, teacher_vocab)
+        common = sorted(set(s) & set(t), key=lambda x: s[x])
+        return cls(torch.tensor([s[x] for x in common], dtype=torch.long),
+                   torch.tensor([t[x] for x in common], dtype=torch.long))
+
+
+def gold(student_logits: Tensor, teacher_logits: Tensor, vmap: VocabMap, kind: str, temperature: float = 1.0,
+         t2_scale: bool = True, beta: float = 0.5, alpha: float = 0.1) -> Tensor:
+    """The matched-token divergence (with an unmatched bucket per side) + ULD over the unmatched mass, [N]."""
+    lp_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    lp_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    ms, mt = vmap.student.to(lp_s.device), vmap.teacher.to(lp_t.device)
+    # the teacher's matched log-probs as a TopK over the student's matched ids: the bucket is the rest
+    teacher = TopK(ms.expand(lp_t.shape[0], -1), lp_t[:, mt])
+    div = token_divergence(student_logits, teacher, kind, temperature=temperature, t2_scale=t2_scale, beta=beta,
+                           alpha=alpha, tail="bucket")
+    rest_s = torch.ones(lp_s.shape[-1], dtype=torch.bool, device=lp_s.device)
+    rest_s[ms] = False
+    rest_t = torch.ones(lp_t.shape[-1], dtype=torch.bool, device=lp_t.device)
+    rest_t[mt] = False
+    if rest_s.any() or rest_t.any():
+        p_s = torch.exp(lp_s[:, rest_s]).sort(dim=-1, descending=True).values
+        p_t = torch.exp(lp_t[:, rest_t]).sort(dim=-1, descending=True).values
+        width = max(p_s.shape[-1], p_t.shape[-1])
+        diff = torch.nn.functional.pad(p_t, (0, width - p_t.shape[-1])) - torch.nn.functional.pad(
+            p_s, (0, width - p_s.shape[-1]))
+        div = div + diff.abs().sum(dim=-1)
+    return div
