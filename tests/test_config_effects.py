@@ -70,6 +70,7 @@ EFFECTS: dict[str, tuple[dict, typing.Any]] = {
     "objective.kd.t2_scale": ({**LIVE, "objective": {"kd": {"temperature": 2.0}}}, False),
     "objective.kd.beta": ({"objective": {"kd": {"kind": "jsd"}}}, 0.2),
     "objective.kd.alpha": ({"objective": {"kd": {"kind": "skew_fwd"}}}, 0.4),
+    "objective.kd.cross_tokenizer": (LIVE, "gold"),  # the teacher shares the tokenizer: refused naming the field
     "objective.kd.tail": ({"teacher": {"cache": "@cache16"}}, "renorm"),
     "objective.task_weights": ({}, {"T/1": 4.0}),
     "objective.roles.ce": (ROLES, False),

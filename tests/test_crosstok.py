@@ -96,3 +96,106 @@ def test_gold_across_vocabularies_splits_matched_and_unmatched_mass():
     s.requires_grad_(True)
     gold(s, t, vmap, "kl_fwd").sum().backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- training across tokenizers
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from tests.helpers import save_model_dir, tiny_llama, toy_rows, write_jsonl
+
+    root = tmp_path_factory.mktemp("crosstok_world")
+    save_model_dir(root / "student", seed=2, hidden=16)
+    save_model_dir(root / "same_teacher", seed=1, hidden=32)
+    bpe = bpe_tokenizer()
+    teacher = tiny_llama(len(bpe), seed=1, hidden=32)
+    with torch.no_grad():  # a confident teacher: a near-uniform one gives ULD no gradient (sorted vectors never cross)
+        teacher.lm_head.weight.mul_(40.0)
+    teacher.save_pretrained(str(root / "bpe_teacher"), safe_serialization=True)
+    bpe.save_pretrained(str(root / "bpe_teacher"))
+    write_jsonl(root / "train.jsonl", toy_rows(12))
+    return root
+
+
+def _cross_cfg(root, tmp, teacher: str, cross: str, **objective):
+    import yaml
+
+    from kdkit.config import load_train_config
+
+    body = {"student": {"path": str(root / "student")},
+            "teacher": {"model": str(root / teacher)},
+            "data": {"train": str(root / "train.jsonl"), "max_length": 96},
+            "objective": {"ce_coef": 0.0, "kd_weight": 1.0, "kd": {"cross_tokenizer": cross}, **objective},
+            "optim": {"lr": 1e-2, "micro_batch": 4, "epochs": 4, "schedule": "constant"},
+            "checkpoint": {"every": 0}}
+    p = tmp / f"cfg-{cross}-{teacher}.yaml"
+    p.write_text(yaml.safe_dump(body))
+    return load_train_config(p)
+
+
+@pytest.mark.parametrize("cross", ["gold", "uld"])
+def test_kd_across_tokenizers_falls_and_uses_aligned_positions(world, tmp_path, cross):
+    import json
+
+    from kdkit.train import train
+
+    train(_cross_cfg(world, tmp_path, "bpe_teacher", cross), tmp_path / "run", progress=False, log=lambda m: None)
+    epochs = [json.loads(x) for x in (tmp_path / "run" / "epochs.jsonl").read_text().splitlines()]
+    kl = [e["kl_loss"] for e in epochs]
+    assert kl[-1] < 0.9 * kl[0], kl
+    # only aligned positions carry KD: fewer than the target tokens (the BPE merges characters), more than none
+    from kdkit import data as kdata
+    from kdkit.models import load_causal_lm, load_tokenizer
+    from kdkit.teacher import CrossSignal
+
+    tok, bpe = load_tokenizer(world / "student"), load_tokenizer(world / "bpe_teacher")
+    rows, _ = kdata.load_dataset(tok, world / "train.jsonl", max_length=96, offsets=True)
+    sig = CrossSignal(load_causal_lm(world / "bpe_teacher"), bpe, rows, VocabMap.build(tok, bpe, len(tok), len(bpe)),
+                      cross)
+    batch = kdata.collate(rows[:4], tok.pad_token_id, [0, 1, 2, 3])
+    ct = sig(batch, None)
+    n_targets = int((batch.targets != -100).sum())
+    assert 4 <= len(ct.rows) < n_targets and ct.logits.shape == (len(ct.rows), len(bpe))
+    for b, p in zip(ct.rows.tolist(), ct.pos.tolist(), strict=True):
+        assert batch.targets[b, p] != -100  # every aligned position predicts a target token
+
+
+def test_the_cross_path_with_one_tokenizer_equals_the_same_tokenizer_kl(world):
+    from kdkit import data as kdata
+    from kdkit.config import ObjectiveConfig
+    from kdkit.models import load_causal_lm, load_tokenizer
+    from kdkit.objective import compute_objective
+    from kdkit.teacher import CrossSignal
+
+    tok = load_tokenizer(world / "student")
+    rows, _ = kdata.load_dataset(tok, world / "train.jsonl", max_length=96, offsets=True)
+    teacher, student = load_causal_lm(world / "same_teacher"), load_causal_lm(world / "student")
+    sig = CrossSignal(teacher, tok, rows, VocabMap.build(tok, tok, len(tok), len(tok)), "gold")
+    batch = kdata.collate(rows[:4], tok.pad_token_id, [0, 1, 2, 3])
+    with torch.no_grad():
+        s = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        t = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    cfg = ObjectiveConfig(ce_coef=0.0, kd={"kind": "kl_fwd", "temperature": 2.0})
+    cross = compute_objective(s, batch.targets, cfg, teacher=sig(batch, student))
+    same = compute_objective(s, batch.targets, cfg, teacher=t)
+    # every target token aligns with itself (the char tokenizer's prompt and completion split at a character)
+    assert cross.metrics["kd_tokens"] == same.metrics["kd_tokens"]
+    assert cross.metrics["total_loss"] == pytest.approx(same.metrics["total_loss"], rel=1e-5)
+
+
+def test_a_teacher_with_another_tokenizer_needs_a_cross_loss_and_vice_versa(world, tmp_path):
+    from kdkit import data as kdata
+    from kdkit.models import load_tokenizer
+    from kdkit.teacher import SourceError, check_sources
+
+    tok = load_tokenizer(world / "student")
+    rows, _ = kdata.load_dataset(tok, world / "train.jsonl", max_length=96)
+    with pytest.raises(SourceError, match="set objective.kd.cross_tokenizer: gold or uld"):
+        check_sources(_cross_cfg(world, tmp_path, "bpe_teacher", "none"), rows, tok, len(tok))
+    with pytest.raises(SourceError, match="objective.kd.cross_tokenizer: gold is for a teacher with another"):
+        check_sources(_cross_cfg(world, tmp_path, "same_teacher", "gold"), rows, tok, len(tok))
+    from kdkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="objective.kd.kind: uld compares sorted probabilities"):
+        _cross_cfg(world, tmp_path, "bpe_teacher", "uld", kd={"cross_tokenizer": "uld", "kind": "kl_rev"})

@@ -35,6 +35,9 @@ class DivergenceConfig(_Strict):
     beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd mixture weight (0 = kl_fwd, 1 = kl_rev)")
     alpha: float = Field(0.1, gt=0.0, lt=1.0, description="skew_fwd/skew_rev skew")
     tail: str = Field("bucket", description=f"top-K tail policy: {', '.join(TAIL_POLICIES)}")
+    cross_tokenizer: Literal["none", "uld", "gold"] = Field(
+        "none", description="a teacher with another tokenizer: uld (sorted-probability L1 at aligned positions) or "
+                            "gold (kind over the tokens both vocabularies share + uld on the rest); none: one tokenizer")
 
     @field_validator("kind")
     @classmethod
@@ -370,6 +373,7 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
         if cfg.teacher.model and _set(kd, "tail"):
             out.append(("objective.kd.tail", "a live teacher gives the dense distribution: there is no top-K tail"))
     out += _on_policy_without_effect(cfg)
+    out += _cross_without_effect(cfg)
     if cfg.objective.hidden is not None and (cfg.teacher is None or not cfg.teacher.model):
         out.append(("objective.hidden", "hidden states come from a live teacher: set teacher.model (a cache holds "
                                         "log-probs only)"))
@@ -395,6 +399,23 @@ def _routing_without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
             out.append(("routing.method", "routing.control is random: no direction is extracted"))
     elif _set(rt, "seed"):
         out.append(("routing.seed", "only the random control draws directions"))
+    return out
+
+
+def _cross_without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
+    kd, o = cfg.objective.kd, cfg.objective
+    if kd.cross_tokenizer == "none" or cfg.teacher is None:
+        return []
+    field = "objective.kd.cross_tokenizer"
+    if cfg.teacher.cache:
+        return [(field, "a cache of a teacher with another tokenizer is not supported yet: use teacher.model")]
+    out = []
+    if kd.cross_tokenizer == "uld":
+        out += [(f"objective.kd.{f}", "uld compares sorted probabilities: it takes no kind, beta or alpha")
+                for f in ("kind", "beta", "alpha") if _set(kd, f)]
+    for name, section in (("objective.hidden", o.hidden), ("objective.on_policy", o.on_policy)):
+        if section is not None:
+            out.append((name, f"needs one tokenizer for teacher and student; {field} is {kd.cross_tokenizer}"))
     return out
 
 

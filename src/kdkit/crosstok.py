@@ -104,13 +104,14 @@ class VocabMap:
 
 def gold(student_logits: Tensor, teacher_logits: Tensor, vmap: VocabMap, kind: str, temperature: float = 1.0,
          t2_scale: bool = True, beta: float = 0.5, alpha: float = 0.1) -> Tensor:
-    """The matched-token divergence (with an unmatched bucket per side) + ULD over the unmatched mass, [N]."""
+    """The matched-token divergence (with an unmatched bucket per side) + ULD over the unmatched mass, [N];
+    the sum × T² with ``t2_scale``."""
     lp_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     lp_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
     ms, mt = vmap.student.to(lp_s.device), vmap.teacher.to(lp_t.device)
     # the teacher's matched log-probs as a TopK over the student's matched ids: the bucket is the rest
     teacher = TopK(ms.expand(lp_t.shape[0], -1), lp_t[:, mt])
-    div = token_divergence(student_logits, teacher, kind, temperature=temperature, t2_scale=t2_scale, beta=beta,
+    div = token_divergence(student_logits, teacher, kind, temperature=temperature, t2_scale=False, beta=beta,
                            alpha=alpha, tail="bucket")
     rest_s = torch.ones(lp_s.shape[-1], dtype=torch.bool, device=lp_s.device)
     rest_s[ms] = False
@@ -123,4 +124,32 @@ def gold(student_logits: Tensor, teacher_logits: Tensor, vmap: VocabMap, kind: s
         diff = torch.nn.functional.pad(p_t, (0, width - p_t.shape[-1])) - torch.nn.functional.pad(
             p_s, (0, width - p_s.shape[-1]))
         div = div + diff.abs().sum(dim=-1)
-    return div
+    return div * (temperature * temperature) if t2_scale else div
+
+
+@dataclass(frozen=True)
+class CrossTeacher:
+    """A teacher with another tokenizer, at the aligned positions of a batch: its logits ``[N, V_t]`` and, for
+    each, the batch row and the student's prediction position; ``loss`` is ``uld`` or ``gold``."""
+
+    logits: Tensor
+    rows: Tensor
+    pos: Tensor
+    vmap: VocabMap
+    loss: str
+
+
+def cross_divergence(student_logits: Tensor, teacher: CrossTeacher, kind: str, temperature: float, t2_scale: bool,
+                     beta: float, alpha: float) -> tuple[Tensor, Tensor]:
+    """Per-position values ``[B, T]`` (0 where nothing is aligned) and the aligned-position mask."""
+    sel = student_logits[teacher.rows, teacher.pos]
+    if teacher.loss == "uld":
+        vals = uld(sel, teacher.logits, temperature) * (temperature * temperature if t2_scale else 1.0)
+    else:
+        vals = gold(sel, teacher.logits, teacher.vmap, kind, temperature, t2_scale, beta, alpha)
+    shape = student_logits.shape[:2]
+    out = torch.zeros(shape, dtype=torch.float32, device=student_logits.device).index_put(
+        (teacher.rows, teacher.pos), vals)
+    aligned = torch.zeros(shape, dtype=torch.bool, device=student_logits.device)
+    aligned[teacher.rows, teacher.pos] = True
+    return out, aligned

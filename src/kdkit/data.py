@@ -58,6 +58,8 @@ class TokenizedRow:
     weight: float = 1.0
     line: int = 0
     truncated: bool = False
+    text: str = ""  # with offsets (cross-tokenizer runs): the row's text and each token's character span in it
+    offsets: list[tuple[int, int]] | None = None
 
     @property
     def n_targets(self) -> int:
@@ -183,17 +185,51 @@ def tokenize_example(tokenizer: Any, path: Path, ex: Example) -> tuple[list[int]
     return ids, [True] * len(ids)
 
 
-def truncate(ids: list[int], mask: list[bool], max_length: int, side: str, bos_id: int | None
-             ) -> tuple[list[int], list[bool]]:
-    """Cut a row to ``max_length`` tokens. ``right`` drops the end; ``left`` drops the oldest tokens and
-    keeps the end (the completion, the latest turns), keeping a leading BOS token in place."""
+def kept_tokens(ids: list[int], max_length: int, side: str, bos_id: int | None) -> list[int]:
+    """The indices of the tokens a row keeps when cut to ``max_length``. ``right`` drops the end; ``left``
+    drops the oldest tokens and keeps the end (the completion, the latest turns), keeping a leading BOS."""
     if len(ids) <= max_length:
-        return ids, mask
+        return list(range(len(ids)))
     if side == "right":
-        return ids[:max_length], mask[:max_length]
+        return list(range(max_length))
     keep_bos = bos_id is not None and ids[0] == bos_id
     n = max_length - int(keep_bos)
-    return ids[:int(keep_bos)] + ids[-n:], mask[:int(keep_bos)] + mask[-n:]
+    return list(range(int(keep_bos))) + list(range(len(ids) - n, len(ids)))
+
+
+def truncate(ids: list[int], mask: list[bool], max_length: int, side: str, bos_id: int | None
+             ) -> tuple[list[int], list[bool]]:
+    """Cut a row to ``max_length`` tokens (see :func:`kept_tokens`)."""
+    keep = kept_tokens(ids, max_length, side, bos_id)
+    return [ids[i] for i in keep], [mask[i] for i in keep]
+
+
+def text_offsets(tokenizer: Any, path: Path, ex: Example, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The row's text and each of its tokens' character span (special tokens: an empty span), for aligning
+    two tokenisations of it. Prompt/completion and text rows only."""
+    if ex.format == "messages":
+        raise _err(path, ex.line, "messages", "cross-tokenizer distillation aligns one text: use prompt/completion "
+                   "or text rows (each tokenizer would render its own chat template)")
+
+    def enc(text: str, special: bool, shift: int) -> tuple[list[int], list[tuple[int, int]]]:
+        e = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+        return list(e["input_ids"]), [(a + shift, b + shift) if b > a else (shift, shift)
+                                      for a, b in e["offset_mapping"]]
+
+    if ex.format == "text":
+        text = ex.fields["text"]
+        got, offs = enc(text, True, 0)
+    else:
+        prompt, completion = ex.fields["prompt"], ex.fields["completion"]
+        text = prompt + completion
+        got, offs = enc(prompt, True, 0)
+        c_ids, c_offs = enc(completion, False, len(prompt))
+        got, offs = got + c_ids, offs + c_offs
+        if len(got) < len(ids):  # the EOS tokenize_example appended
+            got, offs = got + ids[len(got):], offs + [(len(text), len(text))] * (len(ids) - len(got))
+    if got != ids:
+        raise _err(path, ex.line, ex.format, "the tokenizer's offsets do not describe the row's tokens")
+    return text, offs
 
 
 def tokenize_rows(
@@ -204,12 +240,13 @@ def tokenize_rows(
     max_length: int,
     on_empty: str = "skip",
     truncation: str = "left",
+    offsets: bool = False,
 ) -> tuple[list[TokenizedRow], TokenizeReport]:
     """Tokenise, truncate to ``max_length`` tokens (see :func:`truncate`), and account for what was cut
     or skipped.
 
     ``on_empty``: ``skip`` drops rows left with no target token (reported by line),
-    ``error`` refuses them.
+    ``error`` refuses them. ``offsets``: also keep each row's text and its tokens' character spans.
     """
     if max_length < 2:
         raise DataError(f"max_length must be >= 2, got {max_length}")
@@ -222,9 +259,11 @@ def tokenize_rows(
     rep = TokenizeReport(truncation=truncation)
     for ex in examples:
         ids, mask = tokenize_example(tokenizer, path, ex)
+        text, offs = text_offsets(tokenizer, path, ex, ids) if offsets else ("", None)
         truncated = len(ids) > max_length
-        ids, mask = truncate(ids, mask, max_length, truncation, getattr(tokenizer, "bos_token_id", None))
-        row = TokenizedRow(ids, mask, ex.role, ex.task, ex.weight, ex.line, truncated)
+        keep = kept_tokens(ids, max_length, truncation, getattr(tokenizer, "bos_token_id", None))
+        row = TokenizedRow([ids[i] for i in keep], [mask[i] for i in keep], ex.role, ex.task, ex.weight, ex.line,
+                           truncated, text, [offs[i] for i in keep] if offs is not None else None)
         if row.n_targets == 0:
             if on_empty == "error":
                 what = "completion" if ex.format == "prompt_completion" else ex.format
@@ -242,10 +281,10 @@ def tokenize_rows(
 
 
 def load_dataset(tokenizer: Any, path: str | Path, *, max_length: int, on_empty: str = "skip",
-                 truncation: str = "left") -> tuple[list[TokenizedRow], TokenizeReport]:
+                 truncation: str = "left", offsets: bool = False) -> tuple[list[TokenizedRow], TokenizeReport]:
     """:func:`read_jsonl` + :func:`tokenize_rows`."""
     return tokenize_rows(tokenizer, path, read_jsonl(path), max_length=max_length, on_empty=on_empty,
-                         truncation=truncation)
+                         truncation=truncation, offsets=offsets)
 
 
 def data_fingerprint(rows: Iterable[TokenizedRow]) -> str:

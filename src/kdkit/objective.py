@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from kdkit.config import ObjectiveConfig
+from kdkit.crosstok import CrossTeacher, cross_divergence
 from kdkit.losses import TopK, aggregate, hinge, token_divergence
 
 IGNORE_INDEX = -100
@@ -148,7 +149,8 @@ def compute_objective(
         targets: LongTensor[B, T], ``-100`` where there is no loss.
         cfg: the objective configuration.
         teacher: dense logits Tensor[B, T, V] or TopK[B, T, K] aligned with the
-            positions; ``None`` for no KD (plain SFT).
+            positions, or a :class:`~kdkit.crosstok.CrossTeacher` (another tokenizer: KD at its aligned
+            positions only); ``None`` for no KD (plain SFT).
         reference: the barrier's reference, dense or TopK; required iff
             ``cfg.barrier`` is set.
         roles, tasks: per-row strings (length B); missing means ``"default"`` / ``""``.
@@ -191,12 +193,17 @@ def compute_objective(
 
     if teacher is not None and cfg.kd_weight > 0.0:
         kd_cfg = cfg.kd
-        div = token_divergence(
-            logits32, teacher, kd_cfg.kind, temperature=kd_cfg.temperature, t2_scale=kd_cfg.t2_scale,
-            beta=kd_cfg.beta, alpha=kd_cfg.alpha, tail=kd_cfg.tail,
-        )
-        row_kd = rw * task_w * kd_on
         kd_mask = valid_t & (kd_on[:, None] > 0)
+        if isinstance(teacher, CrossTeacher):  # another tokenizer: values at the aligned positions only
+            div, aligned = cross_divergence(logits32, teacher, kd_cfg.kind, kd_cfg.temperature, kd_cfg.t2_scale,
+                                            kd_cfg.beta, kd_cfg.alpha)
+            kd_mask = kd_mask & aligned
+        else:
+            div = token_divergence(
+                logits32, teacher, kd_cfg.kind, temperature=kd_cfg.temperature, t2_scale=kd_cfg.t2_scale,
+                beta=kd_cfg.beta, alpha=kd_cfg.alpha, tail=kd_cfg.tail,
+            )
+        row_kd = rw * task_w * kd_on
         div = torch.where(kd_mask, div, torch.zeros_like(div))
         terms["kd"] = cfg.kd_weight * (div * tok_w * row_kd[:, None]).sum() * inv
         loss = loss + terms["kd"]
@@ -225,7 +232,7 @@ def kd_metrics(div: Tensor, student_top: Tensor, teacher: Tensor | TopK, mask: T
     alike ([B, T] or [N]); ``teacher`` aligned with them."""
     n = int(mask.sum())
     out = {"kl_loss": _f(div[mask].sum()) / max(n, 1), "kd_tokens": float(n)}
-    if n == 0:
+    if n == 0 or isinstance(teacher, CrossTeacher):  # no shared ids: no top-1 agreement, no top-K tail
         return out
     if isinstance(teacher, TopK):
         best = teacher.logprobs.float().argmax(dim=-1, keepdim=True)

@@ -24,6 +24,7 @@ from torch import Tensor
 from kdkit import data as kdata
 from kdkit.cache import TeacherCache, verify_cache
 from kdkit.config import TrainConfig
+from kdkit.crosstok import CrossTeacher, VocabMap, align
 from kdkit.errors import KdkitError
 from kdkit.losses import TopK
 from kdkit.models import (
@@ -137,6 +138,56 @@ class AdapterOffSignal:
 
 
 @dataclass
+class CrossSignal:
+    """A live teacher with another tokenizer: each row's text tokenised its way, its positions aligned with
+    the student's by character offsets (:mod:`kdkit.crosstok`), its logits at the aligned positions."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    rows: list[kdata.TokenizedRow]
+    vmap: VocabMap
+    loss: str
+    what: str = "teacher"
+    scores_any_tokens: bool = False  # its rows are the dataset's: on-policy needs one tokenizer
+    _aligned: dict[int, tuple[list[int], list[tuple[int, int]]]] = field(default_factory=dict)
+
+    def _row(self, index: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """The teacher's ids of row ``index`` and its aligned (student token, teacher token) pairs."""
+        if index not in self._aligned:
+            row = self.rows[index]
+            enc = self.tokenizer(row.text, add_special_tokens=True, return_offsets_mapping=True)
+            ids, offs = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+            targets = [j for j, m in enumerate(row.loss_mask) if m]
+            pairs = align(row.offsets, offs, targets, len(row.text))
+            end = len(row.text)
+            if targets and row.offsets[targets[-1]] == (end, end) and self.tokenizer.eos_token_id is not None:
+                ids, offs = ids + [self.tokenizer.eos_token_id], offs + [(end, end)]
+                pairs.append((targets[-1], len(ids) - 1))  # both end the text: their EOS predictions align
+            self._aligned[index] = (ids, pairs)
+        return self._aligned[index]
+
+    @torch.no_grad()
+    def __call__(self, batch: kdata.Batch, student: torch.nn.Module) -> CrossTeacher:
+        seqs = [self._row(i) for i in batch.row_index]
+        width = max(len(ids) for ids, _ in seqs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        att = torch.zeros((len(seqs), width), dtype=torch.long)
+        for b, (t_ids, _) in enumerate(seqs):
+            ids[b, :len(t_ids)] = torch.tensor(t_ids)
+            att[b, :len(t_ids)] = 1
+        device = batch.input_ids.device
+        logits = self.model(input_ids=ids.to(device), attention_mask=att.to(device)).logits
+        logits = vocab_logits(logits, len(self.tokenizer), self.what)
+        rows = [b for b, (_, pairs) in enumerate(seqs) for _ in pairs]
+        s_pos = [j - 1 for _, pairs in seqs for j, _ in pairs]
+        t_pos = [i - 1 for _, pairs in seqs for _, i in pairs]
+        r = torch.tensor(rows, dtype=torch.long, device=device)
+        return CrossTeacher(logits[r, torch.tensor(t_pos, dtype=torch.long, device=device)], r,
+                            torch.tensor(s_pos, dtype=torch.long, device=device), self.vmap, self.loss)
+
+
+@dataclass
 class Sources:
     """The run's signals: the KD teacher and the barrier's reference (either may be absent)."""
 
@@ -145,7 +196,7 @@ class Sources:
 
     def modules(self) -> list[torch.nn.Module]:
         """The frozen models the sources hold (to move them to the run's device)."""
-        return [s.model for s in (self.teacher, self.reference) if isinstance(s, LiveSignal)]
+        return [s.model for s in (self.teacher, self.reference) if isinstance(s, LiveSignal | CrossSignal)]
 
 
 def _frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -155,17 +206,23 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _check_live_vocab(path: str, field: str, student_tok_sha: str, real_vocab: int) -> None:
-    """A live model must share the student's tokenizer and have a logit for every real token; rows past
-    the tokenizer's vocabulary (padding, possibly more than the student's) are dropped."""
+def _check_live_vocab(path: str, field: str, student_tok_sha: str, real_vocab: int, cross: str = "none") -> Any:
+    """A live model must share the student's tokenizer — or, with ``objective.kd.cross_tokenizer``, have
+    another one — and have a logit for every token of its own; rows past the tokenizer's vocabulary
+    (padding) are dropped. Returns the model's tokenizer."""
     tok = load_tokenizer(path)
-    if tokenizer_fingerprint(tok)["sha256"] != student_tok_sha:
+    same = tokenizer_fingerprint(tok)["sha256"] == student_tok_sha
+    if not same and cross == "none":
         raise SourceError(f"{field}: {path} has another tokenizer than the student (ids would mean different "
-                          f"text); kdkit distils between models that share a tokenizer")
+                          f"text); set objective.kd.cross_tokenizer: gold or uld to distil across tokenizers")
+    if same and cross != "none":
+        raise SourceError(f"objective.kd.cross_tokenizer: {cross} is for a teacher with another tokenizer, and "
+                          f"{path} shares the student's; use the same-tokenizer loss (cross_tokenizer: none)")
     cfg_path = Path(path) / "config.json"
     rows = json.loads(cfg_path.read_text()).get("vocab_size") if cfg_path.is_file() else None
-    if isinstance(rows, int) and rows < real_vocab:
-        raise SourceError(f"{field}: {path} has {rows} output rows but the tokenizer has {real_vocab} tokens")
+    if isinstance(rows, int) and rows < len(tok):
+        raise SourceError(f"{field}: {path} has {rows} output rows but its tokenizer has {len(tok)} tokens")
+    return tok
 
 
 def open_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, vocab_rows: int,
@@ -179,11 +236,13 @@ def open_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: An
     if t is not None and t.model:
         if verify:
             check_model_dir(t.model, "teacher.model:")
-        _check_live_vocab(t.model, "teacher.model", tok_sha, real_vocab)
+        cross = cfg.objective.kd.cross_tokenizer
+        t_tok = _check_live_vocab(t.model, "teacher.model", tok_sha, real_vocab, cross)
         check_quantisation(t.load_in, "teacher.load_in")
         if student is not None:
-            model = load_causal_lm(t.model, t.dtype, t.load_in, "teacher.load_in")
-            src.teacher = LiveSignal(_frozen(model), real_vocab, "teacher")
+            model = _frozen(load_causal_lm(t.model, t.dtype, t.load_in, "teacher.load_in"))
+            src.teacher = LiveSignal(model, real_vocab, "teacher") if cross == "none" else CrossSignal(
+                model, t_tok, rows, VocabMap.build(tokenizer, t_tok, real_vocab, len(t_tok)), cross)
     elif t is not None:
         src.teacher = CachedSignal.open(t.cache, rows, tok_sha, vocab_rows, cfg.objective.kd.temperature,
                                         "objective.kd.temperature", "teacher", verify)

@@ -260,6 +260,8 @@ def use_chunked(cfg: TrainConfig, model: torch.nn.Module) -> str | None:
         return "the barrier needs full logits"
     if cfg.routing is not None:
         return "routing's cin_t / cin_s need the CE and KD terms apart"
+    if cfg.objective.kd.cross_tokenizer != "none":
+        return "the cross-tokenizer loss compares whole distributions at aligned positions"
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return f"the LM head is a {type(head).__name__} (e.g. LoRA on lm_head), not a plain Linear"
@@ -446,7 +448,7 @@ def _prepare(cfg: TrainConfig, run: Path, acc: Any, fresh: bool, log: Callable[[
     tokenizer = load_tokenizer(cfg.student.path)
     d = cfg.data
     rows, rep = kdata.load_dataset(tokenizer, d.train, max_length=d.max_length, on_empty=d.on_empty,
-                                   truncation=d.truncation)
+                                   truncation=d.truncation, offsets=cfg.objective.kd.cross_tokenizer != "none")
     val_rows = (kdata.load_dataset(tokenizer, d.validation, max_length=d.max_length, truncation=d.truncation)[0]
                 if d.validation else [])
     log(f"data: {rep.summary(d.max_length)}")
