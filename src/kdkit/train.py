@@ -183,7 +183,8 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
 class Sums:
     """Token-weighted running sums, reduced across micro-batches and ranks."""
 
-    keys = ("total", "ce", "tok", "kl", "kd_tok", "barrier", "tail", "agree", "hidden", "hidden_tok", "steps")
+    keys = ("total", "ce", "tok", "kl", "kd_tok", "barrier", "tail", "tail_tok", "agree", "agree_tok", "hidden",
+            "hidden_tok", "steps")
     v: dict[str, float] = field(default_factory=lambda: dict.fromkeys(Sums.keys, 0.0))
 
     def add_output(self, out: ObjectiveOutput) -> None:
@@ -195,8 +196,11 @@ class Sums:
         self.v["kl"] += m.get("kl_loss", 0.0) * kd_tok
         self.v["kd_tok"] += kd_tok
         self.v["barrier"] += m.get("barrier", 0.0)
+        # a top-K teacher has a tail mass, a teacher with the same vocabulary a top-1 agreement
         self.v["tail"] += m.get("tail_mass", 0.0) * kd_tok
+        self.v["tail_tok"] += kd_tok if "tail_mass" in m else 0.0
         self.v["agree"] += m.get("top1_agree", 0.0) * kd_tok
+        self.v["agree_tok"] += kd_tok if "top1_agree" in m else 0.0
         self.v["hidden"] += m.get("hidden_loss", 0.0) * m.get("hidden_tokens", 0.0)
         self.v["hidden_tok"] += m.get("hidden_tokens", 0.0)
 
@@ -209,8 +213,11 @@ class Sums:
         out = {"total_loss": self.v["total"] / steps, "ce_loss": self.v["ce"] / max(self.v["tok"], 1.0),
                "barrier": self.v["barrier"] / steps}
         if self.v["kd_tok"]:
-            out.update(kl_loss=self.v["kl"] / self.v["kd_tok"], tail_mass=self.v["tail"] / self.v["kd_tok"],
-                       top1_agree=self.v["agree"] / self.v["kd_tok"])
+            out["kl_loss"] = self.v["kl"] / self.v["kd_tok"]
+        if self.v["tail_tok"]:
+            out["tail_mass"] = self.v["tail"] / self.v["tail_tok"]
+        if self.v["agree_tok"]:
+            out["top1_agree"] = self.v["agree"] / self.v["agree_tok"]
         if self.v["hidden_tok"]:
             out["hidden_loss"] = self.v["hidden"] / self.v["hidden_tok"]
         return out
