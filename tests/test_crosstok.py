@@ -199,3 +199,30 @@ def test_a_teacher_with_another_tokenizer_needs_a_cross_loss_and_vice_versa(worl
 
     with pytest.raises(ConfigError, match="objective.kd.kind: uld compares sorted probabilities"):
         _cross_cfg(world, tmp_path, "bpe_teacher", "uld", kd={"cross_tokenizer": "uld", "kind": "kl_rev"})
+
+
+def test_resume_of_a_cross_tokenizer_run_is_bitwise_exact(world, tmp_path):
+    import json
+
+    import yaml
+
+    from kdkit.train import train
+    from tests.helpers import kill_then_resume
+
+    cfg = _cross_cfg(world, tmp_path, "bpe_teacher", "gold", ce_coef=1.0)
+    raw = cfg.model_dump(mode="json")
+    raw["checkpoint"] = {"every": 3, "keep": 2}
+    raw["student"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    from kdkit.config import load_train_config
+
+    train(load_train_config(path), tmp_path / "full", progress=False, log=lambda m: None)
+    kill_then_resume(path, tmp_path / "killed", "after_step:5")
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "full" / "final" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "final" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("full", "killed")]
+    assert [json.loads(x)["total_loss"] for x in rows[0]] == [json.loads(x)["total_loss"] for x in rows[1]]
