@@ -118,18 +118,18 @@ def world(tmp_path_factory):
     return root
 
 
-def _cross_cfg(root, tmp, teacher: str, cross: str, **objective):
+def _cross_cfg(root, tmp, teacher: str, cross: str, cache=None, **objective):
     import yaml
 
     from kdkit.config import load_train_config
 
     body = {"student": {"path": str(root / "student")},
-            "teacher": {"model": str(root / teacher)},
+            "teacher": {"cache": str(cache)} if cache else {"model": str(root / teacher)},
             "data": {"train": str(root / "train.jsonl"), "max_length": 96},
             "objective": {"ce_coef": 0.0, "kd_weight": 1.0, "kd": {"cross_tokenizer": cross}, **objective},
             "optim": {"lr": 1e-2, "micro_batch": 4, "epochs": 4, "schedule": "constant"},
             "checkpoint": {"every": 0}}
-    p = tmp / f"cfg-{cross}-{teacher}.yaml"
+    p = tmp / f"cfg-{cross}-{teacher}-{len(list(tmp.glob('cfg-*')))}.yaml"
     p.write_text(yaml.safe_dump(body))
     return load_train_config(p)
 
@@ -226,3 +226,66 @@ def test_resume_of_a_cross_tokenizer_run_is_bitwise_exact(world, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("full", "killed")]
     assert [json.loads(x)["total_loss"] for x in rows[0]] == [json.loads(x)["total_loss"] for x in rows[1]]
+
+
+@pytest.mark.parametrize("cross", ["gold", "uld"])
+def test_a_cross_tokenizer_cache_at_full_k_equals_the_live_teacher(world, tmp_path, cross):
+    from kdkit import data as kdata
+    from kdkit.cache.precompute import PrecomputeSettings, precompute
+    from kdkit.config import ObjectiveConfig
+    from kdkit.models import load_causal_lm, load_tokenizer
+    from kdkit.objective import compute_objective
+    from kdkit.teacher import CrossSignal, open_sources
+
+    bpe = load_tokenizer(world / "bpe_teacher")
+    precompute(world / "bpe_teacher", world / "train.jsonl", tmp_path / "cache",
+               PrecomputeSettings(top_k=len(bpe), logprob_dtype="float32", max_length=96, temperature=2.0,
+                                  student_tokenizer=str(world / "student")), progress=False, log=lambda m: None)
+    cfg = _cross_cfg(world, tmp_path, "bpe_teacher", cross, cache=tmp_path / "cache",
+                     kd={"cross_tokenizer": cross, "temperature": 2.0})
+    tok = load_tokenizer(world / "student")
+    rows, _ = kdata.load_dataset(tok, world / "train.jsonl", max_length=96, offsets=True)
+    cached = open_sources(cfg, rows, tok, len(tok), student=load_causal_lm(world / "student")).teacher
+    live = CrossSignal(load_causal_lm(world / "bpe_teacher"), bpe, rows, cached.cross[0], cross)
+    student = load_causal_lm(world / "student")
+    batch = kdata.collate(rows[:4], tok.pad_token_id, [0, 1, 2, 3])
+    with torch.no_grad():
+        s = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    ocfg = ObjectiveConfig(ce_coef=0.0, kd={"cross_tokenizer": cross, "temperature": 2.0})
+    a = compute_objective(s, batch.targets, ocfg, teacher=cached(batch, student))
+    b = compute_objective(s, batch.targets, ocfg, teacher=live(batch, student))
+    assert a.metrics["kd_tokens"] == b.metrics["kd_tokens"] > 0
+    assert a.metrics["total_loss"] == pytest.approx(b.metrics["total_loss"], rel=1e-4)
+
+
+def test_training_from_a_cross_tokenizer_cache_and_the_refusals(world, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from kdkit.cli import app
+    from kdkit.train import train
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["precompute", "--teacher", str(world / "bpe_teacher"), "--data",
+                              str(world / "train.jsonl"), "--out", str(tmp_path / "cache"), "--top-k", "16",
+                              "--max-length", "96", "--student-tokenizer", str(world / "student"), "--no-progress"],
+                        terminal_width=300)
+    assert res.exit_code == 0, res.output
+    cfg = _cross_cfg(world, tmp_path, "bpe_teacher", "gold", cache=tmp_path / "cache")
+    train(cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    kl = [json.loads(x)["kl_loss"] for x in (tmp_path / "run" / "epochs.jsonl").read_text().splitlines()]
+    assert kl[-1] < 0.9 * kl[0], kl
+    from kdkit import data as kdata
+    from kdkit.models import load_tokenizer
+    from kdkit.teacher import SourceError, check_sources
+
+    tok = load_tokenizer(world / "student")
+    rows, _ = kdata.load_dataset(tok, world / "train.jsonl", max_length=96)
+    cfg = _cross_cfg(world, tmp_path, "bpe_teacher", "none", cache=tmp_path / "cache")
+    with pytest.raises(SourceError, match="holds a teacher with another tokenizer; set objective.kd.cross_tokenizer"):
+        check_sources(cfg, rows, tok, len(tok))
+    same = runner.invoke(app, ["precompute", "--teacher", str(world / "same_teacher"), "--data",
+                               str(world / "train.jsonl"), "--out", str(tmp_path / "c2"), "--student-tokenizer",
+                               str(world / "student")], terminal_width=300)
+    assert same.exit_code == 2 and "the teacher has the same tokenizer" in same.output

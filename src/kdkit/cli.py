@@ -141,6 +141,7 @@ def precompute_cmd(
     logprob_dtype: str = typer.Option("float16", help="Stored log-probs: float16 (default), float32, or uint8 — lossy, opt-in: 8 bits per log-prob on a per-position scale (about 60 fewer bytes per token at K = 64; its KL error is in docs/benchmarks.md)."),
     shard_rows: int = typer.Option(256, help="Rows per shard (the unit of resumption)."),
     on_empty: str = typer.Option(None, help="Rows with no target token: 'skip' (default; reported) or 'error'."),
+    student_tokenizer: str = typer.Option(None, help="A student whose tokenizer differs from the teacher's (its model directory): the rows are read with it and the teacher's top-K is stored at the positions aligned by characters (for objective.kd.cross_tokenizer). With --config: the config's student.path when its cross_tokenizer is set."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Run the teacher once over DATA and store its top-K log-probs, tail mass and statistics in OUT.
@@ -149,16 +150,19 @@ def precompute_cmd(
     from kdkit.cache.precompute import PrecomputeSettings, precompute
 
     given = {"--teacher": teacher, "--data": data, "--out": out, "--temperature": temperature,
-             "--max-length": max_length, "--truncation": truncation, "--on-empty": on_empty}
+             "--max-length": max_length, "--truncation": truncation, "--on-empty": on_empty,
+             "--student-tokenizer": student_tokenizer}
     v = _precompute_inputs(given, config) if config else {
         **given, "--temperature": 1.0 if temperature is None else temperature,
-        "--max-length": max_length or 1024, "--truncation": truncation or "left", "--on-empty": on_empty or "skip"}
+        "--max-length": max_length or 1024, "--truncation": truncation or "left", "--on-empty": on_empty or "skip",
+        "--student-tokenizer": student_tokenizer}
     missing = [k for k in ("--teacher", "--data", "--out") if not v[k]]
     if missing:
         fail(f"missing {', '.join(missing)} (or give --config with a training config that names them)")
     settings = PrecomputeSettings(top_k=top_k, temperature=v["--temperature"], batch_size=batch_size,
                                   max_length=v["--max-length"], dtype=dtype, logprob_dtype=logprob_dtype,
-                                  shard_rows=shard_rows, on_empty=v["--on-empty"], truncation=v["--truncation"])
+                                  shard_rows=shard_rows, on_empty=v["--on-empty"], truncation=v["--truncation"],
+                                  student_tokenizer=v["--student-tokenizer"])
     precompute(v["--teacher"], v["--data"], v["--out"], settings, progress=progress, log=console.print)
 
 
@@ -169,15 +173,18 @@ def _precompute_inputs(given: dict[str, Any], config: str) -> dict[str, Any]:
     declared = {"--teacher": t.model if t is not None else None, "--data": cfg.data.train,
                 "--out": t.cache if t is not None else None, "--temperature": cfg.objective.kd.temperature,
                 "--max-length": cfg.data.max_length, "--truncation": cfg.data.truncation,
-                "--on-empty": cfg.data.on_empty}
+                "--on-empty": cfg.data.on_empty,
+                "--student-tokenizer": cfg.student.path if cfg.objective.kd.cross_tokenizer != "none" else None}
     fields = {"--teacher": "teacher.model", "--data": "data.train", "--out": "teacher.cache",
               "--temperature": "objective.kd.temperature", "--max-length": "data.max_length",
-              "--truncation": "data.truncation", "--on-empty": "data.on_empty"}
+              "--truncation": "data.truncation", "--on-empty": "data.on_empty",
+              "--student-tokenizer": "student.path"}
     for opt, value in given.items():
         if value is None:
             continue
-        same = (declared[opt] is None or (str(_P(value).resolve()) == declared[opt] if opt in ("--teacher", "--data",
-                                                                                               "--out") else value == declared[opt]))
+        paths = ("--teacher", "--data", "--out", "--student-tokenizer")
+        same = declared[opt] is None or (str(_P(value).resolve()) == declared[opt] if opt in paths
+                                         else value == declared[opt])
         if not same:
             fail(f"{opt} {value!r} differs from {config}'s {fields[opt]} ({declared[opt]!r}); the cache must be "
                  f"captured as the run will use it — leave {opt} out or change the config")

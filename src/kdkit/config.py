@@ -407,8 +407,6 @@ def _cross_without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
     if kd.cross_tokenizer == "none" or cfg.teacher is None:
         return []
     field = "objective.kd.cross_tokenizer"
-    if cfg.teacher.cache:
-        return [(field, "a cache of a teacher with another tokenizer is not supported yet: use teacher.model")]
     out = []
     if kd.cross_tokenizer == "uld":
         out += [(f"objective.kd.{f}", "uld compares sorted probabilities: it takes no kind, beta or alpha")

@@ -67,6 +67,21 @@ def align(student: Sequence[tuple[int, int]], teacher: Sequence[tuple[int, int]]
     return out
 
 
+def teacher_view(text: str, offsets: Sequence[tuple[int, int]], loss_mask: Sequence[bool], tokenizer: Any
+                 ) -> tuple[list[int], list[tuple[int, int]]]:
+    """The teacher tokenizer's ids for a student row's text, and the aligned (student token, teacher token)
+    pairs over the row's targets; a row that ends in EOS gets the teacher's EOS, the two aligned."""
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offs = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    targets = [j for j, m in enumerate(loss_mask) if m]
+    pairs = align(offsets, offs, targets, len(text))
+    end = len(text)
+    if targets and tuple(offsets[targets[-1]]) == (end, end) and tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+        pairs.append((targets[-1], len(ids) - 1))  # both end the text: their EOS predictions align
+    return ids, pairs
+
+
 def uld(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Σ_k |sort(p_t)_k − sort(p_s)_k| per position ([N, V_s], [N, V_t] → [N]), float32."""
     p_s = torch.softmax(student_logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
@@ -153,3 +168,56 @@ def cross_divergence(student_logits: Tensor, teacher: CrossTeacher, kind: str, t
     aligned = torch.zeros(shape, dtype=torch.bool, device=student_logits.device)
     aligned[teacher.rows, teacher.pos] = True
     return out, aligned
+
+
+@dataclass(frozen=True)
+class CrossTopK:
+    """A cached teacher with another tokenizer: its top-K ids (its vocabulary) and log-probs at the student's
+    prediction positions (``-inf`` where no teacher position aligned), with the stored tail mass."""
+
+    topk: TopK
+    vmap: VocabMap
+    loss: str
+
+
+def _sorted_l1(a: Tensor, b: Tensor) -> Tensor:
+    """Σ_k |a_k − b_k| of two descending probability vectors, the shorter zero-padded, [N]."""
+    width = max(a.shape[-1], b.shape[-1])
+    return (torch.nn.functional.pad(a, (0, width - a.shape[-1])) -
+            torch.nn.functional.pad(b, (0, width - b.shape[-1]))).abs().sum(dim=-1)
+
+
+def cross_topk_divergence(student_logits: Tensor, teacher: CrossTopK, kind: str, temperature: float,
+                          t2_scale: bool, beta: float, alpha: float) -> tuple[Tensor, Tensor]:
+    """:func:`cross_divergence` for a top-K teacher. ``uld``: the teacher's K sorted probabilities against the
+    student's K largest, plus |teacher tail − student rest|. ``gold``: ``kind`` over the teacher's matched top-K
+    entries with one bucket per side for everything else, plus ULD between the teacher's unmatched top-K
+    probabilities and the student's largest unmatched ones. At K = the teacher's vocabulary both equal the
+    live losses."""
+    tk = teacher.topk
+    aligned = torch.isfinite(tk.logprobs).any(dim=-1)
+    s = student_logits[aligned].float()
+    ids, lp, tail = tk.ids[aligned].long(), tk.logprobs[aligned].float(), tk.tail_logmass()[aligned]
+    p_s = torch.softmax(s / temperature, dim=-1)
+    if teacher.loss == "uld":
+        top_s = p_s.topk(min(ids.shape[-1], p_s.shape[-1]), dim=-1).values
+        vals = _sorted_l1(torch.exp(lp), top_s) + (torch.exp(tail) - (1.0 - top_s.sum(-1))).abs()
+    else:
+        lookup = torch.full((max(int(ids.max()) if ids.numel() else 0, int(teacher.vmap.teacher.max())) + 1,), -1,
+                            dtype=torch.long, device=ids.device)
+        lookup[teacher.vmap.teacher.to(ids.device)] = teacher.vmap.student.to(ids.device)
+        sid = lookup[ids]
+        matched = sid >= 0
+        # matched entries first (at most V_s of them: the map is one-to-one), so K may exceed V_s
+        first = torch.argsort((~matched).to(torch.int8), dim=-1, stable=True)[:, :min(ids.shape[-1], s.shape[-1])]
+        m_ids, m_ok = torch.gather(sid, -1, first), torch.gather(matched, -1, first)
+        m_lp = torch.where(m_ok, torch.gather(lp, -1, first), torch.full_like(m_ids, float("-inf"), dtype=lp.dtype))
+        vals = token_divergence(s, TopK(torch.where(m_ok, m_ids, torch.zeros_like(m_ids)), m_lp), kind,
+                                temperature=temperature, t2_scale=False, beta=beta, alpha=alpha, tail="bucket")
+        rest_s = p_s.clone()
+        rest_s[:, teacher.vmap.student.to(ids.device)] = 0.0  # the student's unmatched probabilities
+        t_rest = torch.where(matched, torch.zeros_like(lp), torch.exp(lp)).sort(dim=-1, descending=True).values
+        vals = vals + _sorted_l1(t_rest, rest_s.topk(min(ids.shape[-1], rest_s.shape[-1]), dim=-1).values)
+    vals = vals * (temperature * temperature) if t2_scale else vals
+    out = torch.zeros(aligned.shape, dtype=torch.float32, device=student_logits.device)
+    return out.masked_scatter(aligned, vals), aligned

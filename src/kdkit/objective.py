@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from kdkit.config import ObjectiveConfig
-from kdkit.crosstok import CrossTeacher, cross_divergence
+from kdkit.crosstok import CrossTeacher, CrossTopK, cross_divergence, cross_topk_divergence
 from kdkit.losses import TopK, aggregate, hinge, token_divergence
 
 IGNORE_INDEX = -100
@@ -194,9 +194,10 @@ def compute_objective(
     if teacher is not None and cfg.kd_weight > 0.0:
         kd_cfg = cfg.kd
         kd_mask = valid_t & (kd_on[:, None] > 0)
-        if isinstance(teacher, CrossTeacher):  # another tokenizer: values at the aligned positions only
-            div, aligned = cross_divergence(logits32, teacher, kd_cfg.kind, kd_cfg.temperature, kd_cfg.t2_scale,
-                                            kd_cfg.beta, kd_cfg.alpha)
+        if isinstance(teacher, CrossTeacher | CrossTopK):  # another tokenizer: values at the aligned positions
+            fn = cross_divergence if isinstance(teacher, CrossTeacher) else cross_topk_divergence
+            div, aligned = fn(logits32, teacher, kd_cfg.kind, kd_cfg.temperature, kd_cfg.t2_scale, kd_cfg.beta,
+                              kd_cfg.alpha)
             kd_mask = kd_mask & aligned
         else:
             div = token_divergence(
@@ -232,7 +233,7 @@ def kd_metrics(div: Tensor, student_top: Tensor, teacher: Tensor | TopK, mask: T
     alike ([B, T] or [N]); ``teacher`` aligned with them."""
     n = int(mask.sum())
     out = {"kl_loss": _f(div[mask].sum()) / max(n, 1), "kd_tokens": float(n)}
-    if n == 0 or isinstance(teacher, CrossTeacher):  # no shared ids: no top-1 agreement, no top-K tail
+    if n == 0 or isinstance(teacher, CrossTeacher | CrossTopK):  # no shared ids: no top-1 agreement, no top-K tail
         return out
     if isinstance(teacher, TopK):
         best = teacher.logprobs.float().argmax(dim=-1, keepdim=True)

@@ -24,7 +24,7 @@ from torch import Tensor
 from kdkit import data as kdata
 from kdkit.cache import TeacherCache, verify_cache
 from kdkit.config import TrainConfig
-from kdkit.crosstok import CrossTeacher, VocabMap, align
+from kdkit.crosstok import CrossTeacher, CrossTopK, VocabMap, teacher_view
 from kdkit.errors import KdkitError
 from kdkit.losses import TopK
 from kdkit.models import (
@@ -71,6 +71,7 @@ class CachedSignal:
     rows: list[kdata.TokenizedRow]
     what: str = "teacher"
     scores_any_tokens: bool = False
+    cross: tuple[VocabMap, str] | None = None  # a teacher with another tokenizer: the vocabulary map, the loss
 
     @classmethod
     def open(cls, path: str, rows: list[kdata.TokenizedRow], tok_sha: str, vocab_rows: int, temperature: float,
@@ -93,11 +94,13 @@ class CachedSignal:
                 f"a top-K distribution cannot be re-tempered — precompute again or set {field}={cache.temperature}")
         return cls(cache, rows, what)
 
-    def __call__(self, batch: kdata.Batch, student: torch.nn.Module) -> TopK:
-        expected = [self.rows[i].loss_positions() for i in batch.row_index]
+    def __call__(self, batch: kdata.Batch, student: torch.nn.Module) -> TopK | CrossTopK:
+        # a cross-tokenizer cache holds the aligned positions only (a subset of the targets)
+        expected = None if self.cross else [self.rows[i].loss_positions() for i in batch.row_index]
         tk = self.cache.topk_batch(batch.row_index, batch.targets.shape[1], expected)
         device = batch.input_ids.device
-        return TopK(tk.ids.to(device), tk.logprobs.to(device), tk.tail.to(device))
+        topk = TopK(tk.ids.to(device), tk.logprobs.to(device), tk.tail.to(device))
+        return topk if self.cross is None else CrossTopK(topk, *self.cross)
 
 
 @dataclass
@@ -155,15 +158,7 @@ class CrossSignal:
         """The teacher's ids of row ``index`` and its aligned (student token, teacher token) pairs."""
         if index not in self._aligned:
             row = self.rows[index]
-            enc = self.tokenizer(row.text, add_special_tokens=True, return_offsets_mapping=True)
-            ids, offs = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-            targets = [j for j, m in enumerate(row.loss_mask) if m]
-            pairs = align(row.offsets, offs, targets, len(row.text))
-            end = len(row.text)
-            if targets and row.offsets[targets[-1]] == (end, end) and self.tokenizer.eos_token_id is not None:
-                ids, offs = ids + [self.tokenizer.eos_token_id], offs + [(end, end)]
-                pairs.append((targets[-1], len(ids) - 1))  # both end the text: their EOS predictions align
-            self._aligned[index] = (ids, pairs)
+            self._aligned[index] = teacher_view(row.text, row.offsets, row.loss_mask, self.tokenizer)
         return self._aligned[index]
 
     @torch.no_grad()
@@ -221,8 +216,25 @@ def _check_live_vocab(path: str, field: str, student_tok_sha: str, real_vocab: i
     cfg_path = Path(path) / "config.json"
     rows = json.loads(cfg_path.read_text()).get("vocab_size") if cfg_path.is_file() else None
     if isinstance(rows, int) and rows < len(tok):
-        raise SourceError(f"{field}: {path} has {rows} output rows but its tokenizer has {len(tok)} tokens")
+        raise SourceError(f"{field}: {path} has {rows} output rows but the tokenizer has {len(tok)} tokens")
     return tok
+
+
+def _cache_cross(cache: TeacherCache, tokenizer: Any, cross: str) -> tuple[VocabMap, str] | None:
+    """A cache of a teacher with another tokenizer needs a cross-tokenizer loss, and the reverse."""
+    from kdkit.cache.precompute import TEACHER_TOKENIZER
+
+    is_cross = "teacher_tokenizer" in cache.components
+    if is_cross and cross == "none":
+        raise SourceError(f"teacher.cache: {cache.path} holds a teacher with another tokenizer; set "
+                          f"objective.kd.cross_tokenizer: gold or uld")
+    if not is_cross and cross != "none":
+        raise SourceError(f"objective.kd.cross_tokenizer: {cross} is for a teacher with another tokenizer, and the "
+                          f"cache {cache.path} was captured with the student's; use cross_tokenizer: none")
+    if not is_cross:
+        return None
+    t_tok = load_tokenizer(cache.path / TEACHER_TOKENIZER)
+    return VocabMap.build(tokenizer, t_tok, len(tokenizer), len(t_tok)), cross
 
 
 def open_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, vocab_rows: int,
@@ -246,6 +258,7 @@ def open_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: An
     elif t is not None:
         src.teacher = CachedSignal.open(t.cache, rows, tok_sha, vocab_rows, cfg.objective.kd.temperature,
                                         "objective.kd.temperature", "teacher", verify)
+        src.teacher.cross = _cache_cross(src.teacher.cache, tokenizer, cfg.objective.kd.cross_tokenizer)
     if ref is not None and ref.kind == "model":
         if verify:
             check_model_dir(ref.path, "reference.path:")

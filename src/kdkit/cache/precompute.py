@@ -43,6 +43,7 @@ from kdkit.losses import TopK
 from kdkit.models import load_causal_lm, load_tokenizer, model_fingerprint, sha256_file, tokenizer_fingerprint, vocab_logits
 
 FAULT_ENV = "KDKIT_FAULT_PRECOMPUTE"
+TEACHER_TOKENIZER = "teacher_tokenizer"  # a cross-tokenizer cache keeps the teacher's tokenizer here
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class PrecomputeSettings:
     shard_rows: int = 256
     on_empty: str = "skip"
     truncation: str = "left"
+    student_tokenizer: str | None = None  # a student with another tokenizer: cache at its aligned positions
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -115,16 +117,45 @@ def teacher_topk(model: Any, batch: kdata.Batch, top_k: int, temperature: float,
     return tk, tk.tail_logmass(), entropy
 
 
+@torch.no_grad()
+def _cross_batch(model: Any, rows: list[kdata.TokenizedRow], teacher_tok: Any, s: PrecomputeSettings,
+                 real_vocab: int) -> tuple[list[np.ndarray], TopK, torch.Tensor, torch.Tensor]:
+    """A teacher with another tokenizer over student rows: each row's text tokenised the teacher's way and its
+    top-K taken at the positions aligned with the student's targets (``kdkit.crosstok``). Returns the student
+    prediction positions per row and the TopK, log tail mass and entropy, row-major."""
+    from kdkit.crosstok import teacher_view
+
+    views = [teacher_view(r.text, r.offsets, r.loss_mask, teacher_tok) for r in rows]
+    width = max(len(ids) for ids, _ in views)
+    pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    att = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, (t_ids, _) in enumerate(views):
+        ids[b, :len(t_ids)], att[b, :len(t_ids)] = torch.tensor(t_ids), 1
+    logits = vocab_logits(model(input_ids=ids, attention_mask=att).logits, real_vocab, "teacher")
+    order = [sorted(pairs) for _, pairs in views]
+    sel_b = torch.tensor([b for b, pairs in enumerate(order) for _ in pairs], dtype=torch.long)
+    sel_t = torch.tensor([i - 1 for pairs in order for _, i in pairs], dtype=torch.long)
+    lp = torch.log_softmax(logits[sel_b, sel_t].float() / s.temperature, dim=-1)
+    vals, top = lp.topk(min(s.top_k, lp.shape[-1]), dim=-1, sorted=True)
+    tk = TopK(ids=top, logprobs=vals)
+    pos = [np.asarray([j - 1 for j, _ in pairs], dtype=np.int32) for pairs in order]
+    return pos, tk, tk.tail_logmass(), -(lp.exp() * lp).sum(-1)
+
+
 def _shard_bytes(rows: list[kdata.TokenizedRow], model: Any, s: PrecomputeSettings, vocab: int, real_vocab: int,
-                 pad_id: int, on_tokens: Callable[[int], None]) -> tuple[bytes, dict[str, Any]]:
+                 pad_id: int, on_tokens: Callable[[int], None], teacher_tok: Any = None) -> tuple[bytes, dict[str, Any]]:
     per_row: list[tuple[np.ndarray, ...] | None] = [None] * len(rows)
     ent_sum = 0.0
     for idx in kdata.length_sorted_batches([len(r.input_ids) for r in rows], s.batch_size):
-        batch = kdata.collate([rows[i] for i in idx], pad_id)
-        tk, tail, ent = teacher_topk(model, batch, s.top_k, s.temperature, real_vocab)
+        if teacher_tok is not None:  # another tokenizer: the positions are the aligned ones
+            positions, tk, tail, ent = _cross_batch(model, [rows[i] for i in idx], teacher_tok, s, real_vocab)
+        else:
+            tk, tail, ent = teacher_topk(model, kdata.collate([rows[i] for i in idx], pad_id), s.top_k,
+                                         s.temperature, real_vocab)
+            positions = [rows[i].loss_positions() for i in idx]
         start = 0
-        for i in idx:
-            pos = rows[i].loss_positions()
+        for i, pos in zip(idx, positions, strict=True):
             seg = slice(start, start + len(pos))
             start += len(pos)
             per_row[i] = (
@@ -214,6 +245,16 @@ def _read_sidecar(path: Path) -> dict[str, Any] | None:
     return side if isinstance(side, dict) else None
 
 
+def _data_tokenizer(teacher_tok: Any, student: str | None) -> tuple[Any, bool]:
+    """The tokenizer the data is read with — the student's when it has another one — and whether it does."""
+    if student is None:
+        return teacher_tok, False
+    student_tok = load_tokenizer(student)
+    if tokenizer_fingerprint(student_tok)["sha256"] == tokenizer_fingerprint(teacher_tok)["sha256"]:
+        raise UsageError(f"--student-tokenizer {student}: the teacher has the same tokenizer; leave the option out")
+    return student_tok, True
+
+
 def precompute(
     teacher: str | Path,
     data_path: str | Path,
@@ -227,9 +268,10 @@ def precompute(
 
     out = Path(out)
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(teacher)
+    teacher_tok = load_tokenizer(teacher)
+    tokenizer, cross = _data_tokenizer(teacher_tok, settings.student_tokenizer)
     rows, rep = kdata.load_dataset(tokenizer, data_path, max_length=settings.max_length, on_empty=settings.on_empty,
-                                   truncation=settings.truncation)
+                                   truncation=settings.truncation, offsets=cross)
     if rep.truncated:
         log(f"{rep.truncated} of {rep.rows} rows were truncated to max_length={settings.max_length} "
             f"({settings.truncation})")
@@ -248,6 +290,8 @@ def precompute(
         "logprob_dtype": settings.logprob_dtype,
         "shard_rows": settings.shard_rows,
     }
+    if cross:  # the cache holds the teacher's ids at the student's aligned positions
+        components["teacher_tokenizer"] = tokenizer_fingerprint(teacher_tok)["sha256"]
     key = content_key(components)
     if _prepare_dir(out, components, key) and _sound(out, key, log):
         return load_manifest(out)
@@ -255,8 +299,8 @@ def precompute(
 
     model = load_causal_lm(teacher, settings.dtype)
     vocab = int(model.get_output_embeddings().weight.shape[0])
-    if settings.top_k > len(tokenizer):
-        raise UsageError(f"--top-k {settings.top_k} exceeds the vocabulary ({len(tokenizer)} tokens)")
+    if settings.top_k > len(teacher_tok):
+        raise UsageError(f"--top-k {settings.top_k} exceeds the vocabulary ({len(teacher_tok)} tokens)")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     n_shards = (len(rows) + settings.shard_rows - 1) // settings.shard_rows
     total_tokens = rep.target_tokens
@@ -282,7 +326,8 @@ def precompute(
             def on_tokens(n: int) -> None:
                 bar.advance(task, n)
 
-            blob, stats = _shard_bytes(rows[lo:hi], model, settings, vocab, len(tokenizer), pad_id, on_tokens)
+            blob, stats = _shard_bytes(rows[lo:hi], model, settings, vocab, len(teacher_tok), pad_id, on_tokens,
+                                       teacher_tok if cross else None)
             atomic_write_bytes(spath, blob, before_rename=lambda i=i: _fault("mid_shard", i))
             side = {"file": spath.name, "rows": [lo, hi], "sha256": sha256_file(spath), "bytes": len(blob), **stats}
             atomic_write_json(cpath, side)
@@ -292,6 +337,8 @@ def precompute(
             bar.update(task, rate=f"{computed_tokens / max(t_compute, 1e-9):,.0f}")
             _fault("after_shard", i)
 
+    if cross:  # training matches the two vocabularies without the teacher model at hand
+        teacher_tok.save_pretrained(str(out / TEACHER_TOKENIZER))
     manifest = _manifest(out, key, components, settings, teacher, t_fp, k_fp, vocab, rows, shards_meta)
     atomic_write_json(out / MANIFEST_FILE, manifest)
     elapsed = time.perf_counter() - t0
