@@ -103,6 +103,8 @@ EFFECTS: dict[str, tuple[dict, typing.Any]] = {
     "optim.epochs": ({"optim": {"max_steps": None}}, 2),
     "optim.max_steps": ({}, 2),
     "optim.seed": ({}, 1),
+    "optim.precision": ({}, "bf16-mixed"),
+    "optim.gradient_checkpointing": ({}, True),  # same losses, less memory: recorded in run.json
     "checkpoint.every": ({}, 1),
     "checkpoint.keep": ({"checkpoint": {"every": 1}}, 1),
     "logging.every": ({}, 2),

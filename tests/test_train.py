@@ -553,3 +553,26 @@ def test_precompute_reads_capture_settings_from_the_training_config(world, tmp_p
     assert runner.invoke(app, ["validate", str(cfg)], terminal_width=400).exit_code == 0
     missing = runner.invoke(app, ["precompute", "--config", str(cfg)], terminal_width=400)
     assert missing.exit_code == 2 and "missing --teacher" in missing.output
+
+
+def test_bf16_mixed_tracks_fp32_and_gradient_checkpointing_changes_nothing(world, tmp_path):
+    base = _run(_cfg(world, tmp_path, optim={"epochs": 1}), tmp_path / "fp32")
+    mixed = _run(_cfg(world, tmp_path, optim={"epochs": 1, "precision": "bf16-mixed"}), tmp_path / "mixed")
+    ckpt = _run(_cfg(world, tmp_path, optim={"epochs": 1, "gradient_checkpointing": True}), tmp_path / "ckpt")
+    a, b, c = (_jsonl(Path(r["run_dir"]) / "metrics.jsonl") for r in (base, mixed, ckpt))
+    # bf16 autocast of the forward: the same trajectory within 2% per step (stated tolerance), not bitwise
+    for x, y in zip(a, b, strict=True):
+        assert y["total_loss"] == pytest.approx(x["total_loss"], rel=2e-2)
+    assert [x["total_loss"] for x in a] != [y["total_loss"] for y in b]
+    # recomputed activations give the same losses and weights
+    for x, z in zip(a, c, strict=True):
+        assert z["total_loss"] == pytest.approx(x["total_loss"], rel=1e-6)
+    fa, fc = _final(Path(base["run_dir"])), _final(Path(ckpt["run_dir"]))
+    for k in fa:
+        torch.testing.assert_close(fa[k], fc[k], rtol=1e-5, atol=1e-7)
+    assert json.loads((Path(ckpt["run_dir"]) / "run.json").read_text())["gradient_checkpointing"] is True
+    with pytest.raises(ConfigError, match="optim.precision: bf16-mixed keeps float32 master weights"):
+        load_train_config(_cfg(world, tmp_path, optim={"precision": "bf16-mixed"},
+                               student={"path": str(world / "student"), "dtype": "bfloat16"}))
+    with pytest.raises(ConfigError, match="optim.precision: bf16 trains pure bfloat16 weights"):
+        load_train_config(_cfg(world, tmp_path, optim={"precision": "bf16"}))

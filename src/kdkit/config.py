@@ -256,6 +256,12 @@ class OptimConfig(_Strict):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     seed: int = 0
+    precision: Literal["fp32", "bf16-mixed", "bf16", "fp16-mixed"] = Field(
+        "fp32", description="fp32; bf16-mixed / fp16-mixed: float32 master weights, the student's forward under "
+                            "autocast (fp16 with loss scaling); bf16: pure bfloat16 weights and optimizer "
+                            "(student.dtype: bfloat16), no float32 copy")
+    gradient_checkpointing: bool = Field(False, description="recompute the student's activations in backward "
+                                                            "(less memory, more time)")
 
     @field_validator("schedule")
     @classmethod
@@ -380,7 +386,19 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
     if cfg.early_stop is not None and cfg.probes is None:
         out.append(("early_stop", "the coherence floor is judged on probe generations: add a probes section"))
     out += _routing_without_effect(cfg)
+    out += _precision_without_effect(cfg)
     return out
+
+
+def _precision_without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
+    p, dtype = cfg.optim.precision, cfg.student.dtype
+    if p.endswith("-mixed") and dtype != "float32":
+        return [("optim.precision", f"{p} keeps float32 master weights: student.dtype must be float32, not {dtype}")]
+    if p == "bf16" and dtype != "bfloat16":
+        return [("optim.precision", "bf16 trains pure bfloat16 weights: set student.dtype: bfloat16 too")]
+    if p == "fp32" and dtype != "float32" and _set(cfg.optim, "precision"):
+        return [("optim.precision", f"fp32 with student.dtype {dtype}: the weights would not be float32")]
+    return []
 
 
 def _routing_without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:

@@ -145,6 +145,9 @@ def _load_student(cfg: TrainConfig) -> torch.nn.Module:
                                                  target_modules=list(lc.target_modules), task_type="CAUSAL_LM"))
         if cfg.routing is not None:
             add_quarantine(model, cfg.routing)
+    if cfg.optim.gradient_checkpointing:
+        # non-reentrant: exact recomputation (RNG state restored), and gradients reach LoRA weights of frozen bases
+        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -519,6 +522,7 @@ def _write_run_meta(r: _Run, why_not: str | None) -> None:
         "kdkit_version": __version__, "git_revision": _git_revision(), "torch": torch.__version__,
         "teacher_cache_manifest_sha256": manifest_sha, "world_size": r.world, "rows": len(r.rows),
         "loss_path": f"dense ({why_not})" if why_not else f"chunked ({cfg.objective.chunk_size} positions)",
+        "precision": cfg.optim.precision, "gradient_checkpointing": cfg.optim.gradient_checkpointing,
         "steps_per_epoch": r.steps_per_epoch, "total_steps": r.total_steps})
 
 
@@ -572,7 +576,14 @@ def train(
         return done
     ckpt = newest_checkpoint(run) if resume else None
     run.mkdir(parents=True, exist_ok=True)
-    acc = Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard" if cfg.logging.tensorboard else None,
+    mixed = {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(cfg.optim.precision, "no")
+    # Accelerate keeps one state per process; a second run in the same process (a ladder, the tests) may ask
+    # for another precision. The process group (PartialState) is kept.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed,
+                      log_with="tensorboard" if cfg.logging.tensorboard else None,
                       project_dir=str(run))
     set_seed(cfg.optim.seed)
     r = _prepare(cfg, run, acc, ckpt is None, log)
