@@ -373,3 +373,27 @@ def test_the_opt_in_8bit_logprobs_are_close_and_smaller(world, reference_cache, 
         ra, rb = a.row(r), b.row(r)
         assert np.array_equal(ra.ids, rb.ids)
         np.testing.assert_allclose(rb.logprobs, ra.logprobs.astype(np.float32), atol=0.05)
+
+
+@pytest.mark.slow
+def test_two_ranks_precompute_the_same_bytes_as_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m kdkit precompute` splits the shards across ranks; the cache equals one
+    process's byte for byte (both with one thread per process: CPU kernels may sum in another order with
+    another thread count)."""
+    save_model_dir(tmp_path / "teacher", seed=1, hidden=32)
+    write_jsonl(tmp_path / "data.jsonl", toy_rows(21))
+    args = ["-m", "kdkit", "precompute", "--teacher", str(tmp_path / "teacher"), "--data",
+            str(tmp_path / "data.jsonl"), "--top-k", "8", "--shard-rows", "4", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert sum(f.startswith("shard-") and f.endswith(".safetensors") for f in files) == 6
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f

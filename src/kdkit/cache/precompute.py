@@ -245,6 +245,36 @@ def _read_sidecar(path: Path) -> dict[str, Any] | None:
     return side if isinstance(side, dict) else None
 
 
+def _ranks() -> tuple[int, int]:
+    """(rank, world size): under ``torchrun`` the shards are split across processes (gloo is enough: only
+    barriers and one broadcast travel between them)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _from_rank0(value: bool, world: int) -> bool:
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
 def _data_tokenizer(teacher_tok: Any, student: str | None) -> tuple[Any, bool]:
     """The tokenizer the data is read with — the student's when it has another one — and whether it does."""
     if student is None:
@@ -293,9 +323,13 @@ def precompute(
     if cross:  # the cache holds the teacher's ids at the student's aligned positions
         components["teacher_tokenizer"] = tokenizer_fingerprint(teacher_tok)["sha256"]
     key = content_key(components)
-    if _prepare_dir(out, components, key) and _sound(out, key, log):
+    rank, world = _ranks()
+    done = _prepare_dir(out, components, key) and _sound(out, key, log) if rank == 0 else False
+    if _from_rank0(done, world):
         return load_manifest(out)
-    remove_stale_tmp(out)
+    if rank == 0:
+        remove_stale_tmp(out)
+    _barrier(world)  # no rank writes a shard before rank 0 has cleaned up
 
     model = load_causal_lm(teacher, settings.dtype)
     vocab = int(model.get_output_embeddings().weight.shape[0])
@@ -309,16 +343,14 @@ def precompute(
 
     columns = [TextColumn("precompute"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
                TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
-    shards_meta = []
     computed_tokens, t_compute = 0, 0.0
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with Progress(*columns, disable=not progress or rank != 0, transient=False) as bar:
         task = bar.add_task("precompute", total=total_tokens, rate="-")
-        for i in range(n_shards):
+        for i in range(rank, n_shards, world):  # under torchrun, rank r computes shards r, r + N, ...
             lo, hi = i * settings.shard_rows, min(len(rows), (i + 1) * settings.shard_rows)
             spath, cpath = out / shard_name(i), out / sidecar_name(i)
             side = _read_sidecar(cpath)
             if side and spath.is_file() and side.get("sha256") == sha256_file(spath) and side.get("rows") == [lo, hi]:
-                shards_meta.append(side)
                 bar.advance(task, side["tokens"])
                 continue
             ts = time.perf_counter()
@@ -331,16 +363,21 @@ def precompute(
             atomic_write_bytes(spath, blob, before_rename=lambda i=i: _fault("mid_shard", i))
             side = {"file": spath.name, "rows": [lo, hi], "sha256": sha256_file(spath), "bytes": len(blob), **stats}
             atomic_write_json(cpath, side)
-            shards_meta.append(side)
             t_compute += time.perf_counter() - ts
             computed_tokens += stats["tokens"]
             bar.update(task, rate=f"{computed_tokens / max(t_compute, 1e-9):,.0f}")
             _fault("after_shard", i)
 
+    _barrier(world)  # every shard is written; rank 0 writes the manifest from their sidecars
+    if rank != 0:
+        _barrier(world)
+        return load_manifest(out)
+    shards_meta = [_read_sidecar(out / sidecar_name(i)) for i in range(n_shards)]
     if cross:  # training matches the two vocabularies without the teacher model at hand
         teacher_tok.save_pretrained(str(out / TEACHER_TOKENIZER))
     manifest = _manifest(out, key, components, settings, teacher, t_fp, k_fp, vocab, rows, shards_meta)
     atomic_write_json(out / MANIFEST_FILE, manifest)
+    _barrier(world)
     elapsed = time.perf_counter() - t0
     log(f"wrote {out}: {manifest['tokens']} tokens in {n_shards} shards, "
         f"{manifest['bytes_per_token']:.1f} bytes/token (target <= {4.25 * settings.top_k + 16:.0f}), "
