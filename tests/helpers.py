@@ -61,3 +61,16 @@ def kill_then_resume(cfg: Path, run: Path, fault: str, before_resume=None) -> No
         before_resume()
     proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def write_config(tmp: Path, body: dict) -> Path:
+    """A training config YAML in ``tmp`` with a fresh name."""
+    import yaml
+
+    p = tmp / f"cfg-{len(list(tmp.glob('cfg-*.yaml')))}.yaml"
+    p.write_text(yaml.safe_dump(body))
+    return p
+
+
+def read_jsonl(p: Path) -> list[dict]:
+    return [json.loads(x) for x in p.read_text().splitlines()]

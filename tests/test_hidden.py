@@ -3,12 +3,10 @@ references, a run that pulls the states together, exact resume, and a pack witho
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from kdkit.config import ConfigError, HiddenConfig, ObjectiveConfig, load_train_config
@@ -16,7 +14,7 @@ from kdkit.errors import TrainingError
 from kdkit.hidden import HiddenDistill, per_position
 from kdkit.objective import hidden_term
 from kdkit.train import merge, train
-from tests.helpers import kill_then_resume, save_model_dir, toy_rows, write_jsonl
+from tests.helpers import kill_then_resume, read_jsonl, save_model_dir, toy_rows, write_config, write_jsonl
 
 
 @pytest.mark.parametrize("loss", ["cosine", "mse"])
@@ -80,14 +78,7 @@ def _body(root: Path, **hidden) -> dict:
             "checkpoint": {"every": 0}}
 
 
-def _cfg(tmp: Path, body: dict) -> Path:
-    p = tmp / f"cfg-{len(list(tmp.glob('cfg-*.yaml')))}.yaml"
-    p.write_text(yaml.safe_dump(body))
-    return p
-
-
-def _jsonl(p: Path) -> list[dict]:
-    return [json.loads(x) for x in p.read_text().splitlines()]
+_cfg, _jsonl = write_config, read_jsonl
 
 
 def test_a_hidden_state_run_pulls_the_states_together_and_its_pack_has_no_projection(world, tmp_path):

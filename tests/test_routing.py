@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -16,7 +14,7 @@ from kdkit.config import ConfigError, load_train_config
 from kdkit.models import load_causal_lm, load_tokenizer
 from kdkit.routing import MAIN, QUARANTINE, extract, load_pairs, project_onto, project_out, routed_layers, share
 from kdkit.train import train
-from tests.helpers import kill_then_resume, save_model_dir, toy_rows, write_jsonl
+from tests.helpers import kill_then_resume, read_jsonl, save_model_dir, toy_rows, write_config, write_jsonl
 
 
 def test_projection_removes_exactly_the_directions_component():
@@ -64,14 +62,7 @@ def _body(root: Path, **routing) -> dict:
             "routing": {"pairs": str(root / "pairs.jsonl"), "target_modules": ["v_proj"], **routing}}
 
 
-def _cfg(tmp: Path, body: dict) -> Path:
-    p = tmp / f"cfg-{len(list(tmp.glob('cfg-*.yaml')))}.yaml"
-    p.write_text(yaml.safe_dump(body))
-    return p
-
-
-def _jsonl(p: Path) -> list[dict]:
-    return [json.loads(x) for x in p.read_text().splitlines()]
+_cfg, _jsonl = write_config, read_jsonl
 
 
 def _routed_model(root: Path):
