@@ -230,3 +230,24 @@ def test_generate_resumes_a_cut_file_to_the_same_bytes_and_refuses_other_inputs(
     refused = _generate(world, theirs)
     assert refused.returncode == 2 and "not written by `kdkit generate`" in " ".join(refused.stderr.split())
     assert theirs.read_text() == "mine\n"
+
+
+def test_on_policy_with_chat_rows_and_a_padded_teacher(world, tmp_path):
+    """A real configuration: messages rows (the prompt is the rendered history and the assistant header) and a
+    teacher whose embedding matrix has more rows than the tokenizer."""
+    save_model_dir(tmp_path / "padded", seed=1, hidden=32, extra_vocab=27)
+    rows = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+            for r in toy_rows(8)]
+    write_jsonl(tmp_path / "chat.jsonl", rows)
+    raw = yaml.safe_load(_cfg(world, tmp_path, {"fraction": 1.0, "max_new_tokens": 6}).read_text())
+    raw["teacher"] = {"model": str(tmp_path / "padded")}
+    raw["data"]["train"] = str(tmp_path / "chat.jsonl")
+    p = tmp_path / "chat.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    run = _run(p, tmp_path / "run")
+    steps = _jsonl(run / "metrics.jsonl")
+    assert all(m["on_policy"] == 1.0 and 1 <= m["tokens"] <= 4 * 6 for m in steps), steps  # 4 rows a step
+    tok = load_tokenizer(world / "student")
+    chat, _ = kdata.load_dataset(tok, tmp_path / "chat.jsonl", max_length=128)
+    prompt = tok.decode(onpolicy.prompt_ids(chat[0]))
+    assert prompt.endswith("assistant:\n") and "return" not in prompt  # the history and the header, no answer
