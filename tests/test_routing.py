@@ -166,3 +166,30 @@ def test_routing_settings_that_cannot_take_effect_are_refused(world, tmp_path, c
     body["student"].pop("lora")
     with pytest.raises(ConfigError, match="routing: routing edits the main LoRA adapter's gradient"):
         load_train_config(_cfg(tmp_path, body))
+
+
+@pytest.mark.slow
+def test_routing_under_two_processes_equals_one(world, tmp_path):
+    """torchrun, 2 CPU ranks × micro-batch 2 == 1 process × micro-batch 4: gradients are averaged before the
+    routing hook edits them, and both ranks extract the same directions."""
+    import subprocess
+    import sys
+
+    body = _body(world, refresh_every=2)
+    body["student"]["lora"]["dropout"] = 0.0
+    one = dict(body, optim={**body["optim"], "micro_batch": 4, "epochs": 1})
+    two = dict(body, optim={**body["optim"], "micro_batch": 2, "epochs": 1})
+    train(load_train_config(_cfg(tmp_path, one)), tmp_path / "one", progress=False, log=lambda m: None)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "kdkit", "train", str(_cfg(tmp_path, two)),
+                           "--out", str(tmp_path / "two"), "--no-progress"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for sub in ("adapter_model.safetensors", f"{QUARANTINE}/adapter_model.safetensors"):
+        a, b = load_file(str(tmp_path / "one" / "final" / sub)), load_file(str(tmp_path / "two" / "final" / sub))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    ma, mb = _jsonl(tmp_path / "one" / "metrics.jsonl"), _jsonl(tmp_path / "two" / "metrics.jsonl")
+    for x, y in zip(ma, mb, strict=True):
+        assert y["route_refresh"] == x["route_refresh"] and y["route_cout"] < 1e-5
+        assert y["total_loss"] == pytest.approx(x["total_loss"], rel=1e-5)
