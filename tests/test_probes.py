@@ -168,3 +168,21 @@ def test_early_stop_needs_probes(world, tmp_path):
     body.pop("probes")
     with pytest.raises(ConfigError, match="early_stop: the coherence floor is judged on probe generations"):
         load_train_config(_cfg(tmp_path, body))
+
+
+def test_validate_reads_the_probe_and_pair_files(world, tmp_path):
+    from typer.testing import CliRunner
+
+    from kdkit.cli import app
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    body = _tiny(world)
+    body["probes"]["prompts"] = str(bad)
+    res = CliRunner().invoke(app, ["validate", str(_cfg(tmp_path, body))], terminal_width=300)
+    assert res.exit_code == 2 and f"{bad}:2: field 'prompt'" in res.output, res.output
+    body = _tiny(world)
+    body["student"]["lora"]["target_modules"] = ["q_proj", "v_proj"]
+    body["routing"] = {"pairs": str(bad), "target_modules": ["v_proj"]}
+    res = CliRunner().invoke(app, ["validate", str(_cfg(tmp_path, body))], terminal_width=300)
+    assert res.exit_code == 2 and f"{bad}:1: field 'hack'" in res.output, res.output

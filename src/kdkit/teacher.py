@@ -279,6 +279,14 @@ def check_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: A
     """The checks of :func:`open_sources` without loading a model, and :func:`check_objective_data`."""
     open_sources(cfg, rows, tokenizer, vocab_rows, verify=verify)
     check_objective_data(cfg, rows)
+    if cfg.probes is not None:  # the files training reads later: refused now, naming file and line
+        from kdkit.seqkd import read_prompts
+
+        read_prompts(cfg.probes.prompts)
+    if cfg.routing is not None and cfg.routing.control == "none":
+        from kdkit.routing import load_pairs
+
+        load_pairs(cfg.routing.pairs, tokenizer)
 
 
 def check_objective_data(cfg: TrainConfig, rows: list[kdata.TokenizedRow]) -> None:
