@@ -295,3 +295,17 @@ def test_stored_tail_mass_beats_the_tail_recomputed_from_stored_logprobs(storage
     # the TopK carries its tail through selection, and tail_logmass() returns it
     sel = TopK(ids, stored_lp, tail64.float()).select(slice(3, 7))
     assert torch.equal(sel.tail_logmass(), tail64.float()[3:7])
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_normalized_student_logprobs_give_the_same_divergence(kind):
+    """The chunked path hands token_divergence the log-probs it computed for CE (T = 1): same values."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(5, 40, generator=g), torch.randn(5, 40, generator=g)
+    lp_t, ids = torch.log_softmax(t, -1).topk(8, dim=-1)
+    for teacher in (t, TopK(ids, lp_t)):
+        want = token_divergence(s, teacher, kind)
+        got = token_divergence(torch.log_softmax(s, -1), teacher, kind, normalized=True)
+        assert torch.allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="temperature 1"):
+        token_divergence(s, t, kind, temperature=2.0, normalized=True)

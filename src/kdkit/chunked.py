@@ -36,7 +36,7 @@ class ChunkStats:
     """Per-position values for metrics (detached): the caller reduces them with its own mask, the same
     way as on the dense path (:func:`kdkit.objective.kd_metrics`)."""
 
-    ce_sum: float = 0.0
+    ce_sum: float = 0.0  # a device tensor while the chunks run
     kd_div: Tensor | None = None  # float32 [N]: the KD divergence at every valid position (0 elsewhere)
     student_top: Tensor | None = None  # long [N]: the student's argmax token
 
@@ -51,13 +51,20 @@ def _chunk_loss(logits: Tensor, targets: Tensor, teacher: Tensor | TopK | None, 
                 spec: KDSpec, stats: ChunkStats, lo: int) -> Tensor:
     valid = targets != IGNORE_INDEX
     safe = torch.where(valid, targets, torch.zeros_like(targets))
-    ce = torch.nn.functional.cross_entropy(logits, safe, reduction="none")
+    # at T = 1 one log-softmax serves CE and KD (the chunk's widest op, [chunk, V], done once)
+    shared = teacher is not None and spec.temperature == 1.0
+    lp = torch.log_softmax(logits.float(), dim=-1) if shared else None
+    if shared:
+        ce = -torch.gather(lp, -1, safe[:, None]).squeeze(-1)
+    else:
+        ce = torch.nn.functional.cross_entropy(logits, safe, reduction="none")
     ce = torch.where(valid, ce, torch.zeros_like(ce))
     loss = (ce * ce_w).sum()
-    stats.ce_sum += float(ce.detach().sum())
+    stats.ce_sum = stats.ce_sum + ce.detach().sum()  # on the device: read once, after the last chunk
     if teacher is not None:
-        div = token_divergence(logits, teacher, spec.kind, temperature=spec.temperature, t2_scale=spec.t2_scale,
-                               beta=spec.beta, alpha=spec.alpha, tail=spec.tail)
+        div = token_divergence(lp if shared else logits, teacher, spec.kind, temperature=spec.temperature,
+                               t2_scale=spec.t2_scale, beta=spec.beta, alpha=spec.alpha, tail=spec.tail,
+                               normalized=shared)
         div = torch.where(valid, div, torch.zeros_like(div))
         loss = loss + (div * kd_w).sum()
         stats.kd_div[lo:lo + len(div)] = div.detach()
@@ -147,4 +154,5 @@ def chunked_ce_kd(
     stats = ChunkStats(kd_div=torch.zeros(n, device=hidden.device),
                        student_top=torch.zeros(n, dtype=torch.long, device=hidden.device))
     loss = _ChunkedCEKD.apply(hidden, weight, bias, targets, teacher, ce_weights.float(), kd_w, spec, chunk_size, stats)
+    stats.ce_sum = float(stats.ce_sum)  # one read per call, not one per chunk
     return loss, stats

@@ -222,7 +222,8 @@ def validate_divergence_args(kind: str, temperature: float, beta: float, alpha: 
         raise ValueError(f"unknown tail policy {tail!r}; valid: {', '.join(TAIL_POLICIES)}")
 
 
-def _topk_pair(student_logits: Tensor, teacher: TopK, temperature: float, tail: str) -> tuple[Tensor, Tensor]:
+def _topk_pair(student_logits: Tensor, teacher: TopK, temperature: float, tail: str,
+               normalized: bool = False) -> tuple[Tensor, Tensor]:
     """(teacher, student) log-distributions on the support of the teacher's K ids (+ tail)."""
     vocab = student_logits.shape[-1]
     if teacher.ids.shape[:-1] != student_logits.shape[:-1]:
@@ -237,7 +238,7 @@ def _topk_pair(student_logits: Tensor, teacher: TopK, temperature: float, tail: 
         raise ValueError(
             f"TopK ids out of range: min {int(ids.min())}, max {int(ids.max())}, vocabulary size {vocab}"
         )
-    s_lp = _log_softmax_safe(student_logits.float() / temperature)
+    s_lp = student_logits.float() if normalized else _log_softmax_safe(student_logits.float() / temperature)
     b = torch.gather(s_lp, -1, ids)
     a = teacher.logprobs.float()
     # A slot the teacher marked unused must not count on the student side either.
@@ -265,6 +266,7 @@ def token_divergence(
     beta: float = 0.5,
     alpha: float = 0.1,
     tail: str = "bucket",
+    normalized: bool = False,
 ) -> Tensor:
     """Divergence between teacher and student at every position.
 
@@ -280,13 +282,17 @@ def token_divergence(
         alpha: α ∈ (0, 1) for ``skew_fwd`` / ``skew_rev``.
         tail: top-K tail policy, ``"bucket"`` (K+1 outcomes, the last one the tail
             mass) or ``"renorm"`` (both renormalised over the K ids).
+        normalized: ``student_logits`` are already the student's float32 log-probs at this
+            temperature (a caller that computed them for CE too, at T = 1): not normalised again.
 
     Returns:
         float32 Tensor[...] — one value per position, no reduction.
     """
     validate_divergence_args(kind, temperature, beta, alpha, tail)
+    if normalized and temperature != 1.0:
+        raise ValueError("normalized student log-probs are taken at temperature 1")
     if isinstance(teacher, TopK):
-        a, b = _topk_pair(student_logits, teacher, temperature, tail)
+        a, b = _topk_pair(student_logits, teacher, temperature, tail, normalized)
     else:
         if teacher.shape != student_logits.shape:
             raise ValueError(
@@ -294,7 +300,7 @@ def token_divergence(
                 f"{tuple(student_logits.shape)}"
             )
         a = _log_softmax_safe(teacher.float() / temperature)
-        b = _log_softmax_safe(student_logits.float() / temperature)
+        b = student_logits.float() if normalized else _log_softmax_safe(student_logits.float() / temperature)
     # An entry that either side masks (-inf) leaves the support of BOTH distributions,
     # so every kind agrees on what "masked" means (and a fully masked position gives 0).
     both = torch.isfinite(a) & torch.isfinite(b)
