@@ -82,14 +82,30 @@ def teacher_view(text: str, offsets: Sequence[tuple[int, int]], loss_mask: Seque
     return ids, pairs
 
 
+def aligned_teacher_logits(model: Any, tokenizer: Any, views: list[tuple[list[int], list[tuple[int, int]]]],
+                           device: torch.device, what: str = "teacher") -> tuple[Tensor, Tensor, Tensor]:
+    """One teacher forward over :func:`teacher_view` sequences (right-padded): its logits at the positions
+    predicting each aligned teacher token ``[N, V_t]``, with the batch row and the student prediction position
+    of each (row-major, in target order)."""
+    from kdkit.models import pad_id, vocab_logits
+
+    width = max(len(ids) for ids, _ in views)
+    ids = torch.full((len(views), width), pad_id(tokenizer), dtype=torch.long)
+    att = torch.zeros((len(views), width), dtype=torch.long)
+    for b, (t_ids, _) in enumerate(views):
+        ids[b, :len(t_ids)], att[b, :len(t_ids)] = torch.tensor(t_ids), 1
+    logits = vocab_logits(model(input_ids=ids.to(device), attention_mask=att.to(device)).logits, len(tokenizer), what)
+    rows = torch.tensor([b for b, (_, pairs) in enumerate(views) for _ in pairs], dtype=torch.long, device=device)
+    t_pos = torch.tensor([i - 1 for _, pairs in views for _, i in pairs], dtype=torch.long, device=device)
+    s_pos = torch.tensor([j - 1 for _, pairs in views for j, _ in pairs], dtype=torch.long, device=device)
+    return logits[rows, t_pos], rows, s_pos
+
+
 def uld(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Σ_k |sort(p_t)_k − sort(p_s)_k| per position ([N, V_s], [N, V_t] → [N]), float32."""
     p_s = torch.softmax(student_logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
     p_t = torch.softmax(teacher_logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
-    width = max(p_s.shape[-1], p_t.shape[-1])
-    p_s = torch.nn.functional.pad(p_s, (0, width - p_s.shape[-1]))
-    p_t = torch.nn.functional.pad(p_t, (0, width - p_t.shape[-1]))
-    return (p_t - p_s).abs().sum(dim=-1)
+    return _sorted_l1(p_t, p_s)
 
 
 @dataclass(frozen=True)
@@ -135,10 +151,7 @@ def gold(student_logits: Tensor, teacher_logits: Tensor, vmap: VocabMap, kind: s
     if rest_s.any() or rest_t.any():
         p_s = torch.exp(lp_s[:, rest_s]).sort(dim=-1, descending=True).values
         p_t = torch.exp(lp_t[:, rest_t]).sort(dim=-1, descending=True).values
-        width = max(p_s.shape[-1], p_t.shape[-1])
-        diff = torch.nn.functional.pad(p_t, (0, width - p_t.shape[-1])) - torch.nn.functional.pad(
-            p_s, (0, width - p_s.shape[-1]))
-        div = div + diff.abs().sum(dim=-1)
+        div = div + _sorted_l1(p_t, p_s)
     return div * (temperature * temperature) if t2_scale else div
 
 

@@ -314,6 +314,12 @@ class Batch:
     weights: torch.Tensor
     row_index: list[int]
 
+    def to(self, device: torch.device) -> Batch:
+        """The tensors on ``device`` (in place; returns the batch)."""
+        for name in ("input_ids", "attention_mask", "targets", "weights"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
 
 def collate(rows: Sequence[TokenizedRow], pad_id: int, row_index: Sequence[int] | None = None) -> Batch:
     if not rows:

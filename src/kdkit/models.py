@@ -135,6 +135,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(blob.encode()).hexdigest(), "vocab_size": len(vocab)}
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id padding is written with: the tokenizer's pad token, else its EOS, else 0 (masked out anyway)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id or 0)
+
+
 def vocab_logits(logits: torch.Tensor, real_vocab: int, what: str = "model") -> torch.Tensor:
     """The logits of the tokenizer's real vocabulary: [..., :real_vocab].
 

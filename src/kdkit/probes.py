@@ -19,7 +19,7 @@ from kdkit.coherence import coherence
 from kdkit.config import EarlyStopConfig, ProbesConfig
 from kdkit.generation import GenerationSettings, generate_ids
 from kdkit.losses import aggregate, token_divergence
-from kdkit.models import vocab_logits
+from kdkit.models import pad_id, vocab_logits
 from kdkit.seqkd import prompt_tokens, read_prompts
 from kdkit.teacher import Signal
 
@@ -45,7 +45,7 @@ def probe_round(model: torch.nn.Module, tokenizer: Any, probes: list[Probe], cfg
     """One round: the probes.jsonl rows and the metrics row."""
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens)
     records, divs = [], []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     for lo in range(0, len(probes), BATCH):
         chunk = probes[lo:lo + BATCH]
         outs = generate_ids(model, tokenizer, [p.ids for p in chunk], settings)
@@ -71,10 +71,7 @@ def _divergence(model: torch.nn.Module, chunk: list[Probe], outs: list[list[int]
     """KL(student ‖ reference) at every generated position of a batch of probes, flattened."""
     rows = [kdata.TokenizedRow(p.ids + o, [False] * len(p.ids) + [True] * len(o)) for p, o in zip(chunk, outs,
                                                                                                    strict=True)]
-    batch = kdata.collate(rows, pad)
-    device = next(model.parameters()).device
-    batch.input_ids, batch.attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    batch.targets = batch.targets.to(device)
+    batch = kdata.collate(rows, pad).to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     student = vocab_logits(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1],

@@ -24,7 +24,7 @@ from torch import Tensor
 from kdkit import data as kdata
 from kdkit.cache import TeacherCache, verify_cache
 from kdkit.config import TrainConfig
-from kdkit.crosstok import CrossTeacher, CrossTopK, VocabMap, teacher_view
+from kdkit.crosstok import CrossTeacher, CrossTopK, VocabMap, aligned_teacher_logits, teacher_view
 from kdkit.errors import KdkitError
 from kdkit.losses import TopK
 from kdkit.models import (
@@ -163,23 +163,9 @@ class CrossSignal:
 
     @torch.no_grad()
     def __call__(self, batch: kdata.Batch, student: torch.nn.Module) -> CrossTeacher:
-        seqs = [self._row(i) for i in batch.row_index]
-        width = max(len(ids) for ids, _ in seqs)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        att = torch.zeros((len(seqs), width), dtype=torch.long)
-        for b, (t_ids, _) in enumerate(seqs):
-            ids[b, :len(t_ids)] = torch.tensor(t_ids)
-            att[b, :len(t_ids)] = 1
-        device = batch.input_ids.device
-        logits = self.model(input_ids=ids.to(device), attention_mask=att.to(device)).logits
-        logits = vocab_logits(logits, len(self.tokenizer), self.what)
-        rows = [b for b, (_, pairs) in enumerate(seqs) for _ in pairs]
-        s_pos = [j - 1 for _, pairs in seqs for j, _ in pairs]
-        t_pos = [i - 1 for _, pairs in seqs for _, i in pairs]
-        r = torch.tensor(rows, dtype=torch.long, device=device)
-        return CrossTeacher(logits[r, torch.tensor(t_pos, dtype=torch.long, device=device)], r,
-                            torch.tensor(s_pos, dtype=torch.long, device=device), self.vmap, self.loss)
+        views = [self._row(i) for i in batch.row_index]
+        logits, rows, pos = aligned_teacher_logits(self.model, self.tokenizer, views, batch.input_ids.device, self.what)
+        return CrossTeacher(logits, rows, pos, self.vmap, self.loss)
 
 
 @dataclass

@@ -52,6 +52,7 @@ from kdkit.models import (
     load_causal_lm,
     load_tokenizer,
     merge,
+    pad_id,
     sha256_file,
     vocab_logits,
 )
@@ -247,14 +248,6 @@ def _git_revision() -> str | None:
         return None
 
 
-def _to(batch: kdata.Batch, device: torch.device) -> kdata.Batch:
-    batch.input_ids = batch.input_ids.to(device)
-    batch.attention_mask = batch.attention_mask.to(device)
-    batch.targets = batch.targets.to(device)
-    batch.weights = batch.weights.to(device)
-    return batch
-
-
 def _empty_batch(rows: list[kdata.TokenizedRow], pad_id: int) -> kdata.Batch:
     """A micro-batch with no target: loss 0, gradient 0, but it still joins the collective ops."""
     b = kdata.collate([rows[0]], pad_id, [0])
@@ -341,7 +334,7 @@ def _step_batches(r: _Run, step: int) -> tuple[list[kdata.Batch], bool]:
         if on:
             rows = onpolicy.rollouts(unwrap(r.model), r.tokenizer, rows, op,
                                      onpolicy.sample_seed(op, step, r.rank, j))
-        batches.append(_to(kdata.collate(rows, r.pad_id, m), r.acc.device))
+        batches.append(kdata.collate(rows, r.pad_id, m).to(r.acc.device))
     return batches, on
 
 
@@ -462,7 +455,7 @@ def _prepare(cfg: TrainConfig, run: Path, acc: Any, fresh: bool, log: Callable[[
     val_rows = (kdata.load_dataset(tokenizer, d.validation, max_length=d.max_length, truncation=d.truncation)[0]
                 if d.validation else [])
     log(f"data: {rep.summary(d.max_length)}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
 
     model = _load_student(cfg)
     check_objective_data(cfg, rows)
@@ -490,10 +483,10 @@ def _prepare(cfg: TrainConfig, run: Path, acc: Any, fresh: bool, log: Callable[[
     if why_not and cfg.objective.chunk_size:
         log(f"note: using the dense loss path ({why_not})")
     model, opt = acc.prepare(model, opt)
-    r = _Run(cfg, acc, run, tokenizer, rows, val_rows, pad_id, len(tokenizer), model, trainable, opt, sched, src,
+    r = _Run(cfg, acc, run, tokenizer, rows, val_rows, pad, len(tokenizer), model, trainable, opt, sched, src,
              why_not is None, world, rank, global_batch, steps_per_epoch, total_steps, hidden=hidden)
     if cfg.routing is not None:  # directions from the initial weights (a resume loads the saved ones)
-        r.router = Router(unwrap(model), cfg.routing, tokenizer, pad_id)
+        r.router = Router(unwrap(model), cfg.routing, tokenizer, pad)
     if cfg.probes is not None:
         r.probes = load_probes(cfg.probes, tokenizer)
         r.early = EarlyStop(cfg.early_stop) if cfg.early_stop is not None else None
@@ -756,7 +749,7 @@ def evaluate_loss(model: torch.nn.Module, rows: list[kdata.TokenizedRow], cfg: T
     ce_sum = kl_sum = 0.0
     n = 0
     for i in range(0, len(rows), cfg.optim.micro_batch):
-        batch = _to(kdata.collate(rows[i:i + cfg.optim.micro_batch], pad_id), device)
+        batch = kdata.collate(rows[i:i + cfg.optim.micro_batch], pad_id).to(device)
         logits = vocab_logits(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1],
                               real_vocab, "student").float()
         valid = batch.targets != kdata.IGNORE_INDEX

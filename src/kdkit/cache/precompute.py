@@ -40,7 +40,15 @@ from kdkit.cache.reader import load_manifest, verify_cache
 from kdkit.errors import UsageError
 from kdkit.io import atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_tmp
 from kdkit.losses import TopK
-from kdkit.models import load_causal_lm, load_tokenizer, model_fingerprint, sha256_file, tokenizer_fingerprint, vocab_logits
+from kdkit.models import (
+    load_causal_lm,
+    load_tokenizer,
+    model_fingerprint,
+    pad_id,
+    sha256_file,
+    tokenizer_fingerprint,
+    vocab_logits,
+)
 
 FAULT_ENV = "KDKIT_FAULT_PRECOMPUTE"
 TEACHER_TOKENIZER = "teacher_tokenizer"  # a cross-tokenizer cache keeps the teacher's tokenizer here
@@ -118,28 +126,19 @@ def teacher_topk(model: Any, batch: kdata.Batch, top_k: int, temperature: float,
 
 
 @torch.no_grad()
-def _cross_batch(model: Any, rows: list[kdata.TokenizedRow], teacher_tok: Any, s: PrecomputeSettings,
-                 real_vocab: int) -> tuple[list[np.ndarray], TopK, torch.Tensor, torch.Tensor]:
+def _cross_batch(model: Any, rows: list[kdata.TokenizedRow], teacher_tok: Any, s: PrecomputeSettings
+                 ) -> tuple[list[np.ndarray], TopK, torch.Tensor, torch.Tensor]:
     """A teacher with another tokenizer over student rows: each row's text tokenised the teacher's way and its
     top-K taken at the positions aligned with the student's targets (``kdkit.crosstok``). Returns the student
     prediction positions per row and the TopK, log tail mass and entropy, row-major."""
-    from kdkit.crosstok import teacher_view
+    from kdkit.crosstok import aligned_teacher_logits, teacher_view
 
     views = [teacher_view(r.text, r.offsets, r.loss_mask, teacher_tok) for r in rows]
-    width = max(len(ids) for ids, _ in views)
-    pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    att = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, (t_ids, _) in enumerate(views):
-        ids[b, :len(t_ids)], att[b, :len(t_ids)] = torch.tensor(t_ids), 1
-    logits = vocab_logits(model(input_ids=ids, attention_mask=att).logits, real_vocab, "teacher")
-    order = [sorted(pairs) for _, pairs in views]
-    sel_b = torch.tensor([b for b, pairs in enumerate(order) for _ in pairs], dtype=torch.long)
-    sel_t = torch.tensor([i - 1 for pairs in order for _, i in pairs], dtype=torch.long)
-    lp = torch.log_softmax(logits[sel_b, sel_t].float() / s.temperature, dim=-1)
+    logits, _, _ = aligned_teacher_logits(model, teacher_tok, views, next(model.parameters()).device)
+    lp = torch.log_softmax(logits.float() / s.temperature, dim=-1)
     vals, top = lp.topk(min(s.top_k, lp.shape[-1]), dim=-1, sorted=True)
     tk = TopK(ids=top, logprobs=vals)
-    pos = [np.asarray([j - 1 for j, _ in pairs], dtype=np.int32) for pairs in order]
+    pos = [np.asarray([j - 1 for j, _ in pairs], dtype=np.int32) for _, pairs in views]
     return pos, tk, tk.tail_logmass(), -(lp.exp() * lp).sum(-1)
 
 
@@ -149,7 +148,7 @@ def _shard_bytes(rows: list[kdata.TokenizedRow], model: Any, s: PrecomputeSettin
     ent_sum = 0.0
     for idx in kdata.length_sorted_batches([len(r.input_ids) for r in rows], s.batch_size):
         if teacher_tok is not None:  # another tokenizer: the positions are the aligned ones
-            positions, tk, tail, ent = _cross_batch(model, [rows[i] for i in idx], teacher_tok, s, real_vocab)
+            positions, tk, tail, ent = _cross_batch(model, [rows[i] for i in idx], teacher_tok, s)
         else:
             tk, tail, ent = teacher_topk(model, kdata.collate([rows[i] for i in idx], pad_id), s.top_k,
                                          s.temperature, real_vocab)
@@ -335,7 +334,7 @@ def precompute(
     vocab = int(model.get_output_embeddings().weight.shape[0])
     if settings.top_k > len(teacher_tok):
         raise UsageError(f"--top-k {settings.top_k} exceeds the vocabulary ({len(teacher_tok)} tokens)")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     n_shards = (len(rows) + settings.shard_rows - 1) // settings.shard_rows
     total_tokens = rep.target_tokens
 
@@ -358,7 +357,7 @@ def precompute(
             def on_tokens(n: int) -> None:
                 bar.advance(task, n)
 
-            blob, stats = _shard_bytes(rows[lo:hi], model, settings, vocab, len(teacher_tok), pad_id, on_tokens,
+            blob, stats = _shard_bytes(rows[lo:hi], model, settings, vocab, len(teacher_tok), pad, on_tokens,
                                        teacher_tok if cross else None)
             atomic_write_bytes(spath, blob, before_rename=lambda i=i: _fault("mid_shard", i))
             side = {"file": spath.name, "rows": [lo, hi], "sha256": sha256_file(spath), "bytes": len(blob), **stats}
