@@ -251,3 +251,15 @@ def test_on_policy_with_chat_rows_and_a_padded_teacher(world, tmp_path):
     chat, _ = kdata.load_dataset(tok, tmp_path / "chat.jsonl", max_length=128)
     prompt = tok.decode(onpolicy.prompt_ids(chat[0]))
     assert prompt.endswith("assistant:\n") and "return" not in prompt  # the history and the header, no answer
+
+
+def test_a_second_generate_into_the_same_file_is_refused_while_the_first_writes(world, tmp_path):
+    import fcntl
+
+    out = tmp_path / "rows.jsonl"
+    with (tmp_path / ".rows.jsonl.kdkit-lock").open("a") as fh:  # as a first `kdkit generate` holds it
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = _generate(world, out)
+    assert busy.returncode == 2 and "another `kdkit generate` is writing it" in " ".join(busy.stderr.split())
+    assert not out.exists()
+    assert _generate(world, out).returncode == 0  # once it is released

@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +107,33 @@ def _resume_point(out: Path, inputs: dict[str, Any], batch: int) -> int:
     return keep
 
 
+@contextmanager
+def _writer_lock(out: Path) -> Iterator[None]:
+    """One ``kdkit generate`` at a time per output file: a second one is refused, not interleaved."""
+    import fcntl
+
+    with out.with_name(f".{out.name}.kdkit-lock").open("a") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GenerateError(f"{out}: another `kdkit generate` is writing it; wait for it to finish") from None
+        yield
+
+
 def generate_rows(model_dir: str, data: str, out: str | Path, settings: GenerationSettings, *,
                   progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write ``out`` (JSONL): every prompt row of ``data`` with the model's completion. Returns a summary."""
+    out = Path(out)
+    if out.parent.is_dir():
+        with _writer_lock(out):
+            return _generate(model_dir, data, out, settings, progress, log)
+    raise GenerateError(f"{out}: the directory {out.parent} does not exist")
+
+
+def _generate(model_dir: str, data: str, out: Path, settings: GenerationSettings, progress: bool,
+              log: Callable[[str], None]) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    out = Path(out)
     rows = read_prompts(data)
     inputs = _inputs(model_dir, data, settings)
     done = _resume_point(out, inputs, settings.batch_size)
