@@ -10,6 +10,11 @@ beta = 0.5, sampling at temperature 1 with at most --new-tokens tokens per compl
 world's rows as chat messages (the char tokenizer has a chat template). Each trainer runs in a fresh
 subprocess; reported: median seconds per optimizer step (first two dropped) and the growth of max RSS
 during training.
+
+``--real DIR`` runs the issue's real size instead: DIR is what ``examples/smollm2_chat_rows.py --out DIR``
+wrote (``DIR/teacher`` = SmolLM2-135M-Instruct, ``DIR/rows_messages.jsonl`` = 48 HumanEval tasks as
+chat rows); the student is a fresh seeded 2-layer width-128 Llama with SmolLM2's tokenizer; use it with
+``--batch 4 --steps 12``. The report adds samples/s (batch / median s per step).
 """
 
 from __future__ import annotations
@@ -46,13 +51,31 @@ def _rows(n: int) -> list[dict]:
             for t in make_world(0).train[:n]]
 
 
-def run_trl(tmp: Path, student: Path, rows: list[dict], steps: int, batch: int, new_tokens: int | None) -> list[float]:
+def _real_student(path: Path, teacher: Path) -> Path:
+    """A fresh seeded 2-layer width-128 Llama with the teacher's tokenizer (vocabulary 49,152)."""
+    import torch
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+
+    from kdkit.models import load_tokenizer
+
+    t = AutoConfig.from_pretrained(str(teacher))
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=t.vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id))
+    model.save_pretrained(str(path), safe_serialization=True)
+    load_tokenizer(teacher).save_pretrained(str(path))
+    return path
+
+
+def run_trl(tmp: Path, student: Path, teacher: Path, rows: list[dict], steps: int, batch: int,
+            new_tokens: int | None) -> list[float]:
     os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from kdkit.demo.run import TEACHER_DIR
     from kdkit.models import load_tokenizer
 
     times: list[float] = []
@@ -70,25 +93,25 @@ def run_trl(tmp: Path, student: Path, rows: list[dict], steps: int, batch: int, 
                     per_device_train_batch_size=batch, learning_rate=1e-3, report_to=[], logging_steps=50,
                     save_strategy="no", use_cpu=True, max_length=256, disable_dropout=True, seed=0)
     trainer = GKDTrainer(model=AutoModelForCausalLM.from_pretrained(str(student)),
-                         teacher_model=AutoModelForCausalLM.from_pretrained(str(TEACHER_DIR)), args=cfg,
+                         teacher_model=AutoModelForCausalLM.from_pretrained(str(teacher)), args=cfg,
                          train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Timer()])
     trainer.train()
     return times
 
 
-def run_kdkit(tmp: Path, student: Path, rows: list[dict], steps: int, batch: int, offline: bool,
+def run_kdkit(tmp: Path, student: Path, teacher_dir: Path, rows: list[dict], steps: int, batch: int, offline: bool,
               new_tokens: int | None) -> list[float]:
-    from kdkit.cache.precompute import PrecomputeSettings, precompute
     from kdkit.config import load_train_config
-    from kdkit.demo.run import TEACHER_DIR
     from kdkit.train import train
 
     data = tmp / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    teacher = {"model": str(TEACHER_DIR)}
+    teacher = {"model": str(teacher_dir)}
     if offline:
-        precompute(TEACHER_DIR, data, tmp / "cache", PrecomputeSettings(top_k=64, max_length=256), progress=False,
-                   log=lambda m: None)
+        # in its own process: the training run's peak RSS is its own, not the capture's
+        subprocess.run([sys.executable, "-m", "kdkit", "precompute", "--teacher", str(teacher_dir), "--data",
+                        str(data), "--out", str(tmp / "cache"), "--top-k", "64", "--max-length", "256",
+                        "--no-progress"], check=True, capture_output=True)
         teacher = {"cache": str(tmp / "cache")}
     cfg = {"student": {"path": str(student)}, "teacher": teacher, "data": {"train": str(data), "max_length": 256},
            "objective": {"kd_weight": 1.0, **({"kd": {"kind": "jsd", "beta": 0.5}, "on_policy": {
@@ -100,22 +123,30 @@ def run_kdkit(tmp: Path, student: Path, rows: list[dict], steps: int, batch: int
     return [json.loads(x)["step_time_s"] for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
-def one(method: str, rows_n: int, steps: int, batch: int, new_tokens: int) -> dict:
+def one(method: str, rows_n: int, steps: int, batch: int, new_tokens: int, real: str | None) -> dict:
     from kdkit.demo.assets_build import STUDENT_SHAPE, fresh_model_dir
+    from kdkit.demo.run import TEACHER_DIR
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        student = fresh_model_dir(tmp / "student", STUDENT_SHAPE, seed=1)
-        rows = _rows(rows_n)
+        if real:
+            teacher = Path(real) / "teacher"
+            student = _real_student(tmp / "student", teacher)
+            lines = (Path(real) / "rows_messages.jsonl").read_text().splitlines()[:rows_n]
+            rows = [json.loads(x) for x in lines]
+        else:
+            teacher, student, rows = TEACHER_DIR, fresh_model_dir(tmp / "student", STUDENT_SHAPE, seed=1), _rows(rows_n)
         base = _rss_mb()
         on = new_tokens if method.endswith("_onpolicy") else None
         if method.startswith("trl_gkd"):
-            times = run_trl(tmp, student, rows, steps, batch, on)
+            times = run_trl(tmp, student, teacher, rows, steps, batch, on)
         else:
-            times = run_kdkit(tmp, student, rows, steps, batch, offline=method == "kdkit_offline", new_tokens=on)
+            times = run_kdkit(tmp, student, teacher, rows, steps, batch, offline=method == "kdkit_offline",
+                              new_tokens=on)
         peak = _rss_mb() - base
-    return {"method": method, "s_per_step": round(statistics.median(times[2:]), 4), "steps": len(times),
-            "peak_rss_growth_mb": round(peak, 1), "batch": batch}
+    s_step = statistics.median(times[2:])
+    return {"method": method, "s_per_step": round(s_step, 4), "samples_per_s": round(batch / s_step, 3),
+            "steps": len(times), "peak_rss_growth_mb": round(peak, 1), "batch": batch, "rows": len(rows)}
 
 
 def main() -> int:
@@ -125,15 +156,17 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64, help="on-policy: the most tokens per completion")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--real", metavar="DIR", help="real size: DIR as written by examples/smollm2_chat_rows.py")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.rows, args.steps, args.batch, args.new_tokens)))
+        print(json.dumps(one(args.one, args.rows, args.steps, args.batch, args.new_tokens, args.real)))
         return 0
     res = []
     for m in args.methods:
         out = subprocess.run([sys.executable, __file__, "--one", m, "--rows", str(args.rows), "--steps",
-                              str(args.steps), "--batch", str(args.batch), "--new-tokens", str(args.new_tokens)],
+                              str(args.steps), "--batch", str(args.batch), "--new-tokens", str(args.new_tokens)]
+                             + (["--real", args.real] if args.real else []),
                              capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stderr[-3000:], file=sys.stderr)
@@ -141,12 +174,12 @@ def main() -> int:
         res.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps({**res[-1], **machine()}))
     trl = {r["method"].endswith("_onpolicy"): r["s_per_step"] for r in res if r["method"].startswith("trl_gkd")}
-    print("\n| trainer | s/step | vs TRL GKD (same policy) | peak RSS growth MB |")
-    print("|---|---|---|---|")
+    print("\n| trainer | s/step | samples/s | speed vs TRL GKD (same policy) | peak RSS growth MB |")
+    print("|---|---|---|---|---|")
     for r in res:
         ref = trl.get(r["method"].endswith("_onpolicy"))
-        ratio = f"{r['s_per_step'] / ref:.2f}" if ref else "–"
-        print(f"| {r['method']} | {r['s_per_step']} | {ratio} | {r['peak_rss_growth_mb']:.0f} |")
+        ratio = f"{ref / r['s_per_step']:.2f}×" if ref else "–"
+        print(f"| {r['method']} | {r['s_per_step']} | {r['samples_per_s']} | {ratio} | {r['peak_rss_growth_mb']:.0f} |")
     return 0
 
 

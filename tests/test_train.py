@@ -65,7 +65,8 @@ def _jsonl(p: Path) -> list[dict]:
 
 
 def _final(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "final" / "adapter_model.safetensors"))
+    lora = run / "final" / "adapter_model.safetensors"
+    return load_file(str(lora if lora.is_file() else run / "final" / "model.safetensors"))
 
 
 def test_training_moves_weights_and_kd_loss_falls(world, tmp_path):
@@ -301,6 +302,73 @@ def test_lora_with_a_barrier_to_the_base_under_two_processes_equals_one(world, t
     a, b = _final(Path(one["run_dir"])), _final(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def _fsdp(cfg: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """What README's many-GPUs section runs: accelerate launch with the shipped FSDP2 config, 2 CPU ranks."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    conf = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp2.yaml"
+    return subprocess.run([str(accelerate), "launch", "--config_file", str(conf), "-m", "kdkit", "train", str(cfg),
+                           "--out", str(out), "--no-progress", *extra], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
+
+
+def _assert_runs_agree(one: Path, two: Path, keys: tuple[str, ...]) -> None:
+    ma, mb = _jsonl(one / "metrics.jsonl"), _jsonl(two / "metrics.jsonl")
+    assert len(ma) == len(mb)
+    for x, y in zip(ma, mb, strict=True):
+        for k in keys:
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k
+    a, b = _final(one), _final(two)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_equal_one_process_for_full_fine_tuning(world, tmp_path):
+    """FSDP2 shards the student (its LM head too) over 2 CPU ranks; the chunked loss and a live teacher."""
+    sections = {"student": {"path": str(world / "student"), "lora": None},
+                "teacher": {"cache": None, "model": str(world / "teacher")},
+                "objective": {"kd_weight": 1.0, "chunk_size": 16}}
+    one = _run(_cfg(world, tmp_path, optim={"micro_batch": 4, "grad_accum": 2, "epochs": 1}, **sections),
+               tmp_path / "one")
+    proc = _fsdp(_cfg(world, tmp_path, optim={"micro_batch": 2, "grad_accum": 2, "epochs": 1}, **sections),
+                 tmp_path / "two")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert meta["distributed"] == "fsdp" and meta["world_size"] == 2 and meta["loss_path"].startswith("chunked")
+    _assert_runs_agree(Path(one["run_dir"]), tmp_path / "two", ("total_loss", "kl_loss", "grad_norm"))
+
+
+@pytest.mark.slow
+def test_fsdp_lora_with_a_barrier_to_the_base_equals_one_process(world, tmp_path):
+    barrier = {"kd_weight": 0.5, "barrier": {"kind": "kl_rev", "aggregate": "rmse", "tau": 0.0, "weight": 5.0}}
+    one = _run(_cfg(world, tmp_path, objective=barrier, reference={"kind": "base"},
+                    optim={"micro_batch": 4, "grad_accum": 2, "epochs": 1}), tmp_path / "one")
+    proc = _fsdp(_cfg(world, tmp_path, objective=barrier, reference={"kind": "base"},
+                      optim={"micro_batch": 2, "grad_accum": 2, "epochs": 1}), tmp_path / "two")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _jsonl(tmp_path / "two" / "metrics.jsonl")[-1]["barrier"] > 0
+    _assert_runs_agree(Path(one["run_dir"]), tmp_path / "two", ("total_loss", "barrier", "grad_norm"))
+
+
+@pytest.mark.slow
+def test_fsdp_ctrl_c_and_resume_equal_the_uninterrupted_sharded_run(world, tmp_path):
+    """Checkpoints gather the shards into the unsharded files; --resume scatters them back, bitwise."""
+    cfg = _cfg(world, tmp_path, student={"path": str(world / "student"), "lora": None},
+               optim={"micro_batch": 2, "grad_accum": 1, "epochs": 1})
+    assert _fsdp(cfg, tmp_path / "full").returncode == 0
+    proc = _fsdp(cfg, tmp_path / "cut", env={FAULT_ENV: "sigint:2"})
+    assert "interrupted after step 2: saved" in proc.stdout, proc.stderr[-3000:]
+    saved = load_file(str(tmp_path / "cut" / "checkpoints" / "step-0000002" / "trainable.safetensors"))
+    initial = load_file(str(tmp_path / "full" / "initial_trainable.safetensors"))
+    assert {n: t.shape for n, t in saved.items()} == {n: t.shape for n, t in initial.items()}  # full, not shards
+    proc = _fsdp(cfg, tmp_path / "cut", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _final(tmp_path / "full"), _final(tmp_path / "cut")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_completes_identically(world, tmp_path):
@@ -576,3 +644,23 @@ def test_bf16_mixed_tracks_fp32_and_gradient_checkpointing_changes_nothing(world
                                student={"path": str(world / "student"), "dtype": "bfloat16"}))
     with pytest.raises(ConfigError, match="optim.precision: bf16 trains pure bfloat16 weights"):
         load_train_config(_cfg(world, tmp_path, optim={"precision": "bf16"}))
+
+
+@pytest.mark.parametrize("section", [{"probes": {"prompts": "p.jsonl"}}, {"routing": {"pairs": "r.jsonl"}},
+                                     {"objective": {"on_policy": {"fraction": 0.5}}},
+                                     {"objective": {"hidden": {"layers": {"1": 2}}}}])
+def test_a_sharded_run_refuses_what_it_cannot_do_by_field(section):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from kdkit.errors import UsageError
+    from kdkit.sharding import check_supported
+
+    cfg = {"objective": {"kd_weight": 1.0, "on_policy": None, "hidden": None}, "probes": None, "routing": None}
+    for k, v in section.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(cfg[k], dict) else v
+    check_supported(cfg, SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # data parallel: fine
+    field = next(iter(section)) + ("." + next(iter(section["objective"])) if "objective" in section else "")
+    with pytest.raises(UsageError, match=f"^{field}: .* not supported under FSDP"):
+        check_supported(cfg, SimpleNamespace(distributed_type=DistributedType.FSDP))

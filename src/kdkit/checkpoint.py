@@ -19,14 +19,10 @@ from safetensors.torch import load_file, save_file
 from kdkit.config import TrainConfig
 from kdkit.errors import TrainingError
 from kdkit.io import atomic_write_bytes, atomic_write_json, fsync_dir
+from kdkit.sharding import load_full
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _opt_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def _opt_to_files(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
@@ -37,12 +33,12 @@ def _opt_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], 
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _opt_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def _opt_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, v in list(tensors.items()) + list(meta["scalars"].items()):
         idx, k = key.split(".", 1)
         state.setdefault(int(idx), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
@@ -51,17 +47,18 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
-                    keep: int, extra: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``checkpoints/step-N`` atomically: a temp dir, a COMPLETE marker last, then rename."""
+def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], opt_state: dict[str, Any],
+                    state: dict[str, Any], keep: int, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``checkpoints/step-N`` atomically: a temp dir, a COMPLETE marker last, then rename.
+    ``weights`` and ``opt_state`` are full (:func:`kdkit.sharding.full_trainable` / ``full_optimizer``)."""
     ck = run_dir / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)
     final = ck / f"step-{state['global_step']:07d}"
     tmp = ck / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    tensors, meta = _opt_to_files(opt)
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    tensors, meta = _opt_to_files(opt_state)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     atomic_write_json(tmp / "optimizer.json", meta)
     save_file(rng_states(), str(tmp / "rng.safetensors"))
@@ -80,15 +77,15 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Opti
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Weights, optimizer state and RNG state back from ``path`` (on every rank); returns the loop state."""
     weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in weights.items():
-            if n not in params:
-                raise TrainingError(f"{path}: parameter {n} is not in the model; was the config changed?")
-            params[n].copy_(t)
-    _opt_from_files(opt, load_file(str(path / "optimizer.safetensors")),
-                    json.loads((path / "optimizer.json").read_text()))
+    names = {n for n, _ in model.named_parameters()}
+    for n in weights:
+        if n not in names:
+            raise TrainingError(f"{path}: parameter {n} is not in the model; was the config changed?")
+    opt_state = _opt_from_files(load_file(str(path / "optimizer.safetensors")),
+                                json.loads((path / "optimizer.json").read_text()))
+    load_full(model, opt, weights, opt_state)
     set_rng_states(load_file(str(path / "rng.safetensors")))
     return json.loads((path / "state.json").read_text())
 
@@ -155,10 +152,13 @@ def finished(run: Path) -> dict[str, Any] | None:
     return json.loads(meta.read_text()) if meta.is_file() else None
 
 
-def save_final(run: Path, model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, step: int) -> None:
+def save_final(run: Path, model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, step: int,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """``final/``: the model (the adapters alone for LoRA) and tokenizer. ``state_dict``: the full weights
+    gathered from a sharded model."""
     final, tmp = run / "final", run / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(str(tmp))
     atomic_write_json(tmp / "kdkit.json", {"kind": "lora" if cfg.student.lora else "full", "steps": step,
                                            "base": cfg.student.path})

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from kdkit import __version__, onpolicy
+from kdkit import __version__, onpolicy, sharding
 from kdkit import data as kdata
 from kdkit.checkpoint import (
     check_resume,
@@ -39,7 +39,6 @@ from kdkit.checkpoint import (
     newest_checkpoint,
     save_checkpoint,
     save_final,
-    trainable_state,
 )
 from kdkit.config import TrainConfig, dump_config
 from kdkit.errors import TrainingError
@@ -372,9 +371,8 @@ def _optimizer_step(r: _Run, step: int, batches: list[kdata.Batch], on_policy: b
     metrics: dict[str, float] = {}
     for hook in ([r.router] if r.router is not None else []) + grad_hooks:
         metrics.update(hook(acc.unwrap_model(r.model), step) or {})
-    o = cfg.optim
-    metrics["grad_norm"] = float(acc.clip_grad_norm_(r.trainable, o.grad_clip) if o.grad_clip > 0 else torch.norm(
-        torch.stack([p.grad.norm() for p in r.trainable if p.grad is not None])))
+    acc.unscale_gradients()  # fp16-mixed: the norm and the clipping see the true gradients
+    metrics["grad_norm"] = sharding.grad_norm(r.trainable, cfg.optim.grad_clip)
     metrics["lr"] = r.sched.get_last_lr()[0]
     r.opt.step()
     r.sched.step()
@@ -471,7 +469,7 @@ def _prepare(cfg: TrainConfig, run: Path, acc: Any, fresh: bool, log: Callable[[
     if hidden is not None:  # the projections train with the student (after its parameters: one optimizer)
         trainable = trainable + list(hidden.parameters())
     if fresh:
-        save_file(trainable_state(model), str(run / "initial_trainable.safetensors"))
+        save_file(sharding.full_trainable(model), str(run / "initial_trainable.safetensors"))
     o = cfg.optim
     opt = torch.optim.AdamW(trainable, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     world, rank = acc.num_processes, acc.process_index
@@ -483,6 +481,8 @@ def _prepare(cfg: TrainConfig, run: Path, acc: Any, fresh: bool, log: Callable[[
     if why_not and cfg.objective.chunk_size:
         log(f"note: using the dense loss path ({why_not})")
     model, opt = acc.prepare(model, opt)
+    if sharding.is_sharded(model):  # FSDP2 replaced the parameters by their shards
+        trainable = [p for p in model.parameters() if p.requires_grad]
     r = _Run(cfg, acc, run, tokenizer, rows, val_rows, pad, len(tokenizer), model, trainable, opt, sched, src,
              why_not is None, world, rank, global_batch, steps_per_epoch, total_steps, hidden=hidden)
     if cfg.routing is not None:  # directions from the initial weights (a resume loads the saved ones)
@@ -513,6 +513,7 @@ def _write_run_meta(r: _Run, why_not: str | None) -> None:
     atomic_write_bytes(r.dir / "config.yaml", dump_config(cfg).encode())
     atomic_write_json(r.dir / "run.json", {
         "kdkit_version": __version__, "git_revision": _git_revision(), "torch": torch.__version__,
+        "distributed": str(r.acc.distributed_type.value).lower(),
         "teacher_cache_manifest_sha256": manifest_sha, "world_size": r.world, "rows": len(r.rows),
         "loss_path": f"dense ({why_not})" if why_not else f"chunked ({cfg.objective.chunk_size} positions)",
         "precision": cfg.optim.precision, "gradient_checkpointing": cfg.optim.gradient_checkpointing,
@@ -557,7 +558,6 @@ def train(
     grad_hooks: list[GradHook] | None = None,
 ) -> dict[str, Any]:
     """Train a student as ``cfg`` says, writing the run into ``out_dir``; returns a summary."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -575,9 +575,10 @@ def train(
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed,
-                      log_with="tensorboard" if cfg.logging.tensorboard else None,
-                      project_dir=str(run))
+    acc = sharding.make_accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed,
+                                    log_with="tensorboard" if cfg.logging.tensorboard else None,
+                                    project_dir=str(run))
+    sharding.check_supported(cfg.model_dump(), acc)
     set_seed(cfg.optim.seed)
     r = _prepare(cfg, run, acc, ckpt is None, log)
     if cfg.logging.tensorboard:
@@ -609,10 +610,7 @@ def train(
             state = {"global_step": step, "epoch_sums": epoch_sums.v, "total_steps": r.total_steps,
                      "early_stop": r.early.state() if r.early is not None else None}
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < r.total_steps and not stopped:
-                acc.wait_for_everyone()
-                if acc.is_main_process:
-                    last_ckpt = save_checkpoint(run, acc.unwrap_model(r.model), r.opt, state, cfg.checkpoint.keep,
-                                                _extra(r))
+                last_ckpt = _save_checkpoint(r, state)
                 _fault("after_checkpoint", step)
             if step < r.total_steps and not stopped and interrupts.agreed(acc):
                 _stop_interrupted(r, step, state, last_ckpt, log)
@@ -620,14 +618,15 @@ def train(
     acc.wait_for_everyone()
     unwrapped = acc.unwrap_model(r.model)
     final_step = _early_stopped(r, step, log) if stopped else step
-    drift = _drift(unwrapped, run / "initial_trainable.safetensors")
+    drift = _drift(r, run / "initial_trainable.safetensors")
     if drift <= cfg.drift_tolerance and not stopped:
         raise TrainingError(
             f"no trainable weight moved more than drift_tolerance = {cfg.drift_tolerance:g} (max |Δ| = {drift:.3g}) "
             f"after {step} steps: "
             f"the run would return its input unchanged (check optim.lr, the data's targets, the objective)")
+    full = sharding.full_model(unwrapped, trainable_only=cfg.student.lora is not None)
     if acc.is_main_process:
-        save_final(run, unwrapped, r.tokenizer, cfg, final_step)
+        save_final(run, unwrapped, r.tokenizer, cfg, final_step, full)
         if r.hidden is not None and len(r.hidden.proj):  # the run keeps its projections; a merged pack does not
             save_file({k: v.detach().cpu().contiguous() for k, v in r.hidden.state_dict().items()},
                       str(run / "final" / "hidden_projection.safetensors"))
@@ -657,7 +656,7 @@ def _probe(r: _Run, step: int, log: Callable[[str], None]) -> str:
             _append_jsonl(r.probes_path, rec)
         _append_jsonl(r.metrics_path, row)
         if verdict == "good":  # the weights final/ falls back to if the run later drops below the floor
-            save_file(trainable_state(r.acc.unwrap_model(r.model)), str(r.dir / f".tmp-{LAST_GOOD}"))
+            save_file(sharding.full_trainable(r.acc.unwrap_model(r.model)), str(r.dir / f".tmp-{LAST_GOOD}"))
             os.replace(r.dir / f".tmp-{LAST_GOOD}", r.dir / LAST_GOOD)
     if verdict == "stop":
         log(f"early stop after step {step}: probe coherence {row['probe_coherence']:.3f} below the floor "
@@ -712,13 +711,22 @@ def _end_epoch(r: _Run, step: int, epoch_sums: Sums) -> None:
 def _stop_interrupted(r: _Run, step: int, state: dict[str, Any], last_ckpt: Path | None,
                       log: Callable[[str], None]) -> None:
     """Ctrl-C: a checkpoint at this step boundary (unless one was just written), then stop."""
-    r.acc.wait_for_everyone()
-    if r.acc.is_main_process:
-        if last_ckpt is None or last_ckpt.name != f"step-{step:07d}":
-            last_ckpt = save_checkpoint(r.dir, r.acc.unwrap_model(r.model), r.opt, state, r.cfg.checkpoint.keep,
-                                        _extra(r))
-        log(f"interrupted after step {step}: saved {last_ckpt}; continue with --resume")
+    if last_ckpt is None or last_ckpt.name != f"step-{step:07d}":
+        last_ckpt = _save_checkpoint(r, state)
+    log(f"interrupted after step {step}: saved {last_ckpt}; continue with --resume")
     raise KeyboardInterrupt
+
+
+def _save_checkpoint(r: _Run, state: dict[str, Any]) -> Path:
+    """Every rank gathers (a collective when the model is sharded); rank 0 writes."""
+    r.acc.wait_for_everyone()
+    model = r.acc.unwrap_model(r.model)
+    weights, opt_state = sharding.full_trainable(model), sharding.full_optimizer(model, r.opt)
+    path = r.dir / "checkpoints" / f"step-{state['global_step']:07d}"
+    if r.acc.is_main_process:
+        path = save_checkpoint(r.dir, weights, opt_state, state, r.cfg.checkpoint.keep, _extra(r))
+    r.acc.wait_for_everyone()
+    return path
 
 
 def _extra(r: _Run) -> dict[str, torch.Tensor] | None:
@@ -729,10 +737,12 @@ def _extra(r: _Run) -> dict[str, torch.Tensor] | None:
     return out or None
 
 
-def _drift(model: torch.nn.Module, initial_path: Path) -> float:
-    init = load_file(str(initial_path))
-    cur = trainable_state(model)
-    return max(float((cur[n].float() - init[n].float()).abs().max()) for n in init)
+def _drift(r: _Run, initial_path: Path) -> float:
+    """The largest change of any trainable weight since the start (the same on every rank)."""
+    cur = sharding.full_trainable(r.acc.unwrap_model(r.model))
+    init = load_file(str(initial_path)) if cur else {}
+    local = max((float((cur[n].float() - init[n].float()).abs().max()) for n in init), default=0.0)
+    return float(r.acc.reduce(torch.tensor(local, dtype=torch.float64, device=r.acc.device), "max"))
 
 
 def _quiet(message: str) -> None:
