@@ -244,3 +244,33 @@ def test_chunked_objective_equals_dense_objective(teacher_kind, task_b, weights)
             assert dense.metrics["kl_loss"] == pytest.approx(float(ref[mask].mean()), rel=1e-4)
         agree = (hidden @ head_w.t()).argmax(-1) == (t.argmax(-1) if teacher_kind == "dense" else teacher.ids[..., 0])
         assert dense.metrics["top1_agree"] == pytest.approx(float(agree[mask].float().mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("extra_vocab", [0, 27])
+def test_a_live_teacher_at_the_target_positions_equals_its_full_logits_there(tmp_path, extra_vocab):
+    """What the chunked loss asks a live teacher for: its LM head on the target positions alone, padded
+    rows (of the batch and of the embedding matrix) included; and the same KD value through the loss."""
+    from kdkit import data as kdata
+    from kdkit.models import load_causal_lm, load_tokenizer
+    from kdkit.objective import compute_objective_chunked
+    from kdkit.teacher import LiveSignal
+    from tests.helpers import save_model_dir, toy_rows, write_jsonl
+
+    model_dir = save_model_dir(tmp_path / "t", seed=3, extra_vocab=extra_vocab)
+    write_jsonl(tmp_path / "d.jsonl", toy_rows(5))
+    tok = load_tokenizer(model_dir)
+    rows, _ = kdata.load_dataset(tok, tmp_path / "d.jsonl", max_length=64)
+    batch = kdata.collate(rows, 0, list(range(len(rows))))
+    sig = LiveSignal(load_causal_lm(model_dir).eval(), len(tok))
+    full, part = sig(batch, None), sig(batch, None, at_targets=True)
+    sel = batch.targets != IGNORE_INDEX
+    assert part.shape == (int(sel.sum()), len(tok))
+    torch.testing.assert_close(part, full[sel], rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)
+    hidden, head = torch.randn(*batch.targets.shape, 8), torch.randn(len(tok), 8)
+    cfg = ObjectiveConfig(kd_weight=1.0, chunk_size=16)
+    a = compute_objective_chunked(hidden, head, batch.targets, cfg, teacher=full)
+    b = compute_objective_chunked(hidden, head, batch.targets, cfg, teacher=part, teacher_at_targets=True)
+    assert float(b.loss) == pytest.approx(float(a.loss), rel=1e-5)
+    with pytest.raises(ValueError, match="target positions"):
+        compute_objective_chunked(hidden, head, batch.targets, cfg, teacher=part[1:], teacher_at_targets=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from kdkit.data import IGNORE_INDEX
 from kdkit.errors import KdkitError
 
 PACK_FILE = "kdkit_pack.json"  # written by merge into every pack: the pack's marker
@@ -154,6 +155,29 @@ def vocab_logits(logits: torch.Tensor, real_vocab: int, what: str = "model") -> 
         raise ModelError(f"the {what} has {v} output rows but the tokenizer has {real_vocab} tokens: tokens "
                          f"{v}..{real_vocab - 1} have no logit (is this the tokenizer the {what} was trained with?)")
     return logits if v == real_vocab else logits[..., :real_vocab]
+
+
+@torch.no_grad()
+def target_logits(model: Any, batch: Any, real_vocab: int, what: str = "teacher") -> torch.Tensor:
+    """A frozen model's logits at the batch's target positions only, row-major: [N_targets, V].
+
+    The LM head runs on the target positions' final hidden states (a third of all positions on
+    typical prompt/completion rows), not on every position; a model whose last hidden state is not
+    the head's input (checked once per model) gets the full logits, indexed. ``batch``: a
+    :class:`kdkit.data.Batch`."""
+    sel = batch.targets != IGNORE_INDEX
+    head = model.get_output_embeddings()
+    if getattr(model, "_kdkit_head_on_hidden", True) and isinstance(head, torch.nn.Linear):
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
+                    logits_to_keep=1)
+        hidden = out.hidden_states[-1]
+        if not hasattr(model, "_kdkit_head_on_hidden"):
+            model._kdkit_head_on_hidden = bool(torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(),
+                                                              rtol=1e-4, atol=1e-4))
+        if model._kdkit_head_on_hidden:
+            return vocab_logits(head(hidden[:, :-1][sel]), real_vocab, what)
+    return vocab_logits(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][sel],
+                        real_vocab, what)
 
 
 def _merged_lora(final: Path, base_path: str, drop: list[str]) -> torch.nn.Module:

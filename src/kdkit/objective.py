@@ -257,9 +257,11 @@ def compute_objective_chunked(
     tasks: list[str] | None = None,
     row_weights: Tensor | None = None,
     denom: StepDenominator | None = None,
+    teacher_at_targets: bool = False,
 ) -> ObjectiveOutput:
     """:func:`compute_objective` (without the barrier) from final hidden states [B, T, H] and the LM head,
-    never holding more than ``cfg.chunk_size`` × V logits. Only target positions are computed at all."""
+    never holding more than ``cfg.chunk_size`` × V logits. Only target positions are computed at all.
+    ``teacher_at_targets``: the teacher is given at the target positions only, row-major ([N, V] / TopK [N, K])."""
     from kdkit.chunked import KDSpec, chunked_ce_kd
 
     if cfg.barrier is not None:
@@ -278,7 +280,12 @@ def compute_objective_chunked(
     use_kd = teacher is not None and cfg.kd_weight > 0.0
     kd_w = (co.tok_w * kd_row[:, None])[sel] * (cfg.kd_weight * co.inv) if use_kd else None
     t_sel: Tensor | TopK | None = None
-    if use_kd:
+    if use_kd and teacher_at_targets:
+        n_t = (teacher.ids if isinstance(teacher, TopK) else teacher).shape[0]
+        if n_t != int(sel.sum()):
+            raise ValueError(f"the teacher has {n_t} target positions, the batch {int(sel.sum())}")
+        t_sel = teacher
+    elif use_kd:
         t_sel = teacher.select(sel) if isinstance(teacher, TopK) else teacher[sel]
     k = cfg.kd
     spec = KDSpec(kind=k.kind, temperature=k.temperature, t2_scale=k.t2_scale, beta=k.beta, alpha=k.alpha, tail=k.tail)

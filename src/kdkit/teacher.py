@@ -32,6 +32,7 @@ from kdkit.models import (
     check_quantisation,
     load_causal_lm,
     load_tokenizer,
+    target_logits,
     tokenizer_fingerprint,
     vocab_logits,
 )
@@ -45,12 +46,20 @@ class SourceError(KdkitError, RuntimeError):
 
 class Signal(Protocol):
     """A teacher signal. ``scores_any_tokens``: whether it can score tokens that are not in the data
-    (a model can; a cache holds the dataset's positions only), which on-policy distillation needs."""
+    (a model can; a cache holds the dataset's positions only), which on-policy distillation needs.
+    A call returns the signal at every prediction position ([B, T-1, ...]), or with ``at_targets`` at the
+    batch's target positions only, row-major ([N, ...]): all the chunked loss reads, and a model then runs
+    its LM head on those positions alone."""
 
     what: str
     scores_any_tokens: bool
 
-    def __call__(self, batch: kdata.Batch, student: torch.nn.Module) -> Tensor | TopK: ...
+    def __call__(self, batch: kdata.Batch, student: torch.nn.Module, at_targets: bool = False) -> Tensor | TopK: ...
+
+
+def _whole_rows_only(at_targets: bool, what: str) -> None:
+    if at_targets:
+        raise ValueError(f"the {what} signal is not defined at the target positions alone")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -58,7 +67,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def _logits(model: torch.nn.Module, batch: kdata.Batch, real_vocab: int, what: str) -> Tensor:
+def _logits(model: torch.nn.Module, batch: kdata.Batch, real_vocab: int, what: str, at_targets: bool) -> Tensor:
+    if at_targets:
+        return target_logits(model, batch, real_vocab, what)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     return vocab_logits(out, real_vocab, what)  # padded rows of the embedding matrix take no mass
 
@@ -94,13 +105,16 @@ class CachedSignal:
                 f"a top-K distribution cannot be re-tempered — precompute again or set {field}={cache.temperature}")
         return cls(cache, rows, what)
 
-    def __call__(self, batch: kdata.Batch, student: torch.nn.Module) -> TopK | CrossTopK:
+    def __call__(self, batch: kdata.Batch, student: torch.nn.Module, at_targets: bool = False) -> TopK | CrossTopK:
         # a cross-tokenizer cache holds the aligned positions only (a subset of the targets)
         expected = None if self.cross else [self.rows[i].loss_positions() for i in batch.row_index]
         tk = self.cache.topk_batch(batch.row_index, batch.targets.shape[1], expected)
         device = batch.input_ids.device
         topk = TopK(tk.ids.to(device), tk.logprobs.to(device), tk.tail.to(device))
-        return topk if self.cross is None else CrossTopK(topk, *self.cross)
+        if self.cross is not None:
+            _whole_rows_only(at_targets, self.what)
+            return CrossTopK(topk, *self.cross)
+        return topk.select(batch.targets != kdata.IGNORE_INDEX) if at_targets else topk
 
 
 @dataclass
@@ -117,9 +131,10 @@ class LiveSignal:
     last_hidden: dict[int, Tensor] = field(default_factory=dict)
 
     @torch.no_grad()
-    def __call__(self, batch: kdata.Batch, student: torch.nn.Module) -> Tensor:
+    def __call__(self, batch: kdata.Batch, student: torch.nn.Module, at_targets: bool = False) -> Tensor:
         if not self.keep_hidden:
-            return _logits(self.model, batch, self.real_vocab, self.what)
+            return _logits(self.model, batch, self.real_vocab, self.what, at_targets)
+        _whole_rows_only(at_targets, f"{self.what} with hidden states")
         out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
         self.last_hidden = {layer: out.hidden_states[layer][:, :-1] for layer in self.keep_hidden}
         return vocab_logits(out.logits[:, :-1], self.real_vocab, self.what)
@@ -134,10 +149,10 @@ class AdapterOffSignal:
     scores_any_tokens: bool = True
 
     @torch.no_grad()
-    def __call__(self, batch: kdata.Batch, student: torch.nn.Module) -> Tensor:
+    def __call__(self, batch: kdata.Batch, student: torch.nn.Module, at_targets: bool = False) -> Tensor:
         inner = unwrap(student)  # no gradient flows here, so DDP's synchronisation is not needed
         with inner.disable_adapter():
-            return _logits(inner, batch, self.real_vocab, self.what)
+            return _logits(inner, batch, self.real_vocab, self.what, at_targets)
 
 
 @dataclass
@@ -162,7 +177,8 @@ class CrossSignal:
         return self._aligned[index]
 
     @torch.no_grad()
-    def __call__(self, batch: kdata.Batch, student: torch.nn.Module) -> CrossTeacher:
+    def __call__(self, batch: kdata.Batch, student: torch.nn.Module, at_targets: bool = False) -> CrossTeacher:
+        _whole_rows_only(at_targets, self.what)
         views = [self._row(i) for i in batch.row_index]
         logits, rows, pos = aligned_teacher_logits(self.model, self.tokenizer, views, batch.input_ids.device, self.what)
         return CrossTeacher(logits, rows, pos, self.vmap, self.loss)

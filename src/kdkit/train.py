@@ -276,7 +276,9 @@ def use_chunked(cfg: TrainConfig, model: torch.nn.Module) -> str | None:
 def _forward_loss(r: _Run, model: torch.nn.Module, batch: kdata.Batch, objective: Any,
                   denom: StepDenominator) -> ObjectiveOutput:
     """One micro-batch: the sources' signals, the student's forward, the objective."""
-    teacher = r.src.teacher(batch, model) if r.src.teacher is not None else None
+    # the chunked loss reads the teacher at the target positions alone: a live teacher runs its head there only
+    at_targets = r.chunked and r.hidden is None
+    teacher = r.src.teacher(batch, model, at_targets=at_targets) if r.src.teacher is not None else None
     reference = r.src.reference(batch, model) if r.src.reference is not None else None
     kw = dict(teacher=teacher, roles=batch.roles, tasks=batch.tasks, row_weights=batch.weights, denom=denom)
     if not r.chunked:
@@ -298,7 +300,7 @@ def _forward_loss(r: _Run, model: torch.nn.Module, batch: kdata.Batch, objective
         r.head_checked = True
     bias = None if head.bias is None else head.bias[:r.real_vocab]
     res = compute_objective_chunked(hidden[:, :-1], head.weight[:r.real_vocab], batch.targets, objective,
-                                    head_bias=bias, **kw)
+                                    head_bias=bias, teacher_at_targets=at_targets, **kw)
     return _with_hidden(r, res, out.hidden_states, batch, objective, denom)
 
 

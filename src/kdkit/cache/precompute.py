@@ -46,8 +46,8 @@ from kdkit.models import (
     model_fingerprint,
     pad_id,
     sha256_file,
+    target_logits,
     tokenizer_fingerprint,
-    vocab_logits,
 )
 
 FAULT_ENV = "KDKIT_FAULT_PRECOMPUTE"
@@ -85,28 +85,6 @@ def _fault(point: str, shard: int) -> None:
     spec = os.environ.get(FAULT_ENV)
     if spec and spec == f"{point}:{shard}":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-@torch.no_grad()
-def target_logits(model: Any, batch: kdata.Batch, real_vocab: int) -> torch.Tensor:
-    """The teacher's logits at the batch's target positions only, row-major: [N_targets, V].
-
-    The LM head runs on the target positions' final hidden states (a third of all positions on
-    typical prompt/completion rows), not on every position; a model whose last hidden state is not
-    the head's input (checked once per model) gets the full logits, indexed."""
-    sel = batch.targets != kdata.IGNORE_INDEX
-    head = model.get_output_embeddings()
-    if getattr(model, "_kdkit_head_on_hidden", True) and isinstance(head, torch.nn.Linear):
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
-                    logits_to_keep=1)
-        hidden = out.hidden_states[-1]
-        if not hasattr(model, "_kdkit_head_on_hidden"):
-            model._kdkit_head_on_hidden = bool(torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(),
-                                                              rtol=1e-4, atol=1e-4))
-        if model._kdkit_head_on_hidden:
-            return vocab_logits(head(hidden[:, :-1][sel]), real_vocab, "teacher")
-    return vocab_logits(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][sel],
-                        real_vocab, "teacher")
 
 
 @torch.no_grad()
