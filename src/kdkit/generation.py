@@ -120,10 +120,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: Gener
                 enc = tokenizer(chunk, return_tensors="pt", padding=True,
                                 add_special_tokens=add_special_tokens).to(device)
                 start = enc["input_ids"].shape[1]
-                with torch.no_grad():
-                    gen = model.generate(**enc, generation_config=config,
-                                         stopping_criteria=StoppingCriteriaList([_AllStopped(start)]))
-                texts = tokenizer.batch_decode(gen[:, start:], skip_special_tokens=True)
+                gen = _generate_compacting(model, enc["input_ids"], enc["attention_mask"], config,
+                                           StoppingCriteriaList([_AllStopped(start)]), _finished(stop, tokenizer, start))
+                texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
                 texts = [t if (cut := stop(t) if stop is not None else None) is None else t[:cut] for t in texts]
                 for j, t in enumerate(texts):
                     outs[lo + j].append(t)
@@ -135,6 +134,62 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: Gener
         tokenizer.padding_side = prev_side
         model.generation_config = own_config
     return outs
+
+
+SEGMENT = 16
+"""New tokens per ``model.generate`` call in :func:`_generate_compacting`: between calls the rows that
+have finished leave the batch, so no row waits more than this many steps for the longest one."""
+
+
+def _finished(stop: StopRule | None, tokenizer: Any, start: int) -> Callable[[Any, set[int]], list[bool]]:
+    """Which rows of a batch have finished: an EOS among their new tokens, or their text complete by ``stop``."""
+
+    def done(seqs: Any, eos: set[int]) -> list[bool]:
+        new = seqs[:, start:]
+        out = [any(t in eos for t in row) for row in new.tolist()]
+        if stop is not None:
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            out = [o or stop(t) is not None for o, t in zip(out, texts, strict=True)]
+        return out
+
+    return done
+
+
+def _generate_compacting(model: Any, ids: Any, att: Any, config: Any, criteria: Any,
+                         finished: Callable[[Any, set[int]], list[bool]]) -> list[Any]:
+    """Each row's new tokens (the prompt's left-padded width cut off). Generation runs :data:`SEGMENT`
+    tokens at a time over the KV cache; after each call the finished rows leave the batch and the cache,
+    so a batch costs what its unfinished rows cost. A row's tokens are what one ``model.generate`` call
+    over the batch would give (continuing from the cache feeds only the last token), up to the batch
+    composition's effect on float rounding."""
+    import copy
+
+    import torch
+
+    width, budget = ids.shape[1], config.max_new_tokens
+    eos = config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    alive, out, cache = list(range(ids.shape[0])), [None] * ids.shape[0], None
+    while alive:
+        step = copy.copy(config)
+        step.max_new_tokens = min(SEGMENT, budget - (ids.shape[1] - width))
+        with torch.no_grad():
+            res = model.generate(input_ids=ids, attention_mask=att, past_key_values=cache, generation_config=step,
+                                 stopping_criteria=criteria, return_dict_in_generate=True)
+        seqs, cache = res.sequences, res.past_key_values
+        done = finished(seqs, eos)
+        full = seqs.shape[1] - width >= budget or seqs.shape[1] - ids.shape[1] < step.max_new_tokens
+        keep = [i for i, d in enumerate(done) if not (d or full)]
+        for i, row in enumerate(alive):
+            if i not in keep:
+                out[row] = seqs[i, width:]
+        if not keep:
+            break
+        index = torch.tensor(keep, device=seqs.device)
+        att = torch.cat([att, att.new_ones(att.shape[0], seqs.shape[1] - ids.shape[1])], dim=1)[index]
+        ids, alive = seqs[index], [alive[i] for i in keep]
+        cache.batch_select_indices(index)
+    return out
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:

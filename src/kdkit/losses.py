@@ -119,9 +119,18 @@ def _log1mexp_safe(x: Tensor) -> Tensor:
     return torch.where(live, out, torch.full_like(out, float("-inf")))
 
 
+def _all_finite(*xs: Tensor) -> bool:
+    """True when every entry is finite, checked on CPU only: there the check is one cheap pass and lets the
+    masked passes below be skipped (with the same result, bit for bit); on an accelerator it would cost a
+    host synchronisation per call, so the masked path always runs there."""
+    return all(x.device.type == "cpu" for x in xs) and all(bool(torch.isfinite(x).all()) for x in xs)
+
+
 def _log_softmax_safe(logits: Tensor) -> Tensor:
     """float32 log_softmax; a row with no finite logit becomes all ``-inf`` (not NaN)."""
     logits = logits.float()
+    if _all_finite(logits):
+        return torch.log_softmax(logits, dim=-1)
     row_ok = torch.isfinite(logits).any(dim=-1, keepdim=True)
     safe = torch.where(row_ok, logits, torch.zeros_like(logits))
     lp = torch.log_softmax(safe, dim=-1)
@@ -144,6 +153,14 @@ def _mix(a: Tensor, b: Tensor, w: float) -> Tensor:
     lb = torch.where(ok_b, b0 + float(torch.log(torch.tensor(1.0 - w))), torch.full_like(b0, -1e30))
     m = torch.logaddexp(la, lb)
     return torch.where(ok_a | ok_b, m, torch.full_like(m, float("-inf")))
+
+
+def _kl_plain(a: Tensor, b: Tensor) -> Tensor:
+    """:func:`_kl` where every entry of ``a`` and ``b`` is finite (then equal to it bit for bit)."""
+    return (torch.exp(a) * (a - b)).sum(-1)
+
+
+_PLAIN = {"kl_fwd": _kl_plain, "kl_rev": lambda a, b: _kl_plain(b, a)}
 
 
 def _kl_fwd(a: Tensor, b: Tensor, beta: float, alpha: float) -> Tensor:
@@ -301,6 +318,9 @@ def token_divergence(
             )
         a = _log_softmax_safe(teacher.float() / temperature)
         b = student_logits.float() if normalized else _log_softmax_safe(student_logits.float() / temperature)
+    if kind in _PLAIN and _all_finite(a, b):  # nothing masked: the same values without the masked passes
+        out = _PLAIN[kind](a, b)
+        return out * (temperature * temperature) if t2_scale else out
     # An entry that either side masks (-inf) leaves the support of BOTH distributions,
     # so every kind agrees on what "masked" means (and a fully masked position gives 0).
     both = torch.isfinite(a) & torch.isfinite(b)
