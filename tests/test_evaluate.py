@@ -392,3 +392,33 @@ def test_per_category_pass_counts_when_tasks_carry_a_category(tmp_path):
     assert by_category(load_tasks(write_jsonl(tmp_path / "u.jsonl", TOY_TASKS)), []) == {}
     with pytest.raises(TaskError, match="field 'category': expected a string"):
         load_tasks(write_jsonl(tmp_path / "bad.jsonl", [{**TOY_TASKS[0], "category": 3}]))
+
+
+@pytest.mark.parametrize("repetition_penalty", [1.0, 1.3])
+def test_finished_rows_leave_the_batch_and_every_row_keeps_its_greedy_text(tmp_path, monkeypatch, repetition_penalty):
+    """Generation runs a few tokens per call; rows that finished leave the batch (and the KV cache) between
+    calls. Each row's text is still its own greedy decoding (a processor that reads the whole sequence, the
+    repetition penalty, included), and the batch does shrink."""
+    from kdkit import generation
+    from kdkit.models import load_causal_lm, load_tokenizer
+
+    model_dir = save_model_dir(tmp_path / "m", seed=3)
+    model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    prompts = [t["prompt"] for t in TOY_TASKS] + ["x = 1\n", "def g():\n    return"]
+    stop = lambda t: next((i + 1 for i, c in enumerate(t) if c in "aeiou"), None)  # noqa: E731  rows end apart
+    settings = GenerationSettings(max_new_tokens=24, batch_size=len(prompts), repetition_penalty=repetition_penalty)
+    monkeypatch.setattr(generation, "SEGMENT", 10**6)
+    whole = generation.generate(model, tok, prompts, settings, stop=stop)
+    monkeypatch.setattr(generation, "SEGMENT", 2)
+    rows_seen: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: rows_seen.append(kw["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    parts = generation.generate(model, tok, prompts, settings, stop=stop)
+    hook.remove()
+    assert parts == whole
+    lengths = sorted(len(p[0]) for p in parts)
+    assert lengths[0] < lengths[-1]  # the rows do finish at different steps
+    assert rows_seen[0] == len(prompts) and rows_seen[-1] < len(prompts)  # and the finished ones left
+    if repetition_penalty == 1.0:
+        cut = lambda t: t if stop(t) is None else t[:stop(t)]  # noqa: E731
+        assert [p[0] for p in parts] == [cut(_pure_greedy(model, tok, p, 24)) for p in prompts]
