@@ -40,9 +40,9 @@ def test_total_is_ce_plus_weighted_kd_over_valid_tokens():
     n = valid.sum()
     expected = (0.7 * nll[valid].sum() + 0.3 * kd[valid].sum()) / n
     assert float(out.loss) == pytest.approx(float(expected), rel=1e-5)
-    assert out.metrics["ce_loss"] == pytest.approx(float(nll[valid].mean()), rel=1e-5)
-    assert out.metrics["kl_loss"] == pytest.approx(float(kd[valid].mean()), rel=1e-5)
-    assert out.metrics["top1_agree"] == pytest.approx(float((s.argmax(-1) == t.argmax(-1))[valid].float().mean()))
+    assert out.floats()["ce_loss"] == pytest.approx(float(nll[valid].mean()), rel=1e-5)
+    assert out.floats()["kl_loss"] == pytest.approx(float(kd[valid].mean()), rel=1e-5)
+    assert out.floats()["top1_agree"] == pytest.approx(float((s.argmax(-1) == t.argmax(-1))[valid].float().mean()))
 
 
 def test_ce_coef_zero_is_pure_kd_and_gradients_match():
@@ -66,8 +66,8 @@ def test_kd_only_on_configured_roles():
     assert torch.equal(x.grad[1], torch.zeros(T, V)) and torch.equal(x.grad[3], torch.zeros(T, V))
     assert x.grad[0].abs().sum() > 0 and x.grad[2].abs().sum() > 0
     kd = token_divergence(s, t, "kl_fwd")
-    assert out.metrics["kl_loss"] == pytest.approx(float(kd[[0, 2]].mean()), rel=1e-5)
-    assert out.metrics["kd_tokens"] == 2 * T
+    assert out.floats()["kl_loss"] == pytest.approx(float(kd[[0, 2]].mean()), rel=1e-5)
+    assert out.floats()["kd_tokens"] == 2 * T
 
 
 def test_task_multiplier_scales_that_rows_gradient_exactly():
@@ -131,7 +131,7 @@ def test_topk_teacher_reports_tail_mass():
     lp = torch.log_softmax(t, -1)
     vals, ids = lp.topk(5, -1)
     out = compute_objective(s, y, ObjectiveConfig(), teacher=TopK(ids, vals))
-    assert out.metrics["tail_mass"] == pytest.approx(float((1 - vals.exp().sum(-1)).mean()), rel=1e-4)
+    assert out.floats()["tail_mass"] == pytest.approx(float((1 - vals.exp().sum(-1)).mean()), rel=1e-4)
 
 
 def test_barrier_is_zero_below_tau_and_active_above():
@@ -144,11 +144,11 @@ def test_barrier_is_zero_below_tau_and_active_above():
         x = s.clone().requires_grad_(True)
         out = compute_objective(x, y, cfg, reference=t)
         ce_only = compute_objective(s, y, ObjectiveConfig(kd_weight=0.0)).loss
-        assert out.metrics["barrier_agg"] == pytest.approx(agg, rel=1e-5)
+        assert out.floats()["barrier_agg"] == pytest.approx(agg, rel=1e-5)
         expected = 2.0 * max(agg - tau, 0.0)
-        assert out.metrics["barrier"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+        assert out.floats()["barrier"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
         assert float(out.loss) == pytest.approx(float(ce_only) + expected, rel=1e-5)
-        assert active == (out.metrics["barrier"] > 0)
+        assert active == (out.floats()["barrier"] > 0)
 
 
 def test_fully_masked_batch_gives_zero_loss_and_zero_gradient():
@@ -231,9 +231,11 @@ def test_chunked_objective_equals_dense_objective(teacher_kind, task_b, weights)
     torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-4, atol=1e-6)
     assert set(chunk.metrics) == set(dense.metrics)
+    for out in (dense, chunk):  # the metrics stay on the loss's device: a training step reads them once
+        assert all(torch.is_tensor(v) and v.dim() == 0 and v.device == out.loss.device for v in out.metrics.values())
     for key in ("ce_loss", "kl_loss", "top1_agree", "tail_mass", "tokens", "kd_tokens"):
         if key in dense.metrics:
-            assert chunk.metrics[key] == pytest.approx(dense.metrics[key], rel=1e-5), key
+            assert chunk.floats()[key] == pytest.approx(dense.floats()[key], rel=1e-5), key
     if teacher is not None:  # KD statistics are over the KD positions whatever their weight: a float64 reference
         kd_rows = torch.tensor([r != "new" for r in kw["roles"]])
         mask = (y != -100) & kd_rows[:, None]
@@ -241,9 +243,9 @@ def test_chunked_objective_equals_dense_objective(teacher_kind, task_b, weights)
         if teacher_kind == "dense":
             t_lp = torch.log_softmax(t.double() / 2.0, -1)
             ref = 4.0 * (s_lp.exp() * (s_lp - t_lp)).sum(-1)
-            assert dense.metrics["kl_loss"] == pytest.approx(float(ref[mask].mean()), rel=1e-4)
+            assert dense.floats()["kl_loss"] == pytest.approx(float(ref[mask].mean()), rel=1e-4)
         agree = (hidden @ head_w.t()).argmax(-1) == (t.argmax(-1) if teacher_kind == "dense" else teacher.ids[..., 0])
-        assert dense.metrics["top1_agree"] == pytest.approx(float(agree[mask].float().mean()), rel=1e-6)
+        assert dense.floats()["top1_agree"] == pytest.approx(float(agree[mask].float().mean()), rel=1e-6)
 
 
 @pytest.mark.parametrize("extra_vocab", [0, 27])

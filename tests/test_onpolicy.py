@@ -121,7 +121,7 @@ def test_on_policy_loss_is_gkd_generalised_jsd_on_generated_tokens(world, beta, 
             total += float(ref_div(p, q, "jsd", beta, 0.1)) * temperature**2
             n += 1
     assert n == sum(len(g.input_ids) - len(onpolicy.prompt_ids(r)) for g, r in zip(gen, rows[:3], strict=True))
-    assert out.metrics["total_loss"] == pytest.approx(total / n, rel=1e-4, abs=1e-6)  # float32 math
+    assert out.floats()["total_loss"] == pytest.approx(total / n, rel=1e-4, abs=1e-6)  # float32 math
 
 
 def test_lambda_zero_is_the_off_policy_run_bitwise(world, tmp_path):

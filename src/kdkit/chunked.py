@@ -36,7 +36,7 @@ class ChunkStats:
     """Per-position values for metrics (detached): the caller reduces them with its own mask, the same
     way as on the dense path (:func:`kdkit.objective.kd_metrics`)."""
 
-    ce_sum: float = 0.0  # a device tensor while the chunks run
+    ce_sum: Tensor | None = None  # float32 0-dim, on the device: Σ CE over the valid positions
     kd_div: Tensor | None = None  # float32 [N]: the KD divergence at every valid position (0 elsewhere)
     student_top: Tensor | None = None  # long [N]: the student's argmax token
 
@@ -60,7 +60,7 @@ def _chunk_loss(logits: Tensor, targets: Tensor, teacher: Tensor | TopK | None, 
         ce = torch.nn.functional.cross_entropy(logits, safe, reduction="none")
     ce = torch.where(valid, ce, torch.zeros_like(ce))
     loss = (ce * ce_w).sum()
-    stats.ce_sum = stats.ce_sum + ce.detach().sum()  # on the device: read once, after the last chunk
+    stats.ce_sum = stats.ce_sum + ce.detach().sum()  # stays on the device (no per-chunk host read)
     if teacher is not None:
         div = token_divergence(lp if shared else logits, teacher, spec.kind, temperature=spec.temperature,
                                t2_scale=spec.t2_scale, beta=spec.beta, alpha=spec.alpha, tail=spec.tail,
@@ -151,8 +151,7 @@ def chunked_ce_kd(
     if teacher is not None and not isinstance(teacher, TopK) and spec.kind not in ("kl_fwd", "kl_rev", "jsd"):
         raise ValueError(f"the chunked path takes a dense teacher only for kl_fwd, kl_rev, jsd (got {spec.kind})")
     kd_w = torch.zeros(n, device=hidden.device) if kd_weights is None else kd_weights.float()
-    stats = ChunkStats(kd_div=torch.zeros(n, device=hidden.device),
+    stats = ChunkStats(ce_sum=torch.zeros((), device=hidden.device), kd_div=torch.zeros(n, device=hidden.device),
                        student_top=torch.zeros(n, dtype=torch.long, device=hidden.device))
     loss = _ChunkedCEKD.apply(hidden, weight, bias, targets, teacher, ce_weights.float(), kd_w, spec, chunk_size, stats)
-    stats.ce_sum = float(stats.ce_sum)  # one read per call, not one per chunk
     return loss, stats

@@ -46,13 +46,21 @@ class StepDenominator:
 
 @dataclass
 class ObjectiveOutput:
+    """A micro-batch's loss and its metrics. The metrics are 0-dim tensors on the loss's device (a training
+    step sums them there and reads them once): :meth:`floats` reads them all at once."""
+
     loss: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
     terms: dict[str, Tensor] = field(default_factory=dict)  # the dense path's CE and KD terms (with their graph)
 
+    def floats(self) -> dict[str, float]:
+        values = torch.stack([v.detach().double() for v in self.metrics.values()]).tolist() if self.metrics else []
+        return dict(zip(self.metrics, values, strict=True))
 
-def _f(x: Tensor) -> float:
-    return float(x.detach())
+
+def _f(x: Tensor) -> Tensor:
+    """A metric: detached, float32, left on its device."""
+    return x.detach().float()
 
 
 def token_weights(targets: Tensor, ce_norm: str) -> Tensor:
@@ -95,15 +103,15 @@ def _row_vector(values: list[str] | None, n: int, default: str, what: str) -> li
 @dataclass
 class _Coefficients:
     valid: Tensor
-    n_valid: int
+    n_valid: Tensor  # float32, on the device
     tok_w: Tensor
     rw: Tensor
     ce_on: Tensor
     kd_on: Tensor
     task_w: Tensor
     bar_on: Tensor
-    local: float
-    inv: float
+    local: Tensor
+    inv: Tensor | float
 
 
 def _coefficients(targets: Tensor, cfg: ObjectiveConfig, roles: list[str] | None, tasks: list[str] | None,
@@ -118,15 +126,18 @@ def _coefficients(targets: Tensor, cfg: ObjectiveConfig, roles: list[str] | None
     terms = [cfg.terms_for(r) for r in role_list]
     valid = targets != IGNORE_INDEX
     tok_w = token_weights(targets, cfg.ce_norm)
-    local = float(tok_w.sum())
-    norm = local if denom is None else denom.tokens
+    local = tok_w.sum()
+    if denom is None:  # this micro-batch alone: 1 / its weight (0 when it has none), on the device
+        inv: Tensor | float = torch.where(local > 0, 1.0 / local.clamp(min=1e-30), torch.zeros_like(local))
+    else:
+        inv = 1.0 / denom.tokens if denom.tokens > 0 else 0.0
     return _Coefficients(
-        valid=valid, n_valid=int(valid.sum()), tok_w=tok_w, rw=rw,
+        valid=valid, n_valid=valid.sum().float(), tok_w=tok_w, rw=rw,
         ce_on=torch.tensor([t.ce for t in terms], dtype=torch.float32, device=device),
         kd_on=torch.tensor([t.kd for t in terms], dtype=torch.float32, device=device),
         task_w=torch.tensor([cfg.task_weights.get(t, 1.0) for t in task_list], dtype=torch.float32, device=device),
         bar_on=torch.tensor([t.barrier for t in terms], dtype=torch.bool, device=device),
-        local=local, inv=1.0 / norm if norm > 0 else 0.0,
+        local=local, inv=inv,
     )
 
 
@@ -186,10 +197,7 @@ def compute_objective(
     ce_sum = (ce_pos * tok_w * (rw * ce_on)[:, None]).sum()
     loss = cfg.ce_coef * ce_sum * inv
     terms = {"ce": loss}
-    metrics: dict[str, float] = {
-        "tokens": float(n_valid),
-        "ce_loss": _f(ce_pos.sum()) / max(n_valid, 1),
-    }
+    metrics: dict[str, Tensor] = {"tokens": n_valid, "ce_loss": _f(ce_pos.sum()) / n_valid.clamp(min=1)}
 
     if teacher is not None and cfg.kd_weight > 0.0:
         kd_cfg = cfg.kd
@@ -226,22 +234,22 @@ def compute_objective(
 
 
 @torch.no_grad()
-def kd_metrics(div: Tensor, student_top: Tensor, teacher: Tensor | TopK, mask: Tensor) -> dict[str, float]:
+def kd_metrics(div: Tensor, student_top: Tensor, teacher: Tensor | TopK, mask: Tensor) -> dict[str, Tensor]:
     """KD statistics over the KD positions ``mask`` (targets whose row's role has KD on, whatever their
     weight): mean divergence ``kl_loss``, ``kd_tokens``, ``top1_agree`` and the teacher's ``tail_mass``
     (top-K only). The one place both loss paths compute them. Shapes: ``div``, ``student_top``, ``mask``
     alike ([B, T] or [N]); ``teacher`` aligned with them."""
-    n = int(mask.sum())
-    out = {"kl_loss": _f(div[mask].sum()) / max(n, 1), "kd_tokens": float(n)}
-    if n == 0 or isinstance(teacher, CrossTeacher | CrossTopK):  # no shared ids: no top-1 agreement, no top-K tail
+    n = mask.sum().float()
+    out = {"kl_loss": _f(torch.where(mask, div, 0.0).sum()) / n.clamp(min=1), "kd_tokens": n}
+    if isinstance(teacher, CrossTeacher | CrossTopK):  # no shared ids: no top-1 agreement, no top-K tail
         return out
     if isinstance(teacher, TopK):
         best = teacher.logprobs.float().argmax(dim=-1, keepdim=True)
         t_top = torch.gather(teacher.ids.long(), -1, best).squeeze(-1)
-        out["tail_mass"] = _f(torch.exp(teacher.tail_logmass())[mask].sum()) / n
+        out["tail_mass"] = _f(torch.where(mask, torch.exp(teacher.tail_logmass()), 0.0).sum()) / n.clamp(min=1)
     else:
         t_top = teacher.float().argmax(dim=-1)
-    out["top1_agree"] = _f((student_top == t_top)[mask].float().sum()) / n
+    out["top1_agree"] = _f(((student_top == t_top) & mask).sum()) / n.clamp(min=1)
     return out
 
 
@@ -291,7 +299,7 @@ def compute_objective_chunked(
     spec = KDSpec(kind=k.kind, temperature=k.temperature, t2_scale=k.t2_scale, beta=k.beta, alpha=k.alpha, tail=k.tail)
     loss, st = chunked_ce_kd(hidden[sel], head_weight, targets[sel], bias=head_bias, teacher=t_sel, ce_weights=ce_w,
                              kd_weights=kd_w, spec=spec, chunk_size=cfg.chunk_size)
-    metrics = {"tokens": float(co.n_valid), "ce_loss": st.ce_sum / max(co.n_valid, 1)}
+    metrics = {"tokens": co.n_valid, "ce_loss": _f(st.ce_sum) / co.n_valid.clamp(min=1)}
     if use_kd:
         kd_mask = (co.kd_on[:, None] > 0).expand_as(sel)[sel]
         metrics.update(kd_metrics(st.kd_div, st.student_top, t_sel, kd_mask))
@@ -301,7 +309,7 @@ def compute_objective_chunked(
 
 def hidden_term(values: Tensor, targets: Tensor, cfg: ObjectiveConfig, *, roles: list[str] | None = None,
                 tasks: list[str] | None = None, row_weights: Tensor | None = None,
-                denom: StepDenominator | None = None) -> tuple[Tensor, dict[str, float]]:
+                denom: StepDenominator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The hidden-state term: ``cfg.hidden.weight`` · Σ_tok w(row) · values(tok) ÷ the step's denominator, over
     the KD positions (targets of rows whose role has KD on), weighted like KD (row weight × task weight).
 
@@ -315,5 +323,5 @@ def hidden_term(values: Tensor, targets: Tensor, cfg: ObjectiveConfig, *, roles:
     mask = co.valid & (co.kd_on[:, None] > 0)
     v = torch.where(mask, values.float(), torch.zeros_like(values, dtype=torch.float32))
     term = cfg.hidden.weight * (v * co.tok_w * row[:, None]).sum() * co.inv
-    n = int(mask.sum())
-    return term, {"hidden_loss": _f(v.sum()) / max(n, 1), "hidden_tokens": float(n)}
+    n = mask.sum().float()
+    return term, {"hidden_loss": _f(v.sum()) / n.clamp(min=1), "hidden_tokens": n}

@@ -184,11 +184,19 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
 
 @dataclass
 class Sums:
-    """Token-weighted running sums, reduced across micro-batches and ranks."""
+    """Token-weighted running sums, reduced across micro-batches and ranks. Within a step they are device
+    tensors (the metrics of each micro-batch are added where they were computed); :meth:`reduce` reads
+    them once, summed over the ranks, into floats."""
 
     keys = ("total", "ce", "tok", "kl", "kd_tok", "barrier", "tail", "tail_tok", "agree", "agree_tok", "hidden",
             "hidden_tok", "steps")
-    v: dict[str, float] = field(default_factory=lambda: dict.fromkeys(Sums.keys, 0.0))
+    v: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(Sums.keys, 0.0))
+
+    def reduce(self, acc: Any) -> None:
+        """Every sum as a float, over all ranks: one host read for the whole step."""
+        packed = torch.stack([torch.as_tensor(self.v[k], dtype=torch.float64, device=acc.device).reshape(())
+                              for k in self.keys])
+        self.v = dict(zip(self.keys, acc.reduce(packed, "sum").tolist(), strict=True))
 
     def add_output(self, out: ObjectiveOutput) -> None:
         m = out.metrics
@@ -314,7 +322,7 @@ def _with_hidden(r: _Run, res: ObjectiveOutput, states: tuple[torch.Tensor, ...]
                                 row_weights=batch.weights, denom=denom)
     res.loss = res.loss + term
     res.terms["hidden"] = term
-    res.metrics.update(metrics, total_loss=res.metrics["total_loss"] + float(term.detach()))
+    res.metrics.update(metrics, total_loss=res.metrics["total_loss"] + term.detach().float())
     return res
 
 
@@ -349,17 +357,14 @@ def _optimizer_step(r: _Run, step: int, batches: list[kdata.Batch], on_policy: b
     local = torch.tensor(sum(float(token_weights(b.targets, cfg.objective.ce_norm).sum()) for b in batches),
                          dtype=torch.float64, device=acc.device)
     denom = StepDenominator(float(acc.reduce(local, "sum")))
-    sums = Sums()
+    sums, losses = Sums(), []
     for j, b in enumerate(batches):
         # Sync gradients across ranks only on the last micro-step: earlier ones accumulate locally.
         with acc.no_sync(r.model) if j < len(batches) - 1 else nullcontext():
             out = _forward_loss(r, r.model, b, objective, denom)
             if r.router is not None and j == 0:
                 r.router.term_shares(out.terms)  # cin_t / cin_s: the KD and CE terms' gradients apart
-            if not torch.isfinite(out.loss):
-                raise TrainingError(
-                    f"non-finite loss ({float(out.loss.detach())}) at step {step + 1}, micro-batch {j}; "
-                    f"last good checkpoint: {last_ckpt or 'none'} (lower optim.lr or check the data)")
+            losses.append(out.loss.detach())  # checked once, before the optimizer step
             # DDP averages gradients over ranks; the loss is already this rank's share of the
             # step's sum, so undo the average to get the gradient of the global loss.
             acc.backward(out.loss * r.world)
@@ -370,6 +375,12 @@ def _optimizer_step(r: _Run, step: int, batches: list[kdata.Batch], on_policy: b
         for p in r.hidden.parameters():
             if p.grad is not None:
                 p.grad.copy_(acc.reduce(p.grad, "mean"))
+    values = torch.stack(losses)
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    if bad:
+        raise TrainingError(f"non-finite loss ({float(values[bad[0]])}) at step {step + 1}, micro-batch {bad[0]}; "
+                            f"the optimizer step was not taken; last good checkpoint: {last_ckpt or 'none'} "
+                            f"(lower optim.lr or check the data)")
     metrics: dict[str, float] = {}
     for hook in ([r.router] if r.router is not None else []) + grad_hooks:
         metrics.update(hook(acc.unwrap_model(r.model), step) or {})
@@ -381,8 +392,7 @@ def _optimizer_step(r: _Run, step: int, batches: list[kdata.Batch], on_policy: b
     r.opt.zero_grad(set_to_none=True)
     if cfg.objective.on_policy is not None:
         metrics["on_policy"] = 1.0 if on_policy else 0.0
-    packed = acc.reduce(torch.tensor([sums.v[k] for k in Sums.keys], dtype=torch.float64, device=acc.device), "sum")
-    sums.v = dict(zip(Sums.keys, packed.tolist(), strict=True))
+    sums.reduce(acc)
     sums.v["steps"] = 1.0
     return sums, metrics
 
