@@ -31,7 +31,9 @@ def _rss_mb() -> float:
 def one(method: str, vocab: int, n: int, hidden: int, k: int, repeats: int, chunk: int) -> dict:
     import torch
 
-    from kdkit.chunked import KDSpec, chunked_ce_kd
+    from kdkit.chunked import KDSpec, auto_chunk, chunked_ce_kd
+
+    chunk = chunk or auto_chunk(vocab)
     from kdkit.losses import TopK, token_divergence
 
     torch.manual_seed(0)
@@ -90,7 +92,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--chunk", type=int, default=0, help="positions per chunk (default 0: kdkit's auto, from V)")
     ap.add_argument("--one", nargs=3, metavar=("METHOD", "V", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     hidden, k = 576, 64

@@ -101,3 +101,38 @@ def test_fully_masked_gives_zero_and_errors():
         chunked_ce_kd(hidden, weight, targets, teacher=t_logits, ce_weights=ce_w, spec=KDSpec(kind="tvd"))
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_ce_kd(hidden, weight, targets, ce_weights=ce_w, chunk_size=0)
+
+
+def test_auto_chunk_fits_about_16_mib_of_logits_per_chunk_and_the_config_takes_it():
+    from pydantic import ValidationError
+
+    from kdkit.chunked import CHUNK_BYTES, auto_chunk
+    from kdkit.config import ObjectiveConfig
+
+    assert [auto_chunk(v) for v in (101, 32000, 49152, 151936, 10**7)] == [1024, 128, 64, 16, 16]
+    for v in (5000, 49152, 65536):  # a power of two, the largest that fits (above the floor of 16)
+        c = auto_chunk(v)
+        assert c & (c - 1) == 0 and c * 4 * v <= CHUNK_BYTES < 2 * c * 4 * v
+    assert ObjectiveConfig().chunk_size == "auto" and ObjectiveConfig(chunk_size=0).chunk_size == 0
+    with pytest.raises(ValidationError, match="must be >= 0 or 'auto'"):
+        ObjectiveConfig(chunk_size=-1)
+    with pytest.raises(ValidationError):
+        ObjectiveConfig(chunk_size="big")
+
+
+def test_the_head_gradient_is_handed_over_once_and_scaled_in_place():
+    """No second full-size copy of the LM head's gradient: backward scales the computed one in place (by
+    the upstream gradient, e.g. a rank count), and a second differentiation is refused."""
+    torch.manual_seed(0)
+    h = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(40, 8, requires_grad=True)
+    y = torch.randint(0, 40, (10,))
+    ce_w = torch.full((10,), 0.1)
+    loss, _ = chunked_ce_kd(h, w, y, ce_weights=ce_w, chunk_size=3)
+    (loss * 3.0).backward(retain_graph=True)
+    ref_w = w.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(h.detach() @ ref_w.t(), y) * 3.0
+    ref.backward()
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="differentiated twice"):
+        loss.backward()

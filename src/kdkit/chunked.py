@@ -21,6 +21,18 @@ from kdkit.losses import TopK, token_divergence
 IGNORE_INDEX = -100
 
 
+CHUNK_BYTES = 16 * 2**20
+
+
+def auto_chunk(vocab: int) -> int:
+    """Positions per chunk for ``objective.chunk_size: auto``: the largest power of two whose [chunk, V] float32
+    logits fit in :data:`CHUNK_BYTES`, between 16 and 1024 (64 at V = 49,152; 16 at V = 151,936). Each chunk
+    holds a few such tensors (logits, log-probs, their gradient) beside the LM head's gradient; smaller
+    chunks trade a little time for memory (docs/benchmarks.md)."""
+    fit = max(1, CHUNK_BYTES // (4 * vocab))
+    return max(16, min(1024, 1 << (fit.bit_length() - 1)))
+
+
 @dataclass(frozen=True)
 class KDSpec:
     kind: str = "kl_fwd"
@@ -100,20 +112,23 @@ class _ChunkedCEKD(torch.autograd.Function):
                 grad_w.addmm_(g.t(), h)
             if grad_b is not None:
                 grad_b += g.sum(0)
-        ctx.save_for_backward(grad_h, *(t for t in (grad_w, grad_b) if t is not None))
-        ctx.has_w, ctx.has_b = grad_w is not None, grad_b is not None
+        # the gradients are computed already: kept on ctx (not saved tensors) so backward can hand them over
+        # scaled in place, without a second full-size copy of the LM head's gradient
+        ctx.grads = [grad_h, grad_w, grad_b]
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = list(ctx.saved_tensors)
-        grad_h = saved.pop(0) * grad_out
-        grad_w = saved.pop(0) * grad_out if ctx.has_w else None
-        grad_b = saved.pop(0) * grad_out if ctx.has_b else None
-        hd, wd, bd = ctx.dtypes
-        return (grad_h.to(hd), None if grad_w is None else grad_w.to(wd), None if grad_b is None else grad_b.to(bd),
-                None, None, None, None, None, None, None)
+        if ctx.grads is None:
+            raise RuntimeError("the chunked loss was differentiated twice; its gradients are handed over once")
+        grads, ctx.grads = ctx.grads, None
+        out = []
+        for g, dtype in zip(grads, ctx.dtypes, strict=True):
+            if g is not None:
+                g = g.mul_(grad_out) if g.dtype == dtype else (g * grad_out).to(dtype)
+            out.append(g)
+        return (*out, None, None, None, None, None, None, None)
 
 
 def chunked_ce_kd(

@@ -128,10 +128,18 @@ class ObjectiveConfig(_Strict):
     barrier: BarrierConfig | None = None
     on_policy: OnPolicyConfig | None = Field(None, description="on-policy distillation; omit for off-policy only")
     hidden: HiddenConfig | None = Field(None, description="hidden-state distillation from a live teacher")
-    chunk_size: int = Field(
-        1024, ge=0,
-        description="target tokens per chunk of the memory-lean loss (at most chunk × V logits at once); 0 = dense path",
+    chunk_size: int | Literal["auto"] = Field(
+        "auto",
+        description="target tokens per chunk of the memory-lean loss (at most chunk × V logits at once); 'auto' = "
+                    "from the vocabulary (about 16 MiB of float32 logits per chunk, 16 to 1024 tokens); 0 = dense path",
     )
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _chunk_size(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"must be >= 0 or 'auto', got {v}")
+        return v
 
     @field_validator("ce_norm")
     @classmethod

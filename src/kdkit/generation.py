@@ -173,9 +173,10 @@ def _generate_compacting(model: Any, ids: Any, att: Any, config: Any, criteria: 
     while alive:
         step = copy.copy(config)
         step.max_new_tokens = min(SEGMENT, budget - (ids.shape[1] - width))
+        step.return_dict_in_generate = True  # for the KV cache
         with torch.no_grad():
             res = model.generate(input_ids=ids, attention_mask=att, past_key_values=cache, generation_config=step,
-                                 stopping_criteria=criteria, return_dict_in_generate=True)
+                                 stopping_criteria=criteria)
         seqs, cache = res.sequences, res.past_key_values
         done = finished(seqs, eos)
         full = seqs.shape[1] - width >= budget or seqs.shape[1] - ids.shape[1] < step.max_new_tokens

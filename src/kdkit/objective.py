@@ -253,6 +253,13 @@ def kd_metrics(div: Tensor, student_top: Tensor, teacher: Tensor | TopK, mask: T
     return out
 
 
+def resolved_chunk(chunk_size: int | str, vocab: int) -> int:
+    """``objective.chunk_size`` as a number of positions (``auto``: from the vocabulary)."""
+    from kdkit.chunked import auto_chunk
+
+    return auto_chunk(vocab) if chunk_size == "auto" else int(chunk_size)
+
+
 def compute_objective_chunked(
     hidden: Tensor,
     head_weight: Tensor,
@@ -274,8 +281,8 @@ def compute_objective_chunked(
 
     if cfg.barrier is not None:
         raise ValueError("the chunked path has no barrier; use chunk_size: 0 with a barrier")
-    if cfg.chunk_size < 1:
-        raise ValueError("objective.chunk_size must be >= 1 for the chunked path")
+    if cfg.chunk_size != "auto" and cfg.chunk_size < 1:
+        raise ValueError("objective.chunk_size must be >= 1 or 'auto' for the chunked path")
     bsz, seq, _ = hidden.shape
     if targets.shape != (bsz, seq):
         raise ValueError(f"targets shape {tuple(targets.shape)} != hidden leading shape {(bsz, seq)}")
@@ -298,7 +305,7 @@ def compute_objective_chunked(
     k = cfg.kd
     spec = KDSpec(kind=k.kind, temperature=k.temperature, t2_scale=k.t2_scale, beta=k.beta, alpha=k.alpha, tail=k.tail)
     loss, st = chunked_ce_kd(hidden[sel], head_weight, targets[sel], bias=head_bias, teacher=t_sel, ce_weights=ce_w,
-                             kd_weights=kd_w, spec=spec, chunk_size=cfg.chunk_size)
+                             kd_weights=kd_w, spec=spec, chunk_size=resolved_chunk(cfg.chunk_size, vocab))
     metrics = {"tokens": co.n_valid, "ce_loss": _f(st.ce_sum) / co.n_valid.clamp(min=1)}
     if use_kd:
         kd_mask = (co.kd_on[:, None] > 0).expand_as(sel)[sel]

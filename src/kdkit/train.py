@@ -61,6 +61,7 @@ from kdkit.objective import (
     compute_objective,
     compute_objective_chunked,
     hidden_term,
+    resolved_chunk,
     token_weights,
 )
 from kdkit.probes import EarlyStop, Probe, load_probes, probe_round
@@ -527,7 +528,8 @@ def _write_run_meta(r: _Run, why_not: str | None) -> None:
         "kdkit_version": __version__, "git_revision": _git_revision(), "torch": torch.__version__,
         "distributed": str(r.acc.distributed_type.value).lower(),
         "teacher_cache_manifest_sha256": manifest_sha, "world_size": r.world, "rows": len(r.rows),
-        "loss_path": f"dense ({why_not})" if why_not else f"chunked ({cfg.objective.chunk_size} positions)",
+        "loss_path": f"dense ({why_not})" if why_not else
+        f"chunked ({resolved_chunk(cfg.objective.chunk_size, r.real_vocab)} positions)",
         "precision": cfg.optim.precision, "gradient_checkpointing": cfg.optim.gradient_checkpointing,
         "steps_per_epoch": r.steps_per_epoch, "total_steps": r.total_steps})
 
