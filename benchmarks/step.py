@@ -1,6 +1,8 @@
 """Training-step time: offline KD (teacher cache) and online KD (live teacher) against plain SFT.
 
     python benchmarks/step.py [--rows 256] [--steps 24]
+    python benchmarks/step.py --teacher /tmp/smollm2/teacher --student /tmp/smollm2/teacher \
+        --data /tmp/smollm2/rows_messages.jsonl --micro-batch 4 --steps 12     # SmolLM2-sized
 
 Same student (the demo student shape, full fine-tuning), same rows, batch and
 steps; only the teacher source differs. Reports the median seconds per optimizer
@@ -30,6 +32,9 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--teacher", help="teacher model directory (default: the demo teacher)")
+    ap.add_argument("--student", help="student model directory, fully fine-tuned (default: a fresh demo student)")
+    ap.add_argument("--data", help="training rows JSONL (default: the tiny world's)")
     args = ap.parse_args()
 
     from kdkit.cache.precompute import PrecomputeSettings, precompute
@@ -41,13 +46,14 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = world_files(tmp, args.rows)["train"]
-        student = fresh_model_dir(tmp / "student", STUDENT_SHAPE, seed=1)
-        precompute(TEACHER_DIR, data, tmp / "cache", PrecomputeSettings(top_k=64, max_length=256), progress=False,
+        data = Path(args.data) if args.data else world_files(tmp, args.rows)["train"]
+        student = Path(args.student) if args.student else fresh_model_dir(tmp / "student", STUDENT_SHAPE, seed=1)
+        teacher_dir = Path(args.teacher) if args.teacher else TEACHER_DIR
+        precompute(teacher_dir, data, tmp / "cache", PrecomputeSettings(top_k=64, max_length=256), progress=False,
                    log=lambda m: None)
         per_step = {}
         for name, teacher in (("sft", None), ("offline_kd", {"cache": str(tmp / "cache")}),
-                              ("online_kd", {"model": str(TEACHER_DIR)})):
+                              ("online_kd", {"model": str(teacher_dir)})):
             cfg = {"student": {"path": str(student)}, "data": {"train": str(data), "max_length": 256},
                    "objective": {"kd_weight": 1.0 if teacher else 0.0},
                    "optim": {"lr": 1e-3, "micro_batch": args.micro_batch, "max_steps": args.steps, "epochs": 100},
@@ -58,7 +64,7 @@ def main() -> int:
             train(load_train_config(tmp / f"{name}.yaml"), tmp / name, progress=False, log=lambda m: None)
             steps = [json.loads(x) for x in (tmp / name / "metrics.jsonl").read_text().splitlines()][2:]
             per_step[name] = statistics.median(s["step_time_s"] for s in steps)
-        n_t = count_parameters(load_causal_lm(TEACHER_DIR))
+        n_t = count_parameters(load_causal_lm(teacher_dir))
         n_s = count_parameters(load_causal_lm(student))
     res = {"benchmark": "step", "sft_s": round(per_step["sft"], 5), "offline_kd_s": round(per_step["offline_kd"], 5),
            "online_kd_s": round(per_step["online_kd"], 5),
