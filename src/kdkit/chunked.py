@@ -26,11 +26,12 @@ CHUNK_BYTES = 16 * 2**20
 
 def auto_chunk(vocab: int) -> int:
     """Positions per chunk for ``objective.chunk_size: auto``: the largest power of two whose [chunk, V] float32
-    logits fit in :data:`CHUNK_BYTES`, between 16 and 1024 (64 at V = 49,152; 16 at V = 151,936). Each chunk
-    holds a few such tensors (logits, log-probs, their gradient) beside the LM head's gradient; smaller
-    chunks trade a little time for memory (docs/benchmarks.md)."""
+    logits fit in :data:`CHUNK_BYTES`, between 64 and 1024 (1024 for small vocabularies, 128 at V = 32,000,
+    64 from V = 49,152 up). Each chunk holds a few such tensors beside the LM head's gradient, and reads the
+    head's weight twice: below 64 positions those reads dominate (at V = 151,936, 16 positions per chunk took
+    1.7× the time of 64 for half the memory; docs/benchmarks.md)."""
     fit = max(1, CHUNK_BYTES // (4 * vocab))
-    return max(16, min(1024, 1 << (fit.bit_length() - 1)))
+    return max(64, min(1024, 1 << (fit.bit_length() - 1)))
 
 
 @dataclass(frozen=True)
