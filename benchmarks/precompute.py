@@ -7,14 +7,13 @@ Teacher: the bundled demo teacher (or --teacher); data: the tiny world's trainin
 forward runs the same length-sorted batches through the model and discards the
 logits; precompute adds the softmax, top-K, encoding, hashing and writing. Target:
 ratio >= 0.90; bytes/token <= 4.25·K + 16. Peak memory: each of the two, once more, in a fresh process;
-the growth of its max RSS from before the model is loaded (the model's weights count on both sides).
+the growth of its RSS high-water mark from before the model is loaded (the weights count on both sides).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,11 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, world_files  # noqa: E402
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from _common import machine, peak_rss_mb, reset_peak_rss, world_files  # noqa: E402
 
 
 def _inputs(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, list, object]:
@@ -77,9 +72,9 @@ def _peak(which: str, args: argparse.Namespace) -> float:
     """Peak RSS growth (MB) of the bare forward or the whole precompute, in this (fresh) process."""
     with tempfile.TemporaryDirectory() as tmp:
         bare, capture, _ = _runners(args, Path(tmp))
-        base = _rss_mb()
+        base = reset_peak_rss()
         bare() if which == "bare" else capture(Path(tmp) / "cache")
-        return _rss_mb() - base
+        return peak_rss_mb() - base
 
 
 def main() -> int:
