@@ -156,23 +156,31 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64, help="on-policy: the most tokens per completion")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--rounds", type=int, default=1, help="run the methods this many times, interleaved; "
+                    "report each one's median round")
     ap.add_argument("--real", metavar="DIR", help="real size: DIR as written by examples/smollm2_chat_rows.py")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args.one, args.rows, args.steps, args.batch, args.new_tokens, args.real)))
         return 0
+    runs: dict[str, list[dict]] = {m: [] for m in args.methods}
+    for _ in range(args.rounds):  # interleaved: a drift in the machine's speed hits every method alike
+        for m in args.methods:
+            out = subprocess.run([sys.executable, __file__, "--one", m, "--rows", str(args.rows), "--steps",
+                                  str(args.steps), "--batch", str(args.batch), "--new-tokens", str(args.new_tokens)]
+                                 + (["--real", args.real] if args.real else []),
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return 1
+            runs[m].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps({**runs[m][-1], **machine()}), flush=True)
     res = []
-    for m in args.methods:
-        out = subprocess.run([sys.executable, __file__, "--one", m, "--rows", str(args.rows), "--steps",
-                              str(args.steps), "--batch", str(args.batch), "--new-tokens", str(args.new_tokens)]
-                             + (["--real", args.real] if args.real else []),
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr[-3000:], file=sys.stderr)
-            return 1
-        res.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(json.dumps({**res[-1], **machine()}))
+    for rs in runs.values():  # the median round of each method; the largest peak
+        s_step = statistics.median(r["s_per_step"] for r in rs)
+        res.append({**rs[0], "s_per_step": round(s_step, 4), "samples_per_s": round(args.batch / s_step, 3),
+                    "peak_rss_growth_mb": max(r["peak_rss_growth_mb"] for r in rs), "rounds": len(rs)})
     trl = {r["method"].endswith("_onpolicy"): r["s_per_step"] for r in res if r["method"].startswith("trl_gkd")}
     print("\n| trainer | s/step | samples/s | speed vs TRL GKD (same policy) | peak RSS growth MB |")
     print("|---|---|---|---|---|")

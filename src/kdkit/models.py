@@ -164,10 +164,7 @@ def target_logits(model: Any, batch: Any, real_vocab: int, what: str = "teacher"
     The LM head runs on the target positions' final hidden states (a third of all positions on
     typical prompt/completion rows), not on every position; a model whose last hidden state is not
     the head's input (checked once per model) gets the full logits, indexed. ``batch``: a
-    :class:`kdkit.data.Batch`. On a CPU each row runs alone at its own length: there a batch costs what
-    its padded positions cost (a quarter of them on typical rows), and one row is already a wide matmul."""
-    if batch.input_ids.device.type == "cpu" and batch.input_ids.shape[0] > 1:
-        return torch.cat([target_logits(model, row, real_vocab, what) for row in _unpadded_rows(batch)])
+    :class:`kdkit.data.Batch`."""
     sel = batch.targets != IGNORE_INDEX
     head = model.get_output_embeddings()
     if getattr(model, "_kdkit_head_on_hidden", True) and isinstance(head, torch.nn.Linear):
@@ -181,18 +178,6 @@ def target_logits(model: Any, batch: Any, real_vocab: int, what: str = "teacher"
             return vocab_logits(head(hidden[:, :-1][sel]), real_vocab, what)
     return vocab_logits(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][sel],
                         real_vocab, what)
-
-
-def _unpadded_rows(batch: Any) -> list[Any]:
-    """Each row of a batch alone, its padding (on either side) dropped; its targets in the same order."""
-    from types import SimpleNamespace
-
-    rows = []
-    for ids, mask, targets in zip(batch.input_ids, batch.attention_mask.bool(), batch.targets, strict=True):
-        if mask.any():
-            rows.append(SimpleNamespace(input_ids=ids[mask][None], attention_mask=mask[mask].long()[None],
-                                        targets=targets[mask[:-1] & mask[1:]][None]))
-    return rows
 
 
 def _merged_lora(final: Path, base_path: str, drop: list[str]) -> torch.nn.Module:
