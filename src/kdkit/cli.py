@@ -163,7 +163,10 @@ def precompute_cmd(
                                   max_length=v["--max-length"], dtype=dtype, logprob_dtype=logprob_dtype,
                                   shard_rows=shard_rows, on_empty=v["--on-empty"], truncation=v["--truncation"],
                                   student_tokenizer=v["--student-tokenizer"])
-    precompute(v["--teacher"], v["--data"], v["--out"], settings, progress=progress, log=console.print)
+    try:
+        precompute(v["--teacher"], v["--data"], v["--out"], settings, progress=progress, log=console.print)
+    finally:
+        _end_process_group()
 
 
 def _precompute_inputs(given: dict[str, Any], config: str) -> dict[str, Any]:
@@ -316,10 +319,21 @@ def train_cmd(
         res = train(cfg, run_dir, resume=resume, progress=progress, log=console.print)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    finally:
+        _end_process_group()
     if res.get("already_complete") or int(os.environ.get("RANK", "0")) != 0:  # one voice under torchrun
         return
     console.print(f"trained {res['steps']} steps in {res['seconds']:.1f}s → {run_dir}/final "
                   f"(max weight change {res['max_weight_change']:.3g})")
+
+
+def _end_process_group() -> None:
+    """Under a launcher, take the process group down before the interpreter exits: left to exit-time
+    destruction, gloo's worker threads can abort a rank ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @app.command("merge")
