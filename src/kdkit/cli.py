@@ -308,7 +308,7 @@ def train_cmd(
 ) -> None:
     """Train a student on CE + KD (cached or live teacher) + an optional KL barrier, on Accelerate.
 
-    Writes config.yaml (resolved), run.json, metrics.jsonl, epochs.jsonl, checkpoints/ and final/ into the run directory (and probes.jsonl with a probes section: greedy generations and their coherence every N steps; early_stop stops on a coherence floor). objective.on_policy makes a share of the steps on-policy (the student writes, a live teacher scores). Several GPUs: `accelerate launch -m kdkit train ...`; several CPU processes: `torchrun --nproc_per_node N -m kdkit train ...`. Ctrl-C saves a checkpoint; a non-finite loss stops with the step named."""
+    Writes config.yaml (resolved), run.json, metrics.jsonl, epochs.jsonl, checkpoints/ and final/ into the run directory (and probes.jsonl with a probes section: greedy generations and their coherence every N steps; early_stop stops on a coherence floor). objective.on_policy makes a share of the steps on-policy (the student writes, a live teacher scores). Several GPUs: `accelerate launch -m kdkit train ...`; several CPU processes: `torchrun --nproc_per_node N -m kdkit train ...`; sharded (FSDP2, GPUs or CPUs): `accelerate launch --config_file examples/accelerate/fsdp2.yaml -m kdkit train ...`. Ctrl-C saves a checkpoint; a non-finite loss stops with the step named."""
     from pathlib import Path as _P
 
     from kdkit.train import train
