@@ -630,7 +630,6 @@ def train(
                 _stop_interrupted(r, step, state, last_ckpt, log)
 
     acc.wait_for_everyone()
-    unwrapped = acc.unwrap_model(r.model)
     final_step = _early_stopped(r, step, log) if stopped else step
     drift = _drift(r, run / "initial_trainable.safetensors")
     if drift <= cfg.drift_tolerance and not stopped:
@@ -638,12 +637,7 @@ def train(
             f"no trainable weight moved more than drift_tolerance = {cfg.drift_tolerance:g} (max |Δ| = {drift:.3g}) "
             f"after {step} steps: "
             f"the run would return its input unchanged (check optim.lr, the data's targets, the objective)")
-    full = sharding.full_model(unwrapped, trainable_only=cfg.student.lora is not None)
-    if acc.is_main_process:
-        save_final(run, unwrapped, r.tokenizer, cfg, final_step, full)
-        if r.hidden is not None and len(r.hidden.proj):  # the run keeps its projections; a merged pack does not
-            save_file({k: v.detach().cpu().contiguous() for k, v in r.hidden.state_dict().items()},
-                      str(run / "final" / "hidden_projection.safetensors"))
+    _save_final(r, final_step)
     if cfg.logging.tensorboard:
         acc.end_training()
     return {"run_dir": str(run), "steps": final_step, "max_weight_change": drift,
@@ -729,6 +723,17 @@ def _stop_interrupted(r: _Run, step: int, state: dict[str, Any], last_ckpt: Path
         last_ckpt = _save_checkpoint(r, state)
     log(f"interrupted after step {step}: saved {last_ckpt}; continue with --resume")
     raise KeyboardInterrupt
+
+
+def _save_final(r: _Run, step: int) -> None:
+    """final/: every rank gathers (a collective when the model is sharded); rank 0 writes."""
+    model = r.acc.unwrap_model(r.model)
+    full = sharding.full_model(model, trainable_only=r.cfg.student.lora is not None)
+    if r.acc.is_main_process:
+        save_final(r.dir, model, r.tokenizer, r.cfg, step, full)
+        if r.hidden is not None and len(r.hidden.proj):  # the run keeps its projections; a merged pack does not
+            save_file({k: v.detach().cpu().contiguous() for k, v in r.hidden.state_dict().items()},
+                      str(r.dir / "final" / "hidden_projection.safetensors"))
 
 
 def _save_checkpoint(r: _Run, state: dict[str, Any]) -> Path:
