@@ -134,7 +134,7 @@ def test_fails_closed_when_bubblewrap_cannot_start(monkeypatch):
     monkeypatch.setattr(sandbox, "_probe_ok", {})
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: "/usr/bin/bwrap")
     real = sandbox._bwrap_args
-    monkeypatch.setattr(sandbox, "_bwrap_args", lambda w, u: ["/nonexistent/bwrap"] + real(w, u)[1:])
+    monkeypatch.setattr(sandbox, "_bwrap_args", lambda *a: ["/nonexistent/bwrap"] + real(*a)[1:])
     with pytest.raises(SandboxUnavailable, match="does not start"):
         run_programs(["print(1)\n"], limits=FAST)
 

@@ -1,7 +1,8 @@
 """Executable-task evaluation: generation, extraction, sandboxed verification, pass rates.
 
-Task files are read by :mod:`kdkit.tasks`. A completion passes when
-``prompt + completion + test + check(entry_point)`` runs to the end in the sandbox.
+Task files are read by :mod:`kdkit.tasks`. A completion passes when the sandbox's harness reports that
+``check(entry_point)`` returned after ``prompt + completion`` and then ``test`` ran (:mod:`kdkit.harness`);
+an exit status is never a pass.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ from typing import Any
 
 from kdkit.extract import answer_end, extract_completion
 from kdkit.generation import GenerationSettings, explicit_generation_config, generate, render_prompts
-from kdkit.sandbox import Limits, RunResult, run_programs
+from kdkit.sandbox import Limits, Program, RunResult, run_programs
 from kdkit.tasks import Task, TaskError, load_completions, load_tasks, tasks_fingerprint
 
 # task files: kdkit.tasks; generation: kdkit.generation; extraction: kdkit.extract (re-exported here)
 __all__ = ["GenerationSettings", "Task", "TaskError", "answer_end", "explicit_generation_config", "extract_completion",
            "generate", "load_completions", "load_tasks", "tasks_fingerprint"]
 
-def program_for(task: Task, completion: str) -> str:
-    return f"{task.prompt}{completion}\n\n{task.test}\n\ncheck({task.entry_point})\n"
+def program_for(task: Task, completion: str) -> Program:
+    """The candidate (prompt + completion), then the task's test, then ``check(entry_point)`` by the harness."""
+    return Program(f"{task.prompt}{completion}\n", task.test, task.entry_point)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -65,6 +67,7 @@ class TaskResult:
     duration_s: float
     sample: int = 0
     completion: str = ""
+    reason: str = ""  # why it did not pass (the harness's words), "" for a pass
 
 
 @dataclass
@@ -98,9 +101,11 @@ def verify(tasks: Sequence[Task], completions: dict[str, list[str]], *, limits: 
     for i, (t, s, c) in enumerate(jobs):
         r = by_job.get(i)
         if r is None:
-            out.append(TaskResult(t.task_id, False, "error", "no completion for this task", 0.0, s, ""))
+            out.append(TaskResult(t.task_id, False, "error", "no completion for this task", 0.0, s, "",
+                                  "no completion for this task"))
         else:
-            out.append(TaskResult(t.task_id, r.passed, r.status, r.stderr_tail[-500:], round(r.duration_s, 3), s, c))
+            out.append(TaskResult(t.task_id, r.passed, r.status, r.stderr_tail[-500:], round(r.duration_s, 3), s, c,
+                                  r.reason))
     return out
 
 

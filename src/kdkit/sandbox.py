@@ -2,7 +2,10 @@
 
 Each program runs
 
-* in a fresh 0700 temp directory, the only writable place it sees (``/sandbox``);
+* under :mod:`kdkit.harness`, which alone can report a pass: a line on a pipe, keyed by a fresh
+  secret the program never sees (exit status, output and exceptions are never a pass);
+* in ``/sandbox``, a size-bounded tmpfs (``Limits.disk_mb``; ``/tmp`` and ``/dev/shm`` likewise),
+  the only writable place it sees, so a program that writes files fills its own space, not the host's;
 * under bubblewrap: new PID, network, IPC, UTS (and cgroup) namespaces, a root
   made only of read-only ``/usr`` (plus the interpreter), a private ``/tmp``,
   its own ``/proc``, a cleared environment, a new session, killed with its parent;
@@ -24,8 +27,11 @@ with install instructions. ``unsafe_no_isolation=True`` runs without namespaces
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import hmac
 import os
 import resource
+import secrets
 import shutil
 import signal
 import subprocess
@@ -40,12 +46,16 @@ from pathlib import Path
 
 from kdkit.errors import KdkitError
 
-STATUSES = ("passed", "failed", "timeout", "error", "oom")
+STATUSES = ("passed", "failed", "exited", "timeout", "error", "oom")
 INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap`; Fedora: `dnf install bubblewrap`)"
 _UID_BASE = 61000
 _BLOCK = 16  # uids per kdkit process: one per worker slot
 _N_BLOCKS = 64
 _REAP_TIMEOUT_S = 30.0
+_HARNESS = Path(__file__).with_name("harness.py")
+# Isolated, no .pyc written, and none read either (an empty cache prefix): imports compile from source,
+# so the harness can refuse marshal.loads, the one way to run hand-made bytecode.
+_PY_FLAGS = ("-I", "-B", "-X", "pycache_prefix=/nonexistent-kdkit-pycache")
 
 
 class SandboxUnavailable(KdkitError, RuntimeError):
@@ -60,6 +70,18 @@ class Limits:
     max_files: int = 64
     max_procs: int = 32
     stderr_tail: int = 2000
+    disk_mb: int = 64  # each of /sandbox, /tmp and /dev/shm (tmpfs: counted in memory, not on the host disk)
+
+
+@dataclass(frozen=True)
+class Program:
+    """A program to verify: ``source``, then (for a task) ``test``, then ``check(entry_point)``.
+
+    A plain program (no test) passes when its source runs to its end."""
+
+    source: str
+    test: str | None = None
+    entry_point: str | None = None
 
 
 @dataclass
@@ -69,6 +91,7 @@ class RunResult:
     stdout_tail: str
     stderr_tail: str
     duration_s: float
+    reason: str = ""  # why it did not pass: "assertion failed: ...", "exited before the tests finished", ...
 
     @property
     def passed(self) -> bool:
@@ -86,7 +109,8 @@ def _interpreter() -> tuple[str, list[str]]:
     return str(exe), [str(base)]
 
 
-def _bwrap_args(workdir: Path, uid: int | None) -> list[str]:
+def _bwrap_args(files: Path, lim: Limits, uid: int | None, fd: int, entry: str) -> list[str]:
+    """bubblewrap around the harness; ``files`` holds harness.py, program.py and test.py (bound read-only)."""
     exe, binds = _interpreter()
     args = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr"]
@@ -98,14 +122,21 @@ def _bwrap_args(workdir: Path, uid: int | None) -> list[str]:
             args += ["--ro-bind", str(p), f"/{link}"]
     for b in binds:
         args += ["--ro-bind", b, b]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", str(workdir), "/sandbox",
-             "--chdir", "/sandbox", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/sandbox"]
+    size = str(lim.disk_mb * 1024 * 1024)
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    for d in ("/tmp", "/dev/shm", "/sandbox"):
+        args += ["--size", size, "--perms", "1777", "--tmpfs", d]
+    args += ["--perms", "0755", "--dir", "/kdkit", "--ro-bind", str(files / "harness.py"), "/kdkit/harness.py"]
+    for name in ("program.py", "test.py"):
+        if (files / name).exists():
+            args += ["--ro-bind", str(files / name), f"/sandbox/{name}"]
+    args += ["--chdir", "/sandbox", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/sandbox"]
     if uid is None:
         args += ["--unshare-user", "--"]
     else:
         args += ["--", "/usr/bin/setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                  "--inh-caps=-all", "--bounding-set=-all", "--"]
-    return args + [exe, "-I", "-B", "program.py"]
+    return args + [exe, *_PY_FLAGS, "/kdkit/harness.py", str(fd), entry]
 
 
 _block_lock = threading.Lock()
@@ -203,7 +234,7 @@ def check_isolation() -> None:
         if os.geteuid() == 0 and not Path("/usr/bin/setpriv").exists():
             raise SandboxUnavailable("running as root needs /usr/bin/setpriv (util-linux) to drop to an "
                                      "unprivileged uid inside the sandbox")
-        res = _run_one("print(6 * 7)\n", Limits(timeout_s=20), slot=0, unsafe=False)
+        res = _run_one(Program("print(6 * 7)\n"), Limits(timeout_s=20), slot=0, unsafe=False)
         if res.status != "passed" or res.stdout_tail.strip() != "42":
             raise SandboxUnavailable(f"bubblewrap is installed but the sandbox does not start here "
                                      f"({res.status}: {res.stderr_tail.strip()[-300:]}); {INSTALL_HINT}, and check "
@@ -222,48 +253,92 @@ def _tail(path: Path, n: int) -> str:
         return ""
 
 
-def _classify(rc: int | None, timed_out: bool, stderr: str) -> str:
-    if timed_out:
-        return "timeout"
-    if rc == 0:
-        return "passed"
+def _read_verdict(fd: int, key: bytes) -> tuple[str, str] | None:
+    """The harness's report on ``fd``: (status, reason), or None when there is none; a line that is not
+    exactly one report keyed by ``key`` (the program wrote to the channel) is an error."""
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while len(data) <= 1 << 16:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    except BlockingIOError:
+        pass
+    if not data:
+        return None
+    parts = data.split(b"\t")
+    if len(parts) == 3 and data.endswith(b"\n") and data.count(b"\n") == 1:
+        msg = parts[0] + b"\t" + parts[1]
+        good = hashlib.blake2b(msg, key=key).hexdigest().encode()
+        status = parts[0].decode("ascii", "replace")
+        if hmac.compare_digest(good, parts[2].rstrip(b"\n")) and status in STATUSES:
+            return status, parts[1].decode("utf-8", "replace")
+    return "error", "the verdict channel holds something other than the harness's one report"
+
+
+def _classify(verdict: tuple[str, str] | None, rc: int | None, timed_out: bool, stderr: str) -> tuple[str, str]:
+    """(status, reason) from the harness's verdict; without one, the program ended before the harness
+    could report, and never passes."""
+    if verdict is not None:
+        return verdict
+    if timed_out or rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
+        return "timeout", "timeout"
     if "MemoryError" in stderr or rc in (-signal.SIGKILL, 128 + signal.SIGKILL) and "Killed" in stderr:
-        return "oom"
-    if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
-        return "timeout"
-    last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
-    if last.startswith("AssertionError") or last.startswith("AssertionError:"):
-        return "failed"
-    return "error"
+        return "oom", "out of memory"
+    return "exited", f"exited before the tests finished (exit status {rc})"
 
 
-def _run_one(program: str, lim: Limits, *, slot: int, unsafe: bool) -> RunResult:
+def _stage(outer: Path, program: Program, uid: int | None) -> None:
+    """harness.py, program.py and test.py, readable by the sandbox's uid."""
+    (outer / "harness.py").write_bytes(_HARNESS.read_bytes())
+    (outer / "program.py").write_text(program.source, encoding="utf-8")
+    if program.test is not None:
+        (outer / "test.py").write_text(program.test, encoding="utf-8")
+    for f in outer.iterdir():
+        f.chmod(0o644)
+    if uid is not None:
+        outer.chmod(0o711)  # the uid may traverse to the three files, not list or write
+
+
+def _run_one(program: Program, lim: Limits, *, slot: int, unsafe: bool) -> RunResult:
     root_mode = os.geteuid() == 0 and not unsafe
     uid = uid_base() + slot if root_mode else None
     if uid is not None:
         _reap(uid)  # leftovers of a killed earlier holder of this block
-    outer = Path(tempfile.mkdtemp(prefix="kdkit-sbx-"))  # 0700, ours: holds the captured output
-    workdir = outer / "work"  # the program's only writable directory
+    outer = Path(tempfile.mkdtemp(prefix="kdkit-sbx-"))  # 0700, ours: holds the files and captured output
+    files = outer / "files"
+    r_fd, w_fd = os.pipe()
+    key = secrets.token_bytes(32)
     try:
-        workdir.mkdir(mode=0o700)
-        (workdir / "program.py").write_text(program)
+        files.mkdir()
+        _stage(files, program, uid)
         out_p, err_p = outer / "stdout", outer / "stderr"
-        if root_mode:
-            os.chown(workdir, uid, uid)
-            os.chown(workdir / "program.py", uid, uid)
+        entry = program.entry_point or ""
         if unsafe:
-            cmd = [sys.executable, "-I", "-B", "program.py"]
-            env = {"PATH": "/usr/bin:/bin", "HOME": str(workdir)}
+            work = outer / "work"  # no namespaces: the program runs beside its files, unbounded by tmpfs
+            shutil.copytree(files, work)
+            cmd = [sys.executable, *_PY_FLAGS, str(work / "harness.py"), str(w_fd), entry]
+            env, cwd = {"PATH": "/usr/bin:/bin", "HOME": str(work)}, work
         else:
-            cmd, env = _bwrap_args(workdir, uid), {"PATH": "/usr/bin:/bin"}
+            cmd, env, cwd = _bwrap_args(files, lim, uid, w_fd, entry), {"PATH": "/usr/bin:/bin"}, outer
         t0 = time.perf_counter()
         timed_out = False
         with out_p.open("wb") as out_f, err_p.open("wb") as err_f:
             try:
-                proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out_f,
-                                        stderr=err_f, preexec_fn=_limit_fn(lim), start_new_session=True, close_fds=True)
+                proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=out_f, stderr=err_f,
+                                        preexec_fn=_limit_fn(lim), start_new_session=True, close_fds=True,
+                                        pass_fds=(w_fd,))
             except OSError as e:
-                return RunResult("error", None, "", f"cannot start the sandbox: {e}", 0.0)
+                return RunResult("error", None, "", f"cannot start the sandbox: {e}", 0.0, "cannot start the sandbox")
+            os.close(w_fd)
+            w_fd = -1
+            try:
+                proc.stdin.write(key)
+                proc.stdin.close()
+            except OSError:
+                pass  # it died before reading its key: no verdict can come
             try:
                 rc = proc.wait(timeout=lim.timeout_s)
             except subprocess.TimeoutExpired:
@@ -274,8 +349,12 @@ def _run_one(program: str, lim: Limits, *, slot: int, unsafe: bool) -> RunResult
             _reap(uid)  # the result is returned only once the whole sandbox is gone
         dur = time.perf_counter() - t0
         stdout, stderr = _tail(out_p, lim.stderr_tail), _tail(err_p, lim.stderr_tail)
-        return RunResult(_classify(rc, timed_out, stderr), rc, stdout, stderr, dur)
+        status, reason = _classify(_read_verdict(r_fd, key), rc, timed_out, stderr)
+        return RunResult(status, rc, stdout, stderr, dur, reason)
     finally:
+        for fd in (r_fd, w_fd):
+            if fd >= 0:
+                os.close(fd)
         shutil.rmtree(outer, ignore_errors=True)
 
 
@@ -286,10 +365,13 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def run_programs(programs: Sequence[str], *, limits: Limits = Limits(), workers: int | None = None,
+def run_programs(programs: Sequence[str | Program], *, limits: Limits = Limits(), workers: int | None = None,
                  unsafe_no_isolation: bool = False,
                  on_done: Callable[[int, RunResult], None] | None = None) -> list[RunResult]:
-    """Run each program in its own sandbox, ``workers`` at a time; results in input order."""
+    """Run each program in its own sandbox, ``workers`` at a time; results in input order.
+
+    A ``str`` is a plain program (passes when it runs to its end); a :class:`Program` carries a test."""
+    programs = [p if isinstance(p, Program) else Program(p) for p in programs]
     if not unsafe_no_isolation:
         check_isolation()
     workers = max(1, min(workers or os.cpu_count() or 1, _BLOCK, len(programs) or 1))
