@@ -27,14 +27,17 @@ What no harness can catch (README's threat model): a returned object whose ``==`
 true, or a program that changes what the test's own names mean (builtins, ``math.isclose``).
 """
 
+import _blake2
+import _signal
 import _thread
 import builtins
-import hashlib
 import os
-import pathlib
-import signal
 import sys
-import types
+import types  # noqa: F401 - imported before the audit hook: its import reads a traceback's frame
+
+# C modules otherwise: the sandbox reads no .pyc, so every Python module imported here is compiled per run.
+_FUNCTION = type(lambda: None)
+_CODE = type((lambda: None).__code__)
 
 def _make_audit_hook():
     """The hook, built from names bound here: it reads no global that the candidate could rebind, and
@@ -46,19 +49,16 @@ def _make_audit_hook():
     mem_files = frozenset({"mem", "pagemap"})
     value_error, runtime_error, _type, fsdecode = ValueError, RuntimeError, type, os.fsdecode
     rstrip, rpartition, startswith = str.rstrip, str.rpartition, str.startswith
-    posix_path = type(pathlib.PurePosixPath())
-    path_str = pathlib.PurePath.__str__
 
     def path_of(p):
+        # A path object could name one file to this hook and another to open(): only plain values pass.
         if _type(p) is str:
             return p
         if _type(p) is bytes:
             return fsdecode(p)
         if _type(p) is int:
             return ""
-        if _type(p) is posix_path or _type(p) is pathlib.PosixPath:
-            return path_str(p)
-        raise runtime_error("kdkit verifier: open() takes a str, bytes or pathlib path here")
+        raise runtime_error("kdkit verifier: open() takes a str or bytes path here (pass str(path))")
 
     def hook(event, args):
         if event in refused or startswith(event, "ctypes."):
@@ -112,7 +112,7 @@ def _check_codes(code):
     """Every code object named ``check`` compiled from the test's source."""
     out = []
     for c in code.co_consts:
-        if isinstance(c, types.CodeType):
+        if isinstance(c, _CODE):
             if c.co_name == "check":
                 out.append(c)
             out.extend(_check_codes(c))
@@ -124,7 +124,7 @@ def _run(box, done, entry):
 
     Every name used after the program starts is bound first: the program may rebind builtins and
     this module's globals."""
-    _exec, _type, function_type, status_of, show = exec, type, types.FunctionType, _status_of, sys.__excepthook__
+    _exec, _type, function_type, status_of, show = exec, type, _FUNCTION, _status_of, sys.__excepthook__
     try:
         ns = {"__name__": "__candidate__", "__builtins__": builtins}
         with open("program.py", encoding="utf-8") as fh:
@@ -162,7 +162,7 @@ def _run(box, done, entry):
 
 
 def main():
-    write, _exit, mac, encode, replace, _type = os.write, os._exit, hashlib.blake2b, str.encode, str.replace, type
+    write, _exit, mac, encode, replace, _type = os.write, os._exit, _blake2.blake2b, str.encode, str.replace, type
     _int, _str = int, str
     streams = (sys.stdout, sys.stderr)  # the real ones: flushed before the verdict, whatever the program rebinds
     statuses = STATUSES
@@ -178,7 +178,7 @@ def main():
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # _thread.interrupt_main must not run code in this frame
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # _thread.interrupt_main must not run code in this frame
     _thread.stack_size(64 * 1024 * 1024)  # deep recursion in tests needs the main thread's room
     sys.addaudithook(_make_audit_hook())
     box, done = [], _thread.allocate_lock()

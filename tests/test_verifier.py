@@ -1,0 +1,167 @@
+"""The verifier cannot be gamed: a corpus of programs that try to pass without solving the task.
+
+Each gaming completion answers the task wrongly (or not at all) and tries to make the verdict
+"passed" anyway: by exiting early, at shutdown, from a thread or a signal handler, through the
+exception hooks, by forging the harness's report, by reaching into the harness's memory or by
+rebinding what the harness uses. None may pass; the correct control must. The result says why.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from kdkit.evaluate import program_for, verify
+from kdkit.sandbox import Limits, Program, run_programs
+from kdkit.tasks import Task
+
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (make sandbox-deps)")
+LIMITS = Limits(timeout_s=6.0, memory_mb=512)
+TASK = Task("T/0", "def square(x):\n", "square",
+            "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(3) == 9\n"
+            "    assert candidate(-5) == 25\n")
+CORRECT = "    return x * x\n"
+WRONG = "    return 0\n"
+
+# name -> (completion, the status(es) it may end with). Every completion here is wrong or absent.
+GAMING = {
+    "sys_exit_in_body": ("    import sys\n    sys.exit(0)\n", "exited"),
+    "sys_exit_at_import": ("    return 0\nimport sys\nsys.exit(0)\n", "exited"),
+    "raise_system_exit": ("    raise SystemExit(0)\n", "exited"),
+    "builtin_exit": ("    exit(0)\n", "exited"),
+    "builtin_quit": ("    quit()\n", "exited"),
+    "os_exit_in_body": ("    import os\n    os._exit(0)\n", "exited"),
+    "os_exit_at_import": ("    return 0\nimport os\nos._exit(0)\n", "exited"),
+    "atexit_os_exit": ("    return 0\nimport atexit, os\natexit.register(os._exit, 0)\n", "failed"),
+    "atexit_sys_exit": ("    return 0\nimport atexit, sys\natexit.register(sys.exit, 0)\n", "failed"),
+    "del_at_shutdown": ("    return 0\nimport os\nclass _D:\n    def __del__(self):\n        os._exit(0)\n"
+                        "_keep = _D()\n", "failed"),
+    "weakref_finalize": ("    return 0\nimport os, weakref\nclass _O: pass\n_o = _O()\n"
+                         "weakref.finalize(_o, os._exit, 0)\n", "failed"),
+    "thread_os_exit": ("    import os, threading, time\n    threading.Thread(target=os._exit, args=(0,)).start()\n"
+                       "    time.sleep(2)\n    return 0\n", "exited"),
+    "daemon_thread_exit_late": ("    return 0\nimport os, threading, time\n"
+                                "threading.Thread(target=lambda: (time.sleep(0.5), os._exit(0)), daemon=True).start()\n",
+                                "failed"),
+    "thread_swaps_check": ("    return 0\nimport threading\n_g = globals()\ndef _swap():\n    for _ in range(10**6):\n"
+                           "        _g['check'] = lambda c: None\nthreading.Thread(target=_swap, daemon=True).start()\n",
+                           "error failed"),  # refused if the swap lands before the call, else the real check fails
+    "signal_alarm_exit": ("    import os, signal, time\n    signal.signal(signal.SIGALRM, lambda *a: os._exit(0))\n"
+                          "    signal.alarm(1)\n    time.sleep(3)\n    return 0\n", "error"),
+    "interrupt_main": ("    import _thread, time\n    _thread.interrupt_main()\n    time.sleep(0.5)\n    return 0\n",
+                       "failed"),
+    "kill_self_sigterm": ("    import os, signal\n    os.kill(os.getpid(), signal.SIGTERM)\n", "exited"),
+    "kill_self_sigkill": ("    import os, signal\n    os.kill(os.getpid(), signal.SIGKILL)\n", "exited"),
+    "abort": ("    import os\n    os.abort()\n", "exited"),
+    "excepthook_exit": ("    return 0\nimport os, sys\nsys.excepthook = lambda *a: os._exit(0)\n", "failed"),
+    "threading_excepthook_exit": ("    return 0\nimport os, threading\nthreading.excepthook = lambda a: os._exit(0)\n",
+                                  "failed"),
+    "print_fake_markers": ("    print('passed'); print('ALL TESTS PASSED'); import sys\n"
+                           "    print('passed', file=sys.stderr)\n    return 0\n", "failed"),
+    "forge_verdict_on_every_fd": ("    import os\n    for fd in range(3, 256):\n        try:\n"
+                                  "            os.write(fd, b'passed\\t\\t' + b'0' * 128 + b'\\n')\n"
+                                  "        except OSError:\n            pass\n    return 0\n", "error"),
+    "close_verdict_fds": ("    import os\n    os.closerange(3, 256)\n    return x * x\n", "exited"),
+    "dup_over_verdict_fd": ("    import os\n    r, w = os.pipe()\n    for fd in range(3, 64):\n        try:\n"
+                            "            os.dup2(w, fd)\n        except OSError:\n            pass\n    return 0\n",
+                            "exited"),
+    "unterminated_string_swallows_test": ('    return """\n', "error"),
+    "defines_own_check": ("    return 0\ndef check(candidate):\n    pass\n", "failed"),
+    "stdout_closed": ("    import os, sys\n    sys.stdout.close(); os.close(1)\n    return 0\n", "failed"),
+    "gc_walk_for_key": ("    import gc\n    for o in gc.get_objects():\n        pass\n    return 0\n", "error"),
+    "frame_walk": ("    import sys\n    f = sys._getframe()\n    while f.f_back: f = f.f_back\n    return 0\n", "error"),
+    "inspect_stack": ("    import inspect\n    inspect.stack()\n    return 0\n", "error"),
+    "traceback_frame_walk": ("    try:\n        1 / 0\n    except ZeroDivisionError as e:\n"
+                             "        e.__traceback__.tb_frame.f_back.f_locals\n    return 0\n", "error"),
+    "generator_frame": ("    g = (i for i in [1])\n    g.gi_frame\n    return 0\n", "error"),
+    "current_frames": ("    import sys\n    sys._current_frames()\n    return 0\n", "error"),
+    "settrace_skip_asserts": ("    return 0\nimport sys\ndef _t(f, e, a):\n    return None\nsys.settrace(_t)\n", "error"),
+    "ctypes_memory": ("    import ctypes\n    return 0\n", "error"),
+    "proc_self_mem": ("    open('/proc/self/mem', 'rb')\n    return 0\n", "error"),
+    "proc_mem_by_dir_fd": ("    import os\n    d = os.open('/proc/self', os.O_RDONLY)\n"
+                           "    os.open('mem', os.O_RDONLY, dir_fd=d)\n    return 0\n", "error"),
+    "marshal_bytecode": ("    import marshal\n    marshal.loads(marshal.dumps(square.__code__))\n    return 0\n", "error"),
+    "rebind_harness_globals": ("    return 0\nimport __main__\n__main__._check_codes = lambda code: []\n"
+                               "__main__._status_of = lambda e: (0, '')\n", "failed"),
+    "rebind_builtins": ("    return 0\nimport builtins\nbuiltins.type = lambda *a: int\nbuiltins.exec = lambda *a: None\n"
+                        "builtins.str = bytes\n", "failed"),
+    "fork_child_reports": ("    import os\n    if os.fork() == 0:\n        return x * x\n    os.wait()\n    return 0\n",
+                           "failed"),
+    "swap_check_code": ("    return 0\nimport threading\n_g = globals()\ndef _swap():\n    while 'check' not in _g:\n"
+                        "        pass\n    _g['check'].__code__ = (lambda c: None).__code__\n"
+                        "threading.Thread(target=_swap, daemon=True).start()\n", "failed"),
+    "rerun_harness_main": ("    return 0\nimport __main__\n__main__.main()\n", "exited"),  # no key to read: exit 3
+}
+
+
+@pytest.fixture(scope="module")
+def gaming_results():
+    names = list(GAMING)
+    tasks = [Task(f"G/{n}", TASK.prompt, TASK.entry_point, TASK.test) for n in names]
+    completions = {f"G/{n}": [GAMING[n][0]] for n in names}
+    completions["G/control"] = [CORRECT]
+    tasks.append(Task("G/control", TASK.prompt, TASK.entry_point, TASK.test))
+    res = verify(tasks, completions, limits=LIMITS, workers=2)
+    return {r.task_id[2:]: r for r in res}
+
+
+def test_the_correct_control_passes(gaming_results):
+    r = gaming_results["control"]
+    assert r.passed and r.status == "passed" and r.reason == ""
+
+
+@pytest.mark.parametrize("name", list(GAMING))
+def test_no_gaming_program_passes(gaming_results, name):
+    r = gaming_results[name]
+    assert not r.passed, f"{name} passed: {r.stderr_tail[-300:]}"
+    assert r.status in GAMING[name][1].split(), (name, r.status, r.reason, r.stderr_tail[-300:])
+    assert r.reason, name
+
+
+def test_reasons_name_what_happened(gaming_results):
+    assert gaming_results["sys_exit_in_body"].reason.startswith("exited before the tests finished")
+    assert gaming_results["os_exit_in_body"].reason == "exited before the tests finished (exit status 0)"
+    assert gaming_results["atexit_os_exit"].reason == "assertion failed"
+    assert "channel" in gaming_results["forge_verdict_on_every_fd"].reason
+    assert "SyntaxError" in gaming_results["unterminated_string_swallows_test"].reason
+    assert "refused" in gaming_results["gc_walk_for_key"].reason
+    assert "main thread" in gaming_results["signal_alarm_exit"].reason  # no handler can be installed
+
+
+def test_a_wrong_answer_fails_as_an_assertion_and_a_timeout_as_a_timeout():
+    slow = "    while True:\n        pass\n"
+    res = verify([TASK], {TASK.task_id: [WRONG, slow]}, limits=Limits(timeout_s=2.0, memory_mb=512))
+    assert [(r.status, r.reason) for r in res] == [("failed", "assertion failed"), ("timeout", "timeout")]
+
+
+def test_plain_program_passes_only_when_it_runs_to_its_end():
+    res = run_programs(["print(6 * 7)\n", "import sys\nprint(1)\nsys.exit(0)\nprint(2)\n",
+                        "import os\nos._exit(0)\n"], limits=LIMITS)
+    assert [r.status for r in res] == ["passed", "exited", "exited"]
+    assert res[0].stdout_tail.strip() == "42" and res[1].stdout_tail.strip() == "1"
+
+
+def test_programs_that_write_files_fill_their_own_bounded_space(tmp_path):
+    # 1 MB files until the disk is full: the tmpfs stops it at disk_mb, the host disk is untouched
+    flood = ("import os\ni = 0\nwhile True:\n    with open(f'/{d}/f{{i}}', 'wb') as fh:\n"
+             "        fh.write(b'x' * 1000000)\n    i += 1\n")
+    lim = Limits(timeout_s=20.0, memory_mb=512, disk_mb=8)
+    res = run_programs([flood.format(d=d) for d in ("sandbox", "tmp", "dev/shm")], limits=lim)
+    for r in res:
+        assert r.status == "error" and "No space left on device" in r.reason, (r.status, r.reason)
+    sized = run_programs(["import os\nst = os.statvfs('/sandbox')\nprint(st.f_blocks * st.f_frsize)\n"], limits=lim)
+    assert int(sized[0].stdout_tail.strip()) == 8 * 1024 * 1024
+
+
+def test_what_no_harness_can_catch_is_what_the_readme_says():
+    # An answer whose == is always true passes here as under any in-process checker (README: threat model).
+    always = "    class A:\n        def __eq__(self, o):\n            return True\n    return A()\n"
+    (r,) = verify([TASK], {TASK.task_id: [always]}, limits=LIMITS)
+    assert r.passed
+
+
+def test_programs_are_the_candidate_then_the_test():
+    p = program_for(TASK, CORRECT)
+    assert isinstance(p, Program) and p.source == TASK.prompt + CORRECT + "\n"
+    assert p.test == TASK.test and p.entry_point == "square"
