@@ -4,6 +4,7 @@ reference, λ = 0 equal to off-policy bitwise, exact resume, and `kdkit generate
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -225,11 +226,28 @@ def test_generate_resumes_a_cut_file_to_the_same_bytes_and_refuses_other_inputs(
     assert cut.read_bytes() == full.read_bytes()
     other = _generate(world, cut, "--max-new-tokens", "5")
     assert other.returncode == 2 and "settings" in other.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.jsonl", "cut.jsonl.kdkit.json", "full.jsonl",
+                                                         "full.jsonl.kdkit.json"]  # no lock file left behind
     theirs = tmp_path / "theirs.jsonl"
     theirs.write_text("mine\n")
     refused = _generate(world, theirs)
     assert refused.returncode == 2 and "not written by `kdkit generate`" in " ".join(refused.stderr.split())
     assert theirs.read_text() == "mine\n"
+
+
+def test_generate_refuses_to_resume_across_an_edited_chat_template(world, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(world / "teacher", model)
+    out = tmp_path / "rows.jsonl"
+    cmd = lambda: subprocess.run([sys.executable, "-m", "kdkit", "generate", "--model", str(model), "--data",  # noqa: E731
+                                  str(world / "prompts.jsonl"), "--out", str(out), "--max-new-tokens", "4",
+                                  "--no-progress"], capture_output=True, text=True)
+    assert cmd().returncode == 0
+    before = out.read_bytes()
+    (model / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    proc = cmd()
+    assert proc.returncode == 2 and "model: chat_template.jinja changed" in " ".join(proc.stderr.split())
+    assert out.read_bytes() == before
 
 
 def test_on_policy_with_chat_rows_and_a_padded_teacher(world, tmp_path):

@@ -134,8 +134,15 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "")
     return out
 
 
-def check_resume(run: Path, cfg: TrainConfig) -> None:
+INPUTS_FILE = "inputs.json"
+
+
+def check_resume(run: Path, cfg: TrainConfig, inputs: dict[str, Any] | None = None) -> None:
+    """Refuse to continue ``run`` with another config (in what is trained) or other inputs: ``inputs``
+    (:func:`kdkit.identity.run_inputs`) against the ``inputs.json`` the run recorded when it started."""
     import yaml
+
+    from kdkit.identity import changed_inputs
 
     saved_path = run / "config.yaml"
     if not saved_path.is_file():
@@ -144,6 +151,12 @@ def check_resume(run: Path, cfg: TrainConfig) -> None:
     if changes:
         raise TrainingError(f"--resume with a config that differs from {saved_path} in what is trained: "
                             f"{'; '.join(changes)}. Resume with the saved config, or start a new run with another --out")
+    saved_inputs = run / INPUTS_FILE
+    if inputs is not None and saved_inputs.is_file():
+        changed = changed_inputs(json.loads(saved_inputs.read_text()), inputs)
+        if changed:
+            raise TrainingError(f"--resume refused: inputs differ from those {run} started with ({saved_inputs}): "
+                                f"{'; '.join(changed)}. Restore them, or start a new run with another --out")
 
 
 def finished(run: Path) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ import torch
 
 from kdkit.data import IGNORE_INDEX
 from kdkit.errors import KdkitError
+from kdkit.identity import sha256_file
 
 PACK_FILE = "kdkit_pack.json"  # written by merge into every pack: the pack's marker
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -105,14 +106,6 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", load_in: str | None
     model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype(dtype), use_safetensors=True, **kw)
     model.eval()
     return model
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_fingerprint(path: str | Path) -> dict[str, Any]:

@@ -23,7 +23,8 @@ import torch
 from kdkit.errors import KdkitError, OutputDirError
 from kdkit.generation import GenerationSettings, generate_ids
 from kdkit.io import atomic_write_json, read_jsonl_objects
-from kdkit.models import load_causal_lm, load_tokenizer, model_fingerprint
+from kdkit.identity import changed_inputs, path_identity
+from kdkit.models import load_causal_lm, load_tokenizer
 
 KEPT_FIELDS = ("role", "task", "weight")
 
@@ -78,7 +79,9 @@ def as_row(obj: dict[str, Any], completion: str) -> dict[str, Any]:
 
 
 def _inputs(model_dir: str, data: str, settings: GenerationSettings) -> dict[str, Any]:
-    return {"model": model_fingerprint(model_dir)["sha256"],
+    """What the rows depend on: every file of the model directory (weights, tokenizer, chat template,
+    generation config), the prompts' bytes and the generation settings."""
+    return {"model": path_identity(model_dir),
             "data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
             "settings": {"max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size,
                          "do_sample": settings.do_sample, "temperature": settings.temperature,
@@ -95,7 +98,11 @@ def _resume_point(out: Path, inputs: dict[str, Any], batch: int) -> int:
         raise OutputDirError(f"{out}: exists and was not written by `kdkit generate` (no {side.name}); "
                              f"choose another --out")
     old = json.loads(side.read_text())
-    for key in ("model", "data_sha256", "settings"):
+    if not isinstance(old.get("model"), dict) or old["model"].get("sha256") != inputs["model"]["sha256"]:
+        what = (changed_inputs({"model": old["model"]}, {"model": inputs["model"]})[0]
+                if isinstance(old.get("model"), dict) and "files" in old["model"] else "model: another model")
+        raise GenerateError(f"{out}: made from other inputs ({what}); choose another --out")
+    for key in ("data_sha256", "settings"):
         if old.get(key) != inputs[key]:
             raise GenerateError(f"{out}: made from other inputs ({key}: {old.get(key)!r} → {inputs[key]!r}); "
                                 f"choose another --out")
@@ -112,12 +119,23 @@ def _writer_lock(out: Path) -> Iterator[None]:
     """One ``kdkit generate`` at a time per output file: a second one is refused, not interleaved."""
     import fcntl
 
-    with out.with_name(f".{out.name}.kdkit-lock").open("a") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise GenerateError(f"{out}: another `kdkit generate` is writing it; wait for it to finish") from None
-        yield
+    lock = out.with_name(f".{out.name}.kdkit-lock")
+    while True:
+        with lock.open("a") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise GenerateError(f"{out}: another `kdkit generate` is writing it; wait for it to finish") from None
+            try:
+                if os.stat(lock).st_ino != os.fstat(fh.fileno()).st_ino:
+                    continue  # the holder before us removed it after we opened it: lock the new one
+            except FileNotFoundError:
+                continue
+            try:
+                yield
+            finally:
+                lock.unlink(missing_ok=True)  # removed while held: nothing is left behind, refused or not
+            return
 
 
 def generate_rows(model_dir: str, data: str, out: str | Path, settings: GenerationSettings, *,

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from kdkit import __version__, onpolicy, sharding
 from kdkit import data as kdata
 from kdkit.checkpoint import (
+    INPUTS_FILE,
     check_resume,
     finished,
     load_checkpoint,
@@ -43,6 +44,7 @@ from kdkit.checkpoint import (
 from kdkit.config import TrainConfig, dump_config
 from kdkit.errors import TrainingError
 from kdkit.hidden import HiddenDistill
+from kdkit.identity import run_inputs
 from kdkit.io import atomic_write_bytes, atomic_write_json
 from kdkit.losses import aggregate, token_divergence
 from kdkit.models import (
@@ -444,16 +446,24 @@ class _Run:
 
 
 def _open_run(run: Path, cfg: TrainConfig, resume: bool, log: Callable[[str], None]) -> dict[str, Any] | None:
-    """Refuse a run directory that is not ours to write; the summary of a run that already completed."""
+    """Refuse a run directory that is not ours to write, or a resume whose config or inputs changed; the
+    summary of a run that already completed. Records the inputs' identity (``inputs.json``)."""
     if not resume and run.exists() and any(run.iterdir()):
         raise TrainingError(f"{run}: run directory is not empty; pass --resume to continue it or choose another --out")
+    inputs = run_inputs(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        run.mkdir(parents=True, exist_ok=True)
     if resume and run.is_dir() and any(run.iterdir()):
-        check_resume(run, cfg)
+        if not (run / INPUTS_FILE).is_file():
+            log(f"note: {run} has no {INPUTS_FILE} (made before kdkit recorded its inputs): inputs not checked")
+        check_resume(run, cfg, inputs)
         done = finished(run)
         if done is not None:
             log(f"{run}: the run is complete ({done['steps']} steps, final/ written); nothing to resume")
             return {"run_dir": str(run), "steps": done["steps"], "max_weight_change": None, "seconds": 0.0,
                     "already_complete": True}
+    if int(os.environ.get("RANK", "0")) == 0:
+        atomic_write_json(run / INPUTS_FILE, inputs)
     return None
 
 

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 
 from kdkit.cache.format import KEY_FIELDS, MANIFEST_FILE, CacheError, CacheMismatch, decode_ids, decode_logprobs, shard_name
 from kdkit.losses import TopK
-from kdkit.models import sha256_file
+from kdkit.identity import sha256_file
 
 
 class _Shard(BaseModel):
