@@ -22,8 +22,8 @@ import torch
 
 from kdkit.errors import KdkitError, OutputDirError
 from kdkit.generation import GenerationSettings, generate_ids
-from kdkit.io import atomic_write_json, read_jsonl_objects
 from kdkit.identity import changed_inputs, path_identity
+from kdkit.io import atomic_write_json, read_jsonl_objects
 from kdkit.models import load_causal_lm, load_tokenizer
 
 KEPT_FIELDS = ("role", "task", "weight")

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.numpy import load_file
 
 from kdkit.cache.format import KEY_FIELDS, MANIFEST_FILE, CacheError, CacheMismatch, decode_ids, decode_logprobs, shard_name
-from kdkit.losses import TopK
 from kdkit.identity import sha256_file
+from kdkit.losses import TopK
 
 
 class _Shard(BaseModel):
