@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -265,12 +266,45 @@ def test_a_pack_changed_on_disk_is_neither_reused_nor_promoted(packs, tmp_path, 
         fh.seek(-4, os.SEEK_END)
         fh.write(b"\x00\x01\x02\x03")
     fresh = Registry(ws)  # a new process: nothing verified yet
-    with pytest.raises(RegistryError, match="no longer matches its registered weights"):
+    with pytest.raises(RegistryError, match="no longer matches its registered files"):
         gate(fresh, "good", tasks, log=lambda m: None)
-    with pytest.raises(RegistryError, match="no longer matches its registered weights"):
+    with pytest.raises(RegistryError, match="no longer matches its registered files"):
         fresh.promote(prod.id)
     assert calls == [] and fresh.gates() == [] and fresh.production().name == "prod"
     assert fresh.pack(good.id).status == "active"
+
+
+def test_a_pack_is_its_tokenizer_chat_template_and_generation_config_too(packs, tmp_path):
+    dirs, _ = packs
+    reg = Registry(tmp_path / "ws")
+    prod = reg.register(dirs["prod"], name="prod")
+    other = tmp_path / "other-template"
+    shutil.copytree(dirs["prod"], other)
+    (other / "chat_template.jinja").write_text("{% for m in messages %}<{{ m['content'] }}>{% endfor %}")
+    twin = reg.register(other, name="prod-new-template")  # same weights, another template: another pack
+    assert twin.id != prod.id and twin.name == "prod-new-template"
+    assert reg.register(dirs["prod"], name="again").id == prod.id  # the very same files: the same pack
+    stored = Path(prod.path) / "chat_template.jinja"
+    stored.chmod(0o644)
+    stored.write_text("{{ messages[0]['content'] }}")  # a stored pack's template edited behind kdkit's back
+    with pytest.raises(RegistryError, match="no longer matches its registered files"):
+        Registry(tmp_path / "ws").check_weights(prod)
+
+
+def test_a_copy_a_killed_promote_left_is_removed_by_the_next_registry_command(packs, tmp_path):
+    dirs, _ = packs
+    ws = tmp_path / "ws"
+    Registry(ws)
+    code = ("import os, sys\nfrom kdkit import registry\n"
+            "def die(src, dst):\n    registry.shutil.copytree(src, dst, copy_function=registry.shutil.copyfile)\n"
+            "    os._exit(9)\n"
+            "registry._copy_read_only = die\nregistry.Registry(sys.argv[1]).register(sys.argv[2])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(ws), str(dirs["good"])], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    left = list((ws / "packs").glob(".tmp-*"))
+    assert len(left) == 1 and any(left[0].iterdir())
+    Registry(ws)  # the next command, whatever it is
+    assert list((ws / "packs").glob(".tmp-*")) == []
 
 
 def test_registry_commands_do_not_create_a_workspace_for_a_typo(tmp_path):

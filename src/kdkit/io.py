@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,35 @@ def remove_stale_tmp(directory: Path) -> int:
         p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_writers(directory: Path, prefix: str = ".tmp-") -> list[Path]:
+    """Delete ``<prefix>...-<pid>`` entries (files or directories) whose writing process is gone; an entry
+    of a live process is left to it. Returns what was removed."""
+    removed = []
+    for p in sorted(directory.glob(f"{prefix}*")) if directory.is_dir() else []:
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            for f in p.rglob("*"):  # a pack's copies are read-only
+                if f.is_dir():
+                    f.chmod(0o755)
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def read_jsonl_objects(path: str | Path, error: type[Exception]) -> list[tuple[int, dict[str, Any]]]:

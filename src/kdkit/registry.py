@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from kdkit.errors import KdkitError
-from kdkit.models import model_fingerprint
+from kdkit.identity import path_identity
+from kdkit.io import remove_dead_writers
 
 DEFAULT_WORKSPACE = ".kdkit"
 FAULT_ENV = "KDKIT_FAULT_REGISTRY"
@@ -126,6 +127,7 @@ class Registry:
             raise RegistryError(f"{self.workspace}: no kdkit workspace here (no registry.sqlite); it is created by "
                                 f"`kdkit registry promote` (check --workspace / KDKIT_WORKSPACE)")
         self.workspace.mkdir(parents=True, exist_ok=True)
+        remove_dead_writers(self.workspace / "packs")  # a copy a killed `registry promote` left half-written
         self._verified: set[int] = set()  # packs whose weights were re-hashed by this process
         self.conn = sqlite3.connect(str(self.db_path), isolation_level=None, timeout=30)
         self.conn.row_factory = sqlite3.Row
@@ -173,11 +175,11 @@ class Registry:
 
     def register(self, path: str | Path, *, name: str | None = None, parent_id: int | None = None,
                  source_run: str | None = None, config: str | None = None) -> Pack:
-        """Add a model dir as a pack (files linked into the workspace). Same weights → the existing pack."""
+        """Add a model dir as a pack (a read-only copy in the workspace). The same files → the existing pack."""
         src = Path(path)
         if not (src / "config.json").is_file():
             raise RegistryError(f"{src}: not a Hugging Face model directory (no config.json)")
-        sha = model_fingerprint(src)["sha256"]
+        sha = path_identity(src)["sha256"]  # everything that changes what it generates, not the weights alone
         existing = self.find_by_sha(sha)
         if existing is not None:
             return existing
@@ -192,9 +194,9 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.parent.mkdir(parents=True, exist_ok=True)
             _copy_read_only(src, tmp)
-            if model_fingerprint(tmp)["sha256"] != sha:
+            if path_identity(tmp)["sha256"] != sha:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise RegistryError(f"{src}: the weights changed while they were being copied; register it again")
+                raise RegistryError(f"{src}: its files changed while they were being copied; register it again")
             tmp.rename(dst)
         with self.tx() as c:
             cur = c.execute("INSERT INTO packs (name, path, weights_sha256, parent_id, source_run, config, created) "
@@ -208,12 +210,13 @@ class Registry:
         if pack.id in self._verified:
             return pack
         try:
-            sha = model_fingerprint(pack.path)["sha256"]
+            sha = path_identity(pack.path)["sha256"]
         except Exception as e:  # a deleted or unreadable pack directory
             raise RegistryError(f"pack {pack.name!r} ({pack.path}) cannot be read: {e}") from None
         if sha != pack.weights_sha256:
             raise RegistryError(
-                f"pack {pack.name!r} ({pack.path}) no longer matches its registered weights "
+                f"pack {pack.name!r} ({pack.path}) no longer matches its registered files (weights, tokenizer, chat "
+                f"template, generation config) "
                 f"(sha256 {sha[:12]}… on disk, {pack.weights_sha256[:12]}… registered): it was modified outside "
                 f"kdkit; its evaluations are not reused and it cannot be promoted — register the model again")
         self._verified.add(pack.id)
