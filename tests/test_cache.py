@@ -397,3 +397,39 @@ def test_two_ranks_precompute_the_same_bytes_as_one_process(tmp_path):
     assert sum(f.startswith("shard-") and f.endswith(".safetensors") for f in files) == 6
     for f in files:
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+
+
+def test_a_shard_rewritten_while_a_run_reads_is_refused_when_it_is_read_again(world, tmp_path):
+    _, teacher, data = world
+    out = tmp_path / "c"
+    _run(teacher, data, out, PrecomputeSettings(top_k=16, shard_rows=4, batch_size=3))
+    cache = TeacherCache(out)
+    first = cache.row(0)
+    for r in range(4, 24, 4):  # five other shards: shard 0 leaves the reader's memory
+        cache.row(r)
+    shard = out / "shard-00000.safetensors"
+    blob = bytearray(shard.read_bytes())
+    blob[-3] ^= 0xFF  # rewritten on disk behind the run's back
+    shard.write_bytes(bytes(blob))
+    with pytest.raises(CacheError, match="shard-00000.safetensors: sha256 does not match the manifest"):
+        cache.row(0)
+    assert first.ids.shape[1] == 16
+
+
+def test_a_cache_tokenised_with_another_max_length_or_truncation_names_the_setting(world, tmp_path):
+    from kdkit import data as kdata
+    from kdkit.config import TrainConfig
+    from kdkit.models import load_tokenizer
+    from kdkit.teacher import SourceError, check_sources
+
+    _, teacher, data = world
+    rows = [{"prompt": f"def f{i}(x):" + " " * 20 + "\n", "completion": f"    return x * {i} + 1\n"} for i in range(4)]
+    long_rows = write_jsonl(tmp_path / "long.jsonl", rows)
+    _run(teacher, long_rows, tmp_path / "c", PrecomputeSettings(top_k=16, max_length=40))
+    tok = load_tokenizer(teacher)
+    for field, value, flag in (("max_length", 64, "--max-length 40"), ("truncation", "right", "--truncation left")):
+        cfg = TrainConfig.model_validate({"student": {"path": str(teacher)}, "teacher": {"cache": str(tmp_path / "c")},
+                                          "data": {"train": str(long_rows), "max_length": 40, field: value}})
+        rows, _ = kdata.load_dataset(tok, long_rows, max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+        with pytest.raises(SourceError, match=f"data.{field}: .* precomputed with {flag}"):
+            check_sources(cfg, rows, tok, len(tok))

@@ -289,3 +289,13 @@ def test_training_from_a_cross_tokenizer_cache_and_the_refusals(world, tmp_path)
                                str(world / "train.jsonl"), "--out", str(tmp_path / "c2"), "--student-tokenizer",
                                str(world / "student")], terminal_width=300)
     assert same.exit_code == 2 and "the teacher has the same tokenizer" in same.output
+    # the cache's teacher tokenizer is verified like its shards: an edit is refused by verify, validate and train
+    tcfg = tmp_path / "cache" / "teacher_tokenizer" / "tokenizer_config.json"
+    tcfg.write_text(tcfg.read_text().replace("{", '{"model_max_length": 9, ', 1))
+    ver = runner.invoke(app, ["cache", "verify", str(tmp_path / "cache")], terminal_width=300)
+    assert ver.exit_code != 0 and "teacher_tokenizer/tokenizer_config.json: sha256 mismatch" in ver.output
+    cfg = _cross_cfg(world, tmp_path, "bpe_teacher", "gold", cache=tmp_path / "cache")
+    with pytest.raises(SourceError, match="teacher_tokenizer/tokenizer_config.json: sha256 mismatch"):
+        check_sources(cfg, rows, tok, len(tok))
+    with pytest.raises(SourceError, match="teacher_tokenizer/tokenizer_config.json: sha256 mismatch"):
+        train(cfg, tmp_path / "run2", progress=False, log=lambda m: None)

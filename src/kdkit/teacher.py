@@ -23,6 +23,7 @@ from torch import Tensor
 
 from kdkit import data as kdata
 from kdkit.cache import TeacherCache, verify_cache
+from kdkit.cache.format import CacheMismatch
 from kdkit.config import TrainConfig
 from kdkit.crosstok import CrossTeacher, CrossTopK, VocabMap, aligned_teacher_logits, teacher_view
 from kdkit.errors import KdkitError
@@ -86,7 +87,7 @@ class CachedSignal:
 
     @classmethod
     def open(cls, path: str, rows: list[kdata.TokenizedRow], tok_sha: str, vocab_rows: int, temperature: float,
-             field: str, what: str, verify: bool = False) -> CachedSignal:
+             field: str, what: str, verify: bool = False, data_cfg: Any = None) -> CachedSignal:
         """Open a cache after checking it belongs to these rows, this tokenizer and this temperature."""
         cache = TeacherCache(path)
         if verify:  # `kdkit validate`: every shard training will read is present and sound
@@ -94,8 +95,13 @@ class CachedSignal:
             if problems:
                 raise SourceError(f"{what} cache {path} is damaged: {'; '.join(problems)} (rerun the same "
                                   f"`kdkit precompute` to repair it)")
-        # The data fingerprint covers the token ids after truncation, so max_length needs no separate check.
-        cache.check_compatible(data=kdata.data_fingerprint(rows))
+        # The data fingerprint covers the token ids after truncation; when it differs, say which setting did.
+        try:
+            cache.check_compatible(data=kdata.data_fingerprint(rows))
+        except CacheMismatch:
+            if data_cfg is not None:
+                _name_tokenisation_setting(cache, data_cfg, what)
+            raise
         cache.check_student_vocab(tok_sha, vocab_rows)
         if len(cache) != len(rows):
             raise SourceError(f"{what} cache {path} has {len(cache)} rows, the data has {len(rows)}")
@@ -115,6 +121,17 @@ class CachedSignal:
             _whole_rows_only(at_targets, self.what)
             return CrossTopK(topk, *self.cross)
         return topk.select(batch.targets != kdata.IGNORE_INDEX) if at_targets else topk
+
+
+def _name_tokenisation_setting(cache: TeacherCache, data_cfg: Any, what: str) -> None:
+    """Raise naming ``data.max_length`` / ``data.truncation`` when the cache was tokenised otherwise."""
+    made = cache.manifest.get("settings", {})
+    for key in ("max_length", "truncation"):
+        theirs, ours = made.get(key, "left" if key == "truncation" else None), getattr(data_cfg, key)
+        if theirs is not None and theirs != ours:
+            raise SourceError(f"data.{key}: {ours!r}, but the {what} cache {cache.path} was precomputed with "
+                              f"--{key.replace('_', '-')} {theirs}: its rows are other token sequences; set "
+                              f"data.{key}: {theirs} or precompute again with --{key.replace('_', '-')} {ours}")
 
 
 @dataclass
@@ -224,7 +241,7 @@ def _check_live_vocab(path: str, field: str, student_tok_sha: str, real_vocab: i
 
 def _cache_cross(cache: TeacherCache, tokenizer: Any, cross: str) -> tuple[VocabMap, str] | None:
     """A cache of a teacher with another tokenizer needs a cross-tokenizer loss, and the reverse."""
-    from kdkit.cache.precompute import TEACHER_TOKENIZER
+    from kdkit.cache.reader import TEACHER_TOKENIZER, teacher_tokenizer_problems
 
     is_cross = "teacher_tokenizer" in cache.components
     if is_cross and cross == "none":
@@ -235,6 +252,10 @@ def _cache_cross(cache: TeacherCache, tokenizer: Any, cross: str) -> tuple[Vocab
                           f"cache {cache.path} was captured with the student's; use cross_tokenizer: none")
     if not is_cross:
         return None
+    problems = teacher_tokenizer_problems(cache.path, cache.manifest)
+    if problems:
+        raise SourceError(f"teacher.cache: {cache.path} is not the cache precompute wrote: {'; '.join(problems)} "
+                          f"(run `kdkit cache verify {cache.path}`, then precompute again)")
     t_tok = load_tokenizer(cache.path / TEACHER_TOKENIZER)
     return VocabMap.build(tokenizer, t_tok, len(tokenizer), len(t_tok)), cross
 
@@ -259,7 +280,7 @@ def open_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: An
                 model, t_tok, rows, VocabMap.build(tokenizer, t_tok, real_vocab, len(t_tok)), cross)
     elif t is not None:
         src.teacher = CachedSignal.open(t.cache, rows, tok_sha, vocab_rows, cfg.objective.kd.temperature,
-                                        "objective.kd.temperature", "teacher", verify)
+                                        "objective.kd.temperature", "teacher", verify, cfg.data)
         src.teacher.cross = _cache_cross(src.teacher.cache, tokenizer, cfg.objective.kd.cross_tokenizer)
     if ref is not None and ref.kind == "model":
         if verify:
@@ -269,7 +290,7 @@ def open_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: An
             src.reference = LiveSignal(_frozen(load_causal_lm(ref.path, cfg.student.dtype)), real_vocab, "reference")
     elif ref is not None and ref.kind == "cache":
         src.reference = CachedSignal.open(ref.path, rows, tok_sha, vocab_rows, cfg.objective.barrier.temperature,
-                                          "objective.barrier.temperature", "reference", verify)
+                                          "objective.barrier.temperature", "reference", verify, cfg.data)
     elif ref is not None and student is not None:  # kind "base": the student as it starts
         src.reference = (AdapterOffSignal(real_vocab) if cfg.student.lora is not None else
                          LiveSignal(_frozen(copy.deepcopy(unwrap(student))), real_vocab, "reference"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,7 +37,8 @@ from kdkit.cache.format import (
     shard_name,
     sidecar_name,
 )
-from kdkit.cache.reader import load_manifest, verify_cache
+from kdkit.cache.reader import TEACHER_TOKENIZER, load_manifest, verify_cache
+from kdkit.identity import dir_files
 from kdkit.errors import UsageError
 from kdkit.io import atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_tmp
 from kdkit.losses import TopK
@@ -51,7 +53,6 @@ from kdkit.models import (
 )
 
 FAULT_ENV = "KDKIT_FAULT_PRECOMPUTE"
-TEACHER_TOKENIZER = "teacher_tokenizer"  # a cross-tokenizer cache keeps the teacher's tokenizer here
 
 
 @dataclass(frozen=True)
@@ -351,8 +352,11 @@ def precompute(
         return load_manifest(out)
     shards_meta = [_read_sidecar(out / sidecar_name(i)) for i in range(n_shards)]
     if cross:  # training matches the two vocabularies without the teacher model at hand
+        shutil.rmtree(out / TEACHER_TOKENIZER, ignore_errors=True)  # ours (inside the cache): written afresh
         teacher_tok.save_pretrained(str(out / TEACHER_TOKENIZER))
     manifest = _manifest(out, key, components, settings, teacher, t_fp, k_fp, vocab, rows, shards_meta)
+    if cross:  # checked like the shards: `cache verify`, validate and train refuse an edited teacher tokenizer
+        manifest["teacher_tokenizer_files"] = dir_files(out / TEACHER_TOKENIZER)
     atomic_write_json(out / MANIFEST_FILE, manifest)
     _barrier(world)
     elapsed = time.perf_counter() - t0

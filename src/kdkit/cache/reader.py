@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
-from safetensors.numpy import load_file
+from safetensors.numpy import load as load_bytes
 
 from kdkit.cache.format import KEY_FIELDS, MANIFEST_FILE, CacheError, CacheMismatch, decode_ids, decode_logprobs, shard_name
-from kdkit.identity import sha256_file
+from kdkit.identity import dir_files, sha256_file
 from kdkit.losses import TopK
 
 
@@ -108,7 +109,22 @@ def verify_cache(path: str | Path) -> list[str]:
     for f in sorted(path.glob("shard-*.safetensors")):
         if f.name not in listed:
             problems.append(f"{f.name}: extra shard not listed in the manifest")
-    return problems
+    return problems + teacher_tokenizer_problems(path, man)
+
+
+TEACHER_TOKENIZER = "teacher_tokenizer"  # a cross-tokenizer cache keeps the teacher's tokenizer here
+
+
+def teacher_tokenizer_problems(path: Path, man: dict[str, Any]) -> list[str]:
+    """A cross-tokenizer cache's ``teacher_tokenizer/`` against the sha256 of each file the manifest lists."""
+    want = man.get("teacher_tokenizer_files")
+    if want is None:
+        return []
+    d = path / TEACHER_TOKENIZER
+    have = dir_files(d) if d.is_dir() else {}
+    out = [f"{TEACHER_TOKENIZER}/{n}: {'missing' if n not in have else 'sha256 mismatch (content changed)'}"
+           for n in sorted(want) if have.get(n) != want[n]]
+    return out + [f"{TEACHER_TOKENIZER}/{n}: extra file not listed in the manifest" for n in sorted(set(have) - set(want))]
 
 
 @dataclass
@@ -135,7 +151,6 @@ class TeacherCache:
         self.vocab_size = int(self.manifest["vocab_size"])
         self._shard_rows = int(self.components["shard_rows"])
         self._loaded: dict[int, dict[str, np.ndarray]] = {}
-        self._verified: set[int] = set()  # shards re-hashed once per process, not at every reload
 
     def __len__(self) -> int:
         return int(self.manifest["rows"])
@@ -156,14 +171,15 @@ class TeacherCache:
             f = self.path / shard_name(i)
             if not f.is_file():
                 raise CacheError(f"{f}: shard missing (run `kdkit cache verify {self.path}`)")
-            if i not in self._verified:
-                if sha256_file(f) != meta["sha256"]:
-                    raise CacheError(f"{f}: sha256 does not match the manifest; the shard is corrupt "
-                                     f"(run `kdkit cache verify {self.path}`, then precompute again)")
-                self._verified.add(i)
+            # The bytes hashed are the bytes decoded, at every read from disk: a shard rewritten while a run
+            # reads the cache is refused when it is next read, not trusted from an earlier check.
+            data = f.read_bytes()
+            if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                raise CacheError(f"{f}: sha256 does not match the manifest; the shard is corrupt "
+                                 f"(run `kdkit cache verify {self.path}`, then precompute again)")
             if len(self._loaded) >= 4:  # shuffled batches touch several shards; keep memory bounded
                 self._loaded.pop(next(iter(self._loaded)))
-            tensors = load_file(str(f))
+            tensors = load_bytes(data)
             tensors["ids"] = decode_ids(tensors, self.vocab_size)  # ids packed in ⌈log2 V⌉ bits above 2^16
             tensors["logprobs"] = decode_logprobs(tensors)  # the opt-in 8-bit encoding
             self._loaded[i] = tensors
