@@ -420,7 +420,8 @@ def test_a_cache_tokenised_with_another_max_length_or_truncation_names_the_setti
     from kdkit import data as kdata
     from kdkit.config import TrainConfig
     from kdkit.models import load_tokenizer
-    from kdkit.teacher import SourceError, check_sources
+    from kdkit.preflight import preflight as check_sources
+    from kdkit.teacher import SourceError
 
     _, teacher, data = world
     rows = [{"prompt": f"def f{i}(x):" + " " * 20 + "\n", "completion": f"    return x * {i} + 1\n"} for i in range(4)]
@@ -431,5 +432,5 @@ def test_a_cache_tokenised_with_another_max_length_or_truncation_names_the_setti
         cfg = TrainConfig.model_validate({"student": {"path": str(teacher)}, "teacher": {"cache": str(tmp_path / "c")},
                                           "data": {"train": str(long_rows), "max_length": 40, field: value}})
         rows, _ = kdata.load_dataset(tok, long_rows, max_length=cfg.data.max_length, truncation=cfg.data.truncation)
-        with pytest.raises(SourceError, match=f"data.{field}: .* precomputed with {flag}"):
+        with pytest.raises(SourceError, match=f"data.{field} is .* precomputed with {flag}"):
             check_sources(cfg, rows, tok, len(tok))

@@ -187,7 +187,8 @@ def test_the_cross_path_with_one_tokenizer_equals_the_same_tokenizer_kl(world):
 def test_a_teacher_with_another_tokenizer_needs_a_cross_loss_and_vice_versa(world, tmp_path):
     from kdkit import data as kdata
     from kdkit.models import load_tokenizer
-    from kdkit.teacher import SourceError, check_sources
+    from kdkit.preflight import preflight as check_sources
+    from kdkit.teacher import SourceError
 
     tok = load_tokenizer(world / "student")
     rows, _ = kdata.load_dataset(tok, world / "train.jsonl", max_length=96)
@@ -214,8 +215,9 @@ def test_resume_of_a_cross_tokenizer_run_is_bitwise_exact(world, tmp_path):
     raw["checkpoint"] = {"every": 3, "keep": 2}
     raw["student"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
     path = tmp_path / "resume.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    from kdkit.config import load_train_config
+    from kdkit.config import RESOLVED_MARK, load_train_config
+
+    path.write_text(RESOLVED_MARK + "\n" + yaml.safe_dump(raw))  # every field written out, as config.yaml is
 
     train(load_train_config(path), tmp_path / "full", progress=False, log=lambda m: None)
     kill_then_resume(path, tmp_path / "killed", "after_step:5")
@@ -278,7 +280,8 @@ def test_training_from_a_cross_tokenizer_cache_and_the_refusals(world, tmp_path)
     assert kl[-1] < 0.9 * kl[0], kl
     from kdkit import data as kdata
     from kdkit.models import load_tokenizer
-    from kdkit.teacher import SourceError, check_sources
+    from kdkit.preflight import preflight as check_sources
+    from kdkit.teacher import SourceError
 
     tok = load_tokenizer(world / "student")
     rows, _ = kdata.load_dataset(tok, world / "train.jsonl", max_length=96)

@@ -3,6 +3,7 @@ references, a run that pulls the states together, exact resume, and a pack witho
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from kdkit.config import ConfigError, HiddenConfig, ObjectiveConfig, load_train_config
-from kdkit.errors import TrainingError
 from kdkit.hidden import HiddenDistill, per_position
 from kdkit.objective import hidden_term
 from kdkit.train import merge, train
@@ -112,11 +112,17 @@ def test_hidden_settings_that_cannot_work_are_refused(world, tmp_path):
     body["teacher"] = {"cache": str(tmp_path / "cache")}
     with pytest.raises(ConfigError, match="objective.hidden: hidden states come from a live teacher"):
         load_train_config(_cfg(tmp_path, body))
-    with pytest.raises(TrainingError, match=r"objective.hidden.layers: 2 → 9 is out of range"):
-        train(load_train_config(_cfg(tmp_path, _body(world, layers={2: 9}))), tmp_path / "a", progress=False,
-              log=lambda m: None)
-    with pytest.raises(TrainingError, match="projection: none needs equal widths"):
-        train(load_train_config(_cfg(tmp_path, _body(world, projection="none"))), tmp_path / "b", progress=False,
-              log=lambda m: None)
+    from typer.testing import CliRunner
+
+    from kdkit.cli import app
+    from kdkit.errors import KdkitError
+
+    for body, message in ((_body(world, layers={2: 9}), r"objective.hidden.layers: 2 → 9 is out of range"),
+                          (_body(world, projection="none"), "projection: none needs equal widths")):
+        cfg = _cfg(tmp_path, body)
+        res = CliRunner().invoke(app, ["validate", str(cfg)], terminal_width=400)
+        assert res.exit_code == 2 and re.search(message, " ".join(res.output.split())), res.output
+        with pytest.raises(KdkitError, match=message):  # train refuses it the same way, before loading weights
+            train(load_train_config(cfg), tmp_path / "run", progress=False, log=lambda m: None)
     with pytest.raises(ValueError, match="at least one"):
         HiddenConfig(layers={})

@@ -274,25 +274,16 @@ def validate_cmd(
     config: str = typer.Argument(..., help="Training config YAML."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: --set objective.kd.beta=0.3 (repeatable)."),
 ) -> None:
-    """Validate a training config without loading any model: fields and ranges, files, that a referenced cache matches the data, tokenizer, K and temperature, that every role and task named occurs in the data, and that no option would silently not take effect. Exits 2 naming the field."""
-    import json as _json
-    from pathlib import Path as _P
-
-    from kdkit import data as kdata
+    """Validate a training config without loading any model's weights: fields and ranges, duplicate keys, files, that a referenced cache matches the data, tokenizer, K and temperature (its shards re-hashed), that every role and task named occurs in the data, LoRA target modules and hidden-state layers against the models' structure, probe prompts and contrast pairs, and that no option would silently not take effect. `kdkit train` runs the same checks before it loads a model. Exits 2 naming the field."""
     from kdkit.models import check_model_dir, load_tokenizer
-    from kdkit.teacher import check_sources
+    from kdkit.preflight import load_rows, model_config, preflight
 
     cfg = _load_config(config, set_)
-    try:  # whatever is wrong, the config is invalid: exit 2 naming it
+    try:  # whatever is wrong, the config is invalid: exit 2 naming it (train runs the same checks first)
         check_model_dir(cfg.student.path, "student.path:")
         tok = load_tokenizer(cfg.student.path)
-        d = cfg.data
-        rows, rep = kdata.load_dataset(tok, d.train, max_length=d.max_length, on_empty=d.on_empty,
-                                       truncation=d.truncation)
-        if d.validation:
-            kdata.load_dataset(tok, d.validation, max_length=d.max_length, truncation=d.truncation)
-        mcfg = _json.loads((_P(cfg.student.path) / "config.json").read_text())
-        check_sources(cfg, rows, tok, int(mcfg.get("vocab_size", len(tok))), verify=True)
+        rows, _, rep = load_rows(cfg, tok)
+        preflight(cfg, rows, tok, int(model_config(cfg.student.path).get("vocab_size", len(tok))), verify=True)
     except (KdkitError, OSError) as e:
         fail(str(e))
     console.print(f"{config}: valid — training data: {rep.summary(cfg.data.max_length)}")

@@ -6,6 +6,7 @@ the registries in :mod:`kdkit.losses`, so the schema cannot drift from the math.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,9 @@ from kdkit.losses import AGGREGATIONS, KINDS, TAIL_POLICIES
 class _Strict(BaseModel):
     # Unknown keys are errors: a misspelt option must never silently do nothing.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _one_of(value: str, valid: Any, what: str) -> str:
@@ -183,7 +187,7 @@ class StudentConfig(_Strict):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        return _one_of(v, ("float32", "bfloat16", "float16"), "dtype")
+        return _one_of(v, DTYPES, "dtype")
 
     @field_validator("load_in")
     @classmethod
@@ -196,8 +200,13 @@ class TeacherConfig(_Strict):
 
     cache: str | None = Field(None, description="teacher cache directory made by `kdkit precompute`")
     model: str | None = Field(None, description="teacher model directory, loaded once, frozen")
-    dtype: str = "float32"
+    dtype: str = Field("float32", description="float32, bfloat16 or float16 (a live teacher's weights)")
     load_in: str | None = Field(None, description="'4bit' or '8bit' for a live teacher (bitsandbytes, CUDA only)")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        return _one_of(v, DTYPES, "dtype")
 
     @field_validator("load_in")
     @classmethod
@@ -357,9 +366,18 @@ class TrainConfig(_Strict):
         return self
 
 
+# A config a user wrote: a field written at all is set (``beta: 0.5`` with kl_rev is refused even though 0.5
+# is the default). A resolved config.yaml (RESOLVED_MARK on its first line) lists every field with its value,
+# defaults included: there a field counts as set only when it is away from its default, so that it loads.
+_RESOLVED: ContextVar[bool] = ContextVar("kdkit_resolved_config", default=False)
+RESOLVED_MARK = "# kdkit resolved config: every field, defaults included"
+
+
 def _set(model: BaseModel, name: str) -> bool:
-    """Set to something other than its default (a resolved config.yaml lists every default: it must load)."""
-    return name in model.model_fields_set and getattr(model, name) != type(model).model_fields[name].default
+    """Written in the config (away from its default, in a resolved config.yaml)."""
+    if name not in model.model_fields_set:
+        return False
+    return not _RESOLVED.get() or getattr(model, name) != type(model).model_fields[name].default
 
 
 def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
@@ -386,6 +404,7 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
             out.append(("teacher.load_in", "a cached teacher is not run; quantise the teacher of a live run only"))
         if cfg.teacher.model and _set(kd, "tail"):
             out.append(("objective.kd.tail", "a live teacher gives the dense distribution: there is no top-K tail"))
+    out += _kd_off_without_effect(cfg)
     out += _on_policy_without_effect(cfg)
     out += _cross_without_effect(cfg)
     if cfg.objective.hidden is not None and (cfg.teacher is None or not cfg.teacher.model):
@@ -393,8 +412,22 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
                                         "log-probs only)"))
     if cfg.early_stop is not None and cfg.probes is None:
         out.append(("early_stop", "the coherence floor is judged on probe generations: add a probes section"))
+    if _set(cfg.checkpoint, "keep") and cfg.checkpoint.every == 0:
+        out.append(("checkpoint.keep", "checkpoint.every is 0: no checkpoint is written during training"))
     out += _routing_without_effect(cfg)
     out += _precision_without_effect(cfg)
+    return out
+
+
+def _kd_off_without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """With a teacher but kd_weight 0, the KD term's settings shape nothing."""
+    o, kd = cfg.objective, cfg.objective.kd
+    if cfg.teacher is None or o.kd_weight != 0:
+        return []
+    why = "objective.kd_weight is 0: there is no KD term"
+    out = [(f"objective.kd.{f}", why) for f in sorted(kd.model_fields_set) if _set(kd, f) and f != "cross_tokenizer"]
+    out += [(f"objective.task_weights.{t}", f"{why} (task weights scale KD only)") for t in o.task_weights]
+    out += [(f"objective.roles.{r}.kd", why) for r, t in o.roles.items() if _set(t, "kd")]
     return out
 
 
@@ -455,6 +488,9 @@ def _on_policy_without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
     if cfg.reference is not None and cfg.reference.kind == "cache":
         return [("objective.on_policy", "reference.kind 'cache' cannot score the student's own tokens for the "
                                         "barrier; use reference.kind base or model")]
+    if op.fraction == 0:
+        return [(f"objective.on_policy.{f}", "objective.on_policy.fraction is 0: no step is on-policy")
+                for f in sorted(op.model_fields_set) if f != "fraction" and _set(op, f)]
     if _set(op, "top_p") and op.temperature == 0:
         return [("objective.on_policy.top_p", "on_policy.temperature is 0 (greedy): top_p only shapes sampling")]
     return []
@@ -516,7 +552,6 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
 
     Relative paths inside the file are resolved against the file's directory.
     """
-    import yaml
     from pydantic import ValidationError
 
     path = Path(path)
@@ -528,13 +563,9 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = load_yaml_mapping(path, text)
     raw = apply_overrides(raw, overrides or [])
+    token = _RESOLVED.set(text.startswith(RESOLVED_MARK))
     try:
         cfg = TrainConfig.model_validate(raw)
     except ValidationError as e:
@@ -545,7 +576,37 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
             where = f"{path}:{line}" if line else str(path)
             msgs.append(f"{where}: field '{dotted or '<root>'}': {err['msg']}")
         raise ConfigError("\n".join(msgs)) from None
+    finally:
+        _RESOLVED.reset(token)
     return resolve_paths(cfg, path.parent)
+
+
+def load_yaml_mapping(path: Path, text: str) -> dict[str, Any]:
+    """YAML text whose top level is a mapping; a key given twice in one mapping is refused, naming both
+    lines (PyYAML would keep the last one silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for k, _ in node.value:
+            key = loader.construct_object(k)
+            if key in seen:
+                raise ConfigError(f"{path}:{k.start_mark.line + 1}: key {key!r} is given twice in one section (lines "
+                                  f"{seen[key]} and {k.start_mark.line + 1}); keep one")
+            seen[key] = k.start_mark.line + 1
+        return loader.construct_mapping(node)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        raw = yaml.load(text, Loader=Loader) or {}  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return raw
 
 
 def resolve_paths(cfg: TrainConfig, base: Path) -> TrainConfig:
@@ -571,6 +632,7 @@ def resolve_paths(cfg: TrainConfig, base: Path) -> TrainConfig:
 
 
 def dump_config(cfg: BaseModel) -> str:
+    """The resolved config as YAML: every field with its value, marked so that it loads as resolved."""
     import yaml
 
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return RESOLVED_MARK + "\n" + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

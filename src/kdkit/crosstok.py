@@ -90,6 +90,12 @@ def aligned_teacher_logits(model: Any, tokenizer: Any, views: list[tuple[list[in
     from kdkit.models import pad_id, vocab_logits
 
     width = max(len(ids) for ids, _ in views)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and width > limit:
+        from kdkit.models import ModelError
+
+        raise ModelError(f"the {what} tokenizes a row's text into {width} tokens but has {limit} positions; lower "
+                         f"data.max_length (the {what} sees the text the student keeps)")
     ids = torch.full((len(views), width), pad_id(tokenizer), dtype=torch.long)
     att = torch.zeros((len(views), width), dtype=torch.long)
     for b, (t_ids, _) in enumerate(views):

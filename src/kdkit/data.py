@@ -232,6 +232,16 @@ def text_offsets(tokenizer: Any, path: Path, ex: Example, ids: list[int]) -> tup
     return text, offs
 
 
+def kept_text(text: str, offsets: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+    """The span of ``text`` that a truncated row's tokens cover, and their offsets in it: another tokenizer
+    (a cross-tokenizer teacher) then sees the text the student kept, not the whole row."""
+    spans = [(a, b) for a, b in offsets if b > a]
+    if not spans:
+        return "", [(0, 0)] * len(offsets)
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    return text[lo:hi], [(min(max(a - lo, 0), hi - lo), min(max(b - lo, 0), hi - lo)) for a, b in offsets]
+
+
 def tokenize_rows(
     tokenizer: Any,
     path: str | Path,
@@ -262,8 +272,11 @@ def tokenize_rows(
         text, offs = text_offsets(tokenizer, path, ex, ids) if offsets else ("", None)
         truncated = len(ids) > max_length
         keep = kept_tokens(ids, max_length, truncation, getattr(tokenizer, "bos_token_id", None))
+        kept_offs = [offs[i] for i in keep] if offs is not None else None
+        if kept_offs is not None and truncated:
+            text, kept_offs = kept_text(text, kept_offs)
         row = TokenizedRow([ids[i] for i in keep], [mask[i] for i in keep], ex.role, ex.task, ex.weight, ex.line,
-                           truncated, text, [offs[i] for i in keep] if offs is not None else None)
+                           truncated, text, kept_offs)
         if row.n_targets == 0:
             if on_empty == "error":
                 what = "completion" if ex.format == "prompt_completion" else ex.format

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from kdkit.config import HiddenConfig
-from kdkit.errors import TrainingError
 
 
 def per_position(a: Tensor, b: Tensor, loss: str) -> Tensor:
@@ -33,13 +32,7 @@ class HiddenDistill(torch.nn.Module):
                  teacher_layers: int) -> None:
         super().__init__()
         self.cfg = cfg
-        for s, t in cfg.layers.items():
-            if s > student_layers or t > teacher_layers:
-                raise TrainingError(f"objective.hidden.layers: {s} → {t} is out of range (the student has layers "
-                                    f"0..{student_layers}, the teacher 0..{teacher_layers}; 0 = the embeddings)")
-        if cfg.projection == "none" and student_width != teacher_width:
-            raise TrainingError(f"objective.hidden.projection: none needs equal widths; the student's is "
-                                f"{student_width}, the teacher's {teacher_width} (use projection: linear)")
+        # layer ranges and widths are checked by kdkit.preflight (validate and train), before any weight loads
         self.proj = torch.nn.ModuleDict({str(s): torch.nn.Linear(student_width, teacher_width, bias=False)
                                          for s in cfg.layers} if cfg.projection == "linear" else {})
 

@@ -7,7 +7,7 @@ positions (dense logits ``[B, T, V]`` over the tokenizer's real vocabulary, or a
 ``kdkit.train`` asks its sources for signals and does not know their kinds.
 
 A source also owns its compatibility checks (tokenizer, data, K, temperature, vocabulary rows), run
-once by :func:`check_sources` for ``kdkit validate`` and ``kdkit train`` alike.
+once by :func:`kdkit.preflight.preflight` for ``kdkit validate`` and ``kdkit train`` alike.
 """
 
 from __future__ import annotations
@@ -98,9 +98,10 @@ class CachedSignal:
         # The data fingerprint covers the token ids after truncation; when it differs, say which setting did.
         try:
             cache.check_compatible(data=kdata.data_fingerprint(rows))
-        except CacheMismatch:
-            if data_cfg is not None:
-                _name_tokenisation_setting(cache, data_cfg, what)
+        except CacheMismatch as e:
+            hint = _tokenisation_hint(cache, data_cfg, what) if data_cfg is not None else ""
+            if hint:
+                raise SourceError(f"{e} — {hint}") from None
             raise
         cache.check_student_vocab(tok_sha, vocab_rows)
         if len(cache) != len(rows):
@@ -123,15 +124,16 @@ class CachedSignal:
         return topk.select(batch.targets != kdata.IGNORE_INDEX) if at_targets else topk
 
 
-def _name_tokenisation_setting(cache: TeacherCache, data_cfg: Any, what: str) -> None:
-    """Raise naming ``data.max_length`` / ``data.truncation`` when the cache was tokenised otherwise."""
+def _tokenisation_hint(cache: TeacherCache, data_cfg: Any, what: str) -> str:
+    """Names ``data.max_length`` / ``data.truncation`` when the cache was tokenised with another value."""
     made = cache.manifest.get("settings", {})
     for key in ("max_length", "truncation"):
         theirs, ours = made.get(key, "left" if key == "truncation" else None), getattr(data_cfg, key)
         if theirs is not None and theirs != ours:
-            raise SourceError(f"data.{key}: {ours!r}, but the {what} cache {cache.path} was precomputed with "
-                              f"--{key.replace('_', '-')} {theirs}: its rows are other token sequences; set "
-                              f"data.{key}: {theirs} or precompute again with --{key.replace('_', '-')} {ours}")
+            flag = "--" + key.replace("_", "-")
+            return (f"data.{key} is {ours!r}, but the {what} cache was precomputed with {flag} {theirs}: its rows "
+                    f"are other token sequences; set data.{key}: {theirs} or precompute again with {flag} {ours}")
+    return ""
 
 
 @dataclass
@@ -295,21 +297,6 @@ def open_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: An
         src.reference = (AdapterOffSignal(real_vocab) if cfg.student.lora is not None else
                          LiveSignal(_frozen(copy.deepcopy(unwrap(student))), real_vocab, "reference"))
     return src
-
-
-def check_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, vocab_rows: int,
-                  verify: bool = False) -> None:
-    """The checks of :func:`open_sources` without loading a model, and :func:`check_objective_data`."""
-    open_sources(cfg, rows, tokenizer, vocab_rows, verify=verify)
-    check_objective_data(cfg, rows)
-    if cfg.probes is not None:  # the files training reads later: refused now, naming file and line
-        from kdkit.seqkd import read_prompts
-
-        read_prompts(cfg.probes.prompts)
-    if cfg.routing is not None and cfg.routing.control == "none":
-        from kdkit.routing import load_pairs
-
-        load_pairs(cfg.routing.pairs, tokenizer)
 
 
 def check_objective_data(cfg: TrainConfig, rows: list[kdata.TokenizedRow]) -> None:

@@ -66,11 +66,12 @@ from kdkit.objective import (
     resolved_chunk,
     token_weights,
 )
+from kdkit.preflight import load_rows, model_config, preflight
 from kdkit.probes import EarlyStop, Probe, load_probes, probe_round
 from kdkit.routing import Router, add_quarantine
-from kdkit.teacher import Signal, Sources, check_objective_data, check_sources, open_sources, unwrap
+from kdkit.teacher import Signal, Sources, open_sources, unwrap
 
-__all__ = ["train", "merge", "check_sources", "evaluate_loss", "TrainingError", "PACK_FILE", "FAULT_ENV",
+__all__ = ["train", "merge", "evaluate_loss", "TrainingError", "PACK_FILE", "FAULT_ENV",
            "step_rows", "micro_slices", "lr_lambda", "count_parameters", "GradHook"]
 
 GradHook = Callable[[torch.nn.Module, int], dict[str, float] | None]
@@ -445,14 +446,13 @@ class _Run:
         return self.dir / "probes.jsonl"
 
 
-def _open_run(run: Path, cfg: TrainConfig, resume: bool, log: Callable[[str], None]) -> dict[str, Any] | None:
-    """Refuse a run directory that is not ours to write, or a resume whose config or inputs changed; the
-    summary of a run that already completed. Records the inputs' identity (``inputs.json``)."""
+def _open_run(run: Path, cfg: TrainConfig, resume: bool, log: Callable[[str], None]
+              ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Refuse a run directory that is not ours to write, or a resume whose config or inputs changed. Returns
+    the summary of a run that already completed (else None) and the inputs' identity."""
     if not resume and run.exists() and any(run.iterdir()):
         raise TrainingError(f"{run}: run directory is not empty; pass --resume to continue it or choose another --out")
     inputs = run_inputs(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        run.mkdir(parents=True, exist_ok=True)
     if resume and run.is_dir() and any(run.iterdir()):
         if not (run / INPUTS_FILE).is_file():
             log(f"note: {run} has no {INPUTS_FILE} (made before kdkit recorded its inputs): inputs not checked")
@@ -461,25 +461,20 @@ def _open_run(run: Path, cfg: TrainConfig, resume: bool, log: Callable[[str], No
         if done is not None:
             log(f"{run}: the run is complete ({done['steps']} steps, final/ written); nothing to resume")
             return {"run_dir": str(run), "steps": done["steps"], "max_weight_change": None, "seconds": 0.0,
-                    "already_complete": True}
-    if int(os.environ.get("RANK", "0")) == 0:
-        atomic_write_json(run / INPUTS_FILE, inputs)
-    return None
+                    "already_complete": True}, inputs
+    return None, inputs
 
 
 def _prepare(cfg: TrainConfig, run: Path, acc: Any, fresh: bool, log: Callable[[str], None]) -> _Run:
     """Data, student, sources, optimizer and schedule, placed on the run's devices."""
     tokenizer = load_tokenizer(cfg.student.path)
-    d = cfg.data
-    rows, rep = kdata.load_dataset(tokenizer, d.train, max_length=d.max_length, on_empty=d.on_empty,
-                                   truncation=d.truncation, offsets=cfg.objective.kd.cross_tokenizer != "none")
-    val_rows = (kdata.load_dataset(tokenizer, d.validation, max_length=d.max_length, truncation=d.truncation)[0]
-                if d.validation else [])
-    log(f"data: {rep.summary(d.max_length)}")
+    rows, val_rows, rep = load_rows(cfg, tokenizer)
+    log(f"data: {rep.summary(cfg.data.max_length)}")
     pad = pad_id(tokenizer)
+    # validate's checks, before any weight is read: what validate accepts, this runs
+    preflight(cfg, rows, tokenizer, int(model_config(cfg.student.path).get("vocab_size", len(tokenizer))))
 
     model = _load_student(cfg)
-    check_objective_data(cfg, rows)
     src = open_sources(cfg, rows, tokenizer, int(model.get_output_embeddings().weight.shape[0]), student=model)
     for m in (model, *src.modules()):
         # bitsandbytes places quantised weights on the GPU when loading and refuses .to()
@@ -588,7 +583,7 @@ def train(
     if int(os.environ.get("RANK", "0")) != 0:
         log = _quiet  # one voice per run under torchrun / accelerate launch: rank 0's
     run = Path(out_dir)
-    done = _open_run(run, cfg, resume, log)
+    done, inputs = _open_run(run, cfg, resume, log)
     if done is not None:
         return done
     ckpt = newest_checkpoint(run) if resume else None
@@ -605,6 +600,8 @@ def train(
     sharding.check_supported(cfg.model_dump(), acc)
     set_seed(cfg.optim.seed)
     r = _prepare(cfg, run, acc, ckpt is None, log)
+    if acc.is_main_process:  # after every check passed: a refused run leaves its directory as it was
+        atomic_write_json(run / INPUTS_FILE, inputs)
     if cfg.logging.tensorboard:
         acc.init_trackers("kdkit")
     step, epoch_sums = _restore(r, ckpt, log)

@@ -9,8 +9,8 @@ so a killed run resumes and ends with the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import os
-import signal
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -38,8 +38,8 @@ from kdkit.cache.format import (
     sidecar_name,
 )
 from kdkit.cache.reader import TEACHER_TOKENIZER, load_manifest, verify_cache
-from kdkit.identity import dir_files
 from kdkit.errors import UsageError
+from kdkit.identity import dir_files
 from kdkit.io import atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_tmp
 from kdkit.losses import TopK
 from kdkit.models import (
