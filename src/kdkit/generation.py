@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kdkit.errors import UsageError
+
 PROMPT_STYLES = ("raw", "chat")
 DEFAULT_INSTRUCTION = ("Complete the following Python function. Answer with the whole function, including any "
                        "imports it needs, in one Python code block.")
@@ -39,6 +41,17 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if self.prompt_style not in PROMPT_STYLES:
             raise ValueError(f"prompt style {self.prompt_style!r}; valid: {', '.join(PROMPT_STYLES)}")
+        # one place for the ranges, whichever command built the settings (generate, eval, gate, probes)
+        for flag, ok, valid in (("--top-p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+                                ("--temperature", self.temperature > 0.0, "> 0 (0 means greedy: leave sampling off)"),
+                                ("--top-k", self.top_k >= 0, ">= 0 (0 = off)"),
+                                ("--repetition-penalty", self.repetition_penalty > 0.0, "> 0 (1.0 = off)"),
+                                ("--max-new-tokens", self.max_new_tokens >= 1, ">= 1"),
+                                ("--batch-size", self.batch_size >= 1, ">= 1"),
+                                ("--n-samples", self.n_samples >= 1, ">= 1")):
+            if not ok:
+                value = getattr(self, flag[2:].replace("-", "_"))
+                raise UsageError(f"{flag} must be {valid}, got {value}")
 
 
 def render_prompts(tokenizer: Any, prompts: Sequence[str], settings: GenerationSettings) -> list[str]:

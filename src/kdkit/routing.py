@@ -56,6 +56,9 @@ def load_pairs(path: str | Path, tokenizer: Any) -> list[tuple[kdata.TokenizedRo
         for f in ("hack", "clean"):
             ex = kdata.Example(line, "prompt_completion", {"prompt": obj["prompt"], "completion": obj[f]})
             rows.append(kdata.TokenizedRow(*kdata.tokenize_example(tokenizer, Path(path), ex)))
+        if rows[0].input_ids == rows[1].input_ids:
+            raise RoutingError(f"{path}:{line}: fields 'hack' and 'clean': the two sides are the same tokens, so "
+                               f"the pair gives no direction to route")
         pairs.append((rows[0], rows[1]))
     if not pairs:
         raise RoutingError(f"{path}: no contrast pairs")

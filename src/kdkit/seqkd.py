@@ -42,6 +42,8 @@ def read_prompts(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     rows = read_jsonl_objects(path, GenerateError)
     for line, obj in rows:
         if isinstance(obj.get("prompt"), str):
+            if not obj["prompt"].strip():
+                raise GenerateError(f"{path}:{line}: field 'prompt': empty; a prompt row needs text to continue")
             continue
         msgs = obj.get("messages")
         if isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str) and
@@ -68,7 +70,10 @@ def prompt_tokens(tokenizer: Any, obj: dict[str, Any], path: str | Path, line: i
     if getattr(tokenizer, "chat_template", None) is None:
         raise GenerateError(f"{path}:{line}: field 'messages': the tokenizer has no chat template")
     text = tokenizer.apply_chat_template(_history(obj), tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise GenerateError(f"{path}:{line}: field 'messages': the chat template renders this row to no token")
+    return ids
 
 
 def as_row(obj: dict[str, Any], completion: str) -> dict[str, Any]:
