@@ -134,7 +134,7 @@ def test_a_resolved_config_with_every_default_still_loads_and_the_marker_is_what
 def test_duplicate_keys_are_refused_naming_both_lines(world, tmp_path):
     text = (f"student:\n  path: {world / 'student'}\ndata:\n  train: {world / 'train.jsonl'}\n"
             "optim:\n  lr: 0.001\n  epochs: 1\n  lr: 5.0\n")
-    with pytest.raises(ConfigError, match=r"cfg.yaml:9: key 'lr' is given twice in one section \(lines 6 and 9\)"):
+    with pytest.raises(ConfigError, match=r"cfg.yaml:8: key 'lr' is given twice in one section \(lines 6 and 8\)"):
         load_train_config(_write(tmp_path, text))
     res = runner.invoke(app, ["validate", str(tmp_path / "cfg.yaml")], terminal_width=400)
     assert res.exit_code == 2 and "given twice" in res.output
