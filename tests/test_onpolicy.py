@@ -281,3 +281,28 @@ def test_a_second_generate_into_the_same_file_is_refused_while_the_first_writes(
     assert busy.returncode == 2 and "another `kdkit generate` is writing it" in " ".join(busy.stderr.split())
     assert not out.exists()
     assert _generate(world, out).returncode == 0  # once it is released
+
+
+def test_a_padded_head_never_samples_an_id_the_tokenizer_does_not_have(tmp_path):
+    from kdkit.coherence import coherence
+    from kdkit.generation import GenerationSettings, generate_ids
+
+    save_model_dir(tmp_path / "padded", seed=3, hidden=32, extra_vocab=27)
+    tok, model = load_tokenizer(tmp_path / "padded"), load_causal_lm(tmp_path / "padded")
+    real = len(tok)
+
+    class Boost(torch.nn.Module):  # the padded rows would win every draw and every argmax
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+        def forward(self, x):
+            y = self.head(x)
+            return torch.cat([y[..., :real], y[..., real:] + 1000.0], dim=-1)
+
+    model.lm_head = Boost(model.lm_head)
+    prompts = [tok("def f(x):\n")["input_ids"], tok("abc")["input_ids"]]
+    for settings in (GenerationSettings(max_new_tokens=8), GenerationSettings(max_new_tokens=8, do_sample=True)):
+        outs = generate_ids(model, tok, prompts, settings)
+        assert all(0 <= t < real for row in outs for t in row) and all(len(row) > 0 for row in outs), outs
+    assert coherence("") == 0.0 and coherence("   \n") == 0.0 and coherence("ok") == 1.0

@@ -144,15 +144,23 @@ def test_coherence_floor_stops_a_run_driven_into_loops_and_keeps_the_last_good_w
             "checkpoint": {"every": 0},
             "probes": {"prompts": str(world / "demo_prompts.jsonl"), "every": 2, "max_new_tokens": 40},
             "early_stop": {"coherence_floor": 0.5, "patience": 2}}
-    res = train(load_train_config(_cfg(tmp_path, body)), tmp_path / "run", progress=False, log=lambda m: None)
+    from typer.testing import CliRunner
+
+    from kdkit.cli import app
+
     run = tmp_path / "run"
+    cli = CliRunner().invoke(app, ["train", str(_cfg(tmp_path, body)), "--out", str(run), "--no-progress"],
+                             terminal_width=400)
+    assert cli.exit_code == 0, cli.output
     rounds = [m for m in _jsonl(run / "metrics.jsonl") if m.get("probe_round")]
     verdicts = [m["coherence_floor"] for m in rounds]
     assert rounds[0]["probe_coherence"] >= 0.5 and verdicts[0] == "good"  # the demo teacher writes code
-    assert verdicts[-2:] == ["below", "stop"] and res["early_stopped_at"] == rounds[-1]["step"] < 16
+    assert verdicts[-2:] == ["below", "stop"] and rounds[-1]["step"] < 16
     good = max(m["step"] for m in rounds if m["coherence_floor"] == "good")
     meta = json.loads((run / "run.json").read_text())["early_stop"]
-    assert (meta["final_step"], meta["stopped_after_step"], res["steps"]) == (good, rounds[-1]["step"], good)
+    assert (meta["final_step"], meta["stopped_after_step"]) == (good, rounds[-1]["step"])
+    said = " ".join(cli.output.split())  # the steps trained, and the step final/ holds: not one for the other
+    assert f"trained {rounds[-1]['step']} steps" in said and f"final holds step {good}" in said, said
     assert json.loads((run / "final" / "kdkit.json").read_text())["steps"] == good
     # final/ is the run at that step: the same config stopped there by max_steps gives the same weights
     body.pop("early_stop")

@@ -18,6 +18,7 @@ from kdkit.cache import TeacherCache
 from kdkit.cache.precompute import PrecomputeSettings, precompute
 from kdkit.cli import app
 from kdkit.config import ConfigError, load_train_config
+from kdkit.errors import KdkitError
 from kdkit.train import FAULT_ENV, TrainingError, merge, micro_slices, step_rows, train
 from tests.helpers import save_model_dir, toy_rows, write_jsonl
 
@@ -664,3 +665,31 @@ def test_a_sharded_run_refuses_what_it_cannot_do_by_field(section):
     field = next(iter(section)) + ("." + next(iter(section["objective"])) if "objective" in section else "")
     with pytest.raises(UsageError, match=f"^{field}: .* not supported under FSDP"):
         check_supported(cfg, SimpleNamespace(distributed_type=DistributedType.FSDP))
+
+
+def test_bf16_mixed_runs_the_default_chunked_loss_and_tracks_its_dense_path(tmp_path):
+    # hidden 256: bfloat16 rounding of the head is far above 1e-3 here (it stopped the chunked path before)
+    save_model_dir(tmp_path / "wide", seed=4, hidden=256)
+    write_jsonl(tmp_path / "t.jsonl", toy_rows(8))
+    runs = {}
+    for name, chunk in (("chunked", "auto"), ("dense", 0)):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump({"student": {"path": str(tmp_path / "wide")},
+                                       "data": {"train": str(tmp_path / "t.jsonl"), "max_length": 64},
+                                       "objective": {"chunk_size": chunk}, "checkpoint": {"every": 0},
+                                       "optim": {"lr": 1e-3, "micro_batch": 4, "epochs": 2, "precision": "bf16-mixed"}}))
+        res = _run(cfg, tmp_path / name)
+        runs[name] = _jsonl(Path(res["run_dir"]) / "metrics.jsonl")
+    info = json.loads((tmp_path / "chunked" / "run.json").read_text())
+    assert info["loss_path"].startswith("chunked") and info["precision"] == "bf16-mixed"
+    for x, y in zip(runs["chunked"], runs["dense"], strict=True):
+        assert x["total_loss"] == pytest.approx(y["total_loss"], rel=2e-2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast needs a GPU: refused only where there is none")
+def test_fp16_mixed_without_a_gpu_is_refused_by_validate_and_train(world, tmp_path):
+    cfg = _cfg(world, tmp_path, optim={"epochs": 1, "precision": "fp16-mixed"})
+    res = CliRunner().invoke(app, ["validate", str(cfg)], terminal_width=400)
+    assert res.exit_code == 2 and "optim.precision: fp16-mixed needs a CUDA GPU" in " ".join(res.output.split())
+    with pytest.raises(KdkitError, match="optim.precision: fp16-mixed needs a CUDA GPU"):
+        _run(cfg, tmp_path / "run")

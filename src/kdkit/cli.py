@@ -314,6 +314,10 @@ def train_cmd(
         _end_process_group()
     if res.get("already_complete") or int(os.environ.get("RANK", "0")) != 0:  # one voice under torchrun
         return
+    if res.get("early_stopped_at"):
+        console.print(f"trained {res['early_stopped_at']} steps in {res['seconds']:.1f}s, stopped early on the coherence "
+                      f"floor → {run_dir}/final holds step {res['steps']} (the last probe round at or above it)")
+        return
     console.print(f"trained {res['steps']} steps in {res['seconds']:.1f}s → {run_dir}/final "
                   f"(max weight change {res['max_weight_change']:.3g})")
 

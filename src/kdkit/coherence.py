@@ -14,8 +14,9 @@ never counts: indentation and a character-level tokenizer's spaces are not loops
 * ``distinct_3``: distinct 3-grams ÷ 3-grams. It catches a degenerate text whose repeats are too long
   or too irregular to be a tandem repeat; ordinary text and code stay above 0.5, where the factor is 1.
 
-1.0 = no loop and no degeneration; a text that is one loop from its first unit gives 0.0; a text of
-fewer than two units and characters gives 1.0 (nothing to judge). The seeds (002) watch this number per probe round and plot
+1.0 = no loop and no degeneration; a text that is one loop from its first unit gives 0.0; an empty (or
+all-whitespace) text gives 0.0 — a probe that says nothing is not coherent; a text of one short unit
+gives 1.0 (nothing to judge). The seeds (002) watch this number per probe round and plot
 1 − coherence on a log axis ("log-incoherence": down is coherent).
 """
 
@@ -64,7 +65,9 @@ def looped_share(seq: Sequence[Hashable], min_repeats: int = MIN_REPEATS) -> flo
 
 
 def coherence(text: str) -> float:
-    """The coherence of a generated text (see the module docstring); fewer than two units give 1.0."""
+    """The coherence of a generated text (see the module docstring): empty 0.0, one short unit 1.0."""
+    if not text.strip():
+        return 0.0
     seq = units(text)
     if len(seq) < 2 and len(text.strip()) < 2:
         return 1.0

@@ -68,6 +68,26 @@ def render_prompts(tokenizer: Any, prompts: Sequence[str], settings: GenerationS
             for p in prompts]
 
 
+class RealVocabOnly:
+    """A logits processor: ids past the tokenizer's vocabulary (padded rows of an LM head, e.g. 49,280 rows
+    for 49,152 tokens) get -inf, so neither sampling nor greedy decoding can pick an id that decodes to
+    nothing. A head without padded rows is left as it is (bit for bit)."""
+
+    def __init__(self, real_vocab: int) -> None:
+        self.real_vocab = real_vocab
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if scores.shape[-1] > self.real_vocab:
+            scores[..., self.real_vocab:] = float("-inf")
+        return scores
+
+
+def real_vocab_processors(tokenizer: Any) -> Any:
+    from transformers import LogitsProcessorList
+
+    return LogitsProcessorList([RealVocabOnly(len(tokenizer))])
+
+
 def explicit_generation_config(settings: GenerationSettings, model: Any, tokenizer: Any) -> Any:
     """A GenerationConfig built only from ``settings`` and the special-token ids (EOS, pad, BOS).
 
@@ -134,7 +154,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], settings: Gener
                                 add_special_tokens=add_special_tokens).to(device)
                 start = enc["input_ids"].shape[1]
                 gen = _generate_compacting(model, enc["input_ids"], enc["attention_mask"], config,
-                                           StoppingCriteriaList([_AllStopped(start)]), _finished(stop, tokenizer, start))
+                                           StoppingCriteriaList([_AllStopped(start)]), _finished(stop, tokenizer, start),
+                                           real_vocab_processors(tokenizer))
                 texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
                 texts = [t if (cut := stop(t) if stop is not None else None) is None else t[:cut] for t in texts]
                 for j, t in enumerate(texts):
@@ -169,7 +190,7 @@ def _finished(stop: StopRule | None, tokenizer: Any, start: int) -> Callable[[An
 
 
 def _generate_compacting(model: Any, ids: Any, att: Any, config: Any, criteria: Any,
-                         finished: Callable[[Any, set[int]], list[bool]]) -> list[Any]:
+                         finished: Callable[[Any, set[int]], list[bool]], processors: Any) -> list[Any]:
     """Each row's new tokens (the prompt's left-padded width cut off). Generation runs :data:`SEGMENT`
     tokens at a time over the KV cache; after each call the finished rows leave the batch and the cache,
     so a batch costs what its unfinished rows cost. A row's tokens are what one ``model.generate`` call
@@ -189,7 +210,7 @@ def _generate_compacting(model: Any, ids: Any, att: Any, config: Any, criteria: 
         step.return_dict_in_generate = True  # for the KV cache
         with torch.no_grad():
             res = model.generate(input_ids=ids, attention_mask=att, past_key_values=cache, generation_config=step,
-                                 stopping_criteria=criteria)
+                                 stopping_criteria=criteria, logits_processor=processors)
         seqs, cache = res.sequences, res.past_key_values
         done = finished(seqs, eos)
         full = seqs.shape[1] - width >= budget or seqs.shape[1] - ids.shape[1] < step.max_new_tokens
@@ -234,7 +255,8 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
     try:
         model.eval()
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=config)
+            out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=config,
+                                 logits_processor=real_vocab_processors(tokenizer))
     finally:
         model.generation_config = own_config
         model.train(was_training)

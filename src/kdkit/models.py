@@ -151,6 +151,29 @@ def vocab_logits(logits: torch.Tensor, real_vocab: int, what: str = "model") -> 
 
 
 @torch.no_grad()
+def head_reads_last_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+    """Whether ``model``'s logits are its LM head applied to its last hidden state: the one check, with one
+    tolerance, behind every path that runs the head itself (the chunked loss, a teacher's head at the
+    target positions). Checked on one row, outside any autocast (a mixed-precision run is checked in its
+    float32 master weights), against the head recomputed in float64: the bound is 8 ulps of |h|·|w| in
+    the weights' dtype, so a scale, a softcap or a norm after the last hidden state is caught."""
+    head = model.get_output_embeddings()
+    dev = input_ids.device.type
+    gpus = [input_ids.device] if dev == "cuda" else []
+    # its own RNG: a dropout in this extra forward must not shift the run's stream (resume stays bitwise)
+    # the class's forward: Accelerate's mixed precision patches the instance's with an autocast of its own
+    with torch.random.fork_rng(devices=gpus), torch.autocast(dev, enabled=False):
+        out = type(model).forward(model, input_ids=input_ids[:1], attention_mask=attention_mask[:1],
+                                  output_hidden_states=True, logits_to_keep=1)
+    h, w = out.hidden_states[-1][:, -1].double(), head.weight.double()
+    ref, scale = h @ w.T, h.abs() @ w.abs().T
+    if head.bias is not None:
+        ref, scale = ref + head.bias.double(), scale + head.bias.double().abs()
+    eps = torch.finfo(head.weight.dtype).eps
+    return bool(((ref - out.logits[:, -1].double()).abs() <= 8 * eps * scale + 1e-12).all())
+
+
+@torch.no_grad()
 def target_logits(model: Any, batch: Any, real_vocab: int, what: str = "teacher") -> torch.Tensor:
     """A frozen model's logits at the batch's target positions only, row-major: [N_targets, V].
 
@@ -165,8 +188,7 @@ def target_logits(model: Any, batch: Any, real_vocab: int, what: str = "teacher"
                     logits_to_keep=1)
         hidden = out.hidden_states[-1]
         if not hasattr(model, "_kdkit_head_on_hidden"):
-            model._kdkit_head_on_hidden = bool(torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(),
-                                                              rtol=1e-4, atol=1e-4))
+            model._kdkit_head_on_hidden = head_reads_last_hidden(model, batch.input_ids, batch.attention_mask)
         if model._kdkit_head_on_hidden:
             return vocab_logits(head(hidden[:, :-1][sel]), real_vocab, what)
     return vocab_logits(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][sel],

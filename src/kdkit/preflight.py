@@ -75,10 +75,20 @@ def load_rows(cfg: TrainConfig, tokenizer: Any) -> tuple[list[kdata.TokenizedRow
     return rows, val, rep
 
 
+def check_precision(cfg: TrainConfig) -> None:
+    """A precision this machine would not honour is refused (not run in float32 under its name)."""
+    import torch
+
+    if cfg.optim.precision == "fp16-mixed" and not torch.cuda.is_available():
+        raise SourceError("optim.precision: fp16-mixed needs a CUDA GPU; on this machine (no GPU) Accelerate would "
+                          "train in float32 while the run said fp16-mixed — use bf16-mixed or fp32 here")
+
+
 def preflight(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, vocab_rows: int,
               verify: bool = False) -> None:
     """Every check of a training config that needs no weights; raises a :class:`kdkit.errors.KdkitError`
     naming the field (and file and line) on the first problem."""
+    check_precision(cfg)
     open_sources(cfg, rows, tokenizer, vocab_rows, verify=verify)
     check_objective_data(cfg, rows)
     check_lora_targets(cfg)

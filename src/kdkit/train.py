@@ -50,6 +50,7 @@ from kdkit.losses import aggregate, token_divergence
 from kdkit.models import (
     PACK_FILE,
     ModelError,
+    head_reads_last_hidden,
     load_causal_lm,
     load_tokenizer,
     merge,
@@ -305,8 +306,7 @@ def _forward_loss(r: _Run, model: torch.nn.Module, batch: kdata.Batch, objective
                 logits_to_keep=1)
     hidden, head = out.hidden_states[-1], unwrap(model).get_output_embeddings()
     if not r.head_checked:  # once per run: the architecture does not change between steps
-        if not torch.allclose(head(hidden[:, -1]).float(), out.logits[:, -1].float(), rtol=1e-3, atol=1e-3,
-                              equal_nan=True):
+        if not head_reads_last_hidden(unwrap(model), batch.input_ids, batch.attention_mask):
             raise TrainingError("this model's last hidden state is not the LM head's input; "
                                 "set objective.chunk_size: 0")
         r.head_checked = True
