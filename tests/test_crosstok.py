@@ -302,3 +302,44 @@ def test_training_from_a_cross_tokenizer_cache_and_the_refusals(world, tmp_path)
         check_sources(cfg, rows, tok, len(tok))
     with pytest.raises(SourceError, match="teacher_tokenizer/tokenizer_config.json: sha256 mismatch"):
         train(cfg, tmp_path / "run2", progress=False, log=lambda m: None)
+
+
+def test_the_teacher_sees_the_text_the_student_kept_and_a_short_position_table_is_named(world, tmp_path):
+    import yaml
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kdkit import data as kdata
+    from kdkit.config import load_train_config
+    from kdkit.crosstok import teacher_view
+    from kdkit.errors import KdkitError
+    from kdkit.models import load_tokenizer
+    from kdkit.train import train
+    from tests.helpers import write_jsonl
+
+    long = [{"prompt": f"def f{i}(x):\n    \"\"\"" + "Return x times three, plus one. " * 6 + "\"\"\"\n",
+             "completion": f"    return x * 3 + {i}\n"} for i in range(8)]
+    write_jsonl(tmp_path / "long.jsonl", long)
+    tok, bpe = load_tokenizer(world / "student"), bpe_tokenizer()
+    rows, _ = kdata.load_dataset(tok, tmp_path / "long.jsonl", max_length=24, offsets=True)
+    for r, src in zip(rows, long, strict=True):
+        whole = src["prompt"] + src["completion"]
+        assert r.truncated and whole.endswith(r.text) and len(r.text) <= 24  # left truncation: the end is kept
+        assert all(0 <= a <= b <= len(r.text) for a, b in r.offsets)
+        ids, _ = teacher_view(r.text, r.offsets, r.loss_mask, bpe)
+        assert len(ids) <= len(r.text) + 2 < len(bpe(whole)["input_ids"])  # bounded by the kept span
+    # a teacher with 48 positions: the kept text fits; the whole rows would not (about 100 tokens)
+    cfg = LlamaConfig(vocab_size=len(bpe), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "short"), safe_serialization=True)
+    bpe.save_pretrained(str(tmp_path / "short"))
+    body = {"student": {"path": str(world / "student")}, "teacher": {"model": str(tmp_path / "short")},
+            "data": {"train": str(tmp_path / "long.jsonl"), "max_length": 24},
+            "objective": {"kd": {"cross_tokenizer": "gold"}}, "checkpoint": {"every": 0},
+            "optim": {"lr": 1e-2, "micro_batch": 4, "epochs": 1}}
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(body))
+    assert train(load_train_config(tmp_path / "ok.yaml"), tmp_path / "ok", progress=False, log=lambda m: None)["steps"] == 2
+    body["data"]["max_length"] = 400
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(body))
+    with pytest.raises(KdkitError, match="has 48 positions; lower data.max_length"):
+        train(load_train_config(tmp_path / "long.yaml"), tmp_path / "long", progress=False, log=lambda m: None)
