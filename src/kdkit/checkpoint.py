@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from kdkit.config import TrainConfig
 from kdkit.errors import TrainingError
-from kdkit.io import atomic_write_bytes, atomic_write_json, fsync_dir
+from kdkit.io import atomic_write_bytes, atomic_write_json, fsync_dir, storage
 from kdkit.sharding import load_full
 
 
@@ -56,17 +56,22 @@ def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], opt_state: 
     final = ck / f"step-{state['global_step']:07d}"
     tmp = ck / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    tensors, meta = _opt_to_files(opt_state)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    atomic_write_json(tmp / "optimizer.json", meta)
-    save_file(rng_states(), str(tmp / "rng.safetensors"))
-    atomic_write_json(tmp / "state.json", state)
-    if extra:  # loop state that is a tensor (e.g. the routing directions)
-        save_file(extra, str(tmp / "extra.safetensors"))
-    atomic_write_bytes(tmp / "COMPLETE", b"ok\n")
-    fsync_dir(tmp)
+    try:
+        with storage(final):
+            tmp.mkdir()
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            tensors, meta = _opt_to_files(opt_state)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            atomic_write_json(tmp / "optimizer.json", meta)
+            save_file(rng_states(), str(tmp / "rng.safetensors"))
+            atomic_write_json(tmp / "state.json", state)
+            if extra:  # loop state that is a tensor (e.g. the routing directions)
+                save_file(extra, str(tmp / "extra.safetensors"))
+            atomic_write_bytes(tmp / "COMPLETE", b"ok\n")
+            fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the earlier complete checkpoints stay; this one never existed
+        raise
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -171,10 +176,16 @@ def save_final(run: Path, model: torch.nn.Module, tokenizer: Any, cfg: TrainConf
     gathered from a sharded model."""
     final, tmp = run / "final", run / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
-    tokenizer.save_pretrained(str(tmp))
-    atomic_write_json(tmp / "kdkit.json", {"kind": "lora" if cfg.student.lora else "full", "steps": step,
-                                           "base": cfg.student.path})
+    try:
+        with storage(final):
+            model.save_pretrained(str(tmp), safe_serialization=True,
+                                  **({"state_dict": state_dict} if state_dict else {}))
+            tokenizer.save_pretrained(str(tmp))
+            atomic_write_json(tmp / "kdkit.json", {"kind": "lora" if cfg.student.lora else "full", "steps": step,
+                                                   "base": cfg.student.path})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -22,10 +22,19 @@ class _Group(TyperGroup):
     exit code (2: a bad input or option; 1: work that failed on the way)."""
 
     def invoke(self, ctx):  # noqa: ANN001, ANN201
+        from kdkit.io import storage_error
+
         try:
             return super().invoke(ctx)
         except KdkitError as e:
+            if e.same_on_every_rank and int(os.environ.get("RANK", "0")) != 0:
+                raise typer.Exit(e.exit_code) from None  # rank 0 says it, once for the run
             fail(str(e), code=e.exit_code)
+        except Exception as e:  # a full disk or a read-only directory anywhere a command writes: one line
+            mapped = storage_error(e, "the output directory")
+            if mapped is None:
+                raise
+            fail(str(mapped), code=mapped.exit_code)
 
 
 def _flag_type(self, ctx):  # noqa: ANN001, ANN202
@@ -306,8 +315,11 @@ def train_cmd(
 
     cfg = _load_config(config, set_)
     run_dir = out or str(_P("runs") / _P(config).stem)
+    from kdkit.io import storage
+
     try:
-        res = train(cfg, run_dir, resume=resume, progress=progress, log=console.print)
+        with storage(run_dir):  # a full disk or a read-only --out: one line naming it; --resume continues
+            res = train(cfg, run_dir, resume=resume, progress=progress, log=console.print)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     finally:

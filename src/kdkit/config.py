@@ -502,6 +502,8 @@ def _on_policy_without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
 class ConfigError(KdkitError, ValueError):
     """A configuration error; the message names the file, line and dotted field."""
 
+    same_on_every_rank = True
+
 
 def _yaml_line(text: str, dotted: str) -> int | None:
     """1-based line of a dotted key in YAML text, when it is there."""

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 
 class KdkitError(Exception):
-    """An error whose message is for the user: printed without a traceback."""
+    """An error whose message is for the user: printed without a traceback.
+
+    ``same_on_every_rank``: every process of a launched run (torchrun, accelerate launch) raises this very
+    error (a refused config or option), so only rank 0 prints it."""
 
     exit_code = 2
+    same_on_every_rank = False
 
 
 class OutputDirError(KdkitError):
@@ -27,3 +31,8 @@ class TrainingError(KdkitError, RuntimeError):
 
 class UsageError(KdkitError, ValueError):
     """An option or argument out of range or of the wrong form; the message names it and what is valid."""
+
+
+class StorageError(KdkitError):
+    """A write failed because of where it went: the disk is full, the filesystem is read-only, or there is
+    no permission. The message names the path and what to do; what was complete before stays usable."""

@@ -7,13 +7,16 @@ fsynced so the rename itself survives a power cut.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kdkit.errors import OutputDirError
+from kdkit.errors import OutputDirError, StorageError
 
 OWNER_FILE = ".kdkit-owner.json"
 
@@ -26,6 +29,43 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_STORAGE_ERRNOS = {errno.ENOSPC: "the disk is full: free space there (or choose another output), then rerun the same "
+                                 "command: it continues from what was complete",
+                   errno.EDQUOT: "the disk quota is used up: free space there (or choose another output), then rerun",
+                   errno.EROFS: "the filesystem is read-only: choose a writable output directory",
+                   errno.EACCES: "no permission to write there: choose another output directory",
+                   errno.EPERM: "no permission to write there: choose another output directory"}
+
+
+def storage_error(e: BaseException, path: str | Path) -> StorageError | None:
+    """The :class:`StorageError` for an error raised while writing under ``path``: an ``OSError`` with a
+    storage errno, or a safetensors error that wraps one ("(os error 28)"); None for anything else."""
+    import re
+
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None and type(e).__name__ == "SafetensorError":
+        m = re.search(r"os error (\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    if code not in _STORAGE_ERRNOS:
+        return None
+    name = getattr(e, "filename", None)
+    where = path if name is None or ".tmp" in Path(str(name)).name else name  # a temp file: name what it was for
+    return StorageError(f"{where}: {os.strerror(code)} — {_STORAGE_ERRNOS[code]}")
+
+
+@contextmanager
+def storage(path: str | Path) -> Iterator[None]:
+    """Writes under ``path``: a full disk, a read-only filesystem or a refused permission becomes one
+    :class:`StorageError` naming the path (the CLI prints it as one line, exit code 2)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - mapped when it is a storage error, re-raised as is otherwise
+        mapped = storage_error(e, path)
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
 def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
@@ -34,10 +74,14 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, before_rename: Any = No
     """Write ``data`` to ``path`` atomically. ``before_rename`` is a test hook (fault injection)."""
     path = Path(path)
     tmp = tmp_name(path)
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temp file behind
+        raise
     if before_rename is not None:
         before_rename()
     os.replace(tmp, path)

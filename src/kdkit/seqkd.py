@@ -23,7 +23,7 @@ import torch
 from kdkit.errors import KdkitError, OutputDirError
 from kdkit.generation import GenerationSettings, generate_ids
 from kdkit.identity import changed_inputs, path_identity
-from kdkit.io import atomic_write_json, read_jsonl_objects
+from kdkit.io import atomic_write_json, read_jsonl_objects, storage
 from kdkit.models import load_causal_lm, load_tokenizer
 
 KEPT_FIELDS = ("role", "task", "weight")
@@ -148,7 +148,7 @@ def generate_rows(model_dir: str, data: str, out: str | Path, settings: Generati
     """Write ``out`` (JSONL): every prompt row of ``data`` with the model's completion. Returns a summary."""
     out = Path(out)
     if out.parent.is_dir():
-        with _writer_lock(out):
+        with _writer_lock(out), storage(out):
             return _generate(model_dir, data, out, settings, progress, log)
     raise GenerateError(f"{out}: the directory {out.parent} does not exist")
 

@@ -64,8 +64,10 @@ def check_supported(cfg: dict[str, Any], acc: Any) -> None:
         for part in field.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         if value is not None:
-            raise UsageError(f"{field}: {what} is not supported under FSDP yet; run it with data parallelism "
-                             f"(accelerate launch without the FSDP config) or in one process")
+            e = UsageError(f"{field}: {what} is not supported under FSDP yet; run it with data parallelism "
+                           f"(accelerate launch without the FSDP config) or in one process")
+            e.same_on_every_rank = True  # printed once, by rank 0
+            raise e
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

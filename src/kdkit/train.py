@@ -42,10 +42,10 @@ from kdkit.checkpoint import (
     save_final,
 )
 from kdkit.config import TrainConfig, dump_config
-from kdkit.errors import TrainingError
+from kdkit.errors import KdkitError, TrainingError
 from kdkit.hidden import HiddenDistill
 from kdkit.identity import run_inputs
-from kdkit.io import atomic_write_bytes, atomic_write_json
+from kdkit.io import atomic_write_bytes, atomic_write_json, storage
 from kdkit.losses import aggregate, token_divergence
 from kdkit.models import (
     PACK_FILE,
@@ -472,7 +472,11 @@ def _prepare(cfg: TrainConfig, run: Path, acc: Any, fresh: bool, log: Callable[[
     log(f"data: {rep.summary(cfg.data.max_length)}")
     pad = pad_id(tokenizer)
     # validate's checks, before any weight is read: what validate accepts, this runs
-    preflight(cfg, rows, tokenizer, int(model_config(cfg.student.path).get("vocab_size", len(tokenizer))))
+    try:
+        preflight(cfg, rows, tokenizer, int(model_config(cfg.student.path).get("vocab_size", len(tokenizer))))
+    except KdkitError as e:
+        e.same_on_every_rank = True  # every rank checks the same config and files: rank 0 reports it
+        raise
 
     model = _load_student(cfg)
     src = open_sources(cfg, rows, tokenizer, int(model.get_output_embeddings().weight.shape[0]), student=model)
@@ -487,7 +491,8 @@ def _prepare(cfg: TrainConfig, run: Path, acc: Any, fresh: bool, log: Callable[[
     if hidden is not None:  # the projections train with the student (after its parameters: one optimizer)
         trainable = trainable + list(hidden.parameters())
     if fresh:
-        save_file(sharding.full_trainable(model), str(run / "initial_trainable.safetensors"))
+        with storage(run):
+            save_file(sharding.full_trainable(model), str(run / "initial_trainable.safetensors"))
     o = cfg.optim
     opt = torch.optim.AdamW(trainable, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     world, rank = acc.num_processes, acc.process_index

@@ -40,7 +40,7 @@ from kdkit.cache.format import (
 from kdkit.cache.reader import TEACHER_TOKENIZER, load_manifest, verify_cache
 from kdkit.errors import UsageError
 from kdkit.identity import dir_files
-from kdkit.io import atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_tmp
+from kdkit.io import atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_tmp, storage
 from kdkit.losses import TopK
 from kdkit.models import (
     load_causal_lm,
@@ -272,9 +272,14 @@ def precompute(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Build (or resume, or confirm) the cache in ``out``; returns the manifest."""
+    """Build (or resume, or confirm) the cache in ``out``; returns the manifest. A full disk or a read-only
+    directory stops it with one :class:`kdkit.errors.StorageError`; a rerun resumes from the complete shards."""
+    with storage(Path(out)):
+        return _precompute(teacher, data_path, Path(out), settings, progress, log)
 
-    out = Path(out)
+
+def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings: PrecomputeSettings, progress: bool,
+                log: Callable[[str], None]) -> dict[str, Any]:
     t0 = time.perf_counter()
     teacher_tok = load_tokenizer(teacher)
     tokenizer, cross = _data_tokenizer(teacher_tok, settings.student_tokenizer)
