@@ -291,6 +291,23 @@ def test_a_pack_is_its_tokenizer_chat_template_and_generation_config_too(packs, 
         Registry(tmp_path / "ws").check_weights(prod)
 
 
+def test_a_pack_registered_by_weights_alone_is_upgraded_to_its_full_identity_once(packs, tmp_path):
+    from kdkit.models import model_fingerprint
+
+    dirs, _ = packs
+    reg = Registry(tmp_path / "ws")
+    prod = reg.register(dirs["prod"], name="prod")
+    with reg.tx() as c:  # as an older kdkit recorded it
+        c.execute("UPDATE packs SET weights_sha256 = ? WHERE id = ?", (model_fingerprint(prod.path)["sha256"], prod.id))
+    fresh = Registry(tmp_path / "ws")
+    assert fresh.check_weights(fresh.pack(prod.id)).weights_sha256 == reg.register(dirs["prod"]).weights_sha256
+    stored = Path(prod.path) / "chat_template.jinja"
+    stored.chmod(0o644)
+    stored.write_text("{{ messages[0]['content'] }}")
+    with pytest.raises(RegistryError, match="no longer matches its registered files"):
+        Registry(tmp_path / "ws").check_weights(prod)
+
+
 def test_a_copy_a_killed_promote_left_is_removed_by_the_next_registry_command(packs, tmp_path):
     dirs, _ = packs
     ws = tmp_path / "ws"

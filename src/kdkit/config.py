@@ -404,8 +404,8 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
             out.append(("teacher.load_in", "a cached teacher is not run; quantise the teacher of a live run only"))
         if cfg.teacher.model and _set(kd, "tail"):
             out.append(("objective.kd.tail", "a live teacher gives the dense distribution: there is no top-K tail"))
-    out += _kd_off_without_effect(cfg)
     out += _on_policy_without_effect(cfg)
+    out += _kd_off_without_effect(cfg)
     out += _cross_without_effect(cfg)
     if cfg.objective.hidden is not None and (cfg.teacher is None or not cfg.teacher.model):
         out.append(("objective.hidden", "hidden states come from a live teacher: set teacher.model (a cache holds "

@@ -16,8 +16,9 @@ Why the candidate cannot write that report:
   handler is ever handed the main thread's frame; SIGINT is ignored);
 * an audit hook, which cannot be removed, refuses every route to another frame or object's
   memory: ``sys._getframe``, ``sys._current_frames``, ``tb_frame``/``gi_frame``/``cr_frame``/
-  ``ag_frame``, the ``gc`` walkers, ``sys.settrace``/``setprofile``, ``ctypes``, new or replaced
-  code objects, ``marshal.loads``, and opening ``/proc/*/mem``;
+  ``ag_frame``, the ``gc`` walkers, ``sys.settrace``/``setprofile``, ``ctypes``, the C-API test
+  modules, subinterpreters (which run without the hook), new or replaced code objects,
+  ``marshal.loads``, and opening ``/proc/*/mem``;
 * the harness binds ``os.write``, ``os._exit`` and BLAKE2b before the candidate runs, so
   patching the ``os`` or ``hashlib`` modules changes nothing here;
 * ``check`` is called only if it is a function compiled from ``test.py``'s own source, with the
@@ -47,6 +48,7 @@ def _make_audit_hook():
                          "sys.setprofile", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
                          "code.__new__", "function.__new__", "marshal.loads", "marshal.load", "os.symlink"})
     mem_files = frozenset({"mem", "pagemap"})
+    refused_modules = ("ctypes", "_ctypes", "_test", "_xx", "_interp")
     value_error, runtime_error, _type, fsdecode = ValueError, RuntimeError, type, os.fsdecode
     rstrip, rpartition, startswith = str.rstrip, str.rpartition, str.startswith
 
@@ -69,7 +71,8 @@ def _make_audit_hook():
             raise runtime_error("kdkit verifier: reading a frame is refused")
         if event == "object.__setattr__" and args[1] in ("__code__", "__globals__", "__closure__"):
             raise runtime_error("kdkit verifier: replacing a function's code is refused")
-        if event == "import" and (args[0] in ("ctypes", "_ctypes") or startswith(args[0], "_test")):
+        # ctypes reads memory; the test modules expose the C API; a subinterpreter runs without this hook
+        if event == "import" and _type(args[0]) is str and (startswith(args[0], refused_modules)):
             raise runtime_error("kdkit verifier: importing " + args[0] + " is refused")
         if event == "open" and rpartition(rstrip(path_of(args[0]), "/"), "/")[2] in mem_files:
             raise runtime_error("kdkit verifier: reading process memory is refused")

@@ -27,6 +27,7 @@ from typing import Any
 
 from kdkit.errors import KdkitError
 from kdkit.identity import path_identity
+from kdkit.models import model_fingerprint
 from kdkit.io import remove_dead_writers
 
 DEFAULT_WORKSPACE = ".kdkit"
@@ -213,6 +214,11 @@ class Registry:
             sha = path_identity(pack.path)["sha256"]
         except Exception as e:  # a deleted or unreadable pack directory
             raise RegistryError(f"pack {pack.name!r} ({pack.path}) cannot be read: {e}") from None
+        if sha != pack.weights_sha256 and model_fingerprint(pack.path)["sha256"] == pack.weights_sha256:
+            # registered by a kdkit that identified packs by their weights alone: from now on, by every file
+            with self.tx() as c:
+                c.execute("UPDATE packs SET weights_sha256 = ? WHERE id = ?", (sha, pack.id))
+            pack = self.pack(pack.id)
         if sha != pack.weights_sha256:
             raise RegistryError(
                 f"pack {pack.name!r} ({pack.path}) no longer matches its registered files (weights, tokenizer, chat "
