@@ -80,10 +80,14 @@ def test_jsd_beta_and_odd_shapes(beta, shape):
 
 @pytest.mark.parametrize("t2_scale", [True, False])
 def test_t2_scale_multiplies_by_t_squared(t2_scale):
+    # against the float64 reference (not against another call of the same function, which cannot fail)
     s, t = _logits((4, 9, 23), 7), _logits((4, 9, 23), 8)
     a = token_divergence(s, t, "kl_fwd", temperature=3.0, t2_scale=t2_scale)
-    b = token_divergence(s, t, "kl_fwd", temperature=3.0, t2_scale=False)
-    torch.testing.assert_close(a, b * (9.0 if t2_scale else 1.0))
+    want = ref_dense(s, t, "kl_fwd", temperature=3.0, t2_scale=False) * (9.0 if t2_scale else 1.0)
+    torch.testing.assert_close(a.double(), want, rtol=1e-5, atol=1e-7)
+    unscaled = token_divergence(s, t, "kl_fwd", temperature=3.0, t2_scale=False)
+    assert float(a.sum()) == pytest.approx(float(unscaled.sum()) * (9.0 if t2_scale else 1.0), rel=1e-5)
+    assert float(unscaled.sum()) > 0
 
 
 def _topk(teacher_logits, k, temperature=1.0):
