@@ -4,6 +4,7 @@ reference, λ = 0 equal to off-policy bitwise, exact resume, and `kdkit generate
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -306,3 +307,27 @@ def test_a_padded_head_never_samples_an_id_the_tokenizer_does_not_have(tmp_path)
         outs = generate_ids(model, tok, prompts, settings)
         assert all(0 <= t < real for row in outs for t in row) and all(len(row) > 0 for row in outs), outs
     assert coherence("") == 0.0 and coherence("   \n") == 0.0 and coherence("ok") == 1.0
+
+
+def test_on_policy_with_a_padded_head_student_and_an_exact_teacher_trains(world, tmp_path):
+    """The student's head has 27 padded rows, the teacher exactly the tokenizer's: a rollout id past the
+    tokenizer would index past the teacher's embedding (it crashed). The padded rows are made to win."""
+    save_model_dir(tmp_path / "padded_student", seed=2, hidden=16, extra_vocab=27)
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(tmp_path / "padded_student" / "model.safetensors"))
+    real = len(load_tokenizer(tmp_path / "padded_student"))
+    w["lm_head.weight"][real:] = 50.0 * w["lm_head.weight"][:real].abs().mean()  # large logits on padded rows
+    save_file(w, str(tmp_path / "padded_student" / "model.safetensors"), metadata={"format": "pt"})
+    raw = yaml.safe_load(_cfg(world, tmp_path, {"fraction": 1.0, "max_new_tokens": 6}).read_text())
+    raw["student"]["path"] = str(tmp_path / "padded_student")
+    p = tmp_path / "padded.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    runner = __import__("typer.testing", fromlist=["CliRunner"]).CliRunner()
+    from kdkit.cli import app
+
+    assert runner.invoke(app, ["validate", str(p)]).exit_code == 0
+    run = _run(p, tmp_path / "run")
+    steps = _jsonl(run / "metrics.jsonl")
+    assert all(m["on_policy"] == 1.0 and m["tokens"] >= 1 for m in steps) and all(
+        math.isfinite(m["total_loss"]) for m in steps)
