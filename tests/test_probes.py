@@ -24,7 +24,7 @@ DOCUMENTED = [
     ("The cat sat on the mat because it was warm.", 1.0),
     ("Wait... x == y", 1.0),  # a run of one mark is one unit
     ("a b c d e f a b c d e f", 1.0),  # a unit seen twice is not a loop (3 repeats make one)
-    ("", 1.0),
+    ("", 0.0),  # a probe that says nothing is not coherent
     ("the the the", 0.0),
     ("I love you. I love you. I love you. I love you.", 0.0),
     ("x = x = x = x = x = x", 0.0),
