@@ -693,3 +693,12 @@ def test_fp16_mixed_without_a_gpu_is_refused_by_validate_and_train(world, tmp_pa
     assert res.exit_code == 2 and "optim.precision: fp16-mixed needs a CUDA GPU" in " ".join(res.output.split())
     with pytest.raises(KdkitError, match="optim.precision: fp16-mixed needs a CUDA GPU"):
         _run(cfg, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_the_fsdp_refusal_is_printed_once_for_the_run(world, tmp_path):
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "def f(x):\n"}])
+    cfg = _cfg(world, tmp_path, optim={"epochs": 1}, probes={"prompts": str(tmp_path / "p.jsonl"), "every": 1})
+    proc = _fsdp(cfg, tmp_path / "run")
+    assert proc.returncode != 0
+    assert proc.stderr.count("not supported under FSDP") == 1, proc.stderr[-3000:]
