@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from kdkit.errors import KdkitError
+from kdkit.faults import kill_if
 from kdkit.identity import path_identity
-from kdkit.models import model_fingerprint
 from kdkit.io import remove_dead_writers
+from kdkit.models import model_fingerprint
 
 DEFAULT_WORKSPACE = ".kdkit"
 FAULT_ENV = "KDKIT_FAULT_REGISTRY"
@@ -101,8 +101,7 @@ class Pack:
 
 
 def _fault(point: str) -> None:
-    if os.environ.get(FAULT_ENV) == point:
-        os.kill(os.getpid(), signal.SIGKILL)
+    kill_if(FAULT_ENV, point)
 
 
 def _now() -> int:

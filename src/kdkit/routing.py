@@ -198,7 +198,7 @@ class Router:
     def _main_grads(self) -> dict[str, Tensor]:
         return {n: m.lora_B[MAIN].weight.grad for n, m in self.layers.items() if m.lora_B[MAIN].weight.grad is not None}
 
-    def term_shares(self, terms: dict[str, Tensor]) -> None:
+    def observe_terms(self, terms: dict[str, Tensor]) -> None:
         """cin_t (the KD term's gradient) and cin_s (the CE term's) on a micro-batch, before its backward."""
         params = {n: m.lora_B[MAIN].weight for n, m in self.layers.items()}
         for key, term in (("route_cin_t", terms.get("kd")), ("route_cin_s", terms.get("ce"))):

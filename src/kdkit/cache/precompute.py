@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -39,6 +38,7 @@ from kdkit.cache.format import (
 )
 from kdkit.cache.reader import TEACHER_TOKENIZER, load_manifest, verify_cache
 from kdkit.errors import UsageError
+from kdkit.faults import kill_if
 from kdkit.identity import dir_files
 from kdkit.io import atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_tmp, storage
 from kdkit.losses import TopK
@@ -83,9 +83,7 @@ class PrecomputeSettings:
 
 def _fault(point: str, shard: int) -> None:
     """Fault injection for the crash tests: KDKIT_FAULT_PRECOMPUTE=<point>:<shard> kills -9 there."""
-    spec = os.environ.get(FAULT_ENV)
-    if spec and spec == f"{point}:{shard}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    kill_if(FAULT_ENV, f"{point}:{shard}")
 
 
 @torch.no_grad()

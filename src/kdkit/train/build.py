@@ -1,0 +1,223 @@
+"""A run's parts, built once and frozen: data, student (+LoRA), signals, optimizer and schedule, the loss
+path; restored from a checkpoint when the run resumes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from kdkit import data as kdata
+from kdkit import sharding
+from kdkit.checkpoint import load_checkpoint, load_extra
+from kdkit.config import TrainConfig
+from kdkit.errors import KdkitError, TrainingError
+from kdkit.hidden import HiddenDistill
+from kdkit.io import storage
+from kdkit.models import head_reads_last_hidden, load_causal_lm, load_tokenizer, pad_id
+from kdkit.preflight import load_rows, model_config, preflight
+from kdkit.probes import EarlyStop, Probe, load_probes
+from kdkit.routing import Router, add_quarantine
+from kdkit.teacher import Sources, open_sources, unwrap
+from kdkit.train.metrics import Sums
+from kdkit.train.plan import lr_lambda
+from kdkit.train.rundir import truncate_jsonl, write_run_meta
+
+
+def load_student(cfg: TrainConfig) -> torch.nn.Module:
+    model = load_causal_lm(cfg.student.path, cfg.student.dtype, cfg.student.load_in, "student.load_in")
+    if cfg.student.lora is not None:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if cfg.student.load_in is not None:  # QLoRA: norms in float32, inputs that carry gradients
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+        lc = cfg.student.lora  # its target modules were checked by preflight, against the same structure
+        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                 target_modules=list(lc.target_modules), task_type="CAUSAL_LM"))
+        if cfg.routing is not None:
+            add_quarantine(model, cfg.routing)
+    if cfg.optim.gradient_checkpointing:
+        # non-reentrant: exact recomputation (RNG state restored), and gradients reach LoRA weights of frozen bases
+        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def use_chunked(cfg: TrainConfig, model: torch.nn.Module) -> str | None:
+    """Why the memory-lean chunked loss cannot be used for this run (None: it can)."""
+    if cfg.objective.chunk_size == 0:
+        return "objective.chunk_size is 0"
+    if cfg.objective.barrier is not None:
+        return "the barrier needs full logits"
+    if cfg.routing is not None:
+        return "routing's cin_t / cin_s need the CE and KD terms apart"
+    if cfg.objective.kd.cross_tokenizer != "none":
+        return "the cross-tokenizer loss compares whole distributions at aligned positions"
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return f"the LM head is a {type(head).__name__} (e.g. LoRA on lm_head), not a plain Linear"
+    return None
+
+
+def hidden_distill(cfg: TrainConfig, model: torch.nn.Module, src: Sources, device: torch.device
+                    ) -> HiddenDistill | None:
+    if cfg.objective.hidden is None:
+        return None
+    h = cfg.objective.hidden
+    s_cfg, t_cfg = unwrap(model).config, src.teacher.model.config
+    src.teacher.keep_hidden = tuple(sorted(set(h.layers.values())))
+    return HiddenDistill(h, s_cfg.hidden_size, t_cfg.hidden_size, s_cfg.num_hidden_layers,
+                         t_cfg.num_hidden_layers).to(device)
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything the loop reads, built once by :func:`build` and not changed after (the optimizer, the
+    schedule, the early stop and the router keep their own state)."""
+
+    cfg: TrainConfig
+    acc: Any
+    dir: Path
+    tokenizer: Any
+    rows: list[kdata.TokenizedRow]
+    val_rows: list[kdata.TokenizedRow]
+    pad_id: int
+    real_vocab: int
+    model: torch.nn.Module
+    trainable: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: Any
+    src: Sources
+    chunked: bool
+    world: int
+    rank: int
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    probes: list[Probe] = field(default_factory=list)
+    early: EarlyStop | None = None
+    router: Router | None = None
+    hidden: HiddenDistill | None = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def epochs_path(self) -> Path:
+        return self.dir / "epochs.jsonl"
+
+    @property
+    def probes_path(self) -> Path:
+        return self.dir / "probes.jsonl"
+
+    @property
+    def grad_hooks(self) -> list[Any]:
+        """The run's own gradient hooks (routing), before any the caller adds."""
+        return [self.router] if self.router is not None else []
+
+
+def _checked_data(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[Any, list[kdata.TokenizedRow],
+                                                                        list[kdata.TokenizedRow]]:
+    """The tokenizer and rows, after validate's checks: what validate accepts, this runs."""
+    tokenizer = load_tokenizer(cfg.student.path)
+    rows, val_rows, rep = load_rows(cfg, tokenizer)
+    log(f"data: {rep.summary(cfg.data.max_length)}")
+    try:
+        preflight(cfg, rows, tokenizer, int(model_config(cfg.student.path).get("vocab_size", len(tokenizer))))
+    except KdkitError as e:
+        e.same_on_every_rank = True  # every rank checks the same config and files: rank 0 reports it
+        raise
+    return tokenizer, rows, val_rows
+
+
+def build(cfg: TrainConfig, run: Path, acc: Any, ckpt: Path | None, log: Callable[[str], None]
+          ) -> tuple[Run, int, Sums]:
+    """Data, student, sources, optimizer and schedule, placed on the run's devices and, from ``ckpt``,
+    restored; returns the run, the step to continue from and the epoch's sums so far."""
+    tokenizer, rows, val_rows = _checked_data(cfg, log)
+    pad = pad_id(tokenizer)
+    model = load_student(cfg)
+    src = open_sources(cfg, rows, tokenizer, int(model.get_output_embeddings().weight.shape[0]), student=model)
+    for m in (model, *src.modules()):
+        # bitsandbytes places quantised weights on the GPU when loading and refuses .to()
+        if not (getattr(m, "is_loaded_in_4bit", False) or getattr(m, "is_loaded_in_8bit", False)):
+            m.to(acc.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise TrainingError("the student has no trainable parameter")
+    hidden = hidden_distill(cfg, model, src, acc.device)
+    if hidden is not None:  # the projections train with the student (after its parameters: one optimizer)
+        trainable = trainable + list(hidden.parameters())
+    if ckpt is None:
+        with storage(run):
+            save_file(sharding.full_trainable(model), str(run / "initial_trainable.safetensors"))
+    o = cfg.optim
+    opt = torch.optim.AdamW(trainable, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    world, rank = acc.num_processes, acc.process_index
+    global_batch = o.micro_batch * o.grad_accum * world
+    steps_per_epoch = math.ceil(len(rows) / global_batch)
+    total_steps = min(o.max_steps or 10**12, o.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.schedule, o.warmup_steps, total_steps))
+    why_not = use_chunked(cfg, model)
+    if why_not and cfg.objective.chunk_size:
+        log(f"note: using the dense loss path ({why_not})")
+    model, opt = acc.prepare(model, opt)
+    if sharding.is_sharded(model):  # FSDP2 replaced the parameters by their shards
+        trainable = [p for p in model.parameters() if p.requires_grad]
+    if why_not is None:
+        _check_head(model, rows[0], pad, acc.device)
+    parts = {"router": Router(unwrap(model), cfg.routing, tokenizer, pad) if cfg.routing is not None else None,
+             # directions from the initial weights (a resume loads the saved ones)
+             "probes": load_probes(cfg.probes, tokenizer) if cfg.probes is not None else [],
+             "early": EarlyStop(cfg.early_stop) if cfg.early_stop is not None else None, "hidden": hidden}
+    step, epoch_sums = 0, Sums()
+    if ckpt is not None:
+        step, epoch_sums = _restore(ckpt, acc.unwrap_model(model), opt, parts, log)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.schedule, o.warmup_steps, total_steps),
+                                                  last_epoch=step - 1)
+    r = Run(cfg, acc, run, tokenizer, rows, val_rows, pad, len(tokenizer), model, trainable, opt, sched, src,
+            why_not is None, world, rank, global_batch, steps_per_epoch, total_steps, **parts)
+    if acc.is_main_process:
+        write_run_meta(r, why_not)
+        cut_logs(r, step)
+    return r, step, epoch_sums
+
+
+def _check_head(model: torch.nn.Module, row: kdata.TokenizedRow, pad: int, device: torch.device) -> None:
+    """The chunked loss runs the LM head itself: once per run, check that it is the model's head."""
+    batch = kdata.collate([row], pad).to(device)
+    if not head_reads_last_hidden(unwrap(model), batch.input_ids, batch.attention_mask):
+        raise TrainingError("this model's last hidden state is not the LM head's input; set objective.chunk_size: 0")
+
+
+def _restore(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, parts: dict[str, Any],
+             log: Callable[[str], None]) -> tuple[int, Sums]:
+    """Weights, optimizer and loop state from ``ckpt``; the step and the epoch's sums to continue from."""
+    state = load_checkpoint(ckpt, model, opt)
+    step, epoch_sums = int(state["global_step"]), Sums()
+    epoch_sums.v.update(state["epoch_sums"])
+    if parts["early"] is not None:
+        parts["early"].load(state["early_stop"])
+    extra = load_extra(ckpt)
+    if parts["router"] is not None:
+        parts["router"].load(extra)
+    if parts["hidden"] is not None:
+        parts["hidden"].load_state_dict({k[len("hidden."):]: v for k, v in extra.items() if k.startswith("hidden.")})
+    log(f"resumed from {ckpt} at step {step}")
+    return step, epoch_sums
+
+
+def cut_logs(r: Run, step: int) -> None:
+    """metrics.jsonl, epochs.jsonl and probes.jsonl cut back to ``step`` (a resume rewrites what follows)."""
+    for path in (r.metrics_path, r.epochs_path, r.probes_path):
+        truncate_jsonl(path, lambda row: row["step"] <= step)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))

@@ -1,0 +1,110 @@
+"""``kdkit train``: open → build → for each step: plan → step → after. Read :func:`train` top to bottom."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdkit import sharding
+from kdkit.checkpoint import INPUTS_FILE, newest_checkpoint
+from kdkit.config import TrainConfig
+from kdkit.errors import TrainingError
+from kdkit.io import atomic_write_json
+from kdkit.train.build import build
+from kdkit.train.control import Interrupts, early_stopped, fault, probe, stop_interrupted
+from kdkit.train.metrics import Sums, end_epoch, log_step
+from kdkit.train.plan import plan_step
+from kdkit.train.rundir import max_weight_change, open_run, write_checkpoint, write_final
+from kdkit.train.step import GradHook, optimizer_step
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    grad_hooks: list[GradHook] | None = None,
+) -> dict[str, Any]:
+    """Train a student as ``cfg`` says, writing the run into ``out_dir``; returns a summary."""
+    from accelerate.utils import set_seed
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        log = quiet  # one voice per run under torchrun / accelerate launch: rank 0's
+    run = Path(out_dir)
+    done, inputs = open_run(run, cfg, resume, log)
+    if done is not None:
+        return done
+    ckpt = newest_checkpoint(run) if resume else None
+    run.mkdir(parents=True, exist_ok=True)
+    mixed = {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(cfg.optim.precision, "no")
+    # Accelerate keeps one state per process; a second run in the same process (a ladder, the tests) may ask
+    # for another precision. The process group (PartialState) is kept.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    acc = sharding.make_accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed,
+                                    log_with="tensorboard" if cfg.logging.tensorboard else None,
+                                    project_dir=str(run))
+    sharding.check_supported(cfg.model_dump(), acc)
+    set_seed(cfg.optim.seed)
+    r, step, epoch_sums = build(cfg, run, acc, ckpt, log)
+    if acc.is_main_process:  # after every check passed: a refused run leaves its directory as it was
+        atomic_write_json(run / INPUTS_FILE, inputs)
+    if cfg.logging.tensorboard:
+        acc.init_trackers("kdkit")
+    stopped = bool(r.probes) and step == 0 and probe(r, 0, log) == "stop"
+
+    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not (progress and acc.is_main_process))
+    r.model.train()
+    t_start = time.perf_counter()
+    last_ckpt: Path | None = ckpt
+    with Interrupts(log) as interrupts, bar:
+        task = bar.add_task("train", total=r.total_steps, completed=step, info="")
+        while step < r.total_steps and not stopped:
+            t0 = time.perf_counter()
+            batches, on_policy = plan_step(r, step)
+            step_sums, metrics = optimizer_step(r, step, batches, on_policy, grad_hooks or [], last_ckpt)
+            step += 1
+            epoch_sums.merge(step_sums)
+            summary = log_step(r, step, step_sums, metrics, time.perf_counter() - t0)
+            bar.update(task, completed=step, info=f"loss {summary['total_loss']:.4f}")
+            fault("after_step", step)
+            if r.probes and (step % cfg.probes.every == 0 or step == r.total_steps):
+                stopped = probe(r, step, log) == "stop"
+            if step % r.steps_per_epoch == 0 or step == r.total_steps or stopped:
+                end_epoch(r, step, epoch_sums)
+                epoch_sums = Sums()
+            state = {"global_step": step, "epoch_sums": epoch_sums.v, "total_steps": r.total_steps,
+                     "early_stop": r.early.state() if r.early is not None else None}
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < r.total_steps and not stopped:
+                last_ckpt = write_checkpoint(r, state)
+                fault("after_checkpoint", step)
+            if step < r.total_steps and not stopped and interrupts.agreed(acc):
+                stop_interrupted(r, step, state, last_ckpt, log)
+
+    acc.wait_for_everyone()
+    final_step = early_stopped(r, step, log) if stopped else step
+    drift = max_weight_change(r, run / "initial_trainable.safetensors")
+    if drift <= cfg.drift_tolerance and not stopped:
+        raise TrainingError(
+            f"no trainable weight moved more than drift_tolerance = {cfg.drift_tolerance:g} (max |Δ| = {drift:.3g}) "
+            f"after {step} steps: "
+            f"the run would return its input unchanged (check optim.lr, the data's targets, the objective)")
+    write_final(r, final_step)
+    if cfg.logging.tensorboard:
+        acc.end_training()
+    return {"run_dir": str(run), "steps": final_step, "max_weight_change": drift,
+            "seconds": time.perf_counter() - t_start, "early_stopped_at": step if stopped else None}
+
+
+def quiet(message: str) -> None:
+    return None

@@ -1,0 +1,127 @@
+"""One optimizer step: for each micro-batch the sources' signals, the student's forward and the
+objective, then backward; the gradient hooks, clipping and the optimizer. Returns the step's sums."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kdkit import data as kdata
+from kdkit import onpolicy, sharding
+from kdkit.errors import TrainingError
+from kdkit.models import vocab_logits
+from kdkit.objective import (
+    ObjectiveOutput,
+    StepDenominator,
+    compute_objective,
+    compute_objective_chunked,
+    hidden_term,
+    step_denominator,
+)
+from kdkit.teacher import unwrap
+from kdkit.train.control import fault
+from kdkit.train.metrics import Sums
+
+if TYPE_CHECKING:
+    from kdkit.train.build import Run
+
+
+GradHook = Callable[[torch.nn.Module, int], dict[str, float] | None]
+"""Called after backward and before clipping, once per optimizer step: the place for
+gradient edits (projection, routing). May return metrics to log. A hook with an ``observe_terms(terms)``
+method is shown the first micro-batch's loss terms (with their graph) before its backward."""
+
+
+def forward_loss(r: Run, model: torch.nn.Module, batch: kdata.Batch, objective: Any,
+                  denom: StepDenominator) -> ObjectiveOutput:
+    """One micro-batch: the sources' signals, the student's forward, the objective."""
+    # the chunked loss reads the teacher at the target positions alone: a live teacher runs its head there only
+    at_targets = r.chunked and r.hidden is None
+    teacher = r.src.teacher(batch, model, at_targets=at_targets) if r.src.teacher is not None else None
+    reference = r.src.reference(batch, model) if r.src.reference is not None else None
+    kw = dict(teacher=teacher, roles=batch.roles, tasks=batch.tasks, row_weights=batch.weights, denom=denom)
+    if not r.chunked:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    output_hidden_states=r.hidden is not None)
+        res = compute_objective(vocab_logits(out.logits[:, :-1], r.real_vocab, "student"), batch.targets, objective,
+                                reference=reference, **kw)
+        return with_hidden(r, res, out.hidden_states, batch, objective, denom)
+    # Only the last position's logits are materialised by the model; the loss is computed from the
+    # final hidden states, chunk by chunk. Padded embedding rows are dropped from the head.
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
+                logits_to_keep=1)
+    hidden, head = out.hidden_states[-1], unwrap(model).get_output_embeddings()  # checked once, by build
+    bias = None if head.bias is None else head.bias[:r.real_vocab]
+    res = compute_objective_chunked(hidden[:, :-1], head.weight[:r.real_vocab], batch.targets, objective,
+                                    head_bias=bias, teacher_at_targets=at_targets, **kw)
+    return with_hidden(r, res, out.hidden_states, batch, objective, denom)
+
+
+def with_hidden(r: Run, res: ObjectiveOutput, states: tuple[torch.Tensor, ...] | None, batch: kdata.Batch,
+                 objective: Any, denom: StepDenominator) -> ObjectiveOutput:
+    """The hidden-state term added to a micro-batch's objective (when the run distils hidden states)."""
+    if r.hidden is None:
+        return res
+    values = r.hidden(states, r.src.teacher.last_hidden)
+    term, metrics = hidden_term(values, batch.targets, objective, roles=batch.roles, tasks=batch.tasks,
+                                row_weights=batch.weights, denom=denom)
+    res.loss = res.loss + term
+    res.terms["hidden"] = term
+    res.metrics.update(metrics, total_loss=res.metrics["total_loss"] + term.detach().float())
+    return res
+
+
+def optimizer_step(r: Run, step: int, batches: list[kdata.Batch], on_policy: bool,
+                    grad_hooks: list[GradHook], last_ckpt: Path | None) -> tuple[Sums, dict[str, float]]:
+    """Forward and backward over the step's micro-batches, gradient hooks, clipping, the optimizer step.
+    Returns the step's sums over all ranks and the step's scalar metrics."""
+    acc, cfg = r.acc, r.cfg
+    objective = onpolicy.objective(cfg.objective) if on_policy else cfg.objective
+    # One denominator for the whole step: every micro-batch of every rank.
+    local = step_denominator([b.targets for b in batches], cfg.objective).tokens
+    denom = StepDenominator(float(acc.reduce(torch.tensor(local, dtype=torch.float64, device=acc.device), "sum")))
+    hooks = r.grad_hooks + grad_hooks
+    sums, losses = Sums(), []
+    for j, b in enumerate(batches):
+        # Sync gradients across ranks only on the last micro-step: earlier ones accumulate locally.
+        with acc.no_sync(r.model) if j < len(batches) - 1 else nullcontext():
+            out = forward_loss(r, r.model, b, objective, denom)
+            if j == 0:  # a hook that needs the terms apart (routing's cin_t / cin_s) sees them before backward
+                for hook in hooks:
+                    if hasattr(hook, "observe_terms"):
+                        hook.observe_terms(out.terms)
+            losses.append(out.loss.detach())  # checked once, before the optimizer step
+            # DDP averages gradients over ranks; the loss is already this rank's share of the
+            # step's sum, so undo the average to get the gradient of the global loss.
+            acc.backward(out.loss * r.world)
+        sums.add_output(out)
+        if j == 0:
+            fault("mid_step", step + 1)
+    if r.hidden is not None and r.world > 1:  # outside DDP's wrapper: average the projections' gradients here
+        for p in r.hidden.parameters():
+            if p.grad is not None:
+                p.grad.copy_(acc.reduce(p.grad, "mean"))
+    values = torch.stack(losses)
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    if bad:
+        raise TrainingError(f"non-finite loss ({float(values[bad[0]])}) at step {step + 1}, micro-batch {bad[0]}; "
+                            f"the optimizer step was not taken; last good checkpoint: {last_ckpt or 'none'} "
+                            f"(lower optim.lr or check the data)")
+    metrics: dict[str, float] = {}
+    for hook in hooks:
+        metrics.update(hook(acc.unwrap_model(r.model), step) or {})
+    acc.unscale_gradients()  # fp16-mixed: the norm and the clipping see the true gradients
+    metrics["grad_norm"] = sharding.grad_norm(r.trainable, cfg.optim.grad_clip)
+    metrics["lr"] = r.sched.get_last_lr()[0]
+    r.opt.step()
+    r.sched.step()
+    r.opt.zero_grad(set_to_none=True)
+    if cfg.objective.on_policy is not None:
+        metrics["on_policy"] = 1.0 if on_policy else 0.0
+    sums.reduce(acc)
+    sums.v["steps"] = 1.0
+    return sums, metrics
