@@ -37,7 +37,7 @@ def test_the_term_and_the_projections_gradient_equal_a_float64_reference(loss):
     cfg = ObjectiveConfig(hidden={"layers": {1: 2, 2: 3}, "loss": loss, "weight": 0.7},
                           roles={"anchor": {"kd": False}})
     torch.manual_seed(0)
-    hd = HiddenDistill(cfg.hidden, student_width=6, teacher_width=9, student_layers=2, teacher_layers=3)
+    hd = HiddenDistill(cfg.hidden, student_width=6, teacher_width=9)
     s_states = tuple(torch.randn(2, 5, 6) for _ in range(3))
     t_states = {layer: torch.randn(2, 4, 9) for layer in (2, 3)}
     targets = torch.tensor([[5, 6, -100, 7], [-100, 3, 4, 8]])

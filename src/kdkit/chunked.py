@@ -47,7 +47,7 @@ class KDSpec:
 @dataclass
 class ChunkStats:
     """Per-position values for metrics (detached): the caller reduces them with its own mask, the same
-    way as on the dense path (:func:`kdkit.objective.kd_metrics`)."""
+    way as on the dense path (:func:`kdkit.objective.kd_sums`)."""
 
     ce_sum: Tensor | None = None  # float32 0-dim, on the device: Σ CE over the valid positions
     kd_div: Tensor | None = None  # float32 [N]: the KD divergence at every valid position (0 elsewhere)

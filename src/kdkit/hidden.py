@@ -28,13 +28,17 @@ def per_position(a: Tensor, b: Tensor, loss: str) -> Tensor:
 class HiddenDistill(torch.nn.Module):
     """The projections of one run, and the per-position loss over its layer pairs."""
 
-    def __init__(self, cfg: HiddenConfig, student_width: int, teacher_width: int, student_layers: int,
-                 teacher_layers: int) -> None:
+    def __init__(self, cfg: HiddenConfig, student_width: int, teacher_width: int) -> None:
         super().__init__()
         self.cfg = cfg
         # layer ranges and widths are checked by kdkit.preflight (validate and train), before any weight loads
         self.proj = torch.nn.ModuleDict({str(s): torch.nn.Linear(student_width, teacher_width, bias=False)
                                          for s in cfg.layers} if cfg.projection == "linear" else {})
+
+    @property
+    def teacher_layers(self) -> tuple[int, ...]:
+        """The teacher's layers the pairs read (each once)."""
+        return tuple(sorted(set(self.cfg.layers.values())))
 
     def forward(self, student: tuple[Tensor, ...], teacher: dict[int, Tensor]) -> Tensor:
         """Σ over pairs of the per-position loss, [B, T] (prediction positions: the last input dropped)."""

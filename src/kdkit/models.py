@@ -161,10 +161,18 @@ def head_reads_last_hidden(model: Any, input_ids: torch.Tensor, attention_mask: 
     dev = input_ids.device.type
     gpus = [input_ids.device] if dev == "cuda" else []
     # its own RNG: a dropout in this extra forward must not shift the run's stream (resume stays bitwise)
-    # the class's forward: Accelerate's mixed precision patches the instance's with an autocast of its own
+    # Accelerate's mixed precision wraps the instance's forward in an autocast of its own (and keeps the
+    # original): the check calls the original, through the module's hooks (FSDP's among them)
+    patched, original = model.__dict__.get("forward"), getattr(model, "_original_forward", None)
     with torch.random.fork_rng(devices=gpus), torch.autocast(dev, enabled=False):
-        out = type(model).forward(model, input_ids=input_ids[:1], attention_mask=attention_mask[:1],
-                                  output_hidden_states=True, logits_to_keep=1)
+        if original is not None:
+            model.forward = original
+        try:
+            out = model(input_ids=input_ids[:1], attention_mask=attention_mask[:1], output_hidden_states=True,
+                        logits_to_keep=1)
+        finally:
+            if original is not None:
+                model.forward = patched
     h, w = out.hidden_states[-1][:, -1].double(), head.weight.double()
     ref, scale = h @ w.T, h.abs() @ w.abs().T
     if head.bias is not None:

@@ -21,6 +21,7 @@ Positions are prediction positions: ``student_logits[b, t]`` predicts
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,18 +45,76 @@ class StepDenominator:
             raise ValueError(f"step denominator must be >= 0, got {self.tokens}")
 
 
+# (metric, its sum, its count): every mean the objective reports is one of these sums ÷ its count
+_MEANS = (("ce_loss", "ce", "tok"), ("kl_loss", "kl", "kd_tok"), ("tail_mass", "tail", "tail_tok"),
+          ("top1_agree", "agree", "agree_tok"), ("hidden_loss", "hidden", "hidden_tok"))
+SUM_KEYS = ("total", "ce", "tok", "kl", "kd_tok", "barrier", "tail", "tail_tok", "agree", "agree_tok", "hidden",
+            "hidden_tok")
+
+
+def means(sums: dict[str, Any], steps: float = 1.0) -> dict[str, Any]:
+    """The one place sums become means: each metric's sum ÷ its count (target tokens, KD positions, ...);
+    the loss and the barrier ÷ the number of optimizer steps summed.
+
+    On a micro-batch's 0-dim tensors a metric is there when its term ran; on floats (a step's or an
+    epoch's sums, reduced) when its count is positive (the CE mean always)."""
+    out = {"total_loss": sums["total"] / steps}
+    if "barrier" in sums:
+        out["barrier"] = sums["barrier"] / steps
+    for name, num, den in _MEANS:
+        if den not in sums:
+            continue
+        count = sums[den]
+        if torch.is_tensor(count):
+            out[name] = sums[num] / count.clamp(min=1)
+        elif count > 0 or name == "ce_loss":
+            out[name] = sums[num] / max(count, 1.0)
+    return out
+
+
+@dataclass
+class Term:
+    """One term of a micro-batch's objective: its share of the step's loss (with its graph) and the sums
+    its metrics are made of (0-dim tensors on the loss's device, keys of :data:`SUM_KEYS`)."""
+
+    name: str
+    loss: Tensor
+    sums: dict[str, Tensor]
+
+
 @dataclass
 class ObjectiveOutput:
-    """A micro-batch's loss and its metrics. The metrics are 0-dim tensors on the loss's device (a training
-    step sums them there and reads them once): :meth:`floats` reads them all at once."""
+    """A micro-batch's loss, its terms and their metric sums. ``metrics`` are the means (and counts), as
+    0-dim tensors on the loss's device (a training step adds the sums there and reads them once);
+    :meth:`floats` reads them all at once."""
 
     loss: Tensor
-    metrics: dict[str, Tensor] = field(default_factory=dict)
-    terms: dict[str, Tensor] = field(default_factory=dict)  # the dense path's CE and KD terms (with their graph)
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    terms: dict[str, Tensor] = field(default_factory=dict)  # each term's loss, with its graph (dense: ce, kd, ...)
+    extra: dict[str, Tensor] = field(default_factory=dict)  # per micro-batch values: the barrier's aggregate
+
+    @property
+    def metrics(self) -> dict[str, Tensor]:
+        m = means(self.sums)
+        m.update({name: self.sums[key] for name, key in (("tokens", "tok"), ("kd_tokens", "kd_tok"),
+                                                           ("hidden_tokens", "hidden_tok")) if key in self.sums})
+        return {**m, **self.extra}
 
     def floats(self) -> dict[str, float]:
-        values = torch.stack([v.detach().double() for v in self.metrics.values()]).tolist() if self.metrics else []
-        return dict(zip(self.metrics, values, strict=True))
+        metrics = self.metrics
+        values = torch.stack([v.detach().double() for v in metrics.values()]).tolist() if metrics else []
+        return dict(zip(metrics, values, strict=True))
+
+
+def _combine(terms: list[Term], extra: dict[str, Tensor] | None = None) -> ObjectiveOutput:
+    """The micro-batch's loss: its terms added in order; their sums merged, with the total."""
+    loss, sums = terms[0].loss, dict(terms[0].sums)
+    for t in terms[1:]:
+        loss = loss + t.loss
+        for k, v in t.sums.items():
+            sums[k] = sums[k] + v if k in sums else v
+    sums["total"] = _f(loss)
+    return ObjectiveOutput(loss=loss, sums=sums, terms={t.name: t.loss for t in terms}, extra=extra or {})
 
 
 def _f(x: Tensor) -> Tensor:
@@ -148,12 +207,13 @@ def compute_objective(
     *,
     teacher: Tensor | TopK | None = None,
     reference: Tensor | TopK | None = None,
+    hidden: Tensor | None = None,
     roles: list[str] | None = None,
     tasks: list[str] | None = None,
     row_weights: Tensor | None = None,
     denom: StepDenominator | None = None,
 ) -> ObjectiveOutput:
-    """Combine CE, KD and the barrier for one micro-batch.
+    """The objective of one micro-batch: its terms (CE, KD, the barrier, the hidden-state term), added.
 
     Args:
         student_logits: Tensor[B, T, V] (any float dtype; math in float32).
@@ -164,16 +224,16 @@ def compute_objective(
             positions only); ``None`` for no KD (plain SFT).
         reference: the barrier's reference, dense or TopK; required iff
             ``cfg.barrier`` is set.
+        hidden: float Tensor[B, T], the per-position hidden-state loss (``cfg.hidden``), or None.
         roles, tasks: per-row strings (length B); missing means ``"default"`` / ``""``.
         row_weights: float Tensor[B] per-row weights (default 1).
         denom: the optimizer step's denominator; default: this micro-batch alone.
 
     Returns:
         ObjectiveOutput with ``loss`` (float32 scalar, this micro-batch's share of
-        the step loss) and float metrics: ``ce_loss`` (mean CE per target token),
-        ``kl_loss`` (mean KD divergence over KD positions), ``barrier``,
-        ``barrier_agg`` (the aggregate before the hinge), ``total_loss``,
-        ``tail_mass`` and ``top1_agree`` (with a teacher), ``tokens``.
+        the step loss), its terms, their sums, and the means: ``ce_loss`` (CE per target token),
+        ``kl_loss`` (KD divergence per KD position), ``barrier``, ``barrier_agg`` (the aggregate
+        before the hinge), ``total_loss``, ``tail_mass`` and ``top1_agree`` (with a teacher), ``tokens``.
     """
     if student_logits.dim() != 3:
         raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
@@ -182,74 +242,86 @@ def compute_objective(
         raise ValueError(f"targets shape {tuple(targets.shape)} != logits leading shape {(bsz, seq)}")
     if cfg.barrier is not None and reference is None:
         raise ValueError("objective.barrier is set but no reference signal was given")
-    valid_t = _check_targets(targets, vocab)
-
+    _check_targets(targets, vocab)
     co = _coefficients(targets, cfg, roles, tasks, row_weights, denom, student_logits.device)
-    inv, local, valid_t, n_valid = co.inv, co.local, co.valid, co.n_valid
-    tok_w, rw, ce_on, kd_on, task_w, bar_on = co.tok_w, co.rw, co.ce_on, co.kd_on, co.task_w, co.bar_on
-
     logits32 = student_logits.float()
-    safe_targets = torch.where(valid_t, targets, torch.zeros_like(targets))
-    ce_pos = torch.nn.functional.cross_entropy(
-        logits32.reshape(-1, vocab), safe_targets.reshape(-1), reduction="none"
-    ).reshape(bsz, seq)
-    ce_pos = torch.where(valid_t, ce_pos, torch.zeros_like(ce_pos))
-    ce_sum = (ce_pos * tok_w * (rw * ce_on)[:, None]).sum()
-    loss = cfg.ce_coef * ce_sum * inv
-    terms = {"ce": loss}
-    metrics: dict[str, Tensor] = {"tokens": n_valid, "ce_loss": _f(ce_pos.sum()) / n_valid.clamp(min=1)}
-
+    terms, extra = [ce_term(logits32, targets, co, cfg)], {}
     if teacher is not None and cfg.kd_weight > 0.0:
-        kd_cfg = cfg.kd
-        kd_mask = valid_t & (kd_on[:, None] > 0)
-        if isinstance(teacher, CrossTeacher | CrossTopK):  # another tokenizer: values at the aligned positions
-            fn = cross_divergence if isinstance(teacher, CrossTeacher) else cross_topk_divergence
-            div, aligned = fn(logits32, teacher, kd_cfg.kind, kd_cfg.temperature, kd_cfg.t2_scale, kd_cfg.beta,
-                              kd_cfg.alpha)
-            kd_mask = kd_mask & aligned
-        else:
-            div = token_divergence(
-                logits32, teacher, kd_cfg.kind, temperature=kd_cfg.temperature, t2_scale=kd_cfg.t2_scale,
-                beta=kd_cfg.beta, alpha=kd_cfg.alpha, tail=kd_cfg.tail,
-            )
-        row_kd = rw * task_w * kd_on
-        div = torch.where(kd_mask, div, torch.zeros_like(div))
-        terms["kd"] = cfg.kd_weight * (div * tok_w * row_kd[:, None]).sum() * inv
-        loss = loss + terms["kd"]
-        metrics.update(kd_metrics(div.detach(), logits32.detach().argmax(-1), teacher, kd_mask))
-
+        terms.append(kd_term(logits32, teacher, co, cfg))
     if cfg.barrier is not None:
-        b = cfg.barrier
-        div_ref = token_divergence(logits32, reference, b.kind, temperature=b.temperature, t2_scale=False)
-        bmask = valid_t & bar_on[:, None]
-        agg = aggregate(div_ref, bmask, b.aggregate)
-        share = local * inv if denom is not None else 1.0
-        barrier = b.weight * hinge(agg, b.tau) * share
-        loss = loss + barrier
-        metrics["barrier_agg"] = _f(agg)
-        metrics["barrier"] = _f(barrier)
+        term, extra["barrier_agg"] = barrier_term(logits32, reference, co, cfg, denom is not None)
+        terms.append(term)
+    if hidden is not None:
+        terms.append(_hidden_term(hidden, co, cfg))
+    return _combine(terms, extra)
 
-    metrics["total_loss"] = _f(loss)
-    return ObjectiveOutput(loss=loss, metrics=metrics, terms=terms)
+
+def ce_term(logits32: Tensor, targets: Tensor, co: _Coefficients, cfg: ObjectiveConfig) -> Term:
+    """``ce_coef`` · Σ_tok w · CE(tok) ÷ the step's denominator (the one cross-entropy of the dense path)."""
+    bsz, seq, vocab = logits32.shape
+    safe_targets = torch.where(co.valid, targets, torch.zeros_like(targets))
+    ce_pos = torch.nn.functional.cross_entropy(logits32.reshape(-1, vocab), safe_targets.reshape(-1),
+                                               reduction="none").reshape(bsz, seq)
+    ce_pos = torch.where(co.valid, ce_pos, torch.zeros_like(ce_pos))
+    loss = cfg.ce_coef * (ce_pos * co.tok_w * (co.rw * co.ce_on)[:, None]).sum() * co.inv
+    return Term("ce", loss, {"ce": _f(ce_pos.sum()), "tok": co.n_valid})
+
+
+def kd_term(logits32: Tensor, teacher: Tensor | TopK | CrossTeacher | CrossTopK, co: _Coefficients,
+            cfg: ObjectiveConfig) -> Term:
+    """``kd_weight`` · Σ_tok w(row) · KD(tok) ÷ the step's denominator, over the KD positions."""
+    k = cfg.kd
+    kd_mask = co.valid & (co.kd_on[:, None] > 0)
+    if isinstance(teacher, CrossTeacher | CrossTopK):  # another tokenizer: values at the aligned positions
+        fn = cross_divergence if isinstance(teacher, CrossTeacher) else cross_topk_divergence
+        div, aligned = fn(logits32, teacher, k.kind, k.temperature, k.t2_scale, k.beta, k.alpha)
+        kd_mask = kd_mask & aligned
+    else:
+        div = token_divergence(logits32, teacher, k.kind, temperature=k.temperature, t2_scale=k.t2_scale,
+                               beta=k.beta, alpha=k.alpha, tail=k.tail)
+    row_kd = co.rw * co.task_w * co.kd_on
+    div = torch.where(kd_mask, div, torch.zeros_like(div))
+    loss = cfg.kd_weight * (div * co.tok_w * row_kd[:, None]).sum() * co.inv
+    return Term("kd", loss, kd_sums(div.detach(), logits32.detach().argmax(-1), teacher, kd_mask))
+
+
+def barrier_term(logits32: Tensor, reference: Tensor | TopK, co: _Coefficients, cfg: ObjectiveConfig,
+                 step_share: bool) -> tuple[Term, Tensor]:
+    """λ_b · relu(aggregate(div(reference, student)) − τ), weighted by the micro-batch's share of the step's
+    tokens (an RMSE or a p95 does not decompose over micro-batches); and the aggregate itself."""
+    b = cfg.barrier
+    div_ref = token_divergence(logits32, reference, b.kind, temperature=b.temperature, t2_scale=False)
+    agg = aggregate(div_ref, co.valid & co.bar_on[:, None], b.aggregate)
+    barrier = b.weight * hinge(agg, b.tau) * (co.local * co.inv if step_share else 1.0)
+    return Term("barrier", barrier, {"barrier": _f(barrier)}), _f(agg)
+
+
+def _hidden_term(values: Tensor, co: _Coefficients, cfg: ObjectiveConfig) -> Term:
+    """``hidden.weight`` · Σ_tok w(row) · values(tok) ÷ the step's denominator, over the KD positions."""
+    row = co.rw * co.task_w * co.kd_on
+    mask = co.valid & (co.kd_on[:, None] > 0)
+    v = torch.where(mask, values.float(), torch.zeros_like(values, dtype=torch.float32))
+    loss = cfg.hidden.weight * (v * co.tok_w * row[:, None]).sum() * co.inv
+    return Term("hidden", loss, {"hidden": _f(v.sum()), "hidden_tok": mask.sum().float()})
 
 
 @torch.no_grad()
-def kd_metrics(div: Tensor, student_top: Tensor, teacher: Tensor | TopK, mask: Tensor) -> dict[str, Tensor]:
-    """KD statistics over the KD positions ``mask`` (targets whose row's role has KD on, whatever their
-    weight): mean divergence ``kl_loss``, ``kd_tokens``, ``top1_agree`` and the teacher's ``tail_mass``
+def kd_sums(div: Tensor, student_top: Tensor, teacher: Tensor | TopK, mask: Tensor) -> dict[str, Tensor]:
+    """The sums of the KD statistics over the KD positions ``mask`` (targets whose row's role has KD on,
+    whatever their weight): the divergence, the count, the top-1 agreements and the teacher's tail mass
     (top-K only). The one place both loss paths compute them. Shapes: ``div``, ``student_top``, ``mask``
     alike ([B, T] or [N]); ``teacher`` aligned with them."""
     n = mask.sum().float()
-    out = {"kl_loss": _f(torch.where(mask, div, 0.0).sum()) / n.clamp(min=1), "kd_tokens": n}
+    out = {"kl": _f(torch.where(mask, div, 0.0).sum()), "kd_tok": n}
     if isinstance(teacher, CrossTeacher | CrossTopK):  # no shared ids: no top-1 agreement, no top-K tail
         return out
     if isinstance(teacher, TopK):
         best = teacher.logprobs.float().argmax(dim=-1, keepdim=True)
         t_top = torch.gather(teacher.ids.long(), -1, best).squeeze(-1)
-        out["tail_mass"] = _f(torch.where(mask, torch.exp(teacher.tail_logmass()), 0.0).sum()) / n.clamp(min=1)
+        out.update(tail=_f(torch.where(mask, torch.exp(teacher.tail_logmass()), 0.0).sum()), tail_tok=n)
     else:
         t_top = teacher.float().argmax(dim=-1)
-    out["top1_agree"] = _f(((student_top == t_top) & mask).sum()) / n.clamp(min=1)
+    out.update(agree=_f(((student_top == t_top) & mask).sum()), agree_tok=n)
     return out
 
 
@@ -273,10 +345,12 @@ def compute_objective_chunked(
     row_weights: Tensor | None = None,
     denom: StepDenominator | None = None,
     teacher_at_targets: bool = False,
+    hidden_values: Tensor | None = None,
 ) -> ObjectiveOutput:
     """:func:`compute_objective` (without the barrier) from final hidden states [B, T, H] and the LM head,
     never holding more than ``cfg.chunk_size`` × V logits. Only target positions are computed at all.
-    ``teacher_at_targets``: the teacher is given at the target positions only, row-major ([N, V] / TopK [N, K])."""
+    ``teacher_at_targets``: the teacher is given at the target positions only, row-major ([N, V] / TopK [N, K]).
+    ``hidden_values``: the hidden-state term's per-position values [B, T], as in :func:`compute_objective`."""
     from kdkit.chunked import KDSpec, chunked_ce_kd
 
     if cfg.barrier is not None:
@@ -306,19 +380,21 @@ def compute_objective_chunked(
     spec = KDSpec(kind=k.kind, temperature=k.temperature, t2_scale=k.t2_scale, beta=k.beta, alpha=k.alpha, tail=k.tail)
     loss, st = chunked_ce_kd(hidden[sel], head_weight, targets[sel], bias=head_bias, teacher=t_sel, ce_weights=ce_w,
                              kd_weights=kd_w, spec=spec, chunk_size=resolved_chunk(cfg.chunk_size, vocab))
-    metrics = {"tokens": co.n_valid, "ce_loss": _f(st.ce_sum) / co.n_valid.clamp(min=1)}
+    sums = {"ce": _f(st.ce_sum), "tok": co.n_valid}
     if use_kd:
         kd_mask = (co.kd_on[:, None] > 0).expand_as(sel)[sel]
-        metrics.update(kd_metrics(st.kd_div, st.student_top, t_sel, kd_mask))
-    metrics["total_loss"] = _f(loss)
-    return ObjectiveOutput(loss=loss, metrics=metrics)
+        sums.update(kd_sums(st.kd_div, st.student_top, t_sel, kd_mask))
+    terms = [Term("ce+kd", loss, sums)]  # one fused pass: the two terms share each chunk's logits
+    if hidden_values is not None:
+        terms.append(_hidden_term(hidden_values, co, cfg))
+    return _combine(terms)
 
 
 def hidden_term(values: Tensor, targets: Tensor, cfg: ObjectiveConfig, *, roles: list[str] | None = None,
                 tasks: list[str] | None = None, row_weights: Tensor | None = None,
                 denom: StepDenominator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """The hidden-state term: ``cfg.hidden.weight`` · Σ_tok w(row) · values(tok) ÷ the step's denominator, over
-    the KD positions (targets of rows whose role has KD on), weighted like KD (row weight × task weight).
+    """The hidden-state term alone: ``cfg.hidden.weight`` · Σ_tok w(row) · values(tok) ÷ the step's
+    denominator, over the KD positions (targets of rows whose role has KD on), weighted like KD.
 
     Args:
         values: float Tensor[B, T], the per-position hidden-state loss summed over the layer pairs.
@@ -326,9 +402,6 @@ def hidden_term(values: Tensor, targets: Tensor, cfg: ObjectiveConfig, *, roles:
     Returns:
         (term, {"hidden_loss": mean of ``values`` over the KD positions, "hidden_tokens": their count})."""
     co = _coefficients(targets, cfg, roles, tasks, row_weights, denom, values.device)
-    row = co.rw * co.task_w * co.kd_on
-    mask = co.valid & (co.kd_on[:, None] > 0)
-    v = torch.where(mask, values.float(), torch.zeros_like(values, dtype=torch.float32))
-    term = cfg.hidden.weight * (v * co.tok_w * row[:, None]).sum() * co.inv
-    n = mask.sum().float()
-    return term, {"hidden_loss": _f(v.sum()) / n.clamp(min=1), "hidden_tokens": n}
+    t = _hidden_term(values, co, cfg)
+    n = t.sums["hidden_tok"]
+    return t.loss, {"hidden_loss": t.sums["hidden"] / n.clamp(min=1), "hidden_tokens": n}

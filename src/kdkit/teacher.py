@@ -138,25 +138,25 @@ def _tokenisation_hint(cache: TeacherCache, data_cfg: Any, what: str) -> str:
 
 @dataclass
 class LiveSignal:
-    """A frozen model run on the batch: dense logits over the real vocabulary. With ``keep_hidden`` (layer
-    indices), the same forward also leaves those hidden states, at the prediction positions, in
-    ``last_hidden`` (for hidden-state distillation: one teacher forward serves both)."""
+    """A frozen model run on the batch: dense logits over the real vocabulary (:meth:`with_hidden`: and,
+    from the same forward, hidden states, for hidden-state distillation)."""
 
     model: torch.nn.Module
     real_vocab: int
     what: str = "teacher"
     scores_any_tokens: bool = True
-    keep_hidden: tuple[int, ...] = ()
-    last_hidden: dict[int, Tensor] = field(default_factory=dict)
 
     @torch.no_grad()
     def __call__(self, batch: kdata.Batch, student: torch.nn.Module, at_targets: bool = False) -> Tensor:
-        if not self.keep_hidden:
-            return _logits(self.model, batch, self.real_vocab, self.what, at_targets)
-        _whole_rows_only(at_targets, f"{self.what} with hidden states")
+        return _logits(self.model, batch, self.real_vocab, self.what, at_targets)
+
+    @torch.no_grad()
+    def with_hidden(self, batch: kdata.Batch, layers: tuple[int, ...]) -> tuple[Tensor, dict[int, Tensor]]:
+        """The logits [B, T, V] at the prediction positions and, by layer index (0 = the embeddings), the
+        hidden states [B, T, H] there: one forward for both."""
         out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
-        self.last_hidden = {layer: out.hidden_states[layer][:, :-1] for layer in self.keep_hidden}
-        return vocab_logits(out.logits[:, :-1], self.real_vocab, self.what)
+        hidden = {layer: out.hidden_states[layer][:, :-1] for layer in layers}
+        return vocab_logits(out.logits[:, :-1], self.real_vocab, self.what), hidden
 
 
 @dataclass

@@ -70,9 +70,7 @@ def hidden_distill(cfg: TrainConfig, model: torch.nn.Module, src: Sources, devic
         return None
     h = cfg.objective.hidden
     s_cfg, t_cfg = unwrap(model).config, src.teacher.model.config
-    src.teacher.keep_hidden = tuple(sorted(set(h.layers.values())))
-    return HiddenDistill(h, s_cfg.hidden_size, t_cfg.hidden_size, s_cfg.num_hidden_layers,
-                         t_cfg.num_hidden_layers).to(device)
+    return HiddenDistill(h, s_cfg.hidden_size, t_cfg.hidden_size).to(device)
 
 
 @dataclass(frozen=True)

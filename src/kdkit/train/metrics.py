@@ -12,7 +12,7 @@ from kdkit import data as kdata
 from kdkit.config import TrainConfig
 from kdkit.losses import aggregate, token_divergence
 from kdkit.models import vocab_logits
-from kdkit.objective import ObjectiveOutput
+from kdkit.objective import SUM_KEYS, ObjectiveOutput, means
 from kdkit.teacher import Signal
 from kdkit.train.rundir import append_jsonl
 
@@ -22,12 +22,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class Sums:
-    """Token-weighted running sums, reduced across micro-batches and ranks. Within a step they are device
-    tensors (the metrics of each micro-batch are added where they were computed); :meth:`reduce` reads
-    them once, summed over the ranks, into floats."""
+    """The objective's metric sums (:data:`kdkit.objective.SUM_KEYS`) over micro-batches, ranks, steps and
+    epochs. Within a step they are device tensors (each micro-batch's sums are added where they were
+    computed); :meth:`reduce` reads them once, summed over the ranks, into floats; :meth:`summary` turns
+    them into means (:func:`kdkit.objective.means`, the one place that divides)."""
 
-    keys = ("total", "ce", "tok", "kl", "kd_tok", "barrier", "tail", "tail_tok", "agree", "agree_tok", "hidden",
-            "hidden_tok", "steps")
+    keys = (*SUM_KEYS, "steps")
     v: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(Sums.keys, 0.0))
 
     def reduce(self, acc: Any) -> None:
@@ -37,44 +37,21 @@ class Sums:
         self.v = dict(zip(self.keys, acc.reduce(packed, "sum").tolist(), strict=True))
 
     def add_output(self, out: ObjectiveOutput) -> None:
-        m = out.metrics
-        self.v["total"] += m["total_loss"]
-        self.v["ce"] += m["ce_loss"] * m["tokens"]
-        self.v["tok"] += m["tokens"]
-        kd_tok = m.get("kd_tokens", 0.0)
-        self.v["kl"] += m.get("kl_loss", 0.0) * kd_tok
-        self.v["kd_tok"] += kd_tok
-        self.v["barrier"] += m.get("barrier", 0.0)
-        # a top-K teacher has a tail mass, a teacher with the same vocabulary a top-1 agreement
-        self.v["tail"] += m.get("tail_mass", 0.0) * kd_tok
-        self.v["tail_tok"] += kd_tok if "tail_mass" in m else 0.0
-        self.v["agree"] += m.get("top1_agree", 0.0) * kd_tok
-        self.v["agree_tok"] += kd_tok if "top1_agree" in m else 0.0
-        self.v["hidden"] += m.get("hidden_loss", 0.0) * m.get("hidden_tokens", 0.0)
-        self.v["hidden_tok"] += m.get("hidden_tokens", 0.0)
+        for k, v in out.sums.items():
+            self.v[k] += v
 
     def merge(self, other: Sums) -> None:
         for k in self.keys:
             self.v[k] += other.v[k]
 
-    def summary(self, per_step_total: bool) -> dict[str, float]:
-        steps = max(self.v["steps"], 1.0) if per_step_total else 1.0
-        out = {"total_loss": self.v["total"] / steps, "ce_loss": self.v["ce"] / max(self.v["tok"], 1.0),
-               "barrier": self.v["barrier"] / steps}
-        if self.v["kd_tok"]:
-            out["kl_loss"] = self.v["kl"] / self.v["kd_tok"]
-        if self.v["tail_tok"]:
-            out["tail_mass"] = self.v["tail"] / self.v["tail_tok"]
-        if self.v["agree_tok"]:
-            out["top1_agree"] = self.v["agree"] / self.v["agree_tok"]
-        if self.v["hidden_tok"]:
-            out["hidden_loss"] = self.v["hidden"] / self.v["hidden_tok"]
-        return out
+    def summary(self) -> dict[str, float]:
+        """The means of what was summed: the loss and the barrier per optimizer step."""
+        return means(self.v, max(self.v["steps"], 1.0))
 
 
 def log_step(r: Run, step: int, sums: Sums, metrics: dict[str, float], dt: float) -> dict[str, float]:
     """A metrics.jsonl row (every ``logging.every`` steps and at the end); the step's loss summary."""
-    summary = sums.summary(per_step_total=True)
+    summary = sums.summary()
     if r.acc.is_main_process and (step % r.cfg.logging.every == 0 or step == r.total_steps):
         row = {"step": step, "epoch": (step - 1) // r.steps_per_epoch, "tokens": sums.v["tok"], "step_time_s": dt,
                "tokens_per_s": sums.v["tok"] / max(dt, 1e-9), **summary, **metrics}
@@ -90,7 +67,7 @@ def end_epoch(r: Run, step: int, epoch_sums: Sums) -> None:
     ev = evaluate_loss(r.acc.unwrap_model(r.model), r.val_rows, r.cfg, r.pad_id, r.real_vocab, r.acc.device,
                        live) if r.val_rows else {}
     if r.acc.is_main_process:
-        summary = epoch_sums.summary(True)
+        summary = epoch_sums.summary()
         append_jsonl(r.epochs_path, {"epoch": (step - 1) // r.steps_per_epoch, "step": step,
                                       "train_loss": summary["total_loss"], **summary, **ev})
 

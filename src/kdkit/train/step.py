@@ -19,7 +19,6 @@ from kdkit.objective import (
     StepDenominator,
     compute_objective,
     compute_objective_chunked,
-    hidden_term,
     step_denominator,
 )
 from kdkit.teacher import unwrap
@@ -37,42 +36,32 @@ method is shown the first micro-batch's loss terms (with their graph) before its
 
 
 def forward_loss(r: Run, model: torch.nn.Module, batch: kdata.Batch, objective: Any,
-                  denom: StepDenominator) -> ObjectiveOutput:
-    """One micro-batch: the sources' signals, the student's forward, the objective."""
+                 denom: StepDenominator) -> ObjectiveOutput:
+    """One micro-batch: the sources' signals, the student's forward, the objective's terms."""
     # the chunked loss reads the teacher at the target positions alone: a live teacher runs its head there only
     at_targets = r.chunked and r.hidden is None
-    teacher = r.src.teacher(batch, model, at_targets=at_targets) if r.src.teacher is not None else None
+    teacher_hidden = None
+    if r.hidden is not None:  # one teacher forward gives its logits and the hidden states asked for
+        teacher, teacher_hidden = r.src.teacher.with_hidden(batch, r.hidden.teacher_layers)
+    else:
+        teacher = r.src.teacher(batch, model, at_targets=at_targets) if r.src.teacher is not None else None
     reference = r.src.reference(batch, model) if r.src.reference is not None else None
     kw = dict(teacher=teacher, roles=batch.roles, tasks=batch.tasks, row_weights=batch.weights, denom=denom)
     if not r.chunked:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     output_hidden_states=r.hidden is not None)
-        res = compute_objective(vocab_logits(out.logits[:, :-1], r.real_vocab, "student"), batch.targets, objective,
-                                reference=reference, **kw)
-        return with_hidden(r, res, out.hidden_states, batch, objective, denom)
+        values = r.hidden(out.hidden_states, teacher_hidden) if r.hidden is not None else None
+        return compute_objective(vocab_logits(out.logits[:, :-1], r.real_vocab, "student"), batch.targets, objective,
+                                 reference=reference, hidden=values, **kw)
     # Only the last position's logits are materialised by the model; the loss is computed from the
     # final hidden states, chunk by chunk. Padded embedding rows are dropped from the head.
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
                 logits_to_keep=1)
     hidden, head = out.hidden_states[-1], unwrap(model).get_output_embeddings()  # checked once, by build
+    values = r.hidden(out.hidden_states, teacher_hidden) if r.hidden is not None else None
     bias = None if head.bias is None else head.bias[:r.real_vocab]
-    res = compute_objective_chunked(hidden[:, :-1], head.weight[:r.real_vocab], batch.targets, objective,
-                                    head_bias=bias, teacher_at_targets=at_targets, **kw)
-    return with_hidden(r, res, out.hidden_states, batch, objective, denom)
-
-
-def with_hidden(r: Run, res: ObjectiveOutput, states: tuple[torch.Tensor, ...] | None, batch: kdata.Batch,
-                 objective: Any, denom: StepDenominator) -> ObjectiveOutput:
-    """The hidden-state term added to a micro-batch's objective (when the run distils hidden states)."""
-    if r.hidden is None:
-        return res
-    values = r.hidden(states, r.src.teacher.last_hidden)
-    term, metrics = hidden_term(values, batch.targets, objective, roles=batch.roles, tasks=batch.tasks,
-                                row_weights=batch.weights, denom=denom)
-    res.loss = res.loss + term
-    res.terms["hidden"] = term
-    res.metrics.update(metrics, total_loss=res.metrics["total_loss"] + term.detach().float())
-    return res
+    return compute_objective_chunked(hidden[:, :-1], head.weight[:r.real_vocab], batch.targets, objective,
+                                     head_bias=bias, teacher_at_targets=at_targets, hidden_values=values, **kw)
 
 
 def optimizer_step(r: Run, step: int, batches: list[kdata.Batch], on_policy: bool,
