@@ -136,3 +136,58 @@ def test_the_head_gradient_is_handed_over_once_and_scaled_in_place():
     torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError, match="differentiated twice"):
         loss.backward()
+
+
+@pytest.mark.parametrize("teacher_kind", [None, "topk"])
+def test_a_head_without_bias_equals_dense(teacher_kind):
+    hidden, weight, _, targets, t_logits, ce_w, kd_w = _inputs(11, bias=False)
+    spec = KDSpec(kind="kl_fwd", temperature=2.0)
+    teacher = _topk(t_logits, 2.0) if teacher_kind else None
+    got = []
+    for fn in ("chunked", "dense"):
+        h, w = (x.detach().clone().requires_grad_(True) for x in (hidden, weight))
+        if fn == "chunked":
+            loss, _ = chunked_ce_kd(h, w, targets, bias=None, teacher=teacher, ce_weights=ce_w, kd_weights=kd_w,
+                                    spec=spec, chunk_size=8)
+        else:
+            loss = _dense(h, w, None, targets, teacher, ce_w, kd_w, spec)
+        (loss * 0.6).backward()
+        got.append((loss.detach(), h.grad, w.grad))
+    (lc, hc, wc), (ld, hd, wd) = got
+    torch.testing.assert_close(lc, ld, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hc, hd, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(wc, wd, rtol=1e-4, atol=1e-6)
+
+
+def test_another_ignore_index_marks_the_same_positions():
+    hidden, weight, b, targets, t_logits, ce_w, kd_w = _inputs(12)
+    spec = KDSpec(kind="jsd", beta=0.3)
+    teacher = _topk(t_logits, 1.0)
+    ref, ref_st = chunked_ce_kd(hidden, weight, targets, bias=b, teacher=teacher, ce_weights=ce_w, kd_weights=kd_w,
+                                spec=spec, chunk_size=16)
+    other = torch.where(targets == IGNORE_INDEX, torch.full_like(targets, -1), targets)
+    got, st = chunked_ce_kd(hidden, weight, other, bias=b, teacher=teacher, ce_weights=ce_w, kd_weights=kd_w,
+                            spec=spec, chunk_size=16, ignore_index=-1)
+    assert (other == -1).sum() > 0 and float(got) == pytest.approx(float(ref), rel=1e-6)
+    assert float(st.ce_sum) == pytest.approx(float(ref_st.ce_sum), rel=1e-6)
+
+
+def test_token_ce_equals_a_float64_reference_with_any_ignore_index():
+    from kdkit.losses import token_ce
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 7, 31, generator=g, requires_grad=True)
+    targets = torch.randint(0, 31, (3, 7), generator=g)
+    targets[0, :3] = -7
+    got = token_ce(logits, targets, ignore_index=-7)
+    lp = torch.log_softmax(logits.double(), -1)
+    want = torch.stack([torch.stack([-lp[b, t, targets[b, t]] if targets[b, t] != -7 else lp.new_zeros(())
+                                     for t in range(7)]) for b in range(3)])
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+    (got * 1.3).sum().backward()
+    ref = logits.detach().double().requires_grad_(True)
+    lp = torch.log_softmax(ref, -1)
+    mask = targets != -7
+    (-(lp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)) * mask * 1.3).sum().backward()
+    torch.testing.assert_close(logits.grad.double(), ref.grad, rtol=1e-5, atol=1e-7)
+    assert float(got[0, :3].abs().sum()) == 0.0

@@ -702,3 +702,30 @@ def test_the_fsdp_refusal_is_printed_once_for_the_run(world, tmp_path):
     proc = _fsdp(cfg, tmp_path / "run")
     assert proc.returncode != 0
     assert proc.stderr.count("not supported under FSDP") == 1, proc.stderr[-3000:]
+
+
+def test_train_package_functions_fit_on_a_screen():
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "src" / "kdkit" / "train"
+    long = [(p.name, n.name, n.end_lineno - n.lineno + 1) for p in sorted(root.glob("*.py"))
+            for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+            and n.end_lineno - n.lineno + 1 > 80]
+    assert long == []
+
+
+def test_a_checkpoint_of_another_format_is_refused_and_one_without_a_format_resumes(world, tmp_path):
+    cfg = _cfg(world, tmp_path, optim={"epochs": 1, "micro_batch": 4}, checkpoint={"every": 2})
+    cmd = [sys.executable, "-m", "kdkit", "train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]
+    proc = subprocess.run(cmd, env={**os.environ, FAULT_ENV: "after_checkpoint:2"}, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-500:]
+    state_p = next((tmp_path / "run" / "checkpoints").glob("step-*")) / "state.json"
+    state = json.loads(state_p.read_text())
+    assert state["format"] == 1
+    state_p.write_text(json.dumps({**state, "format": 99}))
+    proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "a checkpoint of format 99; this kdkit reads format 1" in proc.stderr
+    state.pop("format")  # as the previous release wrote it
+    state_p.write_text(json.dumps(state))
+    proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-800:]

@@ -64,7 +64,7 @@ def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], opt_state: 
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             atomic_write_json(tmp / "optimizer.json", meta)
             save_file(rng_states(), str(tmp / "rng.safetensors"))
-            atomic_write_json(tmp / "state.json", state)
+            atomic_write_json(tmp / "state.json", {**state, "format": CHECKPOINT_FORMAT})
             if extra:  # loop state that is a tensor (e.g. the routing directions)
                 save_file(extra, str(tmp / "extra.safetensors"))
             atomic_write_bytes(tmp / "COMPLETE", b"ok\n")
@@ -83,6 +83,10 @@ def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], opt_state: 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     """Weights, optimizer state and RNG state back from ``path`` (on every rank); returns the loop state."""
+    state = json.loads((path / "state.json").read_text())
+    if state.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path}: a checkpoint of format {state['format']}; this kdkit reads format "
+                            f"{CHECKPOINT_FORMAT} (resume it with the kdkit that wrote it, or start a new run)")
     weights = load_file(str(path / "trainable.safetensors"))
     names = {n for n, _ in model.named_parameters()}
     for n in weights:
@@ -92,7 +96,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
                                 json.loads((path / "optimizer.json").read_text()))
     load_full(model, opt, weights, opt_state)
     set_rng_states(load_file(str(path / "rng.safetensors")))
-    return json.loads((path / "state.json").read_text())
+    return state
 
 
 def load_extra(path: Path) -> dict[str, torch.Tensor] | None:
@@ -140,6 +144,9 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "")
 
 
 INPUTS_FILE = "inputs.json"
+# The checkpoint layout (state.json's "format"). A checkpoint without one was written before it was
+# recorded, in this same layout (kdkit 0.1, wave 2): it resumes. Another number is refused by name.
+CHECKPOINT_FORMAT = 1
 
 
 def check_resume(run: Path, cfg: TrainConfig, inputs: dict[str, Any] | None = None) -> None:

@@ -16,10 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kdkit.losses import TopK, token_divergence
-
-IGNORE_INDEX = -100
-
+from kdkit.losses import IGNORE_INDEX, TopK, token_ce, token_divergence
 
 CHUNK_BYTES = 16 * 2**20
 
@@ -63,15 +60,10 @@ def _slice_teacher(teacher: Tensor | TopK | None, lo: int, hi: int) -> Tensor | 
 def _chunk_loss(logits: Tensor, targets: Tensor, teacher: Tensor | TopK | None, ce_w: Tensor, kd_w: Tensor,
                 spec: KDSpec, stats: ChunkStats, lo: int) -> Tensor:
     valid = targets != IGNORE_INDEX
-    safe = torch.where(valid, targets, torch.zeros_like(targets))
     # at T = 1 one log-softmax serves CE and KD (the chunk's widest op, [chunk, V], done once)
     shared = teacher is not None and spec.temperature == 1.0
     lp = torch.log_softmax(logits.float(), dim=-1) if shared else None
-    if shared:
-        ce = -torch.gather(lp, -1, safe[:, None]).squeeze(-1)
-    else:
-        ce = torch.nn.functional.cross_entropy(logits, safe, reduction="none")
-    ce = torch.where(valid, ce, torch.zeros_like(ce))
+    ce = token_ce(logits, targets, log_probs=lp)
     loss = (ce * ce_w).sum()
     stats.ce_sum = stats.ce_sum + ce.detach().sum()  # stays on the device (no per-chunk host read)
     if teacher is not None:
@@ -143,6 +135,7 @@ def chunked_ce_kd(
     kd_weights: Tensor | None = None,
     spec: KDSpec = KDSpec(),
     chunk_size: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
 ) -> tuple[Tensor, ChunkStats]:
     """Σ_n ce_w[n]·CE[n] + Σ_n kd_w[n]·KD[n] from hidden states, ``chunk_size`` positions at a time.
 
@@ -153,6 +146,7 @@ def chunked_ce_kd(
         teacher: TopK[N, K] (every kind) or dense logits Tensor[N, V] (kl_fwd, kl_rev, jsd), or None.
         ce_weights, kd_weights: float32 Tensor[N] per-token coefficients (normalisation included).
         spec: the divergence settings. chunk_size: positions per chunk.
+        ignore_index: the target id of a position without a loss (default -100).
 
     Returns:
         (float32 scalar loss with gradients for ``hidden``, ``weight`` and ``bias``, ChunkStats).
@@ -166,6 +160,8 @@ def chunked_ce_kd(
         raise ValueError("targets and ce_weights must be [N]")
     if teacher is not None and not isinstance(teacher, TopK) and spec.kind not in ("kl_fwd", "kl_rev", "jsd"):
         raise ValueError(f"the chunked path takes a dense teacher only for kl_fwd, kl_rev, jsd (got {spec.kind})")
+    if ignore_index != IGNORE_INDEX:
+        targets = torch.where(targets == ignore_index, torch.full_like(targets, IGNORE_INDEX), targets)
     kd_w = torch.zeros(n, device=hidden.device) if kd_weights is None else kd_weights.float()
     stats = ChunkStats(ce_sum=torch.zeros((), device=hidden.device), kd_div=torch.zeros(n, device=hidden.device),
                        student_top=torch.zeros(n, dtype=torch.long, device=hidden.device))

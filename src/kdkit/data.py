@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from kdkit.errors import KdkitError
+from kdkit.losses import IGNORE_INDEX  # noqa: F401 - re-exported: rows are collated with it
 
-IGNORE_INDEX = -100
 FORMATS = ("prompt_completion", "messages", "text")
 TRUNCATION_SIDES = ("left", "right")
 

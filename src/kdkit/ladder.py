@@ -26,6 +26,7 @@ from kdkit.gate import GateRule, format_tasks, gate
 from kdkit.io import atomic_write_bytes, atomic_write_json, check_output_dir
 from kdkit.registry import Registry, RegistryError
 from kdkit.sandbox import Limits
+from kdkit.train.rundir import read_log
 
 
 def parse_vary(specs: list[str]) -> list[tuple[str, list[Any]]]:
@@ -49,8 +50,7 @@ def rungs(vary: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
 
 def _epoch_means(run_dir: Path) -> dict[str, float | None]:
     """avg CE / avg KL over the training steps (as the seeds' table), val loss of the last epoch."""
-    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    epochs = [json.loads(x) for x in (run_dir / "epochs.jsonl").read_text().splitlines() if x.strip()]
+    steps, epochs = read_log(run_dir / "metrics.jsonl"), read_log(run_dir / "epochs.jsonl")
 
     def mean(key: str) -> float | None:
         vals = [s[key] for s in steps if key in s]

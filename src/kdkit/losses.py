@@ -105,6 +105,31 @@ class TopK:
 # zero the result where the input was not finite.
 
 
+IGNORE_INDEX = -100  # a target position without a loss (Hugging Face's convention); defined here once
+
+
+def token_ce(logits: Tensor, targets: Tensor, *, log_probs: Tensor | None = None,
+             ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Cross-entropy per position, in float32: ``-log softmax(logits)[target]``, 0 where the target is
+    ``ignore_index``. The one cross-entropy of kdkit (the dense and chunked losses, validation, routing).
+
+    Args:
+        logits: Tensor[..., V] (any float dtype).
+        targets: LongTensor[...] aligned with the logits' leading shape.
+        log_probs: the float32 log-softmax of ``logits`` when the caller has it already (it is gathered).
+    Returns:
+        float32 Tensor[...]."""
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    if log_probs is not None:
+        ce = -torch.gather(log_probs, -1, safe[..., None]).squeeze(-1)
+    else:
+        v = logits.shape[-1]
+        ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, v), safe.reshape(-1),
+                                               reduction="none").reshape(safe.shape)
+    return torch.where(valid, ce, torch.zeros_like(ce))
+
+
 def _finite_or_zero(x: Tensor) -> tuple[Tensor, Tensor]:
     ok = torch.isfinite(x)
     return torch.where(ok, x, torch.zeros_like(x)), ok

@@ -14,6 +14,7 @@ import torch
 from kdkit.data import IGNORE_INDEX
 from kdkit.errors import KdkitError
 from kdkit.identity import sha256_file
+from kdkit.rng import own_rng
 
 PACK_FILE = "kdkit_pack.json"  # written by merge into every pack: the pack's marker
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -159,12 +160,11 @@ def head_reads_last_hidden(model: Any, input_ids: torch.Tensor, attention_mask: 
     the weights' dtype, so a scale, a softcap or a norm after the last hidden state is caught."""
     head = model.get_output_embeddings()
     dev = input_ids.device.type
-    gpus = [input_ids.device] if dev == "cuda" else []
     # its own RNG: a dropout in this extra forward must not shift the run's stream (resume stays bitwise)
     # Accelerate's mixed precision wraps the instance's forward in an autocast of its own (and keeps the
     # original): the check calls the original, through the module's hooks (FSDP's among them)
     patched, original = model.__dict__.get("forward"), getattr(model, "_original_forward", None)
-    with torch.random.fork_rng(devices=gpus), torch.autocast(dev, enabled=False):
+    with own_rng(), torch.autocast(dev, enabled=False):
         if original is not None:
             model.forward = original
         try:

@@ -28,9 +28,8 @@ from torch import Tensor
 
 from kdkit.config import ObjectiveConfig
 from kdkit.crosstok import CrossTeacher, CrossTopK, cross_divergence, cross_topk_divergence
-from kdkit.losses import TopK, aggregate, hinge, token_divergence
+from kdkit.losses import IGNORE_INDEX, TopK, aggregate, hinge, token_ce, token_divergence
 
-IGNORE_INDEX = -100
 DEFAULT_ROLE = "default"
 
 
@@ -258,11 +257,7 @@ def compute_objective(
 
 def ce_term(logits32: Tensor, targets: Tensor, co: _Coefficients, cfg: ObjectiveConfig) -> Term:
     """``ce_coef`` · Σ_tok w · CE(tok) ÷ the step's denominator (the one cross-entropy of the dense path)."""
-    bsz, seq, vocab = logits32.shape
-    safe_targets = torch.where(co.valid, targets, torch.zeros_like(targets))
-    ce_pos = torch.nn.functional.cross_entropy(logits32.reshape(-1, vocab), safe_targets.reshape(-1),
-                                               reduction="none").reshape(bsz, seq)
-    ce_pos = torch.where(co.valid, ce_pos, torch.zeros_like(ce_pos))
+    ce_pos = token_ce(logits32, targets)
     loss = cfg.ce_coef * (ce_pos * co.tok_w * (co.rw * co.ce_on)[:, None]).sum() * co.inv
     return Term("ce", loss, {"ce": _f(ce_pos.sum()), "tok": co.n_valid})
 

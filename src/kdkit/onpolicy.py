@@ -20,6 +20,7 @@ import torch
 from kdkit import data as kdata
 from kdkit.config import ObjectiveConfig, OnPolicyConfig
 from kdkit.generation import GenerationSettings, generate_ids
+from kdkit.rng import own_rng
 
 
 def is_on_policy(op: OnPolicyConfig | None, step: int) -> bool:
@@ -53,8 +54,7 @@ def rollouts(model: torch.nn.Module, tokenizer: Any, rows: list[kdata.TokenizedR
              seed: int) -> list[kdata.TokenizedRow]:
     """Each row's prompt followed by the student's own completion, which is the only target."""
     prompts = [prompt_ids(r) for r in rows]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):  # sampling neither reads nor moves the training RNG
+    with own_rng():  # sampling neither reads nor moves the training RNG
         torch.manual_seed(seed)
         completions = generate_ids(model, tokenizer, prompts, settings(op))
     return [kdata.TokenizedRow(input_ids=list(p) + c, loss_mask=[False] * len(p) + [True] * len(c), role=r.role,

@@ -15,6 +15,7 @@ from typing import Any
 
 from kdkit.errors import UsageError
 from kdkit.io import atomic_write_bytes
+from kdkit.train.rundir import read_log
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -24,10 +25,6 @@ pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px} img{max-width:1
 .keep{color:#17741a;font-weight:700} .revert{color:#a11;font-weight:700} .note{background:#fff6d6;padding:.5em}
 .grid{table-layout:fixed;max-width:100%} .grid td:first-child{text-align:left;white-space:nowrap}
 """
-
-
-def _jsonl(p: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []
 
 
 def _png(fig) -> str:
@@ -50,7 +47,7 @@ def loss_curves(runs: dict[str, Path]) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = {n: ([s for s in _jsonl(d / "metrics.jsonl") if "total_loss" in s], _jsonl(d / "epochs.jsonl"))
+    data = {n: ([s for s in read_log(d / "metrics.jsonl") if "total_loss" in s], read_log(d / "epochs.jsonl"))
             for n, d in runs.items()}  # probe rounds have rows of their own
     if not any(m for m, _ in data.values()):
         return None
@@ -86,7 +83,7 @@ def coherence_trajectory(runs: dict[str, Path], colors: dict[str, str] | None = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = {n: [m for m in _jsonl(d / "metrics.jsonl") if m.get("probe_round")] for n, d in runs.items()}
+    data = {n: [m for m in read_log(d / "metrics.jsonl") if m.get("probe_round")] for n, d in runs.items()}
     if not any(data.values()):
         return None
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
@@ -108,7 +105,7 @@ FOLD = 400  # characters of a probe text shown before the rest is folded away
 
 def probe_outputs(run: Path) -> str:
     """The outputs-over-the-run appendix: each probe's generation per round, escaped, long texts folded."""
-    rows = _jsonl(run / "probes.jsonl")
+    rows = read_log(run / "probes.jsonl")
     if not rows:
         return ""
     parts = ["<h2>Probe outputs over the run</h2>"]
@@ -250,7 +247,7 @@ def _rung_outcomes(d: Path, r: dict[str, Any]) -> dict[str, bool]:
 
 def _run_body(d: Path) -> str:
     parts = [f"<h1>kdkit run {html.escape(str(d))}</h1>"]
-    epochs = _jsonl(d / "epochs.jsonl")
+    epochs = read_log(d / "epochs.jsonl")
     if epochs:
         keys = [k for k in ("epoch", "step", "train_loss", "val_loss", "ce_loss", "kl_loss", "val_kl", "barrier")
                 if k in epochs[0]]

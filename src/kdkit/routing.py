@@ -34,6 +34,7 @@ from torch import Tensor
 from kdkit import data as kdata
 from kdkit.config import RoutingConfig
 from kdkit.errors import KdkitError
+from kdkit.losses import token_ce
 
 MAIN, QUARANTINE = "default", "quarantine"
 
@@ -118,8 +119,7 @@ def _side(model: torch.nn.Module, layers: dict[str, Any], rows: list[kdata.Token
         with torch.set_grad_enabled(method == "grad"):
             logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
             if method == "grad":
-                loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), tgt, ignore_index=-100,
-                                                         reduction="sum")
+                loss = token_ce(logits, tgt).sum()
                 names = list(outs)
                 # gradients with respect to activations only: no parameter's .grad is touched
                 grads = dict(zip(names, torch.autograd.grad(loss, [outs[n] for n in names]), strict=True))

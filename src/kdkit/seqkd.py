@@ -25,6 +25,7 @@ from kdkit.generation import GenerationSettings, generate_ids
 from kdkit.identity import changed_inputs, path_identity
 from kdkit.io import atomic_write_json, read_jsonl_objects, storage
 from kdkit.models import load_causal_lm, load_tokenizer
+from kdkit.rng import own_rng
 
 KEPT_FIELDS = ("role", "task", "weight")
 
@@ -175,7 +176,7 @@ def _generate(model_dir: str, data: str, out: Path, settings: GenerationSettings
         task = bar.add_task("generate", total=len(rows), completed=done)
         for lo in range(done, len(rows), settings.batch_size):
             chunk = prompts[lo:lo + settings.batch_size]
-            with torch.random.fork_rng(devices=[]):
+            with own_rng():
                 torch.manual_seed(settings.seed * 1_000_003 + lo)  # a batch's samples do not depend on a resume
                 completions = generate_ids(model, tokenizer, chunk, settings)
             stops = {tokenizer.eos_token_id}

@@ -168,8 +168,6 @@ def build(cfg: TrainConfig, run: Path, acc: Any, ckpt: Path | None, log: Callabl
     model, opt = acc.prepare(model, opt)
     if sharding.is_sharded(model):  # FSDP2 replaced the parameters by their shards
         trainable = [p for p in model.parameters() if p.requires_grad]
-    if why_not is None:
-        _check_head(model, rows[0], pad, acc.device)
     parts = {"router": Router(unwrap(model), cfg.routing, tokenizer, pad) if cfg.routing is not None else None,
              # directions from the initial weights (a resume loads the saved ones)
              "probes": load_probes(cfg.probes, tokenizer) if cfg.probes is not None else [],
@@ -179,6 +177,8 @@ def build(cfg: TrainConfig, run: Path, acc: Any, ckpt: Path | None, log: Callabl
         step, epoch_sums = _restore(ckpt, acc.unwrap_model(model), opt, parts, log)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.schedule, o.warmup_steps, total_steps),
                                                   last_epoch=step - 1)
+    if why_not is None:  # after the restore: a sharded model's forward leaves its root parameters gathered
+        _check_head(model, rows[0], pad, acc.device)
     r = Run(cfg, acc, run, tokenizer, rows, val_rows, pad, len(tokenizer), model, trainable, opt, sched, src,
             why_not is None, world, rank, global_batch, steps_per_epoch, total_steps, **parts)
     if acc.is_main_process:

@@ -17,6 +17,7 @@ from kdkit import sharding
 from kdkit.faults import kill_if
 from kdkit.io import atomic_write_json
 from kdkit.probes import probe_round
+from kdkit.rng import own_rng
 from kdkit.teacher import unwrap
 from kdkit.train.rundir import append_jsonl, write_checkpoint
 
@@ -78,8 +79,7 @@ LAST_GOOD = "last_good_trainable.safetensors"
 def probe(r: Run, step: int, log: Callable[[str], None]) -> str:
     """A probe round after ``step``: its rows written, the coherence floor applied ('none' without one)."""
     live = [s for s in (r.src.reference, r.src.teacher) if s is not None and s.scores_any_tokens]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):  # greedy, but never let a probe move the training RNG
+    with own_rng():  # greedy, but never let a probe move the training RNG
         records, row = probe_round(unwrap(r.model), r.tokenizer, r.probes, r.cfg.probes, step,
                                    live[0] if live else None, r.real_vocab)
     if live:

@@ -44,16 +44,7 @@ def train(
         return done
     ckpt = newest_checkpoint(run) if resume else None
     run.mkdir(parents=True, exist_ok=True)
-    mixed = {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(cfg.optim.precision, "no")
-    # Accelerate keeps one state per process; a second run in the same process (a ladder, the tests) may ask
-    # for another precision. The process group (PartialState) is kept.
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
-    acc = sharding.make_accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed,
-                                    log_with="tensorboard" if cfg.logging.tensorboard else None,
-                                    project_dir=str(run))
-    sharding.check_supported(cfg.model_dump(), acc)
+    acc = _accelerator(cfg, run)
     set_seed(cfg.optim.seed)
     r, step, epoch_sums = build(cfg, run, acc, ckpt, log)
     if acc.is_main_process:  # after every check passed: a refused run leaves its directory as it was
@@ -104,6 +95,20 @@ def train(
         acc.end_training()
     return {"run_dir": str(run), "steps": final_step, "max_weight_change": drift,
             "seconds": time.perf_counter() - t_start, "early_stopped_at": step if stopped else None}
+
+
+def _accelerator(cfg: TrainConfig, run: Path) -> Any:
+    """The run's Accelerator (its precision, its trackers), after refusing what a sharded run cannot do."""
+    from accelerate.state import AcceleratorState
+
+    mixed = {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(cfg.optim.precision, "no")
+    # Accelerate keeps one state per process; a second run in the same process (a ladder, the tests) may ask
+    # for another precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    acc = sharding.make_accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed,
+                                    log_with="tensorboard" if cfg.logging.tensorboard else None, project_dir=str(run))
+    sharding.check_supported(cfg.model_dump(), acc)
+    return acc
 
 
 def quiet(message: str) -> None:

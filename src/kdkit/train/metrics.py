@@ -10,7 +10,7 @@ import torch
 
 from kdkit import data as kdata
 from kdkit.config import TrainConfig
-from kdkit.losses import aggregate, token_divergence
+from kdkit.losses import aggregate, token_ce, token_divergence
 from kdkit.models import vocab_logits
 from kdkit.objective import SUM_KEYS, ObjectiveOutput, means
 from kdkit.teacher import Signal
@@ -86,8 +86,7 @@ def evaluate_loss(model: torch.nn.Module, rows: list[kdata.TokenizedRow], cfg: T
         logits = vocab_logits(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1],
                               real_vocab, "student").float()
         valid = batch.targets != kdata.IGNORE_INDEX
-        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none")
-        ce_sum += float(ce[valid].sum())
+        ce_sum += float(token_ce(logits, batch.targets).sum())
         n += int(valid.sum())
         if teacher is not None:
             div = token_divergence(logits, teacher(batch, model), "kl_fwd", temperature=cfg.objective.kd.temperature,

@@ -31,9 +31,15 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
         fh.flush()
 
 
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The rows of one of a run's jsonl logs (metrics, epochs, probes); none when it is not there. The one
+    reader of them: training (on resume), ladder and report."""
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
 def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
     if path.is_file():
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        rows = read_log(path)
         atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows if keep(r)).encode())
 
 
