@@ -22,56 +22,42 @@ class _Strict(BaseModel):
 
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _one_of(value: str, valid: Any, what: str) -> str:
-    if value not in valid:
-        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
-    return value
+# The choices, as types: pydantic refuses anything else, naming the field and the valid values, and the JSON
+# schema lists them. The divergence kinds, aggregations and tail policies come from kdkit.losses' registries.
+Kind = Literal[tuple(KINDS)]
+TailPolicy = Literal[tuple(TAIL_POLICIES)]
+Aggregation = Literal[tuple(AGGREGATIONS)]
+Dtype = Literal[DTYPES]
+LoadIn = Literal["4bit", "8bit"]
 
 
 class DivergenceConfig(_Strict):
     """Which divergence, at which temperature, with which top-K tail policy."""
 
-    kind: str = Field("kl_fwd", description=f"one of: {', '.join(KINDS)}")
+    kind: Kind = Field("kl_fwd", description=f"one of: {', '.join(KINDS)}")
     temperature: float = Field(1.0, gt=0.0, description="loss temperature T (divides the logits)")
     t2_scale: bool = Field(True, description="multiply the divergence by T^2")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd mixture weight (0 = kl_fwd, 1 = kl_rev)")
     alpha: float = Field(0.1, gt=0.0, lt=1.0, description="skew_fwd/skew_rev skew")
-    tail: str = Field("bucket", description=f"top-K tail policy: {', '.join(TAIL_POLICIES)}")
+    tail: TailPolicy = Field("bucket", description=f"top-K tail policy: {', '.join(TAIL_POLICIES)}")
     cross_tokenizer: Literal["none", "uld", "gold"] = Field(
         "none", description="a teacher with another tokenizer: uld (sorted-probability L1 at aligned positions) or "
                             "gold (kind over the tokens both vocabularies share + uld on the rest); none: one tokenizer")
 
-    @field_validator("kind")
-    @classmethod
-    def _kind(cls, v: str) -> str:
-        return _one_of(v, KINDS, "divergence kind")
 
-    @field_validator("tail")
-    @classmethod
-    def _tail(cls, v: str) -> str:
-        return _one_of(v, TAIL_POLICIES, "tail policy")
 
 
 class BarrierConfig(_Strict):
     """λ_b · relu(aggregate(divergence-to-reference per position) − τ)."""
 
-    kind: str = Field("kl_rev", description="kl_fwd (reference ‖ student) or kl_rev (student ‖ reference)")
-    aggregate: str = Field("mean", description=f"one of: {', '.join(AGGREGATIONS)}")
+    kind: Literal["kl_fwd", "kl_rev"] = Field("kl_rev", description="kl_fwd (reference ‖ student) or kl_rev "
+                                                                    "(student ‖ reference)")
+    aggregate: Aggregation = Field("mean", description=f"one of: {', '.join(AGGREGATIONS)}")
     tau: float = Field(0.0, ge=0.0, description="hinge threshold τ")
     weight: float = Field(1.0, ge=0.0, description="λ_b")
     temperature: float = Field(1.0, gt=0.0)
 
-    @field_validator("kind")
-    @classmethod
-    def _kind(cls, v: str) -> str:
-        return _one_of(v, ("kl_fwd", "kl_rev"), "barrier kind")
 
-    @field_validator("aggregate")
-    @classmethod
-    def _agg(cls, v: str) -> str:
-        return _one_of(v, AGGREGATIONS, "aggregation")
 
 
 class RoleTerms(_Strict):
@@ -121,7 +107,8 @@ class ObjectiveConfig(_Strict):
     """total = ce_coef·CE + kd_weight·w(row)·KD + barrier (see ``kdkit.objective``)."""
 
     ce_coef: float = Field(1.0, ge=0.0, description="coefficient of the cross-entropy term")
-    ce_norm: str = Field("token", description="'token' (each target token weighs 1) or 'sqrt_row' (1/sqrt(row tokens))")
+    ce_norm: Literal["token", "sqrt_row"] = Field("token", description="'token' (each target token weighs 1) or "
+                                                                       "'sqrt_row' (1/sqrt(row tokens))")
     kd_weight: float = Field(1.0, ge=0.0, description="λ, the coefficient of the KD term")
     kd: DivergenceConfig = Field(default_factory=DivergenceConfig)
     task_weights: dict[str, float] = Field(default_factory=dict, description="per-task KD multipliers w(task)")
@@ -145,10 +132,6 @@ class ObjectiveConfig(_Strict):
             raise ValueError(f"must be >= 0 or 'auto', got {v}")
         return v
 
-    @field_validator("ce_norm")
-    @classmethod
-    def _ce_norm(cls, v: str) -> str:
-        return _one_of(v, ("token", "sqrt_row"), "ce_norm")
 
     @field_validator("task_weights")
     @classmethod
@@ -180,19 +163,11 @@ class LoraConfig(_Strict):
 
 class StudentConfig(_Strict):
     path: str = Field(..., description="local Hugging Face model directory (safetensors)")
-    dtype: str = Field("float32", description="float32, bfloat16 or float16")
+    dtype: Dtype = Field("float32", description="float32, bfloat16 or float16")
     lora: LoraConfig | None = Field(None, description="LoRA adapters via peft; omit for full fine-tuning")
-    load_in: str | None = Field(None, description="'4bit' or '8bit' (bitsandbytes, GPU only)")
+    load_in: LoadIn | None = Field(None, description="'4bit' or '8bit' (bitsandbytes, GPU only)")
 
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        return _one_of(v, DTYPES, "dtype")
 
-    @field_validator("load_in")
-    @classmethod
-    def _load_in(cls, v: str | None) -> str | None:
-        return None if v is None else _one_of(v, ("4bit", "8bit"), "load_in")
 
 
 class TeacherConfig(_Strict):
@@ -200,18 +175,10 @@ class TeacherConfig(_Strict):
 
     cache: str | None = Field(None, description="teacher cache directory made by `kdkit precompute`")
     model: str | None = Field(None, description="teacher model directory, loaded once, frozen")
-    dtype: str = Field("float32", description="float32, bfloat16 or float16 (a live teacher's weights)")
-    load_in: str | None = Field(None, description="'4bit' or '8bit' for a live teacher (bitsandbytes, CUDA only)")
+    dtype: Dtype = Field("float32", description="float32, bfloat16 or float16 (a live teacher's weights)")
+    load_in: LoadIn | None = Field(None, description="'4bit' or '8bit' for a live teacher (bitsandbytes, CUDA only)")
 
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        return _one_of(v, DTYPES, "dtype")
 
-    @field_validator("load_in")
-    @classmethod
-    def _load_in(cls, v: str | None) -> str | None:
-        return None if v is None else _one_of(v, ("4bit", "8bit"), "load_in")
 
     @model_validator(mode="after")
     def _one(self) -> TeacherConfig:
@@ -224,13 +191,9 @@ class ReferenceConfig(_Strict):
     """The barrier's reference: ``base`` (the student before training; with LoRA, adapters
     disabled, no second copy), a ``model`` directory, or a ``cache``."""
 
-    kind: str = Field("base", description="base, model or cache")
+    kind: Literal["base", "model", "cache"] = Field("base", description="base, model or cache")
     path: str | None = None
 
-    @field_validator("kind")
-    @classmethod
-    def _kind(cls, v: str) -> str:
-        return _one_of(v, ("base", "model", "cache"), "reference kind")
 
     @model_validator(mode="after")
     def _path(self) -> ReferenceConfig:
@@ -246,24 +209,18 @@ class DataConfig(_Strict):
     validation: str | None = None
     max_length: int = Field(512, ge=2)
     shuffle_seed: int = 0
-    on_empty: str = "skip"
-    truncation: str = Field("left", description="rows over max_length: 'left' drops the oldest tokens (keeps the "
+    on_empty: Literal["skip", "error"] = "skip"
+    truncation: Literal["left", "right"] = Field("left", description="rows over max_length: 'left' drops the oldest "
+                                                                     "tokens (keeps the "
                                                 "completion / latest turns; a leading BOS stays), 'right' the end")
 
-    @field_validator("on_empty")
-    @classmethod
-    def _oe(cls, v: str) -> str:
-        return _one_of(v, ("skip", "error"), "on_empty")
 
-    @field_validator("truncation")
-    @classmethod
-    def _tr(cls, v: str) -> str:
-        return _one_of(v, ("left", "right"), "truncation")
 
 
 class OptimConfig(_Strict):
     lr: float = Field(3e-5, gt=0.0)
-    schedule: str = Field("cosine", description="constant, linear or cosine (after warm-up)")
+    schedule: Literal["constant", "linear", "cosine"] = Field("cosine",
+                                                              description="constant, linear or cosine (after warm-up)")
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -280,10 +237,6 @@ class OptimConfig(_Strict):
     gradient_checkpointing: bool = Field(False, description="recompute the student's activations in backward "
                                                             "(less memory, more time)")
 
-    @field_validator("schedule")
-    @classmethod
-    def _sched(cls, v: str) -> str:
-        return _one_of(v, ("constant", "linear", "cosine"), "schedule")
 
 
 class CheckpointConfig(_Strict):
