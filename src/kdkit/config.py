@@ -479,6 +479,15 @@ def _yaml_line(text: str, dotted: str) -> int | None:
     return line
 
 
+def split_assignment(spec: str, flag: str, example: str) -> tuple[str, str]:
+    """``key.sub=text`` → (``key.sub``, ``text``): the one parser of the command line's assignments
+    (``--set``, ``--vary``)."""
+    key, sep, text = spec.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{flag} {spec!r}: expected {example}")
+    return key.strip(), text
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``key.sub=value`` (value parsed as YAML) onto a nested dict."""
     import copy
@@ -487,11 +496,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
     out = copy.deepcopy(raw)
     for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"--set {ov!r}: expected key.sub=value")
-        key, val = ov.split("=", 1)
+        key, val = split_assignment(ov, "--set", "key.sub=value")
         node = out
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for p in parts[:-1]:
             if not isinstance(node.get(p), dict):
                 node[p] = {} if node.get(p) is None else node[p]

@@ -96,10 +96,9 @@ def aligned_teacher_logits(model: Any, tokenizer: Any, views: list[tuple[list[in
 
         raise ModelError(f"the {what} tokenizes a row's text into {width} tokens but has {limit} positions; lower "
                          f"data.max_length (the {what} sees the text the student keeps)")
-    ids = torch.full((len(views), width), pad_id(tokenizer), dtype=torch.long)
-    att = torch.zeros((len(views), width), dtype=torch.long)
-    for b, (t_ids, _) in enumerate(views):
-        ids[b, :len(t_ids)], att[b, :len(t_ids)] = torch.tensor(t_ids), 1
+    from kdkit.data import pad
+
+    ids, att = pad([t_ids for t_ids, _ in views], pad_id(tokenizer))
     logits = vocab_logits(model(input_ids=ids.to(device), attention_mask=att.to(device)).logits, len(tokenizer), what)
     rows = torch.tensor([b for b, (_, pairs) in enumerate(views) for _ in pairs], dtype=torch.long, device=device)
     t_pos = torch.tensor([i - 1 for _, pairs in views for _, i in pairs], dtype=torch.long, device=device)

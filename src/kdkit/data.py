@@ -334,18 +334,26 @@ class Batch:
         return self
 
 
+def pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences as one LongTensor [B, max length] padded with ``pad_id`` on ``side`` (``right`` for
+    training and scoring, ``left`` for generation), and its attention mask. The one padding helper."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        span = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[b, span], att[b, span] = torch.tensor(list(s), dtype=torch.long), 1
+    return ids, att
+
+
 def collate(rows: Sequence[TokenizedRow], pad_id: int, row_index: Sequence[int] | None = None) -> Batch:
     if not rows:
         raise ValueError("collate: empty batch")
-    length = max(len(r.input_ids) for r in rows)
+    ids, att = pad([r.input_ids for r in rows], pad_id)
     bsz = len(rows)
-    ids = torch.full((bsz, length), pad_id, dtype=torch.long)
-    att = torch.zeros((bsz, length), dtype=torch.long)
-    tgt = torch.full((bsz, length), IGNORE_INDEX, dtype=torch.long)
+    tgt = torch.full(ids.shape, IGNORE_INDEX, dtype=torch.long)
     for b, r in enumerate(rows):
         n = len(r.input_ids)
-        ids[b, :n] = torch.tensor(r.input_ids)
-        att[b, :n] = 1
         m = torch.tensor(r.loss_mask, dtype=torch.bool)
         tgt[b, :n] = torch.where(m, ids[b, :n], torch.full((n,), IGNORE_INDEX))
     return Batch(

@@ -243,12 +243,10 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
 
     device = next(model.parameters()).device
     config = explicit_generation_config(settings, model, tokenizer)
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), int(config.pad_token_id), dtype=torch.long)
-    att = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        att[b, width - len(p):] = 1
+    from kdkit.data import pad
+
+    ids, att = pad(prompts, int(config.pad_token_id), side="left")
+    width = ids.shape[1]
     stops = eos_ids(model, tokenizer)
     own_config, was_training = model.generation_config, model.training
     model.generation_config = config  # nothing of the model's own generation config may leak in

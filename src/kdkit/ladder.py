@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from kdkit.config import load_train_config
+from kdkit.config import load_train_config, split_assignment
 from kdkit.errors import UsageError
 from kdkit.evaluate import GenerationSettings
 from kdkit.gate import GateRule, format_tasks, gate
@@ -33,13 +33,11 @@ def parse_vary(specs: list[str]) -> list[tuple[str, list[Any]]]:
     """``key.sub=v1,v2,v3`` → (key, [parsed values]); values are parsed as YAML scalars."""
     out = []
     for spec in specs:
-        if "=" not in spec:
-            raise UsageError(f"--vary {spec!r}: expected key.sub=v1,v2,...")
-        key, vals = spec.split("=", 1)
+        key, vals = split_assignment(spec, "--vary", "key.sub=v1,v2,...")
         values = [yaml.safe_load(v) for v in vals.split(",") if v.strip()]
         if not values:
             raise UsageError(f"--vary {spec!r}: no values")
-        out.append((key.strip(), values))
+        out.append((key, values))
     return out
 
 
