@@ -178,3 +178,14 @@ def test_programs_are_the_candidate_then_the_test():
     p = program_for(TASK, CORRECT)
     assert isinstance(p, Program) and p.source == TASK.prompt + CORRECT + "\n"
     assert p.test == TASK.test and p.entry_point == "square"
+
+
+def test_every_status_the_harness_reports_is_one_the_sandbox_accepts():
+    import importlib.util
+
+    from kdkit import sandbox
+
+    spec = importlib.util.spec_from_file_location("kdkit_harness_copy", sandbox._HARNESS)
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)  # stdlib only: importable anywhere, runs nothing at import
+    assert set(harness.STATUSES) <= set(sandbox.STATUSES) and harness.STATUSES[0] == "passed"

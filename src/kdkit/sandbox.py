@@ -110,7 +110,8 @@ def _interpreter() -> tuple[str, list[str]]:
 
 
 def _bwrap_args(files: Path, lim: Limits, uid: int | None, fd: int, entry: str) -> list[str]:
-    """bubblewrap around the harness; ``files`` holds harness.py, program.py and test.py (bound read-only)."""
+    """bubblewrap around the harness (bound read-only from kdkit itself); ``files`` holds program.py and
+    test.py (bound read-only into /sandbox)."""
     exe, binds = _interpreter()
     args = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr"]
@@ -126,7 +127,7 @@ def _bwrap_args(files: Path, lim: Limits, uid: int | None, fd: int, entry: str) 
     args += ["--proc", "/proc", "--dev", "/dev"]
     for d in ("/tmp", "/dev/shm", "/sandbox"):
         args += ["--size", size, "--perms", "1777", "--tmpfs", d]
-    args += ["--perms", "0755", "--dir", "/kdkit", "--ro-bind", str(files / "harness.py"), "/kdkit/harness.py"]
+    args += ["--perms", "0755", "--dir", "/kdkit", "--ro-bind", str(_HARNESS), "/kdkit/harness.py"]
     for name in ("program.py", "test.py"):
         if (files / name).exists():
             args += ["--ro-bind", str(files / name), f"/sandbox/{name}"]
@@ -290,16 +291,13 @@ def _classify(verdict: tuple[str, str] | None, rc: int | None, timed_out: bool, 
     return "exited", f"exited before the tests finished (exit status {rc})"
 
 
-def _stage(outer: Path, program: Program, uid: int | None) -> None:
-    """harness.py, program.py and test.py, readable by the sandbox's uid."""
-    (outer / "harness.py").write_bytes(_HARNESS.read_bytes())
+def _stage(outer: Path, program: Program) -> None:
+    """program.py and test.py, readable by the sandbox's uid (they are bound read-only into /sandbox)."""
     (outer / "program.py").write_text(program.source, encoding="utf-8")
     if program.test is not None:
         (outer / "test.py").write_text(program.test, encoding="utf-8")
     for f in outer.iterdir():
         f.chmod(0o644)
-    if uid is not None:
-        outer.chmod(0o711)  # the uid may traverse to the three files, not list or write
 
 
 def _run_one(program: Program, lim: Limits, *, slot: int, unsafe: bool) -> RunResult:
@@ -313,13 +311,13 @@ def _run_one(program: Program, lim: Limits, *, slot: int, unsafe: bool) -> RunRe
     key = secrets.token_bytes(32)
     try:
         files.mkdir()
-        _stage(files, program, uid)
+        _stage(files, program)
         out_p, err_p = outer / "stdout", outer / "stderr"
         entry = program.entry_point or ""
         if unsafe:
             work = outer / "work"  # no namespaces: the program runs beside its files, unbounded by tmpfs
             shutil.copytree(files, work)
-            cmd = [sys.executable, *_PY_FLAGS, str(work / "harness.py"), str(w_fd), entry]
+            cmd = [sys.executable, *_PY_FLAGS, str(_HARNESS), str(w_fd), entry]
             env, cwd = {"PATH": "/usr/bin:/bin", "HOME": str(work)}, work
         else:
             cmd, env, cwd = _bwrap_args(files, lim, uid, w_fd, entry), {"PATH": "/usr/bin:/bin"}, outer
