@@ -96,3 +96,19 @@ def test_run_inputs_cover_every_path_a_config_reads(world):
     shutil.copy(w / "train.jsonl", w / "val.jsonl")
     c = load_train_config(cfg, [f"data.validation={w / 'val.jsonl'}"])
     assert set(run_inputs(c)) == {"data.train", "data.validation", "student.path", "teacher.model"}
+
+
+def test_a_cache_is_identified_by_its_manifest_and_tokenizer_not_by_reading_its_shards(tmp_path):
+    from kdkit.identity import cache_identity
+
+    (tmp_path / "manifest.json").write_text('{"shards": []}')
+    (tmp_path / "shard-00000.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / "teacher_tokenizer").mkdir()
+    (tmp_path / "teacher_tokenizer" / "tokenizer.json").write_text("{}")
+    before = cache_identity(tmp_path)
+    assert sorted(before["files"]) == ["manifest.json", "teacher_tokenizer/tokenizer.json"]
+    (tmp_path / "shard-00000.safetensors").write_bytes(b"y" * 100)  # checked against the manifest when read
+    assert cache_identity(tmp_path) == before
+    (tmp_path / "teacher_tokenizer" / "tokenizer.json").write_text('{"model": 1}')
+    assert changed_inputs({"teacher.cache": before}, {"teacher.cache": cache_identity(tmp_path)}) == [
+        "teacher.cache: teacher_tokenizer/tokenizer.json changed"]

@@ -44,12 +44,15 @@ def _file_identity(path: Path) -> str:
     return sha256_file(path)
 
 
-def dir_files(path: str | Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under ``path`` that can change a result."""
+def dir_files(path: str | Path, skip: str | None = None) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``path`` that can change a result (names starting with
+    ``skip`` left out, unread)."""
     root = Path(path)
     out = {}
     for f in sorted(root.rglob("*")):
         rel = f.relative_to(root).as_posix()
+        if skip is not None and rel.startswith(skip):
+            continue
         if f.is_file() and f.name not in _NOT_IDENTITY and not any(p.startswith(".tmp") for p in rel.split("/")):
             out[rel] = _file_identity(f)
     return out
@@ -85,7 +88,7 @@ def _cfg_inputs(cfg: Any) -> dict[str, str | None]:
 def cache_identity(path: str | Path) -> dict[str, Any]:
     """A teacher cache by its manifest (which holds every shard's sha256, checked when a shard is read)
     and every file that is not a shard: key, a cross-tokenizer cache's ``teacher_tokenizer/``."""
-    files = {n: h for n, h in dir_files(path).items() if not n.startswith("shard-")}
+    files = dir_files(path, skip="shard-")  # the shards themselves are not read here
     return {"sha256": digest(files), "files": files}
 
 
