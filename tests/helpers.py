@@ -11,18 +11,20 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kdkit.demo.tokenizer import build_char_tokenizer
 
 
-def tiny_llama(vocab_size: int, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
+def tiny_llama(vocab_size: int, *, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 4) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=256,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg).eval()
 
 
-def save_model_dir(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, extra_vocab: int = 0) -> Path:
-    """A tiny Llama + char tokenizer saved as a Hugging Face directory (safetensors)."""
+def save_model_dir(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, extra_vocab: int = 0,
+                   heads: int = 4) -> Path:
+    """A tiny Llama + char tokenizer saved as a Hugging Face directory (safetensors). vLLM's CPU attention
+    needs a head size of 32 or more: ``hidden=64, heads=2``."""
     tok = build_char_tokenizer()
-    model = tiny_llama(len(tok) + extra_vocab, seed=seed, hidden=hidden, layers=layers)
+    model = tiny_llama(len(tok) + extra_vocab, seed=seed, hidden=hidden, layers=layers, heads=heads)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path), safe_serialization=True)
     tok.save_pretrained(str(path))

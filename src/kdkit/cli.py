@@ -151,6 +151,8 @@ def precompute_cmd(
     shard_rows: int = typer.Option(256, help="Rows per shard (the unit of resumption)."),
     on_empty: str = typer.Option(None, help="Rows with no target token: 'skip' (default; reported) or 'error'."),
     student_tokenizer: str = typer.Option(None, help="A student whose tokenizer differs from the teacher's (its model directory): the rows are read with it and the teacher's top-K is stored at the positions aligned by characters (for objective.kd.cross_tokenizer). With --config: the config's student.path when its cross_tokenizer is set."),
+    teacher_url: str = typer.Option(None, help="A teacher served by vLLM (http://HOST:PORT): its prompt log-probs are captured instead of a local forward. --teacher is then the local directory of its tokenizer; when it also holds the weights, they are fingerprinted and `kdkit teacher check` runs on a few rows first. With --config: the config's teacher.url."),
+    served_model: str = typer.Option(None, help="With --teacher-url: the model name the server must serve (its --served-model-name; default: its only model)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Run the teacher once over DATA and store its top-K log-probs, tail mass and statistics in OUT.
@@ -160,18 +162,18 @@ def precompute_cmd(
 
     given = {"--teacher": teacher, "--data": data, "--out": out, "--temperature": temperature,
              "--max-length": max_length, "--truncation": truncation, "--on-empty": on_empty,
-             "--student-tokenizer": student_tokenizer}
+             "--student-tokenizer": student_tokenizer, "--teacher-url": teacher_url, "--served-model": served_model}
     v = _precompute_inputs(given, config) if config else {
         **given, "--temperature": 1.0 if temperature is None else temperature,
-        "--max-length": max_length or 1024, "--truncation": truncation or "left", "--on-empty": on_empty or "skip",
-        "--student-tokenizer": student_tokenizer}
+        "--max-length": max_length or 1024, "--truncation": truncation or "left", "--on-empty": on_empty or "skip"}
     missing = [k for k in ("--teacher", "--data", "--out") if not v[k]]
     if missing:
         fail(f"missing {', '.join(missing)} (or give --config with a training config that names them)")
     settings = PrecomputeSettings(top_k=top_k, temperature=v["--temperature"], batch_size=batch_size,
                                   max_length=v["--max-length"], dtype=dtype, logprob_dtype=logprob_dtype,
                                   shard_rows=shard_rows, on_empty=v["--on-empty"], truncation=v["--truncation"],
-                                  student_tokenizer=v["--student-tokenizer"])
+                                  student_tokenizer=v["--student-tokenizer"], teacher_url=v["--teacher-url"],
+                                  served_model=v["--served-model"])
     try:
         precompute(v["--teacher"], v["--data"], v["--out"], settings, progress=progress, log=console.print)
     finally:
@@ -186,8 +188,11 @@ def _precompute_inputs(given: dict[str, Any], config: str) -> dict[str, Any]:
                 "--out": t.cache if t is not None else None, "--temperature": cfg.objective.kd.temperature,
                 "--max-length": cfg.data.max_length, "--truncation": cfg.data.truncation,
                 "--on-empty": cfg.data.on_empty,
-                "--student-tokenizer": cfg.student.path if cfg.objective.kd.cross_tokenizer != "none" else None}
-    fields = {"--teacher": "teacher.model", "--data": "data.train", "--out": "teacher.cache",
+                "--student-tokenizer": cfg.student.path if cfg.objective.kd.cross_tokenizer != "none" else None,
+                "--teacher-url": t.url if t is not None else None,
+                "--served-model": t.served_model if t is not None else None}
+    fields = {"--teacher-url": "teacher.url", "--served-model": "teacher.served_model",
+              "--teacher": "teacher.model", "--data": "data.train", "--out": "teacher.cache",
               "--temperature": "objective.kd.temperature", "--max-length": "data.max_length",
               "--truncation": "data.truncation", "--on-empty": "data.on_empty",
               "--student-tokenizer": "student.path"}
@@ -253,7 +258,11 @@ def cache_info(path: str = typer.Argument(..., help="Cache directory.")) -> None
         ("bytes/token", f"{m['bytes_per_token']:.1f} (target <= {4.25 * c['top_k'] + 16:.0f})"),
         ("tail mass mean / p50 / p95",
          f"{st['tail_mass_mean']:.4f} / {st['tail_mass_p50']:.4f} / {st['tail_mass_p95']:.4f}"),
-        ("teacher entropy (mean, nats)", f"{st['teacher_entropy_mean']:.4f}"),
+        ("teacher entropy (mean, nats)", "n/a (a served teacher returns its top-K alone)"
+         if st["teacher_entropy_mean"] is None else f"{st['teacher_entropy_mean']:.4f}"),
+        *([("served by", f"{m['teacher']['served']['url']} ({m['teacher']['served']['model']}, vLLM "
+                         f"{m['teacher']['served']['vllm_version']}, max logprobs "
+                         f"{m['teacher']['served']['max_logprobs']})")] if "served" in m["teacher"] else []),
     ]:
         table.add_row(k, str(v))
     console.print(table)

@@ -171,19 +171,35 @@ class StudentConfig(_Strict):
 
 
 class TeacherConfig(_Strict):
-    """Exactly one of ``cache`` (offline) or ``model`` (online); omit the section for plain SFT."""
+    """Exactly one of ``cache`` (offline), ``model`` (online, in the training process) or ``url`` (online,
+    served by vLLM; ``model`` may then name the local copy of its weights, checked against the server on a
+    few rows, never loaded for training); omit the section for plain SFT."""
 
     cache: str | None = Field(None, description="teacher cache directory made by `kdkit precompute`")
     model: str | None = Field(None, description="teacher model directory, loaded once, frozen")
+    url: str | None = Field(None, description="a teacher served by vLLM (http://HOST:PORT), asked for top-K "
+                                              "log-probs per batch")
+    served_model: str | None = Field(None, description="with url: the model name the server must serve "
+                                                       "(default: its only one)")
+    top_k: int = Field(64, ge=1, description="with url: log-probs asked per position (at most the server's "
+                                             "--max-logprobs)")
+    timeout_s: float = Field(120.0, gt=0, description="with url: seconds a request may take before a retry")
+    retries: int = Field(3, ge=0, description="with url: retries of a failed request (backoff 1, 2, 4 s ...)")
     dtype: Dtype = Field("float32", description="float32, bfloat16 or float16 (a live teacher's weights)")
     load_in: LoadIn | None = Field(None, description="'4bit' or '8bit' for a live teacher (bitsandbytes, CUDA only)")
 
-
-
     @model_validator(mode="after")
     def _one(self) -> TeacherConfig:
+        if self.url is not None:
+            if self.cache is not None:
+                raise ValueError("teacher: set one of 'cache' or 'url' (a cache is captured once, by "
+                                 "`kdkit precompute --teacher-url`)")
+            if self.load_in is not None:
+                raise ValueError("teacher.load_in quantises a teacher loaded here; a served teacher runs as "
+                                 "vLLM serves it")
+            return self
         if (self.cache is None) == (self.model is None):
-            raise ValueError("teacher: set exactly one of 'cache' or 'model'")
+            raise ValueError("teacher: set exactly one of 'cache', 'model' or 'url'")
         return self
 
 
@@ -337,6 +353,9 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
     """(field, why) for every option set away from its default that cannot take effect in this configuration."""
     o, kd = cfg.objective, cfg.objective.kd
     out = []
+    if cfg.teacher is not None and cfg.teacher.url is None:
+        out += [(f"teacher.{f}", "applies to a served teacher (teacher.url) only")
+                for f in ("served_model", "top_k", "timeout_s", "retries") if _set(cfg.teacher, f)]
     if cfg.student.load_in is not None and cfg.student.lora is None:
         out.append(("student.load_in", "quantised weights cannot be fine-tuned in full; add student.lora (QLoRA)"))
     if _set(kd, "beta") and kd.kind != "jsd":
@@ -355,14 +374,14 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
             out.append(("teacher.dtype", "a cached teacher is not run; its capture dtype is in the cache"))
         if cfg.teacher.cache and cfg.teacher.load_in is not None:
             out.append(("teacher.load_in", "a cached teacher is not run; quantise the teacher of a live run only"))
-        if cfg.teacher.model and _set(kd, "tail"):
+        if cfg.teacher.model and cfg.teacher.url is None and _set(kd, "tail"):
             out.append(("objective.kd.tail", "a live teacher gives the dense distribution: there is no top-K tail"))
     out += _on_policy_without_effect(cfg)
     out += _kd_off_without_effect(cfg)
     out += _cross_without_effect(cfg)
-    if cfg.objective.hidden is not None and (cfg.teacher is None or not cfg.teacher.model):
-        out.append(("objective.hidden", "hidden states come from a live teacher: set teacher.model (a cache holds "
-                                        "log-probs only)"))
+    if cfg.objective.hidden is not None and (cfg.teacher is None or not cfg.teacher.model or cfg.teacher.url):
+        out.append(("objective.hidden", "hidden states come from a live teacher: set teacher.model (a cache or a "
+                                        "server gives log-probs only)"))
     if cfg.early_stop is not None and cfg.probes is None:
         out.append(("early_stop", "the coherence floor is judged on probe generations: add a probes section"))
     if _set(cfg.checkpoint, "keep") and cfg.checkpoint.every == 0:
@@ -433,9 +452,9 @@ def _on_policy_without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
     op = cfg.objective.on_policy
     if op is None:
         return []
-    if cfg.teacher is None or not cfg.teacher.model:
-        return [("objective.on_policy", "the teacher must score the student's own tokens: set teacher.model (a "
-                                        "cache holds the dataset's completions only)")]
+    if cfg.teacher is None or not (cfg.teacher.model or cfg.teacher.url):
+        return [("objective.on_policy", "the teacher must score the student's own tokens: set teacher.model or "
+                                        "teacher.url (a cache holds the dataset's completions only)")]
     if cfg.objective.kd_weight == 0:
         return [("objective.on_policy", "objective.kd_weight is 0: on-policy steps would train nothing")]
     if cfg.reference is not None and cfg.reference.kind == "cache":

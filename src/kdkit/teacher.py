@@ -160,6 +160,62 @@ class LiveSignal:
 
 
 @dataclass
+class ServedSignal:
+    """A teacher served by vLLM: per batch one request for the top-K log-probs at every position of every
+    row (:class:`TopK` with the tail mass 1 − Σ_K p). :meth:`prefetch` sends the requests
+    of batches to come from a background thread, so they overlap the student's forward and backward."""
+
+    server: Any
+    top_k: int
+    what: str = "teacher"
+    scores_any_tokens: bool = True
+    _pool: Any = field(default=None, repr=False)
+    _pending: dict[bytes, Any] = field(default_factory=dict, repr=False)
+
+    @staticmethod
+    def _rows(batch: kdata.Batch) -> list[list[int]]:
+        lengths = batch.attention_mask.sum(-1).tolist()
+        return [ids[:n] for ids, n in zip(batch.input_ids.tolist(), lengths, strict=True)]
+
+    @staticmethod
+    def _key(batch: kdata.Batch) -> bytes:
+        ids = batch.input_ids.cpu()
+        return bytes(str(tuple(ids.shape)), "ascii") + ids.numpy().tobytes() + batch.attention_mask.cpu().numpy().tobytes()
+
+    def prefetch(self, batches: list[kdata.Batch]) -> None:
+        """Send the requests for ``batches`` now; a call for one of them then waits for its answer."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdkit-served-teacher")
+        for b in batches:
+            key = self._key(b)
+            if key not in self._pending:
+                self._pending[key] = self._pool.submit(self.server.prompt_topk, self._rows(b), self.top_k)
+
+    def wait(self, batches: list[kdata.Batch]) -> None:
+        """Every answer for ``batches`` is in (a failed request raises here, before the step computes)."""
+        self.prefetch(batches)
+        for b in batches:
+            self._pending[self._key(b)].result()
+
+    @torch.no_grad()
+    def __call__(self, batch: kdata.Batch, student: torch.nn.Module, at_targets: bool = False) -> TopK:
+        pending = self._pending.pop(self._key(batch), None)
+        per_row = pending.result() if pending is not None else self.server.prompt_topk(self._rows(batch), self.top_k)
+        bsz, seq = batch.targets.shape
+        ids = torch.zeros((bsz, seq, self.top_k), dtype=torch.long)
+        lps = torch.full((bsz, seq, self.top_k), float("-inf"), dtype=torch.float32)
+        tail = torch.full((bsz, seq), float("-inf"), dtype=torch.float32)
+        for b, tk in enumerate(per_row):
+            n = len(tk.ids)
+            ids[b, :n], lps[b, :n], tail[b, :n] = tk.ids, tk.logprobs, tk.tail
+        device = batch.input_ids.device
+        topk = TopK(ids.to(device), lps.to(device), tail.to(device))
+        return topk.select(batch.targets != kdata.IGNORE_INDEX) if at_targets else topk
+
+
+@dataclass
 class AdapterOffSignal:
     """The student with its LoRA adapters switched off: the base model, without a second copy in memory."""
 
@@ -270,7 +326,9 @@ def open_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: An
     src, t, ref = Sources(), cfg.teacher, cfg.reference
     if verify:
         check_model_dir(cfg.student.path, "student.path:")
-    if t is not None and t.model:
+    if t is not None and t.url:
+        src.teacher = open_served(cfg, tokenizer)
+    elif t is not None and t.model:
         if verify:
             check_model_dir(t.model, "teacher.model:")
         cross = cfg.objective.kd.cross_tokenizer
@@ -297,6 +355,34 @@ def open_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: An
         src.reference = (AdapterOffSignal(real_vocab) if cfg.student.lora is not None else
                          LiveSignal(_frozen(copy.deepcopy(unwrap(student))), real_vocab, "reference"))
     return src
+
+
+def open_served(cfg: TrainConfig, tokenizer: Any) -> ServedSignal:
+    """The served teacher after its checks: it serves the model named, answers K log-probs per position at
+    temperature 1, tokenises the data as the student does and — when teacher.model names the local copy of
+    its weights — gives the same log-probs on a few rows (:mod:`kdkit.parity`)."""
+    from kdkit import parity
+    from kdkit.served import Server
+
+    t, kd = cfg.teacher, cfg.objective.kd
+    if kd.cross_tokenizer != "none":
+        raise SourceError("objective.kd.cross_tokenizer with teacher.url: a served teacher must share the "
+                          "student's tokenizer (distil across tokenizers from a local model or a cache)")
+    if kd.temperature != 1.0:
+        raise SourceError(f"objective.kd.temperature is {kd.temperature}: a served teacher's log-probs are at "
+                          f"temperature 1 and a top-K cannot be re-tempered; set it to 1.0")
+    server = Server(t.url, t.served_model, t.timeout_s, t.retries)
+    server.info()
+    limit = server.max_logprobs()
+    if limit is not None and t.top_k > limit:
+        raise SourceError(f"teacher.top_k is {t.top_k} but the server at {t.url} allows --max-logprobs {limit}")
+    tokens = parity.token_parity(server, tokenizer, cfg.data.train)
+    if tokens is not None:
+        raise SourceError(f"teacher.url: {t.url} does not tokenise {cfg.data.train} as the student does: {tokens}")
+    if t.model:
+        parity.teacher_parity(server, t.model, cfg.data.train, parity.PARITY_ROWS, min(t.top_k, 8), t.dtype,
+                              cfg.data.max_length).raise_if_failed()
+    return ServedSignal(server, t.top_k)
 
 
 def check_objective_data(cfg: TrainConfig, rows: list[kdata.TokenizedRow]) -> None:

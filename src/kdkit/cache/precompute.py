@@ -8,6 +8,8 @@ so a killed run resumes and ends with the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -67,6 +69,8 @@ class PrecomputeSettings:
     on_empty: str = "skip"
     truncation: str = "left"
     student_tokenizer: str | None = None  # a student with another tokenizer: cache at its aligned positions
+    teacher_url: str | None = None  # a teacher served by vLLM; ``teacher`` is then its tokenizer (and weights)
+    served_model: str | None = None  # the model name the server must serve (None: its only one)
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -119,17 +123,41 @@ def _cross_batch(model: Any, rows: list[kdata.TokenizedRow], teacher_tok: Any, s
     return pos, tk, tk.tail_logmass(), -(lp.exp() * lp).sum(-1)
 
 
-def _shard_bytes(rows: list[kdata.TokenizedRow], model: Any, s: PrecomputeSettings, vocab: int, real_vocab: int,
-                 pad_id: int, on_tokens: Callable[[int], None], teacher_tok: Any = None) -> tuple[bytes, dict[str, Any]]:
+Capture = Callable[[list[kdata.TokenizedRow]], tuple[list[np.ndarray], TopK, torch.Tensor, torch.Tensor | None]]
+"""A teacher over a batch of rows: each row's prediction positions, and there, row-major, the TopK, the log
+tail mass and the entropy (None from a server, which returns the top-K alone)."""
+
+
+def served_capture(server: Any, s: PrecomputeSettings) -> Capture:
+    """A teacher served by vLLM: one request per batch; the tail mass is 1 − Σ of the K probabilities,
+    summed in float64."""
+    def capture(rows: list[kdata.TokenizedRow]) -> tuple[list[np.ndarray], TopK, torch.Tensor, None]:
+        per_row = server.prompt_topk([r.input_ids for r in rows], s.top_k)
+        positions = [r.loss_positions() for r in rows]
+        tk = TopK(*(torch.cat([getattr(t, f)[torch.from_numpy(p.astype(np.int64))]
+                               for t, p in zip(per_row, positions, strict=True)]) for f in ("ids", "logprobs", "tail")))
+        return positions, tk, tk.tail, None
+
+    return capture
+
+
+def local_capture(model: Any, s: PrecomputeSettings, real_vocab: int, pad: int, teacher_tok: Any = None) -> Capture:
+    """A model in this process (another tokenizer: the positions aligned with the student's)."""
+    def capture(rows: list[kdata.TokenizedRow]) -> tuple[list[np.ndarray], TopK, torch.Tensor, torch.Tensor]:
+        if teacher_tok is not None:
+            return _cross_batch(model, rows, teacher_tok, s)
+        tk, tail, ent = teacher_topk(model, kdata.collate(rows, pad), s.top_k, s.temperature, real_vocab)
+        return [r.loss_positions() for r in rows], tk, tail, ent
+
+    return capture
+
+
+def _shard_bytes(rows: list[kdata.TokenizedRow], capture: Capture, s: PrecomputeSettings, vocab: int,
+                 on_tokens: Callable[[int], None]) -> tuple[bytes, dict[str, Any]]:
     per_row: list[tuple[np.ndarray, ...] | None] = [None] * len(rows)
-    ent_sum = 0.0
+    ent_sum: float | None = 0.0
     for idx in kdata.length_sorted_batches([len(r.input_ids) for r in rows], s.batch_size):
-        if teacher_tok is not None:  # another tokenizer: the positions are the aligned ones
-            positions, tk, tail, ent = _cross_batch(model, [rows[i] for i in idx], teacher_tok, s)
-        else:
-            tk, tail, ent = teacher_topk(model, kdata.collate([rows[i] for i in idx], pad_id), s.top_k,
-                                         s.temperature, real_vocab)
-            positions = [rows[i].loss_positions() for i in idx]
+        positions, tk, tail, ent = capture([rows[i] for i in idx])
         start = 0
         for i, pos in zip(idx, positions, strict=True):
             seg = slice(start, start + len(pos))
@@ -140,7 +168,7 @@ def _shard_bytes(rows: list[kdata.TokenizedRow], model: Any, s: PrecomputeSettin
                 tk.logprobs[seg].numpy(),
                 tail[seg].numpy().astype(np.float32),
             )
-            ent_sum += float(ent[seg].double().sum())
+            ent_sum = None if ent is None or ent_sum is None else ent_sum + float(ent[seg].double().sum())
             on_tokens(len(pos))
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(r[0]) for r in per_row])
@@ -162,8 +190,6 @@ def _prepare_dir(out: Path, components: dict[str, Any], key: str) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     key_path = out / KEY_FILE
     if key_path.is_file():
-        import json
-
         try:
             cached = json.loads(key_path.read_text(encoding="utf-8"))
             cached_components = cached["components"]
@@ -212,8 +238,6 @@ def _sound(out: Path, key: str, log: Callable[[str], None]) -> bool:
 
 def _read_sidecar(path: Path) -> dict[str, Any] | None:
     """A shard's sidecar, or None when it is absent or unreadable (the shard is then recomputed)."""
-    import json
-
     try:
         side = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -249,6 +273,62 @@ def _from_rank0(value: bool, world: int) -> bool:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return bool(box[0])
+
+
+def _server(s: PrecomputeSettings, cross: bool, rows: list[kdata.TokenizedRow]) -> Any:
+    """The teacher server of ``--teacher-url`` (None without one), after refusing what it cannot capture."""
+    if s.teacher_url is None:
+        return None
+    from kdkit.served import Server
+
+    if cross:
+        raise UsageError("--teacher-url with --student-tokenizer: a served teacher is captured at the student's "
+                         "own positions (one tokenizer); precompute a teacher with another tokenizer locally")
+    if s.temperature != 1.0:
+        raise UsageError(f"--temperature {s.temperature} with --teacher-url: vLLM returns prompt log-probs at "
+                         f"temperature 1 (a top-K cannot be re-tempered); capture at 1.0 or locally")
+    server = Server(s.teacher_url, s.served_model)
+    info = server.info()
+    limit = server.max_logprobs()
+    if limit is not None and s.top_k > limit:
+        raise UsageError(f"--top-k {s.top_k} exceeds the server's --max-logprobs {limit} ({s.teacher_url}); "
+                         f"restart vLLM with --max-logprobs {s.top_k} or lower --top-k")
+    longest = max((len(r.input_ids) for r in rows), default=0)
+    if info["max_model_len"] is not None and longest > info["max_model_len"]:
+        raise UsageError(f"a row of {longest} tokens exceeds the server's max_model_len {info['max_model_len']}; "
+                         f"set --max-length {info['max_model_len']} or serve a longer context")
+    return server
+
+
+def _teacher_identity(teacher: str | Path, server: Any) -> dict[str, Any]:
+    """What identifies the teacher: its config and weights; served: the model the server names and, where
+    ``teacher`` holds the weights, their fingerprint (a directory with the tokenizer alone gives none)."""
+    if server is None:
+        return model_fingerprint(teacher)
+    local = model_fingerprint(teacher) if any(Path(teacher).glob("*.safetensors")) else None
+    served = {**server.info(), "max_logprobs": server.max_logprobs()}
+    blob = json.dumps({"served_model": served["model"], "weights": local and local["sha256"]}, sort_keys=True)
+    return {"sha256": hashlib.sha256(blob.encode()).hexdigest(), "served": served,
+            "weights": local["weights"] if local else None, "weights_sha256": local and local["sha256"]}
+
+
+def _capture(teacher: str | Path, server: Any, s: PrecomputeSettings, teacher_tok: Any, tokenizer: Any, cross: bool,
+             data_path: str | Path, log: Callable[[str], None]) -> tuple[Capture, int]:
+    """The capture and the vocabulary rows its ids index: a local model, or the server (first checked against
+    the local weights, when ``teacher`` holds them, on a few rows)."""
+    if server is None:
+        model = load_causal_lm(teacher, s.dtype)
+        return (local_capture(model, s, len(teacher_tok), pad_id(tokenizer), teacher_tok if cross else None),
+                int(model.get_output_embeddings().weight.shape[0]))
+    if any(Path(teacher).glob("*.safetensors")):
+        from kdkit.parity import PARITY_ROWS, teacher_parity
+
+        report = teacher_parity(server, teacher, data_path, PARITY_ROWS, min(s.top_k, 8), s.dtype, s.max_length)
+        log(report.summary())
+        report.raise_if_failed()
+    cfg = Path(teacher) / "config.json"
+    rows_cfg = json.loads(cfg.read_text()).get("vocab_size") if cfg.is_file() else None
+    return served_capture(server, s), max(len(teacher_tok), int(rows_cfg or 0))
 
 
 def _data_tokenizer(teacher_tok: Any, student: str | None) -> tuple[Any, bool]:
@@ -288,7 +368,8 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
             f"({settings.truncation})")
     if rep.empty:
         log(f"skipped {len(rep.empty)} rows with no target token (lines {rep.empty[:10]})")
-    t_fp, k_fp = model_fingerprint(teacher), tokenizer_fingerprint(tokenizer)
+    server = _server(settings, cross, rows)
+    t_fp, k_fp = _teacher_identity(teacher, server), tokenizer_fingerprint(tokenizer)
     components = {
         "format_version": FORMAT_VERSION,
         "teacher": t_fp["sha256"],
@@ -312,11 +393,9 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
         remove_stale_tmp(out)
     _barrier(world)  # no rank writes a shard before rank 0 has cleaned up
 
-    model = load_causal_lm(teacher, settings.dtype)
-    vocab = int(model.get_output_embeddings().weight.shape[0])
     if settings.top_k > len(teacher_tok):
         raise UsageError(f"--top-k {settings.top_k} exceeds the vocabulary ({len(teacher_tok)} tokens)")
-    pad = pad_id(tokenizer)
+    capture, vocab = _capture(teacher, server, settings, teacher_tok, tokenizer, cross, data_path, log)
     n_shards = (len(rows) + settings.shard_rows - 1) // settings.shard_rows
     total_tokens = rep.target_tokens
 
@@ -339,8 +418,7 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
             def on_tokens(n: int) -> None:
                 bar.advance(task, n)
 
-            blob, stats = _shard_bytes(rows[lo:hi], model, settings, vocab, len(teacher_tok), pad, on_tokens,
-                                       teacher_tok if cross else None)
+            blob, stats = _shard_bytes(rows[lo:hi], capture, settings, vocab, on_tokens)
             atomic_write_bytes(spath, blob, before_rename=lambda i=i: _fault("mid_shard", i))
             side = {"file": spath.name, "rows": [lo, hi], "sha256": sha256_file(spath), "bytes": len(blob), **stats}
             atomic_write_json(cpath, side)
@@ -397,7 +475,8 @@ def _manifest(out: Path, key: str, components: dict[str, Any], s: PrecomputeSett
             "tail_mass_mean": float(tail.mean()) if tail.size else 0.0,
             "tail_mass_p50": float(np.percentile(tail, 50)) if tail.size else 0.0,
             "tail_mass_p95": float(np.percentile(tail, 95)) if tail.size else 0.0,
-            "teacher_entropy_mean": float(sum(m["entropy_sum"] for m in shards_meta) / max(tokens, 1)),
+            "teacher_entropy_mean": None if any(m["entropy_sum"] is None for m in shards_meta) else
+            float(sum(m["entropy_sum"] for m in shards_meta) / max(tokens, 1)),
             "tokens_stored": tokens,
         },
     }

@@ -32,7 +32,7 @@ class _Stats(BaseModel):
     tail_mass_mean: float
     tail_mass_p50: float
     tail_mass_p95: float
-    teacher_entropy_mean: float
+    teacher_entropy_mean: float | None  # None: a served teacher, which returns its top-K alone
 
 
 class _Manifest(BaseModel):

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdkit import sharding
+from kdkit.errors import TrainingError
 from kdkit.faults import kill_if
 from kdkit.io import atomic_write_json
 from kdkit.probes import probe_round
@@ -119,6 +120,16 @@ def early_stopped(r: Run, step: int, log: Callable[[str], None]) -> int:
         atomic_write_json(r.dir / "run.json", meta)
     log(f"final/ holds the weights of step {final_step}, the last probe round at or above the floor")
     return final_step
+
+
+def server_down(r: Run, step: int, state: dict[str, Any], last_ckpt: Path | None, error: Exception) -> None:
+    """The served teacher stopped answering before step ``step + 1`` computed anything: a checkpoint at this
+    step boundary (unless one was just written), then a :class:`TrainingError` that says how to go on."""
+    r.opt.zero_grad(set_to_none=True)
+    if last_ckpt is None or last_ckpt.name != f"step-{step:07d}":
+        last_ckpt = write_checkpoint(r, state)
+    raise TrainingError(f"{error}. Stopped before step {step + 1}: saved {last_ckpt}; start the server again "
+                        f"and continue with --resume (the run goes on bit for bit)") from None
 
 
 def stop_interrupted(r: Run, step: int, state: dict[str, Any], last_ckpt: Path | None,

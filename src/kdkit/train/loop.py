@@ -15,10 +15,11 @@ from kdkit.checkpoint import INPUTS_FILE, newest_checkpoint
 from kdkit.config import TrainConfig
 from kdkit.errors import TrainingError
 from kdkit.io import atomic_write_json
+from kdkit.served import ServedError
 from kdkit.train.build import build
-from kdkit.train.control import Interrupts, early_stopped, fault, probe, stop_interrupted
+from kdkit.train.control import Interrupts, early_stopped, fault, probe, server_down, stop_interrupted
 from kdkit.train.metrics import Sums, end_epoch, log_step
-from kdkit.train.plan import plan_step
+from kdkit.train.plan import peek_step, plan_step
 from kdkit.train.rundir import max_weight_change, open_run, write_checkpoint, write_final
 from kdkit.train.step import GradHook, optimizer_step
 
@@ -63,7 +64,12 @@ def train(
         while step < r.total_steps and not stopped:
             t0 = time.perf_counter()
             batches, on_policy = plan_step(r, step)
-            step_sums, metrics = optimizer_step(r, step, batches, on_policy, grad_hooks or [], last_ckpt)
+            if hasattr(r.src.teacher, "prefetch"):  # a served teacher answers the next step while this one runs
+                r.src.teacher.prefetch(peek_step(r, step + 1))
+            try:
+                step_sums, metrics = optimizer_step(r, step, batches, on_policy, grad_hooks or [], last_ckpt)
+            except ServedError as e:
+                server_down(r, step, _state(r, step, epoch_sums), last_ckpt, e)
             step += 1
             epoch_sums.merge(step_sums)
             summary = log_step(r, step, step_sums, metrics, time.perf_counter() - t0)
@@ -74,8 +80,7 @@ def train(
             if step % r.steps_per_epoch == 0 or step == r.total_steps or stopped:
                 end_epoch(r, step, epoch_sums)
                 epoch_sums = Sums()
-            state = {"global_step": step, "epoch_sums": epoch_sums.v, "total_steps": r.total_steps,
-                     "early_stop": r.early.state() if r.early is not None else None}
+            state = _state(r, step, epoch_sums)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < r.total_steps and not stopped:
                 last_ckpt = write_checkpoint(r, state)
                 fault("after_checkpoint", step)
@@ -95,6 +100,12 @@ def train(
         acc.end_training()
     return {"run_dir": str(run), "steps": final_step, "max_weight_change": drift,
             "seconds": time.perf_counter() - t_start, "early_stopped_at": step if stopped else None}
+
+
+def _state(r: Any, step: int, epoch_sums: Sums) -> dict[str, Any]:
+    """What a checkpoint at this step boundary records besides the weights, the optimizer and the RNG."""
+    return {"global_step": step, "epoch_sums": epoch_sums.v, "total_steps": r.total_steps,
+            "early_stop": r.early.state() if r.early is not None else None}
 
 
 def _accelerator(cfg: TrainConfig, run: Path) -> Any:

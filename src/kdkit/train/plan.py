@@ -49,6 +49,14 @@ def empty_batch(rows: list[kdata.TokenizedRow], pad_id: int) -> kdata.Batch:
     return b
 
 
+def peek_step(r: Run, step: int) -> list[kdata.Batch]:
+    """The micro-batches of a step to come, when it is off-policy (its rows are then known in advance: a
+    served teacher is asked for them while this step computes); else none."""
+    if step >= r.total_steps or onpolicy.is_on_policy(r.cfg.objective.on_policy, step):
+        return []
+    return plan_step(r, step)[0]
+
+
 def plan_step(r: Run, step: int) -> tuple[list[kdata.Batch], bool]:
     """This rank's micro-batches of optimizer step ``step`` (0-based), and whether the step is on-policy:
     then every row keeps its prompt and the student writes the completion (the only target)."""

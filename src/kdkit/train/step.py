@@ -69,6 +69,8 @@ def optimizer_step(r: Run, step: int, batches: list[kdata.Batch], on_policy: boo
     """Forward and backward over the step's micro-batches, gradient hooks, clipping, the optimizer step.
     Returns the step's sums over all ranks and the step's scalar metrics."""
     acc, cfg = r.acc, r.cfg
+    if hasattr(r.src.teacher, "wait"):  # a served teacher: every answer of the step is in before it computes
+        r.src.teacher.wait(batches)
     objective = onpolicy.objective(cfg.objective) if on_policy else cfg.objective
     # One denominator for the whole step: every micro-batch of every rank.
     local = step_denominator([b.targets for b in batches], cfg.objective).tokens
