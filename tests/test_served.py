@@ -1,0 +1,171 @@
+"""The served teacher against a real vLLM server on 127.0.0.1 (a tiny Llama the test builds, float32)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from kdkit.cache import TeacherCache
+from kdkit.cache.precompute import PrecomputeSettings, precompute
+from kdkit.cli import app
+from kdkit.config import load_train_config
+from kdkit.errors import UsageError
+from kdkit.models import load_causal_lm
+from kdkit.served import Server, ServedError
+from kdkit.train import TrainingError, train
+from tests.helpers import save_model_dir, toy_rows, write_jsonl
+from tests.vllm_server import VllmServer, free_port
+
+QUIET = {"progress": False, "log": lambda m: None}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    save_model_dir(root / "teacher", seed=1, hidden=64, heads=2)  # vLLM's CPU attention: head size >= 32
+    save_model_dir(root / "student", seed=2, hidden=16)
+    write_jsonl(root / "train.jsonl", toy_rows(16))
+    write_jsonl(root / "chat.jsonl", [{"messages": [{"role": "user", "content": f"add {i} and 2"},
+                                                    {"role": "assistant", "content": str(i + 2)}]} for i in range(4)])
+    server = VllmServer(root / "teacher", root / "vllm.log").start()
+    yield root, server.url
+    server.stop()
+
+
+def _cfg(root: Path, tmp: Path, teacher: dict, **over) -> Path:
+    body = {"student": {"path": str(root / "student")}, "teacher": teacher,
+            "data": {"train": str(root / "train.jsonl"), "max_length": 128}, "objective": {"kd_weight": 1.0},
+            "optim": {"lr": 5e-3, "micro_batch": 4, "grad_accum": 2, "epochs": 2, "schedule": "constant"},
+            "checkpoint": {"every": 0}, **over}
+    p = tmp / f"cfg-{len(list(tmp.glob('cfg-*.yaml')))}.yaml"
+    p.write_text(yaml.safe_dump(body))
+    return p
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_prompt_topk_is_the_float64_log_softmax(served):
+    root, url = served
+    ids = [1, 40, 41, 42, 43, 77, 12]
+    (tk,) = Server(url).prompt_topk([ids], 16)
+    model = load_causal_lm(root / "teacher", "float32").double()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
+    assert tk.ids.shape == (len(ids) - 1, 16)
+    torch.testing.assert_close(tk.logprobs.double(), ref.gather(-1, tk.ids), atol=2e-5, rtol=0)
+    # the server's K are the K most likely, sorted; the tail is 1 − Σ_K p
+    assert torch.all(ref.gather(-1, tk.ids)[:, -1] >= ref.topk(16, -1).values[:, -1] - 2e-5)
+    assert torch.all(tk.logprobs[:, :-1] >= tk.logprobs[:, 1:])
+    tail = torch.log1p(-ref.topk(16, -1).values.exp().sum(-1))
+    torch.testing.assert_close(tk.tail.double(), tail, atol=2e-5, rtol=0)
+
+
+def test_served_capture_is_byte_identical_and_equals_the_local_capture(served, tmp_path):
+    root, url = served
+    s = PrecomputeSettings(top_k=16, shard_rows=8, max_length=128, teacher_url=url)
+    m1 = precompute(root / "teacher", root / "train.jsonl", tmp_path / "a", s, **QUIET)
+    precompute(root / "teacher", root / "train.jsonl", tmp_path / "b", s, **QUIET)
+    for shard in m1["shards"]:
+        assert (tmp_path / "a" / shard["file"]).read_bytes() == (tmp_path / "b" / shard["file"]).read_bytes()
+    served_info = m1["teacher"]["served"]
+    assert served_info["model"] == str(root / "teacher") and served_info["max_logprobs"] == 64
+    assert served_info["vllm_version"] and m1["teacher"]["weights"]  # the local weights are fingerprinted
+    assert m1["stats"]["teacher_entropy_mean"] is None  # a server gives the top-K alone
+    local = precompute(root / "teacher", root / "train.jsonl", tmp_path / "local",
+                       PrecomputeSettings(top_k=16, shard_rows=8, max_length=128), **QUIET)
+    assert local["key"] != m1["key"]  # a served capture is another teacher identity
+    a, b = TeacherCache(tmp_path / "a"), TeacherCache(tmp_path / "local")
+    same_ids = positions = 0
+    for r in range(len(a)):
+        ra, rb = a.row(r), b.row(r)
+        assert np.array_equal(ra.pos, rb.pos)
+        # sorted log-probs agree slot by slot; ids may swap where two tokens tie to ~1e-7
+        assert np.abs(ra.logprobs.astype(np.float64) - rb.logprobs.astype(np.float64)).max() <= 1e-3  # float16
+        assert np.abs(ra.tail - rb.tail).max() <= 1e-5
+        same_ids, positions = same_ids + int((ra.ids == rb.ids).all(-1).sum()), positions + len(ra.pos)
+    assert same_ids >= 0.95 * positions
+
+
+def test_served_capture_refusals_write_nothing(served, tmp_path):
+    root, url = served
+    data, teacher = root / "train.jsonl", root / "teacher"
+    with pytest.raises(UsageError, match="exceeds the server's --max-logprobs 64"):
+        precompute(teacher, data, tmp_path / "k", PrecomputeSettings(top_k=65, teacher_url=url), **QUIET)
+    with pytest.raises(UsageError, match="temperature 1"):
+        precompute(teacher, data, tmp_path / "t", PrecomputeSettings(temperature=2.0, teacher_url=url), **QUIET)
+    with pytest.raises(ServedError, match="not 'other'"):
+        precompute(teacher, data, tmp_path / "m", PrecomputeSettings(teacher_url=url, served_model="other"), **QUIET)
+    with pytest.raises(ServedError, match="did not answer /v1/models after 1 tries"):
+        Server(f"http://127.0.0.1:{free_port()}", retries=0).info()
+    assert not any((tmp_path / d).exists() for d in ("k", "t", "m"))
+
+
+def test_teacher_check_agrees_and_names_the_first_difference(served, tmp_path):
+    root, url = served
+    runner = CliRunner()
+    ok = runner.invoke(app, ["teacher", "check", "--teacher-url", url, "--teacher", str(root / "teacher"),
+                             "--data", str(root / "chat.jsonl"), "--json", str(tmp_path / "r.json")])
+    assert ok.exit_code == 0, ok.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] and report["max_abs"] < 1e-5 and report["top1"] == 1.0 and report["positions"] > 50
+    other = runner.invoke(app, ["teacher", "check", "--teacher-url", url, "--teacher", str(root / "student"),
+                                "--data", str(root / "train.jsonl")])
+    assert other.exit_code == 1 and "DIFFER" in other.output and "first difference: line 1, position" in other.output
+    # the same weights with another chat template: the server renders chat rows otherwise
+    edited = tmp_path / "edited"
+    shutil.copytree(root / "teacher", edited)
+    (edited / "chat_template.jinja").write_text("{% for m in messages %}{{ m['role'] }}> {{ m['content'] }}\n"
+                                                "{% endfor %}")
+    cfg = json.loads((edited / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (edited / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tmpl = runner.invoke(app, ["teacher", "check", "--teacher-url", url, "--teacher", str(edited),
+                               "--data", str(root / "chat.jsonl")])
+    assert tmpl.exit_code == 1 and "chat template renders the row otherwise" in tmpl.output, tmpl.output
+
+
+def test_training_on_the_server_equals_training_on_its_float32_cache(served, tmp_path):
+    root, url = served
+    precompute(root / "teacher", root / "train.jsonl", tmp_path / "c32",
+               PrecomputeSettings(top_k=16, max_length=128, logprob_dtype="float32", teacher_url=url), **QUIET)
+    live = _cfg(root, tmp_path, {"url": url, "top_k": 16, "model": str(root / "teacher")})
+    cached = _cfg(root, tmp_path, {"cache": str(tmp_path / "c32")})
+    train(load_train_config(live), tmp_path / "live", **QUIET)
+    train(load_train_config(cached), tmp_path / "cached", **QUIET)
+    a, b = _metrics(tmp_path / "live"), _metrics(tmp_path / "cached")
+    assert len(a) == 4 and [m["total_loss"] for m in a] == [m["total_loss"] for m in b]
+    assert [m["kl_loss"] for m in a] == [m["kl_loss"] for m in b] and a[-1]["tail_mass"] > 0
+
+
+def test_a_server_that_dies_mid_run_ends_with_a_checkpoint_and_resume_is_bitwise(served, tmp_path):
+    root, url = served
+    port = free_port()
+    cfg = _cfg(root, tmp_path, {"url": f"http://127.0.0.1:{port}", "top_k": 16, "retries": 0, "timeout_s": 30})
+    reference = _cfg(root, tmp_path, {"url": url, "top_k": 16, "retries": 0, "timeout_s": 30})
+    train(load_train_config(reference), tmp_path / "full", **QUIET)
+    own = VllmServer(root / "teacher", tmp_path / "own.log", port=port).start()
+    try:
+        def kill_at_step_2(model, step):  # a grad hook: the server dies while step 2 computes
+            if step == 1:
+                own.stop()
+
+        with pytest.raises(TrainingError, match=r"Stopped before step \d: saved .*step-000000\d.*--resume"):
+            train(load_train_config(cfg), tmp_path / "run", grad_hooks=[kill_at_step_2], **QUIET)
+        own.start()
+        train(load_train_config(cfg), tmp_path / "run", resume=True, **QUIET)
+    finally:
+        own.stop()
+    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "run")
+    assert [m["total_loss"] for m in a] == [m["total_loss"] for m in b]
+    fa, fb = (load_file(str(p / "final" / "model.safetensors")) for p in (tmp_path / "full", tmp_path / "run"))
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
