@@ -19,7 +19,7 @@ from kdkit.cli import app
 from kdkit.config import load_train_config
 from kdkit.errors import UsageError
 from kdkit.models import load_causal_lm
-from kdkit.served import Server, ServedError
+from kdkit.served import ServedError, Server
 from kdkit.train import TrainingError, train
 from tests.helpers import save_model_dir, toy_rows, write_jsonl
 from tests.vllm_server import VllmServer, free_port
