@@ -79,6 +79,13 @@ class OnPolicyConfig(_Strict):
                                                         "(0 = greedy); not the loss temperature objective.kd.temperature")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling of the student's completions")
     seed: int = Field(0, description="seed of the on-policy step choice and of sampling")
+    loss: Literal["kd", "sampled_kl_rev"] = Field(
+        "kd", description="the loss on the student's own tokens: kd (objective.kd against the teacher's "
+                          "distribution) or sampled_kl_rev (per sampled token, advantage −(log p_s − log p_t): "
+                          "needs only the teacher's log-prob of each sampled token)")
+    rollouts: Literal["generate", "server"] = Field(
+        "generate", description="who writes the completions: generate (the student in this process) or server "
+                                "(a vLLM server of the student, kept in sync: on_policy.server)")
 
 
 class HiddenConfig(_Strict):

@@ -130,6 +130,34 @@ def token_ce(logits: Tensor, targets: Tensor, *, log_probs: Tensor | None = None
     return torch.where(valid, ce, torch.zeros_like(ce))
 
 
+@dataclass
+class SampledTokens:
+    """The teacher's log-prob of each sampled token: all the sampled-token reverse KL needs.
+
+    Args:
+        targets: LongTensor[B, T], the sampled tokens (``-100`` where there is no loss).
+        logprobs: float32 Tensor[B, T], log p_t(target) under the teacher's full softmax at temperature 1.
+    """
+
+    targets: Tensor
+    logprobs: Tensor
+
+
+def sampled_kl_rev(student_logits: Tensor, teacher: SampledTokens) -> Tensor:
+    """The sampled-token reverse KL of on-policy distillation, per position, in float32.
+
+    On a token x the student sampled, d = log p_s(x) − log p_t(x) is a one-sample estimate of
+    KL(p_s ‖ p_t); its advantage is −d. The value returned is d and its gradient is d · ∇ log p_s(x) (d held
+    constant): the score-function gradient of E_{x∼p_s}[log p_s(x) − log p_t(x)], i.e. the policy gradient of
+    the per-token reward −d with importance ratio 1 (the samples are the current student's). 0 where the
+    target is ``-100``; a teacher log-prob of ``-inf`` is clamped to the float32 minimum's scale (−1e4)."""
+    lp_s = -token_ce(student_logits, teacher.targets)
+    valid = teacher.targets != IGNORE_INDEX
+    lp_t = torch.where(valid, teacher.logprobs.float().clamp(min=-1e4), torch.zeros_like(lp_s))
+    d = (lp_s - lp_t).detach()
+    return torch.where(valid, d + d * (lp_s - lp_s.detach()), torch.zeros_like(lp_s))
+
+
 def _finite_or_zero(x: Tensor) -> tuple[Tensor, Tensor]:
     ok = torch.isfinite(x)
     return torch.where(ok, x, torch.zeros_like(x)), ok

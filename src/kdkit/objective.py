@@ -28,7 +28,16 @@ from torch import Tensor
 
 from kdkit.config import ObjectiveConfig
 from kdkit.crosstok import CrossTeacher, CrossTopK, cross_divergence, cross_topk_divergence
-from kdkit.losses import IGNORE_INDEX, TopK, aggregate, hinge, token_ce, token_divergence
+from kdkit.losses import (
+    IGNORE_INDEX,
+    SampledTokens,
+    TopK,
+    aggregate,
+    hinge,
+    sampled_kl_rev,
+    token_ce,
+    token_divergence,
+)
 
 DEFAULT_ROLE = "default"
 
@@ -267,7 +276,9 @@ def kd_term(logits32: Tensor, teacher: Tensor | TopK | CrossTeacher | CrossTopK,
     """``kd_weight`` · Σ_tok w(row) · KD(tok) ÷ the step's denominator, over the KD positions."""
     k = cfg.kd
     kd_mask = co.valid & (co.kd_on[:, None] > 0)
-    if isinstance(teacher, CrossTeacher | CrossTopK):  # another tokenizer: values at the aligned positions
+    if isinstance(teacher, SampledTokens):  # on-policy, the sampled-token reverse KL
+        div = sampled_kl_rev(logits32, teacher)
+    elif isinstance(teacher, CrossTeacher | CrossTopK):  # another tokenizer: values at the aligned positions
         fn = cross_divergence if isinstance(teacher, CrossTeacher) else cross_topk_divergence
         div, aligned = fn(logits32, teacher, k.kind, k.temperature, k.t2_scale, k.beta, k.alpha)
         kd_mask = kd_mask & aligned
@@ -308,7 +319,7 @@ def kd_sums(div: Tensor, student_top: Tensor, teacher: Tensor | TopK, mask: Tens
     alike ([B, T] or [N]); ``teacher`` aligned with them."""
     n = mask.sum().float()
     out = {"kl": _f(torch.where(mask, div, 0.0).sum()), "kd_tok": n}
-    if isinstance(teacher, CrossTeacher | CrossTopK):  # no shared ids: no top-1 agreement, no top-K tail
+    if isinstance(teacher, CrossTeacher | CrossTopK | SampledTokens):  # no top-1 agreement, no top-K tail
         return out
     if isinstance(teacher, TopK):
         best = teacher.logprobs.float().argmax(dim=-1, keepdim=True)

@@ -27,7 +27,7 @@ from kdkit.cache.format import CacheMismatch
 from kdkit.config import TrainConfig
 from kdkit.crosstok import CrossTeacher, CrossTopK, VocabMap, aligned_teacher_logits, teacher_view
 from kdkit.errors import KdkitError
-from kdkit.losses import TopK
+from kdkit.losses import SampledTokens, TopK
 from kdkit.models import (
     check_model_dir,
     check_quantisation,
@@ -56,6 +56,11 @@ class Signal(Protocol):
     scores_any_tokens: bool
 
     def __call__(self, batch: kdata.Batch, student: torch.nn.Module, at_targets: bool = False) -> Tensor | TopK: ...
+
+
+def _sampled(batch: kdata.Batch, teacher_logprobs: Tensor) -> SampledTokens:
+    safe = batch.targets.clamp(min=0)
+    return SampledTokens(batch.targets, teacher_logprobs.gather(-1, safe[..., None]).squeeze(-1))
 
 
 def _whole_rows_only(at_targets: bool, what: str) -> None:
@@ -151,6 +156,12 @@ class LiveSignal:
         return _logits(self.model, batch, self.real_vocab, self.what, at_targets)
 
     @torch.no_grad()
+    def sampled(self, batch: kdata.Batch) -> SampledTokens:
+        """The teacher's log-prob of each target token (the sampled-token reverse KL)."""
+        lp = torch.log_softmax(_logits(self.model, batch, self.real_vocab, self.what, False).float(), dim=-1)
+        return _sampled(batch, lp)
+
+    @torch.no_grad()
     def with_hidden(self, batch: kdata.Batch, layers: tuple[int, ...]) -> tuple[Tensor, dict[int, Tensor]]:
         """The logits [B, T, V] at the prediction positions and, by layer index (0 = the embeddings), the
         hidden states [B, T, H] there: one forward for both."""
@@ -170,7 +181,7 @@ class ServedSignal:
     what: str = "teacher"
     scores_any_tokens: bool = True
     _pool: Any = field(default=None, repr=False)
-    _pending: dict[bytes, Any] = field(default_factory=dict, repr=False)
+    _pending: dict[bytes, Any] = field(default_factory=dict, repr=False)  # request → its answer (a future)
 
     @staticmethod
     def _rows(batch: kdata.Batch) -> list[list[int]]:
@@ -178,31 +189,48 @@ class ServedSignal:
         return [ids[:n] for ids, n in zip(batch.input_ids.tolist(), lengths, strict=True)]
 
     @staticmethod
-    def _key(batch: kdata.Batch) -> bytes:
+    def _key(batch: kdata.Batch, sampled: bool) -> bytes:
         ids = batch.input_ids.cpu()
-        return bytes(str(tuple(ids.shape)), "ascii") + ids.numpy().tobytes() + batch.attention_mask.cpu().numpy().tobytes()
+        head = f"{'sampled' if sampled else 'topk'}:{tuple(ids.shape)}:".encode()
+        return head + ids.numpy().tobytes() + batch.attention_mask.cpu().numpy().tobytes()
 
-    def prefetch(self, batches: list[kdata.Batch]) -> None:
-        """Send the requests for ``batches`` now; a call for one of them then waits for its answer."""
+    def prefetch(self, batches: list[kdata.Batch], sampled: bool = False) -> None:
+        """Send the requests for ``batches`` now (``sampled``: each target token's log-prob, else the top-K);
+        a call for one of them then waits for its answer."""
         from concurrent.futures import ThreadPoolExecutor
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdkit-served-teacher")
         for b in batches:
-            key = self._key(b)
+            key = self._key(b, sampled)
             if key not in self._pending:
-                self._pending[key] = self._pool.submit(self.server.prompt_topk, self._rows(b), self.top_k)
+                self._pending[key] = self._pool.submit(self._ask, self._rows(b), sampled)
 
-    def wait(self, batches: list[kdata.Batch]) -> None:
+    def wait(self, batches: list[kdata.Batch], sampled: bool = False) -> None:
         """Every answer for ``batches`` is in (a failed request raises here, before the step computes)."""
-        self.prefetch(batches)
+        self.prefetch(batches, sampled)
         for b in batches:
-            self._pending[self._key(b)].result()
+            self._pending[self._key(b, sampled)].result()
+
+    def _ask(self, rows: list[list[int]], sampled: bool) -> list[Any]:
+        return self.server.token_logprobs(rows) if sampled else self.server.prompt_topk(rows, self.top_k)
+
+    def _answer(self, batch: kdata.Batch, sampled: bool) -> list[Any]:
+        pending = self._pending.pop(self._key(batch, sampled), None)
+        return pending.result() if pending is not None else self._ask(self._rows(batch), sampled)
+
+    def sampled(self, batch: kdata.Batch) -> SampledTokens:
+        """The teacher's log-prob of each target token, from the server's prompt log-probs (which always
+        hold the prompt's own token)."""
+        bsz, seq = batch.targets.shape
+        lp = torch.zeros((bsz, seq), dtype=torch.float32)
+        for b, row in enumerate(self._answer(batch, True)):
+            lp[b, :len(row)] = row
+        return SampledTokens(batch.targets, lp.to(batch.targets.device))
 
     @torch.no_grad()
     def __call__(self, batch: kdata.Batch, student: torch.nn.Module, at_targets: bool = False) -> TopK:
-        pending = self._pending.pop(self._key(batch), None)
-        per_row = pending.result() if pending is not None else self.server.prompt_topk(self._rows(batch), self.top_k)
+        per_row = self._answer(batch, False)
         bsz, seq = batch.targets.shape
         ids = torch.zeros((bsz, seq, self.top_k), dtype=torch.long)
         lps = torch.full((bsz, seq, self.top_k), float("-inf"), dtype=torch.float32)

@@ -36,18 +36,22 @@ method is shown the first micro-batch's loss terms (with their graph) before its
 
 
 def forward_loss(r: Run, model: torch.nn.Module, batch: kdata.Batch, objective: Any,
-                 denom: StepDenominator) -> ObjectiveOutput:
-    """One micro-batch: the sources' signals, the student's forward, the objective's terms."""
+                 denom: StepDenominator, sampled: bool = False) -> ObjectiveOutput:
+    """One micro-batch: the sources' signals, the student's forward, the objective's terms. ``sampled``: an
+    on-policy step of the sampled-token reverse KL (the teacher gives each sampled token's log-prob)."""
     # the chunked loss reads the teacher at the target positions alone: a live teacher runs its head there only
-    at_targets = r.chunked and r.hidden is None
+    chunked = r.chunked and not sampled
+    at_targets = chunked and r.hidden is None
     teacher_hidden = None
-    if r.hidden is not None:  # one teacher forward gives its logits and the hidden states asked for
+    if sampled:
+        teacher = r.src.teacher.sampled(batch)
+    elif r.hidden is not None:  # one teacher forward gives its logits and the hidden states asked for
         teacher, teacher_hidden = r.src.teacher.with_hidden(batch, r.hidden.teacher_layers)
     else:
         teacher = r.src.teacher(batch, model, at_targets=at_targets) if r.src.teacher is not None else None
     reference = r.src.reference(batch, model) if r.src.reference is not None else None
     kw = dict(teacher=teacher, roles=batch.roles, tasks=batch.tasks, row_weights=batch.weights, denom=denom)
-    if not r.chunked:
+    if not chunked:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     output_hidden_states=r.hidden is not None)
         values = r.hidden(out.hidden_states, teacher_hidden) if r.hidden is not None else None
@@ -69,8 +73,9 @@ def optimizer_step(r: Run, step: int, batches: list[kdata.Batch], on_policy: boo
     """Forward and backward over the step's micro-batches, gradient hooks, clipping, the optimizer step.
     Returns the step's sums over all ranks and the step's scalar metrics."""
     acc, cfg = r.acc, r.cfg
+    sampled = on_policy and cfg.objective.on_policy.loss == "sampled_kl_rev"
     if hasattr(r.src.teacher, "wait"):  # a served teacher: every answer of the step is in before it computes
-        r.src.teacher.wait(batches)
+        r.src.teacher.wait(batches, sampled)
     objective = onpolicy.objective(cfg.objective) if on_policy else cfg.objective
     # One denominator for the whole step: every micro-batch of every rank.
     local = step_denominator([b.targets for b in batches], cfg.objective).tokens
@@ -80,7 +85,7 @@ def optimizer_step(r: Run, step: int, batches: list[kdata.Batch], on_policy: boo
     for j, b in enumerate(batches):
         # Sync gradients across ranks only on the last micro-step: earlier ones accumulate locally.
         with acc.no_sync(r.model) if j < len(batches) - 1 else nullcontext():
-            out = forward_loss(r, r.model, b, objective, denom)
+            out = forward_loss(r, r.model, b, objective, denom, sampled)
             if j == 0:  # a hook that needs the terms apart (routing's cin_t / cin_s) sees them before backward
                 for hook in hooks:
                     if hasattr(hook, "observe_terms"):
