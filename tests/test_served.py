@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -18,11 +19,13 @@ from kdkit.cache.precompute import PrecomputeSettings, precompute
 from kdkit.cli import app
 from kdkit.config import load_train_config
 from kdkit.errors import UsageError
-from kdkit.models import load_causal_lm
+from kdkit.generation import GenerationSettings, generate_ids
+from kdkit.models import load_causal_lm, load_tokenizer
+from kdkit.rollout import open_rollout_server
 from kdkit.served import ServedError, Server
 from kdkit.train import TrainingError, train
 from tests.helpers import save_model_dir, toy_rows, write_jsonl
-from tests.vllm_server import VllmServer, free_port
+from tests.vllm_server import DEV, LORA, VllmServer, free_port
 
 QUIET = {"progress": False, "log": lambda m: None}
 
@@ -37,6 +40,25 @@ def served(tmp_path_factory):
                                                     {"role": "assistant", "content": str(i + 2)}]} for i in range(4)])
     server = VllmServer(root / "teacher", root / "vllm.log").start()
     yield root, server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def lora_server(served):
+    """A server of the teacher's weights that loads LoRA adapters at run time: a LoRA student's rollouts.
+    (vLLM 0.32's CPU build fails prompt log-probs with --enable-lora: a teacher is served without it.)"""
+    root, _ = served
+    server = VllmServer(root / "teacher", root / "lora.log", extra=LORA[0], env=LORA[1]).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def own(served):
+    """A second server of the teacher, in dev mode (weights reloaded in place) on a port of its own."""
+    root, _ = served
+    server = VllmServer(root / "teacher", root / "own.log", extra=DEV[0], env=DEV[1]).start()
+    yield server
     server.stop()
 
 
@@ -147,25 +169,87 @@ def test_training_on_the_server_equals_training_on_its_float32_cache(served, tmp
     assert [m["kl_loss"] for m in a] == [m["kl_loss"] for m in b] and a[-1]["tail_mass"] > 0
 
 
-def test_a_server_that_dies_mid_run_ends_with_a_checkpoint_and_resume_is_bitwise(served, tmp_path):
+def test_a_server_that_dies_mid_run_ends_with_a_checkpoint_and_resume_is_bitwise(served, own, tmp_path):
     root, url = served
-    port = free_port()
-    cfg = _cfg(root, tmp_path, {"url": f"http://127.0.0.1:{port}", "top_k": 16, "retries": 0, "timeout_s": 30})
+    cfg = _cfg(root, tmp_path, {"url": own.url, "top_k": 16, "retries": 0, "timeout_s": 30})
     reference = _cfg(root, tmp_path, {"url": url, "top_k": 16, "retries": 0, "timeout_s": 30})
     train(load_train_config(reference), tmp_path / "full", **QUIET)
-    own = VllmServer(root / "teacher", tmp_path / "own.log", port=port).start()
-    try:
-        def kill_at_step_2(model, step):  # a grad hook: the server dies while step 2 computes
-            if step == 1:
-                own.stop()
 
-        with pytest.raises(TrainingError, match=r"Stopped before step \d: saved .*step-000000\d.*--resume"):
-            train(load_train_config(cfg), tmp_path / "run", grad_hooks=[kill_at_step_2], **QUIET)
-        own.start()
-        train(load_train_config(cfg), tmp_path / "run", resume=True, **QUIET)
-    finally:
-        own.stop()
+    def kill_at_step_2(model, step):  # a grad hook: the server dies while step 2 computes
+        if step == 1:
+            own.stop()
+
+    with pytest.raises(TrainingError, match=r"Stopped before step \d: saved .*step-000000\d.*--resume"):
+        train(load_train_config(cfg), tmp_path / "run", grad_hooks=[kill_at_step_2], **QUIET)
+    own.start()
+    train(load_train_config(cfg), tmp_path / "run", resume=True, **QUIET)
     a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "run")
     assert [m["total_loss"] for m in a] == [m["total_loss"] for m in b]
     fa, fb = (load_file(str(p / "final" / "model.safetensors")) for p in (tmp_path / "full", tmp_path / "run"))
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+def _greedy(model, tokenizer, prompts):
+    return generate_ids(model, tokenizer, prompts, GenerationSettings(max_new_tokens=8))
+
+
+def test_a_lora_students_served_rollouts_follow_its_weights_and_show_their_lag(served, lora_server, tmp_path):
+    """The adapter reaches the server at each sync; between syncs the server writes with the old weights."""
+    root, _ = served
+    url = lora_server
+    tokenizer = load_tokenizer(root / "teacher")
+    torch.manual_seed(0)
+    student = get_peft_model(load_causal_lm(root / "teacher", "float32"),
+                             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    prompts = [[1, 40, 41, 42], [1, 50, 13, 70, 71]]
+    rollout = open_rollout_server(url, None, tmp_path, sync_every=2, lora=True)
+    rollout.sync(student, 0)
+    first = _greedy(student, tokenizer, prompts)
+    assert rollout.generate(prompts, 8, 0.0, 1.0, 0, [2]) == first  # vLLM greedy = transformers greedy
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5)
+    moved = _greedy(student, tokenizer, prompts)
+    assert moved != first
+    rollout.sync(student, 1)  # not due: step 1 is in the window of step 0
+    assert rollout.generate(prompts, 8, 0.0, 1.0, 0, [2]) == first and rollout.lag(1)["rollout_lag"] == 1.0
+    rollout.sync(student, 2)
+    assert rollout.generate(prompts, 8, 0.0, 1.0, 0, [2]) == moved and rollout.lag(2)["rollout_lag"] == 0.0
+    assert json.loads((tmp_path / "rollout-weights" / "synced.json").read_text()) == {"step": 2}
+
+
+def test_on_policy_with_served_rollouts_equals_generate_rollouts(served, lora_server, tmp_path):
+    """Greedy, synced every step, teacher and student served: the run is the run whose student generates."""
+    root, url = served
+    on_policy = {"fraction": 1.0, "max_new_tokens": 6, "temperature": 0.0, "loss": "sampled_kl_rev"}
+    body = dict(student={"path": str(root / "teacher"), "lora": {"r": 4, "alpha": 8,
+                                                                   "target_modules": ["q_proj", "v_proj"]}},
+                optim={"lr": 5e-2, "micro_batch": 4, "grad_accum": 1, "max_steps": 3, "schedule": "constant"})
+    teacher = {"url": url, "top_k": 16}
+    here = _cfg(root, tmp_path, teacher, objective={"kd_weight": 1.0, "on_policy": on_policy}, **body)
+    served_cfg = _cfg(root, tmp_path, teacher, objective={"kd_weight": 1.0, "on_policy": {
+        **on_policy, "rollout_url": lora_server}}, **body)
+    train(load_train_config(here), tmp_path / "here", **QUIET)
+    train(load_train_config(served_cfg), tmp_path / "served", **QUIET)
+    a, b = _metrics(tmp_path / "here"), _metrics(tmp_path / "served")
+    assert [m["kl_loss"] for m in a] == [m["kl_loss"] for m in b]
+    assert [m["rollout_lag"] for m in b] == [0.0, 0.0, 0.0]
+
+
+def test_a_fully_fine_tuned_students_weights_are_reloaded_in_place(served, own, tmp_path):
+    root, _ = served
+    tokenizer = load_tokenizer(root / "teacher")
+    student = load_causal_lm(root / "teacher", "float32")
+    prompts = [[1, 40, 41, 42]]
+    rollout = open_rollout_server(own.url, None, tmp_path, sync_every=1, lora=False)
+    try:
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        rollout.sync(student, 0)
+        assert rollout.generate(prompts, 8, 0.0, 1.0, 0, [2]) == _greedy(student, tokenizer, prompts)
+    finally:  # the teacher's own weights again, for any test after this one
+        rollout.server.post("/collective_rpc", {"method": "reload_weights",
+                                                "kwargs": {"weights_path": str(root / "teacher")}})
+        rollout.server.post("/reset_prefix_cache", {})

@@ -39,11 +39,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+LORA = (("--enable-lora", "--max-lora-rank", "8"), {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+"""A server that loads a LoRA student's adapter at run time."""
+DEV = ((), {"VLLM_SERVER_DEV_MODE": "1"})
+"""A server whose weights a fully fine-tuned student reloads in place (/collective_rpc, /reset_prefix_cache)."""
+
+
 class VllmServer:
     """``python -m vllm.entrypoints.openai.api_server`` as README's 'A served teacher' starts it."""
 
-    def __init__(self, model: Path, log: Path, port: int | None = None, extra: tuple[str, ...] = ()) -> None:
-        self.model, self.log, self.port, self.extra = model, log, port or free_port(), extra
+    def __init__(self, model: Path, log: Path, port: int | None = None, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
+        self.model, self.log, self.port, self.extra, self.env = model, log, port or free_port(), extra, env or {}
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -51,7 +58,8 @@ class VllmServer:
         cmd = [str(require_vllm()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                "--dtype", "float32", "--max-logprobs", "64", "--enforce-eager", "--host", "127.0.0.1",
                "--port", str(self.port), *self.extra]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+               **self.env}
         env.pop("PYTHONPATH", None)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)

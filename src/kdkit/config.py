@@ -83,9 +83,11 @@ class OnPolicyConfig(_Strict):
         "kd", description="the loss on the student's own tokens: kd (objective.kd against the teacher's "
                           "distribution) or sampled_kl_rev (per sampled token, advantage −(log p_s − log p_t): "
                           "needs only the teacher's log-prob of each sampled token)")
-    rollouts: Literal["generate", "server"] = Field(
-        "generate", description="who writes the completions: generate (the student in this process) or server "
-                                "(a vLLM server of the student, kept in sync: on_policy.server)")
+    rollout_url: str | None = Field(
+        None, description="a vLLM server of the student (http://HOST:PORT) that writes the completions, its "
+                          "weights kept in sync (README 'A served teacher'); None: the student generates here")
+    sync_every: int = Field(1, ge=1, description="with rollout_url: optimizer steps between weight syncs (the "
+                                                 "lag, logged as rollout_lag, is at most sync_every − 1)")
 
 
 class HiddenConfig(_Strict):
@@ -470,6 +472,8 @@ def _on_policy_without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
     if op.fraction == 0:
         return [(f"objective.on_policy.{f}", "objective.on_policy.fraction is 0: no step is on-policy")
                 for f in sorted(op.model_fields_set) if f != "fraction" and _set(op, f)]
+    if _set(op, "sync_every") and op.rollout_url is None:
+        return [("objective.on_policy.sync_every", "the student generates here (no rollout_url): nothing to sync")]
     if _set(op, "top_p") and op.temperature == 0:
         return [("objective.on_policy.top_p", "on_policy.temperature is 0 (greedy): top_p only shapes sampling")]
     return []

@@ -19,7 +19,7 @@ import torch
 
 from kdkit import data as kdata
 from kdkit.config import ObjectiveConfig, OnPolicyConfig
-from kdkit.generation import GenerationSettings, generate_ids
+from kdkit.generation import GenerationSettings, eos_ids, generate_ids
 from kdkit.rng import own_rng
 
 
@@ -51,12 +51,18 @@ def settings(op: OnPolicyConfig) -> GenerationSettings:
 
 
 def rollouts(model: torch.nn.Module, tokenizer: Any, rows: list[kdata.TokenizedRow], op: OnPolicyConfig,
-             seed: int) -> list[kdata.TokenizedRow]:
-    """Each row's prompt followed by the student's own completion, which is the only target."""
+             seed: int, server: Any = None) -> list[kdata.TokenizedRow]:
+    """Each row's prompt followed by the student's own completion, which is the only target; written by
+    ``server`` (a :class:`kdkit.rollout.RolloutServer` holding the student's weights) when given."""
     prompts = [prompt_ids(r) for r in rows]
-    with own_rng():  # sampling neither reads nor moves the training RNG
-        torch.manual_seed(seed)
-        completions = generate_ids(model, tokenizer, prompts, settings(op))
+    if server is not None:
+        s = settings(op)
+        completions = server.generate(prompts, s.max_new_tokens, s.temperature if s.do_sample else 0.0, s.top_p,
+                                      seed, sorted(eos_ids(model, tokenizer)))
+    else:
+        with own_rng():  # sampling neither reads nor moves the training RNG
+            torch.manual_seed(seed)
+            completions = generate_ids(model, tokenizer, prompts, settings(op))
     return [kdata.TokenizedRow(input_ids=list(p) + c, loss_mask=[False] * len(p) + [True] * len(c), role=r.role,
                                task=r.task, weight=r.weight, line=r.line)
             for p, c, r in zip(prompts, completions, rows, strict=True)]

@@ -59,7 +59,11 @@ class Server:
         for attempt in range(self.retries + 1):
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    return json.loads(resp.read())
+                    raw = resp.read()
+                try:
+                    return json.loads(raw) if raw else None
+                except json.JSONDecodeError:
+                    return raw.decode(errors="replace")  # e.g. "Success: LoRA adapter ... added"
             except urllib.error.HTTPError as e:
                 message = _server_message(e)
                 if e.code < 500:
@@ -73,16 +77,22 @@ class Server:
         raise ServedError(f"teacher server {self.url} did not answer {path} after {self.retries + 1} tries "
                           f"({last}); is it running? (start it as README's 'A served teacher' says)")
 
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        """POST ``body`` to ``path`` (retried like every request); the server's answer, parsed when JSON."""
+        return self._request(path, body)
+
     def info(self) -> dict[str, Any]:
         """What the server says it serves: model name, root, max_model_len, vLLM version. Refuses a server
-        that does not serve ``model``, or serves several models and none was named."""
+        that does not serve ``model``, or serves several base models (not counting LoRA adapters) and none was
+        named."""
         if self._info is not None:
             return self._info
         served = self._request("/v1/models").get("data", [])
         names = [m.get("id") for m in served]
-        if self.model is None and len(served) != 1:
+        bases = [m for m in served if not m.get("parent")]  # LoRA adapters loaded at run time name a parent
+        if self.model is None and len(bases) != 1:
             raise ServedError(f"teacher server {self.url} serves {names}; name one (--served-model / teacher.served_model)")
-        chosen = next((m for m in served if self.model in (None, m.get("id"))), None)
+        chosen = bases[0] if self.model is None else next((m for m in served if m.get("id") == self.model), None)
         if chosen is None:
             raise ServedError(f"teacher server {self.url} serves {names}, not {self.model!r} "
                               f"(--served-model / teacher.served_model)")
@@ -107,7 +117,7 @@ class Server:
         return self._info["max_logprobs"]
 
     def _completions(self, prompts: list[list[int]], **extra: Any) -> list[dict[str, Any]]:
-        body = {"model": self.info()["model"], "prompt": prompts, "return_tokens_as_token_ids": True, **extra}
+        body = {"model": self.model or self.info()["model"], "prompt": prompts, "return_tokens_as_token_ids": True, **extra}
         choices = self._request("/v1/completions", body).get("choices", [])
         if len(choices) != len(prompts):
             raise ServedError(f"teacher server {self.url}: {len(choices)} answers for {len(prompts)} prompts")

@@ -22,6 +22,7 @@ from kdkit.io import storage
 from kdkit.models import head_reads_last_hidden, load_causal_lm, load_tokenizer, pad_id
 from kdkit.preflight import load_rows, model_config, preflight
 from kdkit.probes import EarlyStop, Probe, load_probes
+from kdkit.rollout import RolloutServer, open_rollout_server
 from kdkit.routing import Router, add_quarantine
 from kdkit.teacher import Sources, open_sources, unwrap
 from kdkit.train.metrics import Sums
@@ -101,6 +102,7 @@ class Run:
     early: EarlyStop | None = None
     router: Router | None = None
     hidden: HiddenDistill | None = None
+    rollout: RolloutServer | None = None  # the student's vLLM server that writes on-policy completions
 
     @property
     def metrics_path(self) -> Path:
@@ -171,7 +173,8 @@ def build(cfg: TrainConfig, run: Path, acc: Any, ckpt: Path | None, log: Callabl
     parts = {"router": Router(unwrap(model), cfg.routing, tokenizer, pad) if cfg.routing is not None else None,
              # directions from the initial weights (a resume loads the saved ones)
              "probes": load_probes(cfg.probes, tokenizer) if cfg.probes is not None else [],
-             "early": EarlyStop(cfg.early_stop) if cfg.early_stop is not None else None, "hidden": hidden}
+             "early": EarlyStop(cfg.early_stop) if cfg.early_stop is not None else None, "hidden": hidden,
+             "rollout": _rollout_server(cfg, run, world, ckpt is not None)}
     step, epoch_sums = 0, Sums()
     if ckpt is not None:
         step, epoch_sums = _restore(ckpt, acc.unwrap_model(model), opt, parts, log)
@@ -185,6 +188,19 @@ def build(cfg: TrainConfig, run: Path, acc: Any, ckpt: Path | None, log: Callabl
         write_run_meta(r, why_not)
         cut_logs(r, step)
     return r, step, epoch_sums
+
+
+def _rollout_server(cfg: TrainConfig, run: Path, world: int, resumed: bool) -> RolloutServer | None:
+    op = cfg.objective.on_policy
+    if op is None or op.rollout_url is None:
+        return None
+    if world > 1:
+        raise TrainingError("objective.on_policy.rollout_url: a student server is kept in sync by one process; "
+                            "run on one process or let each rank generate (leave rollout_url out)")
+    rollout = open_rollout_server(op.rollout_url, None, run, op.sync_every, cfg.student.lora is not None)
+    if resumed:
+        rollout.restore()
+    return rollout
 
 
 def _check_head(model: torch.nn.Module, row: kdata.TokenizedRow, pad: int, device: torch.device) -> None:

@@ -70,6 +70,8 @@ def train(
                 step_sums, metrics = optimizer_step(r, step, batches, on_policy, grad_hooks or [], last_ckpt)
             except ServedError as e:
                 server_down(r, step, _state(r, step, epoch_sums), last_ckpt, e)
+            if on_policy and r.rollout is not None:
+                metrics.update(r.rollout.lag(step))
             step += 1
             epoch_sums.merge(step_sums)
             summary = log_step(r, step, step_sums, metrics, time.perf_counter() - t0)

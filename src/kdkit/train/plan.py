@@ -65,6 +65,8 @@ def plan_step(r: Run, step: int) -> tuple[list[kdata.Batch], bool]:
     micro = micro_slices(ids, o.micro_batch, o.grad_accum, r.world, r.rank)
     op = r.cfg.objective.on_policy
     on = onpolicy.is_on_policy(op, step)
+    if on and r.rollout is not None:  # the student's server gets the current weights when a sync is due
+        r.rollout.sync(unwrap(r.model), step)
     batches = []
     for j, m in enumerate(micro):
         if not m:
@@ -73,6 +75,6 @@ def plan_step(r: Run, step: int) -> tuple[list[kdata.Batch], bool]:
         rows = [r.rows[i] for i in m]
         if on:
             rows = onpolicy.rollouts(unwrap(r.model), r.tokenizer, rows, op,
-                                     onpolicy.sample_seed(op, step, r.rank, j))
+                                     onpolicy.sample_seed(op, step, r.rank, j), r.rollout)
         batches.append(kdata.collate(rows, r.pad_id, m).to(r.acc.device))
     return batches, on
