@@ -54,6 +54,13 @@ EFFECTS: dict[str, tuple[dict, typing.Any]] = {
     "teacher.model": (LIVE, "@student2"),
     "teacher.dtype": (LIVE, "bfloat16"),
     "teacher.load_in": (LIVE, "8bit"),  # refused without a CUDA GPU
+    # a served teacher: its own tests start a vLLM server (tests/test_served.py); here the cache teacher
+    # refuses them, naming the field
+    "teacher.url": ({}, "http://127.0.0.1:9"),
+    "teacher.served_model": ({}, "other"),
+    "teacher.top_k": ({}, 8),
+    "teacher.timeout_s": ({}, 5.0),
+    "teacher.retries": ({}, 0),
     "reference.kind": (BARRIER, "cache"),
     "reference.path": ({**BARRIER, "reference": {"kind": "model", "path": "@student"}}, "@student2"),
     "data.train": (LIVE, "@train2"),  # a cache belongs to its data: another file is refused, live it trains
@@ -87,6 +94,9 @@ EFFECTS: dict[str, tuple[dict, typing.Any]] = {
     "objective.on_policy.temperature": (ON_POLICY, 0.5),
     "objective.on_policy.top_p": (ON_POLICY, 0.5),
     "objective.on_policy.seed": (ON_POLICY, 1),
+    "objective.on_policy.loss": (ON_POLICY, "sampled_kl_rev"),
+    "objective.on_policy.rollout_url": (ON_POLICY, "http://127.0.0.1:9"),  # nothing answers there: refused
+    "objective.on_policy.sync_every": (ON_POLICY, 2),  # no rollout_url: refused naming the field
     "objective.hidden.layers": (HIDDEN, {2: 1}),
     "objective.hidden.loss": (HIDDEN, "mse"),
     "objective.hidden.weight": (HIDDEN, 3.0),

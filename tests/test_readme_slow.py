@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kdkit.demo.run import TEACHER_DIR, DemoSettings, run_demo
+from tests.vllm_server import require_vllm
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed"),
@@ -38,6 +39,7 @@ def test_readme_commands_run_top_to_bottom(tmp_path):
     assert commands[0].startswith("kdkit demo") and any(c.startswith("kdkit registry rollback") for c in commands)
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     (tmp_path / "src").symlink_to(ROOT / "src")
+    (tmp_path / ".venv-vllm").symlink_to(require_vllm().parents[1])  # "A served teacher" starts vLLM from it
     run_demo(tmp_path / "demo-out", DemoSettings(student_rows=128, epochs=1, n_anchors=10, n_holdout=10,
                                                  max_new_tokens=64), progress=False, log=lambda m: None)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}

@@ -93,6 +93,11 @@ def preflight(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, 
     check_objective_data(cfg, rows)
     check_lora_targets(cfg)
     check_hidden_layers(cfg)
+    op = cfg.objective.on_policy
+    if op is not None and op.rollout_url is not None:  # the student's server answers and serves one base model
+        from kdkit.rollout import open_rollout_server
+
+        open_rollout_server(op.rollout_url, None, Path("."), op.sync_every, cfg.student.lora is not None)
     if cfg.probes is not None:  # the files training reads later: refused now, naming file and line
         from kdkit.probes import load_probes
 
