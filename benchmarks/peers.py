@@ -11,6 +11,12 @@ world's rows as chat messages (the char tokenizer has a chat template). Each tra
 subprocess; reported: median seconds per optimizer step (first two dropped) and the growth of max RSS
 during training.
 
+``kdkit_onpolicy_vllm`` is ``kdkit_onpolicy`` with the rollouts written by a vLLM server of the student
+(``objective.on_policy.rollout_url``, the full weights reloaded in place before every step);
+``kdkit_onpolicy_served`` also serves the teacher (``teacher.url``, top-64 + tail). Both need ``make
+vllm-env`` and ``--real`` (vLLM's CPU attention needs a head size of 32 or more); the servers start before
+the timed steps and share the machine's cores with the trainer.
+
 ``--real DIR`` runs the issue's real size instead: DIR is what ``examples/smollm2_chat_rows.py --out DIR``
 wrote (``DIR/teacher`` = SmolLM2-135M-Instruct, ``DIR/rows_messages.jsonl`` = 48 HumanEval tasks as
 chat rows); the student is a fresh seeded 2-layer width-128 Llama with SmolLM2's tokenizer; use it with
@@ -36,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine  # noqa: E402
 
-METHODS = ("trl_gkd", "kdkit_online", "kdkit_offline", "trl_gkd_onpolicy", "kdkit_onpolicy")
+METHODS = ("trl_gkd", "kdkit_online", "kdkit_offline", "trl_gkd_onpolicy", "kdkit_onpolicy", "kdkit_onpolicy_vllm",
+           "kdkit_onpolicy_served")
 
 
 def _rss_mb() -> float:
@@ -100,7 +107,7 @@ def run_trl(tmp: Path, student: Path, teacher: Path, rows: list[dict], steps: in
 
 
 def run_kdkit(tmp: Path, student: Path, teacher_dir: Path, rows: list[dict], steps: int, batch: int, offline: bool,
-              new_tokens: int | None) -> list[float]:
+              new_tokens: int | None, rollout_url: str | None = None, teacher_url: str | None = None) -> list[float]:
     from kdkit.config import load_train_config
     from kdkit.train import train
 
@@ -113,14 +120,33 @@ def run_kdkit(tmp: Path, student: Path, teacher_dir: Path, rows: list[dict], ste
                         str(data), "--out", str(tmp / "cache"), "--top-k", "64", "--max-length", "256",
                         "--no-progress"], check=True, capture_output=True)
         teacher = {"cache": str(tmp / "cache")}
+    if teacher_url:
+        teacher = {"url": teacher_url, "top_k": 64}
     cfg = {"student": {"path": str(student)}, "teacher": teacher, "data": {"train": str(data), "max_length": 256},
            "objective": {"kd_weight": 1.0, **({"kd": {"kind": "jsd", "beta": 0.5}, "on_policy": {
-               "fraction": 1.0, "max_new_tokens": new_tokens, "temperature": 1.0}} if new_tokens else {})},
+               "fraction": 1.0, "max_new_tokens": new_tokens, "temperature": 1.0,
+               **({"rollout_url": rollout_url} if rollout_url else {})}} if new_tokens else {})},
            "checkpoint": {"every": 0},
            "optim": {"lr": 1e-3, "micro_batch": batch, "max_steps": steps, "epochs": 100, "schedule": "constant"}}
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     train(load_train_config(tmp / "cfg.yaml"), tmp / "run", progress=False, log=lambda m: None)
     return [json.loads(x)["step_time_s"] for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _servers(method: str, tmp: Path, student: Path, teacher: Path) -> dict:
+    """The vLLM servers a method needs, started: the student's (dev mode: weights reloaded in place), the
+    teacher's."""
+    if method not in ("kdkit_onpolicy_vllm", "kdkit_onpolicy_served"):
+        return {}
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.vllm_server import DEV, VllmServer
+
+    started = [VllmServer(student, tmp / "student-vllm.log", extra=DEV[0], env=DEV[1]).start()]
+    out = {"student": started[0].url}
+    if method == "kdkit_onpolicy_served":
+        started.append(VllmServer(teacher, tmp / "teacher-vllm.log").start())
+        out["teacher"] = started[1].url
+    return {**out, "_all": started}
 
 
 def one(method: str, rows_n: int, steps: int, batch: int, new_tokens: int, real: str | None) -> dict:
@@ -136,13 +162,18 @@ def one(method: str, rows_n: int, steps: int, batch: int, new_tokens: int, real:
             rows = [json.loads(x) for x in lines]
         else:
             teacher, student, rows = TEACHER_DIR, fresh_model_dir(tmp / "student", STUDENT_SHAPE, seed=1), _rows(rows_n)
+        servers = _servers(method, tmp, student, teacher)
         base = _rss_mb()
-        on = new_tokens if method.endswith("_onpolicy") else None
-        if method.startswith("trl_gkd"):
-            times = run_trl(tmp, student, teacher, rows, steps, batch, on)
-        else:
-            times = run_kdkit(tmp, student, teacher, rows, steps, batch, offline=method == "kdkit_offline",
-                              new_tokens=on)
+        on = new_tokens if "_onpolicy" in method else None
+        try:
+            if method.startswith("trl_gkd"):
+                times = run_trl(tmp, student, teacher, rows, steps, batch, on)
+            else:
+                times = run_kdkit(tmp, student, teacher, rows, steps, batch, offline=method == "kdkit_offline",
+                                  new_tokens=on, rollout_url=servers.get("student"), teacher_url=servers.get("teacher"))
+        finally:
+            for server in servers.pop("_all", []):
+                server.stop()
         peak = _rss_mb() - base
     s_step = statistics.median(times[2:])
     return {"method": method, "s_per_step": round(s_step, 4), "samples_per_s": round(batch / s_step, 3),
@@ -185,7 +216,7 @@ def main() -> int:
     print("\n| trainer | s/step | samples/s | speed vs TRL GKD (same policy) | peak RSS growth MB |")
     print("|---|---|---|---|---|")
     for r in res:
-        ref = trl.get(r["method"].endswith("_onpolicy"))
+        ref = trl.get("_onpolicy" in r["method"])
         ratio = f"{ref / r['s_per_step']:.2f}×" if ref else "–"
         print(f"| {r['method']} | {r['s_per_step']} | {r['samples_per_s']} | {ratio} | {r['peak_rss_growth_mb']:.0f} |")
     return 0

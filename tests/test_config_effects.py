@@ -35,6 +35,7 @@ FLOOR = {"probes": {**PROBES["probes"], "max_new_tokens": 24}, "early_stop": {"c
 HIDDEN = {**LIVE, "objective": {"hidden": {"layers": {1: 2}, "loss": "cosine", "weight": 1.0}}}
 ROUTING = {**LIVE, "routing": {"pairs": "@pairs", "target_modules": ["v_proj"], "refresh_every": 2}}
 RANDOM = {**LIVE, "routing": {"pairs": "@pairs", "target_modules": ["v_proj"], "control": "random"}}
+TEACHERS = {"data": {"train": "@routed"}, "teachers": {"b": {"model": "@teacher"}}}  # odd rows name teacher 'b'
 ON_POLICY = {**LIVE, "objective": {"on_policy": {"fraction": 1.0, "max_new_tokens": 4, "temperature": 1.0}}}
 
 def _merge_ctx(a: dict, b: dict) -> dict:
@@ -61,6 +62,15 @@ EFFECTS: dict[str, tuple[dict, typing.Any]] = {
     "teacher.top_k": ({}, 8),
     "teacher.timeout_s": ({}, 5.0),
     "teacher.retries": ({}, 0),
+    "teachers.model": (TEACHERS, "@student2"),
+    "teachers.dtype": (TEACHERS, "bfloat16"),
+    "teachers.cache": (TEACHERS, "@cache"),  # beside teachers.b.model: refused (one of cache, model, url)
+    "teachers.load_in": (TEACHERS, "8bit"),  # refused without a CUDA GPU
+    "teachers.url": (TEACHERS, "http://127.0.0.1:9"),  # nothing answers there: refused
+    "teachers.served_model": (TEACHERS, "other"),  # not served: refused naming the field
+    "teachers.top_k": (TEACHERS, 8),
+    "teachers.timeout_s": (TEACHERS, 5.0),
+    "teachers.retries": (TEACHERS, 0),
     "reference.kind": (BARRIER, "cache"),
     "reference.path": ({**BARRIER, "reference": {"kind": "model", "path": "@student"}}, "@student2"),
     "data.train": (LIVE, "@train2"),  # a cache belongs to its data: another file is refused, live it trains
@@ -158,6 +168,7 @@ def world(tmp_path_factory):
     rows = toy_rows(12)
     write_jsonl(root / "train.jsonl", rows)
     write_jsonl(root / "train2.jsonl", toy_rows(12, seed=3))
+    write_jsonl(root / "routed.jsonl", [{**r, "teacher": "b"} if i % 2 else r for i, r in enumerate(rows)])
     write_jsonl(root / "with_empty.jsonl", rows + [{"prompt": "x", "completion": ""}])
     write_jsonl(root / "val.jsonl", toy_rows(4, seed=9))
     write_jsonl(root / "probes.jsonl", [{"prompt": "def f(x):\n"}, {"prompt": "Once"}])
@@ -185,6 +196,8 @@ def _set(cfg: dict, dotted: str, value) -> dict:
     parts = dotted.split(".")
     if parts[:2] == ["objective", "roles"]:  # a per-role switch: the role 'anchor'
         parts = ["objective", "roles", "anchor", parts[2]]
+    if parts[0] == "teachers":  # a field of the teacher named 'b'
+        parts = ["teachers", "b", parts[1]]
     for p in parts[:-1]:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
@@ -198,7 +211,7 @@ def _resolve(obj, root: Path):
         return [_resolve(v, root) for v in obj]
     if isinstance(obj, str) and obj.startswith("@"):
         name = obj[1:]
-        return str(root / (f"{name}.jsonl" if name in ("train2", "with_empty", "val", "probes", "probes2",
+        return str(root / (f"{name}.jsonl" if name in ("train2", "routed", "with_empty", "val", "probes", "probes2",
                                                                  "pairs", "pairs2") else name))
     return obj
 

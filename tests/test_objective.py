@@ -276,3 +276,31 @@ def test_a_live_teacher_at_the_target_positions_equals_its_full_logits_there(tmp
     assert float(b.loss) == pytest.approx(float(a.loss), rel=1e-5)
     with pytest.raises(ValueError, match="target positions"):
         compute_objective_chunked(hidden, head, batch.targets, cfg, teacher=part[1:], teacher_at_targets=True)
+
+
+def test_several_teachers_route_each_rows_kd_to_its_own_teacher():
+    """The routed KD equals KD against one teacher whose rows are each row's own teacher's; the sums are
+    also kept per teacher (kl_loss@name = that teacher's rows' mean)."""
+    from kdkit.config import ObjectiveConfig
+    from kdkit.objective import compute_objective
+
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(4, 6, 13, generator=g, requires_grad=True)
+    t_default, t_b = torch.randn(4, 6, 13, generator=g), torch.randn(4, 6, 13, generator=g)
+    targets = torch.randint(0, 13, (4, 6), generator=g)
+    targets[1, :3] = -100
+    row_teachers = ["", "b", "b", ""]
+    cfg = ObjectiveConfig(kd_weight=1.0, kd={"kind": "kl_fwd"})
+    routed = compute_objective(student, targets, cfg, teacher=t_default, teachers={"b": t_b},
+                               row_teachers=row_teachers)
+    is_b = torch.tensor([r == "b" for r in row_teachers])[:, None, None]
+    merged = compute_objective(student, targets, cfg, teacher=torch.where(is_b, t_b, t_default))
+    torch.testing.assert_close(routed.loss, merged.loss, atol=1e-6, rtol=0)
+    g_routed, = torch.autograd.grad(routed.loss, student)
+    g_merged, = torch.autograd.grad(merged.loss, student)
+    torch.testing.assert_close(g_routed, g_merged, atol=1e-6, rtol=0)
+    m = routed.floats()
+    for name, rows, t in (("teacher", [0, 3], t_default), ("b", [1, 2], t_b)):
+        alone = compute_objective(student[rows], targets[rows], cfg, teacher=t[rows]).floats()
+        assert m[f"kl_loss@{name}"] == pytest.approx(alone["kl_loss"], rel=1e-5)
+    assert m["kl_loss"] == pytest.approx(merged.floats()["kl_loss"], rel=1e-5)

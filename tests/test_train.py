@@ -732,3 +732,35 @@ def test_a_checkpoint_of_another_format_is_refused_and_one_without_a_format_resu
     logs: list[str] = []
     train(load_train_config(cfg), run, resume=True, progress=False, log=logs.append)
     assert any("resumed from" in m for m in logs) and (run / "final").is_dir()
+
+
+def test_rows_name_their_teacher_and_metrics_are_per_teacher(world, tmp_path):
+    """A cache as the default teacher, a live model as teacher 'b' for the rows that name it."""
+    save_model_dir(tmp_path / "teacher_b", seed=7, hidden=32)
+    rows = toy_rows(16)
+    for i, r in enumerate(rows):
+        if i % 2:
+            r["teacher"] = "b"
+    write_jsonl(tmp_path / "routed.jsonl", rows)
+    precompute(world / "teacher", tmp_path / "routed.jsonl", tmp_path / "cache",
+               PrecomputeSettings(top_k=101, logprob_dtype="float32", shard_rows=8), progress=False, log=lambda m: None)
+    data = {"train": str(tmp_path / "routed.jsonl"), "validation": None, "max_length": 128}
+    cfg = _cfg(world, tmp_path, teacher={"cache": str(tmp_path / "cache")}, data=data,
+               teachers={"b": {"model": str(tmp_path / "teacher_b")}})
+    _run(cfg, tmp_path / "run")
+    m = _jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert all({"kl_loss@teacher", "kl_loss@b", "top1_agree@b"} <= set(x) for x in m)
+    assert m[0]["kl_loss@teacher"] != m[0]["kl_loss@b"]
+    # the overall KD mean is the token-weighted mean of the two teachers' means
+    first = m[0]
+    assert min(first["kl_loss@teacher"], first["kl_loss@b"]) <= first["kl_loss"] <= max(
+        first["kl_loss@teacher"], first["kl_loss@b"])
+    # a row naming a teacher the config lacks, and a configured teacher no row names: refused by field
+    bad = rows[:3] + [{**rows[3], "teacher": "c"}]
+    write_jsonl(tmp_path / "bad.jsonl", bad)
+    model = {"model": str(world / "teacher")}
+    live = {"teacher": {"cache": None, **model}, "teachers": {"b": model}}
+    with pytest.raises(KdkitError, match=r"bad.jsonl:4: field 'teacher': 'c' is not one of the config's teachers"):
+        _run(_cfg(world, tmp_path, data={**data, "train": str(tmp_path / "bad.jsonl")}, **live), tmp_path / "bad")
+    with pytest.raises(KdkitError, match="teachers.b: no row of .* names teacher 'b'"):
+        _run(_cfg(world, tmp_path, **live), tmp_path / "none")

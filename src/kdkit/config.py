@@ -319,6 +319,10 @@ class RoutingConfig(_Strict):
 class TrainConfig(_Strict):
     student: StudentConfig
     teacher: TeacherConfig | None = None
+    teachers: dict[str, TeacherConfig] = Field(
+        default_factory=dict, description="more teachers, by name: a row whose 'teacher' field names one is "
+                                          "distilled from it (rows without the field: from 'teacher'); each a "
+                                          "cache, a model or a url; metrics are reported per teacher")
     reference: ReferenceConfig | None = None
     data: DataConfig
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
@@ -339,9 +343,26 @@ class TrainConfig(_Strict):
             raise ValueError("'reference' is set but objective.barrier is not: the reference would be unused")
         if self.teacher is None and self.objective.ce_coef == 0.0 and self.objective.barrier is None:
             raise ValueError("no teacher and objective.ce_coef = 0: nothing to train")
-        for field, why in _without_effect(self):
+        for field, why in _without_effect(self) + _teachers_unsupported(self):
             raise ValueError(f"{field}: {why}")
         return self
+
+
+def _teachers_unsupported(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """Several teachers route the KD term of the dense loss by row; what needs one teacher refuses them."""
+    if not cfg.teachers:
+        return []
+    if cfg.teacher is None:
+        return [("teachers", "set 'teacher' too: it distils the rows that name no teacher")]
+    bad = [n for n in cfg.teachers if not n or n.strip() != n]
+    if bad:
+        return [("teachers", f"a teacher's name must be a non-empty string without surrounding spaces, got {bad[0]!r}")]
+    one = [(f, why) for f, on, why in (
+        ("objective.hidden", cfg.objective.hidden is not None, "hidden states come from one live teacher"),
+        ("objective.on_policy", cfg.objective.on_policy is not None, "a rollout is scored by one teacher"),
+        ("objective.kd.cross_tokenizer", cfg.objective.kd.cross_tokenizer != "none", "aligned across one tokenizer"))
+        if on]
+    return [(f, f"{why}; with 'teachers' set, leave it out") for f, why in one]
 
 
 # A config a user wrote: a field written at all is set (``beta: 0.5`` with kl_rev is refused even though 0.5
@@ -361,10 +382,8 @@ def _set(model: BaseModel, name: str) -> bool:
 def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
     """(field, why) for every option set away from its default that cannot take effect in this configuration."""
     o, kd = cfg.objective, cfg.objective.kd
-    out = []
-    if cfg.teacher is not None and cfg.teacher.url is None:
-        out += [(f"teacher.{f}", "applies to a served teacher (teacher.url) only")
-                for f in ("served_model", "top_k", "timeout_s", "retries") if _set(cfg.teacher, f)]
+    out = [w for name, t in [("teacher", cfg.teacher), *((f"teachers.{n}", t) for n, t in cfg.teachers.items())]
+           if t is not None for w in _teacher_without_effect(name, t)]
     if cfg.student.load_in is not None and cfg.student.lora is None:
         out.append(("student.load_in", "quantised weights cannot be fine-tuned in full; add student.lora (QLoRA)"))
     if _set(kd, "beta") and kd.kind != "jsd":
@@ -379,10 +398,6 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
         out += [(f"objective.task_weights.{t}", f"{no_teacher} (task weights scale KD only)") for t in o.task_weights]
         out += [(f"objective.roles.{r}.kd", no_teacher) for r, t in o.roles.items() if _set(t, "kd")]
     else:
-        if cfg.teacher.cache and _set(cfg.teacher, "dtype"):
-            out.append(("teacher.dtype", "a cached teacher is not run; its capture dtype is in the cache"))
-        if cfg.teacher.cache and cfg.teacher.load_in is not None:
-            out.append(("teacher.load_in", "a cached teacher is not run; quantise the teacher of a live run only"))
         if cfg.teacher.model and cfg.teacher.url is None and _set(kd, "tail"):
             out.append(("objective.kd.tail", "a live teacher gives the dense distribution: there is no top-K tail"))
     out += _on_policy_without_effect(cfg)
@@ -397,6 +412,19 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
         out.append(("checkpoint.keep", "checkpoint.every is 0: no checkpoint is written during training"))
     out += _routing_without_effect(cfg)
     out += _precision_without_effect(cfg)
+    return out
+
+
+def _teacher_without_effect(name: str, t: TeacherConfig) -> list[tuple[str, str]]:
+    """One teacher's fields that its kind (cache, model, url) does not read."""
+    out = []
+    if t.url is None:
+        out += [(f"{name}.{f}", f"applies to a served teacher ({name}.url) only")
+                for f in ("served_model", "top_k", "timeout_s", "retries") if _set(t, f)]
+    if t.cache and _set(t, "dtype"):
+        out.append((f"{name}.dtype", "a cached teacher is not run; its capture dtype is in the cache"))
+    if t.cache and t.load_in is not None:
+        out.append((f"{name}.load_in", "a cached teacher is not run; quantise the teacher of a live run only"))
     return out
 
 
@@ -612,8 +640,9 @@ def resolve_paths(cfg: TrainConfig, base: Path) -> TrainConfig:
     cfg.student.path = r(cfg.student.path)
     cfg.data.train = r(cfg.data.train)
     cfg.data.validation = r(cfg.data.validation)
-    if cfg.teacher is not None:
-        cfg.teacher.cache, cfg.teacher.model = r(cfg.teacher.cache), r(cfg.teacher.model)
+    for t in (cfg.teacher, *cfg.teachers.values()):
+        if t is not None:
+            t.cache, t.model = r(t.cache), r(t.model)
     if cfg.reference is not None and cfg.reference.path:
         cfg.reference.path = r(cfg.reference.path)
     if cfg.probes is not None:

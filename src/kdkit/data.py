@@ -47,6 +47,7 @@ class Example:
     role: str = "default"
     task: str = ""
     weight: float = 1.0
+    teacher: str = ""  # a key of the config's ``teachers``; "" = the default ``teacher``
 
 
 @dataclass
@@ -60,6 +61,7 @@ class TokenizedRow:
     truncated: bool = False
     text: str = ""  # with offsets (cross-tokenizer runs): the row's text and each token's character span in it
     offsets: list[tuple[int, int]] | None = None
+    teacher: str = ""  # which teacher distils this row ("" = the default one)
 
     @property
     def n_targets(self) -> int:
@@ -123,7 +125,10 @@ def _parse_row(path: Path, line: int, obj: dict[str, Any]) -> Example:
     weight = obj.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not (weight >= 0) or weight == float("inf"):
         raise _err(path, line, "weight", f"expected a finite number >= 0, got {weight!r}")
-    return Example(line=line, format=fmt, fields=obj, role=role, task=task, weight=float(weight))
+    teacher = obj.get("teacher", "")
+    if not isinstance(teacher, str):
+        raise _err(path, line, "teacher", f"expected the name of one of the config's teachers, got {teacher!r}")
+    return Example(line=line, format=fmt, fields=obj, role=role, task=task, weight=float(weight), teacher=teacher)
 
 
 def read_jsonl(path: str | Path) -> list[Example]:
@@ -276,7 +281,7 @@ def tokenize_rows(
         if kept_offs is not None and truncated:
             text, kept_offs = kept_text(text, kept_offs)
         row = TokenizedRow([ids[i] for i in keep], [mask[i] for i in keep], ex.role, ex.task, ex.weight, ex.line,
-                           truncated, text, kept_offs)
+                           truncated, text, kept_offs, ex.teacher)
         if row.n_targets == 0:
             if on_empty == "error":
                 what = "completion" if ex.format == "prompt_completion" else ex.format
@@ -326,6 +331,7 @@ class Batch:
     tasks: list[str]
     weights: torch.Tensor
     row_index: list[int]
+    teachers: list[str] = field(default_factory=list)  # each row's teacher name ("" = the default)
 
     def to(self, device: torch.device) -> Batch:
         """The tensors on ``device`` (in place; returns the batch)."""
@@ -364,6 +370,7 @@ def collate(rows: Sequence[TokenizedRow], pad_id: int, row_index: Sequence[int] 
         tasks=[r.task for r in rows],
         weights=torch.tensor([r.weight for r in rows], dtype=torch.float32),
         row_index=list(row_index) if row_index is not None else list(range(bsz)),
+        teachers=[r.teacher for r in rows],
     )
 
 

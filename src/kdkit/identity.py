@@ -82,6 +82,8 @@ def _cfg_inputs(cfg: Any) -> dict[str, str | None]:
         "reference.path": ref.path if ref is not None else None,
         "probes.prompts": cfg.probes.prompts if cfg.probes is not None else None,
         "routing.pairs": cfg.routing.pairs if cfg.routing is not None else None,
+        **{f"teachers.{n}.{k}": getattr(o, k) for n, o in getattr(cfg, "teachers", {}).items()
+           for k in ("model", "cache")},
     }
 
 
@@ -97,7 +99,7 @@ def run_inputs(cfg: Any) -> dict[str, dict[str, Any]]:
     out = {}
     for field, p in _cfg_inputs(cfg).items():
         if p is not None and Path(p).exists():
-            is_cache = field == "teacher.cache" or (field == "reference.path" and cfg.reference.kind == "cache")
+            is_cache = field.endswith(".cache") or (field == "reference.path" and cfg.reference.kind == "cache")
             out[field] = cache_identity(p) if is_cache else path_identity(p)
     return out
 

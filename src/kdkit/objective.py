@@ -20,7 +20,7 @@ Positions are prediction positions: ``student_logits[b, t]`` predicts
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -69,14 +69,16 @@ def means(sums: dict[str, Any], steps: float = 1.0) -> dict[str, Any]:
     out = {"total_loss": sums["total"] / steps}
     if "barrier" in sums:
         out["barrier"] = sums["barrier"] / steps
+    routed = sorted({k.split("@", 1)[1] for k in sums if "@" in k})  # several teachers: "kl@name", ...
     for name, num, den in _MEANS:
-        if den not in sums:
-            continue
-        count = sums[den]
-        if torch.is_tensor(count):
-            out[name] = sums[num] / count.clamp(min=1)
-        elif count > 0 or name == "ce_loss":
-            out[name] = sums[num] / max(count, 1.0)
+        for suffix in ("", *(f"@{r}" for r in routed)):
+            if den + suffix not in sums:
+                continue
+            count = sums[den + suffix]
+            if torch.is_tensor(count):
+                out[name + suffix] = sums[num + suffix] / count.clamp(min=1)
+            elif count > 0 or name == "ce_loss":
+                out[name + suffix] = sums[num + suffix] / max(count, 1.0)
     return out
 
 
@@ -214,6 +216,8 @@ def compute_objective(
     cfg: ObjectiveConfig,
     *,
     teacher: Tensor | TopK | None = None,
+    teachers: dict[str, Tensor | TopK] | None = None,
+    row_teachers: list[str] | None = None,
     reference: Tensor | TopK | None = None,
     hidden: Tensor | None = None,
     roles: list[str] | None = None,
@@ -230,6 +234,8 @@ def compute_objective(
         teacher: dense logits Tensor[B, T, V] or TopK[B, T, K] aligned with the
             positions, or a :class:`~kdkit.crosstok.CrossTeacher` (another tokenizer: KD at its aligned
             positions only); ``None`` for no KD (plain SFT).
+        teachers, row_teachers: more teachers by name, and each row's teacher name ("" = ``teacher``): a
+            row's KD is from its own teacher; the KD sums are also kept per teacher ("kl@name", ...).
         reference: the barrier's reference, dense or TopK; required iff
             ``cfg.barrier`` is set.
         hidden: float Tensor[B, T], the per-position hidden-state loss (``cfg.hidden``), or None.
@@ -255,7 +261,8 @@ def compute_objective(
     logits32 = student_logits.float()
     terms, extra = [ce_term(logits32, targets, co, cfg)], {}
     if teacher is not None and cfg.kd_weight > 0.0:
-        terms.append(kd_term(logits32, teacher, co, cfg))
+        terms += (routed_kd_terms(logits32, teacher, teachers, row_teachers or [""] * bsz, co, cfg) if teachers
+                  else [kd_term(logits32, teacher, co, cfg)])
     if cfg.barrier is not None:
         term, extra["barrier_agg"] = barrier_term(logits32, reference, co, cfg, denom is not None)
         terms.append(term)
@@ -289,6 +296,22 @@ def kd_term(logits32: Tensor, teacher: Tensor | TopK | CrossTeacher | CrossTopK,
     div = torch.where(kd_mask, div, torch.zeros_like(div))
     loss = cfg.kd_weight * (div * co.tok_w * row_kd[:, None]).sum() * co.inv
     return Term("kd", loss, kd_sums(div.detach(), logits32.detach().argmax(-1), teacher, kd_mask))
+
+
+def routed_kd_terms(logits32: Tensor, teacher: Tensor | TopK, teachers: dict[str, Tensor | TopK],
+                    row_teachers: list[str], co: _Coefficients, cfg: ObjectiveConfig) -> list[Term]:
+    """One KD term per teacher over the rows that name it (the default teacher: the rows that name none);
+    each term's sums also under "<sum>@<name>" ("@teacher" for the default), for per-teacher metrics. Every
+    teacher's term is made, with or without rows, so every micro-batch has the same sums."""
+    out = []
+    for name, signal in (("", teacher), *teachers.items()):
+        mine = torch.tensor([rt == name for rt in row_teachers], dtype=co.kd_on.dtype, device=co.kd_on.device)
+        term = kd_term(logits32, signal, replace(co, kd_on=co.kd_on * mine), cfg)
+        label = name or "teacher"
+        term.sums.update({f"{k}@{label}": v for k, v in list(term.sums.items())})
+        term.name = f"kd@{name}" if name else "kd"
+        out.append(term)
+    return out
 
 
 def barrier_term(logits32: Tensor, reference: Tensor | TopK, co: _Coefficients, cfg: ObjectiveConfig,

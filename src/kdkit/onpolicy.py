@@ -64,7 +64,7 @@ def rollouts(model: torch.nn.Module, tokenizer: Any, rows: list[kdata.TokenizedR
             torch.manual_seed(seed)
             completions = generate_ids(model, tokenizer, prompts, settings(op))
     return [kdata.TokenizedRow(input_ids=list(p) + c, loss_mask=[False] * len(p) + [True] * len(c), role=r.role,
-                               task=r.task, weight=r.weight, line=r.line)
+                               task=r.task, weight=r.weight, line=r.line, teacher=r.teacher)
             for p, c, r in zip(prompts, completions, rows, strict=True)]
 
 

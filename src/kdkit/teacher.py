@@ -289,14 +289,17 @@ class CrossSignal:
 
 @dataclass
 class Sources:
-    """The run's signals: the KD teacher and the barrier's reference (either may be absent)."""
+    """The run's signals: the KD teacher, the barrier's reference (either may be absent) and the teachers that
+    rows name."""
 
     teacher: Signal | None = None
     reference: Signal | None = None
+    teachers: dict[str, Signal] = field(default_factory=dict)  # more teachers by name (rows route to them)
 
     def modules(self) -> list[torch.nn.Module]:
         """The frozen models the sources hold (to move them to the run's device)."""
-        return [s.model for s in (self.teacher, self.reference) if isinstance(s, LiveSignal | CrossSignal)]
+        return [s.model for s in (self.teacher, self.reference, *self.teachers.values())
+                if isinstance(s, LiveSignal | CrossSignal)]
 
 
 def _frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -346,6 +349,30 @@ def _cache_cross(cache: TeacherCache, tokenizer: Any, cross: str) -> tuple[Vocab
     return VocabMap.build(tokenizer, t_tok, len(tokenizer), len(t_tok)), cross
 
 
+def _open_teacher(cfg: TrainConfig, t: Any, field: str, rows: list[kdata.TokenizedRow], tokenizer: Any,
+                  vocab_rows: int, student: torch.nn.Module | None, verify: bool) -> Signal | None:
+    """One teacher (``field``: where the config names it) checked against the student and the data; its
+    signal, or None for a live model when only checking (its weights are not loaded then)."""
+    tok_sha, real_vocab = tokenizer_fingerprint(tokenizer)["sha256"], len(tokenizer)
+    if t.url:
+        return open_served(cfg, t, field, tokenizer)
+    if t.model:
+        if verify:
+            check_model_dir(t.model, f"{field}.model:")
+        cross = cfg.objective.kd.cross_tokenizer
+        t_tok = _check_live_vocab(t.model, f"{field}.model", tok_sha, real_vocab, cross)
+        check_quantisation(t.load_in, f"{field}.load_in")
+        if student is None:
+            return None
+        model = _frozen(load_causal_lm(t.model, t.dtype, t.load_in, f"{field}.load_in"))
+        return LiveSignal(model, real_vocab, "teacher") if cross == "none" else CrossSignal(
+            model, t_tok, rows, VocabMap.build(tokenizer, t_tok, real_vocab, len(t_tok)), cross)
+    signal = CachedSignal.open(t.cache, rows, tok_sha, vocab_rows, cfg.objective.kd.temperature,
+                               "objective.kd.temperature", field, verify, cfg.data)
+    signal.cross = _cache_cross(signal.cache, tokenizer, cfg.objective.kd.cross_tokenizer)
+    return signal
+
+
 def open_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, vocab_rows: int,
                  student: torch.nn.Module | None = None, verify: bool = False) -> Sources:
     """Check every source against the student and the data; load them when ``student`` is given (training),
@@ -354,22 +381,13 @@ def open_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: An
     src, t, ref = Sources(), cfg.teacher, cfg.reference
     if verify:
         check_model_dir(cfg.student.path, "student.path:")
-    if t is not None and t.url:
-        src.teacher = open_served(cfg, tokenizer)
-    elif t is not None and t.model:
-        if verify:
-            check_model_dir(t.model, "teacher.model:")
-        cross = cfg.objective.kd.cross_tokenizer
-        t_tok = _check_live_vocab(t.model, "teacher.model", tok_sha, real_vocab, cross)
-        check_quantisation(t.load_in, "teacher.load_in")
-        if student is not None:
-            model = _frozen(load_causal_lm(t.model, t.dtype, t.load_in, "teacher.load_in"))
-            src.teacher = LiveSignal(model, real_vocab, "teacher") if cross == "none" else CrossSignal(
-                model, t_tok, rows, VocabMap.build(tokenizer, t_tok, real_vocab, len(t_tok)), cross)
-    elif t is not None:
-        src.teacher = CachedSignal.open(t.cache, rows, tok_sha, vocab_rows, cfg.objective.kd.temperature,
-                                        "objective.kd.temperature", "teacher", verify, cfg.data)
-        src.teacher.cross = _cache_cross(src.teacher.cache, tokenizer, cfg.objective.kd.cross_tokenizer)
+    if t is not None:
+        src.teacher = _open_teacher(cfg, t, "teacher", rows, tokenizer, vocab_rows, student, verify)
+    for name, other in cfg.teachers.items():
+        signal = _open_teacher(cfg, other, f"teachers.{name}", rows, tokenizer, vocab_rows, student, verify)
+        if signal is not None:
+            signal.what = f"teacher {name}"
+            src.teachers[name] = signal
     if ref is not None and ref.kind == "model":
         if verify:
             check_model_dir(ref.path, "reference.path:")
@@ -385,28 +403,31 @@ def open_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: An
     return src
 
 
-def open_served(cfg: TrainConfig, tokenizer: Any) -> ServedSignal:
+def open_served(cfg: TrainConfig, t: Any, field: str, tokenizer: Any) -> ServedSignal:
     """The served teacher after its checks: it serves the model named, answers K log-probs per position at
     temperature 1, tokenises the data as the student does and — when teacher.model names the local copy of
     its weights — gives the same log-probs on a few rows (:mod:`kdkit.parity`)."""
     from kdkit import parity
-    from kdkit.served import Server
+    from kdkit.served import ServedError, Server
 
-    t, kd = cfg.teacher, cfg.objective.kd
+    kd = cfg.objective.kd
     if kd.cross_tokenizer != "none":
-        raise SourceError("objective.kd.cross_tokenizer with teacher.url: a served teacher must share the "
+        raise SourceError(f"objective.kd.cross_tokenizer with {field}.url: a served teacher must share the "
                           "student's tokenizer (distil across tokenizers from a local model or a cache)")
     if kd.temperature != 1.0:
         raise SourceError(f"objective.kd.temperature is {kd.temperature}: a served teacher's log-probs are at "
                           f"temperature 1 and a top-K cannot be re-tempered; set it to 1.0")
     server = Server(t.url, t.served_model, t.timeout_s, t.retries)
-    server.info()
+    try:
+        server.info()
+    except ServedError as e:
+        raise ServedError(f"{field}.url: {e}") from None
     limit = server.max_logprobs()
     if limit is not None and t.top_k > limit:
-        raise SourceError(f"teacher.top_k is {t.top_k} but the server at {t.url} allows --max-logprobs {limit}")
+        raise SourceError(f"{field}.top_k is {t.top_k} but the server at {t.url} allows --max-logprobs {limit}")
     tokens = parity.token_parity(server, tokenizer, cfg.data.train)
     if tokens is not None:
-        raise SourceError(f"teacher.url: {t.url} does not tokenise {cfg.data.train} as the student does: {tokens}")
+        raise SourceError(f"{field}.url: {t.url} does not tokenise {cfg.data.train} as the student does: {tokens}")
     if t.model:
         parity.teacher_parity(server, t.model, cfg.data.train, parity.PARITY_ROWS, min(t.top_k, 8), t.dtype,
                               cfg.data.max_length).raise_if_failed()
@@ -414,7 +435,17 @@ def open_served(cfg: TrainConfig, tokenizer: Any) -> ServedSignal:
 
 
 def check_objective_data(cfg: TrainConfig, rows: list[kdata.TokenizedRow]) -> None:
-    """Every role and task the objective names occurs in the data; the optional packages it needs are here."""
+    """Every role, task and teacher the objective names occurs in the data, and every teacher a row names is
+    in the config; the optional packages it needs are here."""
+    for r in rows:
+        if r.teacher and r.teacher not in cfg.teachers:
+            known = ", ".join(sorted(cfg.teachers)) or "none: add a 'teachers' section"
+            raise SourceError(f"{cfg.data.train}:{r.line}: field 'teacher': {r.teacher!r} is not one of the "
+                              f"config's teachers ({known})")
+    named = {r.teacher for r in rows}
+    for name in cfg.teachers:
+        if name not in named:
+            raise SourceError(f"teachers.{name}: no row of {cfg.data.train} names teacher {name!r}")
     seen_roles = {r.role for r in rows}
     for role in cfg.objective.roles:
         if role not in seen_roles:

@@ -59,6 +59,8 @@ def use_chunked(cfg: TrainConfig, model: torch.nn.Module) -> str | None:
         return "routing's cin_t / cin_s need the CE and KD terms apart"
     if cfg.objective.kd.cross_tokenizer != "none":
         return "the cross-tokenizer loss compares whole distributions at aligned positions"
+    if cfg.teachers:
+        return "several teachers: the KD term is routed by row on the dense path"
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return f"the LM head is a {type(head).__name__} (e.g. LoRA on lm_head), not a plain Linear"

@@ -27,22 +27,24 @@ class Sums:
     computed); :meth:`reduce` reads them once, summed over the ranks, into floats; :meth:`summary` turns
     them into means (:func:`kdkit.objective.means`, the one place that divides)."""
 
-    keys = (*SUM_KEYS, "steps")
+    keys = (*SUM_KEYS, "steps")  # always there; per-teacher sums ("kl@name", ...) join when a term makes them
     v: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(Sums.keys, 0.0))
 
     def reduce(self, acc: Any) -> None:
-        """Every sum as a float, over all ranks: one host read for the whole step."""
+        """Every sum as a float, over all ranks: one host read for the whole step. (Every micro-batch of
+        every rank makes the same keys: each configured teacher's term runs, with or without rows.)"""
+        keys = sorted(self.v)
         packed = torch.stack([torch.as_tensor(self.v[k], dtype=torch.float64, device=acc.device).reshape(())
-                              for k in self.keys])
-        self.v = dict(zip(self.keys, acc.reduce(packed, "sum").tolist(), strict=True))
+                              for k in keys])
+        self.v = dict(zip(keys, acc.reduce(packed, "sum").tolist(), strict=True))
 
     def add_output(self, out: ObjectiveOutput) -> None:
         for k, v in out.sums.items():
-            self.v[k] += v
+            self.v[k] = self.v.get(k, 0.0) + v
 
     def merge(self, other: Sums) -> None:
-        for k in self.keys:
-            self.v[k] += other.v[k]
+        for k, v in other.v.items():
+            self.v[k] = self.v.get(k, 0.0) + v
 
     def summary(self) -> dict[str, float]:
         """The means of what was summed: the loss and the barrier per optimizer step."""

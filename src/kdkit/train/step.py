@@ -51,6 +51,8 @@ def forward_loss(r: Run, model: torch.nn.Module, batch: kdata.Batch, objective: 
         teacher = r.src.teacher(batch, model, at_targets=at_targets) if r.src.teacher is not None else None
     reference = r.src.reference(batch, model) if r.src.reference is not None else None
     kw = dict(teacher=teacher, roles=batch.roles, tasks=batch.tasks, row_weights=batch.weights, denom=denom)
+    if r.src.teachers:  # several teachers (the dense path): each scores the batch, each row's KD is its own's
+        kw.update(teachers={n: s(batch, model) for n, s in r.src.teachers.items()}, row_teachers=batch.teachers)
     if not chunked:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     output_hidden_states=r.hidden is not None)
