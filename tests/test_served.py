@@ -167,6 +167,15 @@ def test_training_on_the_server_equals_training_on_its_float32_cache(served, tmp
     a, b = _metrics(tmp_path / "live"), _metrics(tmp_path / "cached")
     assert len(a) == 4 and [m["total_loss"] for m in a] == [m["total_loss"] for m in b]
     assert [m["kl_loss"] for m in a] == [m["kl_loss"] for m in b] and a[-1]["tail_mass"] > 0
+    # the run's identity holds what the server says it serves: a resume on another server is refused
+    inputs_path = tmp_path / "live" / "inputs.json"
+    inputs = json.loads(inputs_path.read_text())
+    assert inputs["teacher.url"]["files"]["model"] == str(root / "teacher")
+    inputs["teacher.url"]["files"]["vllm_version"] = "0.0.1"
+    inputs["teacher.url"]["sha256"] = "0" * 64
+    inputs_path.write_text(json.dumps(inputs))
+    with pytest.raises(TrainingError, match="teacher.url: vllm_version changed"):
+        train(load_train_config(live), tmp_path / "live", resume=True, **QUIET)
 
 
 def test_a_server_that_dies_mid_run_ends_with_a_checkpoint_and_resume_is_bitwise(served, own, tmp_path):

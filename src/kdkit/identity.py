@@ -101,7 +101,25 @@ def run_inputs(cfg: Any) -> dict[str, dict[str, Any]]:
         if p is not None and Path(p).exists():
             is_cache = field.endswith(".cache") or (field == "reference.path" and cfg.reference.kind == "cache")
             out[field] = cache_identity(p) if is_cache else path_identity(p)
+    served = [("teacher", cfg.teacher), *((f"teachers.{n}", t) for n, t in getattr(cfg, "teachers", {}).items())]
+    for field, t in served:
+        if t is not None and t.url:
+            out[f"{field}.url"] = served_identity(t.url, t.served_model, f"{field}.url")
     return out
+
+
+def served_identity(url: str, model: str | None, field: str) -> dict[str, Any]:
+    """A served teacher by what its server says it serves (a resume refuses a server serving another model,
+    another context length, another vLLM or another --max-logprobs)."""
+    from kdkit.served import ServedError, Server
+
+    server = Server(url, model)
+    try:
+        said = {k: str(v) for k, v in server.info().items() if k != "url"}
+        said["max_logprobs"] = str(server.max_logprobs())
+    except ServedError as e:
+        raise ServedError(f"{field}: {e}") from None
+    return {"sha256": digest(said), "files": said}
 
 
 def changed_inputs(saved: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]) -> list[str]:
