@@ -382,8 +382,7 @@ def _set(model: BaseModel, name: str) -> bool:
 def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
     """(field, why) for every option set away from its default that cannot take effect in this configuration."""
     o, kd = cfg.objective, cfg.objective.kd
-    out = [w for name, t in [("teacher", cfg.teacher), *((f"teachers.{n}", t) for n, t in cfg.teachers.items())]
-           if t is not None for w in _teacher_without_effect(name, t)]
+    out = []
     if cfg.student.load_in is not None and cfg.student.lora is None:
         out.append(("student.load_in", "quantised weights cannot be fine-tuned in full; add student.lora (QLoRA)"))
     if _set(kd, "beta") and kd.kind != "jsd":
@@ -412,6 +411,8 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
         out.append(("checkpoint.keep", "checkpoint.every is 0: no checkpoint is written during training"))
     out += _routing_without_effect(cfg)
     out += _precision_without_effect(cfg)
+    out += [w for name, t in [("teacher", cfg.teacher), *((f"teachers.{n}", t) for n, t in cfg.teachers.items())]
+            if t is not None for w in _teacher_without_effect(name, t)]
     return out
 
 
