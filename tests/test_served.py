@@ -14,6 +14,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from kdkit import data as kdata
 from kdkit.cache import TeacherCache
 from kdkit.cache.precompute import PrecomputeSettings, precompute
 from kdkit.cli import app
@@ -21,6 +22,7 @@ from kdkit.config import load_train_config
 from kdkit.errors import UsageError
 from kdkit.generation import GenerationSettings, generate_ids
 from kdkit.models import load_causal_lm, load_tokenizer
+from kdkit.parity import teacher_parity
 from kdkit.rollout import open_rollout_server
 from kdkit.served import ServedError, Server
 from kdkit.train import TrainingError, train
@@ -140,6 +142,17 @@ def test_teacher_check_agrees_and_names_the_first_difference(served, tmp_path):
     assert ok.exit_code == 0, ok.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] and report["max_abs"] < 1e-5 and report["top1"] == 1.0 and report["positions"] > 50
+
+    class Recording(Server):  # the real server; what parity asks it is kept
+        def prompt_topk(self, prompts, k):
+            self.asked = prompts
+            return super().prompt_topk(prompts, k)
+
+    server = Recording(url)
+    teacher_parity(server, root / "teacher", root / "train.jsonl", 3, max_length=20)
+    tok = load_tokenizer(root / "teacher")
+    rows = kdata.load_dataset(tok, root / "train.jsonl", max_length=20, truncation="right")[0][:3]
+    assert server.asked == [r.input_ids for r in rows] and max(map(len, server.asked)) == 20
     other = runner.invoke(app, ["teacher", "check", "--teacher-url", url, "--teacher", str(root / "student"),
                                 "--data", str(root / "train.jsonl")])
     assert other.exit_code == 1 and "DIFFER" in other.output and "first difference: line 1, position" in other.output

@@ -103,8 +103,10 @@ def teacher_parity(server: Any, teacher: str | Path, data_path: str | Path, n_ro
     tokenizer = load_tokenizer(teacher)
     examples = kdata.read_jsonl(data_path)[:n_rows]
     first = token_parity(server, tokenizer, data_path, n_rows)
-    prompts = [kdata.kept_tokens(kdata.tokenize_example(tokenizer, Path(data_path), ex)[0], max_length, "right",
-                                 tokenizer.bos_token_id) for ex in examples]
+    prompts = []
+    for ex in examples:  # each row's tokens as training reads them, cut to max_length
+        ids = kdata.tokenize_example(tokenizer, Path(data_path), ex)[0]
+        prompts.append([ids[i] for i in kdata.kept_tokens(ids, max_length, "right", tokenizer.bos_token_id)])
     prompts = [p for p in prompts if len(p) >= 2]
     served = server.prompt_topk(prompts, top_k)
     model = load_causal_lm(teacher, dtype).eval()
