@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdkit.data import DataError, collate, data_fingerprint, load_dataset, read_jsonl, tokenize_rows
+from kdkit.data import DataError, collate, data_fingerprint, load_dataset, read_examples, tokenize_rows
 from kdkit.demo.tokenizer import build_char_tokenizer
-from tests.helpers import write_jsonl
+from tests.helpers import save_model_dir, toy_rows, write_jsonl
 
 TOK = build_char_tokenizer()
 
@@ -81,15 +81,15 @@ def test_malformed_rows_name_file_line_field(tmp_path, line, match):
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "fine"}\n' + line + "\n")
     with pytest.raises(DataError, match=match):
-        read_jsonl(f)
+        read_examples(f)
 
 
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(DataError, match="no such file"):
-        read_jsonl(tmp_path / "nope.jsonl")
+        read_examples(tmp_path / "nope.jsonl")
     (tmp_path / "e.jsonl").write_text("\n\n")
     with pytest.raises(DataError, match="no rows"):
-        read_jsonl(tmp_path / "e.jsonl")
+        read_examples(tmp_path / "e.jsonl")
 
 
 def test_collate_shifts_targets_and_pads(tmp_path):
@@ -106,7 +106,7 @@ def test_collate_shifts_targets_and_pads(tmp_path):
 
 def test_fingerprint_changes_with_ids_or_mask(tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "ab", "completion": "cd"}])
-    rows, _ = tokenize_rows(TOK, f, read_jsonl(f), max_length=64)
+    rows, _ = tokenize_rows(TOK, f, read_examples(f), max_length=64)
     fp = data_fingerprint(rows)
     rows[0].loss_mask[1] = True
     assert data_fingerprint(rows) != fp
@@ -116,13 +116,13 @@ def test_non_utf8_bytes_name_file_and_line(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\)"):
-        read_jsonl(f)
+        read_examples(f)
     import gzip
 
     g = tmp_path / "d.jsonl.gz"
     g.write_bytes(gzip.compress(b'{"text": "fine"}\n')[:-6])  # truncated archive
     with pytest.raises(DataError, match=r"d.jsonl.gz: cannot be read"):
-        read_jsonl(g)
+        read_examples(g)
 
 
 def _merging_tokenizer():
@@ -155,3 +155,65 @@ def test_messages_whose_header_merges_with_the_answer_train_on_exactly_the_assis
         expected |= set(range(start, end + 1))
     assert targets == sorted(expected)
     assert "".join(pieces[i] for i in targets) == "assistant:\n    return 1</s>assistant:\n    return 2</s>"
+
+
+def _table_files(tmp_path, rows):
+    """The same rows as JSONL, Parquet, JSON, Arrow (a save_to_disk directory) and, for flat rows, CSV."""
+    import datasets
+
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    columns = sorted({k for r in rows for k in r})  # a table has every column; a row's unused cells are empty
+    ds = datasets.Dataset.from_list([{k: r.get(k) for k in columns} for r in rows])
+    ds.to_parquet(str(tmp_path / "rows.parquet"))
+    ds.to_json(str(tmp_path / "rows.json"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    files = [tmp_path / "rows.parquet", tmp_path / "rows.json", tmp_path / "saved"]
+    if all(isinstance(v, str | int | float) for r in rows for v in r.values()) and len(columns) == len(rows[0]):
+        ds.to_csv(str(tmp_path / "rows.csv"), index=False)
+        files.append(tmp_path / "rows.csv")
+    return tmp_path / "rows.jsonl", files
+
+
+def test_parquet_json_csv_and_saved_datasets_read_as_their_jsonl(tmp_path):
+    flat = [{"prompt": f"p{i} ", "completion": f"c{i}", "role": "anchor" if i % 2 else "new", "task": f"T/{i}",
+             "weight": 1.0 + i} for i in range(5)]
+    chats = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+             for i in range(3)] + [{"text": "plain text row"}]
+    for k, rows in enumerate((flat, chats)):
+        (tmp_path / str(k)).mkdir()
+        jsonl, tables = _table_files(tmp_path / str(k), rows)
+        want, _ = load_dataset(TOK, jsonl, max_length=64)
+        for f in tables:
+            got, _ = load_dataset(TOK, f, max_length=64)
+            assert [(r.input_ids, r.loss_mask, r.role, r.task, r.weight, r.line) for r in got] == \
+                   [(r.input_ids, r.loss_mask, r.role, r.task, r.weight, r.line) for r in want], f
+            assert data_fingerprint(got) == data_fingerprint(want)
+
+
+def test_a_table_row_error_names_the_file_the_row_and_the_field(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "a", "completion": "b", "weight": 1.0}, {"prompt": "a", "completion": "b", "weight": -2.0}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(DataError, match=r"bad.parquet:2: field 'weight': expected a finite number >= 0"):
+        read_examples(tmp_path / "bad.parquet")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="a directory that Dataset.save_to_disk did not write"):
+        read_examples(tmp_path / "plain")
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="broken.parquet: cannot be read as .parquet"):
+        read_examples(tmp_path / "broken.parquet")
+
+
+def test_the_same_rows_from_parquet_make_the_same_cache_bytes(tmp_path):
+    from kdkit.cache.precompute import PrecomputeSettings, precompute
+
+    teacher = save_model_dir(tmp_path / "teacher")
+    jsonl, tables = _table_files(tmp_path, toy_rows(10))
+    s = PrecomputeSettings(top_k=8, shard_rows=4)
+    a = precompute(teacher, jsonl, tmp_path / "from-jsonl", s, progress=False, log=lambda m: None)
+    b = precompute(teacher, tables[0], tmp_path / "from-parquet", s, progress=False, log=lambda m: None)
+    assert a["key"] == b["key"]
+    for shard in a["shards"]:
+        one, other = (tmp_path / d / shard["file"] for d in ("from-jsonl", "from-parquet"))
+        assert one.read_bytes() == other.read_bytes()

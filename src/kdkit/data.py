@@ -131,11 +131,12 @@ def _parse_row(path: Path, line: int, obj: dict[str, Any]) -> Example:
     return Example(line=line, format=fmt, fields=obj, role=role, task=task, weight=float(weight), teacher=teacher)
 
 
-def read_jsonl(path: str | Path) -> list[Example]:
-    """Parse a JSONL training file; blank lines are skipped, anything else malformed is an error."""
-    from kdkit.io import read_jsonl_objects
+def read_examples(path: str | Path) -> list[Example]:
+    """Parse a training file: JSONL (blank lines skipped, anything else malformed is an error), or Parquet,
+    Arrow, CSV, JSON or a ``save_to_disk`` directory through ``datasets`` (:mod:`kdkit.datafiles`)."""
+    from kdkit.datafiles import read_objects
 
-    return [_parse_row(Path(path), n, obj) for n, obj in read_jsonl_objects(path, DataError)]
+    return [_parse_row(Path(path), n, obj) for n, obj in read_objects(path, DataError)]
 
 
 def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
@@ -300,8 +301,8 @@ def tokenize_rows(
 
 def load_dataset(tokenizer: Any, path: str | Path, *, max_length: int, on_empty: str = "skip",
                  truncation: str = "left", offsets: bool = False) -> tuple[list[TokenizedRow], TokenizeReport]:
-    """:func:`read_jsonl` + :func:`tokenize_rows`."""
-    return tokenize_rows(tokenizer, path, read_jsonl(path), max_length=max_length, on_empty=on_empty,
+    """:func:`read_examples` + :func:`tokenize_rows`."""
+    return tokenize_rows(tokenizer, path, read_examples(path), max_length=max_length, on_empty=on_empty,
                          truncation=truncation, offsets=offsets)
 
 

@@ -91,7 +91,7 @@ def _token_difference(server: Any, tokenizer: Any, ex: kdata.Example) -> str | N
 
 def token_parity(server: Any, tokenizer: Any, data_path: str | Path, n_rows: int = PARITY_ROWS) -> str | None:
     """The first difference between the server's tokens and ``tokenizer``'s on the first rows (None: none)."""
-    examples = kdata.read_jsonl(data_path)[:n_rows]
+    examples = kdata.read_examples(data_path)[:n_rows]
     return next((d for d in (_token_difference(server, tokenizer, ex) for ex in examples) if d), None)
 
 
@@ -101,7 +101,7 @@ def teacher_parity(server: Any, teacher: str | Path, data_path: str | Path, n_ro
                    tolerance: float = TOLERANCE, min_top1: float = MIN_TOP1) -> ParityReport:
     """Compare ``server`` with the model in ``teacher`` on the first ``n_rows`` rows of ``data_path``."""
     tokenizer = load_tokenizer(teacher)
-    examples = kdata.read_jsonl(data_path)[:n_rows]
+    examples = kdata.read_examples(data_path)[:n_rows]
     first = token_parity(server, tokenizer, data_path, n_rows)
     prompts = []
     for ex in examples:  # each row's tokens as training reads them, cut to max_length

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
+from kdkit.datafiles import read_objects
 from kdkit.errors import KdkitError, OutputDirError
 from kdkit.generation import GenerationSettings, generate_ids
 from kdkit.identity import changed_inputs, path_identity
-from kdkit.io import atomic_write_json, read_jsonl_objects, storage
+from kdkit.io import atomic_write_json, storage
 from kdkit.models import load_causal_lm, load_tokenizer
 from kdkit.rng import own_rng
 
@@ -40,7 +41,7 @@ def sidecar(out: Path) -> Path:
 
 def read_prompts(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line, row) for every prompt row; a row needs ``prompt`` (a string) or ``messages`` (a non-empty list)."""
-    rows = read_jsonl_objects(path, GenerateError)
+    rows = read_objects(path, GenerateError)
     for line, obj in rows:
         if isinstance(obj.get("prompt"), str):
             if not obj["prompt"].strip():
