@@ -217,3 +217,34 @@ def test_the_same_rows_from_parquet_make_the_same_cache_bytes(tmp_path):
     for shard in a["shards"]:
         one, other = (tmp_path / d / shard["file"] for d in ("from-jsonl", "from-parquet"))
         assert one.read_bytes() == other.read_bytes()
+
+
+TOOL_TEMPLATE = (  # a chat template with a tools block and tool calls (none of the offline tokenizers has one)
+    "{% if tools %}<s>tools:\n{% for t in tools %}{{ t['function']['name'] }}\n{% endfor %}</s>{% endif %}"
+    "{% for m in messages %}<s>{{ m['role'] }}:\n"
+    "{% for c in m.get('tool_calls') or [] %}call {{ c['function']['name'] }}"
+    "({{ c['function']['arguments'] | tojson }})\n{% endfor %}{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:\n{% endif %}"
+)
+
+
+def test_chats_with_tools_target_the_assistants_calls_and_answers_not_the_tool_outputs(tmp_path):
+    tok = build_char_tokenizer()
+    tok.chat_template = TOOL_TEMPLATE
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "2+3"}, {"type": "text", "text": "?"}]},
+                        {"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "content": "5"},
+                        {"role": "assistant", "content": "it is 5"}], "tools": tools}
+    f = write_jsonl(tmp_path / "tools.jsonl", [row])
+    (r,), _ = load_dataset(tok, f, max_length=256)
+    text = tok.decode(r.input_ids)
+    assert text.startswith("<s>tools:\nadd\n</s><s>user:\n2+3?</s>")  # the tools block, the parts joined
+    targets = "".join(tok.convert_ids_to_tokens(i) for i, m in zip(r.input_ids, r.loss_mask, strict=True) if m)
+    assert targets == 'call add({"a": 2, "b": 3})\n</s>it is 5</s>'  # the calls and the answer; never "5" of the tool
+    bad = {**row, "messages": [{"role": "user", "content": [{"type": "image", "url": "x"}]}]}
+    with pytest.raises(DataError, match=r"tools.jsonl:1: field 'messages\[0\].content': a list of parts must hold text"):
+        read_examples(write_jsonl(tmp_path / "tools.jsonl", [bad]))
+    with pytest.raises(DataError, match="field 'tools': expected a list of tool definitions"):
+        read_examples(write_jsonl(tmp_path / "tools.jsonl", [{**row, "tools": "add"}]))

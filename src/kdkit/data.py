@@ -104,8 +104,10 @@ def _parse_row(path: Path, line: int, obj: dict[str, Any]) -> Example:
         if not isinstance(msgs, list) or not msgs:
             raise _err(path, line, "messages", "expected a non-empty list of {role, content} objects")
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise _err(path, line, f"messages[{i}]", "expected an object with string 'role' and 'content'")
+            _check_message(path, line, i, m)
+        tools = obj.get("tools")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise _err(path, line, "tools", "expected a list of tool definitions (objects), as the chat template takes")
     elif has == {"text"}:
         fmt = "text"
         if not isinstance(obj["text"], str):
@@ -129,6 +131,38 @@ def _parse_row(path: Path, line: int, obj: dict[str, Any]) -> Example:
     if not isinstance(teacher, str):
         raise _err(path, line, "teacher", f"expected the name of one of the config's teachers, got {teacher!r}")
     return Example(line=line, format=fmt, fields=obj, role=role, task=task, weight=float(weight), teacher=teacher)
+
+
+def _check_message(path: Path, line: int, i: int, m: Any) -> None:
+    """A chat turn: a string ``role``; ``content`` a string or a list of text parts; an assistant turn may
+    carry ``tool_calls`` (a list of objects) instead of content; a ``tool`` turn's content is its output."""
+    where = f"messages[{i}]"
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise _err(path, line, where, "expected an object with a string 'role' and a 'content'")
+    calls = m.get("tool_calls")
+    if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+        raise _err(path, line, f"{where}.tool_calls", "expected a list of tool-call objects")
+    content = m.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise _err(path, line, f"{where}.content", "a list of parts must hold text parts only "
+                       "({\"type\": \"text\", \"text\": ...})")
+    elif not isinstance(content, str) and not (content is None and calls):
+        raise _err(path, line, f"{where}.content", "expected a string or a list of text parts (or, beside "
+                   "tool_calls, nothing)")
+
+
+def chat_inputs(ex: Example) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A chat row as the chat template takes it: text parts joined into one string, and the row's ``tools``
+    (when it has them) for the template's tools block."""
+    msgs = []
+    for m in ex.fields["messages"]:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(p["text"] for p in content)
+        msgs.append({**m, "content": content if content is not None else ""})
+    tools = ex.fields.get("tools")
+    return msgs, ({"tools": tools} if tools else {})
 
 
 def read_examples(path: str | Path) -> list[Example]:
@@ -156,18 +190,18 @@ def _tokenize_messages(tokenizer: Any, path: Path, ex: Example) -> tuple[list[in
     role header with the start of the answer (SmolLM2: ``assistant\\n`` + indentation) still works: a
     token that straddles the boundary is a target, since the model must produce it to answer.
     """
-    msgs = ex.fields["messages"]
+    msgs, kw = chat_inputs(ex)
     if getattr(tokenizer, "chat_template", None) is None:
         raise _err(path, ex.line, "messages", "the tokenizer has no chat template; use prompt/completion or text rows")
     if not getattr(tokenizer, "is_fast", False):
         raise _err(path, ex.line, "messages", "locating assistant turns needs a fast tokenizer (offset mapping)")
-    text = _chat_text(tokenizer, msgs)
+    text = _chat_text(tokenizer, msgs, **kw)
     spans = []
     for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant":  # the user's, the system's and the tools' outputs are never targets
             continue
-        before = _chat_text(tokenizer, msgs[:i], add_generation_prompt=True) if i else ""
-        upto = _chat_text(tokenizer, msgs[: i + 1])
+        before = _chat_text(tokenizer, msgs[:i], add_generation_prompt=True, **kw) if i or kw else ""
+        upto = _chat_text(tokenizer, msgs[: i + 1], **kw)
         if not text.startswith(upto) or not upto.startswith(before):
             raise _err(path, ex.line, f"messages[{i}]", "the chat template does not render earlier turns as a prefix "
                        "of later ones; cannot locate the assistant's text")

@@ -74,8 +74,9 @@ def _first_mismatch(server_ids: list[int], local_ids: list[int], tokenizer: Any)
 
 def _token_difference(server: Any, tokenizer: Any, ex: kdata.Example) -> str | None:
     """The tokenizer and, for a chat row, the chat template: the first token where the sides differ."""
+    msgs, kw = kdata.chat_inputs(ex) if ex.format == "messages" else ([], {})
     if ex.format == "messages":
-        text = tokenizer.apply_chat_template(ex.fields["messages"], tokenize=False)
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, **kw)
     else:
         text = ex.fields["text"] if ex.format == "text" else ex.fields["prompt"] + ex.fields["completion"]
     local = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -83,7 +84,7 @@ def _token_difference(server: Any, tokenizer: Any, ex: kdata.Example) -> str | N
     if diff is not None:
         return f"line {ex.line}: the tokenizers differ on the row's text at {diff}"
     if ex.format == "messages":
-        diff = _first_mismatch(server.tokenize(messages=ex.fields["messages"]), local, tokenizer)
+        diff = _first_mismatch(server.tokenize(messages=msgs, tools=kw.get("tools")), local, tokenizer)
         if diff is not None:
             return f"line {ex.line}: the server's chat template renders the row otherwise, at {diff}"
     return None

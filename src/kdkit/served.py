@@ -151,12 +151,13 @@ class Server:
         return [[_token_id(t) for t in (c.get("logprobs") or {}).get("tokens", [])] for c in choices]
 
     def tokenize(self, text: str | None = None, messages: list[dict[str, Any]] | None = None,
-                 add_generation_prompt: bool = False) -> list[int]:
-        """The server's token ids for ``text`` (no special tokens added), or for ``messages`` rendered by the
-        server's chat template."""
+                 add_generation_prompt: bool = False, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The server's token ids for ``text`` (no special tokens added), or for ``messages`` (and ``tools``)
+        rendered by the server's chat template."""
         body: dict[str, Any] = {"model": self.info()["model"]}
         if messages is not None:
-            body.update(messages=messages, add_generation_prompt=add_generation_prompt)
+            body.update(messages=messages, add_generation_prompt=add_generation_prompt,
+                        **({"tools": tools} if tools else {}))
         else:
             body.update(prompt=text, add_special_tokens=False)
         return list(self._request("/tokenize", body)["tokens"])
