@@ -275,3 +275,30 @@ def test_a_fully_fine_tuned_students_weights_are_reloaded_in_place(served, own, 
         rollout.server.post("/collective_rpc", {"method": "reload_weights",
                                                 "kwargs": {"weights_path": str(root / "teacher")}})
         rollout.server.post("/reset_prefix_cache", {})
+
+
+def test_the_next_steps_requests_are_answered_before_the_step_asks(served):
+    """ServedSignal.prefetch sends a step's requests from a background thread; the step's call then takes
+    the answers without asking again, and they are the answers a direct request gives."""
+    from kdkit.teacher import ServedSignal
+
+    root, url = served
+
+    class Counting(Server):
+        asked = 0
+
+        def prompt_topk(self, prompts, k):
+            type(self).asked += 1
+            return super().prompt_topk(prompts, k)
+
+    tok = load_tokenizer(root / "teacher")
+    rows = kdata.load_dataset(tok, root / "train.jsonl", max_length=64)[0]
+    batches = [kdata.collate(rows[i:i + 4], 0, list(range(i, i + 4))) for i in (0, 4)]
+    signal = ServedSignal(Counting(url), 8)
+    signal.prefetch(batches)
+    signal.wait(batches)
+    assert Counting.asked == 2
+    got = [signal(b, None) for b in batches]
+    assert Counting.asked == 2 and not signal._pending  # taken from the prefetched answers
+    direct = signal(batches[0], None)
+    assert Counting.asked == 3 and torch.equal(got[0].logprobs, direct.logprobs) and torch.equal(got[0].ids, direct.ids)
