@@ -304,3 +304,21 @@ def test_several_teachers_route_each_rows_kd_to_its_own_teacher():
         alone = compute_objective(student[rows], targets[rows], cfg, teacher=t[rows]).floats()
         assert m[f"kl_loss@{name}"] == pytest.approx(alone["kl_loss"], rel=1e-5)
     assert m["kl_loss"] == pytest.approx(merged.floats()["kl_loss"], rel=1e-5)
+
+
+def test_the_barriers_divergence_is_logged_by_every_aggregate_before_the_hinge():
+    """barrier_div_{mean,rmse,p95,max}: the per-position KL(student ‖ reference) over the barrier's positions,
+    aggregated each way, against float64 — also when the hinge is inert (τ above the aggregate)."""
+    g = torch.Generator().manual_seed(5)
+    student, ref = torch.randn(3, 7, 11, generator=g), torch.randn(3, 7, 11, generator=g)
+    targets = torch.randint(0, 11, (3, 7), generator=g)
+    targets[2, 4:] = IGNORE_INDEX
+    cfg = ObjectiveConfig(barrier=BarrierConfig(kind="kl_rev", aggregate="rmse", tau=100.0, weight=1.0))
+    m = compute_objective(student, targets, cfg, reference=ref).floats()
+    ls, lr = torch.log_softmax(student.double(), -1), torch.log_softmax(ref.double(), -1)
+    div = (ls.exp() * (ls - lr)).sum(-1)[targets != IGNORE_INDEX]
+    want = {"mean": div.mean(), "rmse": torch.sqrt((div ** 2).mean() + 1e-8), "max": div.max(),
+            "p95": torch.quantile(div, 0.95)}
+    for how, value in want.items():
+        assert m[f"barrier_div_{how}"] == pytest.approx(float(value), rel=1e-5), how
+    assert m["barrier"] == 0.0  # τ = 100: the hinge is inert, the divergence is still seen

@@ -152,6 +152,10 @@ def test_barrier_reference_base_with_lora_equals_explicit_copy(world, tmp_path):
     assert ma[-1]["barrier"] > 0  # the student moved away from the base
     for x, y in zip(ma, mb, strict=True):
         assert x["barrier"] == pytest.approx(y["barrier"], rel=1e-4, abs=1e-7)
+        # the divergence before the hinge, every aggregate, every step (τ = 0: the barrier is 5 × its rmse)
+        assert x["barrier_div_mean"] <= x["barrier_div_rmse"] <= x["barrier_div_max"] + 1.01e-4  # rmse: √(x² + 1e-8)
+        assert x["barrier_div_p95"] <= x["barrier_div_max"] + 1e-7
+    assert ma[-1]["barrier"] == pytest.approx(5.0 * ma[-1]["barrier_div_rmse"], rel=1e-5)
     fa, fb = _final(Path(a["run_dir"])), _final(Path(b["run_dir"]))
     for k in fa:
         torch.testing.assert_close(fa[k], fb[k])

@@ -56,6 +56,8 @@ class StepDenominator:
 # (metric, its sum, its count): every mean the objective reports is one of these sums ÷ its count
 _MEANS = (("ce_loss", "ce", "tok"), ("kl_loss", "kl", "kd_tok"), ("tail_mass", "tail", "tail_tok"),
           ("top1_agree", "agree", "agree_tok"), ("hidden_loss", "hidden", "hidden_tok"))
+BARRIER_VIEWS = ("mean", "rmse", "p95", "max")  # logged per step as barrier_div_<how>: the micro-batches' mean
+_MEANS += tuple((f"barrier_div_{how}", f"bdiv_{how}", "bdiv_n") for how in BARRIER_VIEWS)
 SUM_KEYS = ("total", "ce", "tok", "kl", "kd_tok", "barrier", "tail", "tail_tok", "agree", "agree_tok", "hidden",
             "hidden_tok")
 
@@ -320,9 +322,14 @@ def barrier_term(logits32: Tensor, reference: Tensor | TopK, co: _Coefficients, 
     tokens (an RMSE or a p95 does not decompose over micro-batches); and the aggregate itself."""
     b = cfg.barrier
     div_ref = token_divergence(logits32, reference, b.kind, temperature=b.temperature, t2_scale=False)
-    agg = aggregate(div_ref, co.valid & co.bar_on[:, None], b.aggregate)
+    mask = co.valid & co.bar_on[:, None]
+    agg = aggregate(div_ref, mask, b.aggregate)
     barrier = b.weight * hinge(agg, b.tau) * (co.local * co.inv if step_share else 1.0)
-    return Term("barrier", barrier, {"barrier": _f(barrier)}), _f(agg)
+    # every aggregate of the divergence, before the hinge: how far below τ a run sits shows in its logs
+    seen = mask.any().float()
+    sums = {"barrier": _f(barrier), "bdiv_n": seen,
+            **{f"bdiv_{how}": _f(aggregate(div_ref.detach(), mask, how)) * seen for how in BARRIER_VIEWS}}
+    return Term("barrier", barrier, sums), _f(agg)
 
 
 def _hidden_term(values: Tensor, co: _Coefficients, cfg: ObjectiveConfig) -> Term:
