@@ -137,7 +137,7 @@ def _check_message(path: Path, line: int, i: int, m: Any) -> None:
     """A chat turn: a string ``role``; ``content`` a string or a list of text parts; an assistant turn may
     carry ``tool_calls`` (a list of objects) instead of content; a ``tool`` turn's content is its output."""
     where = f"messages[{i}]"
-    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or ("content" not in m and not m.get("tool_calls")):
         raise _err(path, line, where, "expected an object with a string 'role' and a 'content'")
     calls = m.get("tool_calls")
     if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
