@@ -19,7 +19,7 @@ from kdkit.cache import TeacherCache
 from kdkit.cache.precompute import PrecomputeSettings, precompute
 from kdkit.cli import app
 from kdkit.config import load_train_config
-from kdkit.errors import UsageError
+from kdkit.errors import KdkitError, UsageError
 from kdkit.generation import GenerationSettings, generate_ids
 from kdkit.models import load_causal_lm, load_tokenizer
 from kdkit.parity import teacher_parity
@@ -123,7 +123,7 @@ def test_served_capture_is_byte_identical_and_equals_the_local_capture(served, t
 def test_served_capture_refusals_write_nothing(served, tmp_path):
     root, url = served
     data, teacher = root / "train.jsonl", root / "teacher"
-    with pytest.raises(UsageError, match="exceeds the server's --max-logprobs 64"):
+    with pytest.raises(UsageError, match="--top-k 65 with --teacher-url: the server at .* allows --max-logprobs 64"):
         precompute(teacher, data, tmp_path / "k", PrecomputeSettings(top_k=65, teacher_url=url), **QUIET)
     with pytest.raises(UsageError, match="temperature 1"):
         precompute(teacher, data, tmp_path / "t", PrecomputeSettings(temperature=2.0, teacher_url=url), **QUIET)
@@ -131,7 +131,16 @@ def test_served_capture_refusals_write_nothing(served, tmp_path):
         precompute(teacher, data, tmp_path / "m", PrecomputeSettings(teacher_url=url, served_model="other"), **QUIET)
     with pytest.raises(ServedError, match="did not answer /v1/models after 1 tries"):
         Server(f"http://127.0.0.1:{free_port()}", retries=0).info()
-    assert not any((tmp_path / d).exists() for d in ("k", "t", "m"))
+    long = write_jsonl(tmp_path / "long.jsonl", [{"text": "x" * 300}])
+    with pytest.raises(UsageError, match="a row of 301 tokens exceeds the server's max_model_len 256"):
+        precompute(teacher, long, tmp_path / "n", PrecomputeSettings(max_length=512, teacher_url=url), **QUIET)
+    assert not any((tmp_path / d).exists() for d in ("k", "t", "m", "n"))
+    # training refuses the same, naming its own fields, before any weight is loaded
+    for teacher_cfg, data, match in (({"url": url, "top_k": 65}, root / "train.jsonl", r"teacher.top_k is 65: .*64"),
+                                     ({"url": url}, long, "data.max_length is 512: a row of 301 tokens")):
+        cfg = _cfg(root, tmp_path, teacher_cfg, data={"train": str(data), "max_length": 512})
+        with pytest.raises(KdkitError, match=match):
+            train(load_train_config(cfg), tmp_path / f"run-{teacher_cfg.get('top_k', 0)}", **QUIET)
 
 
 def test_teacher_check_agrees_and_names_the_first_difference(served, tmp_path):

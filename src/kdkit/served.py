@@ -116,6 +116,19 @@ class Server:
                 self._info["max_logprobs"] = int(found.group(1)) if found else None
         return self._info["max_logprobs"]
 
+    def refusal(self, top_k: int, temperature: float, longest: int) -> tuple[str, str] | None:
+        """The first thing this server cannot answer for a capture or a run, as (what, why), ``what`` one of
+        ``temperature``, ``top_k``, ``max_length``; None when it can answer all."""
+        if temperature != 1.0:
+            return "temperature", "vLLM returns prompt log-probs at temperature 1 (a top-K cannot be re-tempered)"
+        limit = self.max_logprobs()
+        if limit is not None and top_k > limit:
+            return "top_k", f"the server at {self.url} allows --max-logprobs {limit} (restart it with a larger one)"
+        context = self.info()["max_model_len"]
+        if context is not None and longest > context:
+            return "max_length", f"a row of {longest} tokens exceeds the server's max_model_len {context}"
+        return None
+
     def _completions(self, prompts: list[list[int]], **extra: Any) -> list[dict[str, Any]]:
         body = {"model": self.model or self.info()["model"], "prompt": prompts, "return_tokens_as_token_ids": True, **extra}
         choices = self._request("/v1/completions", body).get("choices", [])

@@ -355,7 +355,7 @@ def _open_teacher(cfg: TrainConfig, t: Any, field: str, rows: list[kdata.Tokeniz
     signal, or None for a live model when only checking (its weights are not loaded then)."""
     tok_sha, real_vocab = tokenizer_fingerprint(tokenizer)["sha256"], len(tokenizer)
     if t.url:
-        return open_served(cfg, t, field, tokenizer)
+        return open_served(cfg, t, field, tokenizer, rows, check=student is None)
     if t.model:
         if verify:
             check_model_dir(t.model, f"{field}.model:")
@@ -403,28 +403,31 @@ def open_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: An
     return src
 
 
-def open_served(cfg: TrainConfig, t: Any, field: str, tokenizer: Any) -> ServedSignal:
-    """The served teacher after its checks: it serves the model named, answers K log-probs per position at
-    temperature 1, tokenises the data as the student does and — when teacher.model names the local copy of
-    its weights — gives the same log-probs on a few rows (:mod:`kdkit.parity`)."""
+def open_served(cfg: TrainConfig, t: Any, field: str, tokenizer: Any, rows: list[kdata.TokenizedRow],
+                check: bool) -> ServedSignal:
+    """The served teacher; with ``check`` (validate and train's preflight, once), after its checks: it serves
+    the model named, answers K log-probs per position at temperature 1 for rows this long, tokenises the data
+    as the student does and — when ``model`` names the local copy of its weights — gives the same log-probs
+    on a few rows (:mod:`kdkit.parity`)."""
     from kdkit import parity
     from kdkit.served import ServedError, Server
 
     kd = cfg.objective.kd
+    server = Server(t.url, t.served_model, t.timeout_s, t.retries)
+    if not check:
+        return ServedSignal(server, t.top_k)
     if kd.cross_tokenizer != "none":
         raise SourceError(f"objective.kd.cross_tokenizer with {field}.url: a served teacher must share the "
                           "student's tokenizer (distil across tokenizers from a local model or a cache)")
-    if kd.temperature != 1.0:
-        raise SourceError(f"objective.kd.temperature is {kd.temperature}: a served teacher's log-probs are at "
-                          f"temperature 1 and a top-K cannot be re-tempered; set it to 1.0")
-    server = Server(t.url, t.served_model, t.timeout_s, t.retries)
     try:
-        server.info()
+        refused = server.refusal(t.top_k, kd.temperature, max((len(r.input_ids) for r in rows), default=0))
     except ServedError as e:
         raise ServedError(f"{field}.url: {e}") from None
-    limit = server.max_logprobs()
-    if limit is not None and t.top_k > limit:
-        raise SourceError(f"{field}.top_k is {t.top_k} but the server at {t.url} allows --max-logprobs {limit}")
+    if refused is not None:
+        what, why = refused
+        name = {"temperature": "objective.kd.temperature", "top_k": f"{field}.top_k", "max_length": "data.max_length"}
+        given = {"temperature": kd.temperature, "top_k": t.top_k, "max_length": cfg.data.max_length}
+        raise SourceError(f"{name[what]} is {given[what]}: {why}")
     tokens = parity.token_parity(server, tokenizer, cfg.data.train)
     if tokens is not None:
         raise SourceError(f"{field}.url: {t.url} does not tokenise {cfg.data.train} as the student does: {tokens}")

@@ -284,19 +284,12 @@ def _server(s: PrecomputeSettings, cross: bool, rows: list[kdata.TokenizedRow]) 
     if cross:
         raise UsageError("--teacher-url with --student-tokenizer: a served teacher is captured at the student's "
                          "own positions (one tokenizer); precompute a teacher with another tokenizer locally")
-    if s.temperature != 1.0:
-        raise UsageError(f"--temperature {s.temperature} with --teacher-url: vLLM returns prompt log-probs at "
-                         f"temperature 1 (a top-K cannot be re-tempered); capture at 1.0 or locally")
     server = Server(s.teacher_url, s.served_model)
-    info = server.info()
-    limit = server.max_logprobs()
-    if limit is not None and s.top_k > limit:
-        raise UsageError(f"--top-k {s.top_k} exceeds the server's --max-logprobs {limit} ({s.teacher_url}); "
-                         f"restart vLLM with --max-logprobs {s.top_k} or lower --top-k")
-    longest = max((len(r.input_ids) for r in rows), default=0)
-    if info["max_model_len"] is not None and longest > info["max_model_len"]:
-        raise UsageError(f"a row of {longest} tokens exceeds the server's max_model_len {info['max_model_len']}; "
-                         f"set --max-length {info['max_model_len']} or serve a longer context")
+    refused = server.refusal(s.top_k, s.temperature, max((len(r.input_ids) for r in rows), default=0))
+    if refused is not None:
+        what, why = refused
+        given = {"temperature": s.temperature, "top_k": s.top_k, "max_length": s.max_length}[what]
+        raise UsageError(f"--{what.replace('_', '-')} {given} with --teacher-url: {why}")
     return server
 
 
