@@ -383,8 +383,11 @@ def test_sampled_kl_rev_gradient_in_expectation_is_the_full_vocabulary_reverse_k
 def test_sampled_kl_rev_run_trains_on_the_students_samples(world, tmp_path):
     """objective.on_policy.loss: sampled_kl_rev — the step's loss is the mean d = log p_s − log p_t over the
     sampled tokens, which the live teacher scores at those tokens alone."""
-    cfg = _cfg(world, tmp_path, {"fraction": 1.0, "max_new_tokens": 6, "seed": 3, "loss": "sampled_kl_rev"},
-               kd={"kind": "kl_rev"})
+    op = {"fraction": 1.0, "max_new_tokens": 6, "seed": 3, "loss": "sampled_kl_rev"}
+    with pytest.raises(ConfigError, match="objective.kd.beta: every step is on-policy with on_policy.loss "
+                                          "sampled_kl_rev"):  # the divergence settings would do nothing
+        load_train_config(_cfg(world, tmp_path, op))
+    cfg = _cfg(world, tmp_path, op, kd={})
     rows = _jsonl(_run(cfg, tmp_path / "sampled") / "metrics.jsonl")
     assert rows and all(m["on_policy"] == 1.0 for m in rows)
     assert all(m["total_loss"] == pytest.approx(m["kl_loss"], rel=1e-5) for m in rows)

@@ -501,6 +501,12 @@ def _on_policy_without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
     if op.fraction == 0:
         return [(f"objective.on_policy.{f}", "objective.on_policy.fraction is 0: no step is on-policy")
                 for f in sorted(op.model_fields_set) if f != "fraction" and _set(op, f)]
+    if op.fraction == 1.0 and op.loss == "sampled_kl_rev":
+        unused = [(f"objective.kd.{f}", "every step is on-policy with on_policy.loss sampled_kl_rev, which uses "
+                                        "no divergence setting") for f in sorted(cfg.objective.kd.model_fields_set)
+                  if _set(cfg.objective.kd, f)]
+        if unused:
+            return unused
     if _set(op, "sync_every") and op.rollout_url is None:
         return [("objective.on_policy.sync_every", "the student generates here (no rollout_url): nothing to sync")]
     if _set(op, "top_p") and op.temperature == 0:
