@@ -434,3 +434,62 @@ def test_a_cache_tokenised_with_another_max_length_or_truncation_names_the_setti
         rows, _ = kdata.load_dataset(tok, long_rows, max_length=cfg.data.max_length, truncation=cfg.data.truncation)
         with pytest.raises(SourceError, match=f"data.{field} is .* precomputed with {flag}"):
             check_sources(cfg, rows, tok, len(tok))
+
+
+def test_precompute_streams_the_rows_one_shard_in_memory_at_a_time(world, reference_cache, tmp_path, monkeypatch):
+    """A corpus larger than memory: at every teacher call no more rows are alive than one shard's; the cache is
+    the one built before streaming (the reference's bytes)."""
+    import gc
+
+    from kdkit.cache import precompute as pc
+    from kdkit.data import TokenizedRow
+
+    _, teacher, data = world
+    alive: list[int] = []
+    make = pc.local_capture
+
+    def counting(*a, **kw):
+        inner = make(*a, **kw)
+
+        def capture(rows):
+            alive.append(sum(type(o) is TokenizedRow for o in gc.get_objects()))
+            return inner(rows)
+        return capture
+
+    monkeypatch.setattr(pc, "local_capture", counting)
+    _run(teacher, data, tmp_path / "streamed")
+    assert _files(tmp_path / "streamed") == _files(reference_cache)
+    assert len(alive) == 11  # 30 rows: shards of 8 (batches of 3, 3, 2) and one of 6 (3, 3)
+    assert alive == [8] * 9 + [6, 6], alive  # one shard's rows at a time, never the corpus
+
+
+def test_a_data_file_edited_between_the_two_passes_is_refused(world, tmp_path, monkeypatch):
+    from kdkit.cache import precompute as pc
+
+    _, teacher, _ = world
+    data = write_jsonl(tmp_path / "rows.jsonl", toy_rows(10))
+    scan = pc._scan
+
+    def scan_then_edit(*a, **kw):
+        out = scan(*a, **kw)
+        write_jsonl(data, toy_rows(10, seed=5))
+        return out
+
+    monkeypatch.setattr(pc, "_scan", scan_then_edit)
+    with pytest.raises(CacheError, match="the rows changed while precompute read them"):
+        _run(teacher, data, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+
+
+def test_the_tail_statistics_match_numpy_to_the_histogram_step():
+    from kdkit.cache.precompute import TailStats
+
+    g = np.random.default_rng(0)
+    tail = g.beta(0.5, 8.0, size=5000)
+    st = TailStats()
+    for part in np.array_split(tail, 7):
+        st.add(part)
+    assert st.mean() == pytest.approx(tail.mean(), rel=1e-12)
+    for q in (50, 95):
+        assert abs(st.percentile(q) - np.percentile(tail, q, method="inverted_cdf")) <= 1.0 / TailStats.BINS
+    assert TailStats().percentile(50) == 0.0 and TailStats().mean() == 0.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import typing
 from pathlib import Path
 
@@ -129,6 +130,8 @@ EFFECTS: dict[str, tuple[dict, typing.Any]] = {
     "checkpoint.keep": ({"checkpoint": {"every": 1}}, 1),
     "logging.every": ({}, 2),
     "logging.tensorboard": ({}, True),  # event files, or refused when tensorboard is not installed
+    "logging.report_to": ({}, ["tensorboard"]),  # the same, by the list
+    "logging.project": ({"logging": {"report_to": ["tensorboard"]}}, "other"),  # RUN/other/ instead of RUN/kdkit/
     "probes.prompts": (PROBES, "@probes2"),
     "probes.every": (PROBES, 2),
     "probes.max_new_tokens": (PROBES, 3),
@@ -236,7 +239,8 @@ def _signature(cfg: dict, root: Path, out: Path) -> dict:
     metrics = [{k: v for k, v in json.loads(x).items() if k not in ("step_time_s", "tokens_per_s")}
                for x in (out / "metrics.jsonl").read_text().splitlines()]
     run = json.loads((out / "run.json").read_text())
-    files = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file() and "events" not in f.name)
+    files = sorted(re.sub(r"/\d+\.\d+/", "/<time>/", str(f.relative_to(out)))  # TensorBoard's hparams.yml
+                   for f in out.rglob("*") if f.is_file() and "events" not in f.name)
     events = any("events" in f.name for f in out.rglob("*"))
     epochs = (out / "epochs.jsonl").read_text() if (out / "epochs.jsonl").is_file() else None  # stopped at step 0
     probes = (out / "probes.jsonl").read_text() if (out / "probes.jsonl").is_file() else None

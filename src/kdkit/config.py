@@ -269,9 +269,28 @@ class CheckpointConfig(_Strict):
     keep: int = Field(2, ge=1, description="newest checkpoints kept")
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+
+
 class LoggingConfig(_Strict):
-    every: int = Field(1, ge=1, description="optimizer steps between metrics.jsonl rows")
-    tensorboard: bool = False
+    """What a run writes besides metrics.jsonl/epochs.jsonl: the experiment trackers (through Accelerate's),
+    each given the same per-step and per-epoch figures and the resolved config."""
+
+    every: int = Field(1, ge=1, description="optimizer steps between metrics.jsonl rows (and tracker points)")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="experiment trackers: tensorboard (RUN/kdkit/), wandb (RUN/wandb/; "
+        "WANDB_MODE=offline), mlflow (MLFLOW_TRACKING_URI, else RUN/mlflow.db), trackio (TRACKIO_DIR)")
+    project: str = Field("kdkit", min_length=1, description="the trackers' project (MLflow: experiment); the run "
+                         "is named after its directory")
+    tensorboard: bool = Field(False, description="the same as report_to: [tensorboard] (older configs)")
+
+    @model_validator(mode="after")
+    def _one_list(self) -> LoggingConfig:
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError(f"report_to names a tracker twice: {self.report_to}")
+        if self.tensorboard and "tensorboard" not in self.report_to:
+            self.report_to = ["tensorboard", *self.report_to]
+        return self
 
 
 class ProbesConfig(_Strict):

@@ -18,7 +18,7 @@ targets (``-100`` where no loss).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,9 +168,15 @@ def chat_inputs(ex: Example) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 def read_examples(path: str | Path) -> list[Example]:
     """Parse a training file: JSONL (blank lines skipped, anything else malformed is an error), or Parquet,
     Arrow, CSV, JSON or a ``save_to_disk`` directory through ``datasets`` (:mod:`kdkit.datafiles`)."""
-    from kdkit.datafiles import read_objects
+    return list(iter_examples(path))
 
-    return [_parse_row(Path(path), n, obj) for n, obj in read_objects(path, DataError)]
+
+def iter_examples(path: str | Path) -> Iterator[Example]:
+    """:func:`read_examples` one row at a time, in the file's order."""
+    from kdkit.datafiles import iter_objects
+
+    for n, obj in iter_objects(path, DataError):
+        yield _parse_row(Path(path), n, obj)
 
 
 def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
@@ -285,7 +291,7 @@ def kept_text(text: str, offsets: list[tuple[int, int]]) -> tuple[str, list[tupl
 def tokenize_rows(
     tokenizer: Any,
     path: str | Path,
-    examples: Sequence[Example],
+    examples: Iterable[Example],
     *,
     max_length: int,
     on_empty: str = "skip",
@@ -298,39 +304,51 @@ def tokenize_rows(
     ``on_empty``: ``skip`` drops rows left with no target token (reported by line),
     ``error`` refuses them. ``offsets``: also keep each row's text and its tokens' character spans.
     """
+    rep = TokenizeReport(truncation=truncation)
+    rows = list(iter_tokenized(tokenizer, path, examples, rep, max_length=max_length, on_empty=on_empty,
+                               offsets=offsets))
+    return rows, rep
+
+
+def iter_tokenized(tokenizer: Any, path: str | Path, examples: Iterable[Example], rep: TokenizeReport, *,
+                   max_length: int, on_empty: str = "skip", offsets: bool = False) -> Iterator[TokenizedRow]:
+    """:func:`tokenize_rows` one row at a time (truncation: ``rep.truncation``); ``rep`` counts as rows go by
+    and is complete when the iterator ends."""
     if max_length < 2:
         raise DataError(f"max_length must be >= 2, got {max_length}")
     if on_empty not in ("skip", "error"):
         raise DataError(f"on_empty must be 'skip' or 'error', got {on_empty!r}")
-    if truncation not in TRUNCATION_SIDES:
-        raise DataError(f"truncation must be one of {', '.join(TRUNCATION_SIDES)}, got {truncation!r}")
+    if rep.truncation not in TRUNCATION_SIDES:
+        raise DataError(f"truncation must be one of {', '.join(TRUNCATION_SIDES)}, got {rep.truncation!r}")
     path = Path(path)
-    rows: list[TokenizedRow] = []
-    rep = TokenizeReport(truncation=truncation)
     for ex in examples:
-        ids, mask = tokenize_example(tokenizer, path, ex)
-        text, offs = text_offsets(tokenizer, path, ex, ids) if offsets else ("", None)
-        truncated = len(ids) > max_length
-        keep = kept_tokens(ids, max_length, truncation, getattr(tokenizer, "bos_token_id", None))
-        kept_offs = [offs[i] for i in keep] if offs is not None else None
-        if kept_offs is not None and truncated:
-            text, kept_offs = kept_text(text, kept_offs)
-        row = TokenizedRow([ids[i] for i in keep], [mask[i] for i in keep], ex.role, ex.task, ex.weight, ex.line,
-                           truncated, text, kept_offs, ex.teacher)
+        row = _tokenize_one(tokenizer, path, ex, max_length, rep.truncation, offsets)
         if row.n_targets == 0:
             if on_empty == "error":
                 what = "completion" if ex.format == "prompt_completion" else ex.format
-                why = "after truncation to max_length" if truncated else "it is empty"
+                why = "after truncation to max_length" if row.truncated else "it is empty"
                 raise _err(path, ex.line, what, f"no target token ({why}); pass on_empty=skip to drop such rows")
             rep.empty.append(ex.line)
             continue
-        rep.truncated += int(truncated)
+        rep.truncated += int(row.truncated)
         rep.target_tokens += row.n_targets
-        rows.append(row)
-    rep.rows = len(rows)
-    if not rows:
+        rep.rows += 1
+        yield row
+    if not rep.rows:
         raise DataError(f"{path}: no row has a target token (skipped lines: {rep.empty[:10]})")
-    return rows, rep
+
+
+def _tokenize_one(tokenizer: Any, path: Path, ex: Example, max_length: int, truncation: str, offsets: bool
+                  ) -> TokenizedRow:
+    ids, mask = tokenize_example(tokenizer, path, ex)
+    text, offs = text_offsets(tokenizer, path, ex, ids) if offsets else ("", None)
+    truncated = len(ids) > max_length
+    keep = kept_tokens(ids, max_length, truncation, getattr(tokenizer, "bos_token_id", None))
+    kept_offs = [offs[i] for i in keep] if offs is not None else None
+    if kept_offs is not None and truncated:
+        text, kept_offs = kept_text(text, kept_offs)
+    return TokenizedRow([ids[i] for i in keep], [mask[i] for i in keep], ex.role, ex.task, ex.weight, ex.line,
+                        truncated, text, kept_offs, ex.teacher)
 
 
 def load_dataset(tokenizer: Any, path: str | Path, *, max_length: int, on_empty: str = "skip",
@@ -342,13 +360,26 @@ def load_dataset(tokenizer: Any, path: str | Path, *, max_length: int, on_empty:
 
 def data_fingerprint(rows: Iterable[TokenizedRow]) -> str:
     """sha256 over every row's token ids and target mask (what the teacher sees and where it is read)."""
-    h = hashlib.sha256()
+    h = RowHash()
     for r in rows:
-        ids = np.asarray(r.input_ids, dtype=np.int64)
-        h.update(np.int64(len(ids)).tobytes())
-        h.update(ids.tobytes())
-        h.update(np.asarray(r.loss_mask, dtype=np.uint8).tobytes())
+        h.update(r)
     return h.hexdigest()
+
+
+class RowHash:
+    """:func:`data_fingerprint` a row at a time."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def update(self, r: TokenizedRow) -> None:
+        ids = np.asarray(r.input_ids, dtype=np.int64)
+        self._h.update(np.int64(len(ids)).tobytes())
+        self._h.update(ids.tobytes())
+        self._h.update(np.asarray(r.loss_mask, dtype=np.uint8).tobytes())
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 @dataclass

@@ -141,6 +141,11 @@ def read_jsonl_objects(path: str | Path, error: type[Exception]) -> list[tuple[i
     Raises ``error`` naming the file and line for a missing file, invalid JSON, a
     line that is not a JSON object, or a file without rows.
     """
+    return list(iter_jsonl_objects(path, error))
+
+
+def iter_jsonl_objects(path: str | Path, error: type[Exception]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """:func:`read_jsonl_objects` one line at a time: a file of any size in the memory of one row."""
     import gzip
 
     path = Path(path)
@@ -148,13 +153,13 @@ def read_jsonl_objects(path: str | Path, error: type[Exception]) -> list[tuple[i
         raise error(f"{path}: no such file")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        return _jsonl_rows(path, opener, error)
+        yield from _jsonl_rows(path, opener, error)
     except (OSError, EOFError) as e:  # e.g. a truncated or corrupt .gz
         raise error(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
 
 
-def _jsonl_rows(path: Path, opener: Any, error: type[Exception]) -> list[tuple[int, dict[str, Any]]]:
-    rows = []
+def _jsonl_rows(path: Path, opener: Any, error: type[Exception]) -> Iterator[tuple[int, dict[str, Any]]]:
+    any_row = False
     with opener(path, "rb") as fh:
         for n, raw_bytes in enumerate(fh, start=1):
             try:
@@ -170,10 +175,10 @@ def _jsonl_rows(path: Path, opener: Any, error: type[Exception]) -> list[tuple[i
                 raise error(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise error(f"{path}:{n}: field '<row>': expected a JSON object, got {type(obj).__name__}")
-            rows.append((n, obj))
-    if not rows:
+            any_row = True
+            yield n, obj
+    if not any_row:
         raise error(f"{path}: no rows")
-    return rows
 
 
 def written_by_kdkit(path: Path, marker: str = OWNER_FILE, kind: str | None = None) -> bool:

@@ -459,9 +459,6 @@ def check_objective_data(cfg: TrainConfig, rows: list[kdata.TokenizedRow]) -> No
         if task not in seen_tasks:
             raise SourceError(f"objective.task_weights.{task}: task {task!r} never occurs in {cfg.data.train}")
     check_quantisation(cfg.student.load_in, "student.load_in")
-    if cfg.logging.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise SourceError("logging.tensorboard is true but tensorboard is not installed "
-                              "(pip install tensorboard)") from None
+    from kdkit.trackers import check_installed
+
+    check_installed(cfg.logging.report_to)

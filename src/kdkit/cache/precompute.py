@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -275,7 +275,48 @@ def _from_rank0(value: bool, world: int) -> bool:
     return bool(box[0])
 
 
-def _server(s: PrecomputeSettings, cross: bool, rows: list[kdata.TokenizedRow]) -> Any:
+@dataclass
+class Scan:
+    """What one streaming pass over the data tells before any shard is computed."""
+
+    fingerprint: str  # :func:`kdkit.data.data_fingerprint` of every row
+    report: kdata.TokenizeReport
+    longest: int  # tokens in the longest row
+
+
+def _rows(tokenizer: Any, data_path: str | Path, s: PrecomputeSettings, cross: bool, rep: kdata.TokenizeReport
+          ) -> Iterator[kdata.TokenizedRow]:
+    """The data's tokenised rows, one at a time, in the file's order."""
+    return kdata.iter_tokenized(tokenizer, data_path, kdata.iter_examples(data_path), rep,
+                                max_length=s.max_length, on_empty=s.on_empty, offsets=cross)
+
+
+def _scan(tokenizer: Any, data_path: str | Path, s: PrecomputeSettings, cross: bool) -> Scan:
+    """The first pass: the rows' fingerprint, counts and longest row, holding one row at a time (a corpus
+    larger than memory is read twice rather than held)."""
+    rep, h, longest = kdata.TokenizeReport(truncation=s.truncation), kdata.RowHash(), 0
+    for row in _rows(tokenizer, data_path, s, cross, rep):
+        h.update(row)
+        longest = max(longest, len(row.input_ids))
+    return Scan(h.hexdigest(), rep, longest)
+
+
+def _shard_rows(tokenizer: Any, data_path: str | Path, s: PrecomputeSettings, cross: bool, h: kdata.RowHash
+                ) -> Iterator[list[kdata.TokenizedRow]]:
+    """The second pass: the rows of shard 0, 1, ... (``shard_rows`` each), one shard in memory at a time;
+    ``h`` hashes them as they go by (the caller checks the file did not change between the passes)."""
+    shard: list[kdata.TokenizedRow] = []
+    for row in _rows(tokenizer, data_path, s, cross, kdata.TokenizeReport(truncation=s.truncation)):
+        h.update(row)
+        shard.append(row)
+        if len(shard) == s.shard_rows:
+            yield shard
+            shard = []
+    if shard:
+        yield shard
+
+
+def _server(s: PrecomputeSettings, cross: bool, longest: int) -> Any:
     """The teacher server of ``--teacher-url`` (None without one), after refusing what it cannot capture."""
     if s.teacher_url is None:
         return None
@@ -285,7 +326,7 @@ def _server(s: PrecomputeSettings, cross: bool, rows: list[kdata.TokenizedRow]) 
         raise UsageError("--teacher-url with --student-tokenizer: a served teacher is captured at the student's "
                          "own positions (one tokenizer); precompute a teacher with another tokenizer locally")
     server = Server(s.teacher_url, s.served_model)
-    refused = server.refusal(s.top_k, s.temperature, max((len(r.input_ids) for r in rows), default=0))
+    refused = server.refusal(s.top_k, s.temperature, longest)
     if refused is not None:
         what, why = refused
         given = {"temperature": s.temperature, "top_k": s.top_k, "max_length": s.max_length}[what]
@@ -354,20 +395,20 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
     t0 = time.perf_counter()
     teacher_tok = load_tokenizer(teacher)
     tokenizer, cross = _data_tokenizer(teacher_tok, settings.student_tokenizer)
-    rows, rep = kdata.load_dataset(tokenizer, data_path, max_length=settings.max_length, on_empty=settings.on_empty,
-                                   truncation=settings.truncation, offsets=cross)
+    scan = _scan(tokenizer, data_path, settings, cross)
+    rep = scan.report
     if rep.truncated:
         log(f"{rep.truncated} of {rep.rows} rows were truncated to max_length={settings.max_length} "
             f"({settings.truncation})")
     if rep.empty:
         log(f"skipped {len(rep.empty)} rows with no target token (lines {rep.empty[:10]})")
-    server = _server(settings, cross, rows)
+    server = _server(settings, cross, scan.longest)
     t_fp, k_fp = _teacher_identity(teacher, server), tokenizer_fingerprint(tokenizer)
     components = {
         "format_version": FORMAT_VERSION,
         "teacher": t_fp["sha256"],
         "tokenizer": k_fp["sha256"],
-        "data": kdata.data_fingerprint(rows),
+        "data": scan.fingerprint,
         "top_k": settings.top_k,
         "temperature": settings.temperature,
         "max_length": settings.max_length,
@@ -389,7 +430,7 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
     if settings.top_k > len(teacher_tok):
         raise UsageError(f"--top-k {settings.top_k} exceeds the vocabulary ({len(teacher_tok)} tokens)")
     capture, vocab = _capture(teacher, server, settings, teacher_tok, tokenizer, cross, data_path, log)
-    n_shards = (len(rows) + settings.shard_rows - 1) // settings.shard_rows
+    n_shards = (rep.rows + settings.shard_rows - 1) // settings.shard_rows
     total_tokens = rep.target_tokens
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -399,8 +440,11 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
     computed_tokens, t_compute = 0, 0.0
     with Progress(*columns, disable=not progress or rank != 0, transient=False) as bar:
         task = bar.add_task("precompute", total=total_tokens, rate="-")
-        for i in range(rank, n_shards, world):  # under torchrun, rank r computes shards r, r + N, ...
-            lo, hi = i * settings.shard_rows, min(len(rows), (i + 1) * settings.shard_rows)
+        second = kdata.RowHash()
+        for i, shard_rows in enumerate(_shard_rows(tokenizer, data_path, settings, cross, second)):
+            if i % world != rank:  # under torchrun, rank r computes shards r, r + N, ...
+                continue
+            lo, hi = i * settings.shard_rows, i * settings.shard_rows + len(shard_rows)
             spath, cpath = out / shard_name(i), out / sidecar_name(i)
             side = _read_sidecar(cpath)
             if side and spath.is_file() and side.get("sha256") == sha256_file(spath) and side.get("rows") == [lo, hi]:
@@ -411,7 +455,7 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
             def on_tokens(n: int) -> None:
                 bar.advance(task, n)
 
-            blob, stats = _shard_bytes(rows[lo:hi], capture, settings, vocab, on_tokens)
+            blob, stats = _shard_bytes(shard_rows, capture, settings, vocab, on_tokens)
             atomic_write_bytes(spath, blob, before_rename=lambda i=i: _fault("mid_shard", i))
             side = {"file": spath.name, "rows": [lo, hi], "sha256": sha256_file(spath), "bytes": len(blob), **stats}
             atomic_write_json(cpath, side)
@@ -420,6 +464,9 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
             bar.update(task, rate=f"{computed_tokens / max(t_compute, 1e-9):,.0f}")
             _fault("after_shard", i)
 
+    if second.hexdigest() != scan.fingerprint:
+        raise CacheError(f"{data_path}: the rows changed while precompute read them (their fingerprint differs "
+                         f"between the first and the second pass); run it again on a file that stays put")
     _barrier(world)  # every shard is written; rank 0 writes the manifest from their sidecars
     if rank != 0:
         _barrier(world)
@@ -428,7 +475,7 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
     if cross:  # training matches the two vocabularies without the teacher model at hand
         shutil.rmtree(out / TEACHER_TOKENIZER, ignore_errors=True)  # ours (inside the cache): written afresh
         teacher_tok.save_pretrained(str(out / TEACHER_TOKENIZER))
-    manifest = _manifest(out, key, components, settings, teacher, t_fp, k_fp, vocab, rows, shards_meta)
+    manifest = _manifest(out, key, components, settings, teacher, t_fp, k_fp, vocab, rep.rows, shards_meta)
     if cross:  # checked like the shards: `cache verify`, validate and train refuse an edited teacher tokenizer
         manifest["teacher_tokenizer_files"] = dir_files(out / TEACHER_TOKENIZER)
     atomic_write_json(out / MANIFEST_FILE, manifest)
@@ -436,17 +483,19 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
     elapsed = time.perf_counter() - t0
     log(f"wrote {out}: {manifest['tokens']} tokens in {n_shards} shards, "
         f"{manifest['bytes_per_token']:.1f} bytes/token (target <= {4.25 * settings.top_k + 16:.0f}), "
-        f"{elapsed:.1f}s")
+        f"{elapsed:.1f}s; the rows streamed from {data_path}, at most {min(settings.shard_rows, rep.rows)} "
+        f"in memory at a time (--shard-rows)")
     return manifest
 
 
 def _manifest(out: Path, key: str, components: dict[str, Any], s: PrecomputeSettings, teacher: str | Path,
-              t_fp: dict[str, Any], k_fp: dict[str, Any], vocab: int, rows: list[kdata.TokenizedRow],
+              t_fp: dict[str, Any], k_fp: dict[str, Any], vocab: int, n_rows: int,
               shards_meta: list[dict[str, Any]]) -> dict[str, Any]:
     from safetensors.numpy import load_file
 
-    tails = [np.exp(load_file(str(out / m["file"]))["tail"].astype(np.float64)) for m in shards_meta]
-    tail = np.concatenate(tails) if tails else np.zeros(0)
+    tail = TailStats()
+    for m in shards_meta:  # one shard at a time: the statistics of any number of tokens in fixed memory
+        tail.add(np.exp(load_file(str(out / m["file"]))["tail"].astype(np.float64)))
     tokens = int(sum(m["tokens"] for m in shards_meta))
     nbytes = int(sum(m["bytes"] for m in shards_meta))
     return {
@@ -459,17 +508,43 @@ def _manifest(out: Path, key: str, components: dict[str, Any], s: PrecomputeSett
         "settings": asdict(s),
         "encoding": {"ids": id_encoding(vocab), "logprobs": s.logprob_dtype, "tail": "float32",
                      "pos": "int32", "row_offsets": "int64"},
-        "rows": len(rows),
+        "rows": n_rows,
         "tokens": tokens,
         "bytes": nbytes,
         "bytes_per_token": nbytes / max(tokens, 1),
         "shards": [{k: m[k] for k in ("file", "rows", "sha256", "bytes", "tokens")} for m in shards_meta],
         "stats": {
-            "tail_mass_mean": float(tail.mean()) if tail.size else 0.0,
-            "tail_mass_p50": float(np.percentile(tail, 50)) if tail.size else 0.0,
-            "tail_mass_p95": float(np.percentile(tail, 95)) if tail.size else 0.0,
+            "tail_mass_mean": tail.mean(),
+            "tail_mass_p50": tail.percentile(50),
+            "tail_mass_p95": tail.percentile(95),
             "teacher_entropy_mean": None if any(m["entropy_sum"] is None for m in shards_meta) else
             float(sum(m["entropy_sum"] for m in shards_meta) / max(tokens, 1)),
             "tokens_stored": tokens,
         },
     }
+
+
+class TailStats:
+    """The tail mass's mean (exact) and percentiles (to 1/65536: a histogram of [0, 1]), added a shard at a time."""
+
+    BINS = 1 << 16
+
+    def __init__(self) -> None:
+        self.n, self.total = 0, 0.0
+        self.counts = np.zeros(self.BINS, dtype=np.int64)
+
+    def add(self, tail: np.ndarray) -> None:
+        self.n += tail.size
+        self.total += float(tail.sum())
+        idx = np.clip((tail * self.BINS).astype(np.int64), 0, self.BINS - 1)
+        self.counts += np.bincount(idx, minlength=self.BINS)
+
+    def mean(self) -> float:
+        return self.total / self.n if self.n else 0.0
+
+    def percentile(self, q: float) -> float:
+        """The centre of the bin holding the q-th percentile (0 without tokens)."""
+        if not self.n:
+            return 0.0
+        b = int(np.searchsorted(np.cumsum(self.counts), q / 100.0 * self.n))
+        return (min(b, self.BINS - 1) + 0.5) / self.BINS

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from kdkit import sharding
+from kdkit import sharding, trackers
 from kdkit.checkpoint import INPUTS_FILE, newest_checkpoint
 from kdkit.config import TrainConfig
 from kdkit.errors import TrainingError
@@ -50,8 +50,7 @@ def train(
     r, step, epoch_sums = build(cfg, run, acc, ckpt, log)
     if acc.is_main_process:  # after every check passed: a refused run leaves its directory as it was
         atomic_write_json(run / INPUTS_FILE, inputs)
-    if cfg.logging.tensorboard:
-        acc.init_trackers("kdkit")
+    trackers.start(acc, cfg, run)
     stopped = bool(r.probes) and step == 0 and probe(r, 0, log) == "stop"
 
     bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -98,8 +97,7 @@ def train(
             f"after {step} steps: "
             f"the run would return its input unchanged (check optim.lr, the data's targets, the objective)")
     write_final(r, final_step)
-    if cfg.logging.tensorboard:
-        acc.end_training()
+    trackers.end(acc, cfg)
     return {"run_dir": str(run), "steps": final_step, "max_weight_change": drift,
             "seconds": time.perf_counter() - t_start, "early_stopped_at": step if stopped else None}
 
@@ -119,7 +117,7 @@ def _accelerator(cfg: TrainConfig, run: Path) -> Any:
     # for another precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
     acc = sharding.make_accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed,
-                                    log_with="tensorboard" if cfg.logging.tensorboard else None, project_dir=str(run))
+                                    log_with=cfg.logging.report_to or None, project_dir=str(run))
     sharding.check_supported(cfg.model_dump(), acc)
     return acc
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kdkit import data as kdata
+from kdkit import trackers
 from kdkit.config import TrainConfig
 from kdkit.losses import aggregate, token_ce, token_divergence
 from kdkit.models import vocab_logits
@@ -58,8 +59,7 @@ def log_step(r: Run, step: int, sums: Sums, metrics: dict[str, float], dt: float
         row = {"step": step, "epoch": (step - 1) // r.steps_per_epoch, "tokens": sums.v["tok"], "step_time_s": dt,
                "tokens_per_s": sums.v["tok"] / max(dt, 1e-9), **summary, **metrics}
         append_jsonl(r.metrics_path, row)
-        if r.cfg.logging.tensorboard:
-            r.acc.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
+        trackers.log(r.acc, r.cfg, row, step)
     return summary
 
 
@@ -70,8 +70,10 @@ def end_epoch(r: Run, step: int, epoch_sums: Sums) -> None:
                        live) if r.val_rows else {}
     if r.acc.is_main_process:
         summary = epoch_sums.summary()
-        append_jsonl(r.epochs_path, {"epoch": (step - 1) // r.steps_per_epoch, "step": step,
-                                      "train_loss": summary["total_loss"], **summary, **ev})
+        row = {"epoch": (step - 1) // r.steps_per_epoch, "step": step, "train_loss": summary["total_loss"],
+               **summary, **ev}
+        append_jsonl(r.epochs_path, row)
+        trackers.log(r.acc, r.cfg, row, step, prefix="epoch/")
 
 
 @torch.no_grad()
