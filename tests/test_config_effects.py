@@ -128,6 +128,8 @@ EFFECTS: dict[str, tuple[dict, typing.Any]] = {
     "optim.gradient_checkpointing": ({}, True),  # same losses, less memory: recorded in run.json
     "checkpoint.every": ({}, 1),
     "checkpoint.keep": ({"checkpoint": {"every": 1}}, 1),
+    "data.pack_length": ({"data": {"packing": True}}, 16),  # more, shorter sequences: other losses (float)
+    "data.packing": ({}, True),  # the same losses (within 1e-5, tests/test_packing.py), other path: in run.json
     "logging.every": ({}, 2),
     "logging.tensorboard": ({}, True),  # event files, or refused when tensorboard is not installed
     "logging.report_to": ({}, ["tensorboard"]),  # the same, by the list

@@ -238,6 +238,11 @@ class DataConfig(_Strict):
     truncation: Literal["left", "right"] = Field("left", description="rows over max_length: 'left' drops the oldest "
                                                                      "tokens (keeps the "
                                                 "completion / latest turns; a leading BOS stays), 'right' the end")
+    packing: bool = Field(False, description="run each micro-batch's rows packed end to end in sequences of up to "
+                          "max_length tokens (positions restart per row, no attention across rows): the same losses, "
+                          "without the padding's compute; off-policy steps only")
+    pack_length: int | None = Field(None, ge=2, description="tokens per packed sequence (default: max_length); a "
+                                    "row longer than it has a sequence of its own")
 
 
 
@@ -430,6 +435,12 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
         out.append(("checkpoint.keep", "checkpoint.every is 0: no checkpoint is written during training"))
     out += _routing_without_effect(cfg)
     out += _precision_without_effect(cfg)
+    if cfg.data.pack_length is not None and not cfg.data.packing:
+        out.append(("data.pack_length", "data.packing is false: no row is packed"))
+    if cfg.data.packing and cfg.optim.micro_batch == 1:
+        out.append(("data.packing", "optim.micro_batch is 1: a forward of one row has no padding to pack away"))
+    if cfg.data.packing and cfg.objective.on_policy is not None:
+        out.append(("data.packing", "on-policy steps score the student's own rollouts; pack off-policy runs only"))
     out += [w for name, t in [("teacher", cfg.teacher), *((f"teachers.{n}", t) for n, t in cfg.teachers.items())]
             if t is not None for w in _teacher_without_effect(name, t)]
     return out

@@ -440,6 +440,50 @@ def collate(rows: Sequence[TokenizedRow], pad_id: int, row_index: Sequence[int] 
     )
 
 
+@dataclass
+class Packing:
+    """A batch's rows laid end to end in fewer sequences (``data.packing``): each row's positions restart at 0,
+    so the model's packed-sequence mask keeps every row to itself (no attention across rows). ``index[b, t]``
+    is the flat packed slot that holds the batch's position (b, t); :meth:`unpack` puts a packed output back in
+    the batch's layout, where every loss and signal is computed as without packing."""
+
+    input_ids: torch.Tensor  # [P, Lp]
+    position_ids: torch.Tensor  # [P, Lp]
+    index: torch.Tensor  # [B, L], into the flattened [P * Lp]
+
+    def unpack(self, out: torch.Tensor) -> torch.Tensor:
+        """[P, Lp, ...] -> [B, L, ...] (a padding position takes its row's last token's output: never read)."""
+        return out.flatten(0, 1)[self.index]
+
+
+def pack(batch: Batch, capacity: int, pad_id: int) -> Packing:
+    """First-fit decreasing (ties by row) of the batch's rows into sequences of at most ``capacity`` tokens."""
+    lengths = batch.attention_mask.sum(1).tolist()
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for b in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        j = next((k for k, free in enumerate(room) if free >= lengths[b]), len(bins))
+        if j == len(bins):
+            bins.append([])
+            room.append(max(capacity, lengths[b]))
+        bins[j].append(b)
+        room[j] -= lengths[b]
+    width = max(sum(lengths[b] for b in rows) for rows in bins)
+    ids = torch.full((len(bins), width), pad_id, dtype=torch.long, device=batch.input_ids.device)
+    pos = torch.zeros_like(ids)
+    index = torch.zeros_like(batch.input_ids)
+    for j, rows in enumerate(bins):
+        start = 0
+        for b in rows:
+            n = lengths[b]
+            ids[j, start:start + n] = batch.input_ids[b, :n]
+            pos[j, start:start + n] = torch.arange(n)
+            index[b] = j * width + start + torch.clamp(torch.arange(index.shape[1]), max=n - 1)
+            start += n
+        pos[j, start:] = torch.arange(width - start)  # the padding: a sequence of its own
+    return Packing(ids, pos, index)
+
+
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Deterministic batches of indices, longest first (ties by index), for padding-light inference."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))

@@ -22,6 +22,7 @@ from kdkit.io import storage
 from kdkit.models import head_reads_last_hidden, load_causal_lm, load_tokenizer, pad_id
 from kdkit.preflight import load_rows, model_config, preflight
 from kdkit.probes import EarlyStop, Probe, load_probes
+from kdkit.rng import own_rng
 from kdkit.rollout import RolloutServer, open_rollout_server
 from kdkit.routing import Router, add_quarantine
 from kdkit.teacher import Sources, open_sources, unwrap
@@ -184,6 +185,8 @@ def build(cfg: TrainConfig, run: Path, acc: Any, ckpt: Path | None, log: Callabl
                                                   last_epoch=step - 1)
     if why_not is None:  # after the restore: a sharded model's forward leaves its root parameters gathered
         _check_head(model, rows[0], pad, acc.device)
+    if cfg.data.packing:
+        _check_packing(model, rows, pad, acc.device)
     r = Run(cfg, acc, run, tokenizer, rows, val_rows, pad, len(tokenizer), model, trainable, opt, sched, src,
             why_not is None, world, rank, global_batch, steps_per_epoch, total_steps, **parts)
     if acc.is_main_process:
@@ -210,6 +213,30 @@ def _check_head(model: torch.nn.Module, row: kdata.TokenizedRow, pad: int, devic
     batch = kdata.collate([row], pad).to(device)
     if not head_reads_last_hidden(unwrap(model), batch.input_ids, batch.attention_mask):
         raise TrainingError("this model's last hidden state is not the LM head's input; set objective.chunk_size: 0")
+
+
+@torch.no_grad()
+def _check_packing(model: torch.nn.Module, rows: list[kdata.TokenizedRow], pad: int, device: torch.device) -> None:
+    """``data.packing``, once per run: two rows packed into one sequence give the logits they give apart (the
+    model's attention restarts where the positions do; a transformers release or an architecture that ignores
+    restarting positions would let the rows attend to each other)."""
+    if len(rows) < 2:
+        return
+    batch = kdata.collate(rows[:2], pad).to(device)
+    pk = kdata.pack(batch, int(batch.attention_mask.sum()), pad)
+    was_training = model.training
+    model.eval()  # no dropout: the two forwards must see the same weights
+    with own_rng():
+        apart = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        packed = pk.unpack(model(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False).logits.float())
+    model.train(was_training)
+    valid = batch.attention_mask.bool()
+    gap = float((packed[valid] - apart[valid]).abs().max())
+    bound = max(1e-3, 4 * torch.finfo(next(unwrap(model).parameters()).dtype).eps) * (1 + float(apart[valid].abs().max()))
+    if not gap <= bound:
+        raise TrainingError(f"data.packing: this model lets packed rows attend to each other (two rows packed give "
+                            f"logits {gap:.3g} away from the rows apart; transformers >= 5 keeps them apart for "
+                            f"its decoders); leave data.packing out")
 
 
 def _restore(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, parts: dict[str, Any],

@@ -54,20 +54,35 @@ def forward_loss(r: Run, model: torch.nn.Module, batch: kdata.Batch, objective: 
     if r.src.teachers:  # several teachers (the dense path): each scores the batch, each row's KD is its own's
         kw.update(teachers={n: s(batch, model) for n, s in r.src.teachers.items()}, row_teachers=batch.teachers)
     if not chunked:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    output_hidden_states=r.hidden is not None)
-        values = r.hidden(out.hidden_states, teacher_hidden) if r.hidden is not None else None
-        return compute_objective(vocab_logits(out.logits[:, :-1], r.real_vocab, "student"), batch.targets, objective,
+        logits, states = student_forward(r, model, batch, r.hidden is not None, last_hidden_only=False)
+        values = r.hidden(states, teacher_hidden) if r.hidden is not None else None
+        return compute_objective(vocab_logits(logits[:, :-1], r.real_vocab, "student"), batch.targets, objective,
                                  reference=reference, hidden=values, **kw)
     # Only the last position's logits are materialised by the model; the loss is computed from the
     # final hidden states, chunk by chunk. Padded embedding rows are dropped from the head.
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
-                logits_to_keep=1)
-    hidden, head = out.hidden_states[-1], unwrap(model).get_output_embeddings()  # checked once, by build
-    values = r.hidden(out.hidden_states, teacher_hidden) if r.hidden is not None else None
+    _, states = student_forward(r, model, batch, True, last_hidden_only=r.hidden is None)
+    hidden, head = states[-1], unwrap(model).get_output_embeddings()  # checked once, by build
+    values = r.hidden(states, teacher_hidden) if r.hidden is not None else None
     bias = None if head.bias is None else head.bias[:r.real_vocab]
     return compute_objective_chunked(hidden[:, :-1], head.weight[:r.real_vocab], batch.targets, objective,
                                      head_bias=bias, teacher_at_targets=at_targets, hidden_values=values, **kw)
+
+
+def student_forward(r: Run, model: torch.nn.Module, batch: kdata.Batch, hidden_states: bool,
+                    last_hidden_only: bool) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
+    """The student's logits (None when ``last_hidden_only``: the chunked loss runs the head itself) and hidden
+    states, in the batch's layout. With ``data.packing`` the rows run packed end to end and the outputs are put
+    back (:class:`kdkit.data.Packing`): the same values, without the padding's compute."""
+    kw: dict[str, Any] = {"output_hidden_states": hidden_states, **({"logits_to_keep": 1} if last_hidden_only else {})}
+    if not r.cfg.data.packing:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kw)
+        return (None if last_hidden_only else out.logits), out.hidden_states
+    pk = kdata.pack(batch, r.cfg.data.pack_length or r.cfg.data.max_length, r.pad_id)
+    out = model(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False, **kw)  # no cache: packed masks
+    states = out.hidden_states
+    if states is not None:  # the chunked loss reads the last one alone
+        states = (pk.unpack(states[-1]),) if last_hidden_only else tuple(pk.unpack(h) for h in states)
+    return (None if last_hidden_only else pk.unpack(out.logits)), states
 
 
 def optimizer_step(r: Run, step: int, batches: list[kdata.Batch], on_policy: bool,
