@@ -125,13 +125,19 @@ def test_trackio_local_database_has_every_step(tracked_run):
 def test_a_tracker_that_is_not_installed_is_refused_at_validate(tmp_path, monkeypatch):
     import importlib.util
 
-    from kdkit.trackers import check_installed
+    from typer.testing import CliRunner
+
+    from kdkit.cli import app
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(KdkitError, match=r"logging.report_to: wandb is asked for but wandb is not installed "
-                                         r"\(pip install wandb\)"):
-        check_installed(["tensorboard", "wandb"])
+    student = save_model_dir(tmp_path / "student", seed=2, hidden=16)
+    cfg = write_config(tmp_path, {"student": {"path": str(student)},
+                                  "data": {"train": str(write_jsonl(tmp_path / "t.jsonl", toy_rows(4)))},
+                                  "objective": {"kd_weight": 0.0}, "logging": {"report_to": ["tensorboard", "wandb"]}})
+    res = CliRunner().invoke(app, ["validate", str(cfg)])
+    assert res.exit_code != 0
+    assert "logging.report_to: wandb is asked for but wandb is not installed (pip install wandb)" in res.output
 
 
 def test_report_to_refuses_an_unknown_tracker_and_a_repeat(tmp_path):
