@@ -64,6 +64,35 @@ cache_app = typer.Typer(help="Inspect and verify a teacher cache made by `kdkit 
 app.add_typer(cache_app, name="cache")
 teacher_app = typer.Typer(help="Check a teacher served by vLLM against its local copy.", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
+config_app = typer.Typer(help="The training config's fields, defaults and schema, generated from its models.",
+                         no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("defaults")
+def config_defaults_cmd() -> None:
+    """Print a complete, commented YAML of every training-config field at its default (sections that are off until written are commented out; required fields say <required>): kdkit config defaults > run.yaml."""
+    from kdkit.config_reference import defaults_yaml
+
+    typer.echo(defaults_yaml(), nl=False)
+
+
+@config_app.command("schema")
+def config_schema_cmd() -> None:
+    """Print the training config's JSON Schema (for editors and validators: yaml-language-server, check-jsonschema)."""
+    import json as _json
+
+    from kdkit.config_reference import schema
+
+    typer.echo(_json.dumps(schema(), indent=2, sort_keys=True))
+
+
+@config_app.command("reference")
+def config_reference_cmd() -> None:
+    """Print the Markdown table of every field (type, default, what it does): README's config reference."""
+    from kdkit.config_reference import reference_table
+
+    typer.echo(reference_table(), nl=False)
 
 # Deprecation notices between transformers and peft are for their developers, not for kdkit's users.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")

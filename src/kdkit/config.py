@@ -55,7 +55,7 @@ class BarrierConfig(_Strict):
     aggregate: Aggregation = Field("mean", description=f"one of: {', '.join(AGGREGATIONS)}")
     tau: float = Field(0.0, ge=0.0, description="hinge threshold τ")
     weight: float = Field(1.0, ge=0.0, description="λ_b")
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(1.0, gt=0.0, description="temperature of both distributions in the barrier's divergence")
 
 
 
@@ -63,9 +63,9 @@ class BarrierConfig(_Strict):
 class RoleTerms(_Strict):
     """Which terms apply to rows of one role."""
 
-    ce: bool = True
-    kd: bool = True
-    barrier: bool = True
+    ce: bool = Field(True, description="the role's rows take the CE term")
+    kd: bool = Field(True, description="the role's rows take the KD term")
+    barrier: bool = Field(True, description="the role's rows take the barrier term")
 
 
 class OnPolicyConfig(_Strict):
@@ -164,13 +164,18 @@ class ObjectiveConfig(_Strict):
 
 
 class LoraConfig(_Strict):
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0.0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """LoRA adapters (peft) on the student; the base weights stay frozen."""
+
+    r: int = Field(8, ge=1, description="the adapters' rank")
+    alpha: float = Field(16.0, gt=0.0, description="the adapters' scale (update × alpha / r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      description="names of the linear layers that get adapters")
 
 
 class StudentConfig(_Strict):
+    """The model that trains."""
+
     path: str = Field(..., description="local Hugging Face model directory (safetensors)")
     dtype: Dtype = Field("float32", description="float32, bfloat16 or float16")
     lora: LoraConfig | None = Field(None, description="LoRA adapters via peft; omit for full fine-tuning")
@@ -217,8 +222,8 @@ class ReferenceConfig(_Strict):
     disabled, no second copy), a ``model`` directory, or a ``cache``."""
 
     kind: Literal["base", "model", "cache"] = Field("base", description="base, model or cache")
-    path: str | None = None
-
+    path: str | None = Field(None, description="with kind model: a model directory; with kind cache: a cache of "
+                             "the reference made by `kdkit precompute`")
 
     @model_validator(mode="after")
     def _path(self) -> ReferenceConfig:
@@ -230,11 +235,16 @@ class ReferenceConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    train: str
-    validation: str | None = None
-    max_length: int = Field(512, ge=2)
-    shuffle_seed: int = 0
-    on_empty: Literal["skip", "error"] = "skip"
+    """The rows: JSONL, Parquet, Arrow, CSV/TSV, JSON or a save_to_disk directory."""
+
+    train: str = Field(..., description="training rows: {prompt, completion}, {messages} or {text}, with optional "
+                       "role, task, weight, teacher")
+    validation: str | None = Field(None, description="held-out rows: validation loss (and KL to a live teacher) "
+                                   "after each epoch")
+    max_length: int = Field(512, ge=2, description="tokens per row at most (longer rows are cut, see truncation)")
+    shuffle_seed: int = Field(0, description="seed of the row order in each epoch")
+    on_empty: Literal["skip", "error"] = Field("skip", description="rows without a target token: 'skip' drops "
+                                               "(and reports) them, 'error' refuses the file")
     truncation: Literal["left", "right"] = Field("left", description="rows over max_length: 'left' drops the oldest "
                                                                      "tokens (keeps the "
                                                 "completion / latest turns; a leading BOS stays), 'right' the end")
@@ -248,18 +258,20 @@ class DataConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    lr: float = Field(3e-5, gt=0.0)
+    """AdamW, its schedule, the batch and the arithmetic."""
+
+    lr: float = Field(3e-5, gt=0.0, description="peak learning rate (AdamW)")
     schedule: Literal["constant", "linear", "cosine"] = Field("cosine",
                                                               description="constant, linear or cosine (after warm-up)")
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up from 0 to lr")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW's decoupled weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's β1, β2")
     grad_clip: float = Field(1.0, ge=0.0, description="max gradient norm; 0 disables clipping")
     micro_batch: int = Field(2, ge=1, description="rows per forward pass per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over the training rows (max_steps may stop earlier)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the initialisation of new weights (LoRA), dropout and sampling")
     precision: Literal["fp32", "bf16-mixed", "bf16", "fp16-mixed"] = Field(
         "fp32", description="fp32; bf16-mixed / fp16-mixed: float32 master weights, the student's forward under "
                             "autocast (fp16 with loss scaling); bf16: pure bfloat16 weights and optimizer "
@@ -270,11 +282,10 @@ class OptimConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
+    """Checkpoints during training (Ctrl-C and a crash resume from the newest)."""
+
     every: int = Field(50, ge=0, description="optimizer steps between checkpoints; 0 = only at the end")
     keep: int = Field(2, ge=1, description="newest checkpoints kept")
-
-
-TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 class LoggingConfig(_Strict):
@@ -318,8 +329,8 @@ class QuarantineConfig(_Strict):
     """The quarantine adapter: its own LoRA (a basis distinct from the main adapter's), in the forward during
     training, dropped at deployment (`kdkit merge --drop-adapter quarantine`)."""
 
-    r: int = Field(4, ge=1)
-    alpha: float = Field(8.0, gt=0.0)
+    r: int = Field(4, ge=1, description="the quarantine adapter's rank")
+    alpha: float = Field(8.0, gt=0.0, description="the quarantine adapter's scale")
 
 
 class RoutingConfig(_Strict):
@@ -626,16 +637,27 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
     try:
         cfg = TrainConfig.model_validate(raw)
     except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            dotted = ".".join(str(p) for p in err["loc"])
-            line = _yaml_line(text, dotted)
-            where = f"{path}:{line}" if line else str(path)
-            msgs.append(f"{where}: field '{dotted or '<root>'}': {err['msg']}")
-        raise ConfigError("\n".join(msgs)) from None
+        set_keys = [split_assignment(ov, "--set", "key.sub=value")[0] for ov in overrides or []]
+        raise ConfigError("\n".join(_field_error(err, path, text, set_keys) for err in e.errors())) from None
     finally:
         _RESOLVED.reset(token)
     return resolve_paths(cfg, path.parent)
+
+
+def _field_error(err: Any, path: Path, text: str, set_keys: list[str]) -> str:
+    """One validation error, where it came from (``--set key`` or file:line) and, for an unknown key, the
+    nearest valid ones."""
+    from kdkit.config_reference import suggestion
+
+    loc = [str(p) for p in err["loc"]]
+    dotted = ".".join(loc)
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = suggestion(loc[:-1], loc[-1]) or msg
+    given = [k for k in set_keys if dotted and (k == dotted or k.startswith(dotted + ".") or dotted.startswith(k + "."))]
+    line = None if given else _yaml_line(text, dotted)
+    where = f"--set {given[-1]}" if given else f"{path}:{line}" if line else str(path)
+    return f"{where}: field '{dotted or '<root>'}': {msg}"
 
 
 def load_yaml_mapping(path: Path, text: str) -> dict[str, Any]:
