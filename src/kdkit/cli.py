@@ -426,6 +426,26 @@ def merge_cmd(
     console.print(f"merged {run_dir} → {path}")
 
 
+student_app = typer.Typer(help="Make a student from its teacher.", no_args_is_help=True)
+app.add_typer(student_app, name="student")
+
+
+@student_app.command("init")
+def student_init_cmd(
+    from_: str = typer.Option(..., "--from", help="The teacher: a local Hugging Face model directory (safetensors)."),
+    out: str = typer.Option(..., help="Directory for the student (absent, empty, or a student this command wrote)."),
+    layers: int = typer.Option(None, help="Keep this many decoder layers, spread evenly over the depth (the first and the last included)."),
+    keep: str = typer.Option(None, help="Keep exactly these decoder layers: comma-separated indices from 0, increasing (e.g. 0,5,11,17,23,29)."),
+    dtype: str = typer.Option("float32", help="The student's weights: float32, bfloat16 or float16."),
+) -> None:
+    """Make a student by depth pruning its teacher: keep N of its decoder layers (spread evenly by default, or as listed), each with its weights, plus the teacher's embeddings, final norm and LM head; writes an ordinary Hugging Face directory with the teacher's tokenizer and chat template, and kdkit-student.json (which layers came from which teacher). Distillation then repairs what the cut broke: point student.path at it."""
+    from kdkit.student import init_student, parse_keep
+
+    info = init_student(from_, out, layers=layers, keep=parse_keep(keep) if keep is not None else None, dtype=dtype)
+    console.print(f"wrote {out}: {len(info['kept_layers'])} of the teacher's {info['teacher_layers']} decoder layers "
+                  f"({', '.join(map(str, info['kept_layers']))})")
+
+
 def _print_summary(summary, title: str) -> None:
     table = Table(title=title)
     for c in ("tasks", "passed", "pass rate", "95% Wilson interval", "statuses", *summary.pass_at_k):
