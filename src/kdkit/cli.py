@@ -97,7 +97,10 @@ def config_reference_cmd() -> None:
 # Deprecation notices between transformers and peft are for their developers, not for kdkit's users.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
 
-console = Console(soft_wrap=True)  # messages wrap in the terminal, never mid-path in a pipe
+# messages wrap in the terminal, never mid-path in a pipe; a table written to a pipe or a file is laid out 160
+# columns wide (COLUMNS if wider) instead of rich's 80, so that its cells are not folded mid-word
+_PIPE_WIDTH = None if os.isatty(1) else max(160, int(os.environ.get("COLUMNS", "0") or 0))
+console = Console(soft_wrap=True, width=_PIPE_WIDTH)
 err_console = Console(stderr=True, soft_wrap=True)  # messages are never cut or hard-wrapped mid-path
 
 KIND_HELP = f"Divergence kind, one of: {', '.join(KINDS)}."
@@ -553,7 +556,7 @@ def eval_cmd(
                                   repetition_penalty=repetition_penalty, n_samples=n_samples, seed=seed, **sampling,
                                   **_prompting(prompt_style, instruction, system))
     results, summary, gens = evaluate_model(model, tasks, settings=settings, limits=Limits(timeout_s=timeout),
-                                            workers=workers, unsafe_no_isolation=unsafe_no_isolation)
+                                            workers=workers, unsafe_no_isolation=unsafe_no_isolation, log=console.print)
     categories = by_category(load_tasks(tasks), results)
     if out:
         import json as _json

@@ -17,6 +17,7 @@ from typing import Any
 
 from kdkit.extract import answer_end, extract_completion
 from kdkit.generation import GenerationSettings, explicit_generation_config, generate, render_prompts
+from kdkit.progress import Ticker, bar_shown
 from kdkit.sandbox import Limits, Program, RunResult, run_programs
 from kdkit.tasks import Task, TaskError, load_completions, load_tasks, tasks_fingerprint
 
@@ -149,9 +150,11 @@ def write_results(path: str | Path, results: Sequence[TaskResult]) -> None:
 
 def evaluate_model(model_dir: str | Path, tasks_path: str | Path, *, settings: GenerationSettings = GenerationSettings(),
                    limits: Limits = Limits(), workers: int | None = None, unsafe_no_isolation: bool = False,
-                   progress: bool = True, model: Any = None, tokenizer: Any = None
+                   progress: bool = True, model: Any = None, tokenizer: Any = None,
+                   log: Callable[[str], None] | None = None
                    ) -> tuple[list[TaskResult], EvalSummary, list[dict[str, Any]]]:
-    """Generate → extract → verify for every task. Returns results, summary and raw generations."""
+    """Generate → extract → verify for every task. Returns results, summary and raw generations. Without a
+    terminal, ``log`` gets a progress line every twentieth of the tasks (verified, passed, rate, time left)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from kdkit.models import load_causal_lm, load_tokenizer
@@ -169,8 +172,19 @@ def evaluate_model(model_dir: str | Path, tasks_path: str | Path, *, settings: G
         def render(self, task: Any) -> Text:
             return Text(f"{task.speed:.2f} tasks/s" if task.speed else "")
 
+    shown = bar_shown(progress)
+    ticker = Ticker("eval", len(tasks) * settings.n_samples, "answers verified", log or (lambda m: None),
+                    enabled=log is not None and not shown)
+    verified = {"done": 0, "passed": 0}
+
+    def on_done(i: int, r: TaskResult) -> None:
+        bar.advance(v, 1)
+        verified["done"] += 1
+        verified["passed"] += int(r.passed)
+        ticker.update(verified["done"], f"{verified['passed']} passed")
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(), TimeElapsedColumn(),
-                  disable=not progress) as bar:
+                  disable=not shown) as bar:
         g = bar.add_task("generate", total=len(tasks) * settings.n_samples)
         try:
             prompts = render_prompts(tokenizer, [t.prompt for t in tasks], settings)
@@ -188,7 +202,7 @@ def evaluate_model(model_dir: str | Path, tasks_path: str | Path, *, settings: G
                 comps = {t.task_id: [extract_completion(t.prompt, x)] for t, x in zip(part, texts, strict=True)}
                 pending.append((sample, lo, pool.submit(verify, part, comps, limits=limits, workers=workers,
                                                         unsafe_no_isolation=unsafe_no_isolation,
-                                                        on_done=lambda i, r: bar.advance(v, 1))))
+                                                        on_done=on_done)))
 
             raw = generate(model, tokenizer, prompts, settings, on_batch=lambda n: bar.advance(g, n), stop=answer_end,
                            add_special_tokens=settings.prompt_style == "raw", on_texts=submit)

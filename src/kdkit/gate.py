@@ -152,7 +152,7 @@ def evaluate_pack(reg: Registry, pack: Pack, tasks: Path, settings: GenerationSe
         return found
     log(f"evaluating {pack.name} on {tasks.name}")
     results, summary, _ = evaluate_model(pack.path, tasks, settings=settings, limits=limits,
-                                         unsafe_no_isolation=unsafe_no_isolation, progress=progress)
+                                         unsafe_no_isolation=unsafe_no_isolation, progress=progress, log=log)
     outcomes = {r.task_id: r.passed for r in results if r.sample == 0}
     completions = {r.task_id: r.completion for r in results if r.sample == 0}  # kept: the report quotes them
     return reg.add_evaluation(pack.id, sha, str(tasks), key, outcomes, summary.interval,

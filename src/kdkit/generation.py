@@ -197,6 +197,7 @@ def _generate_compacting(model: Any, ids: Any, att: Any, config: Any, criteria: 
     over the batch would give (continuing from the cache feeds only the last token), up to the batch
     composition's effect on float rounding."""
     import copy
+    import warnings
 
     import torch
 
@@ -208,7 +209,10 @@ def _generate_compacting(model: Any, ids: Any, att: Any, config: Any, criteria: 
         step = copy.copy(config)
         step.max_new_tokens = min(SEGMENT, budget - (ids.shape[1] - width))
         step.return_dict_in_generate = True  # for the KV cache
-        with torch.no_grad():
+        # past_key_values is the name every supported transformers release takes; 5.x's rename notice is not
+        # the user's to act on
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
             res = model.generate(input_ids=ids, attention_mask=att, past_key_values=cache, generation_config=step,
                                  stopping_criteria=criteria, logits_processor=processors)
         seqs, cache = res.sequences, res.past_key_values

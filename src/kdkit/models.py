@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -38,10 +39,23 @@ def _require_dir(path: str | Path, what: str) -> Path:
 
 
 def _quiet_transformers() -> None:
-    # transformers prints a progress bar per weights load; kdkit draws its own progress.
+    # transformers prints a progress bar per weights load; kdkit draws its own progress. Its notice that
+    # generate's past_key_values is renamed (kdkit passes the name every supported release takes) is not the
+    # user's to act on.
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.get_logger("transformers")  # transformers attaches its handler here
+    for handler in logging.getLogger("transformers").handlers:
+        if not any(isinstance(f, _RenameNotice) for f in handler.filters):
+            handler.addFilter(_RenameNotice())
+
+
+class _RenameNotice(logging.Filter):
+    """Drops transformers' "`past_key_values`/`cache_params` are deprecated" notice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "are deprecated. Use `cache` instead" not in record.getMessage()
 
 
 def load_tokenizer(path: str | Path) -> Any:

@@ -26,6 +26,7 @@ from kdkit.generation import GenerationSettings, generate_ids
 from kdkit.identity import changed_inputs, path_identity
 from kdkit.io import atomic_write_json, storage
 from kdkit.models import load_causal_lm, load_tokenizer
+from kdkit.progress import Ticker, bar_shown
 from kdkit.rng import own_rng
 
 KEPT_FIELDS = ("role", "task", "weight")
@@ -171,8 +172,10 @@ def _generate(model_dir: str, data: str, out: Path, settings: GenerationSettings
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir)
     prompts = [prompt_tokens(tokenizer, obj, data, line) for line, obj in rows]
+    shown = bar_shown(progress)
     bar = Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   disable=not progress)
+                   disable=not shown)
+    ticker = Ticker("generate", len(rows), "rows", log, enabled=not shown, done=done)
     with bar, out.open("ab") as fh:
         task = bar.add_task("generate", total=len(rows), completed=done)
         for lo in range(done, len(rows), settings.batch_size):
@@ -187,5 +190,6 @@ def _generate(model_dir: str, data: str, out: Path, settings: GenerationSettings
             fh.flush()
             os.fsync(fh.fileno())
             bar.update(task, completed=lo + len(chunk))
+            ticker.update(lo + len(chunk))
     atomic_write_json(sidecar(out), {**inputs, "complete": True})
     return {"rows": len(rows), "generated": len(rows) - done, "out": str(out)}

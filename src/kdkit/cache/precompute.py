@@ -53,6 +53,7 @@ from kdkit.models import (
     target_logits,
     tokenizer_fingerprint,
 )
+from kdkit.progress import Ticker, bar_shown
 
 FAULT_ENV = "KDKIT_FAULT_PRECOMPUTE"
 
@@ -438,7 +439,9 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
     columns = [TextColumn("precompute"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
                TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
     computed_tokens, t_compute = 0, 0.0
-    with Progress(*columns, disable=not progress or rank != 0, transient=False) as bar:
+    shown = bar_shown(progress) and rank == 0
+    ticker = Ticker("precompute", total_tokens, "target tokens", log, enabled=not shown and rank == 0)
+    with Progress(*columns, disable=not shown, transient=False) as bar:
         task = bar.add_task("precompute", total=total_tokens, rate="-")
         second = kdata.RowHash()
         for i, shard_rows in enumerate(_shard_rows(tokenizer, data_path, settings, cross, second)):
@@ -452,8 +455,9 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
                 continue
             ts = time.perf_counter()
 
-            def on_tokens(n: int) -> None:
+            def on_tokens(n: int, i: int = i) -> None:
                 bar.advance(task, n)
+                ticker.update(int(bar.tasks[0].completed), f"shard {i + 1}/{n_shards}")
 
             blob, stats = _shard_bytes(shard_rows, capture, settings, vocab, on_tokens)
             atomic_write_bytes(spath, blob, before_rename=lambda i=i: _fault("mid_shard", i))

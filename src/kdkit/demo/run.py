@@ -162,7 +162,7 @@ def run_demo(out: str | Path = "demo-out", settings: DemoSettings = DemoSettings
         ev = {}
         for split, tp in (("anchors", anchors_p), ("holdout", holdout_p)):
             log(f"      {name} on {split}")
-            res, summ, _ = evaluate_model(path, tp, settings=gen, progress=progress)
+            res, summ, _ = evaluate_model(path, tp, settings=gen, progress=progress, log=log)
             ev[split] = (summ, {r.task_id: r.passed for r in res})
         val_loss, kl = _val_metrics(path, val_p, teacher)
         rows.append(ModelRow(name, count_parameters(load_causal_lm(path)), ev["anchors"][0].n_passed,

@@ -15,6 +15,7 @@ from kdkit.checkpoint import INPUTS_FILE, newest_checkpoint
 from kdkit.config import TrainConfig
 from kdkit.errors import TrainingError
 from kdkit.io import atomic_write_json
+from kdkit.progress import Ticker, bar_shown
 from kdkit.served import ServedError
 from kdkit.train.build import build
 from kdkit.train.control import Interrupts, early_stopped, fault, probe, server_down, stop_interrupted
@@ -53,8 +54,10 @@ def train(
     trackers.start(acc, cfg, run)
     stopped = bool(r.probes) and step == 0 and probe(r, 0, log) == "stop"
 
+    shown = bar_shown(progress) and acc.is_main_process
     bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not (progress and acc.is_main_process))
+                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not shown)
+    ticker = Ticker("train", r.total_steps, "steps", log, enabled=not shown and acc.is_main_process, done=step)
     r.model.train()
     t_start = time.perf_counter()
     last_ckpt: Path | None = ckpt
@@ -75,6 +78,7 @@ def train(
             epoch_sums.merge(step_sums)
             summary = log_step(r, step, step_sums, metrics, time.perf_counter() - t0)
             bar.update(task, completed=step, info=f"loss {summary['total_loss']:.4f}")
+            ticker.update(step, _step_info(summary, step_sums))
             fault("after_step", step)
             if r.probes and (step % cfg.probes.every == 0 or step == r.total_steps):
                 stopped = probe(r, step, log) == "stop"
@@ -100,6 +104,14 @@ def train(
     trackers.end(acc, cfg)
     return {"run_dir": str(run), "steps": final_step, "max_weight_change": drift,
             "seconds": time.perf_counter() - t_start, "early_stopped_at": step if stopped else None}
+
+
+def _step_info(summary: dict[str, float], sums: Sums) -> str:
+    """The step's figures for a progress line: loss, KL to the teacher where there is one, tokens."""
+    info = f"loss {summary['total_loss']:.4f}"
+    if summary.get("kl_loss"):
+        info += f" · kl {summary['kl_loss']:.4f}"
+    return info + f" · {sums.v['tok']:,.0f} tokens"
 
 
 def _state(r: Any, step: int, epoch_sums: Sums) -> dict[str, Any]:
