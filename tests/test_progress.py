@@ -13,7 +13,7 @@ from tests.helpers import save_model_dir, toy_rows, write_config, write_jsonl
 
 def test_a_ticker_speaks_every_twentieth_and_at_the_end():
     lines: list[str] = []
-    t = Ticker("train", 40, "steps", lines.append)
+    t = Ticker("train", 40, "steps", lines.append, min_interval_s=0)
     for step in range(1, 41):
         t.update(step, f"loss {1 / step:.2f}")
     assert len(lines) == 20 and lines[0].startswith("train: 2/40 steps (5%) · loss 0.50 · ")
@@ -25,10 +25,15 @@ def test_a_ticker_speaks_every_twentieth_and_at_the_end():
         t.update(step)
     assert quiet == []
     resumed: list[str] = []
-    t = Ticker("train", 7, "steps", resumed.append, done=3)  # a resume counts on from its checkpoint
+    t = Ticker("train", 7, "steps", resumed.append, done=3, min_interval_s=0)  # a resume counts on from its checkpoint
     for step in range(4, 8):
         t.update(step)
     assert [x.split(" · ")[0] for x in resumed] == [f"train: {s}/7 steps ({100 * s / 7:.0f}%)" for s in range(4, 8)]
+    paced: list[str] = []
+    t = Ticker("eval", 40, "tasks", paced.append, min_interval_s=3600)  # quick work: the first line and the last
+    for done in range(1, 41):
+        t.update(done)
+    assert [x.split(" · ")[0] for x in paced] == ["eval: 2/40 tasks (5%)", "eval: 40/40 tasks (100%)"]
 
 
 def test_train_without_a_terminal_logs_progress_lines(tmp_path):
@@ -41,5 +46,5 @@ def test_train_without_a_terminal_logs_progress_lines(tmp_path):
     res = CliRunner().invoke(app, ["train", str(cfg), "--out", str(tmp_path / "run")])  # progress asked, no TTY
     assert res.exit_code == 0, res.output
     lines = [x for x in res.output.splitlines() if x.startswith("train: ")]
-    assert [x.split(" · ")[0] for x in lines] == [f"train: {s}/4 steps ({25 * s}%)" for s in range(1, 5)]
+    assert lines[0].startswith("train: 1/4 steps (25%)") and lines[-1].startswith("train: 4/4 steps (100%)")
     assert re.search(r"· loss \d+\.\d{4} · \d+ tokens · ", lines[0]) and lines[-1].endswith("· done")

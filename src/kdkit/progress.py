@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 LINES = 20  # lines per piece of work when no bar is shown
+MIN_INTERVAL_S = 5.0  # ... and not more often than this (the first and the last line always)
 
 
 def bar_shown(progress: bool) -> bool:
@@ -23,20 +24,25 @@ def _clock(seconds: float) -> str:
 
 class Ticker:
     """``what: 12/40 steps (30%) · <info> · 3.2 steps/s · elapsed 0:00:04 · left ~0:00:09`` every ``every``
-    units (default: a twentieth of ``total``) and at the end, to ``log``; silent where a bar is shown."""
+    units (default: a twentieth of ``total``), at most one per ``min_interval_s`` but always the first and the
+    last, to ``log``; silent where a bar is shown."""
 
     def __init__(self, what: str, total: int, unit: str, log: Callable[[str], None], *, enabled: bool = True,
-                 done: int = 0, every: int | None = None) -> None:
+                 done: int = 0, every: int | None = None, min_interval_s: float = MIN_INTERVAL_S) -> None:
         self.what, self.total, self.unit, self.log, self.enabled = what, total, unit, log, enabled
-        self.every = every or max(1, total // LINES)
+        self.every, self.min_interval_s = every or max(1, total // LINES), min_interval_s
         self.start_done, self.next = done, (done // self.every + 1) * self.every
-        self.t0 = time.perf_counter()
+        self.t0, self.last = time.perf_counter(), None
 
     def update(self, done: int, info: str = "") -> None:
         if not self.enabled or (done < self.next and done < self.total):
             return
         self.next = (done // self.every + 1) * self.every
-        elapsed = time.perf_counter() - self.t0
+        now = time.perf_counter()
+        if done < self.total and self.last is not None and now - self.last < self.min_interval_s:
+            return  # quick work: the first line, then no more than one a few seconds, and the last
+        self.last = now
+        elapsed = now - self.t0
         rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
         left = f"left ~{_clock((self.total - done) / rate)}" if rate > 0 and done < self.total else "done"
         parts = [f"{self.what}: {done}/{self.total} {self.unit} ({100 * done / max(self.total, 1):.0f}%)",
