@@ -167,6 +167,10 @@ def build(cfg: TrainConfig, run: Path, acc: Any, ckpt: Path | None, log: Callabl
     steps_per_epoch = math.ceil(len(rows) / global_batch)
     total_steps = min(o.max_steps or 10**12, o.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.schedule, o.warmup_steps, total_steps))
+    if world > 1:  # each rank adds its micro-batches: fewer steps per epoch than on one process
+        log(f"{world} processes: a step takes {global_batch} rows ({world} × micro_batch {o.micro_batch} × "
+            f"grad_accum {o.grad_accum}), {steps_per_epoch} steps per epoch; divide grad_accum or micro_batch by "
+            f"{world} to keep one process's batch")
     why_not = use_chunked(cfg, model)
     if why_not and cfg.objective.chunk_size:
         log(f"note: using the dense loss path ({why_not})")

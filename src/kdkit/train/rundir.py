@@ -83,6 +83,7 @@ def write_run_meta(r: Run, why_not: str | None) -> None:
         "loss_path": f"dense ({why_not})" if why_not else
         f"chunked ({resolved_chunk(cfg.objective.chunk_size, r.real_vocab)} positions)",
         "precision": cfg.optim.precision, "gradient_checkpointing": cfg.optim.gradient_checkpointing,
+        "threads": torch.get_num_threads(),
         "packing": {"pack_length": cfg.data.pack_length or cfg.data.max_length} if cfg.data.packing else None,
         "steps_per_epoch": r.steps_per_epoch, "total_steps": r.total_steps})
 

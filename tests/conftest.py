@@ -1,0 +1,3 @@
+"""kdkit first: its thread settings (kdkit.threads) must be in the environment before torch starts."""
+
+import kdkit  # noqa: F401
