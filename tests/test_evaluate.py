@@ -422,3 +422,32 @@ def test_finished_rows_leave_the_batch_and_every_row_keeps_its_greedy_text(tmp_p
     if repetition_penalty == 1.0:
         cut = lambda t: t if stop(t) is None else t[:stop(t)]  # noqa: E731
         assert [p[0] for p in parts] == [cut(_pure_greedy(model, tok, p, 24)) for p in prompts]
+
+
+@needs_bwrap
+def test_eval_limit_dtype_and_the_reasons_table(tmp_path):
+    model_dir = save_model_dir(tmp_path / "m", seed=3)
+    tasks = write_jsonl(tmp_path / "toy.jsonl", TOY_TASKS)
+    res = CliRunner().invoke(app, ["eval", str(model_dir), "--tasks", str(tasks), "--out", str(tmp_path / "ev"),
+                                   "--max-new-tokens", "8", "--limit", "2", "--dtype", "bfloat16"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["n_tasks"] == 2 and summary["limit"] == 2 and summary["dtype"] == "bfloat16"
+    results = [json.loads(x) for x in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
+    assert [r["task_id"] for r in results] == [t["task_id"] for t in TOY_TASKS[:2]]
+    failed = [r for r in results if not r["passed"]]
+    assert failed and all(r["reason"] for r in failed)  # a random tiny model passes nothing: each says why
+    assert "why the others did not pass" in res.output
+    for r in failed:  # each failure's status and the first words of its reason are in the table
+        assert r["task_id"] in res.output and r["reason"].split(":")[0][:20] in res.output
+
+
+def test_eval_of_a_run_directory_says_merge_it_first(tmp_path):
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    (run / "config.yaml").write_text("student: {}\n")
+    (run / "final" / "kdkit.json").write_text('{"kind": "lora"}')
+    for target, hint in ((run, f"kdkit merge {run} --out PACK"), (run / "final", f"kdkit merge {run} --out PACK")):
+        res = CliRunner().invoke(app, ["eval", str(target), "--tasks", "t.jsonl", "--unsafe-no-isolation"])
+        assert res.exit_code != 0 and "merge it first" in res.output and hint in res.output, res.output

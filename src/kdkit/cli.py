@@ -449,6 +449,26 @@ def student_init_cmd(
                   f"({', '.join(map(str, info['kept_layers']))})")
 
 
+def _print_reasons(results) -> None:
+    """Why the tasks that did not pass did not: grouped by status and the harness's first words, with the
+    tasks and one full reason each."""
+    groups: dict[tuple[str, str], list] = {}
+    for r in results:
+        if not r.passed:
+            why = r.reason or (r.stderr_tail.strip().splitlines() or ["(no reason given)"])[-1]
+            groups.setdefault((r.status, why.split(":")[0].strip()[:60]), []).append(r)
+    if not groups:
+        return
+    t = Table(title="why the others did not pass (results.jsonl: every task's reason and stderr)")
+    for c in ("status", "why", "tasks", "for example"):
+        t.add_column(c, overflow="fold")
+    for (status, why), rs in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        ids = ", ".join(r.task_id for r in rs[:4]) + (f", ... ({len(rs)})" if len(rs) > 4 else "")
+        example = (rs[0].reason or rs[0].stderr_tail.strip()[-200:])[:200]
+        t.add_row(status, why, ids, f"{rs[0].task_id}: {example}")
+    console.print(t)
+
+
 def _print_summary(summary, title: str) -> None:
     table = Table(title=title)
     for c in ("tasks", "passed", "pass rate", "95% Wilson interval", "statuses", *summary.pass_at_k):
@@ -536,8 +556,11 @@ def eval_cmd(
     timeout: float = typer.Option(10.0, help="Wall-clock seconds per program in the sandbox."),
     workers: int = typer.Option(None, help="Programs verified in parallel."),
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
+    limit: int = typer.Option(None, min=1, help="Evaluate only the file's first N tasks (recorded in summary.json)."),
+    dtype: str = typer.Option("float32", help="The model's weights in memory: float32, bfloat16 or float16."),
+    device: str = typer.Option(None, help="Where the model runs: cpu, cuda, cuda:1, ... (default: cpu; the sandbox always runs on the CPU)."),
 ) -> None:
-    """Generate a completion for every task (greedy by default), extract the function body, verify it in the sandbox, and report pass count and rate with a 95% Wilson interval (and pass@k when sampling)."""
+    """Generate a completion for every task (greedy by default), extract the function body, verify it in the sandbox, and report pass count and rate with a 95% Wilson interval (and pass@k when sampling), and why the others did not pass (results.jsonl has each task's reason and stderr)."""
     from pathlib import Path as _P
 
     from kdkit.evaluate import GenerationSettings, by_category, evaluate_model, load_tasks, write_results
@@ -555,9 +578,12 @@ def eval_cmd(
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample,
                                   repetition_penalty=repetition_penalty, n_samples=n_samples, seed=seed, **sampling,
                                   **_prompting(prompt_style, instruction, system))
+    if dtype not in ("float32", "bfloat16", "float16"):
+        fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     results, summary, gens = evaluate_model(model, tasks, settings=settings, limits=Limits(timeout_s=timeout),
-                                            workers=workers, unsafe_no_isolation=unsafe_no_isolation, log=console.print)
-    categories = by_category(load_tasks(tasks), results)
+                                            workers=workers, unsafe_no_isolation=unsafe_no_isolation, log=console.print,
+                                            limit=limit, dtype=dtype, device=device)
+    categories = by_category(load_tasks(tasks)[:limit], results)
     if out:
         import json as _json
         from dataclasses import asdict
@@ -566,9 +592,11 @@ def eval_cmd(
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(d / "generations.jsonl", "".join(_json.dumps(g, sort_keys=True) + "\n" for g in gens).encode())
         write_results(d / "results.jsonl", results)
-        atomic_write_json(d / "summary.json", {**asdict(summary), "model": model, "tasks": tasks,
-                                               "generation": asdict(settings), "by_category": categories})
-    _print_summary(summary, f"eval {model} on {tasks}")
+        atomic_write_json(d / "summary.json", {**asdict(summary), "model": model, "tasks": tasks, "limit": limit,
+                                               "dtype": dtype, "generation": asdict(settings),
+                                               "by_category": categories})
+    _print_summary(summary, f"eval {model} on {tasks}" + (f" (first {limit} tasks)" if limit else ""))
+    _print_reasons(results)
     if categories:
         t = Table(title="per category")
         for c in ("category", "passed", "95% Wilson interval"):

@@ -151,20 +151,25 @@ def write_results(path: str | Path, results: Sequence[TaskResult]) -> None:
 def evaluate_model(model_dir: str | Path, tasks_path: str | Path, *, settings: GenerationSettings = GenerationSettings(),
                    limits: Limits = Limits(), workers: int | None = None, unsafe_no_isolation: bool = False,
                    progress: bool = True, model: Any = None, tokenizer: Any = None,
-                   log: Callable[[str], None] | None = None
+                   log: Callable[[str], None] | None = None, limit: int | None = None, dtype: str = "float32",
+                   device: str | None = None
                    ) -> tuple[list[TaskResult], EvalSummary, list[dict[str, Any]]]:
     """Generate → extract → verify for every task. Returns results, summary and raw generations. Without a
     terminal, ``log`` gets a progress line every twentieth of the tasks (verified, passed, rate, time left)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from kdkit.models import load_causal_lm, load_tokenizer
+    from kdkit.models import check_model_dir, load_causal_lm, load_tokenizer
     from kdkit.sandbox import check_isolation
 
-    tasks = load_tasks(tasks_path)
+    if model is None:
+        check_model_dir(model_dir)  # a run directory is named for what it is before anything else
+    tasks = load_tasks(tasks_path)[:limit]  # limit: the file's first tasks
     if not unsafe_no_isolation:
         check_isolation()  # fail before spending time on generation
     tokenizer = tokenizer or load_tokenizer(model_dir)
-    model = model or load_causal_lm(model_dir)
+    model = model or load_causal_lm(model_dir, dtype)
+    if device is not None:
+        model.to(device)
     from rich.progress import ProgressColumn
     from rich.text import Text
 

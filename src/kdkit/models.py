@@ -35,6 +35,8 @@ def _require_dir(path: str | Path, what: str) -> Path:
     p = Path(path)
     if not p.is_dir():
         raise ModelError(f"{what} {p}: not a directory (kdkit loads local Hugging Face model directories)")
+    if (p / "run.json").is_file() and (p / "config.yaml").is_file() and not (p / "config.json").is_file():
+        raise ModelError(f"{what} {p}: a kdkit training run, not a model; merge it first: kdkit merge {p} --out PACK")
     return p
 
 
@@ -73,6 +75,9 @@ def check_model_dir(path: str | Path, what: str = "model") -> Path:
 
     A sharded checkpoint's index must name only files that exist."""
     p = _require_dir(path, what)
+    if p.name == "final" and (p / "kdkit.json").is_file() and not (p / "config.json").is_file():
+        raise ModelError(f"{what} {p}: a LoRA run's final/ holds its adapters, not a model; merge it first: "
+                         f"kdkit merge {p.parent} --out PACK")
     if not (p / "config.json").is_file():
         raise ModelError(f"{what} {p}: no config.json (not a Hugging Face model directory)")
     index = p / "model.safetensors.index.json"
