@@ -373,3 +373,28 @@ def test_a_gate_over_several_suites_reverts_on_a_regression_in_any_suite(packs, 
     r = CliRunner().invoke(app, ["gate", "prod", "--tasks", str(anchors), "--suite-rule", "margin=1",
                                  "--workspace", str(tmp_path / "ws")])
     assert r.exit_code == 2 and "--suite-rule only takes effect with a second --tasks file" in r.output
+
+
+def test_the_gates_power_and_the_improvement_rule():
+    from kdkit.errors import KdkitError
+    from kdkit.gate import GateRule, decide, fewest_significant, mcnemar_exact, power, power_line
+
+    assert fewest_significant(0.05) == 6 and mcnemar_exact(6, 0) == 2 / 64 and mcnemar_exact(5, 0) == 2 / 32
+    assert fewest_significant(0.01) == 8
+    base = {f"HE/{i}": i < 5 for i in range(40)}  # the base passes 5 of 40 (the SmolLM2 case)
+    pw = power(base, 0.05)
+    assert pw == {"alpha": 0.05, "fewest_detectable": 6, "baseline_passes": 5, "baseline_fails": 35,
+                  "can_show_drop": False, "can_show_gain": True}
+    assert "a drop cannot be shown (the baseline passes 5 < 6 tasks)" in power_line(pw)
+    assert "a gain needs >= 6 of its 35 failures fixed" in power_line(pw)
+    rule = GateRule.parse("require_gain_p=0.05")
+    assert rule.require_gain_p == 0.05
+    two_more = {**base, "HE/10": True, "HE/11": True}
+    decision, _, fixed, p, reason = decide(base, two_more, rule)
+    assert decision == "REVERT" and len(fixed) == 2 and "no gain beyond noise: pass count 5 → 7" in reason
+    six_more = {**base, **{f"HE/{i}": True for i in range(10, 16)}}
+    decision, _, _, p, reason = decide(base, six_more, rule)
+    assert decision == "KEEP" and p == 2 / 64, reason
+    assert decide(base, two_more, GateRule())[0] == "KEEP"  # the default rule: no regression is enough
+    with pytest.raises(KdkitError, match="require_gain_p='2'"):
+        GateRule.parse("require_gain_p=2")

@@ -718,7 +718,9 @@ def registry_archive(
 
 
 RULE_HELP = ("Gate rule as key=value pairs: max_regressions=N (anchor tasks the baseline passes that may fail; "
-             "default 0), require_not_worse=true|false (pass count may not fall; default true).")
+             "default 0), require_not_worse=true|false (pass count may not fall; default true), require_gain_p=P "
+             "(the improvement rule: KEEP only when the pass count rises with an exact McNemar p below P, e.g. 0.05). "
+             "The gate prints each suite's power: the fewest regressions or gains its size lets the test detect.")
 
 
 SUITE_RULE_HELP = ("Rule of every --tasks file after the first: alpha=0.05 (default: the pass count may not fall "
@@ -734,6 +736,7 @@ def gate_cmd(
     rule: str = typer.Option(None, help=RULE_HELP),
     suite_rule: str = typer.Option(None, help=SUITE_RULE_HELP),
     max_new_tokens: int = typer.Option(256, help="Generation budget per task (greedy decoding)."),
+    batch_size: int = typer.Option(8, min=1, help="Prompts per generation batch (part of the evaluation's key: a stored evaluation is reused only at the same batch size)."),
     prompt_style: str = typer.Option("raw", help=PROMPT_STYLE_HELP),
     instruction: str = typer.Option(None, help="The instruction of --prompt-style chat."),
     system: str = typer.Option(None, help="A system message for --prompt-style chat."),
@@ -745,7 +748,7 @@ def gate_cmd(
 ) -> None:
     """Evaluate candidate and baseline on every task file (reusing stored evaluations), compare task by task, run the exact paired test per suite, decide KEEP (promote) or REVERT (archive) once for all suites, and record it. Exit code 0 on KEEP, 1 on REVERT."""
     from kdkit.evaluate import GenerationSettings
-    from kdkit.gate import GateRule, SuiteRule, format_tasks, gate
+    from kdkit.gate import GateRule, SuiteRule, format_tasks, gate, power_line
     from kdkit.io import atomic_write_json
     from kdkit.sandbox import Limits
 
@@ -754,7 +757,7 @@ def gate_cmd(
     reg = _registry(workspace)
     res = gate(reg, candidate, tasks, against=against, rule=GateRule.parse(rule),
                suite_rule=SuiteRule.parse(suite_rule),
-               settings=GenerationSettings(max_new_tokens=max_new_tokens,
+               settings=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size,
                                            **_prompting(prompt_style, instruction, system)),
                limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation, log=console.print,
                progress=progress)
@@ -767,7 +770,7 @@ def gate_cmd(
             t.add_row(name, f"{k}/{s['n_tasks']}", f"{100 * lo:.1f}–{100 * hi:.1f}%")
         console.print(t)
         console.print(f"regressed: {format_tasks(s['regressed'])}\nfixed: {format_tasks(s['fixed'])}\n"
-                      f"exact McNemar p = {s['p_value']:.3g}")
+                      f"exact McNemar p = {s['p_value']:.3g}\n{power_line(s['power'])}")
     console.print(f"[bold]{res.decision}[/]: {res.reason}")
     if json_out:
         atomic_write_json(json_out, res.to_json())

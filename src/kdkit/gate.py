@@ -26,6 +26,7 @@ from kdkit.sandbox import Limits
 class GateRule:
     max_regressions: int = 0
     require_not_worse: bool = True
+    require_gain_p: float | None = None  # the improvement rule: KEEP only a pass count that rises with p below it
 
     @classmethod
     def parse(cls, text: str | None) -> GateRule:
@@ -45,8 +46,16 @@ class GateRule:
                 if v.lower() not in ("true", "false"):
                     raise UsageError(f"--rule require_not_worse={v!r}: expected true or false")
                 kw[k] = v.lower() == "true"
+            elif k == "require_gain_p":
+                try:
+                    kw[k] = float(v)
+                except ValueError:
+                    kw[k] = -1.0
+                if not 0 < kw[k] < 1:
+                    raise UsageError(f"--rule require_gain_p={v!r}: expected a p-value threshold in (0, 1), e.g. 0.05")
             else:
-                raise UsageError(f"--rule: unknown key {k!r}; valid: max_regressions, require_not_worse")
+                raise UsageError(f"--rule: unknown key {k!r}; valid: max_regressions, require_not_worse, "
+                                 f"require_gain_p")
         return cls(**kw)
 
 
@@ -93,6 +102,32 @@ def mcnemar_exact(b: int, c: int) -> float:
     k = min(b, c)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2.0 * tail)
+
+
+def fewest_significant(alpha: float) -> int:
+    """The fewest discordant tasks, all one way, that the exact McNemar test calls beyond noise at ``alpha``:
+    a suite can show a drop only if the baseline passes at least this many tasks, a gain only if it fails them."""
+    k = 1
+    while mcnemar_exact(k, 0) >= alpha:
+        k += 1
+    return k
+
+
+def power(base: dict[str, bool], alpha: float) -> dict[str, Any]:
+    """What this suite can show at ``alpha``: the fewest regressions (none fixed) and gains (none regressed)
+    the exact test detects, against how many the baseline's passes and failures allow."""
+    k, nb = fewest_significant(alpha), sum(base.values())
+    return {"alpha": alpha, "fewest_detectable": k, "baseline_passes": nb, "baseline_fails": len(base) - nb,
+            "can_show_drop": nb >= k, "can_show_gain": len(base) - nb >= k}
+
+
+def power_line(pw: dict[str, Any]) -> str:
+    k = pw["fewest_detectable"]
+    drop = (f"a drop needs >= {k} of the baseline's {pw['baseline_passes']} passes to fail" if pw["can_show_drop"]
+            else f"a drop cannot be shown (the baseline passes {pw['baseline_passes']} < {k} tasks)")
+    gain = (f"a gain needs >= {k} of its {pw['baseline_fails']} failures fixed" if pw["can_show_gain"]
+            else f"a gain cannot be shown (it fails {pw['baseline_fails']} < {k})")
+    return f"power at p < {pw['alpha']:g} (exact McNemar, none the other way): {drop}; {gain}"
 
 
 def _task_key(task_id: str) -> tuple[str, int | float, str]:
@@ -185,6 +220,9 @@ def decide(base: dict[str, bool], cand: dict[str, bool], rule: GateRule | SuiteR
         reasons.append(f"{len(regressed)} task(s) that the baseline passes now fail (allowed: {rule.max_regressions})")
     if isinstance(rule, GateRule) and rule.require_not_worse and nc < nb:
         reasons.append(f"pass count fell {nb} → {nc}")
+    if isinstance(rule, GateRule) and rule.require_gain_p is not None and not (nc > nb and p < rule.require_gain_p):
+        reasons.append(f"no gain beyond noise: pass count {nb} → {nc} (the improvement rule needs a rise with "
+                       f"p < {rule.require_gain_p:g})")
     decision = "REVERT" if reasons else "KEEP"
     if not reasons:
         reasons.append(f"no disallowed regression; pass count {nb} → {nc}")
@@ -224,7 +262,9 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
                        "candidate_passed": ev_c["n_passed"], "baseline_passed": ev_b["n_passed"],
                        "n_tasks": ev_c["n_tasks"], "candidate_interval": (ev_c["ci_low"], ev_c["ci_high"]),
                        "baseline_interval": (ev_b["ci_low"], ev_b["ci_high"]), "candidate_outcomes": ev_c["outcomes"],
-                       "regressed_completions": side_by_side(regressed, ev_c, ev_b)})
+                       "regressed_completions": side_by_side(regressed, ev_c, ev_b),
+                       "power": power(ev_b["outcomes"], getattr(suite_r, "require_gain_p", None) or
+                                      getattr(suite_r, "alpha", 0.05))})
     first = suites[0]
     decision = "REVERT" if any(s["decision"] == "REVERT" for s in suites) else "KEEP"
     reason = first["reason"] if len(suites) == 1 else "; ".join(f"{Path(s['tasks']).name}: {s['decision']} — "
