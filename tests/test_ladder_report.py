@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from kdkit.cache.precompute import PrecomputeSettings, precompute
@@ -17,7 +18,7 @@ from kdkit.ladder import parse_vary, run_ladder
 from kdkit.registry import Registry
 from kdkit.report import write_report
 from kdkit.sandbox import Limits
-from tests.helpers import save_model_dir, toy_rows, write_jsonl
+from tests.helpers import save_model_dir, toy_rows, write_config, write_jsonl
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
 
@@ -73,7 +74,7 @@ def test_three_rung_ladder_table_plot_and_resume(ladder_world, tmp_path):
     assert [r["status"] for r in res2] == ["done", "done", "failed"]
     html = (tmp_path / "lad" / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 2
-    with pytest.raises(ValueError, match="another config or --vary"):
+    with pytest.raises(ValueError, match="another config, --vary or --set"):
         run_ladder(root / "cfg.yaml", ["optim.lr=0.1"], root / "tasks.jsonl", tmp_path / "lad", **kw)
 
 
@@ -183,3 +184,61 @@ def test_rungs_over_seeds_aggregate_to_one_row_with_a_pooled_interval():
     assert header[5] == "coherence (mean of last)" and rows[0][5] == "0.600" and rows[1][5] == "0.550"
     header, rows = table_rows(vary, probed)
     assert header[6] == "coherence (last / min)" and rows[2][6] == "0.700 / 0.250" and rows[-1][6] == "—"
+
+
+def test_a_seed_varies_the_data_order_and_identical_seeds_are_named(tmp_path):
+    """A full fine-tune without dropout: optim.seed alone changes nothing (identical weights, said so); the seed
+    as the ladder sets it (data.shuffle_seed too) gives other weights."""
+    from safetensors.torch import load_file
+
+    from kdkit.config import load_train_config
+    from kdkit.ladder import identical_seeds, seed_settings
+    from kdkit.train import train
+
+    student = save_model_dir(tmp_path / "student", seed=2, hidden=16)
+    cfg = write_config(tmp_path, {"student": {"path": str(student)},
+                                  "data": {"train": str(write_jsonl(tmp_path / "t.jsonl", toy_rows(12))),
+                                           "max_length": 64, "shuffle_seed": 3},
+                                  "objective": {"kd_weight": 0.0},
+                                  "optim": {"lr": 5e-3, "micro_batch": 2, "max_steps": 3, "schedule": "constant"},
+                                  "checkpoint": {"every": 0}})
+    base = load_train_config(cfg)
+    assert seed_settings(base, {"optim.seed": 2}) == {"data.shuffle_seed": 5}
+    assert seed_settings(base, {"optim.seed": 2, "data.shuffle_seed": 0}) == {}  # the ladder varies it itself
+    assert seed_settings(base, {"optim.lr": 1e-3}) == {}
+    weights = {}
+    for name, seed, seeded in (("plain0", 0, False), ("plain1", 1, False), ("seeded0", 0, True), ("seeded1", 1, True)):
+        over = {"optim.seed": seed, **(seed_settings(base, {"optim.seed": seed}) if seeded else {})}
+        train(load_train_config(cfg, [f"{k}={v}" for k, v in over.items()]), tmp_path / name, progress=False,
+              log=lambda m: None)
+        weights[name] = load_file(str(tmp_path / name / "final" / "model.safetensors"))
+    same = all(torch.equal(weights["plain0"][k], weights["plain1"][k]) for k in weights["plain0"])
+    assert same  # the issue's premise: the seed alone does not reach a full fine-tune without dropout
+    assert not all(torch.equal(weights["seeded0"][k], weights["seeded1"][k]) for k in weights["seeded0"])
+    vary = [("optim.seed", [0, 1])]
+    results = [{"status": "done", "values": {"optim.seed": s}, "weights_sha256": sha} for s, sha in ((0, "a"), (1, "a"))]
+    (note,) = identical_seeds(vary, results)
+    assert note.startswith("the config: seeds 0, 1 trained identical weights")
+    assert identical_seeds(vary, [{**results[0]}, {**results[1], "weights_sha256": "b"}]) == []
+
+
+@needs_bwrap
+def test_a_ladder_with_set_two_suites_and_seeds(ladder_world, tmp_path):
+    root = ladder_world
+    write_jsonl(root / "tasks2.jsonl", TASKS[:2])
+    reg = Registry(tmp_path / "ws")
+    reg.promote(reg.register(root / "student", name="base").id)
+    logs: list[str] = []
+    res = run_ladder(root / "cfg.yaml", ["optim.seed=0,1"], [root / "tasks.jsonl", root / "tasks2.jsonl"],
+                     tmp_path / "lad", registry=reg, settings=GenerationSettings(max_new_tokens=8),
+                     limits=Limits(timeout_s=5), log=logs.append, overrides=["optim.lr=0.02"])
+    assert [r["status"] for r in res] == ["done", "done"], res
+    for r in res:
+        cfg = yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())
+        assert cfg["optim"]["lr"] == 0.02 and cfg["data"]["shuffle_seed"] == r["values"]["optim.seed"]
+        assert r["seeded"] == {"data.shuffle_seed": r["values"]["optim.seed"]}
+    assert res[0]["weights_sha256"] != res[1]["weights_sha256"]  # LoRA's init and the order differ
+    assert not any("identical weights" in m for m in logs)
+    assert len(reg.gates()) == 2
+    assert len(reg.evaluations()) == 6  # both suites: the base once each (reused), each rung's pack on both
+    assert "A seed s sets optim.seed = s" in (tmp_path / "lad" / "ladder_seeds.md").read_text()

@@ -781,11 +781,15 @@ def gate_cmd(
 def ladder_cmd(
     config: str = typer.Argument(..., help="Training config YAML (the rungs override it)."),
     vary: list[str] = typer.Option(..., help="key.sub=v1,v2,v3 — one rung per value (repeat for a grid)."),
-    seeds: int = typer.Option(1, help="Run every rung with optim.seed = 0..N-1 and add a table that aggregates each rung over its seeds (mean losses, pooled anchor pass with its Wilson interval, KEEP count); the same as --vary optim.seed=0,1,..."),
-    tasks: str = typer.Option(..., help="Anchor task file for the gate."),
+    seeds: int = typer.Option(1, help="Run every rung with seeds 0..N-1 and add a table that aggregates each rung over its seeds (mean losses, pooled anchor pass with its Wilson interval, KEEP count). A seed s sets optim.seed = s and shifts data.shuffle_seed (and objective.on_policy.seed) by s, so the data order varies too; seeds that train identical weights are named. The same as --vary optim.seed=0,1,..."),
+    tasks: list[str] = typer.Option(..., help="Task file for the gate; repeat for several suites (the first is the anchors, judged by --rule; the others by the gate's suite rule)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field for every rung: --set optim.lr=1e-4 (repeatable; a rung's --vary value wins)."),
     out: str = typer.Option(None, help="Ladder directory (default: ladders/<config name>)."),
     rule: str = typer.Option(None, help=RULE_HELP),
     max_new_tokens: int = typer.Option(256, help="Generation budget per anchor task."),
+    prompt_style: str = typer.Option("raw", help=PROMPT_STYLE_HELP),
+    instruction: str = typer.Option(None, help="The instruction of --prompt-style chat."),
+    system: str = typer.Option(None, help="A system message for --prompt-style chat."),
     timeout: float = typer.Option(10.0, help="Wall-clock seconds per program in the sandbox."),
     workspace: str = typer.Option(None, help=WORKSPACE_HELP),
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
@@ -807,10 +811,12 @@ def ladder_cmd(
         vary = [*vary, "optim.seed=" + ",".join(str(i) for i in range(seeds))]
     reg = _registry(workspace)
     out_dir = out or str(_P("ladders") / _P(config).stem)
-    results = run_ladder(config, vary, tasks, out_dir, registry=reg, rule=GateRule.parse(rule),
-                         settings=GenerationSettings(max_new_tokens=max_new_tokens),
+    results = run_ladder(config, vary, tasks if len(tasks) > 1 else tasks[0], out_dir, registry=reg,
+                         rule=GateRule.parse(rule),
+                         settings=GenerationSettings(max_new_tokens=max_new_tokens,
+                                                     **_prompting(prompt_style, instruction, system)),
                          limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation,
-                         progress=progress, log=console.print)
+                         progress=progress, log=console.print, overrides=set_)
     header, rows = table_rows(parse_vary(vary), results)
     tables = [(f"ladder {out_dir}", header, rows)]
     by_seed = seed_rows(parse_vary(vary), results)

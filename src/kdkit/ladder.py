@@ -24,6 +24,7 @@ from kdkit.errors import UsageError
 from kdkit.evaluate import GenerationSettings
 from kdkit.gate import GateRule, format_tasks, gate
 from kdkit.io import atomic_write_bytes, atomic_write_json, check_output_dir
+from kdkit.models import sha256_file
 from kdkit.registry import Registry, RegistryError
 from kdkit.sandbox import Limits
 from kdkit.train.rundir import read_log
@@ -61,10 +62,12 @@ def _epoch_means(run_dir: Path) -> dict[str, float | None]:
             "coherence_min": min(r["probe_coherence"] for r in rounds) if rounds else None}
 
 
-def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path, out: str | Path, *,
+def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | list[str | Path], out: str | Path, *,
                registry: Registry, rule: GateRule = GateRule(), settings: GenerationSettings = GenerationSettings(),
                limits: Limits = Limits(), unsafe_no_isolation: bool = False, progress: bool = False,
-               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+               log: Callable[[str], None] = print, overrides: list[str] | None = None) -> list[dict[str, Any]]:
+    """Train → merge → gate each rung (``overrides``: ``--set`` for every rung, before the rung's own values);
+    ``tasks``: the anchors, or a list whose first file is the anchors and the others suites (as ``kdkit gate``)."""
     from kdkit.train import merge, train
 
     out = Path(out)
@@ -74,20 +77,22 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path, out
     state_path = out / "ladder.json"
     if state_path.is_file():
         state = json.loads(state_path.read_text())
-        if state["vary"] != [[k, v] for k, v in vary] or state["config"] != str(Path(config).resolve()):
-            raise UsageError(f"{out}: holds a ladder of another config or --vary; use another --out")
+        if (state["vary"] != [[k, v] for k, v in vary] or state["config"] != str(Path(config).resolve())
+                or state.get("set", []) != list(overrides or [])):
+            raise UsageError(f"{out}: holds a ladder of another config, --vary or --set; use another --out")
         baseline = registry.pack(state["baseline_pack"])
     else:
         baseline = registry.production()
         if baseline is None:
             raise RegistryError("there is no production pack yet: `kdkit registry promote MODEL_DIR` first")
         state = {"config": str(Path(config).resolve()), "vary": [[k, v] for k, v in vary],
-                 "baseline_pack": baseline.name, "tasks": str(Path(tasks).resolve()),
+                 "baseline_pack": baseline.name, "set": list(overrides or []),
+                 "tasks": [str(Path(t).resolve()) for t in (tasks if isinstance(tasks, list) else [tasks])],
                  "workspace": str(registry.workspace.resolve())}
-        load_train_config(config)  # fail early on a bad config, before anything is written
+        load_train_config(config, overrides)  # fail early on a bad config, before anything is written
         (out / "rungs").mkdir(parents=True, exist_ok=True)
         atomic_write_json(state_path, state)
-    load_train_config(config)
+    base_cfg = load_train_config(config, overrides)
 
     results = []
     for i, values in enumerate(plan):
@@ -102,9 +107,12 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path, out
         run_dir, pack_dir = out / f"rung-{i:02d}" / "run", out / f"rung-{i:02d}" / "pack"
         rec: dict[str, Any] = {"rung": i, "values": values, "run_dir": str(run_dir)}
         try:
-            cfg = load_train_config(config, [f"{k}={json.dumps(v)}" for k, v in values.items()])
+            seeded = seed_settings(base_cfg, values)
+            cfg = load_train_config(config, [*(overrides or []),
+                                             *(f"{k}={json.dumps(v)}" for k, v in {**values, **seeded}.items())])
             train(cfg, run_dir, resume=run_dir.exists(), progress=progress, log=log)
             merge(run_dir, pack_dir)
+            rec.update(seeded=seeded, weights_sha256=_weights_sha(run_dir / "final"))
             res = gate(registry, str(pack_dir), tasks, against=baseline.name, rule=rule, settings=settings,
                        limits=limits, unsafe_no_isolation=unsafe_no_isolation, log=log, progress=progress,
                        candidate_meta={"name": f"{out.name}-rung{i:02d}", "source_run": str(run_dir),
@@ -118,6 +126,8 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path, out
             log(f"rung {i} failed: {type(e).__name__}: {e}")
         atomic_write_json(done, rec)
         results.append(rec)
+    for note in identical_seeds(vary, results):
+        log(f"warning: {note}")
     write_table(out, vary, results)
     from kdkit.report import write_report
 
@@ -150,6 +160,52 @@ def table_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]])
 
 
 SEED_KEY = "optim.seed"
+SEEDED = ("data.shuffle_seed", "objective.on_policy.seed")  # what a seed also sets (from the config's value on)
+
+
+def seed_settings(base: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """A rung's seed s varies everything a seed should: the initialisation and dropout (optim.seed = s), the
+    data order (data.shuffle_seed = the config's + s) and on-policy sampling (objective.on_policy.seed, the
+    same way), unless the ladder varies one of them itself."""
+    if SEED_KEY not in values:
+        return {}
+    s = int(values[SEED_KEY])
+    out = {"data.shuffle_seed": base.data.shuffle_seed + s}
+    if base.objective.on_policy is not None:
+        out["objective.on_policy.seed"] = base.objective.on_policy.seed + s
+    return {k: v for k, v in out.items() if k not in values}
+
+
+def _weights_sha(final: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(final.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def identical_seeds(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]) -> list[str]:
+    """Rungs that differ only in their seed and trained identical weights: their seeds measured nothing."""
+    keys = [k for k, _ in vary if k != SEED_KEY]
+    if len(keys) == len(vary):
+        return []
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in results:
+        if r["status"] == "done" and r.get("weights_sha256"):
+            groups.setdefault(tuple(str(r["values"][k]) for k in keys), []).append(r)
+    notes = []
+    for vals, rs in groups.items():
+        by_sha: dict[str, list[Any]] = {}
+        for r in rs:
+            by_sha.setdefault(r["weights_sha256"], []).append(r["values"][SEED_KEY])
+        for seeds in by_sha.values():
+            if len(seeds) > 1:
+                where = ", ".join(f"{k}={v}" for k, v in zip(keys, vals, strict=True)) or "the config"
+                notes.append(f"{where}: seeds {', '.join(map(str, seeds))} trained identical weights; these runs do "
+                             f"not measure seed noise (nothing random in this config changes with the seed)")
+    return notes
 
 
 def seed_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]
@@ -192,7 +248,9 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 def write_table(out: Path, vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]) -> None:
     by_seed = seed_rows(vary, results)
     if by_seed is not None:
-        atomic_write_bytes(out / "ladder_seeds.md", _markdown(*by_seed).encode())
+        notes = "".join(f"\n> {n}\n" for n in identical_seeds(vary, results))
+        atomic_write_bytes(out / "ladder_seeds.md", (_markdown(*by_seed) + f"\nA seed s sets optim.seed = s and, "
+                           f"from the config's values, {' and '.join(SEEDED)} + s.\n" + notes).encode())
     header, rows = table_rows(vary, results)
     atomic_write_bytes(out / "ladder.md", _markdown(header, rows).encode())
     buf = io.StringIO()
