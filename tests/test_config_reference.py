@@ -51,7 +51,7 @@ def test_a_commented_section_loads_once_uncommented(tmp_path):
 def test_readme_shows_the_generated_reference():
     text = README.read_text()
     shown = text.split("<!-- config-reference:start -->\n")[1].split("<!-- config-reference:end -->")[0]
-    assert shown == reference_table(), "README's config reference is stale: paste `kdkit config reference`"
+    assert shown == reference_table(), "README's config reference is stale: python scripts/readme_config.py"
     for d in fields(TrainConfig):
         assert d.section or f"| `{d.key}` |" in shown
 
@@ -81,3 +81,21 @@ def test_an_unknown_key_names_its_origin_and_the_nearest_keys(tmp_path):
         load_train_config(cfg, ["optim.lr=abc"])
     with pytest.raises(ConfigError, match=r"^--set optimm.lr: field 'optimm': unknown field \(did you mean 'optim'\?\)"):
         load_train_config(cfg, ["optimm.lr=1"])
+
+
+def test_without_a_teacher_the_resolved_kd_weight_is_zero(tmp_path):
+    from kdkit.config import dump_config
+
+    cfg = tmp_path / "ce.yaml"
+    cfg.write_text("student: {path: s}\ndata: {train: t.jsonl}\n")
+    loaded = load_train_config(cfg)
+    assert loaded.objective.kd_weight == 0.0  # no teacher: no KD term, and the resolved config says so
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(dump_config(loaded))
+    assert "kd_weight: 0.0" in resolved.read_text()
+    assert load_train_config(resolved).model_dump() == loaded.model_dump()
+    cfg.write_text("student: {path: s}\nteacher: {cache: c}\ndata: {train: t.jsonl}\n")
+    assert load_train_config(cfg).objective.kd_weight == 1.0
+    cfg.write_text("student: {path: s}\ndata: {train: t.jsonl}\nobjective: {kd_weight: 0.5}\n")
+    with pytest.raises(ConfigError, match="objective.kd_weight: there is no teacher section"):
+        load_train_config(cfg)

@@ -118,7 +118,7 @@ class ObjectiveConfig(_Strict):
     ce_coef: float = Field(1.0, ge=0.0, description="coefficient of the cross-entropy term")
     ce_norm: Literal["token", "sqrt_row"] = Field("token", description="'token' (each target token weighs 1) or "
                                                                        "'sqrt_row' (1/sqrt(row tokens))")
-    kd_weight: float = Field(1.0, ge=0.0, description="λ, the coefficient of the KD term")
+    kd_weight: float = Field(1.0, ge=0.0, description="λ, the coefficient of the KD term (0 without a teacher)")
     kd: DivergenceConfig = Field(default_factory=DivergenceConfig)
     task_weights: dict[str, float] = Field(default_factory=dict, description="per-task KD multipliers w(task)")
     roles: dict[str, RoleTerms] = Field(
@@ -380,6 +380,8 @@ class TrainConfig(_Strict):
             raise ValueError("no teacher and objective.ce_coef = 0: nothing to train")
         for field, why in _without_effect(self) + _teachers_unsupported(self):
             raise ValueError(f"{field}: {why}")
+        if self.teacher is None and not _set(self.objective, "kd_weight"):
+            self.objective.kd_weight = 0.0  # no teacher, no KD term: the resolved config says so (not its default 1)
         return self
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kdkit.errors import UsageError
-from kdkit.evaluate import GenerationSettings, evaluate_model, tasks_fingerprint
+from kdkit.evaluate import GenerationSettings, evaluate_model, load_tasks, tasks_fingerprint
 from kdkit.registry import Pack, Registry, RegistryError
 from kdkit.sandbox import Limits
 
@@ -194,20 +194,22 @@ def evaluate_pack(reg: Registry, pack: Pack, tasks: Path, settings: GenerationSe
                               {"statuses": summary.statuses, "completions": completions})
 
 
-def side_by_side(tasks: list[str], ev_c: dict[str, Any], ev_b: dict[str, Any]) -> dict[str, dict[str, str]]:
-    """The candidate's and the baseline's completion of each task (evaluations stored before completions
-    were kept say so)."""
+def side_by_side(tasks: list[str], ev_c: dict[str, Any], ev_b: dict[str, Any], prompts: dict[str, str] | None = None
+                 ) -> dict[str, dict[str, str]]:
+    """Each task's prompt and the candidate's and the baseline's completion (evaluations stored before
+    completions were kept say so)."""
     missing = "(not stored: evaluated by an earlier kdkit)"
     cc, bc = ev_c["metrics"].get("completions", {}), ev_b["metrics"].get("completions", {})
-    return {t: {"candidate": cc.get(t, missing), "baseline": bc.get(t, missing)} for t in tasks}
+    return {t: {"prompt": (prompts or {}).get(t, ""), "candidate": cc.get(t, missing), "baseline": bc.get(t, missing)}
+            for t in tasks}
 
 
 def decide(base: dict[str, bool], cand: dict[str, bool], rule: GateRule | SuiteRule
            ) -> tuple[str, list[str], list[str], float, str]:
     if set(base) != set(cand):
         raise UsageError("candidate and baseline were evaluated on different task sets")
-    regressed = [t for t in base if base[t] and not cand[t]]
-    fixed = [t for t in base if cand[t] and not base[t]]
+    regressed = sorted((t for t in base if base[t] and not cand[t]), key=_task_key)  # ANCHOR/2 before ANCHOR/19
+    fixed = sorted((t for t in base if cand[t] and not base[t]), key=_task_key)
     p = mcnemar_exact(len(regressed), len(fixed))
     nb, nc = sum(base.values()), sum(cand.values())
     reasons = []
@@ -257,12 +259,14 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
         ev_c = evaluate_pack(reg, cand, f, settings, limits, unsafe_no_isolation, log, progress)
         suite_r = rule if i == 0 else suite_rule
         decision, regressed, fixed, p, reason = decide(ev_b["outcomes"], ev_c["outcomes"], suite_r)
+        prompts = {t.task_id: t.prompt for t in load_tasks(f)}
         suites.append({"tasks": str(f), "rule": {"kind": "anchors" if i == 0 else "suite", **asdict(suite_r)},
                        "decision": decision, "regressed": regressed, "fixed": fixed, "p_value": p, "reason": reason,
                        "candidate_passed": ev_c["n_passed"], "baseline_passed": ev_b["n_passed"],
                        "n_tasks": ev_c["n_tasks"], "candidate_interval": (ev_c["ci_low"], ev_c["ci_high"]),
                        "baseline_interval": (ev_b["ci_low"], ev_b["ci_high"]), "candidate_outcomes": ev_c["outcomes"],
-                       "regressed_completions": side_by_side(regressed, ev_c, ev_b),
+                       "regressed_completions": side_by_side(regressed, ev_c, ev_b, prompts),
+                       "fixed_completions": side_by_side(fixed, ev_c, ev_b, prompts),
                        "power": power(ev_b["outcomes"], getattr(suite_r, "require_gain_p", None) or
                                       getattr(suite_r, "alpha", 0.05))})
     first = suites[0]

@@ -40,8 +40,13 @@ def _img(src: str, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="{src}">'
 
 
+STYLES = ("-", "--", "-.", ":")  # one line style per run, so that equal curves do not hide each other
+
+
 def loss_curves(runs: dict[str, Path]) -> str | None:
-    """Per-step total/CE/KL and per-epoch train/val curves of one or more runs, as a data: URI."""
+    """Per-step loss (total and CE) and KD divergence, and per-epoch train and validation CE, of one or more runs,
+    as a data: URI. Log axes (the end of training, where runs differ, stays visible); like is compared with
+    like (CE with CE, never a total with a CE); a panel without data (no KD, a single epoch) is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,23 +56,35 @@ def loss_curves(runs: dict[str, Path]) -> str | None:
             for n, d in runs.items()}  # probe rounds have rows of their own
     if not any(m for m, _ in data.values()):
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for name, (steps, epochs) in data.items():
-        xs = [s["step"] for s in steps]
-        axes[0].plot(xs, [s["total_loss"] for s in steps], label=f"{name} total")
-        axes[0].plot(xs, [s["ce_loss"] for s in steps], ls="--", label=f"{name} CE")
-        if any("kl_loss" in s for s in steps):
-            axes[1].plot([s["step"] for s in steps if "kl_loss" in s], [s["kl_loss"] for s in steps if "kl_loss" in s],
-                         label=f"{name} KL")
-        if epochs:
+    has_kd = any(s.get("kl_loss") for steps, _ in data.values() for s in steps)
+    has_epochs = any(len(e) >= 2 for _, e in data.values())
+    panels = ["loss", *(["kd"] if has_kd else []), *(["epoch"] if has_epochs else [])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
+    ax = dict(zip(panels, axes[0], strict=True))
+    for i, (name, (steps, epochs)) in enumerate(data.items()):
+        ls, xs = STYLES[i % len(STYLES)], [s["step"] for s in steps]
+        line = ax["loss"].plot(xs, [s["total_loss"] for s in steps], ls=ls, lw=1.4, alpha=0.85, label=f"{name}: total")
+        if any(s["total_loss"] != s["ce_loss"] for s in steps):  # a CE-only run's total is its CE: one line
+            ax["loss"].plot(xs, [s["ce_loss"] for s in steps], ls=ls, lw=0.9, alpha=0.6, color=line[0].get_color(),
+                            marker=".", markevery=max(1, len(xs) // 12), label=f"{name}: CE")
+        if has_kd and any(s.get("kl_loss") for s in steps):
+            ax["kd"].plot(xs, [s.get("kl_loss", float("nan")) for s in steps], ls=ls, color=line[0].get_color(),
+                          label=name)
+        if has_epochs and epochs:
             ex = [e["step"] for e in epochs]
-            axes[2].plot(ex, [e["train_loss"] for e in epochs], "o-", label=f"{name} train")
+            ax["epoch"].plot(ex, [e["ce_loss"] for e in epochs], "o" + ls, color=line[0].get_color(),
+                             label=f"{name}: train CE")
             if all("val_loss" in e for e in epochs):
-                axes[2].plot(ex, [e["val_loss"] for e in epochs], "s--", label=f"{name} val")
-    for ax, t in zip(axes, ("loss per step", "KD divergence per step", "per epoch"), strict=True):
-        ax.set(title=t, xlabel="optimizer step")
-        if ax.lines:
-            ax.legend(fontsize=7)
+                ax["epoch"].plot(ex, [e["val_loss"] for e in epochs], "s" + ls, mfc="none", color=line[0].get_color(),
+                                 label=f"{name}: validation CE")
+    titles = {"loss": ("training loss per step", "loss (nats per target token)"),
+              "kd": ("KD divergence per step", "divergence (nats per target token)"),
+              "epoch": ("cross-entropy per epoch", "CE (nats per target token)")}
+    for key, a in ax.items():
+        a.set(title=titles[key][0], xlabel="optimizer step", ylabel=titles[key][1])
+        a.set_yscale("log")
+        a.grid(True, which="both", alpha=0.25)
+        a.legend(fontsize=7)
     fig.tight_layout()
     return _png(fig)
 
@@ -122,14 +139,19 @@ def probe_outputs(run: Path) -> str:
     return "".join(parts)
 
 
-def regressions(title: str, pairs: dict[str, dict[str, str]]) -> str:
-    """For each regressed task, the candidate's and the baseline's completion side by side (escaped)."""
+def regressions(title: str, pairs: dict[str, dict[str, str]], fixed: bool = False) -> str:
+    """For each regressed (``fixed``: fixed) task, its prompt and the candidate's and the baseline's completion
+    side by side (escaped), in task order (ANCHOR/2 before ANCHOR/19)."""
     if not pairs:
         return ""
-    rows = "".join(f"<tr><td>{html.escape(t)}</td><td><pre>{html.escape(p['candidate'])}</pre></td>"
-                   f"<td><pre>{html.escape(p['baseline'])}</pre></td></tr>" for t, p in pairs.items())
-    return (f"<h3>{html.escape(title)}</h3><table><tr><th>task</th><th>candidate (fails)</th>"
-            f"<th>baseline (passes)</th></tr>{rows}</table>")
+    from kdkit.gate import _task_key
+
+    rows = "".join(f"<tr><td>{html.escape(t)}</td><td><pre>{html.escape(pairs[t].get('prompt', ''))}</pre></td>"
+                   f"<td><pre>{html.escape(pairs[t]['candidate'])}</pre></td>"
+                   f"<td><pre>{html.escape(pairs[t]['baseline'])}</pre></td></tr>" for t in sorted(pairs, key=_task_key))
+    cand, base = ("candidate (passes)", "baseline (fails)") if fixed else ("candidate (fails)", "baseline (passes)")
+    return (f"<h3>{html.escape(title)}</h3><table><tr><th>task</th><th>prompt</th><th>{cand}</th>"
+            f"<th>{base}</th></tr>{rows}</table>")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -166,25 +188,37 @@ def _config_block(run: Path) -> str:
 
 def _demo_body(d: Path) -> str:
     s = json.loads((d / "demo.json").read_text())
+    from kdkit.evaluate import wilson_interval
+    from kdkit.gate import mcnemar_exact
+
     rows = []
     for m in s["models"]:
         lo, hi = m["anchor_interval"]
+        hlo, hhi = wilson_interval(m["holdout_passed"], m["holdout_total"])
         kl = "—" if m["kl_to_teacher"] is None else f"{m['kl_to_teacher']:.4f}"
         rows.append([m["model"], f"{m['parameters']:,}", f"{m['anchor_passed']}/{m['anchor_total']} "
-                     f"[{100 * lo:.0f}–{100 * hi:.0f}%]", f"{m['holdout_passed']}/{m['holdout_total']}",
-                     f"{m['val_loss']:.4f}", kl, f"{m.get('precompute_s', 0.0):.1f}", f"{m['wall_s']:.1f}"])
+                     f"[{100 * lo:.0f}–{100 * hi:.0f}%]", f"{m['holdout_passed']}/{m['holdout_total']} "
+                     f"[{100 * hlo:.0f}–{100 * hhi:.0f}%]", f"{m['val_loss']:.4f}", kl,
+                     f"{m.get('precompute_s', 0.0):.1f}", f"{m['wall_s']:.1f}"])
     g = s["gate"]
+    by = {m["model"]: m.get("holdout_outcomes", {}) for m in s["models"]}
+    dist, base = by.get("distilled", {}), by.get("baseline", {})
+    won = sum(dist[t] and not base.get(t, False) for t in dist)
+    lost = sum(base.get(t, False) and not dist[t] for t in dist)
     verdict = ("distillation WINS on holdout" if s["distillation_wins_holdout"] else
                "distillation does NOT beat the baseline on holdout")
-    parts = [f"<h1>kdkit demo</h1><p>{html.escape(verdict)} (Δ holdout = {s['holdout_delta']:+d}, "
+    parts = [f"<h1>kdkit demo</h1><p>{html.escape(verdict)} (Δ holdout = {s['holdout_delta']:+d}: {won} tasks only "
+             f"the distilled student passes, {lost} only the baseline, exact McNemar p = {mcnemar_exact(lost, won):.3g}; "
              f"Δ anchors = {s['anchor_delta']:+d}); total {s['total_seconds']:.0f} s.</p>",
-             _table(["model", "parameters", "anchor pass [95%]", "holdout pass", "val loss", "KL to teacher",
+             _table(["model", "parameters", "anchor pass [95%]", "holdout pass [95%]", "val loss", "KL to teacher",
                      "precompute s", "train s"], rows),
              f"<p>Gate (distilled vs production = baseline): <span class='{g['decision'].lower()}'>{g['decision']}"
              f"</span> — {html.escape(g['reason'])}</p>", _gate_scope_note(s)]
     for suite in g.get("suites", []):
         parts.append(regressions(f"Regressed on {Path(suite['tasks']).name}: distilled vs baseline",
                                  suite.get("regressed_completions", {})))
+        parts.append(regressions(f"Fixed on {Path(suite['tasks']).name}: distilled vs baseline",
+                                 suite.get("fixed_completions", {}), fixed=True))
     curves = loss_curves({n: d / "runs" / n for n in ("distilled", "baseline")})
     if curves:
         parts.append("<h2>Training curves</h2>" + _img(curves, "loss curves"))
@@ -226,6 +260,8 @@ def _ladder_body(d: Path) -> str:
             outcomes[f"rung {r['rung']} {r['values']}"] = _rung_outcomes(d, r)
             regressed.append(regressions(f"rung {r['rung']} {r['values']}: regressed anchors",
                                          r.get("regressed_completions", {})))
+            regressed.append(regressions(f"rung {r['rung']} {r['values']}: fixed anchors",
+                                         r.get("fixed_completions", {}), fixed=True))
     if any(outcomes.values()):
         parts.append(pass_grid("Anchors per rung", outcomes))
     parts += regressed
