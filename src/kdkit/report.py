@@ -64,7 +64,7 @@ def loss_curves(runs: dict[str, Path]) -> str | None:
     for i, (name, (steps, epochs)) in enumerate(data.items()):
         ls, xs = STYLES[i % len(STYLES)], [s["step"] for s in steps]
         line = ax["loss"].plot(xs, [s["total_loss"] for s in steps], ls=ls, lw=1.4, alpha=0.85, label=f"{name}: total")
-        if any(s["total_loss"] != s["ce_loss"] for s in steps):  # a CE-only run's total is its CE: one line
+        if any(abs(s["total_loss"] - s["ce_loss"]) > 1e-6 * abs(s["ce_loss"]) for s in steps):  # CE only: one line
             ax["loss"].plot(xs, [s["ce_loss"] for s in steps], ls=ls, lw=0.9, alpha=0.6, color=line[0].get_color(),
                             marker=".", markevery=max(1, len(xs) // 12), label=f"{name}: CE")
         if has_kd and any(s.get("kl_loss") for s in steps):
@@ -146,7 +146,8 @@ def regressions(title: str, pairs: dict[str, dict[str, str]], fixed: bool = Fals
         return ""
     from kdkit.gate import _task_key
 
-    rows = "".join(f"<tr><td>{html.escape(t)}</td><td><pre>{html.escape(pairs[t].get('prompt', ''))}</pre></td>"
+    rows = "".join(f"<tr><td>{html.escape(t)}</td>"
+                   f"<td><pre>{html.escape(pairs[t].get('prompt') or '(not stored)')}</pre></td>"
                    f"<td><pre>{html.escape(pairs[t]['candidate'])}</pre></td>"
                    f"<td><pre>{html.escape(pairs[t]['baseline'])}</pre></td></tr>" for t in sorted(pairs, key=_task_key))
     cand, base = ("candidate (passes)", "baseline (fails)") if fixed else ("candidate (fails)", "baseline (passes)")
@@ -286,7 +287,7 @@ def _run_body(d: Path) -> str:
     epochs = read_log(d / "epochs.jsonl")
     if epochs:
         keys = [k for k in ("epoch", "step", "train_loss", "val_loss", "ce_loss", "kl_loss", "val_kl", "barrier")
-                if k in epochs[0]]
+                if k in epochs[0] and not (k == "barrier" and not any(e.get(k) for e in epochs))]  # no barrier: no column
         parts.append(_table(keys, [[f"{e[k]:.4f}" if isinstance(e[k], float) else str(e[k]) for k in keys]
                                    for e in epochs]))
     curves = loss_curves({d.name: d})
