@@ -82,11 +82,24 @@ def loss_curves(runs: dict[str, Path]) -> str | None:
               "epoch": ("cross-entropy per epoch", "CE (nats per target token)")}
     for key, a in ax.items():
         a.set(title=titles[key][0], xlabel="optimizer step", ylabel=titles[key][1])
-        a.set_yscale("log")
-        a.grid(True, which="both", alpha=0.25)
+        _log_axis(a)
         a.legend(fontsize=7)
     fig.tight_layout()
     return _png(fig)
+
+
+def _log_axis(a: Any) -> None:
+    """A log y axis labelled in plain numbers (0.18, not 1.8 × 10⁻¹); within one decade the minor ticks are
+    labelled too, so a narrow range still has numbers on it."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    a.set_yscale("log")
+    plain = FuncFormatter(lambda y, _: f"{y:.3g}")
+    a.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 0.1, 0.2, 0.5, 1, 2, ...
+    a.yaxis.set_major_formatter(plain)
+    lo, hi = a.get_ylim()
+    a.yaxis.set_minor_formatter(plain if lo > 0 and hi / lo < 10 else NullFormatter())
+    a.grid(True, which="both", alpha=0.25)
 
 
 INCOHERENCE_FLOOR = 1e-3  # 1 − coherence is drawn at least this high on the log axis (a fully coherent round)
