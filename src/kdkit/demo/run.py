@@ -145,6 +145,10 @@ def run_demo(out: str | Path = "demo-out", settings: DemoSettings = DemoSettings
     t_cache = time.perf_counter() - t0
 
     student_init = fresh_model_dir(out / "student_init", STUDENT_SHAPE, seed=s.seed + 1)
+    # for examples/tiny.yaml and the README's ladder: a student that starts from the teacher's own layers
+    from kdkit.student import init_student
+
+    init_student(TEACHER_DIR, out / "student_pruned", layers=2)
     runs: dict[str, tuple[Path, float]] = {}
     for name, c in (("distilled", cache), ("baseline", None)):
         log(f"[3/6] train {name} student ({'CE + KD' if c else 'CE only'})")
