@@ -95,7 +95,7 @@ def test_gate_reverts_a_regression_and_keeps_an_improvement(packs, tmp_path, mon
     bad = gate(reg, str(dirs["bad"]), tasks, log=lambda m: None)
     assert bad.decision == "REVERT" and bad.regressed == ["MBPP/53"]
     # the gate keeps what both models wrote for each regressed task
-    assert bad.suites[0]["regressed_completions"] == {"MBPP/53": {"candidate": "<bad> MBPP/53",
+    assert bad.suites[0]["regressed_completions"] == {"MBPP/53": {"prompt": "def f():\n", "candidate": "<bad> MBPP/53",
                                                                   "baseline": "<prod> MBPP/53"}}
     assert reg.production().name == "prod"
     assert reg.pack(bad.candidate).status == "archived"
@@ -398,3 +398,34 @@ def test_the_gates_power_and_the_improvement_rule():
     assert decide(base, two_more, GateRule())[0] == "KEEP"  # the default rule: no regression is enough
     with pytest.raises(KdkitError, match="require_gain_p='2'"):
         GateRule.parse("require_gain_p=2")
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+def test_the_gate_reuses_a_matching_kdkit_eval_out_directory(packs, tmp_path, monkeypatch):
+    dirs, tasks = packs
+    r = CliRunner()
+    for name in ("prod", "good"):
+        res = r.invoke(app, ["eval", str(dirs[name]), "--tasks", str(tasks), "--max-new-tokens", "8",
+                             "--out", str(tmp_path / f"ev-{name}")])
+        assert res.exit_code == 0, res.output
+    res = r.invoke(app, ["eval", str(dirs["good"]), "--tasks", str(tasks), "--max-new-tokens", "9",
+                         "--out", str(tmp_path / "ev-good-9")])
+    assert res.exit_code == 0, res.output
+
+    def no_eval(*a, **kw):
+        raise AssertionError("the gate evaluated again instead of reusing kdkit eval --out")
+
+    monkeypatch.setattr(gate_mod, "evaluate_model", no_eval)
+    ws = str(tmp_path / "ws")
+    assert r.invoke(app, ["registry", "promote", str(dirs["prod"]), "--workspace", ws]).exit_code == 0
+    res = r.invoke(app, ["gate", str(dirs["good"]), "--tasks", str(tasks), "--workspace", ws, "--max-new-tokens", "8",
+                         "--reuse-eval", str(tmp_path / "ev-good-9"), "--reuse-eval", str(tmp_path / "ev-prod"),
+                         "--reuse-eval", str(tmp_path / "ev-good")], terminal_width=250)
+    assert res.exit_code in (0, 1), res.output
+    assert f"not reusing {tmp_path / 'ev-good-9'} for good on anchors.jsonl: other generation settings" in res.output
+    assert f"reusing `kdkit eval --out {tmp_path / 'ev-prod'}` for prod" in res.output
+    assert f"reusing `kdkit eval --out {tmp_path / 'ev-good'}` for good" in res.output
+    stored = Registry(tmp_path / "ws").evaluations()
+    assert sorted(e["metrics"]["imported_from"] for e in stored) == [str(tmp_path / "ev-good"), str(tmp_path / "ev-prod")]
+    passed = json.loads((tmp_path / "ev-good" / "summary.json").read_text())["n_passed"]
+    assert {e["n_passed"] for e in stored if e["metrics"]["imported_from"].endswith("ev-good")} == {passed}

@@ -592,9 +592,17 @@ def eval_cmd(
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(d / "generations.jsonl", "".join(_json.dumps(g, sort_keys=True) + "\n" for g in gens).encode())
         write_results(d / "results.jsonl", results)
+        from kdkit.gate import evaluation_key
+        from kdkit.identity import path_identity
+        from kdkit.tasks import tasks_fingerprint
+
         atomic_write_json(d / "summary.json", {**asdict(summary), "model": model, "tasks": tasks, "limit": limit,
                                                "dtype": dtype, "generation": asdict(settings),
-                                               "by_category": categories})
+                                               "by_category": categories,
+                                               # what `kdkit gate --reuse-eval` matches on
+                                               "model_sha256": path_identity(model)["sha256"],
+                                               "tasks_sha256": tasks_fingerprint(tasks),
+                                               "evaluation_key": evaluation_key(settings, timeout)})
     _print_summary(summary, f"eval {model} on {tasks}" + (f" (first {limit} tasks)" if limit else ""))
     _print_reasons(results)
     if categories:
@@ -745,6 +753,7 @@ def gate_cmd(
     json_out: str = typer.Option(None, "--json", help="Also write the decision as JSON here."),
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
     progress: bool = typer.Option(True, help="Show progress bars while the packs are evaluated."),
+    reuse_eval: list[str] = typer.Option([], "--reuse-eval", help="A `kdkit eval --out` directory to reuse instead of evaluating again, where its model files, task file and every generation setting (and --timeout) match the gate's; repeatable. The log says which it reused and why not the others."),
 ) -> None:
     """Evaluate candidate and baseline on every task file (reusing stored evaluations), compare task by task, run the exact paired test per suite, decide KEEP (promote) or REVERT (archive) once for all suites, and record it. Exit code 0 on KEEP, 1 on REVERT."""
     from kdkit.evaluate import GenerationSettings
@@ -760,7 +769,7 @@ def gate_cmd(
                settings=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size,
                                            **_prompting(prompt_style, instruction, system)),
                limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation, log=console.print,
-               progress=progress)
+               progress=progress, eval_dirs=[_P(d) for d in reuse_eval])
     for s in res.suites:
         t = Table(title=f"{_P(s['tasks']).name} ({'anchors' if s is res.suites[0] else 'suite'}): {s['decision']}")
         for c in ("model", "pass", "95% interval"):

@@ -174,17 +174,53 @@ class GateResult:
 EvalFn = Callable[[Pack, Path], tuple[dict[str, bool], tuple[float, float]]]
 
 
+def evaluation_key(settings: GenerationSettings, timeout_s: float) -> str:
+    """What an evaluation depends on besides the model and the tasks: every generation setting, the timeout."""
+    return json.dumps({"generation": asdict(settings), "timeout_s": timeout_s}, sort_keys=True)
+
+
+def _from_eval_dir(reg: Registry, pack: Pack, tasks: Path, sha: str, key: str, d: Path,
+                   log: Callable[[str], None]) -> dict[str, Any] | None:
+    """A ``kdkit eval --out`` directory of this pack's files, task file and settings, stored as the pack's
+    evaluation (None, saying why, when it is of something else)."""
+    try:
+        summary = json.loads((d / "summary.json").read_text())
+        rows = [json.loads(x) for x in (d / "results.jsonl").read_text().splitlines() if x.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        log(f"not reusing {d}: unreadable ({type(e).__name__})")
+        return None
+    if summary.get("model_sha256") != pack.weights_sha256:
+        return None  # another model: silently another pack's
+    why = next((w for w, bad in (("another task file", summary.get("tasks_sha256") != sha),
+                                 ("--limit", summary.get("limit") is not None),
+                                 ("other generation settings or timeout", summary.get("evaluation_key") != key)) if bad),
+               None)
+    if why:
+        log(f"not reusing {d} for {pack.name} on {tasks.name}: {why}")
+        return None
+    log(f"reusing `kdkit eval --out {d}` for {pack.name} on {tasks.name} (same model files, tasks and settings)")
+    first = [r for r in rows if r.get("sample", 0) == 0]
+    return reg.add_evaluation(pack.id, sha, str(tasks), key, {r["task_id"]: r["passed"] for r in first},
+                              tuple(summary["interval"]), {"statuses": summary["statuses"], "imported_from": str(d),
+                                                           "completions": {r["task_id"]: r["completion"] for r in first}})
+
+
 def evaluate_pack(reg: Registry, pack: Pack, tasks: Path, settings: GenerationSettings, limits: Limits,
                   unsafe_no_isolation: bool = False, log: Callable[[str], None] = print,
-                  progress: bool = False) -> dict[str, Any]:
-    """Evaluate a pack on a task file, reusing a stored evaluation of the same weights, tasks and settings."""
+                  progress: bool = False, eval_dirs: list[Path] | None = None) -> dict[str, Any]:
+    """Evaluate a pack on a task file, reusing a stored evaluation of the same weights, tasks and settings (or a
+    ``kdkit eval --out`` directory of them among ``eval_dirs``)."""
     reg.check_weights(pack)  # a stored evaluation is about the registered weights; refuse changed files
     sha = tasks_fingerprint(tasks)
-    key = json.dumps({"generation": asdict(settings), "timeout_s": limits.timeout_s}, sort_keys=True)
+    key = evaluation_key(settings, limits.timeout_s)
     found = reg.find_evaluation(pack.id, sha, key)
     if found is not None:
         log(f"reusing stored evaluation of {pack.name} on {tasks.name}")
         return found
+    for d in eval_dirs or []:
+        found = _from_eval_dir(reg, pack, tasks, sha, key, Path(d), log)
+        if found is not None:
+            return found
     log(f"evaluating {pack.name} on {tasks.name}")
     results, summary, _ = evaluate_model(pack.path, tasks, settings=settings, limits=limits,
                                          unsafe_no_isolation=unsafe_no_isolation, progress=progress, log=log)
@@ -235,7 +271,7 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
          rule: GateRule = GateRule(), settings: GenerationSettings = GenerationSettings(), limits: Limits = Limits(),
          unsafe_no_isolation: bool = False, candidate_meta: dict[str, Any] | None = None,
          log: Callable[[str], None] = print, progress: bool = False,
-         suite_rule: SuiteRule = SuiteRule()) -> GateResult:
+         suite_rule: SuiteRule = SuiteRule(), eval_dirs: list[Path] | None = None) -> GateResult:
     """Evaluate candidate and baseline on every task file, decide, and record + apply ONE decision in one
     transaction. ``tasks``: a file or a list of files; the first (the anchors) is judged by ``rule``, the
     others by ``suite_rule``; a REVERT in any suite reverts.
@@ -255,8 +291,8 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
         raise RegistryError(f"candidate and baseline are the same pack ({cand.name}: identical weights)")
     suites = []
     for i, f in enumerate(files):
-        ev_b = evaluate_pack(reg, base, f, settings, limits, unsafe_no_isolation, log, progress)
-        ev_c = evaluate_pack(reg, cand, f, settings, limits, unsafe_no_isolation, log, progress)
+        ev_b = evaluate_pack(reg, base, f, settings, limits, unsafe_no_isolation, log, progress, eval_dirs)
+        ev_c = evaluate_pack(reg, cand, f, settings, limits, unsafe_no_isolation, log, progress, eval_dirs)
         suite_r = rule if i == 0 else suite_rule
         decision, regressed, fixed, p, reason = decide(ev_b["outcomes"], ev_c["outcomes"], suite_r)
         prompts = {t.task_id: t.prompt for t in load_tasks(f)}
