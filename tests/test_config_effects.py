@@ -53,6 +53,7 @@ EFFECTS: dict[str, tuple[dict, typing.Any]] = {
     "student.lora.target_modules": ({}, ["q_proj"]),
     "student.load_in": ({}, "4bit"),  # refused without a CUDA GPU
     "teacher.cache": ({}, "@cache16"),
+    "teacher.validation_cache": ({"data": {"validation": "@val"}}, "@valcache"),  # epochs gain val_kl, val_top1
     "teacher.model": (LIVE, "@student2"),
     "teacher.dtype": (LIVE, "bfloat16"),
     "teacher.load_in": (LIVE, "8bit"),  # refused without a CUDA GPU
@@ -72,6 +73,7 @@ EFFECTS: dict[str, tuple[dict, typing.Any]] = {
     "teachers.top_k": (TEACHERS, 8),
     "teachers.timeout_s": (TEACHERS, 5.0),
     "teachers.retries": (TEACHERS, 0),
+    "teachers.validation_cache": (TEACHERS, "@valcache"),  # refused: validation is the default teacher's
     "reference.kind": (BARRIER, "cache"),
     "reference.path": ({**BARRIER, "reference": {"kind": "model", "path": "@student"}}, "@student2"),
     "data.train": (LIVE, "@train2"),  # a cache belongs to its data: another file is refused, live it trains
@@ -185,6 +187,8 @@ def world(tmp_path_factory):
     for name, k in (("cache", 101), ("cache16", 16)):
         precompute(root / "teacher", root / "train.jsonl", root / name, PrecomputeSettings(top_k=k, shard_rows=8),
                    progress=False, log=lambda m: None)
+    precompute(root / "teacher", root / "val.jsonl", root / "valcache", PrecomputeSettings(top_k=101, shard_rows=8,
+               max_length=64), progress=False, log=lambda m: None)
     return root
 
 

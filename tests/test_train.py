@@ -106,6 +106,43 @@ def test_cached_teacher_equals_live_teacher(world, tmp_path):
         torch.testing.assert_close(v, _final(Path(live["run_dir"]))[k], rtol=1e-3, atol=1e-5)
 
 
+def test_a_validation_cache_reports_the_live_teachers_validation_kl_and_top1(world, tmp_path):
+    """K = V float32 caches of the training and the validation rows: each epoch's validation KL and top-1 agreement
+    equal the live teacher's."""
+    val_cache = tmp_path / "val_cache"
+    precompute(world / "teacher", world / "val.jsonl", val_cache,
+               PrecomputeSettings(top_k=101, logprob_dtype="float32", shard_rows=8), progress=False, log=lambda m: None)
+    cached = _run(_cfg(world, tmp_path, teacher={"cache": str(world / "cache_full"),
+                                                 "validation_cache": str(val_cache)}), tmp_path / "cached")
+    live = _run(_cfg(world, tmp_path, teacher={"model": str(world / "teacher"), "cache": None}), tmp_path / "live")
+    a = _jsonl(Path(cached["run_dir"]) / "epochs.jsonl")
+    b = _jsonl(Path(live["run_dir"]) / "epochs.jsonl")
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b, strict=True):
+        assert x["val_kl"] == pytest.approx(y["val_kl"], rel=1e-4, abs=1e-6) and x["val_kl"] > 0
+        assert x["val_top1"] == pytest.approx(y["val_top1"], abs=1e-9) and 0 <= x["val_top1"] <= 1
+    assert "val_kl" not in _jsonl(Path(_run(_cfg(world, tmp_path), tmp_path / "plain")["run_dir"]) / "epochs.jsonl")[0]
+    inputs = json.loads((Path(cached["run_dir"]) / "inputs.json").read_text())
+    assert any("validation_cache" in k for k in json.dumps(inputs).split('"'))  # part of the run's identity
+
+
+@pytest.mark.parametrize("teacher, data, match", [
+    ({"cache": "@cache_full", "validation_cache": "@cache_full"}, {}, "^teacher.validation_cache: .*cache field "
+                                                                      "'data'"),  # a cache of the training rows
+    ({"model": "@teacher", "cache": None, "validation_cache": "@cache_full"}, {}, "a validation cache goes with a "
+                                                                                   "cached teacher"),
+    ({"cache": "@cache_full", "validation_cache": "@cache_full"}, {"validation": None}, "there is no data.validation"),
+])
+def test_a_validation_cache_that_cannot_serve_is_refused(world, tmp_path, teacher, data, match):
+    teacher = {k: (str(world / v[1:]) if isinstance(v, str) and v.startswith("@") else v) for k, v in teacher.items()}
+    sections = {"teacher": teacher}
+    if data:
+        sections["data"] = data
+    with pytest.raises(KdkitError, match=match):
+        _run(_cfg(world, tmp_path, **sections), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_batch_8_accum_1_equals_batch_2_accum_4(world, tmp_path):
     one = _run(_cfg(world, tmp_path, optim={"micro_batch": 8, "grad_accum": 1}), tmp_path / "b8")
     four = _run(_cfg(world, tmp_path, optim={"micro_batch": 2, "grad_accum": 4}), tmp_path / "b2x4")

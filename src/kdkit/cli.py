@@ -364,8 +364,9 @@ def validate_cmd(
     try:  # whatever is wrong, the config is invalid: exit 2 naming it (train runs the same checks first)
         check_model_dir(cfg.student.path, "student.path:")
         tok = load_tokenizer(cfg.student.path)
-        rows, _, rep = load_rows(cfg, tok)
-        preflight(cfg, rows, tok, int(model_config(cfg.student.path).get("vocab_size", len(tok))), verify=True)
+        rows, val_rows, rep = load_rows(cfg, tok)
+        preflight(cfg, rows, tok, int(model_config(cfg.student.path).get("vocab_size", len(tok))), verify=True,
+                  val_rows=val_rows)
     except (KdkitError, OSError) as e:
         fail(str(e))
     console.print(f"{config}: valid — training data: {rep.summary(cfg.data.max_length)}")

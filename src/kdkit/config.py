@@ -201,6 +201,9 @@ class TeacherConfig(_Strict):
     retries: int = Field(3, ge=0, description="with url: retries of a failed request (backoff 1, 2, 4 s ...)")
     dtype: Dtype = Field("float32", description="float32, bfloat16 or float16 (a live teacher's weights)")
     load_in: LoadIn | None = Field(None, description="'4bit' or '8bit' for a live teacher (bitsandbytes, CUDA only)")
+    validation_cache: str | None = Field(None, description="with cache: the teacher's cache of data.validation "
+                                         "(kdkit precompute --data VALIDATION): each epoch then reports validation "
+                                         "KL to the teacher and top-1 agreement, as a live teacher does")
 
     @model_validator(mode="after")
     def _one(self) -> TeacherConfig:
@@ -456,6 +459,10 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
         out.append(("data.packing", "on-policy steps score the student's own rollouts; pack off-policy runs only"))
     out += [w for name, t in [("teacher", cfg.teacher), *((f"teachers.{n}", t) for n, t in cfg.teachers.items())]
             if t is not None for w in _teacher_without_effect(name, t)]
+    out += [(f"teachers.{n}.validation_cache", "validation is scored against the default teacher's cache only")
+            for n, t in cfg.teachers.items() if t.validation_cache is not None]
+    if cfg.teacher is not None and cfg.teacher.validation_cache is not None and cfg.data.validation is None:
+        out.append(("teacher.validation_cache", "there is no data.validation: no row would be scored"))
     return out
 
 
@@ -469,6 +476,9 @@ def _teacher_without_effect(name: str, t: TeacherConfig) -> list[tuple[str, str]
         out.append((f"{name}.dtype", "a cached teacher is not run; its capture dtype is in the cache"))
     if t.cache and t.load_in is not None:
         out.append((f"{name}.load_in", "a cached teacher is not run; quantise the teacher of a live run only"))
+    if t.validation_cache is not None and not t.cache:
+        out.append((f"{name}.validation_cache", "a live or served teacher scores the validation rows itself; a "
+                                                "validation cache goes with a cached teacher"))
     return out
 
 

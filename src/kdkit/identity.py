@@ -79,6 +79,7 @@ def _cfg_inputs(cfg: Any) -> dict[str, str | None]:
         "student.path": cfg.student.path,
         "teacher.model": t.model if t is not None else None,
         "teacher.cache": t.cache if t is not None else None,
+        "teacher.validation_cache": t.validation_cache if t is not None else None,
         "reference.path": ref.path if ref is not None else None,
         "probes.prompts": cfg.probes.prompts if cfg.probes is not None else None,
         "routing.pairs": cfg.routing.pairs if cfg.routing is not None else None,

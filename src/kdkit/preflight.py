@@ -17,7 +17,7 @@ from typing import Any
 
 from kdkit import data as kdata
 from kdkit.config import TrainConfig
-from kdkit.teacher import SourceError, check_objective_data, open_sources
+from kdkit.teacher import SourceError, check_objective_data, open_sources, open_validation
 
 
 def model_config(path: str) -> dict[str, Any]:
@@ -85,11 +85,12 @@ def check_precision(cfg: TrainConfig) -> None:
 
 
 def preflight(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, vocab_rows: int,
-              verify: bool = False) -> None:
+              verify: bool = False, val_rows: list[kdata.TokenizedRow] | None = None) -> None:
     """Every check of a training config that needs no weights; raises a :class:`kdkit.errors.KdkitError`
     naming the field (and file and line) on the first problem."""
     check_precision(cfg)
     open_sources(cfg, rows, tokenizer, vocab_rows, verify=verify)
+    open_validation(cfg, val_rows or [], tokenizer, vocab_rows, verify=verify)
     check_objective_data(cfg, rows)
     check_lora_targets(cfg)
     check_hidden_layers(cfg)

@@ -103,11 +103,9 @@ class CachedSignal:
         # The data fingerprint covers the token ids after truncation; when it differs, say which setting did.
         try:
             cache.check_compatible(data=kdata.data_fingerprint(rows))
-        except CacheMismatch as e:
+        except CacheMismatch as e:  # named by the field that points at the cache
             hint = _tokenisation_hint(cache, data_cfg, what) if data_cfg is not None else ""
-            if hint:
-                raise SourceError(f"{e} — {hint}") from None
-            raise
+            raise SourceError(f"{what}: {e}" + (f" — {hint}" if hint else "")) from None
         cache.check_student_vocab(tok_sha, vocab_rows)
         if len(cache) != len(rows):
             raise SourceError(f"{what} cache {path} has {len(cache)} rows, the data has {len(rows)}")
@@ -295,6 +293,7 @@ class Sources:
     teacher: Signal | None = None
     reference: Signal | None = None
     teachers: dict[str, Signal] = field(default_factory=dict)  # more teachers by name (rows route to them)
+    validation: Signal | None = None  # the teacher's cache of the validation rows (teacher.validation_cache)
 
     def modules(self) -> list[torch.nn.Module]:
         """The frozen models the sources hold (to move them to the run's device)."""
@@ -371,6 +370,18 @@ def _open_teacher(cfg: TrainConfig, t: Any, field: str, rows: list[kdata.Tokeniz
                                "objective.kd.temperature", field, verify, cfg.data)
     signal.cross = _cache_cross(signal.cache, tokenizer, cfg.objective.kd.cross_tokenizer)
     return signal
+
+
+def open_validation(cfg: TrainConfig, val_rows: list[kdata.TokenizedRow], tokenizer: Any, vocab_rows: int,
+                    verify: bool = False) -> CachedSignal | None:
+    """``teacher.validation_cache``, checked against the validation rows as the training cache is against the
+    training rows (None without one)."""
+    t = cfg.teacher
+    if t is None or t.validation_cache is None:
+        return None
+    return CachedSignal.open(t.validation_cache, val_rows, tokenizer_fingerprint(tokenizer)["sha256"], vocab_rows,
+                             cfg.objective.kd.temperature, "objective.kd.temperature", "teacher.validation_cache",
+                             verify, cfg.data)
 
 
 def open_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, vocab_rows: int,

@@ -25,7 +25,7 @@ from kdkit.probes import EarlyStop, Probe, load_probes
 from kdkit.rng import own_rng
 from kdkit.rollout import RolloutServer, open_rollout_server
 from kdkit.routing import Router, add_quarantine
-from kdkit.teacher import Sources, open_sources, unwrap
+from kdkit.teacher import Sources, open_sources, open_validation, unwrap
 from kdkit.train.metrics import Sums
 from kdkit.train.plan import lr_lambda
 from kdkit.train.rundir import truncate_jsonl, write_run_meta
@@ -132,7 +132,8 @@ def _checked_data(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[Any, li
     rows, val_rows, rep = load_rows(cfg, tokenizer)
     log(f"data: {rep.summary(cfg.data.max_length)}")
     try:
-        preflight(cfg, rows, tokenizer, int(model_config(cfg.student.path).get("vocab_size", len(tokenizer))))
+        preflight(cfg, rows, tokenizer, int(model_config(cfg.student.path).get("vocab_size", len(tokenizer))),
+                  val_rows=val_rows)
     except KdkitError as e:
         e.same_on_every_rank = True  # every rank checks the same config and files: rank 0 reports it
         raise
@@ -147,6 +148,7 @@ def build(cfg: TrainConfig, run: Path, acc: Any, ckpt: Path | None, log: Callabl
     pad = pad_id(tokenizer)
     model = load_student(cfg)
     src = open_sources(cfg, rows, tokenizer, int(model.get_output_embeddings().weight.shape[0]), student=model)
+    src.validation = open_validation(cfg, val_rows, tokenizer, int(model.get_output_embeddings().weight.shape[0]))
     for m in (model, *src.modules()):
         # bitsandbytes places quantised weights on the GPU when loading and refuses .to()
         if not (getattr(m, "is_loaded_in_4bit", False) or getattr(m, "is_loaded_in_8bit", False)):

@@ -11,7 +11,7 @@ import torch
 from kdkit import data as kdata
 from kdkit import trackers
 from kdkit.config import TrainConfig
-from kdkit.losses import aggregate, token_ce, token_divergence
+from kdkit.losses import TopK, aggregate, token_ce, token_divergence
 from kdkit.models import vocab_logits
 from kdkit.objective import SUM_KEYS, ObjectiveOutput, means
 from kdkit.teacher import Signal
@@ -67,7 +67,7 @@ def end_epoch(r: Run, step: int, epoch_sums: Sums) -> None:
     """The epoch's row in epochs.jsonl, with the validation loss (and KL to a live teacher)."""
     live = r.src.teacher if r.src.teacher is not None and r.src.teacher.scores_any_tokens else None
     ev = evaluate_loss(r.acc.unwrap_model(r.model), r.val_rows, r.cfg, r.pad_id, r.real_vocab, r.acc.device,
-                       live) if r.val_rows else {}
+                       live or r.src.validation) if r.val_rows else {}
     if r.acc.is_main_process:
         summary = epoch_sums.summary()
         row = {"epoch": (step - 1) // r.steps_per_epoch, "step": step, "train_loss": summary["total_loss"],
@@ -79,25 +79,33 @@ def end_epoch(r: Run, step: int, epoch_sums: Sums) -> None:
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, rows: list[kdata.TokenizedRow], cfg: TrainConfig, pad_id: int,
                   real_vocab: int, device: torch.device, teacher: Signal | None = None) -> dict[str, float]:
-    """Validation CE per target token, and KL(teacher ‖ student) per target token when the teacher can score
-    any rows (a live model)."""
+    """Validation CE per target token; with a teacher that scores the validation rows (a live model, or the
+    cache of ``teacher.validation_cache``), KL(teacher ‖ student) per target token and the share of target
+    positions where the student's top-1 token is the teacher's."""
     was_training = model.training
     model.eval()
     ce_sum = kl_sum = 0.0
+    agree: float | None = 0.0
     n = 0
     for i in range(0, len(rows), cfg.optim.micro_batch):
-        batch = kdata.collate(rows[i:i + cfg.optim.micro_batch], pad_id).to(device)
+        chunk = rows[i:i + cfg.optim.micro_batch]
+        batch = kdata.collate(chunk, pad_id, row_index=range(i, i + len(chunk))).to(device)  # a cache: by row
         logits = vocab_logits(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1],
                               real_vocab, "student").float()
         valid = batch.targets != kdata.IGNORE_INDEX
         ce_sum += float(token_ce(logits, batch.targets).sum())
         n += int(valid.sum())
         if teacher is not None:
-            div = token_divergence(logits, teacher(batch, model), "kl_fwd", temperature=cfg.objective.kd.temperature,
-                                   t2_scale=False)
+            signal = teacher(batch, model)
+            div = token_divergence(logits, signal, "kl_fwd", temperature=cfg.objective.kd.temperature, t2_scale=False)
             kl_sum += float(aggregate(div, valid, "sum"))
+            top = signal.ids[..., 0] if isinstance(signal, TopK) else signal.argmax(-1) if isinstance(
+                signal, torch.Tensor) else None  # another tokenizer's teacher: no token-for-token top-1
+            agree = None if top is None or agree is None else agree + float(((logits.argmax(-1) == top) & valid).sum())
     model.train(was_training)
     out = {"val_loss": ce_sum / max(n, 1)}
     if teacher is not None:
         out["val_kl"] = kl_sum / max(n, 1)
+        if agree is not None:
+            out["val_top1"] = agree / max(n, 1)
     return out
