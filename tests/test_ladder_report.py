@@ -74,6 +74,12 @@ def test_three_rung_ladder_table_plot_and_resume(ladder_world, tmp_path):
     assert [r["status"] for r in res2] == ["done", "done", "failed"]
     html = (tmp_path / "lad" / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 2
+    assert "Validation against objective.kd_weight=0.5" in html  # rung 1 against rung 0, paired over the rows
+    for r in res2[:2]:  # each run's per-row validation sums are its validation loss
+        vr = json.loads((Path(r["run_dir"]) / "validation_rows.json").read_text())
+        last = [json.loads(x) for x in (Path(r["run_dir"]) / "epochs.jsonl").read_text().splitlines()][-1]
+        assert sum(vr["ce_sum"]) / sum(vr["tokens"]) == pytest.approx(last["val_loss"], rel=1e-9)
+        assert vr["step"] == last["step"] and len(vr["line"]) == 8
     with pytest.raises(ValueError, match="another config, --vary or --set"):
         run_ladder(root / "cfg.yaml", ["optim.lr=0.1"], root / "tasks.jsonl", tmp_path / "lad", **kw)
 

@@ -48,3 +48,8 @@ def test_train_without_a_terminal_logs_progress_lines(tmp_path):
     lines = [x for x in res.output.splitlines() if x.startswith("train: ")]
     assert lines[0].startswith("train: 1/4 steps (25%)") and lines[-1].startswith("train: 4/4 steps (100%)")
     assert re.search(r"· loss \d+\.\d{4} · \d+ tokens · ", lines[0]) and lines[-1].endswith("· done")
+    import json
+
+    import torch
+
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["threads"] == torch.get_num_threads()

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kdkit.errors import UsageError
 from kdkit.io import atomic_write_bytes
 from kdkit.train.rundir import read_log
@@ -24,6 +26,7 @@ th{background:#f4f4f4} .pass{background:#c8ebc8} .fail{background:#f5c6c6} .grid
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px} img{max-width:100%}
 .keep{color:#17741a;font-weight:700} .revert{color:#a11;font-weight:700} .note{background:#fff6d6;padding:.5em}
 .grid{table-layout:fixed;max-width:100%} .grid td:first-child{text-align:left;white-space:nowrap}
+td pre{white-space:pre-wrap;word-break:break-word;max-width:32em;margin:0}
 """
 
 
@@ -221,11 +224,13 @@ def _demo_body(d: Path) -> str:
     lost = sum(base.get(t, False) and not dist[t] for t in dist)
     verdict = ("distillation WINS on holdout" if s["distillation_wins_holdout"] else
                "distillation does NOT beat the baseline on holdout")
+    paired = _paired_validation({m["model"]: m.get("val_rows") for m in s["models"]}, "baseline", "distilled")
     parts = [f"<h1>kdkit demo</h1><p>{html.escape(verdict)} (Δ holdout = {s['holdout_delta']:+d}: {won} tasks only "
              f"the distilled student passes, {lost} only the baseline, exact McNemar p = {mcnemar_exact(lost, won):.3g}; "
              f"Δ anchors = {s['anchor_delta']:+d}); total {s['total_seconds']:.0f} s.</p>",
              _table(["model", "parameters", "anchor pass [95%]", "holdout pass [95%]", "val loss", "KL to teacher",
                      "precompute s", "train s"], rows),
+             paired,
              f"<p>Gate (distilled vs production = baseline): <span class='{g['decision'].lower()}'>{g['decision']}"
              f"</span> — {html.escape(g['reason'])}</p>", _gate_scope_note(s)]
     for suite in g.get("suites", []):
@@ -240,6 +245,22 @@ def _demo_body(d: Path) -> str:
     parts.append(pass_grid("Holdout", {m["model"]: m["holdout_outcomes"] for m in s["models"]}))
     parts += [_config_block(d / "runs" / n) for n in ("distilled", "baseline")]
     return "".join(parts)
+
+
+def _paired_validation(rows: dict[str, dict[str, list] | None], a: str, b: str) -> str:
+    """``b`` against ``a`` on the same validation rows: the difference of validation CE (and KL to the teacher)
+    per token with its paired bootstrap interval over the rows; "" when either has no per-row sums."""
+    from kdkit.bootstrap import paired_difference
+
+    ra, rb = rows.get(a), rows.get(b)
+    if not ra or not rb or ra["line"] != rb["line"]:
+        return ""
+    out = []
+    for key, what in (("ce_sum", "validation CE"), ("kl_sum", "validation KL to the teacher")):
+        if ra.get(key) and rb.get(key):
+            iv = paired_difference(np.stack([ra[key], ra["tokens"]], -1), np.stack([rb[key], rb["tokens"]], -1))
+            out.append(f"{what}, {b} − {a}: " + iv.text())
+    return "<p>" + "<br>".join(html.escape(x) for x in out) + "</p>" if out else ""
 
 
 def _gate_scope_note(s: dict[str, Any]) -> str:
@@ -278,9 +299,51 @@ def _ladder_body(d: Path) -> str:
                                          r.get("fixed_completions", {}), fixed=True))
     if any(outcomes.values()):
         parts.append(pass_grid("Anchors per rung", outcomes))
+    parts.append(_ladder_paired(d))
     parts += regressed
     parts += [_config_block(p) for p in rung_runs.values()]
     return "".join(parts)
+
+
+def _ladder_paired(d: Path) -> str:
+    """Each rung (its seeds together) against the first on the validation rows: the difference of validation
+    CE (and KL) per token with a paired bootstrap interval over seeds and rows."""
+    from kdkit.bootstrap import paired_difference
+    from kdkit.ladder import SEED_KEY
+    from kdkit.train.metrics import VALIDATION_ROWS
+
+    groups: dict[str, list[tuple[Any, dict[str, Any]]]] = {}
+    for f in sorted((d / "rungs").glob("*.json")):
+        r = json.loads(f.read_text())
+        vf = Path(r.get("run_dir", "")) / VALIDATION_ROWS
+        if r.get("status") == "done" and vf.is_file():
+            key = ", ".join(f"{k}={v}" for k, v in r["values"].items() if k != SEED_KEY) or "the config"
+            groups.setdefault(key, []).append((r["values"].get(SEED_KEY, 0), json.loads(vf.read_text())))
+    if len(groups) < 2:
+        return ""
+    names = list(groups)
+    first = sorted(groups[names[0]], key=lambda x: x[0])
+    rows = []
+    for name in names[1:]:
+        other = sorted(groups[name], key=lambda x: x[0])
+        if [s for s, _ in other] != [s for s, _ in first] or any(o["line"] != f["line"] for (_, o), (_, f) in
+                                                                  zip(other, first, strict=True)):
+            continue  # not the same seeds and rows: no pairing
+        cells = [name]
+        for key in ("ce_sum", "kl_sum"):
+            if all(v.get(key) for _, v in first + other):
+                arr = [np.stack([[v[key], v["tokens"]] for _, v in g], 0).transpose(0, 2, 1) for g in (first, other)]
+                iv = paired_difference(arr[0], arr[1])
+                cells.append(f"{iv.delta:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]")
+            else:
+                cells.append("—")
+        rows.append(cells)
+    if not rows:
+        return ""
+    seeds = len(first)
+    return (f"<h2>Validation against {html.escape(names[0])}</h2><p>Differences per token, 95% paired bootstrap over "
+            f"{len(first[0][1]['line'])} validation rows{f' × {seeds} seeds' if seeds > 1 else ''}.</p>" +
+            _table(["rung", "Δ validation CE", "Δ validation KL"], rows))
 
 
 def _rung_outcomes(d: Path, r: dict[str, Any]) -> dict[str, bool]:

@@ -58,6 +58,7 @@ class ModelRow:
     precompute_s: float = 0.0  # the teacher cache this model was trained from
     anchor_outcomes: dict[str, bool] = field(default_factory=dict)
     holdout_outcomes: dict[str, bool] = field(default_factory=dict)
+    val_rows: dict[str, list] = field(default_factory=dict)  # per validation row: tokens, CE and KL sums
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -81,8 +82,8 @@ def _config(s: DemoSettings, student: Path, train: Path, val: Path, cache: Path 
     return cfg
 
 
-def _val_metrics(model_dir: Path, val: Path, teacher_dir: Path) -> tuple[float, float | None]:
-    """Validation CE per target token and KL(teacher ‖ model) per target token."""
+def _val_metrics(model_dir: Path, val: Path, teacher_dir: Path) -> tuple[float, float | None, dict[str, list]]:
+    """Validation CE per target token, KL(teacher ‖ model) per target token, and both summed per row."""
     from kdkit import data as kdata
     from kdkit.config import TrainConfig
     from kdkit.models import load_causal_lm, load_tokenizer
@@ -99,7 +100,7 @@ def _val_metrics(model_dir: Path, val: Path, teacher_dir: Path) -> tuple[float, 
     import torch
 
     ev = evaluate_loss(model, rows, cfg, tok.pad_token_id, len(tok), torch.device("cpu"), teacher)
-    return ev["val_loss"], ev.get("val_kl", 0.0 if teacher is None else None)
+    return ev["val_loss"], ev.get("val_kl", 0.0 if teacher is None else None), ev["per_row"]
 
 
 def run_demo(out: str | Path = "demo-out", settings: DemoSettings = DemoSettings(), *, teacher: Path = TEACHER_DIR,
@@ -168,11 +169,12 @@ def run_demo(out: str | Path = "demo-out", settings: DemoSettings = DemoSettings
             log(f"      {name} on {split}")
             res, summ, _ = evaluate_model(path, tp, settings=gen, progress=progress, log=log)
             ev[split] = (summ, {r.task_id: r.passed for r in res})
-        val_loss, kl = _val_metrics(path, val_p, teacher)
+        val_loss, kl, per_row = _val_metrics(path, val_p, teacher)
         rows.append(ModelRow(name, count_parameters(load_causal_lm(path)), ev["anchors"][0].n_passed,
                              ev["anchors"][0].n_tasks, ev["anchors"][0].interval, ev["holdout"][0].n_passed,
                              ev["holdout"][0].n_tasks, val_loss, kl, wall, precompute_s=t_cache if name == "distilled"
-                             else 0.0, anchor_outcomes=ev["anchors"][1], holdout_outcomes=ev["holdout"][1]))
+                             else 0.0, anchor_outcomes=ev["anchors"][1], holdout_outcomes=ev["holdout"][1],
+                             val_rows=per_row))
 
     log("[5/6] gate: baseline is production; distilled is the candidate")
     reg = Registry(out / ".kdkit")

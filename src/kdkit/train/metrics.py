@@ -52,6 +52,9 @@ class Sums:
         return means(self.v, max(self.v["steps"], 1.0))
 
 
+VALIDATION_ROWS = "validation_rows.json"  # the latest epoch's validation sums per row
+
+
 def log_step(r: Run, step: int, sums: Sums, metrics: dict[str, float], dt: float) -> dict[str, float]:
     """A metrics.jsonl row (every ``logging.every`` steps and at the end); the step's loss summary."""
     summary = sums.summary()
@@ -70,10 +73,15 @@ def end_epoch(r: Run, step: int, epoch_sums: Sums) -> None:
                        live or r.src.validation) if r.val_rows else {}
     if r.acc.is_main_process:
         summary = epoch_sums.summary()
+        per_row = ev.pop("per_row", None)
         row = {"epoch": (step - 1) // r.steps_per_epoch, "step": step, "train_loss": summary["total_loss"],
                **summary, **ev}
         append_jsonl(r.epochs_path, row)
         trackers.log(r.acc, r.cfg, row, step, prefix="epoch/")
+        if per_row is not None:  # the latest epoch's, row by row: `kdkit report`'s paired intervals
+            from kdkit.io import atomic_write_json
+
+            atomic_write_json(r.dir / VALIDATION_ROWS, {"epoch": row["epoch"], "step": step, **per_row})
 
 
 @torch.no_grad()
@@ -87,23 +95,30 @@ def evaluate_loss(model: torch.nn.Module, rows: list[kdata.TokenizedRow], cfg: T
     ce_sum = kl_sum = 0.0
     agree: float | None = 0.0
     n = 0
+    per_row: dict[str, list] = {"line": [], "tokens": [], "ce_sum": [], "kl_sum": []}
     for i in range(0, len(rows), cfg.optim.micro_batch):
         chunk = rows[i:i + cfg.optim.micro_batch]
         batch = kdata.collate(chunk, pad_id, row_index=range(i, i + len(chunk))).to(device)  # a cache: by row
         logits = vocab_logits(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1],
                               real_vocab, "student").float()
         valid = batch.targets != kdata.IGNORE_INDEX
-        ce_sum += float(token_ce(logits, batch.targets).sum())
+        ce_rows = token_ce(logits, batch.targets).double().sum(1)
+        ce_sum += float(ce_rows.sum())
         n += int(valid.sum())
+        per_row["line"] += [r.line for r in chunk]
+        per_row["tokens"] += valid.sum(1).tolist()
+        per_row["ce_sum"] += ce_rows.tolist()
         if teacher is not None:
             signal = teacher(batch, model)
             div = token_divergence(logits, signal, "kl_fwd", temperature=cfg.objective.kd.temperature, t2_scale=False)
             kl_sum += float(aggregate(div, valid, "sum"))
+            per_row["kl_sum"] += torch.where(valid, div, torch.zeros_like(div)).double().sum(1).tolist()
             top = signal.ids[..., 0] if isinstance(signal, TopK) else signal.argmax(-1) if isinstance(
                 signal, torch.Tensor) else None  # another tokenizer's teacher: no token-for-token top-1
             agree = None if top is None or agree is None else agree + float(((logits.argmax(-1) == top) & valid).sum())
     model.train(was_training)
-    out = {"val_loss": ce_sum / max(n, 1)}
+    out: dict[str, Any] = {"val_loss": ce_sum / max(n, 1), "per_row": per_row if teacher is not None else
+                           {k: v for k, v in per_row.items() if k != "kl_sum"}}
     if teacher is not None:
         out["val_kl"] = kl_sum / max(n, 1)
         if agree is not None:

@@ -1,0 +1,50 @@
+"""kdkit.threads: the OpenMP environment is set before torch starts, from the cores a process may use."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kdkit import threads
+
+
+def test_the_default_is_sleeping_waiters_and_a_share_of_the_cores(monkeypatch):
+    monkeypatch.setattr(threads, "cores_available", lambda: 8)
+    env: dict[str, str] = {}
+    threads.configure(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "8"}
+    env = {"LOCAL_WORLD_SIZE": "4"}  # four processes of one launch share the eight cores
+    threads.configure(env)
+    assert env["OMP_NUM_THREADS"] == "2"
+    env = {"LOCAL_WORLD_SIZE": "16"}
+    threads.configure(env)
+    assert env["OMP_NUM_THREADS"] == "1"  # at least one
+
+
+def test_what_the_user_set_is_kept_and_kdkit_threads_overrides(monkeypatch):
+    monkeypatch.setattr(threads, "cores_available", lambda: 8)
+    env = {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}
+    threads.configure(env)
+    assert env == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}
+    env = {"KDKIT_THREADS": "5", "OMP_NUM_THREADS": "3"}
+    threads.configure(env)
+    assert env["OMP_NUM_THREADS"] == "5" and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    env = {"KDKIT_THREADS": "torch"}
+    threads.configure(env)
+    assert env == {"KDKIT_THREADS": "torch"}  # torch's defaults, untouched
+    with pytest.raises(SystemExit, match="KDKIT_THREADS='0'"):
+        threads.configure({"KDKIT_THREADS": "0"})
+    assert threads.cores_available() == len(os.sched_getaffinity(0))
+
+
+def test_a_process_that_imports_kdkit_first_runs_that_many_threads():
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    code = "import kdkit, os, torch; print(torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "KDKIT_THREADS": "1"}, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["1", "PASSIVE"]
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(len(os.sched_getaffinity(0))), "PASSIVE"]
