@@ -56,8 +56,23 @@ def test_a_process_that_imports_kdkit_first_runs_that_many_threads():
     assert out[0] == str(len(os.sched_getaffinity(0)))
 
 
-def test_busy_reads_the_load_average(monkeypatch):
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.7, 0.2, 0.1))
-    assert threads.busy()
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.9, 2.0))  # the last minute counts
-    assert not threads.busy()
+def test_busy_means_another_runnable_task_in_every_look(monkeypatch):
+    import builtins
+    import io
+
+    looks = iter(["0.5 0.4 0.3 2/300 99\n", "0.5 0.4 0.3 3/300 99\n", "0.5 0.4 0.3 2/300 99\n"])
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: io.StringIO(next(looks)) if p == "/proc/loadavg"
+                        else real_open(p, *a, **k))
+    assert threads.busy()  # another task was runnable in each of the three looks
+    looks = iter(["0.5 0.4 0.3 2/300 99\n", "0.5 0.4 0.3 1/300 99\n", "0.5 0.4 0.3 2/300 99\n"])
+    assert not threads.busy()  # one look saw this process alone: a passing task, not a competing job
+    python = subprocess.Popen([sys.executable, "-c", "print('go', flush=True)\nwhile True: pass"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        monkeypatch.setattr(builtins, "open", real_open)
+        assert python.stdout.readline() == "go\n"  # the competitor is in its busy loop
+        assert threads.busy()
+    finally:
+        python.kill()
+        python.wait()

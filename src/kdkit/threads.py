@@ -5,9 +5,9 @@ work shares — a second kdkit process, a test suite, torchrun's ranks — the s
 with the processes they wait for, and a run slows down by more than its share of the cores. kdkit
 therefore, unless told otherwise:
 
-* lets waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``) when the machine is already busy as the process
-  starts (a 1-minute load average of 0.5 or more: another job holds a core); on an idle machine the threads
-  keep spinning, which is faster there. The wait policy never changes a result, only the time;
+* lets waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``) when other work is running as the process starts
+  (another runnable task in /proc/loadavg, in each of three looks); on an idle machine the threads keep
+  spinning, which is faster there. The wait policy never changes a result, only the time;
 * gives each process the cores it may run on (its CPU affinity, e.g. a container's cpuset) divided among
   the processes of this machine's launch (``LOCAL_WORLD_SIZE``, as torchrun sets it), at least one
   (``OMP_NUM_THREADS``).
@@ -38,15 +38,23 @@ def default_threads(environ: dict[str, str] | os._Environ[str]) -> int:
     return max(1, cores_available() // max(local, 1))
 
 
-BUSY_LOAD = 0.5  # a 1-minute load average from this on: other work holds a core
+def busy(samples: int = 3) -> bool:
+    """Other work is running now: /proc/loadavg counts more runnable tasks than this one in every look (a
+    CPU-bound job always is; a passing kernel thread is not). Without /proc, the 1-minute load average."""
+    import time
 
-
-def busy() -> bool:
-    """Other work is running as this process starts (its own load is not counted yet)."""
     try:
-        return os.getloadavg()[0] >= BUSY_LOAD
-    except OSError:  # no load average on this system: assume shared
-        return True
+        seen = []
+        for _ in range(samples):
+            with open("/proc/loadavg") as fh:
+                seen.append(int(fh.read().split()[3].split("/")[0]) - 1)  # minus the reader itself
+            time.sleep(0.001)
+        return min(seen) >= 1
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0] >= 0.5
+        except OSError:
+            return True
 
 
 def configure(environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
