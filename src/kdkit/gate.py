@@ -130,7 +130,8 @@ def power_line(pw: dict[str, Any]) -> str:
     return f"power at p < {pw['alpha']:g} (exact McNemar, none the other way): {drop}; {gain}"
 
 
-def _task_key(task_id: str) -> tuple[str, int | float, str]:
+def task_order(task_id: str) -> tuple[str, int | float, str]:
+    """Sort key: by prefix, then number (ANCHOR/2 before ANCHOR/19); ids without a number last in their prefix."""
     m = re.match(r"^(.*?)/(\d+)$", task_id)
     return (m.group(1), int(m.group(2)), task_id) if m else (task_id, math.inf, task_id)
 
@@ -138,8 +139,8 @@ def _task_key(task_id: str) -> tuple[str, int | float, str]:
 def format_tasks(task_ids: list[str]) -> str:
     """The seeds' compact list: ``MBPP/20, /53, HE/27, /45`` (prefix written once per run of a prefix)."""
     out, prev = [], None
-    for tid in sorted(task_ids, key=_task_key):
-        prefix, num, _ = _task_key(tid)
+    for tid in sorted(task_ids, key=task_order):
+        prefix, num, _ = task_order(tid)
         if prefix == prev and num != math.inf:
             out.append(f"/{num}")
         else:
@@ -244,8 +245,8 @@ def decide(base: dict[str, bool], cand: dict[str, bool], rule: GateRule | SuiteR
            ) -> tuple[str, list[str], list[str], float, str]:
     if set(base) != set(cand):
         raise UsageError("candidate and baseline were evaluated on different task sets")
-    regressed = sorted((t for t in base if base[t] and not cand[t]), key=_task_key)  # ANCHOR/2 before ANCHOR/19
-    fixed = sorted((t for t in base if cand[t] and not base[t]), key=_task_key)
+    regressed = sorted((t for t in base if base[t] and not cand[t]), key=task_order)  # ANCHOR/2 before ANCHOR/19
+    fixed = sorted((t for t in base if cand[t] and not base[t]), key=task_order)
     p = mcnemar_exact(len(regressed), len(fixed))
     nb, nc = sum(base.values()), sum(cand.values())
     reasons = []

@@ -160,12 +160,12 @@ def regressions(title: str, pairs: dict[str, dict[str, str]], fixed: bool = Fals
     side by side (escaped), in task order (ANCHOR/2 before ANCHOR/19)."""
     if not pairs:
         return ""
-    from kdkit.gate import _task_key
+    from kdkit.gate import task_order
 
     rows = "".join(f"<tr><td>{html.escape(t)}</td>"
                    f"<td><pre>{html.escape(pairs[t].get('prompt') or '(not stored)')}</pre></td>"
                    f"<td><pre>{html.escape(pairs[t]['candidate'])}</pre></td>"
-                   f"<td><pre>{html.escape(pairs[t]['baseline'])}</pre></td></tr>" for t in sorted(pairs, key=_task_key))
+                   f"<td><pre>{html.escape(pairs[t]['baseline'])}</pre></td></tr>" for t in sorted(pairs, key=task_order))
     cand, base = ("candidate (passes)", "baseline (fails)") if fixed else ("candidate (fails)", "baseline (passes)")
     return (f"<h3>{html.escape(title)}</h3><table><tr><th>task</th><th>prompt</th><th>{cand}</th>"
             f"<th>{base}</th></tr>{rows}</table>")

@@ -366,6 +366,18 @@ def _capture(teacher: str | Path, server: Any, s: PrecomputeSettings, teacher_to
     return served_capture(server, s), max(len(teacher_tok), int(rows_cfg or 0))
 
 
+def _components(s: PrecomputeSettings, teacher: str, tokenizer: str, data: str, teacher_tokenizer: str | None
+                ) -> dict[str, Any]:
+    """What the cache's content key covers: the teacher, the tokenizer, the rows and every capture setting
+    (a teacher with another tokenizer: its tokenizer too, since the cache holds its ids)."""
+    out = {"format_version": FORMAT_VERSION, "teacher": teacher, "tokenizer": tokenizer, "data": data,
+           "top_k": s.top_k, "temperature": s.temperature, "max_length": s.max_length, "dtype": s.dtype,
+           "logprob_dtype": s.logprob_dtype, "shard_rows": s.shard_rows}
+    if teacher_tokenizer is not None:
+        out["teacher_tokenizer"] = teacher_tokenizer
+    return out
+
+
 def _data_tokenizer(teacher_tok: Any, student: str | None) -> tuple[Any, bool]:
     """The tokenizer the data is read with — the student's when it has another one — and whether it does."""
     if student is None:
@@ -405,20 +417,8 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
         log(f"skipped {len(rep.empty)} rows with no target token (lines {rep.empty[:10]})")
     server = _server(settings, cross, scan.longest)
     t_fp, k_fp = _teacher_identity(teacher, server), tokenizer_fingerprint(tokenizer)
-    components = {
-        "format_version": FORMAT_VERSION,
-        "teacher": t_fp["sha256"],
-        "tokenizer": k_fp["sha256"],
-        "data": scan.fingerprint,
-        "top_k": settings.top_k,
-        "temperature": settings.temperature,
-        "max_length": settings.max_length,
-        "dtype": settings.dtype,
-        "logprob_dtype": settings.logprob_dtype,
-        "shard_rows": settings.shard_rows,
-    }
-    if cross:  # the cache holds the teacher's ids at the student's aligned positions
-        components["teacher_tokenizer"] = tokenizer_fingerprint(teacher_tok)["sha256"]
+    components = _components(settings, t_fp["sha256"], k_fp["sha256"], scan.fingerprint,
+                             tokenizer_fingerprint(teacher_tok)["sha256"] if cross else None)
     key = content_key(components)
     rank, world = _ranks()
     done = _prepare_dir(out, components, key) and _sound(out, key, log) if rank == 0 else False

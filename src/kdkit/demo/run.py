@@ -103,15 +103,54 @@ def _val_metrics(model_dir: Path, val: Path, teacher_dir: Path) -> tuple[float, 
     return ev["val_loss"], ev.get("val_kl", 0.0 if teacher is None else None), ev["per_row"]
 
 
+def _train_students(out: Path, s: DemoSettings, teacher: Path, cache: Path, train_p: Path, val_p: Path,
+                    progress: bool, log: Any) -> dict[str, tuple[Path, float]]:
+    """The distilled and the CE-only student from one initialisation, merged into packs: {name: (pack, seconds)};
+    also the pruned student of examples/tiny.yaml."""
+    from kdkit.config import load_train_config
+    from kdkit.student import init_student
+    from kdkit.train import merge, train
+
+    student_init = fresh_model_dir(out / "student_init", STUDENT_SHAPE, seed=s.seed + 1)
+    init_student(teacher, out / "student_pruned", layers=2)  # starts from the teacher's own layers
+    runs: dict[str, tuple[Path, float]] = {}
+    for name, c in (("distilled", cache), ("baseline", None)):
+        log(f"[3/6] train {name} student ({'CE + KD' if c else 'CE only'})")
+        cfg_p = out / f"{name}.yaml"
+        cfg_p.write_text(yaml.safe_dump(_config(s, student_init, train_p, val_p, c)))
+        t0 = time.perf_counter()
+        train(load_train_config(cfg_p), out / "runs" / name, progress=progress, log=log)
+        merge(out / "runs" / name, out / "packs" / name)
+        runs[name] = (out / "packs" / name, time.perf_counter() - t0)
+    return runs
+
+
+def _model_row(name: str, path: Path, wall: float, teacher: Path, files: tuple[Path, Path, Path],
+               gen: Any, precompute_s: float, progress: bool, log: Any) -> ModelRow:
+    """One model's row of the demo's table: anchors and holdout in the sandbox, validation CE and KL."""
+    from kdkit.evaluate import evaluate_model
+    from kdkit.models import load_causal_lm
+    from kdkit.train import count_parameters
+
+    anchors_p, holdout_p, val_p = files
+    ev = {}
+    for split, tp in (("anchors", anchors_p), ("holdout", holdout_p)):
+        log(f"      {name} on {split}")
+        res, summ, _ = evaluate_model(path, tp, settings=gen, progress=progress, log=log)
+        ev[split] = (summ, {r.task_id: r.passed for r in res})
+    val_loss, kl, per_row = _val_metrics(path, val_p, teacher)
+    return ModelRow(name, count_parameters(load_causal_lm(path)), ev["anchors"][0].n_passed, ev["anchors"][0].n_tasks,
+                    ev["anchors"][0].interval, ev["holdout"][0].n_passed, ev["holdout"][0].n_tasks, val_loss, kl, wall,
+                    precompute_s=precompute_s, anchor_outcomes=ev["anchors"][1], holdout_outcomes=ev["holdout"][1],
+                    val_rows=per_row)
+
+
 def run_demo(out: str | Path = "demo-out", settings: DemoSettings = DemoSettings(), *, teacher: Path = TEACHER_DIR,
              progress: bool = True, log=print) -> dict[str, Any]:
     from kdkit.cache.precompute import PrecomputeSettings, precompute
-    from kdkit.config import load_train_config
-    from kdkit.evaluate import GenerationSettings, evaluate_model
+    from kdkit.evaluate import GenerationSettings
     from kdkit.gate import gate
-    from kdkit.models import load_causal_lm
     from kdkit.registry import Registry
-    from kdkit.train import count_parameters, merge, train
 
     t_all = time.perf_counter()
     s = settings
@@ -145,36 +184,13 @@ def run_demo(out: str | Path = "demo-out", settings: DemoSettings = DemoSettings
                                                            max_length=256), progress=progress, log=log)
     t_cache = time.perf_counter() - t0
 
-    student_init = fresh_model_dir(out / "student_init", STUDENT_SHAPE, seed=s.seed + 1)
-    # for examples/tiny.yaml and the README's ladder: a student that starts from the teacher's own layers
-    from kdkit.student import init_student
-
-    init_student(TEACHER_DIR, out / "student_pruned", layers=2)
-    runs: dict[str, tuple[Path, float]] = {}
-    for name, c in (("distilled", cache), ("baseline", None)):
-        log(f"[3/6] train {name} student ({'CE + KD' if c else 'CE only'})")
-        cfg_p = out / f"{name}.yaml"
-        cfg_p.write_text(yaml.safe_dump(_config(s, student_init, train_p, val_p, c)))
-        t0 = time.perf_counter()
-        train(load_train_config(cfg_p), out / "runs" / name, progress=progress, log=log)
-        merge(out / "runs" / name, out / "packs" / name)
-        runs[name] = (out / "packs" / name, time.perf_counter() - t0)
+    runs = _train_students(out, s, teacher, cache, train_p, val_p, progress, log)
 
     log("[4/6] evaluate teacher, distilled and baseline on anchors and holdout (sandboxed, greedy)")
     gen = GenerationSettings(max_new_tokens=s.max_new_tokens, batch_size=16)
-    rows: list[ModelRow] = []
-    for name, (path, wall) in [("teacher", (teacher, 0.0)), *runs.items()]:
-        ev = {}
-        for split, tp in (("anchors", anchors_p), ("holdout", holdout_p)):
-            log(f"      {name} on {split}")
-            res, summ, _ = evaluate_model(path, tp, settings=gen, progress=progress, log=log)
-            ev[split] = (summ, {r.task_id: r.passed for r in res})
-        val_loss, kl, per_row = _val_metrics(path, val_p, teacher)
-        rows.append(ModelRow(name, count_parameters(load_causal_lm(path)), ev["anchors"][0].n_passed,
-                             ev["anchors"][0].n_tasks, ev["anchors"][0].interval, ev["holdout"][0].n_passed,
-                             ev["holdout"][0].n_tasks, val_loss, kl, wall, precompute_s=t_cache if name == "distilled"
-                             else 0.0, anchor_outcomes=ev["anchors"][1], holdout_outcomes=ev["holdout"][1],
-                             val_rows=per_row))
+    rows = [_model_row(name, path, wall, teacher, (anchors_p, holdout_p, val_p), gen,
+                       t_cache if name == "distilled" else 0.0, progress, log)
+            for name, (path, wall) in [("teacher", (teacher, 0.0)), *runs.items()]]
 
     log("[5/6] gate: baseline is production; distilled is the candidate")
     reg = Registry(out / ".kdkit")
