@@ -145,6 +145,8 @@ def test_report_to_refuses_an_unknown_tracker_and_a_repeat(tmp_path):
     for bad, msg in (([ "comet"], "logging.report_to"), (["wandb", "wandb"], "names a tracker twice")):
         with pytest.raises(KdkitError, match=msg):
             load_train_config(write_config(tmp_path, {**base, "logging": {"report_to": bad}}))
+    with pytest.raises(KdkitError, match="logging.project: logging.report_to names no tracker"):
+        load_train_config(write_config(tmp_path, {**base, "logging": {"project": "mine"}}))
     cfg = load_train_config(write_config(tmp_path, {**base, "logging": {"tensorboard": True, "report_to": ["wandb"]}}))
     assert cfg.logging.report_to == ["tensorboard", "wandb"]
 

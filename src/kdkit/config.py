@@ -451,6 +451,8 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
         out.append(("checkpoint.keep", "checkpoint.every is 0: no checkpoint is written during training"))
     out += _routing_without_effect(cfg)
     out += _precision_without_effect(cfg)
+    if _set(cfg.logging, "project") and not cfg.logging.report_to:
+        out.append(("logging.project", "logging.report_to names no tracker: nothing is logged under a project"))
     if cfg.data.pack_length is not None and not cfg.data.packing:
         out.append(("data.pack_length", "data.packing is false: no row is packed"))
     if cfg.data.packing and cfg.optim.micro_batch == 1:
