@@ -430,6 +430,43 @@ def merge_cmd(
     console.print(f"merged {run_dir} → {path}")
 
 
+barrier_app = typer.Typer(help="The KL barrier's threshold, from the reference's statistics.", no_args_is_help=True)
+app.add_typer(barrier_app, name="barrier")
+
+
+@barrier_app.command("tau")
+def barrier_tau_cmd(
+    config: str = typer.Argument(..., help="Training config YAML with objective.barrier and a reference."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: --set objective.barrier.aggregate=rmse (repeatable)."),
+    steps: int = typer.Option(8, help="Measure the micro-batches of this many first training steps."),
+    target_prob: float = typer.Option(0.5, help="The probability a student just inside τ gives every training target."),
+    json_out: str = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
+) -> None:
+    """Propose objective.barrier.tau from step 0: builds the run as `kdkit train` would (the same checks; nothing is written beside --json) and, over the first --steps steps' micro-batches, measures the barrier's divergence to the reference at step 0 and the least divergence a student needs to give every training target probability --target-prob (0 where the reference already does), aggregated as the barrier aggregates (mean, rmse, p95, max: the micro-batches' mean, as barrier_div_<how> is logged). The proposal is the second figure under the config's aggregate: a barrier at that τ stays inert while the student learns the data to that probability and fires when it moves further."""
+    from kdkit.io import atomic_write_json
+    from kdkit.objective import BARRIER_VIEWS
+    from kdkit.tau import propose_tau
+
+    cfg = _load_config(config, set_)
+    fig = propose_tau(cfg, steps=steps, target_prob=target_prob)
+    table = Table(title=f"barrier {fig['kind']} at T = {fig['temperature']:g}: {fig['micro_batches']} micro-batches, "
+                        f"{fig['positions']:,} barrier positions")
+    for col in ("aggregate", "at step 0", f"least move to p(target) ≥ {target_prob:g}", "micro-batch range"):
+        table.add_column(col, justify="right" if col != "aggregate" else "left")
+    for how in BARRIER_VIEWS:
+        lo, hi = fig["range"][how]
+        mark = " ←" if how == fig["aggregate"] else ""
+        table.add_row(how + mark, f"{fig['at_step_0'][how]:.4g}", f"{fig['least_move'][how]:.4g}", f"{lo:.4g} – {hi:.4g}")
+    console.print(table)
+    tau, start = fig["proposed_tau"], fig["at_step_0"][fig["aggregate"]]
+    console.print(f"proposed: --set objective.barrier.tau={tau:.4g}  ({fig['aggregate']}; the config has {fig['tau_now']:g})")
+    if start > tau:
+        console.print(f"note: at step 0 the student is already {start:.4g} from its reference, above the proposal: "
+                      f"the barrier would fire from the first step")
+    if json_out:
+        atomic_write_json(json_out, fig)
+
+
 student_app = typer.Typer(help="Make a student from its teacher.", no_args_is_help=True)
 app.add_typer(student_app, name="student")
 
