@@ -58,3 +58,19 @@ def test_the_interval_covers_a_real_difference_and_refuses_unpaired_rows():
     assert iv.low < iv.delta < iv.high and iv.low > 0  # 0.2 per token, clear of noise at 400 rows
     with pytest.raises(ValueError, match="paired rows"):
         paired_difference(a, b[:10])
+
+
+def test_t_quantiles_and_the_seed_interval_against_scipy():
+    from scipy import stats
+
+    from kdkit.bootstrap import mean_interval, t975
+
+    for df in range(1, 31):
+        assert t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-4)
+    for df in (31, 45, 70, 500):  # conservative past the table: at least the true quantile, within 0.05
+        assert stats.t.ppf(0.975, df) <= t975(df) <= stats.t.ppf(0.975, df) + 0.05
+    xs = [4.75, 4.86, 4.80]
+    m, h = mean_interval(xs)
+    lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=stats.sem(xs))
+    assert m == pytest.approx(np.mean(xs)) and m - h == pytest.approx(lo) and m + h == pytest.approx(hi)
+    assert mean_interval([1.0]) is None

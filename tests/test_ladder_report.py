@@ -173,15 +173,18 @@ def test_rungs_over_seeds_aggregate_to_one_row_with_a_pooled_interval():
         for seed in (0, 1, 2):
             passed = {0.5: [2, 3, 1], 1.0: [4, 4, 5]}[w][seed]
             results.append({"rung": rung, "values": {"objective.kd_weight": w, "optim.seed": seed}, "status": "done",
-                            "avg_ce": 1.0 + seed, "avg_kl": 0.1 * seed, "val_loss": 2.0, "passed": passed,
-                            "n_tasks": 10, "decision": "KEEP" if passed >= 3 else "REVERT"})
+                            "avg_ce": 1.0 + seed, "avg_kl": 0.1 * seed, "val_loss": 2.0 + 0.1 * seed, "passed": passed,
+                            "n_tasks": 10, "decision": "KEEP" if passed >= 3 else "REVERT", "train_s": 10.0 * w})
             rung += 1
     results[-1] = {**results[-1], "status": "failed"}
     header, rows = seed_rows(vary, results)
     assert header[:2] == ["objective.kd_weight", "seeds"]
     lo, hi = wilson_interval(6, 30)
-    assert rows[0] == ["0.5", "3/3", "2.0000", "0.1000", "2.0000", f"6/30 [{100 * lo:.0f}–{100 * hi:.0f}%]", "1/3"]
-    assert rows[1][1] == "2/3" and rows[1][5].startswith("8/20") and rows[1][6] == "2/2"
+    half = 4.3027 * 0.1 / 3 ** 0.5  # the val losses 2.0, 2.1, 2.2: mean 2.1, sd 0.1, t(0.975, 2 df)
+    assert rows[0] == ["0.5", "3/3", "2.0000", "0.1000", f"2.1000 ± {half:.4f}", f"6/30 [{100 * lo:.0f}–{100 * hi:.0f}%]",
+                       "1/3", "5.0"]
+    assert rows[1][1] == "2/3" and rows[1][4] == f"2.0500 ± {12.7062 * 0.1 / 2 ** 0.5 / 2 ** 0.5:.4f}"
+    assert rows[1][5].startswith("8/20") and rows[1][6] == "2/2" and rows[1][7] == "10.0"
     assert seed_rows([("objective.kd_weight", [0.5])], results[:1]) is None
     # runs with probes get a coherence column: the last round's, and its mean over the seeds
     probed = [{**r, "coherence": 0.5 + 0.1 * r["values"]["optim.seed"], "coherence_min": 0.25, "interval": [0.1, 0.5],

@@ -311,3 +311,26 @@ def test_the_next_steps_requests_are_answered_before_the_step_asks(served):
     assert Counting.asked == 2 and not signal._pending  # taken from the prefetched answers
     direct = signal(batches[0], None)
     assert Counting.asked == 3 and torch.equal(got[0].logprobs, direct.logprobs) and torch.equal(got[0].ids, direct.ids)
+
+
+def test_generate_on_the_server_writes_the_local_generations_bytes(served, tmp_path):
+    """`kdkit generate --teacher-url`: vLLM's greedy completions of the same prompt ids are transformers'
+    (the tiny teacher in float32), so the rows are byte-identical; the served model is in the inputs."""
+    root, url = served
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"def f{i}(x):\n", "task": f"T/{i}"} for i in range(6)]
+                          + [{"messages": [{"role": "user", "content": "add 3 and 2"}]}])
+    common = ["generate", "--model", str(root / "teacher"), "--data", str(prompts), "--max-new-tokens", "12",
+              "--batch-size", "3", "--no-progress"]
+    local = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "local.jsonl")])
+    remote = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "served.jsonl"), "--teacher-url", url])
+    assert local.exit_code == 0 and remote.exit_code == 0, local.output + remote.output
+    assert (tmp_path / "served.jsonl").read_bytes() == (tmp_path / "local.jsonl").read_bytes()
+    rows = [json.loads(x) for x in (tmp_path / "served.jsonl").read_text().splitlines()]
+    assert len(rows) == 7 and all(r.get("completion") or r.get("messages") for r in rows)
+    side = json.loads((tmp_path / "served.jsonl.kdkit.json").read_text())
+    assert side["complete"] and side["served"]["model"] == str(root / "teacher")
+    # the local file was made without the server: resuming it with one is another input
+    again = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "local.jsonl"), "--teacher-url", url])
+    assert again.exit_code != 0 and "served" in again.output and "choose another --out" in again.output
+    lone = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "x.jsonl"), "--served-model", "m"])
+    assert lone.exit_code == 2 and "without --teacher-url it does nothing" in lone.output

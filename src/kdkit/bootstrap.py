@@ -49,3 +49,29 @@ def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = BOOTSTRAPS, se
     diffs = ratio(b[pick]) - ratio(a[pick])
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     return Interval(float(ratio(b[None])[0] - ratio(a[None])[0]), float(lo), float(hi), rows, seeds)
+
+
+# Student's t, two-sided 95% (the 0.975 quantile), by degrees of freedom 1–30; beyond, the next entry at or above
+_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
+         2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
+         2.0518, 2.0484, 2.0452, 2.0423)
+_T975_WIDE = ((40, 2.0211), (60, 2.0003), (120, 1.9799))
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (tabulated; conservative between
+    the entries past 30: the value of the next smaller tabulated df)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    return next((t for d, t in reversed(_T975_WIDE) if df >= d), _T975[-1])
+
+
+def mean_interval(xs: list[float]) -> tuple[float, float] | None:
+    """The mean of ``xs`` (one value per seed) and the half-width of its 95% Student-t interval; None for
+    fewer than two values."""
+    if len(xs) < 2:
+        return None
+    a = np.asarray(xs, dtype=np.float64)
+    return float(a.mean()), t975(len(a) - 1) * float(a.std(ddof=1)) / len(a) ** 0.5

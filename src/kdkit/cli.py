@@ -252,11 +252,13 @@ def generate_cmd(
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 (default) is greedy decoding."),
     top_p: float = typer.Option(None, help="Nucleus sampling (only with --temperature > 0; default 1.0)."),
     seed: int = typer.Option(None, help="Sampling seed (only with --temperature > 0; default 0)."),
+    teacher_url: str = typer.Option(None, help="A teacher served by vLLM (http://HOST:PORT) writes the completions, from the same prompt token ids; --model is then the local directory of its tokenizer and chat template (its EOS ids from there too)."),
+    served_model: str = typer.Option(None, help="With --teacher-url: the served model's name, when the server serves several."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Sequence-level KD: write the teacher's completions of DATA's prompts as training rows for `kdkit train`.
 
-    Greedy by default, with every generation setting explicit (nothing from the model's generation_config.json). The same model, prompts and settings give the same bytes; a killed run resumes at its last complete batch; a rerun with other inputs is refused naming the field (the inputs are in OUT.kdkit.json)."""
+    Greedy by default, with every generation setting explicit (nothing from the model's generation_config.json). The same model, prompts and settings give the same bytes; a killed run resumes at its last complete batch; a rerun with other inputs is refused naming the field (the inputs are in OUT.kdkit.json, with the served model's name under --teacher-url)."""
     from kdkit.generation import GenerationSettings
     from kdkit.seqkd import generate_rows
 
@@ -269,7 +271,12 @@ def generate_cmd(
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=temperature > 0,
                                   temperature=temperature or 1.0, top_p=1.0 if top_p is None else top_p,
                                   seed=seed or 0)
-    res = generate_rows(model, data, out, settings, progress=progress, log=console.print)
+    if served_model is not None and teacher_url is None:
+        fail("--served-model names a model of --teacher-url's server; without --teacher-url it does nothing")
+    from kdkit.served import Server
+
+    server = Server(teacher_url, served_model) if teacher_url else None
+    res = generate_rows(model, data, out, settings, progress=progress, log=console.print, server=server)
     console.print(f"{out}: {res['rows']} rows ({res['generated']} generated now)")
 
 

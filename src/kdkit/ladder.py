@@ -12,6 +12,7 @@ import csv
 import io
 import itertools
 import json
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -56,8 +57,9 @@ def _epoch_means(run_dir: Path) -> dict[str, float | None]:
         return sum(vals) / len(vals) if vals else None
 
     rounds = [s for s in steps if s.get("probe_round")]
+    last = epochs[-1] if epochs else {}
     return {"avg_ce": mean("ce_loss"), "avg_kl": mean("kl_loss"),
-            "val_loss": epochs[-1].get("val_loss") if epochs else None,
+            "val_loss": last.get("val_loss"), "val_kl": last.get("val_kl"), "val_top1": last.get("val_top1"),
             "coherence": rounds[-1]["probe_coherence"] if rounds else None,
             "coherence_min": min(r["probe_coherence"] for r in rounds) if rounds else None}
 
@@ -110,7 +112,9 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
             seeded = seed_settings(base_cfg, values)
             cfg = load_train_config(config, [*(overrides or []),
                                              *(f"{k}={json.dumps(v)}" for k, v in {**values, **seeded}.items())])
-            train(cfg, run_dir, resume=run_dir.exists(), progress=progress, log=log)
+            t0 = time.perf_counter()
+            trained = train(cfg, run_dir, resume=run_dir.exists(), progress=progress, log=log)
+            rec["train_s"] = trained.get("seconds", time.perf_counter() - t0)
             merge(run_dir, pack_dir)
             rec.update(seeded=seeded, weights_sha256=_weights_sha(run_dir / "final"))
             res = gate(registry, str(pack_dir), tasks, against=baseline.name, rule=rule, settings=settings,
@@ -120,6 +124,7 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
             rec.update(status="done", **_epoch_means(run_dir), decision=res.decision, passed=res.candidate_passed,
                        n_tasks=res.n_tasks, interval=list(res.candidate_interval), regressed=res.regressed,
                        fixed=res.fixed, p_value=res.p_value, baseline_passed=res.baseline_passed, pack=res.candidate,
+                       reason=res.reason, suites=[{k: s[k] for k in SUITE_FIELDS} for s in res.suites],
                        regressed_completions=res.suites[0]["regressed_completions"],
                        fixed_completions=res.suites[0]["fixed_completions"])
         except Exception as e:  # a failed rung must not stop the ladder
@@ -143,23 +148,31 @@ def _fmt(v: float | None, nd: int = 4) -> str:
 def table_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     keys = [k for k, _ in vary]
     probed = any(r.get("coherence") is not None for r in results)  # runs with probes: a coherence column
-    header = ["rung", *keys, "avg CE", "avg KL", "val loss", *(["coherence (last / min)"] if probed else []),
-              "anchor pass", "gate", "regressed"]
+    scored = _scored(results)  # a teacher scored the validation rows: its KL and top-1 agreement
+    header = ["rung", *keys, "avg CE", "avg KL", "val loss", *(["val KL", "val top-1"] if scored else []),
+              *(["coherence (last / min)"] if probed else []), "anchor pass", "gate", "regressed"]
     rows = []
     for r in results:
         vals = [str(r["values"][k]) for k in keys]
         if r["status"] != "done":
-            rows.append([str(r["rung"]), *vals, "—", "—", "—", *(["—"] if probed else []), "—", "FAILED",
-                         r.get("error", "")[:80]])
+            rows.append([str(r["rung"]), *vals, "—", "—", "—", *(["—", "—"] if scored else []),
+                         *(["—"] if probed else []), "—", "FAILED", r.get("error", "")[:80]])
             continue
         lo, hi = r["interval"]
         coh = [f"{_fmt(r.get('coherence'), 3)} / {_fmt(r.get('coherence_min'), 3)}"] if probed else []
-        rows.append([str(r["rung"]), *vals, _fmt(r["avg_ce"]), _fmt(r["avg_kl"]), _fmt(r["val_loss"]), *coh,
+        rows.append([str(r["rung"]), *vals, _fmt(r["avg_ce"]), _fmt(r["avg_kl"]), _fmt(r["val_loss"]),
+                     *([_fmt(r.get("val_kl")), _fmt(r.get("val_top1"))] if scored else []), *coh,
                      f"{r['passed']}/{r['n_tasks']} [{100 * lo:.0f}–{100 * hi:.0f}%]", r["decision"],
                      format_tasks(r["regressed"])])
     return header, rows
 
 
+def _scored(results: list[dict[str, Any]]) -> bool:
+    return any(r.get("val_kl") is not None for r in results)
+
+
+SUITE_FIELDS = ("tasks", "decision", "candidate_passed", "baseline_passed", "n_tasks", "p_value", "reason")
+"""What a rung records of each suite of its gate (the anchors first)."""
 SEED_KEY = "optim.seed"
 SEEDED = ("data.shuffle_seed", "objective.on_policy.seed")  # what a seed also sets (from the config's value on)
 
@@ -213,6 +226,7 @@ def seed_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]
               ) -> tuple[list[str], list[list[str]]] | None:
     """Rungs that differ only in ``optim.seed`` as one row: mean losses over the seeds, the pooled anchor
     pass count with its Wilson interval, and how many seeds the gate kept. None without a seed axis."""
+    from kdkit.bootstrap import mean_interval
     from kdkit.evaluate import wilson_interval
 
     keys = [k for k, _ in vary if k != SEED_KEY]
@@ -221,9 +235,10 @@ def seed_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for r in results:
         groups.setdefault(tuple(str(r["values"][k]) for k in keys), []).append(r)
-    probed = any(r.get("coherence") is not None for r in results)
-    header = [*keys, "seeds", "avg CE", "avg KL", "val loss", *(["coherence (mean of last)"] if probed else []),
-              "anchor pass (pooled)", "KEEP"]
+    probed, scored = any(r.get("coherence") is not None for r in results), _scored(results)
+    header = [*keys, "seeds", "avg CE", "avg KL", "val loss ± 95%", *(["val KL ± 95%", "val top-1 ± 95%"] if scored
+                                                                     else []),
+              *(["coherence (mean of last)"] if probed else []), "anchor pass (pooled)", "KEEP", "train s (mean)"]
     rows = []
     for vals, rs in groups.items():
         done = [r for r in rs if r["status"] == "done"]
@@ -232,13 +247,56 @@ def seed_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]
             xs = [r[name] for r in done if r.get(name) is not None]
             return sum(xs) / len(xs) if xs else None
 
+        def spread(name: str, done: list[dict[str, Any]] = done) -> str:
+            xs = [r[name] for r in done if r.get(name) is not None]
+            mi = mean_interval(xs)  # over seeds: Student's t
+            return _fmt(mean(name)) if mi is None else f"{mi[0]:.4f} ± {mi[1]:.4f}"
+
         k, n = sum(r["passed"] for r in done), sum(r["n_tasks"] for r in done)
         lo, hi = wilson_interval(k, n)
-        rows.append([*vals, f"{len(done)}/{len(rs)}", _fmt(mean("avg_ce")), _fmt(mean("avg_kl")),
-                     _fmt(mean("val_loss")), *([_fmt(mean("coherence"), 3)] if probed else []),
+        rows.append([*vals, f"{len(done)}/{len(rs)}", _fmt(mean("avg_ce")), _fmt(mean("avg_kl")), spread("val_loss"),
+                     *([spread("val_kl"), spread("val_top1")] if scored else []),
+                     *([_fmt(mean("coherence"), 3)] if probed else []),
                      f"{k}/{n} [{100 * lo:.0f}–{100 * hi:.0f}%]" if n else "—",
-                     f"{sum(r['decision'] == 'KEEP' for r in done)}/{len(done)}"])
+                     f"{sum(r['decision'] == 'KEEP' for r in done)}/{len(done)}", _fmt(mean("train_s"), 1)])
     return header, rows
+
+
+def paired_against_first(d: Path) -> dict[str, Any] | None:
+    """Each rung of the ladder in ``d`` (its seeds together) against the first, on the validation rows: the
+    difference of validation CE and KL per token (b − first) with a 95% paired bootstrap :class:`Interval` over
+    seeds and rows (None for KL without a scoring teacher). Rungs without the same seeds and rows are left out;
+    None when fewer than two rungs have per-row validation sums."""
+    import numpy as np
+
+    from kdkit.bootstrap import paired_difference
+    from kdkit.train.metrics import VALIDATION_ROWS
+
+    groups: dict[str, list[tuple[Any, dict[str, Any]]]] = {}
+    for f in sorted((d / "rungs").glob("*.json")):
+        r = json.loads(f.read_text())
+        vf = Path(r.get("run_dir", "")) / VALIDATION_ROWS
+        if r.get("status") == "done" and vf.is_file():
+            key = ", ".join(f"{k}={v}" for k, v in r["values"].items() if k != SEED_KEY) or "the config"
+            groups.setdefault(key, []).append((r["values"].get(SEED_KEY, 0), json.loads(vf.read_text())))
+    if len(groups) < 2:
+        return None
+    names = list(groups)
+    first = sorted(groups[names[0]], key=lambda x: x[0])
+    out = []
+    for name in names[1:]:
+        other = sorted(groups[name], key=lambda x: x[0])
+        if [s for s, _ in other] != [s for s, _ in first] or any(o["line"] != f["line"] for (_, o), (_, f) in
+                                                                  zip(other, first, strict=True)):
+            continue  # not the same seeds and rows: no pairing
+        found: dict[str, Any] = {"name": name}
+        for key in ("ce", "kl"):
+            col = f"{key}_sum"
+            arr = [np.stack([[v[col], v["tokens"]] for _, v in g], 0).transpose(0, 2, 1)
+                   for g in (first, other)] if all(v.get(col) for _, v in first + other) else None
+            found[key] = None if arr is None else paired_difference(arr[0], arr[1])
+        out.append(found)
+    return {"first": names[0], "rows": len(first[0][1]["line"]), "seeds": len(first), "rungs": out} if out else None
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:

@@ -306,43 +306,20 @@ def _ladder_body(d: Path) -> str:
 
 
 def _ladder_paired(d: Path) -> str:
-    """Each rung (its seeds together) against the first on the validation rows: the difference of validation
-    CE (and KL) per token with a paired bootstrap interval over seeds and rows."""
-    from kdkit.bootstrap import paired_difference
-    from kdkit.ladder import SEED_KEY
-    from kdkit.train.metrics import VALIDATION_ROWS
+    """Each rung (its seeds together) against the first on the validation rows (`ladder.paired_against_first`)."""
+    from kdkit.ladder import paired_against_first
 
-    groups: dict[str, list[tuple[Any, dict[str, Any]]]] = {}
-    for f in sorted((d / "rungs").glob("*.json")):
-        r = json.loads(f.read_text())
-        vf = Path(r.get("run_dir", "")) / VALIDATION_ROWS
-        if r.get("status") == "done" and vf.is_file():
-            key = ", ".join(f"{k}={v}" for k, v in r["values"].items() if k != SEED_KEY) or "the config"
-            groups.setdefault(key, []).append((r["values"].get(SEED_KEY, 0), json.loads(vf.read_text())))
-    if len(groups) < 2:
+    found = paired_against_first(d)
+    if found is None:
         return ""
-    names = list(groups)
-    first = sorted(groups[names[0]], key=lambda x: x[0])
-    rows = []
-    for name in names[1:]:
-        other = sorted(groups[name], key=lambda x: x[0])
-        if [s for s, _ in other] != [s for s, _ in first] or any(o["line"] != f["line"] for (_, o), (_, f) in
-                                                                  zip(other, first, strict=True)):
-            continue  # not the same seeds and rows: no pairing
-        cells = [name]
-        for key in ("ce_sum", "kl_sum"):
-            if all(v.get(key) for _, v in first + other):
-                arr = [np.stack([[v[key], v["tokens"]] for _, v in g], 0).transpose(0, 2, 1) for g in (first, other)]
-                iv = paired_difference(arr[0], arr[1])
-                cells.append(f"{iv.delta:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]")
-            else:
-                cells.append("—")
-        rows.append(cells)
-    if not rows:
-        return ""
-    seeds = len(first)
-    return (f"<h2>Validation against {html.escape(names[0])}</h2><p>Differences per token, 95% paired bootstrap over "
-            f"{len(first[0][1]['line'])} validation rows{f' × {seeds} seeds' if seeds > 1 else ''}.</p>" +
+
+    def cell(iv: Any) -> str:
+        return "—" if iv is None else f"{iv.delta:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]"
+
+    rows = [[r["name"], cell(r["ce"]), cell(r["kl"])] for r in found["rungs"]]
+    seeds = found["seeds"]
+    return (f"<h2>Validation against {html.escape(found['first'])}</h2><p>Differences per token, 95% paired bootstrap "
+            f"over {found['rows']} validation rows{f' × {seeds} seeds' if seeds > 1 else ''}.</p>" +
             _table(["rung", "Δ validation CE", "Δ validation KL"], rows))
 
 

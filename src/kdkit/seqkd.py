@@ -6,6 +6,9 @@ training row of the same format, with its ``role``, ``task`` and ``weight`` kept
 in fixed batches in file order and appended batch by batch, so a killed run resumes at the last
 complete batch and the file ends byte-identical to an uninterrupted run; a sidecar
 ``<out>.kdkit.json`` records the inputs, and a rerun with other inputs is refused naming the field.
+With a server (``--teacher-url``: a teacher served by vLLM) the completions come from its
+``/v1/completions`` on the same prompt token ids, the local directory giving the tokenizer and the chat
+template; the model the server names is part of the inputs.
 """
 
 from __future__ import annotations
@@ -86,10 +89,11 @@ def as_row(obj: dict[str, Any], completion: str) -> dict[str, Any]:
     return {"messages": _history(obj) + [{"role": "assistant", "content": completion}], **kept}
 
 
-def _inputs(model_dir: str, data: str, settings: GenerationSettings) -> dict[str, Any]:
+def _inputs(model_dir: str, data: str, settings: GenerationSettings, server: Any = None) -> dict[str, Any]:
     """What the rows depend on: every file of the model directory (weights, tokenizer, chat template,
-    generation config), the prompts' bytes and the generation settings."""
-    return {"model": path_identity(model_dir),
+    generation config), the prompts' bytes, the generation settings and, served, the model the server names."""
+    served = None if server is None else {"model": server.info()["model"], "vllm_version": server.info()["vllm_version"]}
+    return {"model": path_identity(model_dir), "served": served,
             "data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
             "settings": {"max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size,
                          "do_sample": settings.do_sample, "temperature": settings.temperature,
@@ -110,7 +114,7 @@ def _resume_point(out: Path, inputs: dict[str, Any], batch: int) -> int:
         what = (changed_inputs({"model": old["model"]}, {"model": inputs["model"]})[0]
                 if isinstance(old.get("model"), dict) and "files" in old["model"] else "model: another model")
         raise GenerateError(f"{out}: made from other inputs ({what}); choose another --out")
-    for key in ("data_sha256", "settings"):
+    for key in ("data_sha256", "settings", "served"):
         if old.get(key) != inputs[key]:
             raise GenerateError(f"{out}: made from other inputs ({key}: {old.get(key)!r} → {inputs[key]!r}); "
                                 f"choose another --out")
@@ -120,6 +124,30 @@ def _resume_point(out: Path, inputs: dict[str, Any], batch: int) -> int:
     with out.open("r+b") as fh:
         fh.truncate(sum(len(x) + 1 for x in lines[:keep]))
     return keep
+
+
+def _completer(model_dir: str, tokenizer: Any, settings: GenerationSettings, server: Any
+               ) -> Callable[[list[list[int]], int], list[list[int]]]:
+    """(prompt ids, seed) → completion ids: the local model's :func:`generate_ids`, or the server's, which
+    stops at the same EOS ids (the model's generation config's and the tokenizer's)."""
+    if server is None:
+        model = load_causal_lm(model_dir)
+
+        def local(chunk: list[list[int]], seed: int) -> list[list[int]]:
+            with own_rng():
+                torch.manual_seed(seed)
+                return generate_ids(model, tokenizer, chunk, settings)
+        return local
+    from transformers import GenerationConfig
+
+    try:
+        own = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:  # no generation_config.json
+        own = json.loads((Path(model_dir) / "config.json").read_text()).get("eos_token_id")
+    stops = sorted({int(i) for i in (own if isinstance(own, list) else [own]) if i is not None}
+                   | {int(tokenizer.eos_token_id)})
+    temperature = settings.temperature if settings.do_sample else 0.0
+    return lambda chunk, seed: server.generate(chunk, settings.max_new_tokens, temperature, settings.top_p, seed, stops)
 
 
 @contextmanager
@@ -147,21 +175,22 @@ def _writer_lock(out: Path) -> Iterator[None]:
 
 
 def generate_rows(model_dir: str, data: str, out: str | Path, settings: GenerationSettings, *,
-                  progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write ``out`` (JSONL): every prompt row of ``data`` with the model's completion. Returns a summary."""
+                  progress: bool = True, log: Callable[[str], None] = print, server: Any = None) -> dict[str, Any]:
+    """Write ``out`` (JSONL): every prompt row of ``data`` with the model's completion (the ``server``'s, a
+    :class:`kdkit.served.Server`, when given; ``model_dir`` then gives the tokenizer). Returns a summary."""
     out = Path(out)
     if out.parent.is_dir():
         with _writer_lock(out), storage(out):
-            return _generate(model_dir, data, out, settings, progress, log)
+            return _generate(model_dir, data, out, settings, progress, log, server)
     raise GenerateError(f"{out}: the directory {out.parent} does not exist")
 
 
 def _generate(model_dir: str, data: str, out: Path, settings: GenerationSettings, progress: bool,
-              log: Callable[[str], None]) -> dict[str, Any]:
+              log: Callable[[str], None], server: Any) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     rows = read_prompts(data)
-    inputs = _inputs(model_dir, data, settings)
+    inputs = _inputs(model_dir, data, settings, server)
     done = _resume_point(out, inputs, settings.batch_size)
     if done >= len(rows) and json.loads(sidecar(out).read_text()).get("complete"):
         log(f"{out}: complete ({len(rows)} rows); nothing to do")
@@ -170,7 +199,7 @@ def _generate(model_dir: str, data: str, out: Path, settings: GenerationSettings
         log(f"{out}: resuming after {done} rows")
     atomic_write_json(sidecar(out), {**inputs, "complete": False})
     tokenizer = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir)
+    complete = _completer(model_dir, tokenizer, settings, server)
     prompts = [prompt_tokens(tokenizer, obj, data, line) for line, obj in rows]
     shown = bar_shown(progress)
     bar = Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -180,9 +209,7 @@ def _generate(model_dir: str, data: str, out: Path, settings: GenerationSettings
         task = bar.add_task("generate", total=len(rows), completed=done)
         for lo in range(done, len(rows), settings.batch_size):
             chunk = prompts[lo:lo + settings.batch_size]
-            with own_rng():
-                torch.manual_seed(settings.seed * 1_000_003 + lo)  # a batch's samples do not depend on a resume
-                completions = generate_ids(model, tokenizer, chunk, settings)
+            completions = complete(chunk, settings.seed * 1_000_003 + lo)  # a batch's samples: not a resume's
             stops = {tokenizer.eos_token_id}
             for (_, obj), ids in zip(rows[lo:lo + len(chunk)], completions, strict=True):
                 text = tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)

@@ -139,6 +139,7 @@ def propose_tau(cfg: TrainConfig, steps: int = 8, target_prob: float = 0.5,
         r, _, _ = build(cfg, run, _accelerator(cfg, run), None, log)
         fig = measure(r, steps, target_prob)
     if fig.micro_batches == 0:
-        raise UsageError("no micro-batch of the first steps has a barrier position (objective.roles: barrier)")
+        raise UsageError(f"no off-policy micro-batch of the first {steps} steps has a barrier position (check "
+                         f"objective.roles.<role>.barrier, objective.on_policy.fraction, --steps)")
     return fig.as_dict(cfg)
 

@@ -1,0 +1,59 @@
+"""README's real-model tables, from the examples' own summaries (docs/real_models.json).
+
+    python examples/smollm2_kd_vs_ce.py --out kd-vs-ce                   # the full run (~60 min, 2 cores)
+    python scripts/readme_real.py --kd-vs-ce kd-vs-ce/summary.json        # keep it and rewrite README's table
+    python scripts/readme_real.py --reduced kd-vs-ce-small/summary.json   # the reduced run the slow test repeats
+    python scripts/readme_real.py                                         # README from docs/real_models.json
+
+tests/test_real_examples.py checks that README shows what docs/real_models.json holds, and (slow) that the
+reduced run still gives the recorded figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ROOT / "docs" / "real_models.json"
+README = ROOT / "README.md"
+START, END = "<!-- kd-vs-ce:start -->\n", "<!-- kd-vs-ce:end -->"
+REDUCED = ["--train-rows", "24", "--val-rows", "8", "--tasks-n", "3", "--steps", "4", "--seeds", "2",
+           "--max-new-tokens", "64"]
+"""The reduced size of examples/smollm2_kd_vs_ce.py the slow test reruns."""
+sys.path.insert(0, str(ROOT / "examples"))
+
+from smollm2_kd_vs_ce import summary_table  # noqa: E402
+
+
+def figures(summary: dict) -> dict:
+    """What a rerun must reproduce: per arm and seed the validation figures and pass counts; the student
+    before training and the teacher (not the seconds)."""
+    arms = {name: {"seeds": a["seeds"], **{k: [round(x, 4) for x in a[k]["values"]] for k in
+                                           ("val_loss", "val_kl", "val_top1")}, "pass": a["pass"]["per_seed"]}
+            for name, a in summary["arms"].items()}
+    return {"arms": arms, **{m: {k: round(v, 4) for k, v in summary[m].items()} for m in ("student_before", "teacher")}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kd-vs-ce", type=Path, help="the full run's summary.json")
+    ap.add_argument("--reduced", type=Path, help="the reduced run's summary.json")
+    a = ap.parse_args()
+    data = json.loads(FIGURES.read_text()) if FIGURES.is_file() else {}
+    if a.kd_vs_ce:
+        data["kd_vs_ce"] = json.loads(a.kd_vs_ce.read_text())
+    if a.reduced:
+        data["kd_vs_ce_reduced"] = {"args": REDUCED, "figures": figures(json.loads(a.reduced.read_text()))}
+    FIGURES.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    text = README.read_text()
+    head, rest = text.split(START, 1)
+    README.write_text(head + START + summary_table(data["kd_vs_ce"]) + END + rest.split(END, 1)[1])
+    print(f"README: the KD vs CE table from {FIGURES.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
