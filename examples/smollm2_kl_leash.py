@@ -140,9 +140,10 @@ def main() -> int:
     config = write_config(base, chat_rows(train_tasks, args.out / "train_rows.jsonl"), args)
     anchors = humaneval_slice(args.anchors, args.out / "humaneval.jsonl")
     ws = str(args.out / "ws")
-    kdkit("registry", "promote", str(base), "--name", "base", "--workspace", ws)
     taus = {agg: propose(config, agg, args) for agg in ("mean", "rmse")}
     for name, agg, weight in ARMS:
+        # every arm is gated against the base: a KEEP of an earlier arm promoted its candidate
+        kdkit("registry", "promote", str(base), "--name", "base", "--workspace", ws)
         kdkit("ladder", str(config), "--vary", f"objective.barrier.aggregate={agg}", "--seeds", str(args.seeds),
               "--set", f"objective.barrier.weight={weight}", "--set", f"objective.barrier.tau={taus[agg]}",
               "--tasks", str(anchors), "--tasks", str(args.out / "skeleton_heldout.jsonl"),
