@@ -3,6 +3,7 @@
     python examples/smollm2_kd_vs_ce.py --out kd-vs-ce                   # the full run (~60 min, 2 cores)
     python scripts/readme_real.py --kd-vs-ce kd-vs-ce/summary.json        # keep it and rewrite README's table
     python scripts/readme_real.py --reduced kd-vs-ce-small/summary.json   # the reduced run the slow test repeats
+    python scripts/readme_real.py --leash-reduced kl-leash-small/summary.json   # likewise, examples/smollm2_kl_leash.py
     python scripts/readme_real.py                                         # README from docs/real_models.json
 
 tests/test_real_examples.py checks that README shows what docs/real_models.json holds, and (slow) that the
@@ -23,6 +24,9 @@ START, END = "<!-- kd-vs-ce:start -->\n", "<!-- kd-vs-ce:end -->"
 REDUCED = ["--train-rows", "24", "--val-rows", "8", "--tasks-n", "3", "--steps", "4", "--seeds", "2",
            "--max-new-tokens", "64"]
 """The reduced size of examples/smollm2_kd_vs_ce.py the slow test reruns."""
+LEASH_REDUCED = ["--anchors", "4", "--heldout", "6", "--train-rows", "80", "--steps", "10", "--seeds", "2",
+                 "--max-new-tokens", "96"]
+"""The reduced size of examples/smollm2_kl_leash.py the slow test reruns."""
 sys.path.insert(0, str(ROOT / "examples"))
 
 from smollm2_kd_vs_ce import summary_table  # noqa: E402
@@ -37,16 +41,28 @@ def figures(summary: dict) -> dict:
     return {"arms": arms, **{m: {k: round(v, 4) for k, v in summary[m].items()} for m in ("student_before", "teacher")}}
 
 
+def leash_figures(summary: dict) -> dict:
+    """What a rerun of the KL-leash example must reproduce: per arm the τ, and per seed the HumanEval and
+    skeleton tasks passed and the gate's decision."""
+    return {name: {"tau": None if a["tau"] is None else round(a["tau"], 4), "seeds": a["seeds"],
+                   "anchor_passed": a["anchor_passed"], "new_task_passed": a["new_task_passed"],
+                   "decisions": a["decisions"], "base": [a["base_anchor_passed"], a["base_new_task_passed"]]}
+            for name, a in summary["arms"].items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kd-vs-ce", type=Path, help="the full run's summary.json")
     ap.add_argument("--reduced", type=Path, help="the reduced run's summary.json")
+    ap.add_argument("--leash-reduced", type=Path, help="the KL-leash example's reduced run's summary.json")
     a = ap.parse_args()
     data = json.loads(FIGURES.read_text()) if FIGURES.is_file() else {}
     if a.kd_vs_ce:
         data["kd_vs_ce"] = json.loads(a.kd_vs_ce.read_text())
     if a.reduced:
         data["kd_vs_ce_reduced"] = {"args": REDUCED, "figures": figures(json.loads(a.reduced.read_text()))}
+    if a.leash_reduced:
+        data["kl_leash_reduced"] = {"args": LEASH_REDUCED, "figures": leash_figures(json.loads(a.leash_reduced.read_text()))}
     FIGURES.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     text = README.read_text()
     head, rest = text.split(START, 1)

