@@ -25,26 +25,17 @@ import gzip
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smollm2_distill import convert, find_gguf  # noqa: E402
+from smollm2_kd_vs_ce import kdkit, optim_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MBPP = ROOT.parent / "shared" / "data" / "mbpp" / "mbpp.jsonl"
 SKELETON = "Skeleton only: keep this docstring, raise NotImplementedError."
 ARMS = (("no barrier", "mean", 0.0), ("kl_rev mean", "mean", 1.0), ("kl_rev rmse", "rmse", 1.0))
-
-
-def kdkit(*args: str, capture: bool = False) -> str:
-    """One kdkit command, printed, in this interpreter; a failure stops the example (a gate's REVERT, exit 1
-    inside a ladder, does not: the ladder records it)."""
-    print("$ kdkit " + " ".join(args), flush=True)
-    proc = subprocess.run([sys.executable, "-m", "kdkit", *args], check=True, text=True,
-                          stdout=subprocess.PIPE if capture else None)
-    return proc.stdout or ""
 
 
 def skeleton_tasks(mbpp: Path, lo: int, hi: int, out: Path) -> list[dict]:
@@ -101,9 +92,7 @@ def write_config(base: Path, train: Path, args: argparse.Namespace) -> Path:
            "data": {"train": str(train), "max_length": 512},
            "reference": {"kind": "base"},
            "objective": {"ce_coef": 1.0, "barrier": {"kind": "kl_rev", "aggregate": "mean", "tau": 0.0, "weight": 1.0}},
-           "optim": {"lr": args.lr, "micro_batch": 4, "grad_accum": 2, "epochs": 100, "max_steps": args.steps,
-                     "schedule": "cosine", "warmup_steps": max(1, args.steps // 10)},
-           "checkpoint": {"every": 0}, "logging": {"every": 5}}
+           "optim": optim_section(args), "checkpoint": {"every": 0}, "logging": {"every": 5}}
     path = args.out / "leash.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
