@@ -145,46 +145,74 @@ def main() -> int:
 
 
 def summarize(args: argparse.Namespace, taus: dict[str, float]) -> dict:
-    """summary.json and summary.md from the three ladders' rungs and their gate decisions."""
+    """summary.json and summary.md from the three ladders' rungs, their runs' logs and their gate decisions."""
     import torch
     import transformers
 
-    from kdkit.evaluate import wilson_interval
-
-    arms = {}
-    for name, agg, weight in ARMS:
-        rungs = [json.loads(f.read_text()) for f in sorted((args.out / name.replace(" ", "_") / "rungs").glob("*.json"))]
-        done = [r for r in rungs if r["status"] == "done"]
-        k, n = sum(r["passed"] for r in done), sum(r["n_tasks"] for r in done)
-        arms[name] = {"aggregate": agg if weight else None, "tau": taus[agg] if weight else None,
-                      "seeds": [r["values"]["optim.seed"] for r in done], "anchor_passed": [r["passed"] for r in done],
-                      "anchor_pooled": [k, n, *wilson_interval(k, n)] if n else None,
-                      "base_anchor_passed": done[0]["baseline_passed"] if done else None,
-                      "decisions": [r["decision"] for r in done], "reasons": [r.get("reason") for r in done],
-                      "new_task_passed": [r["suites"][1]["candidate_passed"] for r in done],
-                      "new_task_tasks": done[0]["suites"][1]["n_tasks"] if done else None,
-                      "base_new_task_passed": done[0]["suites"][1]["baseline_passed"] if done else None,
-                      "regressed": [r["regressed"] for r in done],
-                      "fixed": [r["fixed"] for r in done], "train_s": [r.get("train_s") for r in done],
-                      "val_loss": [r.get("val_loss") for r in done]}
+    arms = {name: _arm(args.out / name.replace(" ", "_"), taus[agg] if weight else None, agg if weight else None)
+            for name, agg, weight in ARMS}
     summary = {"arms": arms, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                                "python": platform.python_version(), "threads": torch.get_num_threads()}}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-    first = next((a for a in arms.values() if a["base_anchor_passed"] is not None), None)
-    lines = [f"| arm | τ | HumanEval passed per seed (base {first and first['base_anchor_passed']}/{args.anchors}) | "
-             f"pooled [95%] | skeleton tasks per seed (base {first and first['base_new_task_passed']}/{args.heldout}) | "
-             "gate per seed |", "|---|---|---|---|---|---|"]
-    for name, a in arms.items():
-        pooled = a["anchor_pooled"]
-        cell = "—" if pooled is None else f"{pooled[0]}/{pooled[1]} [{100 * pooled[2]:.0f}–{100 * pooled[3]:.0f}%]"
-        tau = "—" if a["tau"] is None else f"{a['tau']:.4g}"
-        lines.append(f"| {name} | {tau} | {', '.join(map(str, a['anchor_passed']))} | {cell} | "
-                     f"{', '.join(map(str, a['new_task_passed']))} | {', '.join(a['decisions'])} |")
-    lines += ["", *(f"- {name}, seed {s}: {why}" for name, a in arms.items() for s, why in zip(a["seeds"], a["reasons"],
-                                                                                            strict=True))]
-    (args.out / "summary.md").write_text("\n".join(lines) + "\n")
+    (args.out / "summary.md").write_text(leash_table(summary))
     return summary
+
+
+def _arm(ladder: Path, tau: float | None, aggregate: str | None) -> dict:
+    """One arm's figures: per seed the anchors and skeleton tasks passed, the gate's decision and reason, the
+    training CE and the divergence to the base (both aggregates, averaged over the logged steps)."""
+    from kdkit.evaluate import wilson_interval
+    from kdkit.train.rundir import read_log
+
+    rungs = [json.loads(f.read_text()) for f in sorted((ladder / "rungs").glob("*.json"))]
+    done = [r for r in rungs if r["status"] == "done"]
+    k, n = sum(r["passed"] for r in done), sum(r["n_tasks"] for r in done)
+
+    def logged(r: dict, key: str) -> float:
+        vals = [s[key] for s in read_log(Path(r["run_dir"]) / "metrics.jsonl") if key in s]
+        return sum(vals) / len(vals)
+
+    return {"aggregate": aggregate, "tau": tau,
+            "seeds": [r["values"]["optim.seed"] for r in done], "anchor_passed": [r["passed"] for r in done],
+            "anchor_tasks": done[0]["n_tasks"] if done else None,
+            "anchor_pooled": [k, n, *wilson_interval(k, n)] if n else None,
+            "base_anchor_passed": done[0]["baseline_passed"] if done else None,
+            "decisions": [r["decision"] for r in done], "reasons": [r.get("reason") for r in done],
+            "new_task_passed": [r["suites"][1]["candidate_passed"] for r in done],
+            "new_task_tasks": done[0]["suites"][1]["n_tasks"] if done else None,
+            "base_new_task_passed": done[0]["suites"][1]["baseline_passed"] if done else None,
+            "regressed": [r["regressed"] for r in done], "fixed": [r["fixed"] for r in done],
+            "train_s": [r.get("train_s") for r in done], "avg_ce": [r.get("avg_ce") for r in done],
+            "kl_to_base": {how: [logged(r, f"barrier_div_{how}") for r in done] for how in ("mean", "rmse")}}
+
+
+def leash_table(s: dict) -> str:
+    """summary.md and README's table: one row per run in the seed's ladder format, then each gate's reason."""
+    arms = [(name, a) for name, a in s["arms"].items() if a["seeds"]]
+    if not arms:
+        return "no finished runs\n"
+    first = arms[0][1]
+    base_a, n_a, base_n, n_n = (first["base_anchor_passed"], first["anchor_tasks"], first["base_new_task_passed"],
+                                first["new_task_tasks"])
+    lines = [f"| run | τ | avg CE | KL to base, mean / rmse | HumanEval pass (base {base_a}/{n_a}) | "
+             f"skeletons (base {base_n}/{n_n}) | gate | regressed (vs base) |", "|---|---|---|---|---|---|---|---|"]
+    for name, a in arms:
+        tau = "—" if a["tau"] is None else f"{a['tau']:.4g}"
+        for i, seed in enumerate(a["seeds"]):
+            regressed = ", ".join(t.replace("HumanEval/", "HE/") for t in a["regressed"][i]) or "—"
+            lines.append(f"| {name}, seed {seed} | {tau} | {a['avg_ce'][i]:.4f} | {a['kl_to_base']['mean'][i]:.4f} / "
+                         f"{a['kl_to_base']['rmse'][i]:.4f} | {a['anchor_passed'][i]} / {n_a} | "
+                         f"{a['new_task_passed'][i]} / {n_n} | {a['decisions'][i]} | {regressed} |")
+    lines += ["", "| arm | HumanEval pooled over seeds [95% Wilson] | skeletons pooled | train s per run |",
+              "|---|---|---|---|"]
+    for name, a in arms:
+        k, n, lo, hi = a["anchor_pooled"]
+        lines.append(f"| {name} | {k}/{n} [{100 * lo:.0f}–{100 * hi:.0f}%] | {sum(a['new_task_passed'])}/"
+                     f"{n_n * len(a['seeds'])} | {sum(a['train_s']) / len(a['train_s']):.0f} |")
+    lines += ["", *(f"- {name}, seed {seed}: {why}" for name, a in arms
+                    for seed, why in zip(a["seeds"], a["reasons"], strict=True))]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
     python examples/smollm2_kd_vs_ce.py --out kd-vs-ce                   # the full run (~60 min, 2 cores)
     python scripts/readme_real.py --kd-vs-ce kd-vs-ce/summary.json        # keep it and rewrite README's table
     python scripts/readme_real.py --reduced kd-vs-ce-small/summary.json   # the reduced run the slow test repeats
-    python scripts/readme_real.py --leash-reduced kl-leash-small/summary.json   # likewise, examples/smollm2_kl_leash.py
+    python examples/smollm2_kl_leash.py --out kl-leash                   # the KL-leash example's full run (~85 min)
+    python scripts/readme_real.py --kl-leash kl-leash/summary.json        # keep it and rewrite README's table
+    python scripts/readme_real.py --leash-reduced kl-leash-small/summary.json   # its reduced run, likewise
     python scripts/readme_real.py                                         # README from docs/real_models.json
 
 tests/test_real_examples.py checks that README shows what docs/real_models.json holds, and (slow) that the
@@ -21,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "real_models.json"
 README = ROOT / "README.md"
 START, END = "<!-- kd-vs-ce:start -->\n", "<!-- kd-vs-ce:end -->"
+LEASH_START, LEASH_END = "<!-- kl-leash:start -->\n", "<!-- kl-leash:end -->"
 REDUCED = ["--train-rows", "24", "--val-rows", "8", "--tasks-n", "3", "--steps", "4", "--seeds", "2",
            "--max-new-tokens", "64"]
 """The reduced size of examples/smollm2_kd_vs_ce.py the slow test reruns."""
@@ -30,6 +33,7 @@ LEASH_REDUCED = ["--anchors", "4", "--heldout", "6", "--train-rows", "80", "--st
 sys.path.insert(0, str(ROOT / "examples"))
 
 from smollm2_kd_vs_ce import summary_table  # noqa: E402
+from smollm2_kl_leash import leash_table  # noqa: E402
 
 
 def figures(summary: dict) -> dict:
@@ -43,17 +47,30 @@ def figures(summary: dict) -> dict:
 
 def leash_figures(summary: dict) -> dict:
     """What a rerun of the KL-leash example must reproduce: per arm the τ, and per seed the HumanEval and
-    skeleton tasks passed and the gate's decision."""
+    skeleton tasks passed, the gate's decision, the training CE and the divergence to the base."""
     return {name: {"tau": None if a["tau"] is None else round(a["tau"], 4), "seeds": a["seeds"],
                    "anchor_passed": a["anchor_passed"], "new_task_passed": a["new_task_passed"],
-                   "decisions": a["decisions"], "base": [a["base_anchor_passed"], a["base_new_task_passed"]]}
+                   "decisions": a["decisions"], "base": [a["base_anchor_passed"], a["base_new_task_passed"]],
+                   "avg_ce": [round(x, 4) for x in a["avg_ce"]],
+                   "kl_to_base": {how: [round(x, 4) for x in v] for how, v in a["kl_to_base"].items()}}
             for name, a in summary["arms"].items()}
+
+
+def shown(text: str, start: str, end: str) -> str:
+    """What README shows between two markers."""
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+def replace_between(text: str, start: str, end: str, table: str) -> str:
+    head, rest = text.split(start, 1)
+    return head + start + table + end + rest.split(end, 1)[1]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kd-vs-ce", type=Path, help="the full run's summary.json")
     ap.add_argument("--reduced", type=Path, help="the reduced run's summary.json")
+    ap.add_argument("--kl-leash", type=Path, help="the KL-leash example's full run's summary.json")
     ap.add_argument("--leash-reduced", type=Path, help="the KL-leash example's reduced run's summary.json")
     a = ap.parse_args()
     data = json.loads(FIGURES.read_text()) if FIGURES.is_file() else {}
@@ -61,13 +78,16 @@ def main() -> int:
         data["kd_vs_ce"] = json.loads(a.kd_vs_ce.read_text())
     if a.reduced:
         data["kd_vs_ce_reduced"] = {"args": REDUCED, "figures": figures(json.loads(a.reduced.read_text()))}
+    if a.kl_leash:
+        data["kl_leash"] = json.loads(a.kl_leash.read_text())
     if a.leash_reduced:
         data["kl_leash_reduced"] = {"args": LEASH_REDUCED, "figures": leash_figures(json.loads(a.leash_reduced.read_text()))}
     FIGURES.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    text = README.read_text()
-    head, rest = text.split(START, 1)
-    README.write_text(head + START + summary_table(data["kd_vs_ce"]) + END + rest.split(END, 1)[1])
-    print(f"README: the KD vs CE table from {FIGURES.relative_to(ROOT)}")
+    text = replace_between(README.read_text(), START, END, summary_table(data["kd_vs_ce"]))
+    if "kl_leash" in data:
+        text = replace_between(text, LEASH_START, LEASH_END, leash_table(data["kl_leash"]))
+    README.write_text(text)
+    print(f"README: the real-model tables from {FIGURES.relative_to(ROOT)}")
     return 0
 
 
