@@ -38,6 +38,10 @@ SKELETON = "Skeleton only: keep this docstring, raise NotImplementedError."
 ARMS = (("no barrier", "mean", 0.0), ("kl_rev mean", "mean", 1.0), ("kl_rev rmse", "rmse", 1.0))
 
 
+def chosen_arms(args: argparse.Namespace) -> tuple[tuple[str, str, float], ...]:
+    return tuple(a for a in ARMS if a[2] or not args.barrier_only)
+
+
 def skeleton_tasks(mbpp: Path, lo: int, hi: int, out: Path) -> list[dict]:
     """MBPP tasks lo..hi as skeleton tasks (HumanEval format): the signature, the task's sentence and the
     skeleton line as docstring; the test passes only when calling the function raises NotImplementedError."""
@@ -121,6 +125,8 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--target-prob", type=float, default=0.5, help="`kdkit barrier tau --target-prob`")
     ap.add_argument("--mbpp", type=Path, default=MBPP)
+    ap.add_argument("--barrier-only", action="store_true",
+                    help="only the barrier arms (the no-barrier arm does not depend on --target-prob)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +137,7 @@ def main() -> int:
     anchors = humaneval_slice(args.anchors, args.out / "humaneval.jsonl")
     ws = str(args.out / "ws")
     taus = {agg: propose(config, agg, args) for agg in ("mean", "rmse")}
-    for name, agg, weight in ARMS:
+    for name, agg, weight in chosen_arms(args):
         # every arm is gated against the base: a KEEP of an earlier arm promoted its candidate
         kdkit("registry", "promote", str(base), "--name", "base", "--workspace", ws)
         kdkit("ladder", str(config), "--vary", f"objective.barrier.aggregate={agg}", "--seeds", str(args.seeds),
@@ -150,7 +156,7 @@ def summarize(args: argparse.Namespace, taus: dict[str, float]) -> dict:
     import transformers
 
     arms = {name: _arm(args.out / name.replace(" ", "_"), taus[agg] if weight else None, agg if weight else None)
-            for name, agg, weight in ARMS}
+            for name, agg, weight in chosen_arms(args)}
     summary = {"arms": arms, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                                "python": platform.python_version(), "threads": torch.get_num_threads()}}
@@ -189,14 +195,15 @@ def _arm(ladder: Path, tau: float | None, aggregate: str | None) -> dict:
 
 def leash_table(s: dict) -> str:
     """summary.md and README's table: one row per run in the seed's ladder format, then each gate's reason."""
-    arms = [(name, a) for name, a in s["arms"].items() if a["seeds"]]
+    arms = [(name, s["arms"][name]) for name, *_ in ARMS if s["arms"].get(name, {}).get("seeds")]  # ARMS' order
     if not arms:
         return "no finished runs\n"
     first = arms[0][1]
     base_a, n_a, base_n, n_n = (first["base_anchor_passed"], first["anchor_tasks"], first["base_new_task_passed"],
                                 first["new_task_tasks"])
     lines = [f"| run | τ | avg CE | KL to base, mean / rmse | HumanEval pass (base {base_a}/{n_a}) | "
-             f"skeletons (base {base_n}/{n_n}) | gate | regressed (vs base) |", "|---|---|---|---|---|---|---|---|"]
+             f"skeletons (base {base_n}/{n_n}) | gate | regressed (vs base) |", "|---|---|---|---|---|---|---|---|",
+             f"| base (production) | — | — | 0 / 0 | {base_a} / {n_a} | {base_n} / {n_n} | — | — |"]
     for name, a in arms:
         tau = "—" if a["tau"] is None else f"{a['tau']:.4g}"
         for i, seed in enumerate(a["seeds"]):

@@ -24,8 +24,16 @@ def test_readme_shows_the_recorded_kd_vs_ce_figures():
     data = json.loads(readme_real.FIGURES.read_text())
     full = data["kd_vs_ce"]
     assert all(len(a["seeds"]) >= 3 for a in full["arms"].values())  # the three seeds at least
-    shown = readme_real.README.read_text().split(readme_real.START, 1)[1].split(readme_real.END, 1)[0]
+    shown = readme_real.shown(readme_real.README.read_text(), readme_real.START, readme_real.END)
     assert shown == readme_real.summary_table(full), "README's table is stale: python scripts/readme_real.py"
+
+
+def test_readme_shows_the_recorded_kl_leash_figures():
+    full = json.loads(readme_real.FIGURES.read_text())["kl_leash"]
+    assert set(full["arms"]) == {"no barrier", "kl_rev mean", "kl_rev rmse"}
+    assert all(len(a["seeds"]) >= 2 and a["anchor_tasks"] == 40 for a in full["arms"].values())  # the size
+    shown = readme_real.shown(readme_real.README.read_text(), readme_real.LEASH_START, readme_real.LEASH_END)
+    assert shown == readme_real.leash_table(full), "README's table is stale: python scripts/readme_real.py"
 
 
 def _close(got, want, path: str = "") -> None:
