@@ -5,6 +5,8 @@
     python scripts/readme_real.py --reduced kd-vs-ce-small/summary.json   # the reduced run the slow test repeats
     python examples/smollm2_kl_leash.py --out kl-leash                   # the KL-leash example's full run (~85 min)
     python scripts/readme_real.py --kl-leash kl-leash/summary.json        # keep it and rewrite README's table
+    python examples/smollm2_kl_leash.py --out kl-leash-p09 --target-prob 0.9 --barrier-only   # a looser τ
+    python scripts/readme_real.py --kl-leash-p09 kl-leash-p09/summary.json
     python scripts/readme_real.py --leash-reduced kl-leash-small/summary.json   # its reduced run, likewise
     python scripts/readme_real.py                                         # README from docs/real_models.json
 
@@ -22,8 +24,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "real_models.json"
 README = ROOT / "README.md"
-START, END = "<!-- kd-vs-ce:start -->\n", "<!-- kd-vs-ce:end -->"
-LEASH_START, LEASH_END = "<!-- kl-leash:start -->\n", "<!-- kl-leash:end -->"
 REDUCED = ["--train-rows", "24", "--val-rows", "8", "--tasks-n", "3", "--steps", "4", "--seeds", "2",
            "--max-new-tokens", "64"]
 """The reduced size of examples/smollm2_kd_vs_ce.py the slow test reruns."""
@@ -34,6 +34,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from smollm2_kd_vs_ce import summary_table  # noqa: E402
 from smollm2_kl_leash import leash_table  # noqa: E402
+
+TABLES = {"kd_vs_ce": summary_table, "kl_leash": leash_table, "kl_leash_p09": leash_table}
+"""docs/real_models.json's full runs and the function that writes each one's README table."""
 
 
 def figures(summary: dict) -> dict:
@@ -56,12 +59,20 @@ def leash_figures(summary: dict) -> dict:
             for name, a in summary["arms"].items()}
 
 
-def shown(text: str, start: str, end: str) -> str:
-    """What README shows between two markers."""
+def markers(key: str) -> tuple[str, str]:
+    """README's markers around a full run's table: <!-- kd-vs-ce:start --> … <!-- kd-vs-ce:end -->."""
+    name = key.replace("_", "-")
+    return f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
+
+
+def shown(text: str, key: str) -> str:
+    """What README shows for a full run."""
+    start, end = markers(key)
     return text.split(start, 1)[1].split(end, 1)[0]
 
 
-def replace_between(text: str, start: str, end: str, table: str) -> str:
+def replace_table(text: str, key: str, table: str) -> str:
+    start, end = markers(key)
     head, rest = text.split(start, 1)
     return head + start + table + end + rest.split(end, 1)[1]
 
@@ -71,6 +82,7 @@ def main() -> int:
     ap.add_argument("--kd-vs-ce", type=Path, help="the full run's summary.json")
     ap.add_argument("--reduced", type=Path, help="the reduced run's summary.json")
     ap.add_argument("--kl-leash", type=Path, help="the KL-leash example's full run's summary.json")
+    ap.add_argument("--kl-leash-p09", type=Path, help="its barrier arms' run at --target-prob 0.9 (summary.json)")
     ap.add_argument("--leash-reduced", type=Path, help="the KL-leash example's reduced run's summary.json")
     a = ap.parse_args()
     data = json.loads(FIGURES.read_text()) if FIGURES.is_file() else {}
@@ -78,14 +90,16 @@ def main() -> int:
         data["kd_vs_ce"] = json.loads(a.kd_vs_ce.read_text())
     if a.reduced:
         data["kd_vs_ce_reduced"] = {"args": REDUCED, "figures": figures(json.loads(a.reduced.read_text()))}
-    if a.kl_leash:
-        data["kl_leash"] = json.loads(a.kl_leash.read_text())
+    for key in ("kl_leash", "kl_leash_p09"):
+        if getattr(a, key):
+            data[key] = json.loads(getattr(a, key).read_text())
     if a.leash_reduced:
         data["kl_leash_reduced"] = {"args": LEASH_REDUCED, "figures": leash_figures(json.loads(a.leash_reduced.read_text()))}
     FIGURES.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    text = replace_between(README.read_text(), START, END, summary_table(data["kd_vs_ce"]))
-    if "kl_leash" in data:
-        text = replace_between(text, LEASH_START, LEASH_END, leash_table(data["kl_leash"]))
+    text = README.read_text()
+    for key, table in TABLES.items():
+        if key in data:
+            text = replace_table(text, key, table(data[key]))
     README.write_text(text)
     print(f"README: the real-model tables from {FIGURES.relative_to(ROOT)}")
     return 0

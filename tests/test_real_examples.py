@@ -20,20 +20,14 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import readme_real  # noqa: E402
 
 
-def test_readme_shows_the_recorded_kd_vs_ce_figures():
+def test_readme_shows_the_recorded_full_runs():
     data = json.loads(readme_real.FIGURES.read_text())
-    full = data["kd_vs_ce"]
-    assert all(len(a["seeds"]) >= 3 for a in full["arms"].values())  # the three seeds at least
-    shown = readme_real.shown(readme_real.README.read_text(), readme_real.START, readme_real.END)
-    assert shown == readme_real.summary_table(full), "README's table is stale: python scripts/readme_real.py"
-
-
-def test_readme_shows_the_recorded_kl_leash_figures():
-    full = json.loads(readme_real.FIGURES.read_text())["kl_leash"]
-    assert set(full["arms"]) == {"no barrier", "kl_rev mean", "kl_rev rmse"}
-    assert all(len(a["seeds"]) >= 2 and a["anchor_tasks"] == 40 for a in full["arms"].values())  # the size
-    shown = readme_real.shown(readme_real.README.read_text(), readme_real.LEASH_START, readme_real.LEASH_END)
-    assert shown == readme_real.leash_table(full), "README's table is stale: python scripts/readme_real.py"
+    assert all(len(a["seeds"]) >= 3 for a in data["kd_vs_ce"]["arms"].values())  # the three seeds at least
+    assert set(data["kl_leash"]["arms"]) == {"no barrier", "kl_rev mean", "kl_rev rmse"}
+    assert all(len(a["seeds"]) >= 2 and a["anchor_tasks"] == 40 for a in data["kl_leash"]["arms"].values())
+    readme = readme_real.README.read_text()
+    for key, table in readme_real.TABLES.items():
+        assert readme_real.shown(readme, key) == table(data[key]), f"{key}: stale, python scripts/readme_real.py"
 
 
 def _close(got, want, path: str = "") -> None:
