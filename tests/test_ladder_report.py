@@ -233,12 +233,18 @@ def test_a_seed_varies_the_data_order_and_identical_seeds_are_named(tmp_path):
 
 @needs_bwrap
 def test_a_ladder_with_set_two_suites_and_seeds(ladder_world, tmp_path):
+    """--set for every rung, a second suite and a barrier: the tables show the barrier's divergence (under its
+    aggregate, averaged over the logged steps) and the second suite's pass counts, per rung and pooled."""
     root = ladder_world
     write_jsonl(root / "tasks2.jsonl", TASKS[:2])
+    cfg = yaml.safe_load((root / "cfg.yaml").read_text())
+    cfg.update(reference={"kind": "base"},
+               objective={"barrier": {"kind": "kl_rev", "aggregate": "rmse", "tau": 0.0, "weight": 0.5}})
+    (root / "cfg_barrier.yaml").write_text(yaml.safe_dump(cfg))
     reg = Registry(tmp_path / "ws")
     reg.promote(reg.register(root / "student", name="base").id)
     logs: list[str] = []
-    res = run_ladder(root / "cfg.yaml", ["optim.seed=0,1"], [root / "tasks.jsonl", root / "tasks2.jsonl"],
+    res = run_ladder(root / "cfg_barrier.yaml", ["optim.seed=0,1"], [root / "tasks.jsonl", root / "tasks2.jsonl"],
                      tmp_path / "lad", registry=reg, settings=GenerationSettings(max_new_tokens=8),
                      limits=Limits(timeout_s=5), log=logs.append, overrides=["optim.lr=0.02"])
     assert [r["status"] for r in res] == ["done", "done"], res
@@ -250,4 +256,17 @@ def test_a_ladder_with_set_two_suites_and_seeds(ladder_world, tmp_path):
     assert not any("identical weights" in m for m in logs)
     assert len(reg.gates()) == 2
     assert len(reg.evaluations()) == 6  # both suites: the base once each (reused), each rung's pack on both
-    assert "A seed s sets optim.seed = s" in (tmp_path / "lad" / "ladder_seeds.md").read_text()
+    seeds_md = (tmp_path / "lad" / "ladder_seeds.md").read_text()
+    assert "A seed s sets optim.seed = s" in seeds_md
+    md = (tmp_path / "lad" / "ladder.md").read_text().splitlines()
+    header = [c.strip() for c in md[0].strip("|").split("|")]
+    assert header[4] == "avg barrier div" and header[-3] == "tasks2.jsonl pass"
+    for r, line in zip(res, md[2:], strict=True):
+        logged = [json.loads(x)["barrier_div_rmse"] for x in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+                  if "barrier_div_rmse" in x]
+        assert logged and r["avg_barrier_div"] == pytest.approx(sum(logged) / len(logged), rel=1e-12)
+        assert r["avg_barrier_div"] > 0  # LoRA's B starts at 0: the student leaves the base as it trains
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[4] == f"{r['avg_barrier_div']:.4f}" and cells[-3] == f"{r['suites'][1]['candidate_passed']}/2"
+    pooled = sum(r["suites"][1]["candidate_passed"] for r in res)
+    assert f"| {pooled}/4 |" in seeds_md and "tasks2.jsonl pass (pooled)" in seeds_md

@@ -48,8 +48,9 @@ def rungs(vary: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*[v for _, v in vary])]
 
 
-def _epoch_means(run_dir: Path) -> dict[str, float | None]:
-    """avg CE / avg KL over the training steps (as the seeds' table), val loss of the last epoch."""
+def _epoch_means(run_dir: Path, barrier_aggregate: str | None = None) -> dict[str, float | None]:
+    """avg CE / avg KL over the training steps (as the seeds' table), the barrier's divergence to the reference
+    under its aggregate averaged likewise (its weight may be 0), val loss of the last epoch."""
     steps, epochs = read_log(run_dir / "metrics.jsonl"), read_log(run_dir / "epochs.jsonl")
 
     def mean(key: str) -> float | None:
@@ -59,6 +60,7 @@ def _epoch_means(run_dir: Path) -> dict[str, float | None]:
     rounds = [s for s in steps if s.get("probe_round")]
     last = epochs[-1] if epochs else {}
     return {"avg_ce": mean("ce_loss"), "avg_kl": mean("kl_loss"),
+            "avg_barrier_div": mean(f"barrier_div_{barrier_aggregate}") if barrier_aggregate else None,
             "val_loss": last.get("val_loss"), "val_kl": last.get("val_kl"), "val_top1": last.get("val_top1"),
             "coherence": rounds[-1]["probe_coherence"] if rounds else None,
             "coherence_min": min(r["probe_coherence"] for r in rounds) if rounds else None}
@@ -121,7 +123,9 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
                        limits=limits, unsafe_no_isolation=unsafe_no_isolation, log=log, progress=progress,
                        candidate_meta={"name": f"{out.name}-rung{i:02d}", "source_run": str(run_dir),
                                        "config": (run_dir / "config.yaml").read_text()})
-            rec.update(status="done", **_epoch_means(run_dir), decision=res.decision, passed=res.candidate_passed,
+            barrier = cfg.objective.barrier
+            rec.update(status="done", **_epoch_means(run_dir, barrier and barrier.aggregate),
+                       decision=res.decision, passed=res.candidate_passed,
                        n_tasks=res.n_tasks, interval=list(res.candidate_interval), regressed=res.regressed,
                        fixed=res.fixed, p_value=res.p_value, baseline_passed=res.baseline_passed, pack=res.candidate,
                        reason=res.reason, suites=[{k: s[k] for k in SUITE_FIELDS} for s in res.suites],
@@ -149,22 +153,37 @@ def table_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]])
     keys = [k for k, _ in vary]
     probed = any(r.get("coherence") is not None for r in results)  # runs with probes: a coherence column
     scored = _scored(results)  # a teacher scored the validation rows: its KL and top-1 agreement
-    header = ["rung", *keys, "avg CE", "avg KL", "val loss", *(["val KL", "val top-1"] if scored else []),
-              *(["coherence (last / min)"] if probed else []), "anchor pass", "gate", "regressed"]
+    barred, suites = _barred(results), _suite_names(results)
+    header = ["rung", *keys, "avg CE", "avg KL", *(["avg barrier div"] if barred else []), "val loss",
+              *(["val KL", "val top-1"] if scored else []), *(["coherence (last / min)"] if probed else []),
+              "anchor pass", *suites, "gate", "regressed"]
     rows = []
     for r in results:
         vals = [str(r["values"][k]) for k in keys]
         if r["status"] != "done":
-            rows.append([str(r["rung"]), *vals, "—", "—", "—", *(["—", "—"] if scored else []),
-                         *(["—"] if probed else []), "—", "FAILED", r.get("error", "")[:80]])
+            rows.append([str(r["rung"]), *vals, "—", "—", *(["—"] if barred else []), "—",
+                         *(["—", "—"] if scored else []), *(["—"] if probed else []), "—", *(["—"] * len(suites)),
+                         "FAILED", r.get("error", "")[:80]])
             continue
         lo, hi = r["interval"]
         coh = [f"{_fmt(r.get('coherence'), 3)} / {_fmt(r.get('coherence_min'), 3)}"] if probed else []
-        rows.append([str(r["rung"]), *vals, _fmt(r["avg_ce"]), _fmt(r["avg_kl"]), _fmt(r["val_loss"]),
+        rows.append([str(r["rung"]), *vals, _fmt(r["avg_ce"]), _fmt(r["avg_kl"]),
+                     *([_fmt(r.get("avg_barrier_div"))] if barred else []), _fmt(r["val_loss"]),
                      *([_fmt(r.get("val_kl")), _fmt(r.get("val_top1"))] if scored else []), *coh,
-                     f"{r['passed']}/{r['n_tasks']} [{100 * lo:.0f}–{100 * hi:.0f}%]", r["decision"],
+                     f"{r['passed']}/{r['n_tasks']} [{100 * lo:.0f}–{100 * hi:.0f}%]",
+                     *(f"{s['candidate_passed']}/{s['n_tasks']}" for s in r.get("suites", [])[1:]), r["decision"],
                      format_tasks(r["regressed"])])
     return header, rows
+
+
+def _barred(results: list[dict[str, Any]]) -> bool:
+    return any(r.get("avg_barrier_div") is not None for r in results)
+
+
+def _suite_names(results: list[dict[str, Any]]) -> list[str]:
+    """Column names of the gate's suites after the anchors (their task files' names), from the first done rung."""
+    done = next((r for r in results if r["status"] == "done"), {})
+    return [f"{Path(s['tasks']).name} pass" for s in done.get("suites", [])[1:]]
 
 
 def _scored(results: list[dict[str, Any]]) -> bool:
@@ -236,9 +255,11 @@ def seed_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]
     for r in results:
         groups.setdefault(tuple(str(r["values"][k]) for k in keys), []).append(r)
     probed, scored = any(r.get("coherence") is not None for r in results), _scored(results)
-    header = [*keys, "seeds", "avg CE", "avg KL", "val loss ± 95%", *(["val KL ± 95%", "val top-1 ± 95%"] if scored
-                                                                     else []),
-              *(["coherence (mean of last)"] if probed else []), "anchor pass (pooled)", "KEEP", "train s (mean)"]
+    barred, suites = _barred(results), _suite_names(results)
+    header = [*keys, "seeds", "avg CE", "avg KL", *(["avg barrier div"] if barred else []), "val loss ± 95%",
+              *(["val KL ± 95%", "val top-1 ± 95%"] if scored else []),
+              *(["coherence (mean of last)"] if probed else []), "anchor pass (pooled)",
+              *(f"{name} (pooled)" for name in suites), "KEEP", "train s (mean)"]
     rows = []
     for vals, rs in groups.items():
         done = [r for r in rs if r["status"] == "done"]
@@ -254,12 +275,20 @@ def seed_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]
 
         k, n = sum(r["passed"] for r in done), sum(r["n_tasks"] for r in done)
         lo, hi = wilson_interval(k, n)
-        rows.append([*vals, f"{len(done)}/{len(rs)}", _fmt(mean("avg_ce")), _fmt(mean("avg_kl")), spread("val_loss"),
+        rows.append([*vals, f"{len(done)}/{len(rs)}", _fmt(mean("avg_ce")), _fmt(mean("avg_kl")),
+                     *([_fmt(mean("avg_barrier_div"))] if barred else []), spread("val_loss"),
                      *([spread("val_kl"), spread("val_top1")] if scored else []),
                      *([_fmt(mean("coherence"), 3)] if probed else []),
                      f"{k}/{n} [{100 * lo:.0f}–{100 * hi:.0f}%]" if n else "—",
+                     *(_pooled_suite(done, j) for j in range(1, len(suites) + 1)),
                      f"{sum(r['decision'] == 'KEEP' for r in done)}/{len(done)}", _fmt(mean("train_s"), 1)])
     return header, rows
+
+
+def _pooled_suite(done: list[dict[str, Any]], j: int) -> str:
+    """Suite j's pass count summed over the rungs (seeds) that finished."""
+    ss = [r["suites"][j] for r in done if len(r.get("suites", [])) > j]
+    return f"{sum(s['candidate_passed'] for s in ss)}/{sum(s['n_tasks'] for s in ss)}" if ss else "—"
 
 
 def paired_against_first(d: Path) -> dict[str, Any] | None:
@@ -339,7 +368,7 @@ def _plot(out: Path, vary: list[tuple[str, list[Any]]], results: list[dict[str, 
         ax1.errorbar(pos, rate, yerr=[err_lo, err_hi], fmt="o-", capsize=4, label="candidate")
         base = done[0]["baseline_passed"] / max(done[0]["n_tasks"], 1)
         ax1.axhline(base, color="grey", ls="--", label="baseline")
-        for name in ("avg_ce", "avg_kl", "val_loss"):
+        for name in ("avg_ce", "avg_kl", "avg_barrier_div", "val_loss"):
             ys = [r[name] for r in done]
             if all(y is not None for y in ys):
                 ax2.plot(pos, ys, "o-", label=name)
