@@ -169,15 +169,13 @@ def _arm(ladder: Path, tau: float | None, aggregate: str | None) -> dict:
     """One arm's figures: per seed the anchors and skeleton tasks passed, the gate's decision and reason, the
     training CE and the divergence to the base (both aggregates, averaged over the logged steps)."""
     from kdkit.evaluate import wilson_interval
+    from kdkit.ladder import logged_mean
     from kdkit.train.rundir import read_log
 
     rungs = [json.loads(f.read_text()) for f in sorted((ladder / "rungs").glob("*.json"))]
     done = [r for r in rungs if r["status"] == "done"]
     k, n = sum(r["passed"] for r in done), sum(r["n_tasks"] for r in done)
-
-    def logged(r: dict, key: str) -> float:
-        vals = [s[key] for s in read_log(Path(r["run_dir"]) / "metrics.jsonl") if key in s]
-        return sum(vals) / len(vals)
+    steps = [read_log(Path(r["run_dir"]) / "metrics.jsonl") for r in done]
 
     return {"aggregate": aggregate, "tau": tau,
             "seeds": [r["values"]["optim.seed"] for r in done], "anchor_passed": [r["passed"] for r in done],
@@ -190,11 +188,13 @@ def _arm(ladder: Path, tau: float | None, aggregate: str | None) -> dict:
             "base_new_task_passed": done[0]["suites"][1]["baseline_passed"] if done else None,
             "regressed": [r["regressed"] for r in done], "fixed": [r["fixed"] for r in done],
             "train_s": [r.get("train_s") for r in done], "avg_ce": [r.get("avg_ce") for r in done],
-            "kl_to_base": {how: [logged(r, f"barrier_div_{how}") for r in done] for how in ("mean", "rmse")}}
+            "kl_to_base": {how: [logged_mean(s, f"barrier_div_{how}") for s in steps] for how in ("mean", "rmse")}}
 
 
 def leash_table(s: dict) -> str:
     """summary.md and README's table: one row per run in the seed's ladder format, then each gate's reason."""
+    from kdkit.evaluate import pass_cell
+
     arms = [(name, s["arms"][name]) for name, *_ in ARMS if s["arms"].get(name, {}).get("seeds")]  # ARMS' order
     if not arms:
         return "no finished runs\n"
@@ -215,7 +215,7 @@ def leash_table(s: dict) -> str:
               "|---|---|---|---|"]
     for name, a in arms:
         k, n, lo, hi = a["anchor_pooled"]
-        lines.append(f"| {name} | {k}/{n} [{100 * lo:.0f}–{100 * hi:.0f}%] | {sum(a['new_task_passed'])}/"
+        lines.append(f"| {name} | {pass_cell(k, n, (lo, hi))} | {sum(a['new_task_passed'])}/"
                      f"{n_n * len(a['seeds'])} | {sum(a['train_s']) / len(a['train_s']):.0f} |")
     lines += ["", *(f"- {name}, seed {seed}: {why}" for name, a in arms
                     for seed, why in zip(a["seeds"], a["reasons"], strict=True))]

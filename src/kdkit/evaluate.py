@@ -44,6 +44,12 @@ def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def pass_cell(k: int, n: int, interval: tuple[float, float] | None = None) -> str:
+    """``k/n [lo–hi%]``: a pass count with its 95% interval (Wilson's unless given), whole percents."""
+    lo, hi = interval if interval is not None else wilson_interval(k, n)
+    return f"{k}/{n} [{100 * lo:.0f}–{100 * hi:.0f}%]"
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct (Chen et al., 2021): 1 − C(n−c, k)/C(n, k)."""
     if k > n:

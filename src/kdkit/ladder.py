@@ -22,7 +22,7 @@ import yaml
 
 from kdkit.config import load_train_config, split_assignment
 from kdkit.errors import UsageError
-from kdkit.evaluate import GenerationSettings
+from kdkit.evaluate import GenerationSettings, pass_cell
 from kdkit.gate import GateRule, format_tasks, gate
 from kdkit.io import atomic_write_bytes, atomic_write_json, check_output_dir
 from kdkit.models import sha256_file
@@ -48,19 +48,20 @@ def rungs(vary: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*[v for _, v in vary])]
 
 
+def logged_mean(steps: list[dict[str, Any]], key: str) -> float | None:
+    """The mean of ``key`` over the logged steps that have it (None when none has)."""
+    vals = [s[key] for s in steps if key in s]
+    return sum(vals) / len(vals) if vals else None
+
+
 def _epoch_means(run_dir: Path, barrier_aggregate: str | None = None) -> dict[str, float | None]:
     """avg CE / avg KL over the training steps (as the seeds' table), the barrier's divergence to the reference
     under its aggregate averaged likewise (its weight may be 0), val loss of the last epoch."""
     steps, epochs = read_log(run_dir / "metrics.jsonl"), read_log(run_dir / "epochs.jsonl")
-
-    def mean(key: str) -> float | None:
-        vals = [s[key] for s in steps if key in s]
-        return sum(vals) / len(vals) if vals else None
-
     rounds = [s for s in steps if s.get("probe_round")]
     last = epochs[-1] if epochs else {}
-    return {"avg_ce": mean("ce_loss"), "avg_kl": mean("kl_loss"),
-            "avg_barrier_div": mean(f"barrier_div_{barrier_aggregate}") if barrier_aggregate else None,
+    return {"avg_ce": logged_mean(steps, "ce_loss"), "avg_kl": logged_mean(steps, "kl_loss"),
+            "avg_barrier_div": logged_mean(steps, f"barrier_div_{barrier_aggregate}") if barrier_aggregate else None,
             "val_loss": last.get("val_loss"), "val_kl": last.get("val_kl"), "val_top1": last.get("val_top1"),
             "coherence": rounds[-1]["probe_coherence"] if rounds else None,
             "coherence_min": min(r["probe_coherence"] for r in rounds) if rounds else None}
@@ -165,13 +166,12 @@ def table_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]])
                          *(["—", "—"] if scored else []), *(["—"] if probed else []), "—", *(["—"] * len(suites)),
                          "FAILED", r.get("error", "")[:80]])
             continue
-        lo, hi = r["interval"]
         coh = [f"{_fmt(r.get('coherence'), 3)} / {_fmt(r.get('coherence_min'), 3)}"] if probed else []
         rows.append([str(r["rung"]), *vals, _fmt(r["avg_ce"]), _fmt(r["avg_kl"]),
                      *([_fmt(r.get("avg_barrier_div"))] if barred else []), _fmt(r["val_loss"]),
                      *([_fmt(r.get("val_kl")), _fmt(r.get("val_top1"))] if scored else []), *coh,
-                     f"{r['passed']}/{r['n_tasks']} [{100 * lo:.0f}–{100 * hi:.0f}%]",
-                     *(f"{s['candidate_passed']}/{s['n_tasks']}" for s in r.get("suites", [])[1:]), r["decision"],
+                     pass_cell(r["passed"], r["n_tasks"], tuple(r["interval"])),
+                     *(_pooled_suite([r], j) for j in range(1, len(suites) + 1)), r["decision"],
                      format_tasks(r["regressed"])])
     return header, rows
 
@@ -246,7 +246,6 @@ def seed_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]
     """Rungs that differ only in ``optim.seed`` as one row: mean losses over the seeds, the pooled anchor
     pass count with its Wilson interval, and how many seeds the gate kept. None without a seed axis."""
     from kdkit.bootstrap import mean_interval
-    from kdkit.evaluate import wilson_interval
 
     keys = [k for k, _ in vary if k != SEED_KEY]
     if len(keys) == len(vary):
@@ -274,19 +273,18 @@ def seed_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]
             return _fmt(mean(name)) if mi is None else f"{mi[0]:.4f} ± {mi[1]:.4f}"
 
         k, n = sum(r["passed"] for r in done), sum(r["n_tasks"] for r in done)
-        lo, hi = wilson_interval(k, n)
         rows.append([*vals, f"{len(done)}/{len(rs)}", _fmt(mean("avg_ce")), _fmt(mean("avg_kl")),
                      *([_fmt(mean("avg_barrier_div"))] if barred else []), spread("val_loss"),
                      *([spread("val_kl"), spread("val_top1")] if scored else []),
                      *([_fmt(mean("coherence"), 3)] if probed else []),
-                     f"{k}/{n} [{100 * lo:.0f}–{100 * hi:.0f}%]" if n else "—",
+                     pass_cell(k, n) if n else "—",
                      *(_pooled_suite(done, j) for j in range(1, len(suites) + 1)),
                      f"{sum(r['decision'] == 'KEEP' for r in done)}/{len(done)}", _fmt(mean("train_s"), 1)])
     return header, rows
 
 
 def _pooled_suite(done: list[dict[str, Any]], j: int) -> str:
-    """Suite j's pass count summed over the rungs (seeds) that finished."""
+    """Suite j's pass count summed over the finished rungs given (a rung's own, or its seeds'); — without it."""
     ss = [r["suites"][j] for r in done if len(r.get("suites", [])) > j]
     return f"{sum(s['candidate_passed'] for s in ss)}/{sum(s['n_tasks'] for s in ss)}" if ss else "—"
 
