@@ -20,7 +20,8 @@ from kdkit.gate import GateRule, decide, format_tasks, gate, mcnemar_exact
 from kdkit.registry import FAULT_ENV, Registry, RegistryError
 from tests.helpers import save_model_dir, write_jsonl
 
-ANCHORS = [f"MBPP/{i}" for i in (20, 53, 93)] + [f"HE/{i}" for i in (27, 34)]
+# 8 tasks: a baseline that passes >= 6 of them lets the exact test show a drop (the gate's power rule)
+ANCHORS = [f"MBPP/{i}" for i in (11, 12, 20, 53, 93)] + [f"HE/{i}" for i in (2, 27, 34)]
 
 
 @pytest.mark.parametrize("b, c", [(0, 0), (1, 0), (3, 1), (5, 5), (10, 2), (0, 7), (13, 4)])
@@ -130,6 +131,70 @@ def test_gate_cli_exit_codes(packs, tmp_path, monkeypatch):
     assert "archived" in listing.output and "★" in listing.output
     show = r.invoke(app, ["registry", "show", "--workspace", ws], terminal_width=250)
     assert show.exit_code == 0 and "production history" in show.output
+
+
+def test_a_gate_that_cannot_see_a_drop_does_not_promote(packs, tmp_path, monkeypatch):
+    # The new user's case: production passes none of the anchors, the candidate is garbage that passes none
+    # either. "No disallowed regression" is vacuous there: UNDECIDED, exit 3, nothing promoted or archived.
+    dirs, tasks = packs
+    _tag(dirs)
+    none = dict.fromkeys(ANCHORS, False)
+    five = none | dict.fromkeys(ANCHORS[:5], True)  # passes 5 < 6: the exact test still cannot see a drop
+    outcomes = {"prod": none, "bad": dict(none), "good": five}
+    monkeypatch.setattr(gate_mod, "evaluate_model", _fake_eval(outcomes, []))
+    ws = str(tmp_path / "ws")
+    r = CliRunner()
+    assert r.invoke(app, ["registry", "promote", str(dirs["prod"]), "--workspace", ws]).exit_code == 0
+    res = r.invoke(app, ["gate", str(dirs["bad"]), "--tasks", str(tasks), "--workspace", ws], terminal_width=250)
+    assert res.exit_code == 3, res.output
+    assert "UNDECIDED: anchors.jsonl cannot show a drop at p < 0.05: the baseline passes 0 of 8 tasks" in res.output
+    assert "needs >= 6" in res.output and "KEEP" not in res.output.replace("the rule alone", "")
+    reg = Registry(tmp_path / "ws")
+    assert reg.production().name == "prod" and reg.pack("bad").status != "archived"
+    assert [g["decision"] for g in reg.gates()] == ["UNDECIDED"]
+
+    # a baseline that passes 5 of 8: still blind, and the reason says how many tasks it would take
+    reg.promote(reg.register(dirs["good"], name="good").id)
+    res = gate(reg, str(dirs["bad"]), tasks, log=lambda m: None)
+    assert res.decision == "REVERT"  # five regressions: a REVERT needs no power to stand
+    reg.promote("prod")
+    kept = gate(reg, str(dirs["good"]), tasks, log=lambda m: None)
+    assert kept.decision == "UNDECIDED" and reg.production().name == "prod"
+
+    # an explicit opt-in promotes it, and the registry says it was asked for
+    res = r.invoke(app, ["gate", str(dirs["bad"]), "--tasks", str(tasks), "--workspace", ws, "--promote-undecided",
+                         "--against", "prod"], terminal_width=250)
+    assert res.exit_code == 0 and "UNDECIDED, promoted as asked (--promote-undecided)" in res.output, res.output
+    reg = Registry(tmp_path / "ws")
+    last = reg.gates()[-1]
+    assert last["decision"] == "KEEP" and json.loads(last["rule"])["promote_undecided"] is True
+    assert reg.production().name == "bad"
+    assert reg.production_history()[-1]["reason"].endswith("UNDECIDED, promoted as asked")
+
+
+def test_one_blind_suite_leaves_the_whole_decision_undecided(packs, tmp_path, monkeypatch):
+    dirs, tasks = packs
+    _tag(dirs)
+    weak = write_jsonl(tmp_path / "weak.jsonl", [
+        {"task_id": f"W/{i}", "prompt": "def f():\n", "entry_point": "f", "test": "def check(c):\n    pass\n"}
+        for i in range(8)])
+    base = dict.fromkeys(ANCHORS, True) | {f"W/{i}": i < 2 for i in range(8)}
+
+    def fake(model_dir, tasks_path, **kw):
+        from kdkit.tasks import load_tasks
+        ids = [t.task_id for t in load_tasks(tasks_path)]
+        res = [TaskResult(t, base[t], "passed" if base[t] else "failed", "", 0.0) for t in ids]
+        k = sum(x.passed for x in res)
+        return res, EvalSummary(len(res), k, k / len(res), wilson_interval(k, len(res)), {}, {}), []
+
+    monkeypatch.setattr(gate_mod, "evaluate_model", fake)
+    reg = Registry(tmp_path / "ws")
+    reg.promote(reg.register(dirs["prod"], name="prod").id)
+    res = gate(reg, str(dirs["good"]), [tasks, weak], log=lambda m: None)
+    assert [s["decision"] for s in res.suites] == ["KEEP", "UNDECIDED"] and res.decision == "UNDECIDED"
+    assert "weak.jsonl: UNDECIDED — weak.jsonl cannot show a drop" in res.reason
+    assert "about 24 tasks" in res.reason  # 6 passes needed at the baseline's rate of 2/8
+    assert reg.production().name == "prod"
 
 
 _PROMOTE = """
@@ -421,7 +486,7 @@ def test_the_gate_reuses_a_matching_kdkit_eval_out_directory(packs, tmp_path, mo
     res = r.invoke(app, ["gate", str(dirs["good"]), "--tasks", str(tasks), "--workspace", ws, "--max-new-tokens", "8",
                          "--reuse-eval", str(tmp_path / "ev-good-9"), "--reuse-eval", str(tmp_path / "ev-prod"),
                          "--reuse-eval", str(tmp_path / "ev-good")], terminal_width=250)
-    assert res.exit_code in (0, 1), res.output
+    assert res.exit_code in (0, 1, 3), res.output
     assert f"not reusing {tmp_path / 'ev-good-9'} for good on anchors.jsonl: other generation settings" in res.output
     assert f"reusing `kdkit eval --out {tmp_path / 'ev-prod'}` for prod" in res.output
     assert f"reusing `kdkit eval --out {tmp_path / 'ev-good'}` for good" in res.output

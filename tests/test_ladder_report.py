@@ -59,8 +59,8 @@ def test_three_rung_ladder_table_plot_and_resume(ladder_world, tmp_path):
     res = run_ladder(root / "cfg.yaml", vary, root / "tasks.jsonl", tmp_path / "lad", **kw)
     assert [r["status"] for r in res] == ["done", "done", "failed"]
     assert "kd_weight" in res[2]["error"]
-    for r in res[:2]:
-        assert r["decision"] in ("KEEP", "REVERT") and r["n_tasks"] == 3 and r["avg_ce"] > 0 and r["avg_kl"] >= 0
+    for r in res[:2]:  # 3 tasks cannot show a drop: no KEEP
+        assert r["decision"] in ("REVERT", "UNDECIDED") and r["n_tasks"] == 3 and r["avg_ce"] > 0 and r["avg_kl"] >= 0
     md = (tmp_path / "lad" / "ladder.md").read_text()
     assert md.count("\n") == 5 and "| rung | objective.kd_weight | avg CE | avg KL | val loss | anchor pass |" in md
     rows = list(csv.reader((tmp_path / "lad" / "ladder.csv").open()))

@@ -148,16 +148,19 @@ def test_environment_of_unsafe_mode_is_cleared(monkeypatch):
 
 @needs_bwrap
 @pytest.mark.skipif(os.geteuid() != 0, reason="per-program uids need root (setpriv)")
-def test_fork_bomb_leaves_nothing_for_the_next_program_on_its_uid():
-    # One worker: the fork bomb and the next program run on the same slot, hence the same uid. The next
-    # program needs more processes than a half-dead fork bomb would leave under RLIMIT_NPROC.
-    # 30 children alive at once (each blocks on a pipe until the parent closes it): 31 of the 32 allowed.
-    forker = ("import os\nr, w = os.pipe()\nkids = []\nfor _ in range(30):\n    pid = os.fork()\n    if pid == 0:\n"
-              "        os.close(w)\n        os.read(r, 1)\n        os._exit(0)\n    kids.append(pid)\nos.close(w)\n"
-              "for k in kids:\n    os.waitpid(k, 0)\nprint('ok')\n")
-    bomb = "import os\nwhile True:\n    os.fork()\n"
-    results = run_programs([bomb, forker, bomb, forker], limits=FAST, workers=1)
+def test_no_process_starts_and_a_thread_bomb_leaves_nothing_for_the_next_program_on_its_uid():
+    # No process can start (the process filter); threads count against RLIMIT_NPROC, which stops a thread
+    # bomb. One worker: the bomb and the next program run on the same slot, hence the same uid; the next
+    # program needs 28 threads alive at once (with the harness's two: 30 of the 32 allowed).
+    threads = ("import threading\nthreading.stack_size(256 * 1024)\ngo = threading.Event()\n"
+               "ts = [threading.Thread(target=go.wait) for _ in range(28)]\nfor t in ts:\n    t.start()\n"
+               "go.set()\nfor t in ts:\n    t.join()\nprint('ok')\n")
+    bomb = ("import threading, time\nthreading.stack_size(256 * 1024)\n"
+            "while True:\n    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
+    forker = "import os\nos.fork()\n"
+    results = run_programs([bomb, threads, forker, threads], limits=FAST, workers=1)
     assert [r.passed for r in results] == [False, True, False, True], [r.stderr_tail[-300:] for r in results]
+    assert "can't start new thread" in results[0].reason and "Operation not permitted" in results[2].reason
     assert leftover_processes() == []
 
 

@@ -96,12 +96,45 @@ GAMING = {
     "rebind_builtins": ("    return 0\nimport builtins\nbuiltins.type = lambda *a: int\nbuiltins.exec = lambda *a: None\n"
                         "builtins.str = bytes\n", "failed"),
     "fork_child_reports": ("    import os\n    if os.fork() == 0:\n        return x * x\n    os.wait()\n    return 0\n",
-                           "failed"),
+                           "error"),  # no process can start: PermissionError
     "swap_check_code": ("    return 0\nimport threading\n_g = globals()\ndef _swap():\n    while 'check' not in _g:\n"
                         "        pass\n    _g['check'].__code__ = (lambda c: None).__code__\n"
                         "threading.Thread(target=_swap, daemon=True).start()\n", "failed"),
     "rerun_harness_main": ("    return 0\nimport __main__\n__main__.main()\n", "exited"),  # no key to read: exit 3
 }
+
+# A process the candidate starts has no audit hook: under the sandbox's uid it could write the harness's memory
+# through /proc/PID/mem and turn the bytes of the status "failed" into "passed" (the harness then MACs a pass with
+# its real key). Each passed before the process filter; each route must now fail to start its process.
+_REWRITE = ("    return 0\nimport os, sys, __main__\n_s = __main__.STATUSES[1]\n"
+            "_at = id(_s) + sys.getsizeof(_s) - len(_s) - 1\n"
+            "_py = f\"f = open('/proc/{os.getpid()}/mem', 'r+b', buffering=0); f.seek({_at}); f.write(b'passed')\"\n")
+CHILD_PROCESSES = {
+    "child_subprocess": _REWRITE + "import subprocess\nsubprocess.run([sys.executable, '-c', _py], check=True)\n",
+    "child_posix_spawn": _REWRITE + "os.waitpid(os.posix_spawn(sys.executable, [sys.executable, '-c', _py], {}), 0)\n",
+    "child_dd_binary": _REWRITE + "import subprocess\nsubprocess.run(['dd', f'of=/proc/{os.getpid()}/mem', 'bs=1', "
+                                  "f'seek={_at}', 'conv=notrunc', 'status=none'], input=b'passed', check=True)\n",
+    "child_fork_exec_direct": _REWRITE + "import _posixsubprocess as p\nr, w = os.pipe()\n"
+                                         "p.fork_exec([sys.executable, '-c', _py], [sys.executable.encode()], True, (), "
+                                         "None, None, -1, -1, -1, -1, -1, -1, r, w, False, False, -1, None, None, None, "
+                                         "-1, None, False)\nos.wait()\n",  # below subprocess: no Python-level event
+    "grandchild": _REWRITE + "import subprocess\n_outer = f'import subprocess, sys; subprocess.run([sys.executable, "
+                             "\"-c\", {_py!r}], check=True)'\nsubprocess.run([sys.executable, '-c', _outer], check=True)\n",
+    "child_started_before_check": _REWRITE.replace("    return 0\n", "    import time\n    time.sleep(1.5)\n    return 0\n")
+    + "import subprocess\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(0.5); ' + _py])\n",
+    "shell_system": _REWRITE + "os.system(f\"printf passed | dd of=/proc/{os.getpid()}/mem bs=1 seek={_at} conv=notrunc\")\n"
+                               "import time\ntime.sleep(0.5)\n",
+}
+GAMING.update({name: (src, "error failed") for name, src in CHILD_PROCESSES.items()})
+# A correct answer leaning on common standard-library modules (threads included) passes under the filter.
+STDLIB_CONTROL = ("    import bisect, collections, functools, heapq, itertools, json, math, re, statistics, threading\n"
+                  "    from concurrent.futures import ThreadPoolExecutor\n"
+                  "    with ThreadPoolExecutor(2) as pool:\n        (y,) = pool.map(lambda v: v * v, [x])\n"
+                  "    assert json.loads(json.dumps(collections.Counter([y])))[str(y)] == 1\n"
+                  "    assert heapq.nsmallest(1, [y]) == [y] and bisect.bisect([y], y) == 1\n"
+                  "    assert re.fullmatch(r'-?\\d+', str(y)) and math.isqrt(y) == abs(x) and statistics.mean([y]) == y\n"
+                  "    assert list(itertools.repeat(y, 1)) == [y]\n"
+                  "    return functools.reduce(lambda a, b: a * b, [x, x])\n")
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +142,25 @@ def gaming_results():
     names = list(GAMING)
     tasks = [Task(f"G/{n}", TASK.prompt, TASK.entry_point, TASK.test) for n in names]
     completions = {f"G/{n}": [GAMING[n][0]] for n in names}
-    completions["G/control"] = [CORRECT]
-    tasks.append(Task("G/control", TASK.prompt, TASK.entry_point, TASK.test))
+    for name, body in (("control", CORRECT), ("stdlib_control", STDLIB_CONTROL)):
+        completions[f"G/{name}"] = [body]
+        tasks.append(Task(f"G/{name}", TASK.prompt, TASK.entry_point, TASK.test))
     res = verify(tasks, completions, limits=LIMITS, workers=2)
     return {r.task_id[2:]: r for r in res}
 
 
-def test_the_correct_control_passes(gaming_results):
-    r = gaming_results["control"]
-    assert r.passed and r.status == "passed" and r.reason == ""
+@pytest.mark.parametrize("name", ["control", "stdlib_control"])
+def test_the_correct_controls_pass(gaming_results, name):
+    r = gaming_results[name]
+    assert r.passed and r.status == "passed" and r.reason == "", (r.status, r.reason, r.stderr_tail[-300:])
+
+
+@pytest.mark.parametrize("name", [*CHILD_PROCESSES, "fork_child_reports"])
+def test_no_process_can_start_inside_the_sandbox(gaming_results, name):
+    # refused by the kernel (the process filter), whatever the route: not an accident of the program
+    r = gaming_results[name]
+    started = "Operation not permitted" in r.reason or "Operation not permitted" in r.stderr_tail
+    assert started or name == "shell_system" and r.status == "failed", (name, r.status, r.reason)
 
 
 @pytest.mark.parametrize("name", list(GAMING))

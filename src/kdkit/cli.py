@@ -781,6 +781,9 @@ SUITE_RULE_HELP = ("Rule of every --tasks file after the first: alpha=0.05 (defa
                    "fall by at most N tasks).")
 
 
+GATE_EXIT = {"KEEP": 0, "REVERT": 1, "UNDECIDED": 3}
+
+
 @app.command("gate")
 def gate_cmd(
     candidate: str = typer.Argument(..., help="Candidate: a model directory (e.g. from `kdkit merge`) or a pack name."),
@@ -799,8 +802,9 @@ def gate_cmd(
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
     progress: bool = typer.Option(True, help="Show progress bars while the packs are evaluated."),
     reuse_eval: list[str] = typer.Option([], "--reuse-eval", help="A `kdkit eval --out` directory to reuse instead of evaluating again, where its model files, task file and every generation setting (and --timeout) match the gate's; repeatable. The log says which it reused and why not the others."),
+    promote_undecided: bool = typer.Option(False, "--promote-undecided", help="Promote a candidate the gate cannot decide (a suite on which the exact test cannot show a drop) as if it were kept; the registry records that this was asked for."),
 ) -> None:
-    """Evaluate candidate and baseline on every task file (reusing stored evaluations), compare task by task, run the exact paired test per suite, decide KEEP (promote) or REVERT (archive) once for all suites, and record it. Exit code 0 on KEEP, 1 on REVERT."""
+    """Evaluate candidate and baseline on every task file (reusing stored evaluations), compare task by task, run the exact paired test per suite, decide once for all suites and record it: KEEP (promote), REVERT (archive), or UNDECIDED when a suite cannot show a drop (the baseline passes fewer tasks than the exact test needs to see one): nothing promoted or archived. Exit code 0 on KEEP, 1 on REVERT, 3 on UNDECIDED."""
     from kdkit.evaluate import GenerationSettings
     from kdkit.gate import GateRule, SuiteRule, format_tasks, gate, power_line
     from kdkit.io import atomic_write_json
@@ -814,7 +818,7 @@ def gate_cmd(
                settings=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size,
                                            **_prompting(prompt_style, instruction, system)),
                limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation, log=console.print,
-               progress=progress, eval_dirs=[_P(d) for d in reuse_eval])
+               progress=progress, eval_dirs=[_P(d) for d in reuse_eval], promote_undecided=promote_undecided)
     for s in res.suites:
         t = Table(title=f"{_P(s['tasks']).name} ({'anchors' if s is res.suites[0] else 'suite'}): {s['decision']}")
         for c in ("model", "pass", "95% interval"):
@@ -828,7 +832,7 @@ def gate_cmd(
     console.print(f"[bold]{res.decision}[/]: {res.reason}")
     if json_out:
         atomic_write_json(json_out, res.to_json())
-    raise typer.Exit(0 if res.decision == "KEEP" else 1)
+    raise typer.Exit(GATE_EXIT[res.decision])
 
 
 @app.command("ladder")
@@ -849,7 +853,7 @@ def ladder_cmd(
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
     progress: bool = typer.Option(True, help="Show progress bars for each rung's training and evaluation."),
 ) -> None:
-    """For each rung: train → merge → gate against the production at the ladder's start → KEEP/REVERT. A failed rung does not stop the ladder; a rerun skips finished rungs. Writes ladder.md, ladder.csv and ladder.png (anchor pass and losses against the varied value)."""
+    """For each rung: train → merge → gate against the production at the ladder's start → KEEP/REVERT/UNDECIDED (as `kdkit gate`: an UNDECIDED rung promotes and archives nothing). A failed rung does not stop the ladder; a rerun skips finished rungs. Writes ladder.md, ladder.csv and ladder.png (anchor pass and losses against the varied value)."""
     from pathlib import Path as _P
 
     from kdkit.evaluate import GenerationSettings

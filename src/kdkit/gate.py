@@ -1,9 +1,10 @@
-"""``kdkit gate``: compare a candidate with production task by task, decide KEEP or REVERT, record it.
+"""``kdkit gate``: compare a candidate with production task by task, decide KEEP, REVERT or UNDECIDED, record it.
 
 The default rule is the seeds': no anchor task that the baseline passes may fail,
 and the pass count may not fall. The exact paired test (McNemar's, i.e. a
 two-sided binomial test on the discordant pairs) and both Wilson intervals are
-reported so that a regression can be told from sampling noise.
+reported so that a regression can be told from sampling noise. A suite too small (or a baseline
+too weak) for that test to see any drop cannot support a KEEP: the decision is UNDECIDED.
 """
 
 from __future__ import annotations
@@ -268,14 +269,37 @@ def decide(base: dict[str, bool], cand: dict[str, bool], rule: GateRule | SuiteR
     return decision, regressed, fixed, p, "; ".join(reasons) + f" (exact McNemar p = {p:.3g})"
 
 
+def blind_keep(decision: str, reason: str, pw: dict[str, Any], tasks: Path) -> tuple[str, str]:
+    """A KEEP on a suite whose test cannot show a drop is no KEEP: (``UNDECIDED``, what the suite would need).
+
+    The suite can show a drop when the baseline passes at least the fewest tasks the exact test calls beyond
+    noise; below that, "no disallowed regression" says nothing about the candidate. A REVERT stands."""
+    if decision != "KEEP" or pw["can_show_drop"]:
+        return decision, reason
+    k, nb, n = pw["fewest_detectable"], pw["baseline_passes"], pw["baseline_passes"] + pw["baseline_fails"]
+    more = (f"at the baseline's pass rate about {math.ceil(k * n / nb)} tasks" if nb else
+            "tasks that the baseline passes: it passes none of these")
+    return "UNDECIDED", (f"{tasks.name} cannot show a drop at p < {pw['alpha']:g}: the baseline passes {nb} of "
+                         f"{n} tasks and the exact test needs >= {k} to see one; it needs {more} "
+                         f"(the rule alone said: {reason})")
+
+
+def overall(decisions: list[str]) -> str:
+    """One decision for all suites: any REVERT reverts; else any UNDECIDED leaves it undecided; else KEEP."""
+    return next((d for d in ("REVERT", "UNDECIDED") if d in decisions), "KEEP")
+
+
 def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "production",
          rule: GateRule = GateRule(), settings: GenerationSettings = GenerationSettings(), limits: Limits = Limits(),
          unsafe_no_isolation: bool = False, candidate_meta: dict[str, Any] | None = None,
          log: Callable[[str], None] = print, progress: bool = False,
-         suite_rule: SuiteRule = SuiteRule(), eval_dirs: list[Path] | None = None) -> GateResult:
+         suite_rule: SuiteRule = SuiteRule(), eval_dirs: list[Path] | None = None,
+         promote_undecided: bool = False) -> GateResult:
     """Evaluate candidate and baseline on every task file, decide, and record + apply ONE decision in one
     transaction. ``tasks``: a file or a list of files; the first (the anchors) is judged by ``rule``, the
-    others by ``suite_rule``; a REVERT in any suite reverts.
+    others by ``suite_rule``; a REVERT in any suite reverts; a suite that cannot show a drop makes a KEEP
+    ``UNDECIDED`` (:func:`blind_keep`): recorded, nothing promoted or archived — unless ``promote_undecided``,
+    which promotes it and records that it was asked for.
 
     The decision is applied only if production is still what it was when the gate started."""
     files = [Path(t) for t in (tasks if isinstance(tasks, list | tuple) else [tasks])]
@@ -296,6 +320,8 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
         ev_c = evaluate_pack(reg, cand, f, settings, limits, unsafe_no_isolation, log, progress, eval_dirs)
         suite_r = rule if i == 0 else suite_rule
         decision, regressed, fixed, p, reason = decide(ev_b["outcomes"], ev_c["outcomes"], suite_r)
+        pw = power(ev_b["outcomes"], getattr(suite_r, "require_gain_p", None) or getattr(suite_r, "alpha", 0.05))
+        decision, reason = blind_keep(decision, reason, pw, f)
         prompts = {t.task_id: t.prompt for t in load_tasks(f)}
         suites.append({"tasks": str(f), "rule": {"kind": "anchors" if i == 0 else "suite", **asdict(suite_r)},
                        "decision": decision, "regressed": regressed, "fixed": fixed, "p_value": p, "reason": reason,
@@ -304,10 +330,9 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
                        "baseline_interval": (ev_b["ci_low"], ev_b["ci_high"]), "candidate_outcomes": ev_c["outcomes"],
                        "regressed_completions": side_by_side(regressed, ev_c, ev_b, prompts),
                        "fixed_completions": side_by_side(fixed, ev_c, ev_b, prompts),
-                       "power": power(ev_b["outcomes"], getattr(suite_r, "require_gain_p", None) or
-                                      getattr(suite_r, "alpha", 0.05))})
+                       "power": pw})
     first = suites[0]
-    decision = "REVERT" if any(s["decision"] == "REVERT" for s in suites) else "KEEP"
+    decision = overall([s["decision"] for s in suites])
     reason = first["reason"] if len(suites) == 1 else "; ".join(f"{Path(s['tasks']).name}: {s['decision']} — "
                                                                 f"{s['reason']}" for s in suites)
     regressed = [t for s in suites for t in s["regressed"]]
@@ -315,6 +340,9 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
     rule_json = asdict(rule) if len(suites) == 1 else {**asdict(rule), "suites": [
         {k: s[k] for k in ("tasks", "rule", "decision", "candidate_passed", "baseline_passed", "n_tasks", "p_value")}
         for s in suites]}
+    if decision == "UNDECIDED" and promote_undecided:
+        decision, rule_json = "KEEP", {**rule_json, "promote_undecided": True}
+        reason = "UNDECIDED, promoted as asked (--promote-undecided): " + reason
     gid = reg.record_gate(cand.id, base.id, rule_json, decision, regressed, fixed, first["p_value"], reason,
                           expected_production=None if prod is None else prod.id)
     return GateResult(decision, cand.name, base.name, first["candidate_passed"], first["baseline_passed"],

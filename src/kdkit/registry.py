@@ -292,11 +292,12 @@ class Registry:
     def record_gate(self, candidate_id: int, baseline_id: int, rule: dict[str, Any], decision: str,
                     regressed: list[str], fixed: list[str], p_value: float, reason: str, *,
                     expected_production: int | None) -> int:
-        """Record the decision and apply it (KEEP → promote, REVERT → archive) in ONE transaction.
+        """Record the decision and apply it (KEEP → promote, REVERT → archive, UNDECIDED → neither) in ONE
+        transaction.
 
         ``expected_production`` is the production pack id seen when the gate started: if another
         process changed production since, nothing is recorded and :class:`ProductionChanged` is raised."""
-        if decision not in ("KEEP", "REVERT"):
+        if decision not in ("KEEP", "REVERT", "UNDECIDED"):
             raise ValueError(decision)
         if decision == "KEEP":
             self.check_weights(self.pack(candidate_id))
@@ -316,9 +317,10 @@ class Registry:
             _fault("gate:after_insert")
             if decision == "KEEP":
                 c.execute("UPDATE packs SET status = 'active' WHERE id = ?", (candidate_id,))
+                how = "UNDECIDED, promoted as asked" if rule.get("promote_undecided") else "KEEP"
                 c.execute("INSERT INTO production (pack_id, reason, created) VALUES (?, ?, ?)",
-                          (candidate_id, f"gate {cur.lastrowid}: KEEP", _now()))
-            else:
+                          (candidate_id, f"gate {cur.lastrowid}: {how}", _now()))
+            elif decision == "REVERT":
                 c.execute("UPDATE packs SET status = 'archived' WHERE id = ?", (candidate_id,))
             _fault("gate:before_commit")
             return int(cur.lastrowid)

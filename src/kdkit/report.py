@@ -24,7 +24,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em a
 h1,h2{font-weight:600} table{border-collapse:collapse;margin:1em 0} td,th{border:1px solid #ccc;padding:4px 8px}
 th{background:#f4f4f4} .pass{background:#c8ebc8} .fail{background:#f5c6c6} .grid td{font-size:11px;text-align:center}
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px} img{max-width:100%}
-.keep{color:#17741a;font-weight:700} .revert{color:#a11;font-weight:700} .note{background:#fff6d6;padding:.5em}
+.keep{color:#17741a;font-weight:700} .revert{color:#a11;font-weight:700}
+.undecided{color:#8a5a00;font-weight:700} .note{background:#fff6d6;padding:.5em}
 .grid{table-layout:fixed;max-width:100%} .grid td:first-child{text-align:left;white-space:nowrap}
 td pre{white-space:pre-wrap;word-break:break-word;max-width:32em;margin:0}
 """
@@ -222,8 +223,10 @@ def _demo_body(d: Path) -> str:
     dist, base = by.get("distilled", {}), by.get("baseline", {})
     won = sum(dist[t] and not base.get(t, False) for t in dist)
     lost = sum(base.get(t, False) and not dist[t] for t in dist)
+    decided_on = ", ".join(Path(x["tasks"]).name for x in g.get("suites", [])) or "the anchors"
     verdict = ("distillation WINS on holdout" if s["distillation_wins_holdout"] else
                "distillation does NOT beat the baseline on holdout")
+    verdict += f" (the holdout is not gated: the gate's {g['decision']} was decided on {decided_on})"
     paired = _paired_validation({m["model"]: m.get("val_rows") for m in s["models"]}, "baseline", "distilled")
     parts = [f"<h1>kdkit demo</h1><p>{html.escape(verdict)} (Δ holdout = {s['holdout_delta']:+d}: {won} tasks only "
              f"the distilled student passes, {lost} only the baseline, exact McNemar p = {mcnemar_exact(lost, won):.3g}; "
@@ -269,6 +272,9 @@ def _gate_scope_note(s: dict[str, Any]) -> str:
     if s["gate"]["decision"] == "REVERT" and s["holdout_delta"] > 0:
         note = (f"Note: distillation wins on the holdout (Δ = {s['holdout_delta']:+d}) but the gate REVERTs: " + note +
                 " A REVERT means an anchor the baseline passed now fails (or the anchor count fell).")
+    elif s["gate"]["decision"] == "UNDECIDED":
+        note += (" UNDECIDED: the baseline passes too few anchors for the exact test to show a drop, so no KEEP "
+                 "can be supported and nothing was promoted.")
     return f"<p class='note'>{html.escape(note)}</p>"
 
 

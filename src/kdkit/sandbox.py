@@ -15,6 +15,9 @@ Each program runs
   processes never share a uid, and a slot's uid is reused only after every
   process of the previous program is gone — a fork bomb cannot exhaust the next
   program's process limit, and no sandbox process outlives its result;
+* under a seccomp filter (:mod:`kdkit.procfilter`, loaded by bubblewrap) that refuses every new process
+  (``fork``, ``vfork``, a non-thread ``clone``), ``ptrace`` and cross-process memory calls: no process
+  without the harness's audit hook can exist beside it to read or write its memory;
 * with ``python3 -I`` and rlimits on address space, CPU time, file size, open
   files and processes, and a wall-clock timeout that kills the whole process group;
 * with stdout/stderr going to files capped by RLIMIT_FSIZE, of which only a tail is kept.
@@ -44,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdkit import procfilter
 from kdkit.errors import KdkitError
 
 STATUSES = ("passed", "failed", "exited", "timeout", "error", "oom")
@@ -109,11 +113,12 @@ def _interpreter() -> tuple[str, list[str]]:
     return str(exe), [str(base)]
 
 
-def _bwrap_args(files: Path, lim: Limits, uid: int | None, fd: int, entry: str) -> list[str]:
+def _bwrap_args(files: Path, lim: Limits, uid: int | None, fd: int, entry: str, filter_fd: int) -> list[str]:
     """bubblewrap around the harness (bound read-only from kdkit itself); ``files`` holds program.py and
-    test.py (bound read-only into /sandbox)."""
+    test.py (bound read-only into /sandbox); ``filter_fd`` holds the process filter (:mod:`kdkit.procfilter`)."""
     exe, binds = _interpreter()
-    args = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+    args = ["bwrap", "--seccomp", str(filter_fd), "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+            "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr"]
     for link in ("bin", "lib", "lib64", "sbin"):
         p = Path("/") / link
@@ -219,6 +224,9 @@ def _limit_fn(lim: Limits) -> Callable[[], None]:
     return apply
 
 
+# The probe: Python runs, and the kernel refuses a new process (the process filter is in force).
+_PROBE = ("import os\ntry:\n    pid = os.fork()\nexcept PermissionError:\n    print(6 * 7)\nelse:\n"
+          "    if pid == 0:\n        os._exit(0)\n    print('forked')\n")
 _probe_lock = threading.Lock()
 _probe_ok: dict[str, bool] = {}
 
@@ -235,11 +243,14 @@ def check_isolation() -> None:
         if os.geteuid() == 0 and not Path("/usr/bin/setpriv").exists():
             raise SandboxUnavailable("running as root needs /usr/bin/setpriv (util-linux) to drop to an "
                                      "unprivileged uid inside the sandbox")
-        res = _run_one(Program("print(6 * 7)\n"), Limits(timeout_s=20), slot=0, unsafe=False)
+        res = _run_one(Program(_PROBE), Limits(timeout_s=20), slot=0, unsafe=False)
+        if res.status == "passed" and res.stdout_tail.strip() == "forked":
+            raise SandboxUnavailable("the sandbox starts but its process filter is not in force (a fork inside it "
+                                     "succeeded): generated code is not run here; or pass --unsafe-no-isolation")
         if res.status != "passed" or res.stdout_tail.strip() != "42":
             raise SandboxUnavailable(f"bubblewrap is installed but the sandbox does not start here "
                                      f"({res.status}: {res.stderr_tail.strip()[-300:]}); {INSTALL_HINT}, and check "
-                                     f"that user namespaces are allowed; or pass --unsafe-no-isolation")
+                                     f"that user namespaces and seccomp are allowed; or pass --unsafe-no-isolation")
         _probe_ok[key] = True
 
 
@@ -308,6 +319,7 @@ def _run_one(program: Program, lim: Limits, *, slot: int, unsafe: bool) -> RunRe
     outer = Path(tempfile.mkdtemp(prefix="kdkit-sbx-"))  # 0700, ours: holds the files and captured output
     files = outer / "files"
     r_fd, w_fd = os.pipe()
+    filter_fd = -1
     key = secrets.token_bytes(32)
     try:
         files.mkdir()
@@ -320,14 +332,15 @@ def _run_one(program: Program, lim: Limits, *, slot: int, unsafe: bool) -> RunRe
             cmd = [sys.executable, *_PY_FLAGS, str(_HARNESS), str(w_fd), entry]
             env, cwd = {"PATH": "/usr/bin:/bin", "HOME": str(work)}, work
         else:
-            cmd, env, cwd = _bwrap_args(files, lim, uid, w_fd, entry), {"PATH": "/usr/bin:/bin"}, outer
+            filter_fd = _filter_fd()
+            cmd, env, cwd = _bwrap_args(files, lim, uid, w_fd, entry, filter_fd), {"PATH": "/usr/bin:/bin"}, outer
         t0 = time.perf_counter()
         timed_out = False
         with out_p.open("wb") as out_f, err_p.open("wb") as err_f:
             try:
                 proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=out_f, stderr=err_f,
                                         preexec_fn=_limit_fn(lim), start_new_session=True, close_fds=True,
-                                        pass_fds=(w_fd,))
+                                        pass_fds=(w_fd,) if filter_fd < 0 else (w_fd, filter_fd))
             except OSError as e:
                 return RunResult("error", None, "", f"cannot start the sandbox: {e}", 0.0, "cannot start the sandbox")
             os.close(w_fd)
@@ -350,10 +363,21 @@ def _run_one(program: Program, lim: Limits, *, slot: int, unsafe: bool) -> RunRe
         status, reason = _classify(_read_verdict(r_fd, key), rc, timed_out, stderr)
         return RunResult(status, rc, stdout, stderr, dur, reason)
     finally:
-        for fd in (r_fd, w_fd):
+        for fd in (r_fd, w_fd, filter_fd):
             if fd >= 0:
                 os.close(fd)
         shutil.rmtree(outer, ignore_errors=True)
+
+
+def _filter_fd() -> int:
+    """A descriptor from which bubblewrap reads the process filter (it fits a pipe's buffer: no writer waits)."""
+    prog = procfilter.program()
+    r, w = os.pipe()
+    try:
+        os.write(w, prog)
+    finally:
+        os.close(w)
+    return r
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
