@@ -3,8 +3,26 @@
 Relative invariants (cache == live, 8×1 == 2×4, resume == uninterrupted) cannot catch a bug both of
 their sides share; this can: the demo world's first 48 training rows, a seeded fresh student, the
 bundled teacher live, CE + KD (kl_fwd at T = 2) then a rmse barrier to the base, through the CLI, and
-each step's losses against the numbers this code produced when they were pinned (rtol 1e-5).
-Recompute them (and say why in the commit) only when a change is meant to change the numbers.
+each step's losses against the numbers this code produced when they were pinned.
+
+The pins hold on any CPU: the tolerances come from the spread measured across torch's CPU kernels
+(``ATEN_CPU_CAPABILITY`` = default, avx2, avx512, each with ``KDKIT_THREADS`` = 1 and 2; torch 2.13.0,
+x86-64 with AVX-512), the largest relative distance of any of the six from the pins:
+
+=================  ==========  ==========  ==================  ======================
+trajectory         total       CE          KL / barrier        tolerance (rel)
+=================  ==========  ==========  ==================  ======================
+KD (steps 1-6)     1.1e-7      1.4e-7      9.2e-8              1e-5 (every column)
+barrier (1-6)      6.3e-6      2.4e-6      7.5e-5 (step 6)     1e-4 total/CE, 1e-3 barrier
+=================  ==========  ==========  ==================  ======================
+
+The barrier is a small hinge over a divergence that starts at 0, so rounding grows fastest there.
+Deliberately broken variants, each run through the same command (``test_broken_variants_miss_the_pins``,
+slow), miss the pins by far more; the largest relative miss of a step, at its smallest over the six steps:
+no T² (0.75), reverse KL for the KD (0.19), another CE normalisation (``sqrt_row``: 1.2e-4, 2.5e-3 at
+step 1), the barrier aggregated by mean (0.31), the barrier on forward KL (2.8e-2 from step 2 on; step 1,
+at the base, cannot tell), every row weighed by 1/√n under the barrier (2.2e-2).
+Recompute the pins (and say why in the commit) only when a change is meant to change the numbers.
 """
 
 from __future__ import annotations
@@ -37,6 +55,26 @@ PINNED_BARRIER = {1: (0.28112784028053284, 0.2810278443305258, 9.999999747378752
                   6: (0.26329049468040466, 0.23907825285117532, 0.024212265387177467)}
 
 
+KD_RTOL = (1e-5, 1e-5, 1e-5, 1e-5)
+BARRIER_RTOL = (1e-4, 1e-4, 1e-3)
+KD = {"teacher": {"model": str(TEACHER_DIR)}, "objective": {"kd": {"kind": "kl_fwd", "temperature": 2.0}}}
+BARRIER = {"student": {"path": str(TEACHER_DIR), "lora": {"r": 4, "alpha": 8}}, "reference": {"kind": "base"},
+           "objective": {"barrier": {"kind": "kl_rev", "aggregate": "rmse", "tau": 0.0, "weight": 1.0}}}
+
+
+def misses(got: dict[int, tuple[float, ...]], pinned: dict[int, tuple[float, ...]], rtol: tuple[float, ...]
+           ) -> list[tuple[int, int, float]]:
+    """(step, column, relative distance) for every value farther from its pin than its column's tolerance."""
+    assert got.keys() == pinned.keys()
+    out = []
+    for step, want in pinned.items():
+        for j, (g, w, tol) in enumerate(zip(got[step], want, rtol, strict=True)):
+            rel = abs(g - w) / max(abs(w), 1e-12)
+            if rel > tol and abs(g - w) > 1e-12:
+                out.append((step, j, rel))
+    return out
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("golden")
@@ -60,17 +98,29 @@ def _trajectory(root, name: str, body: dict) -> dict[int, tuple[float, ...]]:
 
 
 def test_distillation_trajectory_is_pinned(world):
-    got = _trajectory(world, "kd", {"teacher": {"model": str(TEACHER_DIR)},
-                                    "objective": {"kd": {"kind": "kl_fwd", "temperature": 2.0}}})
-    assert got.keys() == PINNED_KD.keys()
-    for step, want in PINNED_KD.items():
-        assert got[step] == pytest.approx(want, rel=1e-5), step
+    assert misses(_trajectory(world, "kd", KD), PINNED_KD, KD_RTOL) == []
 
 
 def test_barrier_trajectory_is_pinned(world):
-    got = _trajectory(world, "barrier", {"student": {"path": str(TEACHER_DIR), "lora": {"r": 4, "alpha": 8}},
-                                         "reference": {"kind": "base"}, "objective": {"barrier": {
-                                             "kind": "kl_rev", "aggregate": "rmse", "tau": 0.0, "weight": 1.0}}})
-    assert got.keys() == PINNED_BARRIER.keys()
-    for step, want in PINNED_BARRIER.items():
-        assert got[step] == pytest.approx(want, rel=1e-5), step
+    assert misses(_trajectory(world, "barrier", BARRIER), PINNED_BARRIER, BARRIER_RTOL) == []
+
+
+def _with(body: dict, section: str, **kw) -> dict:
+    out = json.loads(json.dumps(body))
+    out["objective"].setdefault(section, {}).update(kw) if section else out["objective"].update(kw)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, body, pinned, rtol", [
+    ("no_t2", _with(KD, "kd", t2_scale=False), PINNED_KD, KD_RTOL),
+    ("kd_reverse", _with(KD, "kd", kind="kl_rev"), PINNED_KD, KD_RTOL),
+    ("kd_sqrt_row", _with(KD, "", ce_norm="sqrt_row"), PINNED_KD, KD_RTOL),
+    ("barrier_mean", _with(BARRIER, "barrier", aggregate="mean"), PINNED_BARRIER, BARRIER_RTOL),
+    ("barrier_forward", _with(BARRIER, "barrier", kind="kl_fwd"), PINNED_BARRIER, BARRIER_RTOL),
+    ("barrier_sqrt_row", _with(BARRIER, "", ce_norm="sqrt_row"), PINNED_BARRIER, BARRIER_RTOL),
+])
+def test_broken_variants_miss_the_pins(world, name, body, pinned, rtol):
+    # what the tolerances let through is far smaller than what a wrong convention changes
+    missed = misses(_trajectory(world, name, body), pinned, rtol)
+    assert missed and max(rel for _, _, rel in missed) > 10 * max(rtol), (name, missed)
