@@ -98,7 +98,10 @@ def test_served_capture_is_byte_identical_and_equals_the_local_capture(served, t
     root, url = served
     s = PrecomputeSettings(top_k=16, shard_rows=8, max_length=128, teacher_url=url)
     m1 = precompute(root / "teacher", root / "train.jsonl", tmp_path / "a", s, **QUIET)
-    precompute(root / "teacher", root / "train.jsonl", tmp_path / "b", s, **QUIET)
+    # the OpenAI base URL, as vLLM's and OpenAI's clients take it, names the same server: same key, same bytes
+    m2 = precompute(root / "teacher", root / "train.jsonl", tmp_path / "b",
+                    PrecomputeSettings(top_k=16, shard_rows=8, max_length=128, teacher_url=url + "/v1/"), **QUIET)
+    assert m2["key"] == m1["key"]
     for shard in m1["shards"]:
         assert (tmp_path / "a" / shard["file"]).read_bytes() == (tmp_path / "b" / shard["file"]).read_bytes()
     served_info = m1["teacher"]["served"]
@@ -146,7 +149,7 @@ def test_served_capture_refusals_write_nothing(served, tmp_path):
 def test_teacher_check_agrees_and_names_the_first_difference(served, tmp_path):
     root, url = served
     runner = CliRunner()
-    ok = runner.invoke(app, ["teacher", "check", "--teacher-url", url, "--teacher", str(root / "teacher"),
+    ok = runner.invoke(app, ["teacher", "check", "--teacher-url", url + "/v1", "--teacher", str(root / "teacher"),
                              "--data", str(root / "chat.jsonl"), "--json", str(tmp_path / "r.json")])
     assert ok.exit_code == 0, ok.output
     report = json.loads((tmp_path / "r.json").read_text())
@@ -233,7 +236,7 @@ def test_a_lora_students_served_rollouts_follow_its_weights_and_show_their_lag(s
     student = get_peft_model(load_causal_lm(root / "teacher", "float32"),
                              LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     prompts = [[1, 40, 41, 42], [1, 50, 13, 70, 71]]
-    rollout = open_rollout_server(url, None, tmp_path, sync_every=2, lora=True)
+    rollout = open_rollout_server(url + "/v1", None, tmp_path, sync_every=2, lora=True)  # the base URL form
     rollout.sync(student, 0)
     first = _greedy(student, tokenizer, prompts)
     assert rollout.generate(prompts, 8, 0.0, 1.0, 0, [2]) == first  # vLLM greedy = transformers greedy
@@ -322,7 +325,7 @@ def test_generate_on_the_server_writes_the_local_generations_bytes(served, tmp_p
     common = ["generate", "--model", str(root / "teacher"), "--data", str(prompts), "--max-new-tokens", "12",
               "--batch-size", "3", "--no-progress"]
     local = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "local.jsonl")])
-    remote = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "served.jsonl"), "--teacher-url", url])
+    remote = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "served.jsonl"), "--teacher-url", url + "/v1"])
     assert local.exit_code == 0 and remote.exit_code == 0, local.output + remote.output
     assert (tmp_path / "served.jsonl").read_bytes() == (tmp_path / "local.jsonl").read_bytes()
     rows = [json.loads(x) for x in (tmp_path / "served.jsonl").read_text().splitlines()]

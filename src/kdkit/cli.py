@@ -185,7 +185,7 @@ def precompute_cmd(
     shard_rows: int = typer.Option(256, help="Rows per shard (the unit of resumption)."),
     on_empty: str = typer.Option(None, help="Rows with no target token: 'skip' (default; reported) or 'error'."),
     student_tokenizer: str = typer.Option(None, help="A student whose tokenizer differs from the teacher's (its model directory): the rows are read with it and the teacher's top-K is stored at the positions aligned by characters (for objective.kd.cross_tokenizer). With --config: the config's student.path when its cross_tokenizer is set."),
-    teacher_url: str = typer.Option(None, help="A teacher served by vLLM (http://HOST:PORT): its prompt log-probs are captured instead of a local forward. --teacher is then the local directory of its tokenizer; when it also holds the weights, they are fingerprinted and `kdkit teacher check` runs on a few rows first. With --config: the config's teacher.url."),
+    teacher_url: str = typer.Option(None, help="A teacher served by vLLM (http://HOST:PORT or http://HOST:PORT/v1): its prompt log-probs are captured instead of a local forward. --teacher is then the local directory of its tokenizer; when it also holds the weights, they are fingerprinted and `kdkit teacher check` runs on a few rows first. With --config: the config's teacher.url."),
     served_model: str = typer.Option(None, help="With --teacher-url: the model name the server must serve (its --served-model-name; default: its only model)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
@@ -252,7 +252,7 @@ def generate_cmd(
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 (default) is greedy decoding."),
     top_p: float = typer.Option(None, help="Nucleus sampling (only with --temperature > 0; default 1.0)."),
     seed: int = typer.Option(None, help="Sampling seed (only with --temperature > 0; default 0)."),
-    teacher_url: str = typer.Option(None, help="A teacher served by vLLM (http://HOST:PORT) writes the completions, from the same prompt token ids; --model is then the local directory of its tokenizer and chat template (its EOS ids from there too)."),
+    teacher_url: str = typer.Option(None, help="A teacher served by vLLM (http://HOST:PORT or http://HOST:PORT/v1) writes the completions, from the same prompt token ids; --model is then the local directory of its tokenizer and chat template (its EOS ids from there too)."),
     served_model: str = typer.Option(None, help="With --teacher-url: the served model's name, when the server serves several."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
@@ -282,7 +282,7 @@ def generate_cmd(
 
 @teacher_app.command("check")
 def teacher_check(
-    teacher_url: str = typer.Option(..., help="The served teacher (http://HOST:PORT)."),
+    teacher_url: str = typer.Option(..., help="The served teacher (http://HOST:PORT or http://HOST:PORT/v1)."),
     teacher: str = typer.Option(..., help="The local copy: a Hugging Face model directory (safetensors) with its tokenizer and chat template."),
     data: str = typer.Option(..., help="Rows (JSONL) to compare on: prompt/completion, messages or text."),
     rows: int = typer.Option(8, min=1, help="Compare on the first N rows."),

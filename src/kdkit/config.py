@@ -84,8 +84,8 @@ class OnPolicyConfig(_Strict):
                           "distribution) or sampled_kl_rev (per sampled token, advantage −(log p_s − log p_t): "
                           "needs only the teacher's log-prob of each sampled token)")
     rollout_url: str | None = Field(
-        None, description="a vLLM server of the student (http://HOST:PORT) that writes the completions, its "
-                          "weights kept in sync (README 'A served teacher'); None: the student generates here")
+        None, description="a vLLM server of the student (http://HOST:PORT or its /v1 base URL) that writes the "
+                          "completions, its weights kept in sync (README 'A served teacher'); None: the student generates here")
     sync_every: int = Field(1, ge=1, description="with rollout_url: optimizer steps between weight syncs (the "
                                                  "lag, logged as rollout_lag, is at most sync_every − 1)")
 
@@ -191,8 +191,8 @@ class TeacherConfig(_Strict):
 
     cache: str | None = Field(None, description="teacher cache directory made by `kdkit precompute`")
     model: str | None = Field(None, description="teacher model directory, loaded once, frozen")
-    url: str | None = Field(None, description="a teacher served by vLLM (http://HOST:PORT), asked for top-K "
-                                              "log-probs per batch")
+    url: str | None = Field(None, description="a teacher served by vLLM (http://HOST:PORT or its /v1 base URL), asked "
+                                              "for top-K log-probs per batch")
     served_model: str | None = Field(None, description="with url: the model name the server must serve "
                                                        "(default: its only one)")
     top_k: int = Field(64, ge=1, description="with url: log-probs asked per position (at most the server's "

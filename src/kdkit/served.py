@@ -6,6 +6,11 @@ under the full softmax at every prompt position, ``return_tokens_as_token_ids`` 
 as ids) or with ``logprobs`` (a rollout's own tokens). Prompts are sent as token ids, so the server never
 re-tokenises text. A request that fails to connect, times out or gets a 5xx is retried with backoff; a
 4xx is the request's fault and is reported at once with the server's message.
+
+A URL is the server's root (``http://HOST:PORT``) or its OpenAI base URL (``http://HOST:PORT/v1``, as vLLM's
+and OpenAI's clients take it); both name the same server. An answer that is not what vLLM returns (HTML, a
+JSON string, an object without the field asked for) is refused in one line naming the URL, the endpoint
+and what was missing.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +43,26 @@ def _token_id(key: str) -> int:
     return int(key.rsplit(":", 1)[-1])
 
 
+def server_root(url: str) -> str:
+    """The server's root for a URL given as its root or as its OpenAI base URL: ``http://h:8000/v1/`` →
+    ``http://h:8000``."""
+    url = url.strip().rstrip("/")
+    return url[:-len("/v1")] if url.endswith("/v1") else url
+
+
+class _Text(str):
+    """A body that is not JSON (e.g. "Success: LoRA adapter ... added", or a proxy's HTML page)."""
+
+
+def _kind(value: Any) -> str:
+    """What an answer is, for a message: ``a JSON string``, ``text starting '<html>...'``."""
+    if isinstance(value, _Text):
+        return f"text starting {value.strip()[:40]!r}" if value.strip() else "an empty body"
+    names = {str: "a JSON string", dict: "a JSON object", list: "a JSON list", type(None): "an empty body",
+             bool: "a JSON boolean"}
+    return names.get(type(value), f"a JSON {type(value).__name__}")
+
+
 @dataclass
 class Server:
     """One vLLM server. ``model``: the name it must serve (checked by :meth:`info`); None takes its only one."""
@@ -48,9 +75,30 @@ class Server:
     _info: dict[str, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.url = self.url.rstrip("/")
+        given, self.url = self.url, server_root(self.url)
         if not self.url.startswith(("http://", "https://")):
-            raise ServedError(f"--teacher-url {self.url!r}: expected http://HOST:PORT")
+            raise ServedError(f"server URL {given!r}: expected http://HOST:PORT or http://HOST:PORT/v1")
+
+    def _object(self, path: str, body: dict[str, Any] | None = None, *, needs: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The answer to ``path``, which must be a JSON object holding each field of ``needs``."""
+        answer = self._request(path, body)
+        if not isinstance(answer, dict):
+            raise ServedError(f"server {self.url}{path} answered with {_kind(answer)}, not vLLM's JSON object "
+                              f"(is {self.url} a vLLM server?)")
+        missing = [k for k in needs if k not in answer]
+        if missing:
+            raise ServedError(f"server {self.url}{path} answered without {', '.join(map(repr, missing))} "
+                              f"(fields: {sorted(answer)[:8]}); is {self.url} a vLLM server?")
+        return answer
+
+    @contextmanager
+    def _reading(self, path: str, what: str) -> Iterator[None]:
+        """Parsing a nested answer: a field of the wrong type or a missing one is the server's, named once."""
+        try:
+            yield
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            detail = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+            raise ServedError(f"server {self.url}{path}: its {what} is not what vLLM returns ({detail})") from None
 
     def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -63,7 +111,7 @@ class Server:
                 try:
                     return json.loads(raw) if raw else None
                 except json.JSONDecodeError:
-                    return raw.decode(errors="replace")  # e.g. "Success: LoRA adapter ... added"
+                    return _Text(raw.decode(errors="replace"))
             except urllib.error.HTTPError as e:
                 message = _server_message(e)
                 if e.code < 500:
@@ -87,9 +135,10 @@ class Server:
         named."""
         if self._info is not None:
             return self._info
-        served = self._request("/v1/models").get("data", [])
-        names = [m.get("id") for m in served]
-        bases = [m for m in served if not m.get("parent")]  # LoRA adapters loaded at run time name a parent
+        served = self._object("/v1/models", needs=("data",))["data"]
+        with self._reading("/v1/models", "model list"):
+            names = [m["id"] for m in served]
+            bases = [m for m in served if not m.get("parent")]  # LoRA adapters loaded at run time name a parent
         if self.model is None and len(bases) != 1:
             raise ServedError(f"teacher server {self.url} serves {names}; name one (--served-model / teacher.served_model)")
         chosen = bases[0] if self.model is None else next((m for m in served if m.get("id") == self.model), None)
@@ -97,9 +146,9 @@ class Server:
             raise ServedError(f"teacher server {self.url} serves {names}, not {self.model!r} "
                               f"(--served-model / teacher.served_model)")
         try:
-            version = self._request("/version").get("version")
+            version = self._object("/version").get("version")
         except ServedError:
-            version = None
+            version = None  # optional: older servers have no /version
         self.model = chosen["id"]
         self._info = {"url": self.url, "model": chosen["id"], "root": chosen.get("root"),
                       "max_model_len": chosen.get("max_model_len"), "vllm_version": version}
@@ -131,10 +180,11 @@ class Server:
 
     def _completions(self, prompts: list[list[int]], **extra: Any) -> list[dict[str, Any]]:
         body = {"model": self.model or self.info()["model"], "prompt": prompts, "return_tokens_as_token_ids": True, **extra}
-        choices = self._request("/v1/completions", body).get("choices", [])
-        if len(choices) != len(prompts):
-            raise ServedError(f"teacher server {self.url}: {len(choices)} answers for {len(prompts)} prompts")
-        return sorted(choices, key=lambda c: c["index"])
+        choices = self._object("/v1/completions", body, needs=("choices",))["choices"]
+        with self._reading("/v1/completions", "choices"):
+            if len(choices) != len(prompts):
+                raise ServedError(f"teacher server {self.url}: {len(choices)} answers for {len(prompts)} prompts")
+            return sorted(choices, key=lambda c: c["index"])
 
     def prompt_topk(self, prompts: list[list[int]], k: int) -> list[TopK]:
         """For each prompt of L ids: TopK[L-1, K] (float32) — at prediction position j, the K most likely
@@ -143,17 +193,19 @@ class Server:
         if any(len(p) < 2 for p in prompts):
             raise ServedError("a prompt of fewer than 2 tokens has no prediction position")
         choices = self._completions(prompts, max_tokens=1, temperature=0.0, prompt_logprobs=k)
-        return [_topk_of(c.get("prompt_logprobs") or [], k, len(p), self.url) for c, p in zip(choices, prompts,
-                                                                                               strict=True)]
+        with self._reading("/v1/completions", "prompt_logprobs"):
+            return [_topk_of(c.get("prompt_logprobs") or [], k, len(p), self.url)
+                    for c, p in zip(choices, prompts, strict=True)]
 
     def token_logprobs(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """For each prompt of L ids: float32 [L-1], the log-prob of token j+1 given tokens 0..j."""
         choices = self._completions(prompts, max_tokens=1, temperature=0.0, prompt_logprobs=1)
         out = []
-        for c, p in zip(choices, prompts, strict=True):
-            entries = (c.get("prompt_logprobs") or [])[1:]
-            out.append(torch.tensor([_entry(e, tok)["logprob"] for e, tok in zip(entries, p[1:], strict=True)],
-                                    dtype=torch.float32))
+        with self._reading("/v1/completions", "prompt_logprobs"):
+            for c, p in zip(choices, prompts, strict=True):
+                entries = (c.get("prompt_logprobs") or [])[1:]
+                lps = [float(_entry(e, tok)["logprob"]) for e, tok in zip(entries, p[1:], strict=True)]
+                out.append(torch.tensor(lps, dtype=torch.float32))
         return out
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
@@ -161,7 +213,8 @@ class Server:
         """Each prompt's completion as token ids (the stop token included when one ended it)."""
         choices = self._completions(prompts, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                     seed=seed, logprobs=0, stop_token_ids=stop_ids, skip_special_tokens=False)
-        return [[_token_id(t) for t in (c.get("logprobs") or {}).get("tokens", [])] for c in choices]
+        with self._reading("/v1/completions", "logprobs.tokens"):
+            return [[_token_id(t) for t in (c.get("logprobs") or {})["tokens"]] for c in choices]
 
     def tokenize(self, text: str | None = None, messages: list[dict[str, Any]] | None = None,
                  add_generation_prompt: bool = False, tools: list[dict[str, Any]] | None = None) -> list[int]:
@@ -173,7 +226,11 @@ class Server:
                         **({"tools": tools} if tools else {}))
         else:
             body.update(prompt=text, add_special_tokens=False)
-        return list(self._request("/tokenize", body)["tokens"])
+        tokens = self._object("/tokenize", body, needs=("tokens",))["tokens"]
+        with self._reading("/tokenize", "tokens"):
+            if not all(type(t) is int for t in tokens):
+                raise ValueError("expected a list of integer ids")
+            return list(tokens)
 
 
 def _server_message(e: urllib.error.HTTPError) -> str:
