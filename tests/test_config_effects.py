@@ -267,3 +267,34 @@ def test_each_field_changes_the_run_or_is_refused(world, tmp_path, field):
     assert after != before, f"{field}={other!r} changed nothing"
     if "refused" in after:
         assert field in after["refused"] or field.split(".")[-1] in after["refused"], after["refused"]
+
+
+@pytest.mark.parametrize("field", sorted(_leaves(TrainConfig)))
+def test_a_resume_refuses_every_field_that_changes_a_result_and_reports_the_others(tmp_path, field):
+    # each field, several teachers' and on-policy settings among them: a resume compares it with the value the
+    # run's weights were trained with (final/kdkit.json here; a checkpoint's state.json likewise)
+    from kdkit.checkpoint import RESUME_FREE, check_resume
+    from kdkit.errors import TrainingError
+
+    saved, now = _set({}, field, "before"), _set({}, field, "after")
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "kdkit.json").write_text(json.dumps({"steps": 3, "config": saved}))
+
+    class Resumed:  # the config given to --resume
+        def model_dump(self, mode: str) -> dict:
+            return now
+
+    shown = _set({}, field, "x")
+    path = ".".join(_path(shown))
+    said: list[str] = []
+    if field.split(".")[0] in RESUME_FREE:
+        check_resume(tmp_path, Resumed(), log=said.append)
+        assert said == [f"resuming with settings that do not change the result changed: {path}: 'before' → 'after'"]
+    else:
+        with pytest.raises(TrainingError, match=re.escape(f"{path}: 'before' → 'after'")):
+            check_resume(tmp_path, Resumed(), log=said.append)
+
+
+def _path(d: dict) -> list[str]:
+    k, v = next(iter(d.items()))
+    return [k, *(_path(v) if isinstance(v, dict) else [])]

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from kdkit.cache import TeacherCache
 from kdkit.cache.precompute import PrecomputeSettings, precompute
 from kdkit.cli import app
-from kdkit.config import ConfigError, load_train_config
+from kdkit.config import RESOLVED_MARK, ConfigError, load_train_config
 from kdkit.errors import KdkitError
 from kdkit.train import FAULT_ENV, TrainingError, merge, micro_slices, step_rows, train
 from tests.helpers import save_model_dir, toy_rows, write_jsonl
@@ -479,6 +479,43 @@ def test_resume_refuses_a_changed_config_and_a_finished_run_is_left_alone(world,
     assert "the run is complete" in proc.stdout
     assert (run / "final" / "adapter_model.safetensors").read_bytes() == final_bytes
     assert not (run / "checkpoints").exists()
+
+
+def test_resume_after_editing_the_runs_own_config_is_refused_naming_each_field(world, tmp_path):
+    # The new user's case: interrupted at step 4, the run's own config.yaml edited (lr 0.005 → 0.3, a barrier's
+    # tau), then `kdkit train RUN/config.yaml --out RUN --resume`. The weights were trained with the old
+    # settings: the checkpoint says so, whatever config.yaml says now.
+    cfg = _cfg(world, tmp_path, checkpoint={"every": 2}, reference={"kind": "base"},
+               objective={"barrier": {"kind": "kl_rev", "aggregate": "rmse", "tau": 0.1, "weight": 1.0}})
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "kdkit", "train", str(run / "config.yaml"), "--out", str(run), "--no-progress"]
+    proc = subprocess.run(cmd[:4] + [str(cfg)] + cmd[5:], env={**os.environ, FAULT_ENV: "sigint:4"},
+                          capture_output=True, text=True)
+    assert proc.returncode == 130, proc.stderr[-1000:]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+
+    def edit() -> None:  # as an editor would: the resolved mark stays
+        (run / "config.yaml").write_text(RESOLVED_MARK + "\n" + yaml.safe_dump(saved, sort_keys=False))
+
+    saved["optim"]["lr"], saved["objective"]["barrier"]["tau"] = 0.3, 5.0
+    saved["logging"]["every"] = 3  # cannot change a result: reported, not refused
+    edit()
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode != 0 and "resumed from" not in resumed.stdout
+    out = resumed.stdout + resumed.stderr
+    assert "objective.barrier.tau: 0.1 → 5.0; optim.lr: 0.005 → 0.3" in " ".join(out.split()), out
+    assert "checkpoints/step-0000004/state.json" in out and "logging.every" not in out.split("trained:")[1]
+    # the saved settings back, a logging change alone: resumed, and the change is reported
+    saved["optim"]["lr"], saved["objective"]["barrier"]["tau"] = 0.005, 0.1
+    edit()
+    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-1000:]
+    assert "settings that do not change the result changed: logging.every: 1 → 3" in again.stdout
+    # a finished run remembers what it was trained with too
+    saved["optim"]["lr"] = 0.3
+    edit()
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert done.returncode != 0 and "final/kdkit.json" in done.stdout + done.stderr
 
 
 def test_merge_never_replaces_a_directory_kdkit_did_not_write(world, tmp_path):

@@ -2,14 +2,16 @@
 
 ``checkpoints/step-NNNNNNN/`` holds the trainable weights, the optimizer state, every device's RNG
 state and the loop's counters, written into a temp directory with a ``COMPLETE`` marker last and
-renamed; ``final/`` is written the same way. A resume refuses a config that differs in what is
-trained (:data:`RESUME_FREE` lists what may change).
+renamed; ``final/`` is written the same way. Each records the resolved config its weights were trained
+with, and a resume refuses a config that differs from it in what is trained (:data:`RESUME_FREE` lists
+what may change, and the resume reports it).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,16 +130,18 @@ def set_rng_states(states: dict[str, torch.Tensor]) -> None:
 RESUME_FREE = ("logging", "checkpoint")
 
 
-def config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
-    """``field: old → new`` for every field that differs (except :data:`RESUME_FREE` sections)."""
+def config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "", free_too: bool = False
+                   ) -> list[str]:
+    """``field: old → new`` for every field that differs (except :data:`RESUME_FREE` sections, unless
+    ``free_too``)."""
     out = []
     for k in sorted(set(saved) | set(now)):
         name = f"{prefix}{k}"
-        if not prefix and k in RESUME_FREE:
+        if not prefix and k in RESUME_FREE and not free_too:
             continue
         a, b = saved.get(k), now.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, f"{name}.")
+            out += config_changes(a, b, f"{name}.", free_too)
         elif a != b:
             out.append(f"{name}: {a!r} → {b!r}")
     return out
@@ -149,20 +153,41 @@ INPUTS_FILE = "inputs.json"
 CHECKPOINT_FORMAT = 1
 
 
-def check_resume(run: Path, cfg: TrainConfig, inputs: dict[str, Any] | None = None) -> None:
-    """Refuse to continue ``run`` with another config (in what is trained) or other inputs: ``inputs``
-    (:func:`kdkit.identity.run_inputs`) against the ``inputs.json`` the run recorded when it started."""
+def trained_with(run: Path) -> tuple[dict[str, Any], Path]:
+    """The config the run's newest weights were trained with, and where it was read: ``final/kdkit.json`` or
+    the newest checkpoint's ``state.json`` (each records it as it is written), else the run's ``config.yaml``
+    (a run that has saved no weights yet, or one made before kdkit recorded it there). ``config.yaml`` alone
+    is a file a user may edit: it cannot say what the weights were trained with."""
     import yaml
 
-    from kdkit.identity import changed_inputs
-
+    for path in (run / "final" / "kdkit.json",
+                 *(p / "state.json" for p in [newest_checkpoint(run)] if p is not None)):
+        if path.is_file() and "config" in (meta := json.loads(path.read_text())):
+            return meta["config"], path
     saved_path = run / "config.yaml"
     if not saved_path.is_file():
         raise TrainingError(f"{run}: no config.yaml — not a kdkit run directory, nothing to resume")
-    changes = config_changes(yaml.safe_load(saved_path.read_text()) or {}, cfg.model_dump(mode="json"))
+    return yaml.safe_load(saved_path.read_text()) or {}, saved_path
+
+
+def check_resume(run: Path, cfg: TrainConfig, inputs: dict[str, Any] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+    """Refuse to continue ``run`` with another config (in what is trained) or other inputs: the config against
+    the one its weights were trained with (:func:`trained_with`), field by field; ``inputs``
+    (:func:`kdkit.identity.run_inputs`) against the ``inputs.json`` the run recorded when it started. Changes
+    of settings that cannot change a result (:data:`RESUME_FREE`) are reported through ``log``."""
+    from kdkit.identity import changed_inputs
+
+    saved, where = trained_with(run)
+    now = cfg.model_dump(mode="json")
+    changes = config_changes(saved, now)
     if changes:
-        raise TrainingError(f"--resume with a config that differs from {saved_path} in what is trained: "
-                            f"{'; '.join(changes)}. Resume with the saved config, or start a new run with another --out")
+        raise TrainingError(f"--resume with a config that differs from the one {run} was trained with ({where}) in "
+                            f"what is trained: {'; '.join(changes)}. Resume with that config (a deliberate change "
+                            f"needs a new run: another --out)")
+    free = [c for c in config_changes(saved, now, "", free_too=True) if c not in changes]
+    if free and log is not None:
+        log(f"resuming with settings that do not change the result changed: {'; '.join(free)}")
     saved_inputs = run / INPUTS_FILE
     if inputs is not None and saved_inputs.is_file():
         changed = changed_inputs(json.loads(saved_inputs.read_text()), inputs)
@@ -189,7 +214,7 @@ def save_final(run: Path, model: torch.nn.Module, tokenizer: Any, cfg: TrainConf
                                   **({"state_dict": state_dict} if state_dict else {}))
             tokenizer.save_pretrained(str(tmp))
             atomic_write_json(tmp / "kdkit.json", {"kind": "lora" if cfg.student.lora else "full", "steps": step,
-                                                   "base": cfg.student.path})
+                                                   "base": cfg.student.path, "config": cfg.model_dump(mode="json")})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

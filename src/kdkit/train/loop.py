@@ -117,7 +117,8 @@ def _step_info(summary: dict[str, float], sums: Sums) -> str:
 def _state(r: Any, step: int, epoch_sums: Sums) -> dict[str, Any]:
     """What a checkpoint at this step boundary records besides the weights, the optimizer and the RNG."""
     return {"global_step": step, "epoch_sums": epoch_sums.v, "total_steps": r.total_steps,
-            "early_stop": r.early.state() if r.early is not None else None}
+            "early_stop": r.early.state() if r.early is not None else None,
+            "config": r.cfg.model_dump(mode="json")}  # what these weights were trained with: a resume compares
 
 
 def _accelerator(cfg: TrainConfig, run: Path) -> Any:

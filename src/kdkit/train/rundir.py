@@ -62,7 +62,7 @@ def open_run(run: Path, cfg: TrainConfig, resume: bool, log: Callable[[str], Non
     if resume and run.is_dir() and any(run.iterdir()):
         if not (run / INPUTS_FILE).is_file():
             log(f"note: {run} has no {INPUTS_FILE} (made before kdkit recorded its inputs): inputs not checked")
-        check_resume(run, cfg, inputs)
+        check_resume(run, cfg, inputs, log)
         done = finished(run)
         if done is not None:
             log(f"{run}: the run is complete ({done['steps']} steps, final/ written); nothing to resume")
