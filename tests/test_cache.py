@@ -493,3 +493,115 @@ def test_the_tail_statistics_match_numpy_to_the_histogram_step():
     for q in (50, 95):
         assert abs(st.percentile(q) - np.percentile(tail, q, method="inverted_cdf")) <= 1.0 / TailStats.BINS
     assert TailStats().percentile(50) == 0.0 and TailStats().mean() == 0.0
+
+
+NATIVE = torch.backends.cpu.get_cpu_capability()
+other_kernels = pytest.mark.skipif(NATIVE == "DEFAULT", reason="this CPU has no vector kernels to compare with")
+
+
+def _capture_cmd(teacher, data, out, *extra):
+    return [sys.executable, "-m", "kdkit", "precompute", "--teacher", str(teacher), "--data", str(data), "--out",
+            str(out), "--top-k", "16", "--shard-rows", "8", "--batch-size", "3", "--no-progress", *extra]
+
+
+def test_the_manifest_records_the_compute_environment(reference_cache):
+    env = json.loads((reference_cache / "manifest.json").read_text())["environment"]
+    assert env["device"] == "cpu" and env["dtype"] == "float32" and env["cpu_capability"] == NATIVE
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads() and env["cpu"]
+    side = json.loads((reference_cache / "shard-00000.json").read_text())
+    assert side["environment"] == env
+    info = CliRunner().invoke(app, ["cache", "info", str(reference_cache)], terminal_width=300)
+    assert f"cpu_capability {NATIVE}" in info.output
+
+
+@other_kernels
+def test_a_resume_in_another_compute_environment_is_refused_naming_both(world, tmp_path):
+    _, teacher, data = world
+    out = tmp_path / "mixed"
+    cmd = _capture_cmd(teacher, data, out)
+    killed = subprocess.run(cmd, env={**os.environ, FAULT_ENV: "after_shard:1", "ATEN_CPU_CAPABILITY": "default"},
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    refused = subprocess.run(cmd, capture_output=True, text=True)
+    assert refused.returncode != 0 and not (out / "manifest.json").exists()
+    said = " ".join((refused.stdout + refused.stderr).split())
+    assert f"shard-00000.safetensors: written in another compute environment than this precompute's " \
+           f"(cpu_capability: 'DEFAULT' vs '{NATIVE}')" in said, said
+    accepted = subprocess.run(cmd + ["--mixed-environments"], capture_output=True, text=True)
+    assert accepted.returncode == 0, accepted.stderr
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["environment"] == "mixed"
+    caps = [man["shard_environments"][s["file"]]["cpu_capability"] for s in man["shards"]]
+    assert caps == ["DEFAULT", "DEFAULT", NATIVE, NATIVE]
+
+
+def _naive_bucket_kl(a, b, vocab: int) -> np.ndarray:
+    """KL(A ‖ B) per position in float64, loops: A's K ids and the rest; B's probability of an id it did not keep
+    is its tail spread evenly over the V − K ids it did not keep; each side's rest is what A's ids leave."""
+    out = []
+    for j in range(len(a.pos)):
+        bp = {int(i): float(np.exp(np.float64(lp))) for i, lp in zip(b.ids[j], b.logprobs[j], strict=True)}
+        spread = float(np.exp(np.float64(b.tail[j]))) / (vocab - len(b.ids[j]))
+        kl, q_sum = 0.0, 0.0
+        for i, lp in zip(a.ids[j], a.logprobs[j], strict=True):
+            p, q = float(np.exp(np.float64(lp))), bp.get(int(i), spread)
+            kl, q_sum = kl + p * (np.log(p) - np.log(q)), q_sum + q
+        p_rest = 1.0 - sum(float(np.exp(np.float64(lp))) for lp in a.logprobs[j])
+        out.append(kl + p_rest * (np.log(p_rest) - np.log(1.0 - q_sum)))
+    return np.asarray(out)
+
+
+def test_cache_diff_of_two_teachers_against_float64_loops(world, reference_cache, tmp_path):
+    from kdkit.cache.diff import _row, diff_caches
+    from kdkit.parity import Agreement
+
+    root, teacher, data = world
+    other = save_model_dir(tmp_path / "other", seed=7)
+    _run(other, data, tmp_path / "other-cache")
+    d = diff_caches(reference_cache, tmp_path / "other-cache")
+    assert d.key_fields == [f"teacher: {TeacherCache(reference_cache).components['teacher']!r} vs "
+                            f"{TeacherCache(tmp_path / 'other-cache').components['teacher']!r}"]
+    assert d.environment == [] and not d.passed and d.first_difference.startswith("row 0, position ")
+    ca, cb = TeacherCache(reference_cache), TeacherCache(tmp_path / "other-cache")
+    kls, deltas, same_sets, positions = [], [], 0, 0
+    for r in range(len(ca)):
+        ra, rb = ca.row(r), cb.row(r)
+        kls.append(_naive_bucket_kl(ra, rb, ca.vocab_size))
+        for j in range(len(ra.pos)):
+            common = set(ra.ids[j].tolist()) & set(rb.ids[j].tolist())
+            same_sets += len(common) == len(ra.ids[j])
+            la = dict(zip(ra.ids[j].tolist(), ra.logprobs[j], strict=True))
+            lb = dict(zip(rb.ids[j].tolist(), rb.logprobs[j], strict=True))
+            deltas += [abs(float(la[i]) - float(lb[i])) for i in common]
+        positions += len(ra.pos)
+    naive = np.concatenate(kls)
+    assert d.positions == positions and d.ids_differ == positions - same_sets
+    assert d.bucket_kl_mean == pytest.approx(naive.mean(), rel=1e-4)
+    assert d.bucket_kl_max == pytest.approx(naive.max(), rel=1e-4)
+    assert d.max_abs == pytest.approx(max(deltas), abs=1e-6)
+    assert d.mean_abs == pytest.approx(sum(deltas) / (positions * 16), rel=1e-5)  # over every slot, 0 where unheld
+    # a cache against itself: nothing differs
+    same = diff_caches(reference_cache, reference_cache)
+    assert same.passed and same.max_abs == 0 and same.ids_differ == 0 and same.top1 == 1
+    assert abs(same.bucket_kl_max) < 1e-5
+    n, kl, bad = _row(ca.row(0), ca.row(0), ca.vocab_size, 1e-3, Agreement())
+    assert n == 0 and bad is None
+
+
+@other_kernels
+def test_cache_diff_of_one_teacher_on_two_kernel_sets(world, reference_cache, tmp_path):
+    # the same key, written by other kernels: the numbers a team needs to tell rounding from a wrong teacher
+    _, teacher, data = world
+    out = tmp_path / "default"
+    proc = subprocess.run(_capture_cmd(teacher, data, out), env={**os.environ, "ATEN_CPU_CAPABILITY": "default"},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "manifest.json").read_text())["key"] == TeacherCache(reference_cache).manifest["key"]
+    res = CliRunner().invoke(app, ["cache", "diff", str(reference_cache), str(out), "--json", str(tmp_path / "d.json")],
+                             terminal_width=300)
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert d["key_fields"] == [] and f"cpu_capability: '{NATIVE}' vs 'DEFAULT'" in d["environment"]
+    assert d["max_abs"] <= 1e-2 and d["top1"] >= 0.99, d  # float16 steps at most
+    assert res.exit_code == (0 if d["passed"] else 1) and "key fields that differ: none" in res.output
+    strict = CliRunner().invoke(app, ["cache", "diff", str(reference_cache), str(out), "--tolerance", "0"])
+    assert strict.exit_code == (0 if d["max_abs"] == 0 else 1)

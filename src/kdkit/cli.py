@@ -187,11 +187,12 @@ def precompute_cmd(
     student_tokenizer: str = typer.Option(None, help="A student whose tokenizer differs from the teacher's (its model directory): the rows are read with it and the teacher's top-K is stored at the positions aligned by characters (for objective.kd.cross_tokenizer). With --config: the config's student.path when its cross_tokenizer is set."),
     teacher_url: str = typer.Option(None, help="A teacher served by vLLM (http://HOST:PORT or http://HOST:PORT/v1): its prompt log-probs are captured instead of a local forward. --teacher is then the local directory of its tokenizer; when it also holds the weights, they are fingerprinted and `kdkit teacher check` runs on a few rows first. With --config: the config's teacher.url."),
     served_model: str = typer.Option(None, help="With --teacher-url: the model name the server must serve (its --served-model-name; default: its only model)."),
+    mixed_environments: bool = typer.Option(False, "--mixed-environments", help="Accept shards written in another compute environment (another CPU's kernels, GPU, torch or transformers; a resume or another rank elsewhere) instead of refusing them; the manifest then records each shard's environment."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Run the teacher once over DATA and store its top-K log-probs, tail mass and statistics in OUT.
 
-    The cache is content-addressed: OUT records a key of (teacher, tokenizer, data, K, T, max_length, dtypes). Rerunning with the same inputs resumes a killed run (or does nothing when complete) and gives byte-identical shards; other inputs are refused with the differing field named."""
+    The cache is content-addressed: OUT records a key of (teacher, tokenizer, data, K, T, max_length, dtypes). Rerunning with the same inputs in the same compute environment resumes a killed run (or does nothing when complete) and gives byte-identical shards; other inputs are refused with the differing field named, and shards from another environment (recorded in each shard and in the manifest) are refused naming both."""
     from kdkit.cache.precompute import PrecomputeSettings, precompute
 
     given = {"--teacher": teacher, "--data": data, "--out": out, "--temperature": temperature,
@@ -207,7 +208,7 @@ def precompute_cmd(
                                   max_length=v["--max-length"], dtype=dtype, logprob_dtype=logprob_dtype,
                                   shard_rows=shard_rows, on_empty=v["--on-empty"], truncation=v["--truncation"],
                                   student_tokenizer=v["--student-tokenizer"], teacher_url=v["--teacher-url"],
-                                  served_model=v["--served-model"])
+                                  served_model=v["--served-model"], mixed_environments=mixed_environments)
     try:
         precompute(v["--teacher"], v["--data"], v["--out"], settings, progress=progress, log=console.print)
     finally:
@@ -310,6 +311,14 @@ def teacher_check(
         raise typer.Exit(1)
 
 
+def _environment_line(env: Any) -> str:
+    if env is None:
+        return "not recorded (a cache made before kdkit recorded it)"
+    if env == "mixed":
+        return "mixed: each shard's is in the manifest (precompute --mixed-environments)"
+    return ", ".join(f"{k} {v}" for k, v in env.items() if not isinstance(v, dict))
+
+
 @cache_app.command("info")
 def cache_info(path: str = typer.Argument(..., help="Cache directory.")) -> None:
     """Summarise a cache: teacher, key, K, temperature, rows, tokens, bytes/token, capture statistics."""
@@ -329,6 +338,7 @@ def cache_info(path: str = typer.Argument(..., help="Cache directory.")) -> None
         ("bytes/token", f"{m['bytes_per_token']:.1f} (target <= {4.25 * c['top_k'] + 16:.0f})"),
         ("tail mass mean / p50 / p95",
          f"{st['tail_mass_mean']:.4f} / {st['tail_mass_p50']:.4f} / {st['tail_mass_p95']:.4f}"),
+        ("compute environment", _environment_line(m.get("environment"))),
         ("teacher entropy (mean, nats)", "n/a (a served teacher returns its top-K alone)"
          if st["teacher_entropy_mean"] is None else f"{st['teacher_entropy_mean']:.4f}"),
         *([("served by", f"{m['teacher']['served']['url']} ({m['teacher']['served']['model']}, vLLM "
@@ -337,6 +347,28 @@ def cache_info(path: str = typer.Argument(..., help="Cache directory.")) -> None
     ]:
         table.add_row(k, str(v))
     console.print(table)
+
+
+@cache_app.command("diff")
+def cache_diff(
+    a: str = typer.Argument(..., help="A cache directory (the reference)."),
+    b: str = typer.Argument(..., help="Another cache of the same rows."),
+    tolerance: float = typer.Option(1e-3, min=0.0, help="Largest |Δ log-prob| (nats) that counts as agreement; a top-1 that differs by more is a difference too."),
+    json_out: str = typer.Option(None, "--json", help="Also write the comparison as JSON here."),
+) -> None:
+    """Compare two caches of the same rows: the key fields and compute environments that differ, the positions whose top-K ids differ, max and mean |Δ log-prob|, bucket KL(A ‖ B) and top-1 agreement. Exit 1 when they differ beyond --tolerance (or are not of the same rows).
+
+    Example: kdkit cache diff cache-avx512 cache-default --tolerance 0.01"""
+    from kdkit.cache.diff import diff_caches
+    from kdkit.io import atomic_write_json
+
+    d = diff_caches(a, b, tolerance)
+    for line in d.summary():
+        console.print(line, highlight=False)
+    if json_out:
+        atomic_write_json(json_out, d.as_dict())
+    if not d.passed:
+        raise typer.Exit(1)
 
 
 @cache_app.command("verify")

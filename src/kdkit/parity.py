@@ -9,7 +9,7 @@ or trained, naming the first difference.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,37 @@ class ParityError(KdkitError, RuntimeError):
     """The served teacher is not the local one: other tokens, another chat template, or other log-probs."""
 
     exit_code = 1
+
+
+@dataclass
+class Agreement:
+    """Two teachers' log-probs compared position by position: |Δ log-prob| over the entries both give, and how
+    often their top-1 agrees (a tie within the tolerance counts as agreement). Teacher parity and
+    ``kdkit cache diff`` both report these."""
+
+    deltas: list[torch.Tensor] = field(default_factory=list)
+    agree: int = 0
+    positions: int = 0
+
+    def add(self, delta: torch.Tensor, same_top1: torch.Tensor) -> None:
+        """``delta``: float [P, K], |Δ| where both sides hold the entry, 0 elsewhere; ``same_top1``: bool [P]."""
+        self.deltas.append(delta.flatten().double())
+        self.agree, self.positions = self.agree + int(same_top1.sum()), self.positions + len(same_top1)
+
+    def _all(self) -> torch.Tensor:
+        return torch.cat(self.deltas) if self.deltas else torch.zeros(1, dtype=torch.float64)
+
+    @property
+    def max_abs(self) -> float:
+        return float(self._all().max())
+
+    @property
+    def mean_abs(self) -> float:
+        return float(self._all().mean())
+
+    @property
+    def top1(self) -> float:
+        return self.agree / max(self.positions, 1)
 
 
 @dataclass
@@ -111,21 +142,19 @@ def teacher_parity(server: Any, teacher: str | Path, data_path: str | Path, n_ro
     prompts = [p for p in prompts if len(p) >= 2]
     served = server.prompt_topk(prompts, top_k)
     model = load_causal_lm(teacher, dtype).eval()
-    deltas, agree, positions = [], 0, 0
+    agreement = Agreement()
     for ex, ids, tk in zip(examples, prompts, served, strict=False):
         lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)[:, :len(tokenizer)]
         mine = lp.gather(-1, tk.ids)  # the local log-prob of each token the server ranked in its top-K
         delta = (mine - tk.logprobs).abs().where(torch.isfinite(tk.logprobs), torch.zeros(()))
         same = mine[:, 0] >= lp.max(-1).values - tolerance  # the local argmax, up to a tie within the tolerance
-        deltas.append(delta.flatten().double())
-        agree, positions = agree + int(same.sum()), positions + len(same)
+        agreement.add(delta, same)
         bad = ((delta > tolerance).any(-1) | ~same).nonzero().flatten()
         if first is None and len(bad):
             j = int(bad[0])
             first = (f"line {ex.line}, position {j}: server top-1 id {int(tk.ids[j, 0])} "
                      f"(log-prob {float(tk.logprobs[j, 0]):.6f}), local top-1 id {int(lp[j].argmax())} "
                      f"(log-prob {float(lp[j].max()):.6f}), max |Δ| there {float(delta[j].max()):.3g}")
-    every = torch.cat(deltas) if deltas else torch.zeros(1, dtype=torch.float64)
-    return ParityReport(url=server.url, teacher=str(teacher), rows=len(prompts), positions=positions,
-                        max_abs=float(every.max()), mean_abs=float(every.mean()), top1=agree / max(positions, 1),
+    return ParityReport(url=server.url, teacher=str(teacher), rows=len(prompts), positions=agreement.positions,
+                        max_abs=agreement.max_abs, mean_abs=agreement.mean_abs, top1=agreement.top1,
                         tolerance=tolerance, min_top1=min_top1, first_difference=first)

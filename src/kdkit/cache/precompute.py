@@ -39,6 +39,8 @@ from kdkit.cache.format import (
     sidecar_name,
 )
 from kdkit.cache.reader import TEACHER_TOKENIZER, load_manifest, verify_cache
+from kdkit.environment import compute_environment
+from kdkit.environment import differences as environment_differences
 from kdkit.errors import UsageError
 from kdkit.faults import kill_if
 from kdkit.identity import dir_files
@@ -72,6 +74,7 @@ class PrecomputeSettings:
     student_tokenizer: str | None = None  # a student with another tokenizer: cache at its aligned positions
     teacher_url: str | None = None  # a teacher served by vLLM; ``teacher`` is then its tokenizer (and weights)
     served_model: str | None = None  # the model name the server must serve (None: its only one)
+    mixed_environments: bool = False  # accept shards from another compute environment (each one's recorded)
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -348,13 +351,14 @@ def _teacher_identity(teacher: str | Path, server: Any) -> dict[str, Any]:
 
 
 def _capture(teacher: str | Path, server: Any, s: PrecomputeSettings, teacher_tok: Any, tokenizer: Any, cross: bool,
-             data_path: str | Path, log: Callable[[str], None]) -> tuple[Capture, int]:
-    """The capture and the vocabulary rows its ids index: a local model, or the server (first checked against
-    the local weights, when ``teacher`` holds them, on a few rows)."""
+             data_path: str | Path, log: Callable[[str], None]) -> tuple[Capture, int, dict[str, Any]]:
+    """The capture, the vocabulary rows its ids index and the compute environment its bytes come from: a local
+    model, or the server (first checked against the local weights, when ``teacher`` holds them, on a few rows)."""
     if server is None:
         model = load_causal_lm(teacher, s.dtype)
+        env = {**compute_environment(str(next(model.parameters()).device)), "dtype": s.dtype}
         return (local_capture(model, s, len(teacher_tok), pad_id(tokenizer), teacher_tok if cross else None),
-                int(model.get_output_embeddings().weight.shape[0]))
+                int(model.get_output_embeddings().weight.shape[0]), env)
     if any(Path(teacher).glob("*.safetensors")):
         from kdkit.parity import PARITY_ROWS, teacher_parity
 
@@ -363,7 +367,24 @@ def _capture(teacher: str | Path, server: Any, s: PrecomputeSettings, teacher_to
         report.raise_if_failed()
     cfg = Path(teacher) / "config.json"
     rows_cfg = json.loads(cfg.read_text()).get("vocab_size") if cfg.is_file() else None
-    return served_capture(server, s), max(len(teacher_tok), int(rows_cfg or 0))
+    info = server.info()  # the log-probs come from the server's hardware; the tail is summed here in float64
+    env = {"device": "served", "model": info["model"], "vllm_version": info["vllm_version"],
+           "host": compute_environment("cpu")}
+    return served_capture(server, s), max(len(teacher_tok), int(rows_cfg or 0)), env
+
+
+def _same_environment(shard: str, was: dict[str, Any] | None, now: dict[str, Any], s: PrecomputeSettings,
+                      out: Path) -> None:
+    """Refuse a shard written in another compute environment than this process's (unless
+    ``mixed_environments``): the cache's bytes would be no single environment's. A shard from before
+    kdkit recorded environments is taken as it is."""
+    if was is None or s.mixed_environments:
+        return
+    diff = environment_differences(was, now)
+    if diff:
+        raise CacheError(f"{out / shard}: written in another compute environment than this precompute's "
+                         f"({'; '.join(diff)}); resume it where it was written, precompute into a new directory, "
+                         f"or pass --mixed-environments (the manifest then records each shard's environment)")
 
 
 def _components(s: PrecomputeSettings, teacher: str, tokenizer: str, data: str, teacher_tokenizer: str | None
@@ -430,7 +451,7 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
 
     if settings.top_k > len(teacher_tok):
         raise UsageError(f"--top-k {settings.top_k} exceeds the vocabulary ({len(teacher_tok)} tokens)")
-    capture, vocab = _capture(teacher, server, settings, teacher_tok, tokenizer, cross, data_path, log)
+    capture, vocab, env = _capture(teacher, server, settings, teacher_tok, tokenizer, cross, data_path, log)
     n_shards = (rep.rows + settings.shard_rows - 1) // settings.shard_rows
     total_tokens = rep.target_tokens
 
@@ -451,6 +472,7 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
             spath, cpath = out / shard_name(i), out / sidecar_name(i)
             side = _read_sidecar(cpath)
             if side and spath.is_file() and side.get("sha256") == sha256_file(spath) and side.get("rows") == [lo, hi]:
+                _same_environment(spath.name, side.get("environment"), env, settings, out)
                 bar.advance(task, side["tokens"])
                 continue
             ts = time.perf_counter()
@@ -461,7 +483,8 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
 
             blob, stats = _shard_bytes(shard_rows, capture, settings, vocab, on_tokens)
             atomic_write_bytes(spath, blob, before_rename=lambda i=i: _fault("mid_shard", i))
-            side = {"file": spath.name, "rows": [lo, hi], "sha256": sha256_file(spath), "bytes": len(blob), **stats}
+            side = {"file": spath.name, "rows": [lo, hi], "sha256": sha256_file(spath), "bytes": len(blob), **stats,
+                    "environment": env}
             atomic_write_json(cpath, side)
             t_compute += time.perf_counter() - ts
             computed_tokens += stats["tokens"]
@@ -476,6 +499,8 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
         _barrier(world)
         return load_manifest(out)
     shards_meta = [_read_sidecar(out / sidecar_name(i)) for i in range(n_shards)]
+    for m in shards_meta:  # other ranks' shards: each rank checked its own against itself
+        _same_environment(m["file"], m.get("environment"), env, settings, out)
     if cross:  # training matches the two vocabularies without the teacher model at hand
         shutil.rmtree(out / TEACHER_TOKENIZER, ignore_errors=True)  # ours (inside the cache): written afresh
         teacher_tok.save_pretrained(str(out / TEACHER_TOKENIZER))
@@ -517,6 +542,7 @@ def _manifest(out: Path, key: str, components: dict[str, Any], s: PrecomputeSett
         "bytes": nbytes,
         "bytes_per_token": nbytes / max(tokens, 1),
         "shards": [{k: m[k] for k in ("file", "rows", "sha256", "bytes", "tokens")} for m in shards_meta],
+        **_environments(shards_meta),
         "stats": {
             "tail_mass_mean": tail.mean(),
             "tail_mass_p50": tail.percentile(50),
@@ -526,6 +552,15 @@ def _manifest(out: Path, key: str, components: dict[str, Any], s: PrecomputeSett
             "tokens_stored": tokens,
         },
     }
+
+
+def _environments(shards_meta: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's ``environment``: the one every shard was written in, or (mixed, as asked) each shard's."""
+    envs = [m.get("environment") for m in shards_meta]
+    first = next((e for e in envs if e is not None), None)
+    if all(e is None or not environment_differences(e, first) for e in envs):
+        return {"environment": first}
+    return {"environment": "mixed", "shard_environments": {m["file"]: m.get("environment") for m in shards_meta}}
 
 
 class TailStats:
