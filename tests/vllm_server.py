@@ -58,7 +58,10 @@ class VllmServer:
         cmd = [str(require_vllm()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                "--dtype", "float32", "--max-logprobs", "64", "--enforce-eager", "--host", "127.0.0.1",
                "--port", str(self.port), *self.extra]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+        # the server is another program on its own kernels: a client test's ATEN_CPU_CAPABILITY (default: no
+        # vector kernels) is not passed to vLLM's CPU backend, which does not start under it
+        base = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        env = {**base, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                **self.env}
         env.pop("PYTHONPATH", None)
         with self.log.open("ab") as out:
