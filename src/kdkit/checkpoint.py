@@ -185,7 +185,7 @@ def check_resume(run: Path, cfg: TrainConfig, inputs: dict[str, Any] | None = No
         raise TrainingError(f"--resume with a config that differs from the one {run} was trained with ({where}) in "
                             f"what is trained: {'; '.join(changes)}. Resume with that config (a deliberate change "
                             f"needs a new run: another --out)")
-    free = [c for c in config_changes(saved, now, "", free_too=True) if c not in changes]
+    free = config_changes(saved, now, free_too=True)  # nothing else differs by now: the RESUME_FREE fields
     if free and log is not None:
         log(f"resuming with settings that do not change the result changed: {'; '.join(free)}")
     saved_inputs = run / INPUTS_FILE
