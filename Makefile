@@ -41,11 +41,17 @@ sandbox-deps:
 demo: $(STAMP) sandbox-deps
 	$(VENV)/bin/kdkit demo
 
+# The suite runs in one worker per core this process may use (its CPU affinity, as a container's cpuset
+# sets it; at most 4), a test file per worker at a time: a file's module fixtures (the vLLM servers) start
+# once. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))" 2>/dev/null || echo 2)
+PYTEST := KDKIT_REQUIRE_VLLM=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP) $(VLLM_STAMP) sandbox-deps
-	KDKIT_REQUIRE_VLLM=1 $(PY) -m pytest -q
+	$(PYTEST)
 
 test-all: $(STAMP) $(VLLM_STAMP) sandbox-deps
-	KDKIT_REQUIRE_VLLM=1 $(PY) -m pytest -q -m ""
+	$(PYTEST) -m ""
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests $(wildcard benchmarks scripts examples)

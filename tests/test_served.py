@@ -27,41 +27,42 @@ from kdkit.rollout import open_rollout_server
 from kdkit.served import ServedError, Server
 from kdkit.train import TrainingError, train
 from tests.helpers import save_model_dir, toy_rows, write_jsonl
-from tests.vllm_server import DEV, LORA, VllmServer, free_port
+from tests.vllm_server import DEV, LORA, Relay, VllmServer, free_port
 
 QUIET = {"progress": False, "log": lambda m: None}
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def servers(tmp_path_factory):
+    """The module's two vLLM servers, loading side by side: the teacher, in dev mode (a fully fine-tuned
+    student's weights can be reloaded in place), and a server of the same weights that loads LoRA adapters at
+    run time (vLLM 0.32's CPU build fails prompt log-probs with --enable-lora: a teacher is served without it)."""
     root = tmp_path_factory.mktemp("served")
     save_model_dir(root / "teacher", seed=1, hidden=64, heads=2)  # vLLM's CPU attention: head size >= 32
     save_model_dir(root / "student", seed=2, hidden=16)
     write_jsonl(root / "train.jsonl", toy_rows(16))
     write_jsonl(root / "chat.jsonl", [{"messages": [{"role": "user", "content": f"add {i} and 2"},
                                                     {"role": "assistant", "content": str(i + 2)}]} for i in range(4)])
-    server = VllmServer(root / "teacher", root / "vllm.log").start()
-    yield root, server.url
-    server.stop()
+    teacher = VllmServer(root / "teacher", root / "vllm.log", extra=DEV[0], env=DEV[1])
+    lora = VllmServer(root / "teacher", root / "lora.log", extra=LORA[0], env=LORA[1])
+    try:
+        for server in (teacher.launch(), lora.launch()):
+            server.wait()
+        yield root, teacher, lora.url
+    finally:
+        teacher.stop()
+        lora.stop()
 
 
 @pytest.fixture(scope="module")
-def lora_server(served):
-    """A server of the teacher's weights that loads LoRA adapters at run time: a LoRA student's rollouts.
-    (vLLM 0.32's CPU build fails prompt log-probs with --enable-lora: a teacher is served without it.)"""
-    root, _ = served
-    server = VllmServer(root / "teacher", root / "lora.log", extra=LORA[0], env=LORA[1]).start()
-    yield server.url
-    server.stop()
+def served(servers):
+    root, teacher, _ = servers
+    return root, teacher.url
 
 
 @pytest.fixture(scope="module")
-def own(served):
-    """A second server of the teacher, in dev mode (weights reloaded in place) on a port of its own."""
-    root, _ = served
-    server = VllmServer(root / "teacher", root / "own.log", extra=DEV[0], env=DEV[1]).start()
-    yield server
-    server.stop()
+def lora_server(servers):
+    return servers[2]
 
 
 def _cfg(root: Path, tmp: Path, teacher: dict, **over) -> Path:
@@ -203,8 +204,11 @@ def test_training_on_the_server_equals_training_on_its_float32_cache(served, tmp
         train(load_train_config(live), tmp_path / "live", resume=True, **QUIET)
 
 
-def test_a_server_that_dies_mid_run_ends_with_a_checkpoint_and_resume_is_bitwise(served, own, tmp_path):
+def test_a_server_that_dies_mid_run_ends_with_a_checkpoint_and_resume_is_bitwise(served, tmp_path):
+    """The teacher's server dies while a step computes: the run reaches it through a relay that then refuses
+    and resets every connection, as a killed server does, and comes back on the same port for the resume."""
     root, url = served
+    own = Relay(url).start()
     cfg = _cfg(root, tmp_path, {"url": own.url, "top_k": 16, "retries": 0, "timeout_s": 30})
     reference = _cfg(root, tmp_path, {"url": url, "top_k": 16, "retries": 0, "timeout_s": 30})
     train(load_train_config(reference), tmp_path / "full", **QUIET)
@@ -216,7 +220,10 @@ def test_a_server_that_dies_mid_run_ends_with_a_checkpoint_and_resume_is_bitwise
     with pytest.raises(TrainingError, match=r"Stopped before step \d: saved .*step-000000\d.*--resume"):
         train(load_train_config(cfg), tmp_path / "run", grad_hooks=[kill_at_step_2], **QUIET)
     own.start()
-    train(load_train_config(cfg), tmp_path / "run", resume=True, **QUIET)
+    try:
+        train(load_train_config(cfg), tmp_path / "run", resume=True, **QUIET)
+    finally:
+        own.stop()
     a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "run")
     assert [m["total_loss"] for m in a] == [m["total_loss"] for m in b]
     fa, fb = (load_file(str(p / "final" / "model.safetensors")) for p in (tmp_path / "full", tmp_path / "run"))
@@ -271,12 +278,12 @@ def test_on_policy_with_served_rollouts_equals_generate_rollouts(served, lora_se
     assert [m["rollout_lag"] for m in b] == [0.0, 0.0, 0.0]
 
 
-def test_a_fully_fine_tuned_students_weights_are_reloaded_in_place(served, own, tmp_path):
-    root, _ = served
+def test_a_fully_fine_tuned_students_weights_are_reloaded_in_place(served, tmp_path):
+    root, url = served
     tokenizer = load_tokenizer(root / "teacher")
     student = load_causal_lm(root / "teacher", "float32")
     prompts = [[1, 40, 41, 42]]
-    rollout = open_rollout_server(own.url, None, tmp_path, sync_every=1, lora=False)
+    rollout = open_rollout_server(url, None, tmp_path, sync_every=1, lora=False)
     try:
         with torch.no_grad():
             for p in student.parameters():

@@ -49,7 +49,7 @@ def fake():
             pass
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)  # shutdown waits one poll
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_port}", answers
     httpd.shutdown()

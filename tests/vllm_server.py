@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -55,6 +57,10 @@ class VllmServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> VllmServer:
+        return self.launch().wait()
+
+    def launch(self) -> VllmServer:
+        """Start the process and return at once: servers launched together load side by side."""
         cmd = [str(require_vllm()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                "--dtype", "float32", "--max-logprobs", "64", "--enforce-eager", "--host", "127.0.0.1",
                "--port", str(self.port), *self.extra]
@@ -66,6 +72,11 @@ class VllmServer:
         env.pop("PYTHONPATH", None)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return self
+
+    def wait(self) -> VllmServer:
+        """Return once the server answers /health; raise with its log when it exits or never answers."""
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + STARTUP_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -84,3 +95,64 @@ class VllmServer:
             os.killpg(self.proc.pid, 9)
             self.proc.wait()
         self.proc = None
+
+
+class Relay:
+    """A TCP relay in front of a server, on a port of its own. ``stop()`` ends it as a killed server process
+    ends — new connections are refused, open ones are reset — and ``start()`` brings it back on the same port,
+    so a test can see a server die and return without paying another vLLM start-up."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target.rsplit(":", 1)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+
+    def start(self) -> Relay:
+        self._listener = socket.create_server(("127.0.0.1", self.port))  # SO_REUSEADDR: the same port again
+        self._listener.settimeout(0.05)  # the accept loop looks for stop() this often
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            try:
+                upstream = socket.create_connection((self.target[0].split("//")[-1], int(self.target[1])))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        with self._lock:
+            sockets, self._open = self._open, set()
+        for s in sockets:  # a reset, as the kernel sends for a killed process's unread connection
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
