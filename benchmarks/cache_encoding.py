@@ -62,8 +62,8 @@ def main() -> int:
     import torch
     from smollm2_distill import convert, find_gguf
 
-    from kdkit.cache import TeacherCache
-    from kdkit.cache.precompute import PrecomputeSettings, precompute
+    from kdkit.teacher.cache import TeacherCache
+    from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
 
     teacher = convert(find_gguf(), Path(args.out) / "teacher")
     res: dict = {"benchmark": "cache_encoding", "model": "SmolLM2-135M-Instruct", "top_k": args.top_k, **machine()}

@@ -23,7 +23,7 @@ import numpy as np
 from safetensors.numpy import load as load_bytes
 from safetensors.numpy import load_file, save_file
 
-from kdkit.identity import path_identity
+from kdkit.util.identity import path_identity
 
 
 def _model_dir(root: Path, mb: int) -> Path:

@@ -31,10 +31,10 @@ def _rss_mb() -> float:
 def one(method: str, vocab: int, n: int, hidden: int, k: int, repeats: int, chunk: int) -> dict:
     import torch
 
-    from kdkit.chunked import KDSpec, auto_chunk, chunked_ce_kd
+    from kdkit.loss.chunked import KDSpec, auto_chunk, chunked_ce_kd
 
     chunk = chunk or auto_chunk(vocab)
-    from kdkit.losses import TopK, token_divergence
+    from kdkit.loss.divergences import TopK, token_divergence
 
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -27,7 +27,7 @@ from _common import machine  # noqa: E402
 
 def _counting(slots: dict[str, int]) -> None:
     """Count the forward's slots: the batch's, and the packed sequences' when the run packs."""
-    from kdkit import data as kdata
+    from kdkit.data import rows as kdata
     from kdkit.train import step
 
     forward, pack = step.student_forward, kdata.pack
@@ -68,8 +68,8 @@ def main() -> int:
                     help="data.pack_length of each packed arm (1024: a micro-batch of 4 chat rows in one sequence)")
     args = ap.parse_args()
 
-    from kdkit.cache.precompute import PrecomputeSettings, precompute
-    from kdkit.config import load_train_config
+    from kdkit.config.schema import load_train_config
+    from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
     from kdkit.train import train
 
     slots = {"real": 0, "padded": 0, "packed": 0}

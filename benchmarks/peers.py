@@ -63,7 +63,7 @@ def _real_student(path: Path, teacher: Path) -> Path:
     import torch
     from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
-    from kdkit.models import load_tokenizer
+    from kdkit.models.load import load_tokenizer
 
     t = AutoConfig.from_pretrained(str(teacher))
     torch.manual_seed(1)
@@ -83,7 +83,7 @@ def run_trl(tmp: Path, student: Path, teacher: Path, rows: list[dict], steps: in
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from kdkit.models import load_tokenizer
+    from kdkit.models.load import load_tokenizer
 
     times: list[float] = []
 
@@ -108,7 +108,7 @@ def run_trl(tmp: Path, student: Path, teacher: Path, rows: list[dict], steps: in
 
 def run_kdkit(tmp: Path, student: Path, teacher_dir: Path, rows: list[dict], steps: int, batch: int, offline: bool,
               new_tokens: int | None, rollout_url: str | None = None, teacher_url: str | None = None) -> list[float]:
-    from kdkit.config import load_train_config
+    from kdkit.config.schema import load_train_config
     from kdkit.train import train
 
     data = tmp / "train.jsonl"

@@ -27,9 +27,9 @@ from _common import machine, peak_rss_mb, reset_peak_rss, world_files  # noqa: E
 
 
 def _inputs(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, list, object]:
-    from kdkit import data as kdata
+    from kdkit.data import rows as kdata
     from kdkit.demo.run import TEACHER_DIR
-    from kdkit.models import load_tokenizer
+    from kdkit.models.load import load_tokenizer
 
     teacher = Path(args.teacher) if args.teacher else TEACHER_DIR
     data = Path(args.data) if args.data else world_files(tmp, args.rows)["train"]
@@ -42,9 +42,9 @@ def _runners(args: argparse.Namespace, tmp: Path) -> tuple[object, object, tuple
     """(bare forward, precompute into a directory, (the data report, rows)): the two things compared."""
     import torch
 
-    from kdkit import data as kdata
-    from kdkit.cache.precompute import PrecomputeSettings, precompute
-    from kdkit.models import load_causal_lm, load_tokenizer
+    from kdkit.data import rows as kdata
+    from kdkit.models.load import load_causal_lm, load_tokenizer
+    from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
 
     teacher, data, rows, rep = _inputs(args, tmp)
     pad = load_tokenizer(teacher).pad_token_id

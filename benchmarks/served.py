@@ -30,7 +30,7 @@ from _common import machine  # noqa: E402
 
 
 def one(teacher: str, data: str, out: str, url: str | None, top_k: int, batch: int, max_length: int) -> dict:
-    from kdkit.cache.precompute import PrecomputeSettings, precompute
+    from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
 
     s = PrecomputeSettings(top_k=top_k, batch_size=batch, max_length=max_length, teacher_url=url)
     t0 = time.perf_counter()
@@ -43,7 +43,7 @@ def one(teacher: str, data: str, out: str, url: str | None, top_k: int, batch: i
 def same_ids(a: Path, b: Path) -> float:
     import numpy as np
 
-    from kdkit.cache import TeacherCache
+    from kdkit.teacher.cache import TeacherCache
 
     ca, cb = TeacherCache(a), TeacherCache(b)
     same = total = 0

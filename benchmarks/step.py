@@ -38,11 +38,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="run the three this many times, interleaved")
     args = ap.parse_args()
 
-    from kdkit.cache.precompute import PrecomputeSettings, precompute
-    from kdkit.config import load_train_config
+    from kdkit.config.schema import load_train_config
     from kdkit.demo.assets_build import STUDENT_SHAPE, fresh_model_dir
     from kdkit.demo.run import TEACHER_DIR
-    from kdkit.models import load_causal_lm
+    from kdkit.models.load import load_causal_lm
+    from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
     from kdkit.train import count_parameters, train
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,10 +32,10 @@ def _corpus(tmp: Path, n: int) -> Path:
 
 
 def _measure(which: str, n: int, top_k: int) -> dict:
-    from kdkit import data as kdata
-    from kdkit.cache.precompute import PrecomputeSettings, precompute
+    from kdkit.data import rows as kdata
     from kdkit.demo.run import TEACHER_DIR
-    from kdkit.models import load_tokenizer
+    from kdkit.models.load import load_tokenizer
+    from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
 
     with tempfile.TemporaryDirectory() as tmp:
         data = _corpus(Path(tmp), n)

@@ -1,4 +1,4 @@
-"""Threads on a shared machine: kdkit's thread settings (kdkit.threads) against torch's defaults.
+"""Threads on a shared machine: kdkit's thread settings (kdkit.util.threads) against torch's defaults.
 
     python benchmarks/threads.py [--repeats 3] [--demo] [--tests tests/test_train.py]
 

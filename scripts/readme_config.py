@@ -6,7 +6,7 @@ table as `kdkit config reference`; tests/test_config_reference.py fails when REA
 
 from pathlib import Path
 
-from kdkit.config_reference import reference_table
+from kdkit.config.reference import reference_table
 
 START, END = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -102,7 +102,7 @@ def main() -> int:
         rows = json.loads(FIGURES.read_text())["seeds"]
     else:
         rows = run(args.seeds, args.capabilities)
-        from kdkit.environment import compute_environment
+        from kdkit.util.environment import compute_environment
 
         env = {k: v for k, v in compute_environment().items() if k != "cpu_capability"}
         FIGURES.write_text(json.dumps({"command": "python scripts/readme_demo.py --seeds "

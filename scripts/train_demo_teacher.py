@@ -21,7 +21,7 @@ import yaml
 
 from kdkit.demo.assets_build import TEACHER_SHAPE, fresh_model_dir
 from kdkit.demo.world import make_world, write_world
-from kdkit.evaluate import GenerationSettings, evaluate_model
+from kdkit.evaluate.passrate import GenerationSettings, evaluate_model
 
 
 def main() -> int:
@@ -49,7 +49,7 @@ def main() -> int:
             "logging": {"every": 10},
         }
         (tmp / "teacher.yaml").write_text(yaml.safe_dump(cfg))
-        from kdkit.config import load_train_config
+        from kdkit.config.schema import load_train_config
         from kdkit.train import merge, train
 
         res = train(load_train_config(tmp / "teacher.yaml"), tmp / "run", log=print)
@@ -66,7 +66,7 @@ def main() -> int:
                                            progress=False)
             rates[split] = summary
             print(split, summary.line())
-    n_params = sum(p.numel() for p in __import__("kdkit.models", fromlist=["x"]).load_causal_lm(out).parameters())
+    n_params = sum(p.numel() for p in __import__("kdkit.models.load", fromlist=["x"]).load_causal_lm(out).parameters())
     card = f"""# kdkit demo teacher
 
 A character-level Llama-architecture model that writes short Python functions from English

@@ -1,3 +1,3 @@
-"""kdkit first: its thread settings (kdkit.threads) must be in the environment before torch starts."""
+"""kdkit first: its thread settings (kdkit.util.threads) must be in the environment before torch starts."""
 
 import kdkit  # noqa: F401

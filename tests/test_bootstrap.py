@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kdkit.bootstrap import paired_difference
+from kdkit.decide.stats import paired_difference
 
 
 def _rows(g, n, shift=0.0):
@@ -63,7 +63,7 @@ def test_the_interval_covers_a_real_difference_and_refuses_unpaired_rows():
 def test_t_quantiles_and_the_seed_interval_against_scipy():
     from scipy import stats
 
-    from kdkit.bootstrap import mean_interval, t975
+    from kdkit.decide.stats import mean_interval, t975
 
     for df in range(1, 31):
         assert t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-4)

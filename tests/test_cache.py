@@ -15,12 +15,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kdkit.cache import CacheError, CacheMismatch, TeacherCache, verify_cache
-from kdkit.cache.precompute import FAULT_ENV, PrecomputeSettings, precompute
 from kdkit.cli import app
-from kdkit.data import collate, load_dataset
-from kdkit.losses import token_divergence
-from kdkit.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from kdkit.data.rows import collate, load_dataset
+from kdkit.loss.divergences import token_divergence
+from kdkit.models.load import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from kdkit.teacher.cache import CacheError, CacheMismatch, TeacherCache, verify_cache
+from kdkit.teacher.cache.precompute import FAULT_ENV, PrecomputeSettings, precompute
 from tests.helpers import save_model_dir, toy_rows, write_jsonl
 
 S = PrecomputeSettings(top_k=16, shard_rows=8, batch_size=3)
@@ -295,7 +295,7 @@ def test_a_malformed_manifest_is_a_clear_error(reference_cache, tmp_path, text, 
 
 @pytest.mark.parametrize("vocab", [101, 49_152, 65_536, 65_537, 151_936, 262_144])
 def test_ids_are_stored_in_ceil_log2_v_bits_losslessly(vocab):
-    from kdkit.cache.format import decode_ids, encode_ids, id_bits
+    from kdkit.teacher.cache.format import decode_ids, encode_ids, id_bits
 
     g = np.random.default_rng(vocab)
     ids = g.integers(0, vocab, size=(97, 64), dtype=np.int64)
@@ -353,7 +353,7 @@ def test_a_152k_vocabulary_cache_meets_the_bytes_per_token_target_and_reads_back
 
 
 def test_the_opt_in_8bit_logprobs_are_close_and_smaller(world, reference_cache, tmp_path):
-    from kdkit.cache.format import decode_logprobs, encode_logprobs
+    from kdkit.teacher.cache.format import decode_logprobs, encode_logprobs
 
     g = np.random.default_rng(0)
     lp = np.sort(np.log(g.dirichlet(np.full(500, 0.05), size=200)), axis=1)[:, ::-1][:, :64].astype(np.float32)
@@ -417,11 +417,11 @@ def test_a_shard_rewritten_while_a_run_reads_is_refused_when_it_is_read_again(wo
 
 
 def test_a_cache_tokenised_with_another_max_length_or_truncation_names_the_setting(world, tmp_path):
-    from kdkit import data as kdata
-    from kdkit.config import TrainConfig
-    from kdkit.models import load_tokenizer
-    from kdkit.preflight import preflight as check_sources
-    from kdkit.teacher import SourceError
+    from kdkit.config.schema import TrainConfig
+    from kdkit.data import rows as kdata
+    from kdkit.models.load import load_tokenizer
+    from kdkit.teacher.signals import SourceError
+    from kdkit.train.preflight import preflight as check_sources
 
     _, teacher, data = world
     rows = [{"prompt": f"def f{i}(x):" + " " * 20 + "\n", "completion": f"    return x * {i} + 1\n"} for i in range(4)]
@@ -441,8 +441,8 @@ def test_precompute_streams_the_rows_one_shard_in_memory_at_a_time(world, refere
     the one built before streaming (the reference's bytes)."""
     import gc
 
-    from kdkit.cache import precompute as pc
-    from kdkit.data import TokenizedRow
+    from kdkit.data.rows import TokenizedRow
+    from kdkit.teacher.cache import precompute as pc
 
     _, teacher, data = world
     alive: list[int] = []
@@ -464,7 +464,7 @@ def test_precompute_streams_the_rows_one_shard_in_memory_at_a_time(world, refere
 
 
 def test_a_data_file_edited_between_the_two_passes_is_refused(world, tmp_path, monkeypatch):
-    from kdkit.cache import precompute as pc
+    from kdkit.teacher.cache import precompute as pc
 
     _, teacher, _ = world
     data = write_jsonl(tmp_path / "rows.jsonl", toy_rows(10))
@@ -482,7 +482,7 @@ def test_a_data_file_edited_between_the_two_passes_is_refused(world, tmp_path, m
 
 
 def test_the_tail_statistics_match_numpy_to_the_histogram_step():
-    from kdkit.cache.precompute import TailStats
+    from kdkit.teacher.cache.precompute import TailStats
 
     g = np.random.default_rng(0)
     tail = g.beta(0.5, 8.0, size=5000)
@@ -552,8 +552,8 @@ def _naive_bucket_kl(a, b, vocab: int) -> np.ndarray:
 
 
 def test_cache_diff_of_two_teachers_against_float64_loops(world, reference_cache, tmp_path):
-    from kdkit.cache.diff import _row, diff_caches
-    from kdkit.parity import Agreement
+    from kdkit.teacher.cache.diff import _row, diff_caches
+    from kdkit.teacher.parity import Agreement
 
     root, teacher, data = world
     other = save_model_dir(tmp_path / "other", seed=7)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdkit.chunked import IGNORE_INDEX, KDSpec, chunked_ce_kd
-from kdkit.losses import KINDS, TAIL_POLICIES, TopK, token_divergence
+from kdkit.loss.chunked import IGNORE_INDEX, KDSpec, chunked_ce_kd
+from kdkit.loss.divergences import KINDS, TAIL_POLICIES, TopK, token_divergence
 
 N, H, V, K = 37, 24, 97, 9
 
@@ -106,8 +106,8 @@ def test_fully_masked_gives_zero_and_errors():
 def test_auto_chunk_fits_about_16_mib_of_logits_per_chunk_from_64_up_and_the_config_takes_it():
     from pydantic import ValidationError
 
-    from kdkit.chunked import CHUNK_BYTES, auto_chunk
-    from kdkit.config import ObjectiveConfig
+    from kdkit.config.schema import ObjectiveConfig
+    from kdkit.loss.chunked import CHUNK_BYTES, auto_chunk
 
     assert [auto_chunk(v) for v in (101, 32000, 49152, 151936, 10**7)] == [1024, 128, 64, 64, 64]
     for v in (5000, 32000, 49152):  # a power of two, the largest that fits (above the floor of 64)
@@ -173,7 +173,7 @@ def test_another_ignore_index_marks_the_same_positions():
 
 
 def test_token_ce_equals_a_float64_reference_with_any_ignore_index():
-    from kdkit.losses import token_ce
+    from kdkit.loss.divergences import token_ce
 
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(3, 7, 31, generator=g, requires_grad=True)

@@ -8,7 +8,7 @@ import typer
 from typer.testing import CliRunner
 
 from kdkit.cli import app
-from kdkit.registry import Registry
+from kdkit.decide.registry import Registry
 from tests.helpers import save_model_dir
 
 

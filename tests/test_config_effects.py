@@ -19,10 +19,10 @@ import torch
 import yaml
 from pydantic import BaseModel
 
-from kdkit.cache.precompute import PrecomputeSettings, precompute
-from kdkit.config import TrainConfig, load_train_config
-from kdkit.errors import KdkitError
+from kdkit.config.schema import TrainConfig, load_train_config
+from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
 from kdkit.train import train
+from kdkit.util.errors import KdkitError
 from tests.helpers import save_model_dir, toy_rows, write_jsonl
 
 LIVE = {"teacher": {"cache": None, "model": "@teacher"}}
@@ -273,8 +273,8 @@ def test_each_field_changes_the_run_or_is_refused(world, tmp_path, field):
 def test_a_resume_refuses_every_field_that_changes_a_result_and_reports_the_others(tmp_path, field):
     # each field, several teachers' and on-policy settings among them: a resume compares it with the value the
     # run's weights were trained with (final/kdkit.json here; a checkpoint's state.json likewise)
-    from kdkit.checkpoint import RESUME_FREE, check_resume
-    from kdkit.errors import TrainingError
+    from kdkit.models.checkpoint import RESUME_FREE, check_resume
+    from kdkit.util.errors import TrainingError
 
     saved, now = _set({}, field, "before"), _set({}, field, "after")
     (tmp_path / "final").mkdir()

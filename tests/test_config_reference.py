@@ -12,8 +12,8 @@ import yaml
 from typer.testing import CliRunner
 
 from kdkit.cli import app
-from kdkit.config import ConfigError, TrainConfig, load_train_config
-from kdkit.config_reference import REQUIRED, defaults_yaml, fields, reference_table, schema
+from kdkit.config.reference import REQUIRED, defaults_yaml, fields, reference_table, schema
+from kdkit.config.schema import ConfigError, TrainConfig, load_train_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -84,7 +84,7 @@ def test_an_unknown_key_names_its_origin_and_the_nearest_keys(tmp_path):
 
 
 def test_without_a_teacher_the_resolved_kd_weight_is_zero(tmp_path):
-    from kdkit.config import dump_config
+    from kdkit.config.schema import dump_config
 
     cfg = tmp_path / "ce.yaml"
     cfg.write_text("student: {path: s}\ndata: {train: t.jsonl}\n")

@@ -8,9 +8,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from kdkit.crosstok import VocabMap, align, gold, spans, uld
 from kdkit.demo.tokenizer import build_char_tokenizer
-from kdkit.losses import token_divergence
+from kdkit.loss.crosstok import VocabMap, align, gold, spans, uld
+from kdkit.loss.divergences import token_divergence
 from tests.reference import softmax64
 
 TEXTS = [
@@ -121,7 +121,7 @@ def world(tmp_path_factory):
 def _cross_cfg(root, tmp, teacher: str, cross: str, cache=None, **objective):
     import yaml
 
-    from kdkit.config import load_train_config
+    from kdkit.config.schema import load_train_config
 
     body = {"student": {"path": str(root / "student")},
             "teacher": {"cache": str(cache)} if cache else {"model": str(root / teacher)},
@@ -145,9 +145,9 @@ def test_kd_across_tokenizers_falls_and_uses_aligned_positions(world, tmp_path, 
     kl = [e["kl_loss"] for e in epochs]
     assert kl[-1] < 0.9 * kl[0], kl
     # only aligned positions carry KD: fewer than the target tokens (the BPE merges characters), more than none
-    from kdkit import data as kdata
-    from kdkit.models import load_causal_lm, load_tokenizer
-    from kdkit.teacher import CrossSignal
+    from kdkit.data import rows as kdata
+    from kdkit.models.load import load_causal_lm, load_tokenizer
+    from kdkit.teacher.signals import CrossSignal
 
     tok, bpe = load_tokenizer(world / "student"), load_tokenizer(world / "bpe_teacher")
     rows, _ = kdata.load_dataset(tok, world / "train.jsonl", max_length=96, offsets=True)
@@ -162,11 +162,11 @@ def test_kd_across_tokenizers_falls_and_uses_aligned_positions(world, tmp_path, 
 
 
 def test_the_cross_path_with_one_tokenizer_equals_the_same_tokenizer_kl(world):
-    from kdkit import data as kdata
-    from kdkit.config import ObjectiveConfig
-    from kdkit.models import load_causal_lm, load_tokenizer
-    from kdkit.objective import compute_objective
-    from kdkit.teacher import CrossSignal
+    from kdkit.config.schema import ObjectiveConfig
+    from kdkit.data import rows as kdata
+    from kdkit.models.load import load_causal_lm, load_tokenizer
+    from kdkit.teacher.signals import CrossSignal
+    from kdkit.train.objective import compute_objective
 
     tok = load_tokenizer(world / "student")
     rows, _ = kdata.load_dataset(tok, world / "train.jsonl", max_length=96, offsets=True)
@@ -185,10 +185,10 @@ def test_the_cross_path_with_one_tokenizer_equals_the_same_tokenizer_kl(world):
 
 
 def test_a_teacher_with_another_tokenizer_needs_a_cross_loss_and_vice_versa(world, tmp_path):
-    from kdkit import data as kdata
-    from kdkit.models import load_tokenizer
-    from kdkit.preflight import preflight as check_sources
-    from kdkit.teacher import SourceError
+    from kdkit.data import rows as kdata
+    from kdkit.models.load import load_tokenizer
+    from kdkit.teacher.signals import SourceError
+    from kdkit.train.preflight import preflight as check_sources
 
     tok = load_tokenizer(world / "student")
     rows, _ = kdata.load_dataset(tok, world / "train.jsonl", max_length=96)
@@ -196,7 +196,7 @@ def test_a_teacher_with_another_tokenizer_needs_a_cross_loss_and_vice_versa(worl
         check_sources(_cross_cfg(world, tmp_path, "bpe_teacher", "none"), rows, tok, len(tok))
     with pytest.raises(SourceError, match="objective.kd.cross_tokenizer: gold is for a teacher with another"):
         check_sources(_cross_cfg(world, tmp_path, "same_teacher", "gold"), rows, tok, len(tok))
-    from kdkit.config import ConfigError
+    from kdkit.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="objective.kd.kind: uld compares sorted probabilities"):
         _cross_cfg(world, tmp_path, "bpe_teacher", "uld", kd={"cross_tokenizer": "uld", "kind": "kl_rev"})
@@ -215,7 +215,7 @@ def test_resume_of_a_cross_tokenizer_run_is_bitwise_exact(world, tmp_path):
     raw["checkpoint"] = {"every": 3, "keep": 2}
     raw["student"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
     path = tmp_path / "resume.yaml"
-    from kdkit.config import RESOLVED_MARK, load_train_config
+    from kdkit.config.schema import RESOLVED_MARK, load_train_config
 
     path.write_text(RESOLVED_MARK + "\n" + yaml.safe_dump(raw))  # every field written out, as config.yaml is
 
@@ -232,12 +232,12 @@ def test_resume_of_a_cross_tokenizer_run_is_bitwise_exact(world, tmp_path):
 
 @pytest.mark.parametrize("cross", ["gold", "uld"])
 def test_a_cross_tokenizer_cache_at_full_k_equals_the_live_teacher(world, tmp_path, cross):
-    from kdkit import data as kdata
-    from kdkit.cache.precompute import PrecomputeSettings, precompute
-    from kdkit.config import ObjectiveConfig
-    from kdkit.models import load_causal_lm, load_tokenizer
-    from kdkit.objective import compute_objective
-    from kdkit.teacher import CrossSignal, open_sources
+    from kdkit.config.schema import ObjectiveConfig
+    from kdkit.data import rows as kdata
+    from kdkit.models.load import load_causal_lm, load_tokenizer
+    from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
+    from kdkit.teacher.signals import CrossSignal, open_sources
+    from kdkit.train.objective import compute_objective
 
     bpe = load_tokenizer(world / "bpe_teacher")
     precompute(world / "bpe_teacher", world / "train.jsonl", tmp_path / "cache",
@@ -278,10 +278,10 @@ def test_training_from_a_cross_tokenizer_cache_and_the_refusals(world, tmp_path)
     train(cfg, tmp_path / "run", progress=False, log=lambda m: None)
     kl = [json.loads(x)["kl_loss"] for x in (tmp_path / "run" / "epochs.jsonl").read_text().splitlines()]
     assert kl[-1] < 0.9 * kl[0], kl
-    from kdkit import data as kdata
-    from kdkit.models import load_tokenizer
-    from kdkit.preflight import preflight as check_sources
-    from kdkit.teacher import SourceError
+    from kdkit.data import rows as kdata
+    from kdkit.models.load import load_tokenizer
+    from kdkit.teacher.signals import SourceError
+    from kdkit.train.preflight import preflight as check_sources
 
     tok = load_tokenizer(world / "student")
     rows, _ = kdata.load_dataset(tok, world / "train.jsonl", max_length=96)
@@ -308,12 +308,12 @@ def test_the_teacher_sees_the_text_the_student_kept_and_a_short_position_table_i
     import yaml
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kdkit import data as kdata
-    from kdkit.config import load_train_config
-    from kdkit.crosstok import teacher_view
-    from kdkit.errors import KdkitError
-    from kdkit.models import load_tokenizer
+    from kdkit.config.schema import load_train_config
+    from kdkit.data import rows as kdata
+    from kdkit.loss.crosstok import teacher_view
+    from kdkit.models.load import load_tokenizer
     from kdkit.train import train
+    from kdkit.util.errors import KdkitError
     from tests.helpers import write_jsonl
 
     long = [{"prompt": f"def f{i}(x):\n    \"\"\"" + "Return x times three, plus one. " * 6 + "\"\"\"\n",

@@ -1,11 +1,11 @@
-"""kdkit.data: formats, masks, truncation, and errors that name file, line and field."""
+"""kdkit.data.rows: formats, masks, truncation, and errors that name file, line and field."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kdkit.data import DataError, collate, data_fingerprint, load_dataset, read_examples, tokenize_rows
+from kdkit.data.rows import DataError, collate, data_fingerprint, load_dataset, read_examples, tokenize_rows
 from kdkit.demo.tokenizer import build_char_tokenizer
 from tests.helpers import save_model_dir, toy_rows, write_jsonl
 
@@ -206,7 +206,7 @@ def test_a_table_row_error_names_the_file_the_row_and_the_field(tmp_path):
 
 
 def test_the_same_rows_from_parquet_make_the_same_cache_bytes(tmp_path):
-    from kdkit.cache.precompute import PrecomputeSettings, precompute
+    from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
 
     teacher = save_model_dir(tmp_path / "teacher")
     jsonl, tables = _table_files(tmp_path, toy_rows(10))

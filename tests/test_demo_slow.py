@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from kdkit.cache import verify_cache
+from kdkit.decide.registry import Registry
 from kdkit.demo.run import TEACHER_DIR, DemoSettings, run_demo
-from kdkit.registry import Registry
+from kdkit.teacher.cache import verify_cache
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed"),
               pytest.mark.skipif(not (TEACHER_DIR / "model.safetensors").is_file(), reason="no demo teacher")]

@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from kdkit.demo.world import make_world, write_world
-from kdkit.evaluate import extract_completion, load_tasks, summarise, verify
-from kdkit.sandbox import Limits
+from kdkit.evaluate.passrate import extract_completion, load_tasks, summarise, verify
+from kdkit.evaluate.sandbox import Limits
 
 
 def _doc(t):

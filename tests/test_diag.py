@@ -6,7 +6,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from kdkit.cli import app
-from kdkit.diag import kl_agg_demo
+from kdkit.loss.diag import kl_agg_demo
 
 
 def _numpy_kl_rev_per_position(seed=0, vocab=200, positions=60):

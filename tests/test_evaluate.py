@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from kdkit.cli import app
-from kdkit.evaluate import (
+from kdkit.evaluate.passrate import (
     GenerationSettings,
     Task,
     TaskError,
@@ -27,7 +27,7 @@ from kdkit.evaluate import (
     verify,
     wilson_interval,
 )
-from kdkit.sandbox import Limits
+from kdkit.evaluate.sandbox import Limits
 from tests.helpers import save_model_dir, write_jsonl
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (make sandbox-deps)")
@@ -219,8 +219,8 @@ def _pure_greedy(model, tok, prompt: str, n: int) -> str:
 
 
 def test_the_models_generation_config_cannot_leak_into_greedy_decoding(tmp_path):
-    from kdkit.evaluate import answer_end, generate
-    from kdkit.models import load_causal_lm, load_tokenizer
+    from kdkit.evaluate.passrate import answer_end, generate
+    from kdkit.models.load import load_causal_lm, load_tokenizer
 
     model_dir = save_model_dir(tmp_path / "m", seed=3)
     cfg = json.loads((model_dir / "generation_config.json").read_text())
@@ -324,7 +324,7 @@ def test_extraction_keeps_imports_before_a_restated_def_and_its_helpers():
     ("```python\ndef f():\n\n\n    return 1\n", None),  # inside an open fence nothing ends the answer
 ])
 def test_answer_end_cuts_only_where_an_answer_is_complete(text, cut):
-    from kdkit.extract import answer_end
+    from kdkit.evaluate.extract import answer_end
 
     assert answer_end(text) == cut
 
@@ -336,8 +336,8 @@ def test_answer_end_cuts_only_where_an_answer_is_complete(text, cut):
 def test_a_fenced_restated_chat_answer_survives_generation_and_passes(tmp_path, monkeypatch, style):
     from transformers import LlamaForCausalLM
 
-    from kdkit.generation import render_prompts
-    from kdkit.models import load_tokenizer
+    from kdkit.models.generation import render_prompts
+    from kdkit.models.load import load_tokenizer
 
     model_dir = save_model_dir(tmp_path / "m", seed=3)
     tok = load_tokenizer(model_dir)
@@ -367,7 +367,7 @@ def test_a_fenced_restated_chat_answer_survives_generation_and_passes(tmp_path, 
 
 def test_chat_prompts_use_the_models_template_with_the_instruction_and_system():
     from kdkit.demo.tokenizer import build_char_tokenizer
-    from kdkit.generation import DEFAULT_INSTRUCTION, render_prompts
+    from kdkit.models.generation import DEFAULT_INSTRUCTION, render_prompts
 
     tok = build_char_tokenizer()
     (plain,) = render_prompts(tok, [ADD3["prompt"]], GenerationSettings())
@@ -381,7 +381,7 @@ def test_chat_prompts_use_the_models_template_with_the_instruction_and_system():
 
 @needs_bwrap
 def test_per_category_pass_counts_when_tasks_carry_a_category(tmp_path):
-    from kdkit.evaluate import by_category
+    from kdkit.evaluate.passrate import by_category
 
     rows = [{**t, "category": "held-out" if i < 2 else "in-distribution"} for i, t in enumerate(TOY_TASKS)]
     tasks = load_tasks(write_jsonl(tmp_path / "t.jsonl", rows))
@@ -399,8 +399,8 @@ def test_finished_rows_leave_the_batch_and_every_row_keeps_its_greedy_text(tmp_p
     """Generation runs a few tokens per call; rows that finished leave the batch (and the KV cache) between
     calls. Each row's text is still its own greedy decoding (a processor that reads the whole sequence, the
     repetition penalty, included), and the batch does shrink."""
-    from kdkit import generation
-    from kdkit.models import load_causal_lm, load_tokenizer
+    from kdkit.models import generation
+    from kdkit.models.load import load_causal_lm, load_tokenizer
 
     model_dir = save_model_dir(tmp_path / "m", seed=3)
     model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)

@@ -61,7 +61,7 @@ def test_precompute_on_a_full_disk_says_so_and_a_rerun_with_room_gives_the_same_
     assert str(disk / "cache") in err and "No space left on device" in err and "rerun the same command" in err
     assert not [p for p in (disk / "cache").iterdir() if ".tmp" in p.name]  # nothing half-written left
     _remount(disk, "size=16m")
-    from kdkit.cache.precompute import PrecomputeSettings, precompute
+    from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
 
     settings = PrecomputeSettings(top_k=16, shard_rows=8)  # the same capture, in this process: same bytes
     for out in (disk / "cache", world / "ref"):
@@ -113,8 +113,8 @@ def test_a_refusal_every_rank_raises_is_printed_once_by_rank_0(tmp_path):
     from typer.testing import CliRunner
 
     from kdkit.cli import app
-    from kdkit.errors import UsageError
-    from kdkit.sharding import check_supported
+    from kdkit.models.sharding import check_supported
+    from kdkit.util.errors import UsageError
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("student:\n  path: x\nstudent:\n  path: y\n")

@@ -13,11 +13,11 @@ import pytest
 from scipy.stats import binomtest
 from typer.testing import CliRunner
 
-from kdkit import gate as gate_mod
 from kdkit.cli import app
-from kdkit.evaluate import EvalSummary, TaskResult, wilson_interval
-from kdkit.gate import GateRule, decide, format_tasks, gate, mcnemar_exact
-from kdkit.registry import FAULT_ENV, Registry, RegistryError
+from kdkit.decide import gate as gate_mod
+from kdkit.decide.gate import GateRule, decide, format_tasks, gate, mcnemar_exact
+from kdkit.decide.registry import FAULT_ENV, Registry, RegistryError
+from kdkit.evaluate.passrate import EvalSummary, TaskResult, wilson_interval
 from tests.helpers import save_model_dir, write_jsonl
 
 # 8 tasks: a baseline that passes >= 6 of them lets the exact test show a drop (the gate's power rule)
@@ -181,7 +181,7 @@ def test_one_blind_suite_leaves_the_whole_decision_undecided(packs, tmp_path, mo
     base = dict.fromkeys(ANCHORS, True) | {f"W/{i}": i < 2 for i in range(8)}
 
     def fake(model_dir, tasks_path, **kw):
-        from kdkit.tasks import load_tasks
+        from kdkit.evaluate.tasks import load_tasks
         ids = [t.task_id for t in load_tasks(tasks_path)]
         res = [TaskResult(t, base[t], "passed" if base[t] else "failed", "", 0.0) for t in ids]
         k = sum(x.passed for x in res)
@@ -199,14 +199,14 @@ def test_one_blind_suite_leaves_the_whole_decision_undecided(packs, tmp_path, mo
 
 _PROMOTE = """
 import sys
-from kdkit.registry import Registry
+from kdkit.decide.registry import Registry
 reg = Registry(sys.argv[1])
 reg.promote(sys.argv[2])
 """
 
 _GATE = """
 import sys
-from kdkit.registry import Registry
+from kdkit.decide.registry import Registry
 reg = Registry(sys.argv[1])
 cand, base = reg.pack(sys.argv[2]), reg.pack(sys.argv[3])
 reg.record_gate(cand.id, base.id, {}, sys.argv[4], ["T/1"], [], 1.0, "test", expected_production=base.id)
@@ -357,7 +357,7 @@ def test_a_pack_is_its_tokenizer_chat_template_and_generation_config_too(packs, 
 
 
 def test_a_pack_registered_by_weights_alone_is_upgraded_to_its_full_identity_once(packs, tmp_path):
-    from kdkit.models import model_fingerprint
+    from kdkit.models.load import model_fingerprint
 
     dirs, _ = packs
     reg = Registry(tmp_path / "ws")
@@ -377,7 +377,7 @@ def test_a_copy_a_killed_promote_left_is_removed_by_the_next_registry_command(pa
     dirs, _ = packs
     ws = tmp_path / "ws"
     Registry(ws)
-    code = ("import os, sys\nfrom kdkit import registry\n"
+    code = ("import os, sys\nfrom kdkit.decide import registry\n"
             "def die(src, dst):\n    registry.shutil.copytree(src, dst, copy_function=registry.shutil.copyfile)\n"
             "    os._exit(9)\n"
             "registry._copy_read_only = die\nregistry.Registry(sys.argv[1]).register(sys.argv[2])\n")
@@ -441,8 +441,8 @@ def test_a_gate_over_several_suites_reverts_on_a_regression_in_any_suite(packs, 
 
 
 def test_the_gates_power_and_the_improvement_rule():
-    from kdkit.errors import KdkitError
-    from kdkit.gate import GateRule, decide, fewest_significant, mcnemar_exact, power, power_line
+    from kdkit.decide.gate import GateRule, decide, fewest_significant, mcnemar_exact, power, power_line
+    from kdkit.util.errors import KdkitError
 
     assert fewest_significant(0.05) == 6 and mcnemar_exact(6, 0) == 2 / 64 and mcnemar_exact(5, 0) == 2 / 32
     assert fewest_significant(0.01) == 8

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from kdkit.config import load_train_config
+from kdkit.config.schema import load_train_config
 from kdkit.train import train
 from tests.helpers import save_model_dir, toy_rows, write_jsonl
 
@@ -40,7 +40,7 @@ def test_bf16_mixed_on_the_gpu_tracks_fp32(tmp_path):
 
 
 def test_checkpoints_on_the_gpu_hold_its_rng_state(tmp_path):
-    from kdkit.checkpoint import rng_states
+    from kdkit.models.checkpoint import rng_states
 
     states = rng_states()
     assert [k for k in states if k.startswith("cuda.")] == [f"cuda.{i}" for i in range(torch.cuda.device_count())]

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdkit.config import ConfigError, HiddenConfig, ObjectiveConfig, load_train_config
-from kdkit.hidden import HiddenDistill, per_position
-from kdkit.objective import hidden_term
+from kdkit.config.schema import ConfigError, HiddenConfig, ObjectiveConfig, load_train_config
 from kdkit.train import merge, train
+from kdkit.train.hidden import HiddenDistill, per_position
+from kdkit.train.objective import hidden_term
 from tests.helpers import kill_then_resume, read_jsonl, save_model_dir, toy_rows, write_config, write_jsonl
 
 
@@ -115,7 +115,7 @@ def test_hidden_settings_that_cannot_work_are_refused(world, tmp_path):
     from typer.testing import CliRunner
 
     from kdkit.cli import app
-    from kdkit.errors import KdkitError
+    from kdkit.util.errors import KdkitError
 
     for body, message in ((_body(world, layers={2: 9}), r"objective.hidden.layers: 2 → 9 is out of range"),
                           (_body(world, projection="none"), "projection: none needs equal widths")):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from kdkit.config import load_train_config
-from kdkit.identity import changed_inputs, path_identity, run_inputs
+from kdkit.config.schema import load_train_config
 from kdkit.train import FAULT_ENV, TrainingError, train
+from kdkit.util.identity import changed_inputs, path_identity, run_inputs
 from tests.helpers import save_model_dir, toy_rows, write_config, write_jsonl
 
 
@@ -99,7 +99,7 @@ def test_run_inputs_cover_every_path_a_config_reads(world):
 
 
 def test_a_cache_is_identified_by_its_manifest_and_tokenizer_not_by_reading_its_shards(tmp_path):
-    from kdkit.identity import cache_identity
+    from kdkit.util.identity import cache_identity
 
     (tmp_path / "manifest.json").write_text('{"shards": []}')
     (tmp_path / "shard-00000.safetensors").write_bytes(b"x" * 100)

@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 
-from kdkit.cache.precompute import PrecomputeSettings, precompute
-from kdkit.evaluate import GenerationSettings
-from kdkit.ladder import parse_vary, run_ladder
-from kdkit.registry import Registry
-from kdkit.report import write_report
-from kdkit.sandbox import Limits
+from kdkit.decide.ladder import parse_vary, run_ladder
+from kdkit.decide.registry import Registry
+from kdkit.decide.report import write_report
+from kdkit.evaluate.passrate import GenerationSettings
+from kdkit.evaluate.sandbox import Limits
+from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
 from tests.helpers import save_model_dir, toy_rows, write_config, write_jsonl
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
@@ -85,7 +85,7 @@ def test_three_rung_ladder_table_plot_and_resume(ladder_world, tmp_path):
 
 
 def test_run_report_is_self_contained(ladder_world, tmp_path):
-    from kdkit.config import load_train_config
+    from kdkit.config.schema import load_train_config
     from kdkit.train import train
 
     train(load_train_config(ladder_world / "cfg.yaml"), tmp_path / "run", progress=False, log=lambda m: None)
@@ -101,7 +101,7 @@ def test_run_report_is_self_contained(ladder_world, tmp_path):
 
 
 def test_run_report_shows_the_coherence_trajectory_and_the_probe_outputs(ladder_world, tmp_path):
-    from kdkit.config import load_train_config
+    from kdkit.config.schema import load_train_config
     from kdkit.train import train
 
     write_jsonl(tmp_path / "probes.jsonl", [{"prompt": "def f(x):\n"}, {"prompt": "<b>bold</b>", "id": "html"}])
@@ -164,8 +164,8 @@ def test_demo_report_says_the_gate_is_anchors_only_and_fits_the_grid(tmp_path):
 
 
 def test_rungs_over_seeds_aggregate_to_one_row_with_a_pooled_interval():
-    from kdkit.evaluate import wilson_interval
-    from kdkit.ladder import seed_rows, table_rows
+    from kdkit.decide.ladder import seed_rows, table_rows
+    from kdkit.evaluate.passrate import wilson_interval
 
     vary = [("objective.kd_weight", [0.5, 1.0]), ("optim.seed", [0, 1, 2])]
     results, rung = [], 0
@@ -200,8 +200,8 @@ def test_a_seed_varies_the_data_order_and_identical_seeds_are_named(tmp_path):
     as the ladder sets it (data.shuffle_seed too) gives other weights."""
     from safetensors.torch import load_file
 
-    from kdkit.config import load_train_config
-    from kdkit.ladder import identical_seeds, seed_settings
+    from kdkit.config.schema import load_train_config
+    from kdkit.decide.ladder import identical_seeds, seed_settings
     from kdkit.train import train
 
     student = save_model_dir(tmp_path / "student", seed=2, hidden=16)

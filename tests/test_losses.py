@@ -1,4 +1,4 @@
-"""kdkit.losses against the naive float64 references: values AND gradients."""
+"""kdkit.loss.divergences against the naive float64 references: values AND gradients."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdkit.losses import AGGREGATIONS, KINDS, TAIL_POLICIES, TopK, aggregate, hinge, token_divergence
+from kdkit.loss.divergences import AGGREGATIONS, KINDS, TAIL_POLICIES, TopK, aggregate, hinge, token_divergence
 from tests.reference import ref_aggregate, ref_dense, ref_topk
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -276,7 +276,7 @@ def test_stored_tail_mass_beats_the_tail_recomputed_from_stored_logprobs(storage
     """A confident teacher (tail mass ~1e-4 past K = 8) whose tail is shaped like the student's, so the bucket
     KL equals the dense KL exactly when the tail mass is exact: the float32 tail a cache stores keeps it
     there; the tail recomputed as 1 − Σ_K p from stored (rounded) log-probs does not."""
-    from kdkit.cache.format import decode_logprobs, encode_logprobs
+    from kdkit.teacher.cache.format import decode_logprobs, encode_logprobs
 
     g = torch.Generator().manual_seed(0)
     n, vocab, k = 256, 400, 8

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdkit.losses import KINDS, TAIL_POLICIES, TopK, token_divergence
+from kdkit.loss.divergences import KINDS, TAIL_POLICIES, TopK, token_divergence
 
 SETTINGS = settings(max_examples=40, deadline=None)
 

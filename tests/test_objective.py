@@ -1,4 +1,4 @@
-"""kdkit.objective: composition, roles, task weights, barrier and step normalisation."""
+"""kdkit.train.objective: composition, roles, task weights, barrier and step normalisation."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from kdkit.config import BarrierConfig, DivergenceConfig, ObjectiveConfig, RoleTerms
-from kdkit.losses import TopK, aggregate, token_divergence
-from kdkit.objective import IGNORE_INDEX, StepDenominator, compute_objective, step_denominator
+from kdkit.config.schema import BarrierConfig, DivergenceConfig, ObjectiveConfig, RoleTerms
+from kdkit.loss.divergences import TopK, aggregate, token_divergence
+from kdkit.train.objective import IGNORE_INDEX, StepDenominator, compute_objective, step_denominator
 
 B, T, V = 4, 9, 23
 
@@ -205,7 +205,7 @@ def test_runtime_errors():
 @pytest.mark.parametrize("task_b", [3.0, 0.0])
 @pytest.mark.parametrize("teacher_kind", ["topk", "dense", None])
 def test_chunked_objective_equals_dense_objective(teacher_kind, task_b, weights):
-    from kdkit.objective import compute_objective_chunked
+    from kdkit.train.objective import compute_objective_chunked
 
     g = torch.Generator().manual_seed(12)
     hidden = torch.randn(B, T, 16, generator=g)
@@ -252,10 +252,10 @@ def test_chunked_objective_equals_dense_objective(teacher_kind, task_b, weights)
 def test_a_live_teacher_at_the_target_positions_equals_its_full_logits_there(tmp_path, extra_vocab):
     """What the chunked loss asks a live teacher for: its LM head on the target positions alone, padded
     rows (of the batch and of the embedding matrix) included; and the same KD value through the loss."""
-    from kdkit import data as kdata
-    from kdkit.models import load_causal_lm, load_tokenizer
-    from kdkit.objective import compute_objective_chunked
-    from kdkit.teacher import LiveSignal
+    from kdkit.data import rows as kdata
+    from kdkit.models.load import load_causal_lm, load_tokenizer
+    from kdkit.teacher.signals import LiveSignal
+    from kdkit.train.objective import compute_objective_chunked
     from tests.helpers import save_model_dir, toy_rows, write_jsonl
 
     model_dir = save_model_dir(tmp_path / "t", seed=3, extra_vocab=extra_vocab)
@@ -281,8 +281,8 @@ def test_a_live_teacher_at_the_target_positions_equals_its_full_logits_there(tmp
 def test_several_teachers_route_each_rows_kd_to_its_own_teacher():
     """The routed KD equals KD against one teacher whose rows are each row's own teacher's; the sums are
     also kept per teacher (kl_loss@name = that teacher's rows' mean)."""
-    from kdkit.config import ObjectiveConfig
-    from kdkit.objective import compute_objective
+    from kdkit.config.schema import ObjectiveConfig
+    from kdkit.train.objective import compute_objective
 
     g = torch.Generator().manual_seed(3)
     student = torch.randn(4, 6, 13, generator=g, requires_grad=True)

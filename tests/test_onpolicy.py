@@ -16,13 +16,12 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from kdkit import data as kdata
-from kdkit import onpolicy
 from kdkit.cli import app
-from kdkit.config import ConfigError, ObjectiveConfig, OnPolicyConfig, load_train_config
-from kdkit.models import load_causal_lm, load_tokenizer
-from kdkit.objective import compute_objective
-from kdkit.train import train
+from kdkit.config.schema import ConfigError, ObjectiveConfig, OnPolicyConfig, load_train_config
+from kdkit.data import rows as kdata
+from kdkit.models.load import load_causal_lm, load_tokenizer
+from kdkit.train import onpolicy, train
+from kdkit.train.objective import compute_objective
 from tests.helpers import kill_then_resume, save_model_dir, toy_rows, write_jsonl
 from tests.reference import ref_div, softmax64
 
@@ -285,8 +284,8 @@ def test_a_second_generate_into_the_same_file_is_refused_while_the_first_writes(
 
 
 def test_a_padded_head_never_samples_an_id_the_tokenizer_does_not_have(tmp_path):
-    from kdkit.coherence import coherence
-    from kdkit.generation import GenerationSettings, generate_ids
+    from kdkit.evaluate.coherence import coherence
+    from kdkit.models.generation import GenerationSettings, generate_ids
 
     save_model_dir(tmp_path / "padded", seed=3, hidden=32, extra_vocab=27)
     tok, model = load_tokenizer(tmp_path / "padded"), load_causal_lm(tmp_path / "padded")
@@ -346,7 +345,7 @@ def _sampled_reference(logits: torch.Tensor, targets: torch.Tensor, lp_t: torch.
 
 
 def test_sampled_kl_rev_is_its_float64_reference_value_and_gradient():
-    from kdkit.losses import SampledTokens, sampled_kl_rev
+    from kdkit.loss.divergences import SampledTokens, sampled_kl_rev
 
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(2, 5, 11, generator=g) * 3).requires_grad_(True)
@@ -363,7 +362,7 @@ def test_sampled_kl_rev_is_its_float64_reference_value_and_gradient():
 
 def test_sampled_kl_rev_gradient_in_expectation_is_the_full_vocabulary_reverse_kl_gradient():
     """Σ_x p_s(x) · ∇(sampled estimate at x) = ∇ KL(p_s ‖ p_t): the estimator is unbiased (exact enumeration)."""
-    from kdkit.losses import SampledTokens, sampled_kl_rev, token_divergence
+    from kdkit.loss.divergences import SampledTokens, sampled_kl_rev, token_divergence
 
     g = torch.Generator().manual_seed(1)
     v = 9

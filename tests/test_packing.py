@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdkit import data as kdata
-from kdkit.config import ConfigError, load_train_config
-from kdkit.errors import KdkitError
+from kdkit.config.schema import ConfigError, load_train_config
+from kdkit.data import rows as kdata
+from kdkit.util.errors import KdkitError
 from tests.helpers import tiny_llama
 from tests.test_train import _cfg, _final, _jsonl, _run, world  # noqa: F401 - the training world fixture
 

@@ -10,10 +10,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from kdkit.coherence import coherence, distinct_n, loop_mask
-from kdkit.config import ConfigError, load_train_config
+from kdkit.config.schema import ConfigError, load_train_config
 from kdkit.demo.run import TEACHER_DIR
 from kdkit.demo.world import make_world, training_rows
+from kdkit.evaluate.coherence import coherence, distinct_n, loop_mask
 from kdkit.train import train
 from tests.helpers import kill_then_resume, save_model_dir, toy_rows, write_jsonl
 

@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from kdkit import procfilter
-from kdkit.procfilter import CLONE_THREAD, ProcessFilterUnavailable
+from kdkit.evaluate import procfilter
+from kdkit.evaluate.procfilter import CLONE_THREAD, ProcessFilterUnavailable
 
 ALLOW, KILL = 0x7FFF0000, 0x80000000
 EPERM, ENOSYS = 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS

@@ -7,7 +7,7 @@ import re
 from typer.testing import CliRunner
 
 from kdkit.cli import app
-from kdkit.progress import Ticker
+from kdkit.util.progress import Ticker
 from tests.helpers import save_model_dir, toy_rows, write_config, write_jsonl
 
 

@@ -31,7 +31,7 @@ def test_the_demo_of_seed_0_prints_the_recorded_figures(tmp_path):
     import torch
 
     from kdkit.demo.run import DemoSettings, run_demo
-    from kdkit.environment import compute_environment
+    from kdkit.util.environment import compute_environment
 
     run_demo(tmp_path / "out", DemoSettings(seed=0), progress=False, log=lambda m: None)
     got = readme_demo.figures(json.loads((tmp_path / "out" / "demo.json").read_text()))

@@ -92,7 +92,7 @@ def test_smollm2_served_by_vllm_is_the_local_teacher(tmp_path):
     finally:
         server.stop()
 
-    from kdkit.cache import TeacherCache
+    from kdkit.teacher.cache import TeacherCache
 
     a, b = TeacherCache(caps["local"]), TeacherCache(caps["served"])
     same = total = 0

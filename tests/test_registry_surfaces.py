@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from kdkit.cli import app
-from kdkit.config import BarrierConfig, DivergenceConfig
-from kdkit.losses import AGGREGATIONS, KINDS, TAIL_POLICIES
+from kdkit.config.schema import BarrierConfig, DivergenceConfig
+from kdkit.loss.divergences import AGGREGATIONS, KINDS, TAIL_POLICIES
 from tests import reference
 
 

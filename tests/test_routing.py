@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from kdkit.cli import app
-from kdkit.config import ConfigError, load_train_config
-from kdkit.models import load_causal_lm, load_tokenizer
-from kdkit.routing import MAIN, QUARANTINE, extract, load_pairs, project_onto, project_out, routed_layers, share
+from kdkit.config.schema import ConfigError, load_train_config
+from kdkit.models.load import load_causal_lm, load_tokenizer
 from kdkit.train import train
+from kdkit.train.routing import MAIN, QUARANTINE, extract, load_pairs, project_onto, project_out, routed_layers, share
 from tests.helpers import kill_then_resume, read_jsonl, save_model_dir, toy_rows, write_config, write_jsonl
 
 
@@ -68,8 +68,8 @@ _cfg, _jsonl = write_config, read_jsonl
 def _routed_model(root: Path):
     from peft import LoraConfig, get_peft_model
 
-    from kdkit.config import RoutingConfig
-    from kdkit.routing import add_quarantine
+    from kdkit.config.schema import RoutingConfig
+    from kdkit.train.routing import add_quarantine
 
     torch.manual_seed(0)
     model = get_peft_model(load_causal_lm(root / "student"), LoraConfig(r=4, lora_alpha=8,

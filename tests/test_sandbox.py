@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kdkit import sandbox
-from kdkit.sandbox import Limits, SandboxUnavailable, leftover_processes, run_programs
+from kdkit.evaluate import sandbox
+from kdkit.evaluate.sandbox import Limits, SandboxUnavailable, leftover_processes, run_programs
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (make sandbox-deps)")
 FAST = Limits(timeout_s=3.0, memory_mb=512, output_bytes=256 * 1024)
@@ -171,7 +171,7 @@ def test_each_kdkit_process_gets_its_own_sandbox_uids(tmp_path):
     import sys
 
     mine = sandbox.uid_base()
-    code = "from kdkit import sandbox; print(sandbox.uid_base())"
+    code = "from kdkit.evaluate import sandbox; print(sandbox.uid_base())"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     theirs = int(other.stdout.strip())
     assert abs(theirs - mine) >= sandbox._BLOCK

@@ -14,18 +14,18 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from kdkit import data as kdata
-from kdkit.cache import TeacherCache
-from kdkit.cache.precompute import PrecomputeSettings, precompute
 from kdkit.cli import app
-from kdkit.config import load_train_config
-from kdkit.errors import KdkitError, UsageError
-from kdkit.generation import GenerationSettings, generate_ids
-from kdkit.models import load_causal_lm, load_tokenizer
-from kdkit.parity import teacher_parity
-from kdkit.rollout import open_rollout_server
-from kdkit.served import ServedError, Server
+from kdkit.config.schema import load_train_config
+from kdkit.data import rows as kdata
+from kdkit.models.generation import GenerationSettings, generate_ids
+from kdkit.models.load import load_causal_lm, load_tokenizer
+from kdkit.teacher.cache import TeacherCache
+from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
+from kdkit.teacher.parity import teacher_parity
+from kdkit.teacher.served import ServedError, Server
 from kdkit.train import TrainingError, train
+from kdkit.train.rollout import open_rollout_server
+from kdkit.util.errors import KdkitError, UsageError
 from tests.helpers import save_model_dir, toy_rows, write_jsonl
 from tests.vllm_server import DEV, LORA, Relay, VllmServer, free_port
 
@@ -299,7 +299,7 @@ def test_a_fully_fine_tuned_students_weights_are_reloaded_in_place(served, tmp_p
 def test_the_next_steps_requests_are_answered_before_the_step_asks(served):
     """ServedSignal.prefetch sends a step's requests from a background thread; the step's call then takes
     the answers without asking again, and they are the answers a direct request gives."""
-    from kdkit.teacher import ServedSignal
+    from kdkit.teacher.signals import ServedSignal
 
     root, url = served
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from kdkit.cli import app
 from kdkit.demo.run import TEACHER_DIR
-from kdkit.served import ServedError, Server, server_root
+from kdkit.teacher.served import ServedError, Server, server_root
 
 MODELS = {"data": [{"id": "m", "root": "/models/m", "max_model_len": 128}]}
 GOOD = {"/v1/models": MODELS, "/version": {"version": "0.32.0"}, "/tokenize": {"tokens": [5, 6, 7]},

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from kdkit.cli import app
-from kdkit.errors import KdkitError
-from kdkit.models import load_causal_lm, load_tokenizer
-from kdkit.student import spread
+from kdkit.models.load import load_causal_lm, load_tokenizer
+from kdkit.models.student import spread
+from kdkit.util.errors import KdkitError
 from tests.helpers import save_model_dir
 
 

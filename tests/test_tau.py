@@ -12,11 +12,11 @@ import torch
 from typer.testing import CliRunner
 
 from kdkit.cli import app
-from kdkit.config import load_train_config
-from kdkit.data import load_dataset
-from kdkit.losses import TopK, token_divergence
-from kdkit.models import load_tokenizer
-from kdkit.tau import least_move, propose_tau, target_logprob
+from kdkit.config.schema import load_train_config
+from kdkit.data.rows import load_dataset
+from kdkit.loss.divergences import TopK, token_divergence
+from kdkit.models.load import load_tokenizer
+from kdkit.train.tau import least_move, propose_tau, target_logprob
 from tests.helpers import save_model_dir, toy_rows, write_config, write_jsonl
 
 

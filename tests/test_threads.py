@@ -1,4 +1,4 @@
-"""kdkit.threads: the OpenMP environment is set before torch starts, from the cores a process may use."""
+"""kdkit.util.threads: the OpenMP environment is set before torch starts, from the cores a process may use."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kdkit import threads
+from kdkit.util import threads
 
 
 def test_the_default_is_sleeping_waiters_and_a_share_of_the_cores(monkeypatch):

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from kdkit.config import load_train_config
-from kdkit.errors import KdkitError
-from kdkit.trackers import flat_config
+from kdkit.config.schema import load_train_config
+from kdkit.train.trackers import flat_config
+from kdkit.util.errors import KdkitError
 from tests.helpers import read_jsonl, save_model_dir, toy_rows, write_config, write_jsonl
 
 STEPS = 4

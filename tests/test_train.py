@@ -14,12 +14,12 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from kdkit.cache import TeacherCache
-from kdkit.cache.precompute import PrecomputeSettings, precompute
 from kdkit.cli import app
-from kdkit.config import RESOLVED_MARK, ConfigError, load_train_config
-from kdkit.errors import KdkitError
+from kdkit.config.schema import RESOLVED_MARK, ConfigError, load_train_config
+from kdkit.teacher.cache import TeacherCache
+from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
 from kdkit.train import FAULT_ENV, TrainingError, merge, micro_slices, step_rows, train
+from kdkit.util.errors import KdkitError
 from tests.helpers import save_model_dir, toy_rows, write_jsonl
 
 
@@ -519,7 +519,7 @@ def test_resume_after_editing_the_runs_own_config_is_refused_naming_each_field(w
 
 
 def test_merge_never_replaces_a_directory_kdkit_did_not_write(world, tmp_path):
-    from kdkit.errors import OutputDirError
+    from kdkit.util.errors import OutputDirError
 
     run = _run(_cfg(world, tmp_path, optim={"epochs": 1}), tmp_path / "run")
     user = tmp_path / "mine"
@@ -586,7 +586,7 @@ def _padded_copy(src: Path, dst: Path, extra: int) -> Path:
     """The same model with `extra` more embedding/head rows (as 152,064 rows for 151,936 tokens), loud ones."""
     from transformers import AutoModelForCausalLM
 
-    from kdkit.models import load_tokenizer
+    from kdkit.models.load import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(src))
     n = model.get_input_embeddings().weight.shape[0]
@@ -616,7 +616,7 @@ def test_a_teacher_with_more_padded_rows_than_the_student_trains_as_the_unpadded
 
 
 def test_a_model_without_a_logit_for_every_token_is_refused(world, tmp_path):
-    from kdkit.models import load_tokenizer
+    from kdkit.models.load import load_tokenizer
     from tests.helpers import tiny_llama
 
     short = tmp_path / "short"
@@ -646,7 +646,7 @@ def test_4_and_8_bit_loading_is_refused_where_it_cannot_run(world, tmp_path, cha
 
 def test_checkpoints_carry_the_rng_state_of_every_gpu(monkeypatch):
     """Without a GPU here, the CUDA calls are stood in for: every device's state is saved and restored."""
-    from kdkit import checkpoint as train_mod
+    from kdkit.models import checkpoint as train_mod
 
     states = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5, 6], dtype=torch.uint8)]
     restored = []
@@ -733,8 +733,8 @@ def test_a_sharded_run_refuses_what_it_cannot_do_by_field(section):
 
     from accelerate.utils import DistributedType
 
-    from kdkit.errors import UsageError
-    from kdkit.sharding import check_supported
+    from kdkit.models.sharding import check_supported
+    from kdkit.util.errors import UsageError
 
     cfg = {"objective": {"kd_weight": 1.0, "on_policy": None, "hidden": None}, "probes": None, "routing": None}
     for k, v in section.items():

@@ -1,5 +1,5 @@
 """What `kdkit validate` says valid, `kdkit train` runs; what train refuses, validate refuses first, in the
-same words (one check path: kdkit.preflight). And options that combine into a no-op are refused."""
+same words (one check path: kdkit.train.preflight). And options that combine into a no-op are refused."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import yaml
 from typer.testing import CliRunner
 
 from kdkit.cli import app
-from kdkit.config import ConfigError, load_train_config
-from kdkit.errors import KdkitError
-from kdkit.generation import GenerationSettings
+from kdkit.config.schema import ConfigError, load_train_config
+from kdkit.models.generation import GenerationSettings
 from kdkit.train import train
+from kdkit.util.errors import KdkitError
 from tests.helpers import save_model_dir, toy_rows, write_jsonl
 
 runner = CliRunner()

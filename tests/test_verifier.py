@@ -12,9 +12,9 @@ import shutil
 
 import pytest
 
-from kdkit.evaluate import program_for, verify
-from kdkit.sandbox import Limits, Program, run_programs
-from kdkit.tasks import Task
+from kdkit.evaluate.passrate import program_for, verify
+from kdkit.evaluate.sandbox import Limits, Program, run_programs
+from kdkit.evaluate.tasks import Task
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (make sandbox-deps)")
 LIMITS = Limits(timeout_s=6.0, memory_mb=512)
@@ -226,7 +226,7 @@ def test_programs_are_the_candidate_then_the_test():
 def test_every_status_the_harness_reports_is_one_the_sandbox_accepts():
     import importlib.util
 
-    from kdkit import sandbox
+    from kdkit.evaluate import sandbox
 
     spec = importlib.util.spec_from_file_location("kdkit_harness_copy", sandbox._HARNESS)
     harness = importlib.util.module_from_spec(spec)

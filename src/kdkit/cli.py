@@ -13,8 +13,8 @@ from rich.table import Table
 from typer.core import TyperGroup, TyperOption
 
 from kdkit import __version__
-from kdkit.errors import KdkitError
-from kdkit.losses import AGGREGATIONS, KINDS, TAIL_POLICIES
+from kdkit.loss.divergences import AGGREGATIONS, KINDS, TAIL_POLICIES
+from kdkit.util.errors import KdkitError
 
 
 class _Group(TyperGroup):
@@ -22,7 +22,7 @@ class _Group(TyperGroup):
     exit code (2: a bad input or option; 1: work that failed on the way)."""
 
     def invoke(self, ctx):  # noqa: ANN001, ANN201
-        from kdkit.io import storage_error
+        from kdkit.util.io import storage_error
 
         try:
             return super().invoke(ctx)
@@ -72,7 +72,7 @@ app.add_typer(config_app, name="config")
 @config_app.command("defaults")
 def config_defaults_cmd() -> None:
     """Print a complete, commented YAML of every training-config field at its default (sections that are off until written are commented out; required fields say <required>): kdkit config defaults > run.yaml."""
-    from kdkit.config_reference import defaults_yaml
+    from kdkit.config.reference import defaults_yaml
 
     typer.echo(defaults_yaml(), nl=False)
 
@@ -82,7 +82,7 @@ def config_schema_cmd() -> None:
     """Print the training config's JSON Schema (for editors and validators: yaml-language-server, check-jsonschema)."""
     import json as _json
 
-    from kdkit.config_reference import schema
+    from kdkit.config.reference import schema
 
     typer.echo(_json.dumps(schema(), indent=2, sort_keys=True))
 
@@ -90,7 +90,7 @@ def config_schema_cmd() -> None:
 @config_app.command("reference")
 def config_reference_cmd() -> None:
     """Print the Markdown table of every field (type, default, what it does): README's config reference."""
-    from kdkit.config_reference import reference_table
+    from kdkit.config.reference import reference_table
 
     typer.echo(reference_table(), nl=False)
 
@@ -147,7 +147,7 @@ def diag_kl_agg(
     """Why the KL barrier should aggregate by rmse/p95/max, not mean (the seeds' synthetic case).
 
     A coherent student shifts a little mass at every one of 60 positions; an incoherent one spikes on an improbable token at 4 positions. Prints each aggregate of the per-position divergence to the reference, the separation ratio incoherent/coherent, and whether the hinge τ fires."""
-    from kdkit.diag import DIAG_AGGREGATIONS, kl_agg_demo
+    from kdkit.loss.diag import DIAG_AGGREGATIONS, kl_agg_demo
 
     if kind not in KINDS:
         fail(f"--kind {kind!r} is not a divergence kind; valid: {', '.join(KINDS)}")
@@ -193,7 +193,7 @@ def precompute_cmd(
     """Run the teacher once over DATA and store its top-K log-probs, tail mass and statistics in OUT.
 
     The cache is content-addressed: OUT records a key of (teacher, tokenizer, data, K, T, max_length, dtypes). Rerunning with the same inputs in the same compute environment resumes a killed run (or does nothing when complete) and gives byte-identical shards; other inputs are refused with the differing field named, and shards from another environment (recorded in each shard and in the manifest) are refused naming both."""
-    from kdkit.cache.precompute import PrecomputeSettings, precompute
+    from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
 
     given = {"--teacher": teacher, "--data": data, "--out": out, "--temperature": temperature,
              "--max-length": max_length, "--truncation": truncation, "--on-empty": on_empty,
@@ -260,8 +260,8 @@ def generate_cmd(
     """Sequence-level KD: write the teacher's completions of DATA's prompts as training rows for `kdkit train`.
 
     Greedy by default, with every generation setting explicit (nothing from the model's generation_config.json). The same model, prompts and settings give the same bytes; a killed run resumes at its last complete batch; a rerun with other inputs is refused naming the field (the inputs are in OUT.kdkit.json, with the served model's name under --teacher-url)."""
-    from kdkit.generation import GenerationSettings
-    from kdkit.seqkd import generate_rows
+    from kdkit.models.generation import GenerationSettings
+    from kdkit.teacher.seqkd import generate_rows
 
     if temperature < 0:
         fail(f"--temperature must be >= 0, got {temperature}")
@@ -274,7 +274,7 @@ def generate_cmd(
                                   seed=seed or 0)
     if served_model is not None and teacher_url is None:
         fail("--served-model names a model of --teacher-url's server; without --teacher-url it does nothing")
-    from kdkit.served import Server
+    from kdkit.teacher.served import Server
 
     server = Server(teacher_url, served_model) if teacher_url else None
     res = generate_rows(model, data, out, settings, progress=progress, log=console.print, server=server)
@@ -298,9 +298,9 @@ def teacher_check(
     """Is the served teacher the teacher you think it is? On the first N rows: the token ids of each row's text on both sides (the tokenizer), each chat row as each side's chat template renders it (the template), and the top-K log-probs at every position (max and mean |Δ|, top-1 agreement). Exit 1 beyond the tolerance, naming the first difference.
 
     Example: kdkit teacher check --teacher-url http://127.0.0.1:8000 --teacher models/teacher --data rows.jsonl"""
-    from kdkit.io import atomic_write_json
-    from kdkit.parity import teacher_parity
-    from kdkit.served import Server
+    from kdkit.teacher.parity import teacher_parity
+    from kdkit.teacher.served import Server
+    from kdkit.util.io import atomic_write_json
 
     report = teacher_parity(Server(teacher_url, served_model), teacher, data, rows, top_k, dtype, max_length,
                             tolerance, min_top1)
@@ -322,7 +322,7 @@ def _environment_line(env: Any) -> str:
 @cache_app.command("info")
 def cache_info(path: str = typer.Argument(..., help="Cache directory.")) -> None:
     """Summarise a cache: teacher, key, K, temperature, rows, tokens, bytes/token, capture statistics."""
-    from kdkit.cache.reader import load_manifest
+    from kdkit.teacher.cache.reader import load_manifest
 
     m = load_manifest(path)
     c, st = m["components"], m["stats"]
@@ -359,8 +359,8 @@ def cache_diff(
     """Compare two caches of the same rows: the key fields and compute environments that differ, the positions whose top-K ids differ, max and mean |Δ log-prob|, bucket KL(A ‖ B) and top-1 agreement. Exit 1 when they differ beyond --tolerance (or are not of the same rows).
 
     Example: kdkit cache diff cache-avx512 cache-default --tolerance 0.01"""
-    from kdkit.cache.diff import diff_caches
-    from kdkit.io import atomic_write_json
+    from kdkit.teacher.cache.diff import diff_caches
+    from kdkit.util.io import atomic_write_json
 
     d = diff_caches(a, b, tolerance)
     for line in d.summary():
@@ -374,7 +374,7 @@ def cache_diff(
 @cache_app.command("verify")
 def cache_verify(path: str = typer.Argument(..., help="Cache directory.")) -> None:
     """Re-hash every shard against the manifest; exit 1 naming each missing, extra, truncated or changed shard."""
-    from kdkit.cache.reader import verify_cache
+    from kdkit.teacher.cache.reader import verify_cache
 
     problems = verify_cache(path)
     if problems:
@@ -385,7 +385,7 @@ def cache_verify(path: str = typer.Argument(..., help="Cache directory.")) -> No
 
 
 def _load_config(config: str, overrides: list[str]):
-    from kdkit.config import load_train_config
+    from kdkit.config.schema import load_train_config
 
     return load_train_config(config, overrides)
 
@@ -396,8 +396,8 @@ def validate_cmd(
     set_: list[str] = typer.Option([], "--set", help="Override a field: --set objective.kd.beta=0.3 (repeatable)."),
 ) -> None:
     """Validate a training config without loading any model's weights: fields and ranges, duplicate keys, files, that a referenced cache matches the data, tokenizer, K and temperature (its shards re-hashed), that every role and task named occurs in the data, LoRA target modules and hidden-state layers against the models' structure, probe prompts and contrast pairs, and that no option would silently not take effect. `kdkit train` runs the same checks before it loads a model. Exits 2 naming the field."""
-    from kdkit.models import check_model_dir, load_tokenizer
-    from kdkit.preflight import load_rows, model_config, preflight
+    from kdkit.models.load import check_model_dir, load_tokenizer
+    from kdkit.train.preflight import load_rows, model_config, preflight
 
     cfg = _load_config(config, set_)
     try:  # whatever is wrong, the config is invalid: exit 2 naming it (train runs the same checks first)
@@ -428,7 +428,7 @@ def train_cmd(
 
     cfg = _load_config(config, set_)
     run_dir = out or str(_P("runs") / _P(config).stem)
-    from kdkit.io import storage
+    from kdkit.util.io import storage
 
     try:
         with storage(run_dir):  # a full disk or a read-only --out: one line naming it; --resume continues
@@ -482,9 +482,9 @@ def barrier_tau_cmd(
     json_out: str = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
 ) -> None:
     """Propose objective.barrier.tau from step 0: builds the run as `kdkit train` would (the same checks; nothing is written beside --json) and, over the first --steps steps' micro-batches, measures the barrier's divergence to the reference at step 0 and the least divergence a student needs to give every training target probability --target-prob (0 where the reference already does), aggregated as the barrier aggregates (mean, rmse, p95, max: the micro-batches' mean, as barrier_div_<how> is logged). The proposal is the second figure under the config's aggregate: a barrier at that τ stays inert while the student learns the data to that probability and fires when it moves further."""
-    from kdkit.io import atomic_write_json
-    from kdkit.objective import BARRIER_VIEWS
-    from kdkit.tau import propose_tau
+    from kdkit.train.objective import BARRIER_VIEWS
+    from kdkit.train.tau import propose_tau
+    from kdkit.util.io import atomic_write_json
 
     cfg = _load_config(config, set_)
     fig = propose_tau(cfg, steps=steps, target_prob=target_prob)
@@ -519,7 +519,7 @@ def student_init_cmd(
     dtype: str = typer.Option("float32", help="The student's weights: float32, bfloat16 or float16."),
 ) -> None:
     """Make a student by depth pruning its teacher: keep N of its decoder layers (spread evenly by default, or as listed), each with its weights, plus the teacher's embeddings, final norm and LM head; writes an ordinary Hugging Face directory with the teacher's tokenizer and chat template, and kdkit-student.json (which layers came from which teacher). Distillation then repairs what the cut broke: point student.path at it."""
-    from kdkit.student import init_student, parse_keep
+    from kdkit.models.student import init_student, parse_keep
 
     info = init_student(from_, out, layers=layers, keep=parse_keep(keep) if keep is not None else None, dtype=dtype)
     console.print(f"wrote {out}: {len(info['kept_layers'])} of the teacher's {info['teacher_layers']} decoder layers "
@@ -564,7 +564,7 @@ PROMPT_STYLE_HELP = ("How the model is prompted: 'raw' gives the task's prompt a
 
 def _prompting(prompt_style: str, instruction: str | None, system: str | None) -> dict:
     """GenerationSettings fields for the prompt options; instruction/system only take effect with chat."""
-    from kdkit.generation import DEFAULT_INSTRUCTION, PROMPT_STYLES
+    from kdkit.models.generation import DEFAULT_INSTRUCTION, PROMPT_STYLES
 
     if prompt_style not in PROMPT_STYLES:
         fail(f"--prompt-style {prompt_style!r}; valid: {', '.join(PROMPT_STYLES)}")
@@ -589,8 +589,8 @@ def verify_cmd(
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
 ) -> None:
     """Run prompt + completion + test + check(entry_point) for every task in the sandbox; print the pass count and rate with a 95% Wilson interval; write per-task results (passed, status, stderr tail, duration)."""
-    from kdkit.evaluate import load_completions, load_tasks, summarise, verify, write_results
-    from kdkit.sandbox import Limits
+    from kdkit.evaluate.passrate import load_completions, load_tasks, summarise, verify, write_results
+    from kdkit.evaluate.sandbox import Limits
 
     if (completions is None) == (solutions is None):
         fail("give exactly one of --completions FILE or --solutions canonical")
@@ -640,9 +640,9 @@ def eval_cmd(
     """Generate a completion for every task (greedy by default), extract the function body, verify it in the sandbox, and report pass count and rate with a 95% Wilson interval (and pass@k when sampling), and why the others did not pass (results.jsonl has each task's reason and stderr)."""
     from pathlib import Path as _P
 
-    from kdkit.evaluate import GenerationSettings, by_category, evaluate_model, load_tasks, write_results
-    from kdkit.io import atomic_write_bytes, atomic_write_json
-    from kdkit.sandbox import Limits
+    from kdkit.evaluate.passrate import GenerationSettings, by_category, evaluate_model, load_tasks, write_results
+    from kdkit.evaluate.sandbox import Limits
+    from kdkit.util.io import atomic_write_bytes, atomic_write_json
 
     if not sample:
         unused = [name for name, v in (("--temperature", temperature), ("--top-p", top_p), ("--top-k", top_k),
@@ -669,9 +669,9 @@ def eval_cmd(
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(d / "generations.jsonl", "".join(_json.dumps(g, sort_keys=True) + "\n" for g in gens).encode())
         write_results(d / "results.jsonl", results)
-        from kdkit.gate import evaluation_key
-        from kdkit.identity import path_identity
-        from kdkit.tasks import tasks_fingerprint
+        from kdkit.decide.gate import evaluation_key
+        from kdkit.evaluate.tasks import tasks_fingerprint
+        from kdkit.util.identity import path_identity
 
         atomic_write_json(d / "summary.json", {**asdict(summary), "model": model, "tasks": tasks, "limit": limit,
                                                "dtype": dtype, "generation": asdict(settings),
@@ -699,7 +699,7 @@ def _registry(workspace: str | None, create: bool = False):
     """The workspace registry; only commands that add a pack (promote) create a missing workspace."""
     import os as _os
 
-    from kdkit.registry import Registry
+    from kdkit.decide.registry import Registry
 
     return Registry(workspace or _os.environ.get("KDKIT_WORKSPACE", ".kdkit"), create=create)
 
@@ -734,7 +734,7 @@ def registry_show(
     """Show one pack: its evaluations, the gate decisions about it, and the production history."""
     import json as _json
 
-    from kdkit.gate import format_tasks
+    from kdkit.decide.gate import format_tasks
 
     reg = _registry(workspace)
     p = reg.pack(pack) if pack else reg.production()
@@ -837,10 +837,10 @@ def gate_cmd(
     promote_undecided: bool = typer.Option(False, "--promote-undecided", help="Promote a candidate the gate cannot decide (a suite on which the exact test cannot show a drop) as if it were kept; the registry records that this was asked for."),
 ) -> None:
     """Evaluate candidate and baseline on every task file (reusing stored evaluations), compare task by task, run the exact paired test per suite, decide once for all suites and record it: KEEP (promote), REVERT (archive), or UNDECIDED when a suite cannot show a drop (the baseline passes fewer tasks than the exact test needs to see one): nothing promoted or archived. Exit code 0 on KEEP, 1 on REVERT, 3 on UNDECIDED."""
-    from kdkit.evaluate import GenerationSettings
-    from kdkit.gate import GateRule, SuiteRule, format_tasks, gate, power_line
-    from kdkit.io import atomic_write_json
-    from kdkit.sandbox import Limits
+    from kdkit.decide.gate import GateRule, SuiteRule, format_tasks, gate, power_line
+    from kdkit.evaluate.passrate import GenerationSettings
+    from kdkit.evaluate.sandbox import Limits
+    from kdkit.util.io import atomic_write_json
 
     if suite_rule is not None and len(tasks) < 2:
         fail("--suite-rule only takes effect with a second --tasks file")
@@ -888,10 +888,10 @@ def ladder_cmd(
     """For each rung: train → merge → gate against the production at the ladder's start → KEEP/REVERT/UNDECIDED (as `kdkit gate`: an UNDECIDED rung promotes and archives nothing). A failed rung does not stop the ladder; a rerun skips finished rungs. Writes ladder.md, ladder.csv and ladder.png (anchor pass and losses against the varied value)."""
     from pathlib import Path as _P
 
-    from kdkit.evaluate import GenerationSettings
-    from kdkit.gate import GateRule
-    from kdkit.ladder import parse_vary, run_ladder, seed_rows, table_rows
-    from kdkit.sandbox import Limits
+    from kdkit.decide.gate import GateRule
+    from kdkit.decide.ladder import parse_vary, run_ladder, seed_rows, table_rows
+    from kdkit.evaluate.passrate import GenerationSettings
+    from kdkit.evaluate.sandbox import Limits
 
     if seeds < 1:
         fail("--seeds must be >= 1")
@@ -928,7 +928,7 @@ def report_cmd(
     out: str = typer.Option(None, help="HTML file to write (default: PATH/report.html)."),
 ) -> None:
     """Write a self-contained HTML report (plots embedded as PNG): loss curves per step and epoch, per-task pass grids, the ladder table and plot, and the resolved configs."""
-    from kdkit.report import write_report
+    from kdkit.decide.report import write_report
 
     target = write_report(path, out)
     console.print(f"wrote {target}")

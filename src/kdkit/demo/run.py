@@ -21,7 +21,7 @@ import yaml
 
 from kdkit.demo.assets_build import STUDENT_SHAPE, fresh_model_dir
 from kdkit.demo.world import make_world, training_rows
-from kdkit.io import check_output_dir, mark_output_dir
+from kdkit.util.io import check_output_dir, mark_output_dir
 
 TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "teacher"
 WORLD_SEED = 0  # the seed scripts/train_demo_teacher.py trained the bundled teacher on
@@ -84,10 +84,10 @@ def _config(s: DemoSettings, student: Path, train: Path, val: Path, cache: Path 
 
 def _val_metrics(model_dir: Path, val: Path, teacher_dir: Path) -> tuple[float, float | None, dict[str, list]]:
     """Validation CE per target token, KL(teacher ‖ model) per target token, and both summed per row."""
-    from kdkit import data as kdata
-    from kdkit.config import TrainConfig
-    from kdkit.models import load_causal_lm, load_tokenizer
-    from kdkit.teacher import LiveSignal
+    from kdkit.config.schema import TrainConfig
+    from kdkit.data import rows as kdata
+    from kdkit.models.load import load_causal_lm, load_tokenizer
+    from kdkit.teacher.signals import LiveSignal
     from kdkit.train import evaluate_loss
 
     tok = load_tokenizer(model_dir)
@@ -107,8 +107,8 @@ def _train_students(out: Path, s: DemoSettings, teacher: Path, cache: Path, trai
                     progress: bool, log: Any) -> dict[str, tuple[Path, float]]:
     """The distilled and the CE-only student from one initialisation, merged into packs: {name: (pack, seconds)};
     also the pruned student of examples/tiny.yaml."""
-    from kdkit.config import load_train_config
-    from kdkit.student import init_student
+    from kdkit.config.schema import load_train_config
+    from kdkit.models.student import init_student
     from kdkit.train import merge, train
 
     student_init = fresh_model_dir(out / "student_init", STUDENT_SHAPE, seed=s.seed + 1)
@@ -128,8 +128,8 @@ def _train_students(out: Path, s: DemoSettings, teacher: Path, cache: Path, trai
 def _model_row(name: str, path: Path, wall: float, teacher: Path, files: tuple[Path, Path, Path],
                gen: Any, precompute_s: float, progress: bool, log: Any) -> ModelRow:
     """One model's row of the demo's table: anchors and holdout in the sandbox, validation CE and KL."""
-    from kdkit.evaluate import evaluate_model
-    from kdkit.models import load_causal_lm
+    from kdkit.evaluate.passrate import evaluate_model
+    from kdkit.models.load import load_causal_lm
     from kdkit.train import count_parameters
 
     anchors_p, holdout_p, val_p = files
@@ -147,10 +147,10 @@ def _model_row(name: str, path: Path, wall: float, teacher: Path, files: tuple[P
 
 def run_demo(out: str | Path = "demo-out", settings: DemoSettings = DemoSettings(), *, teacher: Path = TEACHER_DIR,
              progress: bool = True, log=print) -> dict[str, Any]:
-    from kdkit.cache.precompute import PrecomputeSettings, precompute
-    from kdkit.evaluate import GenerationSettings
-    from kdkit.gate import gate
-    from kdkit.registry import Registry
+    from kdkit.decide.gate import gate
+    from kdkit.decide.registry import Registry
+    from kdkit.evaluate.passrate import GenerationSettings
+    from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
 
     t_all = time.perf_counter()
     s = settings
@@ -212,7 +212,7 @@ def run_demo(out: str | Path = "demo-out", settings: DemoSettings = DemoSettings
     }
     (out / "demo.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     log("[6/6] report")
-    from kdkit.report import write_report
+    from kdkit.decide.report import write_report
 
     summary["report"] = str(write_report(out))
     summary["total_seconds"] = time.perf_counter() - t_all

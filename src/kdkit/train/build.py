@@ -12,23 +12,23 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from kdkit import data as kdata
-from kdkit import sharding
-from kdkit.checkpoint import load_checkpoint, load_extra
-from kdkit.config import TrainConfig
-from kdkit.errors import KdkitError, TrainingError
-from kdkit.hidden import HiddenDistill
-from kdkit.io import storage
-from kdkit.models import head_reads_last_hidden, load_causal_lm, load_tokenizer, pad_id
-from kdkit.preflight import load_rows, model_config, preflight
-from kdkit.probes import EarlyStop, Probe, load_probes
-from kdkit.rng import own_rng
-from kdkit.rollout import RolloutServer, open_rollout_server
-from kdkit.routing import Router, add_quarantine
-from kdkit.teacher import Sources, open_sources, open_validation, unwrap
+from kdkit.config.schema import TrainConfig
+from kdkit.data import rows as kdata
+from kdkit.models import sharding
+from kdkit.models.checkpoint import load_checkpoint, load_extra
+from kdkit.models.load import head_reads_last_hidden, load_causal_lm, load_tokenizer, pad_id
+from kdkit.teacher.signals import Sources, open_sources, open_validation, unwrap
+from kdkit.train.hidden import HiddenDistill
 from kdkit.train.metrics import Sums
 from kdkit.train.plan import lr_lambda
+from kdkit.train.preflight import load_rows, model_config, preflight
+from kdkit.train.probes import EarlyStop, Probe, load_probes
+from kdkit.train.rollout import RolloutServer, open_rollout_server
+from kdkit.train.routing import Router, add_quarantine
 from kdkit.train.rundir import truncate_jsonl, write_run_meta
+from kdkit.util.errors import KdkitError, TrainingError
+from kdkit.util.io import storage
+from kdkit.util.rng import own_rng
 
 
 def load_student(cfg: TrainConfig) -> torch.nn.Module:

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from kdkit import sharding
-from kdkit.errors import TrainingError
-from kdkit.faults import kill_if
-from kdkit.io import atomic_write_json
-from kdkit.probes import probe_round
-from kdkit.rng import own_rng
-from kdkit.teacher import unwrap
+from kdkit.models import sharding
+from kdkit.teacher.signals import unwrap
+from kdkit.train.probes import probe_round
 from kdkit.train.rundir import append_jsonl, write_checkpoint
+from kdkit.util.errors import TrainingError
+from kdkit.util.faults import kill_if
+from kdkit.util.io import atomic_write_json
+from kdkit.util.rng import own_rng
 
 if TYPE_CHECKING:
     from kdkit.train.build import Run

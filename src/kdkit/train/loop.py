@@ -10,19 +10,20 @@ from typing import Any
 
 import torch
 
-from kdkit import sharding, trackers
-from kdkit.checkpoint import INPUTS_FILE, newest_checkpoint
-from kdkit.config import TrainConfig
-from kdkit.errors import TrainingError
-from kdkit.io import atomic_write_json
-from kdkit.progress import Ticker, bar_shown
-from kdkit.served import ServedError
+from kdkit.config.schema import TrainConfig
+from kdkit.models import sharding
+from kdkit.models.checkpoint import INPUTS_FILE, newest_checkpoint
+from kdkit.teacher.served import ServedError
+from kdkit.train import trackers
 from kdkit.train.build import build
 from kdkit.train.control import Interrupts, early_stopped, fault, probe, server_down, stop_interrupted
 from kdkit.train.metrics import Sums, end_epoch, log_step
 from kdkit.train.plan import peek_step, plan_step
 from kdkit.train.rundir import max_weight_change, open_run, write_checkpoint, write_final
 from kdkit.train.step import GradHook, optimizer_step
+from kdkit.util.errors import TrainingError
+from kdkit.util.io import atomic_write_json
+from kdkit.util.progress import Ticker, bar_shown
 
 
 def train(

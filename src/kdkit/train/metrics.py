@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kdkit import data as kdata
-from kdkit import trackers
-from kdkit.config import TrainConfig
-from kdkit.losses import TopK, aggregate, token_ce, token_divergence
-from kdkit.models import vocab_logits
-from kdkit.objective import SUM_KEYS, ObjectiveOutput, means
-from kdkit.teacher import Signal
+from kdkit.config.schema import TrainConfig
+from kdkit.data import rows as kdata
+from kdkit.loss.divergences import TopK, aggregate, token_ce, token_divergence
+from kdkit.models.load import vocab_logits
+from kdkit.teacher.signals import Signal
+from kdkit.train import trackers
+from kdkit.train.objective import SUM_KEYS, ObjectiveOutput, means
 from kdkit.train.rundir import append_jsonl
 
 if TYPE_CHECKING:
@@ -23,10 +23,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class Sums:
-    """The objective's metric sums (:data:`kdkit.objective.SUM_KEYS`) over micro-batches, ranks, steps and
+    """The objective's metric sums (:data:`kdkit.train.objective.SUM_KEYS`) over micro-batches, ranks, steps and
     epochs. Within a step they are device tensors (each micro-batch's sums are added where they were
     computed); :meth:`reduce` reads them once, summed over the ranks, into floats; :meth:`summary` turns
-    them into means (:func:`kdkit.objective.means`, the one place that divides)."""
+    them into means (:func:`kdkit.train.objective.means`, the one place that divides)."""
 
     keys = (*SUM_KEYS, "steps")  # always there; per-teacher sums ("kl@name", ...) join when a term makes them
     v: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(Sums.keys, 0.0))
@@ -79,7 +79,7 @@ def end_epoch(r: Run, step: int, epoch_sums: Sums) -> None:
         append_jsonl(r.epochs_path, row)
         trackers.log(r.acc, r.cfg, row, step, prefix="epoch/")
         if per_row is not None:  # the latest epoch's, row by row: `kdkit report`'s paired intervals
-            from kdkit.io import atomic_write_json
+            from kdkit.util.io import atomic_write_json
 
             atomic_write_json(r.dir / VALIDATION_ROWS, {"epoch": row["epoch"], "step": step, **per_row})
 

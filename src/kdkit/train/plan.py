@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kdkit import data as kdata
-from kdkit import onpolicy
-from kdkit.teacher import unwrap
+from kdkit.data import rows as kdata
+from kdkit.teacher.signals import unwrap
+from kdkit.train import onpolicy
 
 if TYPE_CHECKING:
     from kdkit.train.build import Run

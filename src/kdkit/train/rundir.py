@@ -12,14 +12,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from kdkit import __version__, sharding
-from kdkit.checkpoint import INPUTS_FILE, check_resume, finished, save_checkpoint, save_final
-from kdkit.config import TrainConfig, dump_config
-from kdkit.errors import TrainingError
-from kdkit.identity import run_inputs
-from kdkit.io import atomic_write_bytes, atomic_write_json
-from kdkit.models import sha256_file
-from kdkit.objective import resolved_chunk
+from kdkit import __version__
+from kdkit.config.schema import TrainConfig, dump_config
+from kdkit.models import sharding
+from kdkit.models.checkpoint import INPUTS_FILE, check_resume, finished, save_checkpoint, save_final
+from kdkit.models.load import sha256_file
+from kdkit.train.objective import resolved_chunk
+from kdkit.util.errors import TrainingError
+from kdkit.util.identity import run_inputs
+from kdkit.util.io import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
     from kdkit.train.build import Run

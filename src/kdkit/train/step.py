@@ -10,20 +10,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kdkit import data as kdata
-from kdkit import onpolicy, sharding
-from kdkit.errors import TrainingError
-from kdkit.models import vocab_logits
-from kdkit.objective import (
+from kdkit.data import rows as kdata
+from kdkit.models import sharding
+from kdkit.models.load import vocab_logits
+from kdkit.teacher.signals import unwrap
+from kdkit.train import onpolicy
+from kdkit.train.control import fault
+from kdkit.train.metrics import Sums
+from kdkit.train.objective import (
     ObjectiveOutput,
     StepDenominator,
     compute_objective,
     compute_objective_chunked,
     step_denominator,
 )
-from kdkit.teacher import unwrap
-from kdkit.train.control import fault
-from kdkit.train.metrics import Sums
+from kdkit.util.errors import TrainingError
 
 if TYPE_CHECKING:
     from kdkit.train.build import Run
@@ -72,7 +73,7 @@ def student_forward(r: Run, model: torch.nn.Module, batch: kdata.Batch, hidden_s
                     last_hidden_only: bool) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
     """The student's logits (None when ``last_hidden_only``: the chunked loss runs the head itself) and hidden
     states, in the batch's layout. With ``data.packing`` the rows run packed end to end and the outputs are put
-    back (:class:`kdkit.data.Packing`): the same values, without the padding's compute."""
+    back (:class:`kdkit.data.rows.Packing`): the same values, without the padding's compute."""
     kw: dict[str, Any] = {"output_hidden_states": hidden_states, **({"logits_to_keep": 1} if last_hidden_only else {})}
     if not r.cfg.data.packing:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kw)
