@@ -54,7 +54,7 @@ def _variant_config(name: str, base: dict, cache: Path, teacher: Path, seq_rows:
 
 
 def run_seed(seed: int, out: Path, variants: tuple[str, ...], from_sft: int = 0) -> list[dict]:
-    from kdkit.config.schema import load_train_config
+    from kdkit.config.load import load_train_config
     from kdkit.demo.assets_build import STUDENT_SHAPE, fresh_model_dir
     from kdkit.demo.run import TEACHER_DIR, WORLD_SEED, DemoSettings, _config, _val_metrics, _write_jsonl
     from kdkit.demo.world import make_world, training_rows

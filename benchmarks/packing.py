@@ -68,7 +68,7 @@ def main() -> int:
                     help="data.pack_length of each packed arm (1024: a micro-batch of 4 chat rows in one sequence)")
     args = ap.parse_args()
 
-    from kdkit.config.schema import load_train_config
+    from kdkit.config.load import load_train_config
     from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
     from kdkit.train import train
 

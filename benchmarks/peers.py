@@ -108,7 +108,7 @@ def run_trl(tmp: Path, student: Path, teacher: Path, rows: list[dict], steps: in
 
 def run_kdkit(tmp: Path, student: Path, teacher_dir: Path, rows: list[dict], steps: int, batch: int, offline: bool,
               new_tokens: int | None, rollout_url: str | None = None, teacher_url: str | None = None) -> list[float]:
-    from kdkit.config.schema import load_train_config
+    from kdkit.config.load import load_train_config
     from kdkit.train import train
 
     data = tmp / "train.jsonl"

@@ -38,7 +38,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="run the three this many times, interleaved")
     args = ap.parse_args()
 
-    from kdkit.config.schema import load_train_config
+    from kdkit.config.load import load_train_config
     from kdkit.demo.assets_build import STUDENT_SHAPE, fresh_model_dir
     from kdkit.demo.run import TEACHER_DIR
     from kdkit.models.load import load_causal_lm

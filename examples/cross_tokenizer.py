@@ -39,7 +39,7 @@ def run(out: Path, name: str, student: Path, teacher: dict | None, rows: Path, v
         loss: str) -> dict:
     import yaml
 
-    from kdkit.config.schema import load_train_config
+    from kdkit.config.load import load_train_config
     from kdkit.train import train
 
     cfg = {"student": {"path": str(student), "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}},

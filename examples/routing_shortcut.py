@@ -64,7 +64,7 @@ def is_shortcut(completion: str) -> bool:
 
 
 def run_arm(out: Path, arm: str, seed: int) -> list[dict]:
-    from kdkit.config.schema import load_train_config
+    from kdkit.config.load import load_train_config
     from kdkit.evaluate.passrate import GenerationSettings, evaluate_model, load_tasks
     from kdkit.train import merge, train
 

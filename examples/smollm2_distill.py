@@ -89,7 +89,7 @@ def main() -> int:
 
     import yaml
 
-    from kdkit.config.schema import load_train_config
+    from kdkit.config.load import load_train_config
     from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
     from kdkit.train import train
 

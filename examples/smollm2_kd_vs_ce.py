@@ -155,7 +155,7 @@ def write_config(d: dict[str, Path], args: argparse.Namespace) -> Path:
 def score(model_dir: Path, config: Path) -> dict[str, float]:
     """Validation CE, KL to the teacher and top-1 agreement of a model on the run's validation rows, as a
     run's epochs report them (the student before training; the teacher against its own cache)."""
-    from kdkit.config.schema import load_train_config
+    from kdkit.config.load import load_train_config
     from kdkit.models.load import load_causal_lm, load_tokenizer, pad_id
     from kdkit.teacher.signals import open_validation
     from kdkit.train.metrics import evaluate_loss
@@ -175,8 +175,8 @@ def summarize(args: argparse.Namespace, d: dict[str, Path], config: Path, prep_s
     import torch
     import transformers
 
-    from kdkit.decide.ladder import paired_against_first
     from kdkit.decide.stats import mean_interval
+    from kdkit.decide.tables import paired_against_first
     from kdkit.evaluate.passrate import wilson_interval
 
     rungs = [json.loads(f.read_text()) for f in sorted((args.out / "ladder" / "rungs").glob("*.json"))]

@@ -22,7 +22,7 @@ def main() -> int:
     import yaml
     from smollm2_distill import convert, find_gguf, humaneval_rows
 
-    from kdkit.config.schema import load_train_config
+    from kdkit.config.load import load_train_config
     from kdkit.train import train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

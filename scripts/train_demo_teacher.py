@@ -49,7 +49,7 @@ def main() -> int:
             "logging": {"every": 10},
         }
         (tmp / "teacher.yaml").write_text(yaml.safe_dump(cfg))
-        from kdkit.config.schema import load_train_config
+        from kdkit.config.load import load_train_config
         from kdkit.train import merge, train
 
         res = train(load_train_config(tmp / "teacher.yaml"), tmp / "run", log=print)

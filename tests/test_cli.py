@@ -51,3 +51,16 @@ def test_tables_in_a_pipe_are_laid_out_wide_and_never_truncated(tmp_path):
     name_cells = [ln.split("│")[2].strip() for ln in table if ln.startswith("│")]
     assert "production-model-with-a-long-name" in name_cells  # on one line, not folded mid-word
     assert f"1: {reg.pack(1).path}\n" in res.output  # the whole path, unbroken, greppable
+
+
+def test_help_in_a_pipe_cuts_no_option_name():
+    """Piped, rich would lay --help out 80 columns wide and cut long option names (`--unsafe-no-iso…`)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
+    for cmd in (["gate"], ["eval"]):
+        out = subprocess.run([sys.executable, "-m", "kdkit", *cmd, "--help"], capture_output=True, text=True,
+                             env=env, check=True).stdout
+        assert "--unsafe-no-isolation" in out and "--promote-undecided" in out or cmd == ["eval"]
+        assert "…" not in out, out

@@ -19,7 +19,8 @@ import torch
 import yaml
 from pydantic import BaseModel
 
-from kdkit.config.schema import TrainConfig, load_train_config
+from kdkit.config.load import load_train_config
+from kdkit.config.schema import TrainConfig
 from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
 from kdkit.train import train
 from kdkit.util.errors import KdkitError

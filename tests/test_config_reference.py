@@ -12,8 +12,9 @@ import yaml
 from typer.testing import CliRunner
 
 from kdkit.cli import app
+from kdkit.config.load import ConfigError, load_train_config
 from kdkit.config.reference import REQUIRED, defaults_yaml, fields, reference_table, schema
-from kdkit.config.schema import ConfigError, TrainConfig, load_train_config
+from kdkit.config.schema import TrainConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -83,8 +84,24 @@ def test_an_unknown_key_names_its_origin_and_the_nearest_keys(tmp_path):
         load_train_config(cfg, ["optimm.lr=1"])
 
 
+def test_a_rule_over_several_fields_names_the_field_the_user_wrote(tmp_path):
+    """An option without effect is refused by a rule on the whole config; the error names the user's own
+    key (as --set gave it, or the file's line), never '<root>'."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("student: {path: s}\ndata: {train: t.jsonl}\nteacher: {model: t}\n")
+    with pytest.raises(ConfigError) as e:
+        load_train_config(cfg, ["objective.kd.beta=0.5"])
+    assert str(e.value) == "--set objective.kd.beta: only jsd takes beta; objective.kd.kind is kl_fwd"
+    cfg.write_text("student: {path: s}\ndata: {train: t.jsonl}\nteacher: {model: t}\nobjective:\n  kd:\n"
+                   "    beta: 0.5\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(cfg))}:6: objective.kd.beta: only jsd takes"):
+        load_train_config(cfg)
+    with pytest.raises(ConfigError, match=r"field 'student.lora.rank': unknown field \(did you mean 'student.lora.r'"):
+        load_train_config(cfg, ["student.lora.rank=4", "objective.kd.beta=null"])
+
+
 def test_without_a_teacher_the_resolved_kd_weight_is_zero(tmp_path):
-    from kdkit.config.schema import dump_config
+    from kdkit.config.load import dump_config
 
     cfg = tmp_path / "ce.yaml"
     cfg.write_text("student: {path: s}\ndata: {train: t.jsonl}\n")
@@ -97,5 +114,5 @@ def test_without_a_teacher_the_resolved_kd_weight_is_zero(tmp_path):
     cfg.write_text("student: {path: s}\nteacher: {cache: c}\ndata: {train: t.jsonl}\n")
     assert load_train_config(cfg).objective.kd_weight == 1.0
     cfg.write_text("student: {path: s}\ndata: {train: t.jsonl}\nobjective: {kd_weight: 0.5}\n")
-    with pytest.raises(ConfigError, match="objective.kd_weight: there is no teacher section"):
+    with pytest.raises(ConfigError, match=":3: objective.kd_weight: there is no teacher section"):
         load_train_config(cfg)

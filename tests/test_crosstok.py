@@ -121,7 +121,7 @@ def world(tmp_path_factory):
 def _cross_cfg(root, tmp, teacher: str, cross: str, cache=None, **objective):
     import yaml
 
-    from kdkit.config.schema import load_train_config
+    from kdkit.config.load import load_train_config
 
     body = {"student": {"path": str(root / "student")},
             "teacher": {"cache": str(cache)} if cache else {"model": str(root / teacher)},
@@ -196,7 +196,7 @@ def test_a_teacher_with_another_tokenizer_needs_a_cross_loss_and_vice_versa(worl
         check_sources(_cross_cfg(world, tmp_path, "bpe_teacher", "none"), rows, tok, len(tok))
     with pytest.raises(SourceError, match="objective.kd.cross_tokenizer: gold is for a teacher with another"):
         check_sources(_cross_cfg(world, tmp_path, "same_teacher", "gold"), rows, tok, len(tok))
-    from kdkit.config.schema import ConfigError
+    from kdkit.config.load import ConfigError
 
     with pytest.raises(ConfigError, match="objective.kd.kind: uld compares sorted probabilities"):
         _cross_cfg(world, tmp_path, "bpe_teacher", "uld", kd={"cross_tokenizer": "uld", "kind": "kl_rev"})
@@ -215,7 +215,8 @@ def test_resume_of_a_cross_tokenizer_run_is_bitwise_exact(world, tmp_path):
     raw["checkpoint"] = {"every": 3, "keep": 2}
     raw["student"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
     path = tmp_path / "resume.yaml"
-    from kdkit.config.schema import RESOLVED_MARK, load_train_config
+    from kdkit.config.load import load_train_config
+    from kdkit.config.schema import RESOLVED_MARK
 
     path.write_text(RESOLVED_MARK + "\n" + yaml.safe_dump(raw))  # every field written out, as config.yaml is
 
@@ -308,7 +309,7 @@ def test_the_teacher_sees_the_text_the_student_kept_and_a_short_position_table_i
     import yaml
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kdkit.config.schema import load_train_config
+    from kdkit.config.load import load_train_config
     from kdkit.data import rows as kdata
     from kdkit.loss.crosstok import teacher_view
     from kdkit.models.load import load_tokenizer

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from kdkit.config.schema import load_train_config
+from kdkit.config.load import load_train_config
 from kdkit.train import train
 from tests.helpers import save_model_dir, toy_rows, write_jsonl
 

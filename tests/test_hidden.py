@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdkit.config.schema import ConfigError, HiddenConfig, ObjectiveConfig, load_train_config
+from kdkit.config.load import ConfigError, load_train_config
+from kdkit.config.schema import HiddenConfig, ObjectiveConfig
 from kdkit.train import merge, train
 from kdkit.train.hidden import HiddenDistill, per_position
 from kdkit.train.objective import hidden_term

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kdkit.config.schema import load_train_config
+from kdkit.config.load import load_train_config
+from kdkit.teacher.served import served_identity
 from kdkit.train import FAULT_ENV, TrainingError, train
 from kdkit.util.identity import changed_inputs, path_identity, run_inputs
 from tests.helpers import save_model_dir, toy_rows, write_config, write_jsonl
@@ -95,7 +96,7 @@ def test_run_inputs_cover_every_path_a_config_reads(world):
     w, cfg = world
     shutil.copy(w / "train.jsonl", w / "val.jsonl")
     c = load_train_config(cfg, [f"data.validation={w / 'val.jsonl'}"])
-    assert set(run_inputs(c)) == {"data.train", "data.validation", "student.path", "teacher.model"}
+    assert set(run_inputs(c, served_identity)) == {"data.train", "data.validation", "student.path", "teacher.model"}
 
 
 def test_a_cache_is_identified_by_its_manifest_and_tokenizer_not_by_reading_its_shards(tmp_path):

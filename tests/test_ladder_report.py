@@ -57,7 +57,7 @@ def test_three_rung_ladder_table_plot_and_resume(ladder_world, tmp_path):
           "log": lambda m: None}
     vary = ["objective.kd_weight=0.5,1.0,abc"]  # the third rung fails validation: the ladder goes on
     res = run_ladder(root / "cfg.yaml", vary, root / "tasks.jsonl", tmp_path / "lad", **kw)
-    assert [r["status"] for r in res] == ["done", "done", "failed"]
+    assert [r["status"] for r in res] == ["done", "done", "failed"], res[0].get("traceback")
     assert "kd_weight" in res[2]["error"]
     for r in res[:2]:  # 3 tasks cannot show a drop: no KEEP
         assert r["decision"] in ("REVERT", "UNDECIDED") and r["n_tasks"] == 3 and r["avg_ce"] > 0 and r["avg_kl"] >= 0
@@ -85,7 +85,7 @@ def test_three_rung_ladder_table_plot_and_resume(ladder_world, tmp_path):
 
 
 def test_run_report_is_self_contained(ladder_world, tmp_path):
-    from kdkit.config.schema import load_train_config
+    from kdkit.config.load import load_train_config
     from kdkit.train import train
 
     train(load_train_config(ladder_world / "cfg.yaml"), tmp_path / "run", progress=False, log=lambda m: None)
@@ -101,7 +101,7 @@ def test_run_report_is_self_contained(ladder_world, tmp_path):
 
 
 def test_run_report_shows_the_coherence_trajectory_and_the_probe_outputs(ladder_world, tmp_path):
-    from kdkit.config.schema import load_train_config
+    from kdkit.config.load import load_train_config
     from kdkit.train import train
 
     write_jsonl(tmp_path / "probes.jsonl", [{"prompt": "def f(x):\n"}, {"prompt": "<b>bold</b>", "id": "html"}])
@@ -164,7 +164,7 @@ def test_demo_report_says_the_gate_is_anchors_only_and_fits_the_grid(tmp_path):
 
 
 def test_rungs_over_seeds_aggregate_to_one_row_with_a_pooled_interval():
-    from kdkit.decide.ladder import seed_rows, table_rows
+    from kdkit.decide.tables import seed_rows, table_rows
     from kdkit.evaluate.passrate import wilson_interval
 
     vary = [("objective.kd_weight", [0.5, 1.0]), ("optim.seed", [0, 1, 2])]
@@ -200,8 +200,9 @@ def test_a_seed_varies_the_data_order_and_identical_seeds_are_named(tmp_path):
     as the ladder sets it (data.shuffle_seed too) gives other weights."""
     from safetensors.torch import load_file
 
-    from kdkit.config.schema import load_train_config
-    from kdkit.decide.ladder import identical_seeds, seed_settings
+    from kdkit.config.load import load_train_config
+    from kdkit.decide.ladder import seed_settings
+    from kdkit.decide.tables import identical_seeds
     from kdkit.train import train
 
     student = save_model_dir(tmp_path / "student", seed=2, hidden=16)

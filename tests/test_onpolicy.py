@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from kdkit.cli import app
-from kdkit.config.schema import ConfigError, ObjectiveConfig, OnPolicyConfig, load_train_config
+from kdkit.config.load import ConfigError, load_train_config
+from kdkit.config.schema import ObjectiveConfig, OnPolicyConfig
 from kdkit.data import rows as kdata
 from kdkit.models.load import load_causal_lm, load_tokenizer
 from kdkit.train import onpolicy, train

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdkit.config.schema import ConfigError, load_train_config
+from kdkit.config.load import ConfigError, load_train_config
 from kdkit.data import rows as kdata
 from kdkit.util.errors import KdkitError
 from tests.helpers import tiny_llama

@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from kdkit.config.schema import ConfigError, load_train_config
+from kdkit.config.load import ConfigError, load_train_config
 from kdkit.demo.run import TEACHER_DIR
 from kdkit.demo.world import make_world, training_rows
 from kdkit.evaluate.coherence import coherence, distinct_n, loop_mask

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from kdkit.cli import app
-from kdkit.config.schema import ConfigError, load_train_config
+from kdkit.config.load import ConfigError, load_train_config
 from kdkit.models.load import load_causal_lm, load_tokenizer
 from kdkit.train import train
 from kdkit.train.routing import MAIN, QUARANTINE, extract, load_pairs, project_onto, project_out, routed_layers, share

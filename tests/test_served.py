@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from kdkit.cli import app
-from kdkit.config.schema import load_train_config
+from kdkit.config.load import load_train_config
 from kdkit.data import rows as kdata
 from kdkit.models.generation import GenerationSettings, generate_ids
 from kdkit.models.load import load_causal_lm, load_tokenizer

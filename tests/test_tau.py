@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from kdkit.cli import app
-from kdkit.config.schema import load_train_config
+from kdkit.config.load import load_train_config
 from kdkit.data.rows import load_dataset
 from kdkit.loss.divergences import TopK, token_divergence
 from kdkit.models.load import load_tokenizer

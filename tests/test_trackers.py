@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from kdkit.config.schema import load_train_config
+from kdkit.config.load import load_train_config
 from kdkit.train.trackers import flat_config
 from kdkit.util.errors import KdkitError
 from tests.helpers import read_jsonl, save_model_dir, toy_rows, write_config, write_jsonl

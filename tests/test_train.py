@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from kdkit.cli import app
-from kdkit.config.schema import RESOLVED_MARK, ConfigError, load_train_config
+from kdkit.config.load import ConfigError, load_train_config
+from kdkit.config.schema import RESOLVED_MARK
 from kdkit.teacher.cache import TeacherCache
 from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
 from kdkit.train import FAULT_ENV, TrainingError, merge, micro_slices, step_rows, train

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from kdkit.cli import app
-from kdkit.config.schema import ConfigError, load_train_config
+from kdkit.config.load import ConfigError, load_train_config
 from kdkit.models.generation import GenerationSettings
 from kdkit.train import train
 from kdkit.util.errors import KdkitError

@@ -14,13 +14,16 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from kdkit.config.schema import RESOLVED_MARK, TrainConfig
+
 REQUIRED = "<required>"
 # names other trainers use for a kdkit field (TRL / transformers TrainingArguments, axolotl)
 OTHER_NAMES = {"learning_rate": "lr", "batch_size": "micro_batch", "per_device_train_batch_size": "micro_batch",
                "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs", "max_seq_length": "max_length",
                "max_grad_norm": "grad_clip", "lr_scheduler_type": "schedule", "warmup": "warmup_steps",
                "logging_steps": "every", "save_steps": "every", "save_total_limit": "keep", "eval": "validation",
-               "eval_dataset": "validation", "train_dataset": "train", "lora_r": "r", "lora_alpha": "alpha"}
+               "eval_dataset": "validation", "train_dataset": "train", "lora_r": "r", "lora_alpha": "alpha", "rank": "r",
+               "lora_dropout": "dropout", "targets": "target_modules", "temp": "temperature"}
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,6 @@ def fields(model: type[BaseModel], prefix: str = "") -> list[FieldDoc]:
 
 
 def schema() -> dict[str, Any]:
-    from kdkit.config.schema import TrainConfig
-
     return TrainConfig.model_json_schema()
 
 
@@ -89,8 +90,6 @@ def _yaml_value(v: Any) -> str:
 def defaults_yaml() -> str:
     """A complete, commented YAML of every field at its default. Sections that are absent unless written
     (teacher, reference, probes, ...) and dict entries are commented out; required fields say so."""
-    from kdkit.config.schema import RESOLVED_MARK, TrainConfig
-
     # the resolved-config mark: a field written at its default does not count as set (kdkit.config.schema._set)
     lines = [RESOLVED_MARK, "# kdkit config defaults: every training-config field with its default.",
              f"# Fields marked {REQUIRED} must be given; commented sections are off until written."]
@@ -121,8 +120,6 @@ def defaults_yaml() -> str:
 
 def reference_table() -> str:
     """The Markdown table README shows: field, type, default, what it does."""
-    from kdkit.config.schema import TrainConfig
-
     rows = ["| field | type | default | what it does |", "|---|---|---|---|"]
     for d in fields(TrainConfig):
         if d.section:
@@ -135,8 +132,6 @@ def reference_table() -> str:
 
 def valid_keys(loc: list[str]) -> list[str]:
     """The field names valid at ``loc`` (the dotted location of a key's section), [] when unknown."""
-    from kdkit.config.schema import TrainConfig
-
     model: type[BaseModel] | None = TrainConfig
     parts = list(loc)
     while parts and model is not None:

@@ -7,13 +7,11 @@ the registries in :mod:`kdkit.loss.divergences`, so the schema cannot drift from
 from __future__ import annotations
 
 from contextvars import ContextVar
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kdkit.loss.divergences import AGGREGATIONS, KINDS, TAIL_POLICIES
-from kdkit.util.errors import KdkitError
 
 
 class _Strict(BaseModel):
@@ -409,7 +407,7 @@ def _teachers_unsupported(cfg: TrainConfig) -> list[tuple[str, str]]:
 # A config a user wrote: a field written at all is set (``beta: 0.5`` with kl_rev is refused even though 0.5
 # is the default). A resolved config.yaml (RESOLVED_MARK on its first line) lists every field with its value,
 # defaults included: there a field counts as set only when it is away from its default, so that it loads.
-_RESOLVED: ContextVar[bool] = ContextVar("kdkit_resolved_config", default=False)
+RESOLVED: ContextVar[bool] = ContextVar("kdkit_resolved_config", default=False)
 RESOLVED_MARK = "# kdkit resolved config: every field, defaults included"
 
 
@@ -417,7 +415,7 @@ def _set(model: BaseModel, name: str) -> bool:
     """Written in the config (away from its default, in a resolved config.yaml)."""
     if name not in model.model_fields_set:
         return False
-    return not _RESOLVED.get() or getattr(model, name) != type(model).model_fields[name].default
+    return not RESOLVED.get() or getattr(model, name) != type(model).model_fields[name].default
 
 
 def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
@@ -568,166 +566,3 @@ def _on_policy_without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
     if _set(op, "top_p") and op.temperature == 0:
         return [("objective.on_policy.top_p", "on_policy.temperature is 0 (greedy): top_p only shapes sampling")]
     return []
-
-
-# --------------------------------------------------------------------------- YAML + overrides
-
-
-class ConfigError(KdkitError, ValueError):
-    """A configuration error; the message names the file, line and dotted field."""
-
-    same_on_every_rank = True
-
-
-def _yaml_line(text: str, dotted: str) -> int | None:
-    """1-based line of a dotted key in YAML text, when it is there."""
-    import yaml
-
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for part in dotted.split("."):
-        if not isinstance(node, yaml.MappingNode):
-            break
-        for k, v in node.value:
-            if k.value == part:
-                line, node = k.start_mark.line + 1, v
-                break
-        else:
-            break
-    return line
-
-
-def split_assignment(spec: str, flag: str, example: str) -> tuple[str, str]:
-    """``key.sub=text`` → (``key.sub``, ``text``): the one parser of the command line's assignments
-    (``--set``, ``--vary``)."""
-    key, sep, text = spec.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"{flag} {spec!r}: expected {example}")
-    return key.strip(), text
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``key.sub=value`` (value parsed as YAML) onto a nested dict."""
-    import copy
-
-    import yaml
-
-    out = copy.deepcopy(raw)
-    for ov in overrides:
-        key, val = split_assignment(ov, "--set", "key.sub=value")
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                node[p] = {} if node.get(p) is None else node[p]
-                if not isinstance(node[p], dict):
-                    raise ConfigError(f"--set {key}: '{p}' is not a section")
-            node = node[p]
-        node[parts[-1]] = yaml.safe_load(val)
-    return out
-
-
-def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Read YAML, apply ``--set`` overrides, validate; errors name file, line and field.
-
-    Relative paths inside the file are resolved against the file's directory.
-    """
-    from pydantic import ValidationError
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
-    raw = load_yaml_mapping(path, text)
-    raw = apply_overrides(raw, overrides or [])
-    token = _RESOLVED.set(text.startswith(RESOLVED_MARK))
-    try:
-        cfg = TrainConfig.model_validate(raw)
-    except ValidationError as e:
-        set_keys = [split_assignment(ov, "--set", "key.sub=value")[0] for ov in overrides or []]
-        raise ConfigError("\n".join(_field_error(err, path, text, set_keys) for err in e.errors())) from None
-    finally:
-        _RESOLVED.reset(token)
-    return resolve_paths(cfg, path.parent)
-
-
-def _field_error(err: Any, path: Path, text: str, set_keys: list[str]) -> str:
-    """One validation error, where it came from (``--set key`` or file:line) and, for an unknown key, the
-    nearest valid ones."""
-    from kdkit.config.reference import suggestion
-
-    loc = [str(p) for p in err["loc"]]
-    dotted = ".".join(loc)
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = suggestion(loc[:-1], loc[-1]) or msg
-    given = [k for k in set_keys if dotted and (k == dotted or k.startswith(dotted + ".") or dotted.startswith(k + "."))]
-    line = None if given else _yaml_line(text, dotted)
-    where = f"--set {given[-1]}" if given else f"{path}:{line}" if line else str(path)
-    return f"{where}: field '{dotted or '<root>'}': {msg}"
-
-
-def load_yaml_mapping(path: Path, text: str) -> dict[str, Any]:
-    """YAML text whose top level is a mapping; a key given twice in one mapping is refused, naming both
-    lines (PyYAML would keep the last one silently)."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for k, _ in node.value:
-            key = loader.construct_object(k)
-            if key in seen:
-                raise ConfigError(f"{path}:{k.start_mark.line + 1}: key {key!r} is given twice in one section (lines "
-                                  f"{seen[key]} and {k.start_mark.line + 1}); keep one")
-            seen[key] = k.start_mark.line + 1
-        return loader.construct_mapping(node)
-
-    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    try:
-        raw = yaml.load(text, Loader=Loader) or {}  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return raw
-
-
-def resolve_paths(cfg: TrainConfig, base: Path) -> TrainConfig:
-    def r(p: str | None) -> str | None:
-        if p is None:
-            return None
-        q = Path(p).expanduser()
-        return str(q if q.is_absolute() else (base / q).resolve())
-
-    cfg = cfg.model_copy(deep=True)
-    cfg.student.path = r(cfg.student.path)
-    cfg.data.train = r(cfg.data.train)
-    cfg.data.validation = r(cfg.data.validation)
-    for t in (cfg.teacher, *cfg.teachers.values()):
-        if t is not None:
-            t.cache, t.model = r(t.cache), r(t.model)
-    if cfg.reference is not None and cfg.reference.path:
-        cfg.reference.path = r(cfg.reference.path)
-    if cfg.probes is not None:
-        cfg.probes.prompts = r(cfg.probes.prompts)
-    if cfg.routing is not None:
-        cfg.routing.pairs = r(cfg.routing.pairs)
-    return cfg
-
-
-def dump_config(cfg: BaseModel) -> str:
-    """The resolved config as YAML: every field with its value, marked so that it loads as resolved."""
-    import yaml
-
-    return RESOLVED_MARK + "\n" + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

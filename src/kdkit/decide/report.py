@@ -312,8 +312,8 @@ def _ladder_body(d: Path) -> str:
 
 
 def _ladder_paired(d: Path) -> str:
-    """Each rung (its seeds together) against the first on the validation rows (`ladder.paired_against_first`)."""
-    from kdkit.decide.ladder import paired_against_first
+    """Each rung (its seeds together) against the first on the validation rows (`tables.paired_against_first`)."""
+    from kdkit.decide.tables import paired_against_first
 
     found = paired_against_first(d)
     if found is None:

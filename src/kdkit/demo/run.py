@@ -107,7 +107,7 @@ def _train_students(out: Path, s: DemoSettings, teacher: Path, cache: Path, trai
                     progress: bool, log: Any) -> dict[str, tuple[Path, float]]:
     """The distilled and the CE-only student from one initialisation, merged into packs: {name: (pack, seconds)};
     also the pruned student of examples/tiny.yaml."""
-    from kdkit.config.schema import load_train_config
+    from kdkit.config.load import load_train_config
     from kdkit.models.student import init_student
     from kdkit.train import merge, train
 

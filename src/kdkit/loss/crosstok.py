@@ -82,30 +82,6 @@ def teacher_view(text: str, offsets: Sequence[tuple[int, int]], loss_mask: Seque
     return ids, pairs
 
 
-def aligned_teacher_logits(model: Any, tokenizer: Any, views: list[tuple[list[int], list[tuple[int, int]]]],
-                           device: torch.device, what: str = "teacher") -> tuple[Tensor, Tensor, Tensor]:
-    """One teacher forward over :func:`teacher_view` sequences (right-padded): its logits at the positions
-    predicting each aligned teacher token ``[N, V_t]``, with the batch row and the student prediction position
-    of each (row-major, in target order)."""
-    from kdkit.models.load import pad_id, vocab_logits
-
-    width = max(len(ids) for ids, _ in views)
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and width > limit:
-        from kdkit.models.load import ModelError
-
-        raise ModelError(f"the {what} tokenizes a row's text into {width} tokens but has {limit} positions; lower "
-                         f"data.max_length (the {what} sees the text the student keeps)")
-    from kdkit.data.rows import pad
-
-    ids, att = pad([t_ids for t_ids, _ in views], pad_id(tokenizer))
-    logits = vocab_logits(model(input_ids=ids.to(device), attention_mask=att.to(device)).logits, len(tokenizer), what)
-    rows = torch.tensor([b for b, (_, pairs) in enumerate(views) for _ in pairs], dtype=torch.long, device=device)
-    t_pos = torch.tensor([i - 1 for _, pairs in views for _, i in pairs], dtype=torch.long, device=device)
-    s_pos = torch.tensor([j - 1 for _, pairs in views for j, _ in pairs], dtype=torch.long, device=device)
-    return logits[rows, t_pos], rows, s_pos
-
-
 def uld(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Σ_k |sort(p_t)_k − sort(p_s)_k| per position ([N, V_s], [N, V_t] → [N]), float32."""
     p_s = torch.softmax(student_logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values

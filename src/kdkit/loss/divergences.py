@@ -273,7 +273,7 @@ KINDS: dict[str, _Kernel] = {
     "teacher_ce": _teacher_ce,
 }
 """The one registry of divergence kinds. The CLI, the config schema and the tests
-enumerate it; ``tests/test_registry.py`` fails when a kind is missing from any of them."""
+enumerate it; ``tests/test_registry_surfaces.py`` fails when a kind is missing from any of them."""
 
 KINDS_WITH_BETA = frozenset({"jsd"})
 KINDS_WITH_ALPHA = frozenset({"skew_fwd", "skew_rev"})

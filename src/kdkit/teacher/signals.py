@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kdkit.config.schema import TrainConfig
 from kdkit.data import rows as kdata
-from kdkit.loss.crosstok import CrossTeacher, CrossTopK, VocabMap, aligned_teacher_logits, teacher_view
+from kdkit.loss.crosstok import CrossTeacher, CrossTopK, VocabMap, teacher_view
 from kdkit.loss.divergences import SampledTokens, TopK
 from kdkit.models.load import (
     check_model_dir,
@@ -36,6 +36,7 @@ from kdkit.models.load import (
 )
 from kdkit.teacher.cache import TeacherCache, verify_cache
 from kdkit.teacher.cache.format import CacheMismatch
+from kdkit.teacher.crosstok import aligned_teacher_logits
 from kdkit.util.errors import KdkitError
 
 
@@ -470,6 +471,3 @@ def check_objective_data(cfg: TrainConfig, rows: list[kdata.TokenizedRow]) -> No
         if task not in seen_tasks:
             raise SourceError(f"objective.task_weights.{task}: task {task!r} never occurs in {cfg.data.train}")
     check_quantisation(cfg.student.load_in, "student.load_in")
-    from kdkit.train.trackers import check_installed
-
-    check_installed(cfg.logging.report_to)

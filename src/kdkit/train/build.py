@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,10 @@ from kdkit.train.hidden import HiddenDistill
 from kdkit.train.metrics import Sums
 from kdkit.train.plan import lr_lambda
 from kdkit.train.preflight import load_rows, model_config, preflight
-from kdkit.train.probes import EarlyStop, Probe, load_probes
+from kdkit.train.probes import EarlyStop, load_probes
 from kdkit.train.rollout import RolloutServer, open_rollout_server
 from kdkit.train.routing import Router, add_quarantine
+from kdkit.train.run import Run
 from kdkit.train.rundir import truncate_jsonl, write_run_meta
 from kdkit.util.errors import KdkitError, TrainingError
 from kdkit.util.io import storage
@@ -75,54 +75,6 @@ def hidden_distill(cfg: TrainConfig, model: torch.nn.Module, src: Sources, devic
     h = cfg.objective.hidden
     s_cfg, t_cfg = unwrap(model).config, src.teacher.model.config
     return HiddenDistill(h, s_cfg.hidden_size, t_cfg.hidden_size).to(device)
-
-
-@dataclass(frozen=True)
-class Run:
-    """Everything the loop reads, built once by :func:`build` and not changed after (the optimizer, the
-    schedule, the early stop and the router keep their own state)."""
-
-    cfg: TrainConfig
-    acc: Any
-    dir: Path
-    tokenizer: Any
-    rows: list[kdata.TokenizedRow]
-    val_rows: list[kdata.TokenizedRow]
-    pad_id: int
-    real_vocab: int
-    model: torch.nn.Module
-    trainable: list[torch.nn.Parameter]
-    opt: torch.optim.Optimizer
-    sched: Any
-    src: Sources
-    chunked: bool
-    world: int
-    rank: int
-    global_batch: int
-    steps_per_epoch: int
-    total_steps: int
-    probes: list[Probe] = field(default_factory=list)
-    early: EarlyStop | None = None
-    router: Router | None = None
-    hidden: HiddenDistill | None = None
-    rollout: RolloutServer | None = None  # the student's vLLM server that writes on-policy completions
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.dir / "metrics.jsonl"
-
-    @property
-    def epochs_path(self) -> Path:
-        return self.dir / "epochs.jsonl"
-
-    @property
-    def probes_path(self) -> Path:
-        return self.dir / "probes.jsonl"
-
-    @property
-    def grad_hooks(self) -> list[Any]:
-        """The run's own gradient hooks (routing), before any the caller adds."""
-        return [self.router] if self.router is not None else []
 
 
 def _checked_data(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[Any, list[kdata.TokenizedRow],

@@ -23,7 +23,7 @@ from kdkit.util.io import atomic_write_json
 from kdkit.util.rng import own_rng
 
 if TYPE_CHECKING:
-    from kdkit.train.build import Run
+    from kdkit.train.run import Run
 
 
 FAULT_ENV = "KDKIT_FAULT_TRAIN"

@@ -47,7 +47,7 @@ def train(
         return done
     ckpt = newest_checkpoint(run) if resume else None
     run.mkdir(parents=True, exist_ok=True)
-    acc = _accelerator(cfg, run)
+    acc = accelerator(cfg, run)
     set_seed(cfg.optim.seed)
     r, step, epoch_sums = build(cfg, run, acc, ckpt, log)
     if acc.is_main_process:  # after every check passed: a refused run leaves its directory as it was
@@ -122,7 +122,7 @@ def _state(r: Any, step: int, epoch_sums: Sums) -> dict[str, Any]:
             "config": r.cfg.model_dump(mode="json")}  # what these weights were trained with: a resume compares
 
 
-def _accelerator(cfg: TrainConfig, run: Path) -> Any:
+def accelerator(cfg: TrainConfig, run: Path) -> Any:
     """The run's Accelerator (its precision, its trackers), after refusing what a sharded run cannot do."""
     from accelerate.state import AcceleratorState
 

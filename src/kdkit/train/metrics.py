@@ -18,7 +18,7 @@ from kdkit.train.objective import SUM_KEYS, ObjectiveOutput, means
 from kdkit.train.rundir import append_jsonl
 
 if TYPE_CHECKING:
-    from kdkit.train.build import Run
+    from kdkit.train.run import Run
 
 
 @dataclass

@@ -185,7 +185,7 @@ class _Coefficients:
     inv: Tensor | float
 
 
-def _coefficients(targets: Tensor, cfg: ObjectiveConfig, roles: list[str] | None, tasks: list[str] | None,
+def coefficients(targets: Tensor, cfg: ObjectiveConfig, roles: list[str] | None, tasks: list[str] | None,
                   row_weights: Tensor | None, denom: StepDenominator | None, device: torch.device) -> _Coefficients:
     """Per-row switches and per-token weights shared by the dense and the chunked paths."""
     bsz = targets.shape[0]
@@ -259,7 +259,7 @@ def compute_objective(
     if cfg.barrier is not None and reference is None:
         raise ValueError("objective.barrier is set but no reference signal was given")
     _check_targets(targets, vocab)
-    co = _coefficients(targets, cfg, roles, tasks, row_weights, denom, student_logits.device)
+    co = coefficients(targets, cfg, roles, tasks, row_weights, denom, student_logits.device)
     logits32 = student_logits.float()
     terms, extra = [ce_term(logits32, targets, co, cfg)], {}
     if teacher is not None and cfg.kd_weight > 0.0:
@@ -398,7 +398,7 @@ def compute_objective_chunked(
         raise ValueError(f"targets shape {tuple(targets.shape)} != hidden leading shape {(bsz, seq)}")
     vocab = head_weight.shape[0]
     _check_targets(targets, vocab)
-    co = _coefficients(targets, cfg, roles, tasks, row_weights, denom, hidden.device)
+    co = coefficients(targets, cfg, roles, tasks, row_weights, denom, hidden.device)
     sel = co.valid
     ce_w = (co.tok_w * (co.rw * co.ce_on)[:, None])[sel] * (cfg.ce_coef * co.inv)
     kd_row = co.rw * co.task_w * co.kd_on
@@ -437,7 +437,7 @@ def hidden_term(values: Tensor, targets: Tensor, cfg: ObjectiveConfig, *, roles:
         targets: LongTensor[B, T] (``-100``: no loss).
     Returns:
         (term, {"hidden_loss": mean of ``values`` over the KD positions, "hidden_tokens": their count})."""
-    co = _coefficients(targets, cfg, roles, tasks, row_weights, denom, values.device)
+    co = coefficients(targets, cfg, roles, tasks, row_weights, denom, values.device)
     t = _hidden_term(values, co, cfg)
     n = t.sums["hidden_tok"]
     return t.loss, {"hidden_loss": t.sums["hidden"] / n.clamp(min=1), "hidden_tokens": n}

@@ -14,7 +14,7 @@ from kdkit.teacher.signals import unwrap
 from kdkit.train import onpolicy
 
 if TYPE_CHECKING:
-    from kdkit.train.build import Run
+    from kdkit.train.run import Run
 
 
 def step_rows(n_rows: int, step: int, steps_per_epoch: int, global_batch: int, seed: int) -> list[int]:

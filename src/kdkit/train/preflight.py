@@ -18,6 +18,7 @@ from typing import Any
 from kdkit.config.schema import TrainConfig
 from kdkit.data import rows as kdata
 from kdkit.teacher.signals import SourceError, check_objective_data, open_sources, open_validation
+from kdkit.train.trackers import check_installed
 
 
 def model_config(path: str) -> dict[str, Any]:
@@ -92,6 +93,7 @@ def preflight(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, 
     open_sources(cfg, rows, tokenizer, vocab_rows, verify=verify)
     open_validation(cfg, val_rows or [], tokenizer, vocab_rows, verify=verify)
     check_objective_data(cfg, rows)
+    check_installed(cfg.logging.report_to)
     check_lora_targets(cfg)
     check_hidden_layers(cfg)
     op = cfg.objective.on_policy

@@ -13,17 +13,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdkit import __version__
-from kdkit.config.schema import TrainConfig, dump_config
+from kdkit.config.load import dump_config
+from kdkit.config.schema import TrainConfig
 from kdkit.models import sharding
 from kdkit.models.checkpoint import INPUTS_FILE, check_resume, finished, save_checkpoint, save_final
 from kdkit.models.load import sha256_file
+from kdkit.teacher.served import served_identity
 from kdkit.train.objective import resolved_chunk
 from kdkit.util.errors import TrainingError
 from kdkit.util.identity import run_inputs
 from kdkit.util.io import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
-    from kdkit.train.build import Run
+    from kdkit.train.run import Run
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
@@ -59,7 +61,7 @@ def open_run(run: Path, cfg: TrainConfig, resume: bool, log: Callable[[str], Non
     the summary of a run that already completed (else None) and the inputs' identity."""
     if not resume and run.exists() and any(run.iterdir()):
         raise TrainingError(f"{run}: run directory is not empty; pass --resume to continue it or choose another --out")
-    inputs = run_inputs(cfg)
+    inputs = run_inputs(cfg, served_identity)
     if resume and run.is_dir() and any(run.iterdir()):
         if not (run / INPUTS_FILE).is_file():
             log(f"note: {run} has no {INPUTS_FILE} (made before kdkit recorded its inputs): inputs not checked")

@@ -27,7 +27,7 @@ from kdkit.train.objective import (
 from kdkit.util.errors import TrainingError
 
 if TYPE_CHECKING:
-    from kdkit.train.build import Run
+    from kdkit.train.run import Run
 
 
 GradHook = Callable[[torch.nn.Module, int], dict[str, float] | None]

@@ -91,7 +91,7 @@ def measure(r: Any, steps: int, target_prob: float) -> TauFigures:
     """The figures over the off-policy micro-batches of the first ``steps`` steps of the built run ``r``."""
     from kdkit.models.load import vocab_logits
     from kdkit.train import onpolicy
-    from kdkit.train.objective import _coefficients
+    from kdkit.train.objective import coefficients
     from kdkit.train.plan import plan_step
     from kdkit.train.step import student_forward
 
@@ -103,7 +103,7 @@ def measure(r: Any, steps: int, target_prob: float) -> TauFigures:
             if onpolicy.is_on_policy(obj.on_policy, step):
                 continue
             for batch in plan_step(r, step)[0]:
-                co = _coefficients(batch.targets, obj, batch.roles, batch.tasks, None, None, r.acc.device)
+                co = coefficients(batch.targets, obj, batch.roles, batch.tasks, None, None, r.acc.device)
                 mask = co.valid & co.bar_on[:, None]
                 if not mask.any():
                     continue
@@ -125,7 +125,7 @@ def propose_tau(cfg: TrainConfig, steps: int = 8, target_prob: float = 0.5,
     """Build the run as ``kdkit train`` would (the same checks), in a scratch directory, and measure the
     first ``steps`` steps' micro-batches; returns :meth:`TauFigures.as_dict`."""
     from kdkit.train.build import build
-    from kdkit.train.loop import _accelerator
+    from kdkit.train.loop import accelerator
 
     if cfg.objective.barrier is None:
         raise UsageError("objective.barrier is not set: there is no τ to propose")
@@ -136,7 +136,7 @@ def propose_tau(cfg: TrainConfig, steps: int = 8, target_prob: float = 0.5,
     with tempfile.TemporaryDirectory(prefix="kdkit-tau-") as scratch:  # what build writes is not kept
         run = Path(scratch) / "run"
         run.mkdir()
-        r, _, _ = build(cfg, run, _accelerator(cfg, run), None, log)
+        r, _, _ = build(cfg, run, accelerator(cfg, run), None, log)
         fig = measure(r, steps, target_prob)
     if fig.micro_batches == 0:
         raise UsageError(f"no off-policy micro-batch of the first {steps} steps has a barrier position (check "

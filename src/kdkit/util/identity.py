@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +96,10 @@ def cache_identity(path: str | Path) -> dict[str, Any]:
     return {"sha256": digest(files), "files": files}
 
 
-def run_inputs(cfg: Any) -> dict[str, dict[str, Any]]:
-    """The identity of every input of a training run, by the config field that names it."""
+def run_inputs(cfg: Any, served_identity: Callable[[str, str | None, str], dict[str, Any]]
+               ) -> dict[str, dict[str, Any]]:
+    """The identity of every input of a training run, by the config field that names it; a served teacher's
+    by ``served_identity(url, served_model, field)`` (:func:`kdkit.teacher.served.served_identity`)."""
     out = {}
     for field, p in _cfg_inputs(cfg).items():
         if p is not None and Path(p).exists():
@@ -107,20 +110,6 @@ def run_inputs(cfg: Any) -> dict[str, dict[str, Any]]:
         if t is not None and t.url:
             out[f"{field}.url"] = served_identity(t.url, t.served_model, f"{field}.url")
     return out
-
-
-def served_identity(url: str, model: str | None, field: str) -> dict[str, Any]:
-    """A served teacher by what its server says it serves (a resume refuses a server serving another model,
-    another context length, another vLLM or another --max-logprobs)."""
-    from kdkit.teacher.served import ServedError, Server
-
-    server = Server(url, model)
-    try:
-        said = {k: str(v) for k, v in server.info().items() if k != "url"}
-        said["max_logprobs"] = str(server.max_logprobs())
-    except ServedError as e:
-        raise ServedError(f"{field}: {e}") from None
-    return {"sha256": digest(said), "files": said}
 
 
 def changed_inputs(saved: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]) -> list[str]:

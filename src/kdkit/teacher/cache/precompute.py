@@ -116,7 +116,8 @@ def _cross_batch(model: Any, rows: list[kdata.TokenizedRow], teacher_tok: Any, s
     """A teacher with another tokenizer over student rows: each row's text tokenised the teacher's way and its
     top-K taken at the positions aligned with the student's targets (``kdkit.loss.crosstok``). Returns the student
     prediction positions per row and the TopK, log tail mass and entropy, row-major."""
-    from kdkit.loss.crosstok import aligned_teacher_logits, teacher_view
+    from kdkit.loss.crosstok import teacher_view
+    from kdkit.teacher.crosstok import aligned_teacher_logits
 
     views = [teacher_view(r.text, r.offsets, r.loss_mask, teacher_tok) for r in rows]
     logits, _, _ = aligned_teacher_logits(model, teacher_tok, views, next(model.parameters()).device)

@@ -1,0 +1,124 @@
+"""``kdkit verify`` and ``eval``: completions verified in the sandbox, pass counts with intervals."""
+
+from __future__ import annotations
+
+from pathlib import Path as _P
+
+import typer
+from rich.table import Table
+
+from kdkit.cli.group import PROMPT_STYLE_HELP, UNSAFE_HELP, _print_reasons, _print_summary, _prompting, app, console, fail
+
+
+@app.command("verify")
+def verify_cmd(
+    tasks: str = typer.Option(..., help="Task file (HumanEval format: task_id, prompt, entry_point, test; .jsonl[.gz])."),
+    completions: str = typer.Option(None, help="Completions JSONL: {task_id, completion} rows (several rows = samples)."),
+    solutions: str = typer.Option(None, help="'canonical': verify the tasks' own canonical_solution (self-check)."),
+    out: str = typer.Option(None, help="Write per-task results (JSONL) here."),
+    timeout: float = typer.Option(10.0, help="Wall-clock seconds per program."),
+    memory_mb: int = typer.Option(1024, help="Address-space limit per program, MiB."),
+    workers: int = typer.Option(None, help="Programs run in parallel (default: CPU count)."),
+    unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
+) -> None:
+    """Run prompt + completion + test + check(entry_point) for every task in the sandbox; print the pass count and rate with a 95% Wilson interval; write per-task results (passed, status, stderr tail, duration)."""
+    from kdkit.evaluate.passrate import load_completions, load_tasks, summarise, verify, write_results
+    from kdkit.evaluate.sandbox import Limits
+
+    if (completions is None) == (solutions is None):
+        fail("give exactly one of --completions FILE or --solutions canonical")
+    if solutions is not None and solutions != "canonical":
+        fail(f"--solutions {solutions!r}: the only value is 'canonical'")
+    task_list = load_tasks(tasks)
+    if completions:
+        comps = load_completions(completions, task_list)
+    else:
+        missing = [t.task_id for t in task_list if t.canonical_solution is None]
+        if missing:
+            fail(f"{tasks}: tasks without canonical_solution: {', '.join(missing[:5])}")
+        comps = {t.task_id: [t.canonical_solution] for t in task_list}
+    results = verify(task_list, comps, limits=Limits(timeout_s=timeout, memory_mb=memory_mb), workers=workers,
+                     unsafe_no_isolation=unsafe_no_isolation)
+    if out:
+        write_results(out, results)
+    summary = summarise(results)
+    _print_summary(summary, f"verify {tasks}")
+    console.print(summary.line())
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="A Hugging Face model directory (safetensors) with its tokenizer."),
+    tasks: str = typer.Option(..., help="Task file (HumanEval format, .jsonl or .jsonl.gz)."),
+    out: str = typer.Option(None, help="Directory for generations.jsonl, results.jsonl and summary.json."),
+    max_new_tokens: int = typer.Option(256, help="Generation budget per task."),
+    batch_size: int = typer.Option(8, help="Prompts per generation batch."),
+    sample: bool = typer.Option(False, help="Sample instead of greedy decoding (greedy is deterministic). Nothing is taken from the model's generation_config.json: every setting is one of these options, recorded in summary.json."),
+    temperature: float = typer.Option(None, help="Sampling temperature (only with --sample; default 0.8)."),
+    top_p: float = typer.Option(None, help="Nucleus sampling mass (only with --sample; default 0.95)."),
+    top_k: int = typer.Option(None, help="Sample among the k most likely tokens (only with --sample; default 0 = off)."),
+    repetition_penalty: float = typer.Option(1.0, help="Repetition penalty (1.0 = none, the default, also for greedy)."),
+    n_samples: int = typer.Option(1, help="Samples per task (with --sample; pass@k is reported for k <= n)."),
+    seed: int = typer.Option(0, help="Sampling seed (only with --sample)."),
+    prompt_style: str = typer.Option("raw", help=PROMPT_STYLE_HELP),
+    instruction: str = typer.Option(None, help="The instruction of --prompt-style chat (default: complete the function, answer with it in one Python code block)."),
+    system: str = typer.Option(None, help="A system message for --prompt-style chat (default: none)."),
+    timeout: float = typer.Option(10.0, help="Wall-clock seconds per program in the sandbox."),
+    workers: int = typer.Option(None, help="Programs verified in parallel."),
+    unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
+    limit: int = typer.Option(None, min=1, help="Evaluate only the file's first N tasks (recorded in summary.json)."),
+    dtype: str = typer.Option("float32", help="The model's weights in memory: float32, bfloat16 or float16."),
+    device: str = typer.Option(None, help="Where the model runs: cpu, cuda, cuda:1, ... (default: cpu; the sandbox always runs on the CPU)."),
+) -> None:
+    """Generate a completion for every task (greedy by default), extract the function body, verify it in the sandbox, and report pass count and rate with a 95% Wilson interval (and pass@k when sampling), and why the others did not pass (results.jsonl has each task's reason and stderr)."""
+
+    from kdkit.evaluate.passrate import GenerationSettings, by_category, evaluate_model, load_tasks, write_results
+    from kdkit.evaluate.sandbox import Limits
+    from kdkit.util.io import atomic_write_bytes, atomic_write_json
+
+    if not sample:
+        unused = [name for name, v in (("--temperature", temperature), ("--top-p", top_p), ("--top-k", top_k),
+                                       ("--seed", seed or None), ("--n-samples", n_samples if n_samples != 1 else None))
+                  if v is not None]
+        if unused:
+            fail(f"{', '.join(unused)} only take(s) effect with --sample (greedy decoding has no randomness)")
+    sampling = {"temperature": 0.8 if temperature is None else temperature, "top_p": 0.95 if top_p is None else top_p,
+                "top_k": top_k or 0} if sample else {}
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample,
+                                  repetition_penalty=repetition_penalty, n_samples=n_samples, seed=seed, **sampling,
+                                  **_prompting(prompt_style, instruction, system))
+    if dtype not in ("float32", "bfloat16", "float16"):
+        fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    results, summary, gens = evaluate_model(model, tasks, settings=settings, limits=Limits(timeout_s=timeout),
+                                            workers=workers, unsafe_no_isolation=unsafe_no_isolation, log=console.print,
+                                            limit=limit, dtype=dtype, device=device)
+    categories = by_category(load_tasks(tasks)[:limit], results)
+    if out:
+        import json as _json
+        from dataclasses import asdict
+
+        d = _P(out)
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(d / "generations.jsonl", "".join(_json.dumps(g, sort_keys=True) + "\n" for g in gens).encode())
+        write_results(d / "results.jsonl", results)
+        from kdkit.decide.gate import evaluation_key
+        from kdkit.evaluate.tasks import tasks_fingerprint
+        from kdkit.util.identity import path_identity
+
+        atomic_write_json(d / "summary.json", {**asdict(summary), "model": model, "tasks": tasks, "limit": limit,
+                                               "dtype": dtype, "generation": asdict(settings),
+                                               "by_category": categories,
+                                               # what `kdkit gate --reuse-eval` matches on
+                                               "model_sha256": path_identity(model)["sha256"],
+                                               "tasks_sha256": tasks_fingerprint(tasks),
+                                               "evaluation_key": evaluation_key(settings, timeout)})
+    _print_summary(summary, f"eval {model} on {tasks}" + (f" (first {limit} tasks)" if limit else ""))
+    _print_reasons(results)
+    if categories:
+        t = Table(title="per category")
+        for c in ("category", "passed", "95% Wilson interval"):
+            t.add_column(c, overflow="fold")
+        for name, c in categories.items():
+            t.add_row(name, f"{c['passed']}/{c['tasks']}", f"{100 * c['interval'][0]:.1f}–{100 * c['interval'][1]:.1f}%")
+        console.print(t)
+    console.print(summary.line())
