@@ -269,5 +269,27 @@ def test_a_ladder_with_set_two_suites_and_seeds(ladder_world, tmp_path):
         assert r["avg_barrier_div"] > 0  # LoRA's B starts at 0: the student leaves the base as it trains
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[4] == f"{r['avg_barrier_div']:.4f}" and cells[-3] == f"{r['suites'][1]['candidate_passed']}/2"
+        active = sum(d > 0.0 for d in logged)  # τ = 0: active wherever the divergence is above it
+        assert r["barrier_active"] == [active, len(logged)] and cells[5] == f"{active}/{len(logged)}"
+        i = r["rung"]
+        (printed,) = [m for m in logs if m.startswith(f"rung {i + 1}/2 ") and "anchors" in m]  # as the rung ends
+        assert printed == (f"rung {i + 1}/2 {r['values']}: {r['decision']} — anchors {r['passed']}/{r['n_tasks']} "
+                           f"(baseline {r['baseline_passed']}), tasks2.jsonl {r['suites'][1]['candidate_passed']}/2 "
+                           f"(baseline {r['suites'][1]['baseline_passed']}); barrier above τ on {active}/{len(logged)} "
+                           f"logged steps")
+    assert header[5] == "barrier active"
     pooled = sum(r["suites"][1]["candidate_passed"] for r in res)
     assert f"| {pooled}/4 |" in seeds_md and "tasks2.jsonl pass (pooled)" in seeds_md
+
+
+def test_an_inert_barrier_is_said_to_be_inert():
+    """A barrier whose divergence never rose above τ did nothing: the tables and the rung's line say so."""
+    from kdkit.decide.ladder import rung_line
+    from kdkit.decide.tables import active_cell
+
+    rec = {"values": {"objective.barrier.tau": 5.0}, "decision": "REVERT", "passed": 3, "n_tasks": 10,
+           "baseline_passed": 4, "suites": [{}], "barrier_active": [0, 12]}
+    assert active_cell([rec]) == "0/12 (inert)" and active_cell([rec, {**rec, "barrier_active": [3, 12]}]) == "3/24"
+    assert active_cell([{"values": {}}]) == "—"
+    assert rung_line(0, 3, rec) == ("rung 1/3 {'objective.barrier.tau': 5.0}: REVERT — anchors 3/10 (baseline 4); "
+                                    "barrier above τ on 0/12 logged steps (it never acted)")

@@ -112,7 +112,9 @@ def _naive(world, model_dir, student_dir, a: float, temperature: float) -> tuple
 
 def test_figures_equal_a_naive_float64_pass_over_the_rows(world, tmp_path):
     cfg = load_train_config(_config(world, tmp_path, {"kind": "model", "path": str(world / "reference")}))
-    fig = propose_tau(cfg, steps=1, target_prob=0.5)
+    logs: list[str] = []
+    fig = propose_tau(cfg, steps=1, target_prob=0.5, log=logs.append)
+    assert any(m.startswith("barrier tau: 1/1 steps (100%)") for m in logs), logs  # progress, as it measures
     start, move = _naive(world, world / "reference", world / "student", 0.5, 2.0)
     assert fig["micro_batches"] == 1 and fig["positions"] == len(move) > 0
     assert move.min() > 0  # a random tiny reference is near uniform: every target needs a move (0s: unit test above)

@@ -17,6 +17,7 @@ from kdkit.cli.group import (
     config_app,
     console,
     diag_app,
+    err_console,
     fail,
     student_app,
 )
@@ -176,7 +177,7 @@ def barrier_tau_cmd(
     from kdkit.util.io import atomic_write_json
 
     cfg = _load_config(config, set_)
-    fig = propose_tau(cfg, steps=steps, target_prob=target_prob)
+    fig = propose_tau(cfg, steps=steps, target_prob=target_prob, log=err_console.print)
     table = Table(title=f"barrier {fig['kind']} at T = {fig['temperature']:g}: {fig['micro_batches']} micro-batches, "
                         f"{fig['positions']:,} barrier positions")
     for col in ("aggregate", "at step 0", f"least move to p(target) ≥ {target_prob:g}", "micro-batch range"):

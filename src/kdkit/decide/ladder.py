@@ -53,14 +53,18 @@ def logged_mean(steps: list[dict[str, Any]], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def _epoch_means(run_dir: Path, barrier_aggregate: str | None = None) -> dict[str, float | None]:
+def _epoch_means(run_dir: Path, barrier: Any = None) -> dict[str, Any]:
     """avg CE / avg KL over the training steps (as the seeds' table), the barrier's divergence to the reference
-    under its aggregate averaged likewise (its weight may be 0), val loss of the last epoch."""
+    under its aggregate averaged likewise (its weight may be 0) and on how many logged steps it was above τ
+    (the hinge active: below τ the barrier does nothing), val loss of the last epoch."""
     steps, epochs = read_log(run_dir / "metrics.jsonl"), read_log(run_dir / "epochs.jsonl")
     rounds = [s for s in steps if s.get("probe_round")]
     last = epochs[-1] if epochs else {}
+    key = barrier and f"barrier_div_{barrier.aggregate}"
+    divs = [s[key] for s in steps if key in s] if barrier else []
     return {"avg_ce": logged_mean(steps, "ce_loss"), "avg_kl": logged_mean(steps, "kl_loss"),
-            "avg_barrier_div": logged_mean(steps, f"barrier_div_{barrier_aggregate}") if barrier_aggregate else None,
+            "avg_barrier_div": logged_mean(steps, key) if barrier else None,
+            "barrier_active": [sum(d > barrier.tau for d in divs), len(divs)] if barrier else None,
             "val_loss": last.get("val_loss"), "val_kl": last.get("val_kl"), "val_top1": last.get("val_top1"),
             "coherence": rounds[-1]["probe_coherence"] if rounds else None,
             "coherence_min": min(r["probe_coherence"] for r in rounds) if rounds else None}
@@ -123,14 +127,14 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
                        limits=limits, unsafe_no_isolation=unsafe_no_isolation, log=log, progress=progress,
                        candidate_meta={"name": f"{out.name}-rung{i:02d}", "source_run": str(run_dir),
                                        "config": (run_dir / "config.yaml").read_text()})
-            barrier = cfg.objective.barrier
-            rec.update(status="done", **_epoch_means(run_dir, barrier and barrier.aggregate),
+            rec.update(status="done", **_epoch_means(run_dir, cfg.objective.barrier),
                        decision=res.decision, passed=res.candidate_passed,
                        n_tasks=res.n_tasks, interval=list(res.candidate_interval), regressed=res.regressed,
                        fixed=res.fixed, p_value=res.p_value, baseline_passed=res.baseline_passed, pack=res.candidate,
                        reason=res.reason, suites=[{k: s[k] for k in SUITE_FIELDS} for s in res.suites],
                        regressed_completions=res.suites[0]["regressed_completions"],
                        fixed_completions=res.suites[0]["fixed_completions"])
+            log(rung_line(i, len(plan), rec))
         except Exception as e:  # a failed rung must not stop the ladder
             rec.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
             log(f"rung {i} failed: {type(e).__name__}: {e}")
@@ -147,6 +151,18 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
 
 SUITE_FIELDS = ("tasks", "decision", "candidate_passed", "baseline_passed", "n_tasks", "p_value", "reason")
 """What a rung records of each suite of its gate (the anchors first)."""
+
+
+def rung_line(i: int, n: int, rec: dict[str, Any]) -> str:
+    """A finished rung as the ladder prints it: its decision, pass counts and, with a barrier, how often it acted."""
+    line = (f"rung {i + 1}/{n} {rec['values']}: {rec['decision']} — anchors {rec['passed']}/{rec['n_tasks']} "
+            f"(baseline {rec['baseline_passed']})")
+    for s in rec["suites"][1:]:
+        line += f", {Path(s['tasks']).name} {s['candidate_passed']}/{s['n_tasks']} (baseline {s['baseline_passed']})"
+    if rec.get("barrier_active"):
+        k, m = rec["barrier_active"]
+        line += f"; barrier above τ on {k}/{m} logged steps" + (" (it never acted)" if k == 0 else "")
+    return line
 
 
 def seed_settings(base: Any, values: dict[str, Any]) -> dict[str, Any]:

@@ -23,25 +23,35 @@ def table_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]])
     probed = any(r.get("coherence") is not None for r in results)  # runs with probes: a coherence column
     scored = _scored(results)  # a teacher scored the validation rows: its KL and top-1 agreement
     barred, suites = _barred(results), _suite_names(results)
-    header = ["rung", *keys, "avg CE", "avg KL", *(["avg barrier div"] if barred else []), "val loss",
+    header = ["rung", *keys, "avg CE", "avg KL", *(["avg barrier div", "barrier active"] if barred else []), "val loss",
               *(["val KL", "val top-1"] if scored else []), *(["coherence (last / min)"] if probed else []),
               "anchor pass", *suites, "gate", "regressed"]
     rows = []
     for r in results:
         vals = [str(r["values"][k]) for k in keys]
         if r["status"] != "done":
-            rows.append([str(r["rung"]), *vals, "—", "—", *(["—"] if barred else []), "—",
+            rows.append([str(r["rung"]), *vals, "—", "—", *(["—", "—"] if barred else []), "—",
                          *(["—", "—"] if scored else []), *(["—"] if probed else []), "—", *(["—"] * len(suites)),
                          "FAILED", r.get("error", "")[:80]])
             continue
         coh = [f"{_fmt(r.get('coherence'), 3)} / {_fmt(r.get('coherence_min'), 3)}"] if probed else []
         rows.append([str(r["rung"]), *vals, _fmt(r["avg_ce"]), _fmt(r["avg_kl"]),
-                     *([_fmt(r.get("avg_barrier_div"))] if barred else []), _fmt(r["val_loss"]),
+                     *([_fmt(r.get("avg_barrier_div")), active_cell([r])] if barred else []), _fmt(r["val_loss"]),
                      *([_fmt(r.get("val_kl")), _fmt(r.get("val_top1"))] if scored else []), *coh,
                      pass_cell(r["passed"], r["n_tasks"], tuple(r["interval"])),
                      *(_pooled_suite([r], j) for j in range(1, len(suites) + 1)), r["decision"],
                      format_tasks(r["regressed"])])
     return header, rows
+
+
+def active_cell(done: list[dict[str, Any]]) -> str:
+    """On how many logged steps the barrier's divergence was above τ (its hinge active), summed over ``done``;
+    "0/n (inert)" says that the leash never acted."""
+    counts = [r["barrier_active"] for r in done if r.get("barrier_active")]
+    if not counts:
+        return "—"
+    k, n = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return f"{k}/{n}" + (" (inert)" if k == 0 else "")
 
 
 def _barred(results: list[dict[str, Any]]) -> bool:
@@ -100,7 +110,8 @@ def seed_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]
         groups.setdefault(tuple(str(r["values"][k]) for k in keys), []).append(r)
     probed, scored = any(r.get("coherence") is not None for r in results), _scored(results)
     barred, suites = _barred(results), _suite_names(results)
-    header = [*keys, "seeds", "avg CE", "avg KL", *(["avg barrier div"] if barred else []), "val loss ± 95%",
+    header = [*keys, "seeds", "avg CE", "avg KL", *(["avg barrier div", "barrier active"] if barred else []),
+              "val loss ± 95%",
               *(["val KL ± 95%", "val top-1 ± 95%"] if scored else []),
               *(["coherence (mean of last)"] if probed else []), "anchor pass (pooled)",
               *(f"{name} (pooled)" for name in suites), "KEEP", "train s (mean)"]
@@ -119,7 +130,7 @@ def seed_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]
 
         k, n = sum(r["passed"] for r in done), sum(r["n_tasks"] for r in done)
         rows.append([*vals, f"{len(done)}/{len(rs)}", _fmt(mean("avg_ce")), _fmt(mean("avg_kl")),
-                     *([_fmt(mean("avg_barrier_div"))] if barred else []), spread("val_loss"),
+                     *([_fmt(mean("avg_barrier_div")), active_cell(done)] if barred else []), spread("val_loss"),
                      *([spread("val_kl"), spread("val_top1")] if scored else []),
                      *([_fmt(mean("coherence"), 3)] if probed else []),
                      pass_cell(k, n) if n else "—",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from kdkit.config.schema import TrainConfig
 from kdkit.loss.divergences import IGNORE_INDEX, TopK, aggregate, token_divergence
 from kdkit.train.objective import BARRIER_VIEWS
 from kdkit.util.errors import UsageError
+from kdkit.util.progress import Ticker
 
 
 def target_logprob(reference: torch.Tensor | TopK, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -87,8 +89,9 @@ class TauFigures:
                 "proposed_tau": self.mean(self.move, b.aggregate)}
 
 
-def measure(r: Any, steps: int, target_prob: float) -> TauFigures:
-    """The figures over the off-policy micro-batches of the first ``steps`` steps of the built run ``r``."""
+def measure(r: Any, steps: int, target_prob: float, log: Callable[[str], None] = lambda m: None) -> TauFigures:
+    """The figures over the off-policy micro-batches of the first ``steps`` steps of the built run ``r``; a
+    progress line per step to ``log`` (at most one every few seconds, the first and the last always)."""
     from kdkit.models.load import vocab_logits
     from kdkit.train import onpolicy
     from kdkit.train.objective import coefficients
@@ -97,26 +100,28 @@ def measure(r: Any, steps: int, target_prob: float) -> TauFigures:
 
     b, obj = r.cfg.objective.barrier, r.cfg.objective
     fig = TauFigures(target_prob)
+    n = min(steps, r.total_steps)
+    ticker = Ticker("barrier tau", n, "steps", log, every=1)
     r.model.eval()
     with torch.no_grad():
-        for step in range(min(steps, r.total_steps)):
-            if onpolicy.is_on_policy(obj.on_policy, step):
-                continue
-            for batch in plan_step(r, step)[0]:
-                co = coefficients(batch.targets, obj, batch.roles, batch.tasks, None, None, r.acc.device)
-                mask = co.valid & co.bar_on[:, None]
-                if not mask.any():
-                    continue
-                ref = r.src.reference(batch, r.model)
-                logits, _ = student_forward(r, r.model, batch, False, last_hidden_only=False)
-                student = vocab_logits(logits[:, :-1], r.real_vocab, "student").float()
-                start = token_divergence(student, ref, b.kind, temperature=b.temperature, t2_scale=False)
-                move = least_move(target_logprob(ref, batch.targets, b.temperature), target_prob, b.kind)
-                for how in BARRIER_VIEWS:
-                    fig.start[how].append(float(aggregate(start, mask, how)))
-                    fig.move[how].append(float(aggregate(move, mask, how)))
-                fig.micro_batches += 1
-                fig.positions += int(mask.sum())
+        for step in range(n):
+            if not onpolicy.is_on_policy(obj.on_policy, step):
+                for batch in plan_step(r, step)[0]:
+                    co = coefficients(batch.targets, obj, batch.roles, batch.tasks, None, None, r.acc.device)
+                    mask = co.valid & co.bar_on[:, None]
+                    if not mask.any():
+                        continue
+                    ref = r.src.reference(batch, r.model)
+                    logits, _ = student_forward(r, r.model, batch, False, last_hidden_only=False)
+                    student = vocab_logits(logits[:, :-1], r.real_vocab, "student").float()
+                    start = token_divergence(student, ref, b.kind, temperature=b.temperature, t2_scale=False)
+                    move = least_move(target_logprob(ref, batch.targets, b.temperature), target_prob, b.kind)
+                    for how in BARRIER_VIEWS:
+                        fig.start[how].append(float(aggregate(start, mask, how)))
+                        fig.move[how].append(float(aggregate(move, mask, how)))
+                    fig.micro_batches += 1
+                    fig.positions += int(mask.sum())
+            ticker.update(step + 1)
     return fig
 
 
@@ -137,7 +142,7 @@ def propose_tau(cfg: TrainConfig, steps: int = 8, target_prob: float = 0.5,
         run = Path(scratch) / "run"
         run.mkdir()
         r, _, _ = build(cfg, run, accelerator(cfg, run), None, log)
-        fig = measure(r, steps, target_prob)
+        fig = measure(r, steps, target_prob, log)
     if fig.micro_batches == 0:
         raise UsageError(f"no off-policy micro-batch of the first {steps} steps has a barrier position (check "
                          f"objective.roles.<role>.barrier, objective.on_policy.fraction, --steps)")
