@@ -75,6 +75,15 @@ def test_truncation_is_counted_and_empty_rows_reported(tmp_path):
         ('{"text": "a", "task": 3}', r"d.jsonl:2: field 'task'"),
         ('[1, 2]', r"d.jsonl:2: field '<row>': expected a JSON object"),
         ('{"text": "a",', r"d.jsonl:2: not valid JSON"),
+        ('{"prompt": "a", "response": "b"}', r"d.jsonl:2: field 'response': kdkit does not read 'response'; rename it "
+                                             r"to 'completion'"),
+        ('{"instruction": "a", "completion": "b"}', r"d.jsonl:2: field 'instruction': .* rename it to 'prompt'"),
+        ('{"conversations": []}', r"d.jsonl:2: field 'conversations': .* rename it to 'messages'"),
+        ('{"messages": [{"role": "human", "content": "hi"}]}',
+         r"d.jsonl:2: field 'messages\[0\].role': unknown role 'human' \(did you mean 'user'\?\); a chat turn's role "
+         r"is one of: system, user, assistant, tool"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "critic", "content": "no"}]}',
+         r"field 'messages\[1\].role': unknown role 'critic'; a chat turn's role is one of"),
     ],
 )
 def test_malformed_rows_name_file_line_field(tmp_path, line, match):

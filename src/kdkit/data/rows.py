@@ -113,11 +113,7 @@ def _parse_row(path: Path, line: int, obj: dict[str, Any]) -> Example:
         if not isinstance(obj["text"], str):
             raise _err(path, line, "text", f"expected a string, got {type(obj['text']).__name__}")
     else:
-        found = ", ".join(sorted(has)) or "none of them"
-        raise _err(
-            path, line, "<format>",
-            f"a row needs exactly one of: prompt+completion, messages, text (found: {found})",
-        )
+        _refuse_format(path, line, obj, has)
     role = obj.get("role", "default")
     if not isinstance(role, str) or not role:
         raise _err(path, line, "role", f"expected a non-empty string, got {role!r}")
@@ -133,12 +129,36 @@ def _parse_row(path: Path, line: int, obj: dict[str, Any]) -> Example:
     return Example(line=line, format=fmt, fields=obj, role=role, task=task, weight=float(weight), teacher=teacher)
 
 
+# what other tools call a row's fields: named in the error, so a user renames rather than guesses
+OTHER_FIELDS = {"response": "completion", "answer": "completion", "output": "completion", "target": "completion",
+                "chosen": "completion", "instruction": "prompt", "question": "prompt", "input": "prompt",
+                "conversations": "messages", "conversation": "messages", "chat": "messages", "content": "text"}
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+OTHER_ROLES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant",
+               "function": "tool", "ipython": "tool"}
+
+
+def _refuse_format(path: Path, line: int, obj: dict[str, Any], has: set[str]) -> None:
+    """A row that is none of the formats: name the field another tool would have used, and kdkit's name."""
+    others = [k for k in obj if k in OTHER_FIELDS and OTHER_FIELDS[k] not in has]
+    if others:
+        k = others[0]
+        raise _err(path, line, k, f"kdkit does not read '{k}'; rename it to '{OTHER_FIELDS[k]}' (a row is one of: "
+                   f"prompt+completion, messages, text)")
+    found = ", ".join(sorted(has)) or "none of them"
+    raise _err(path, line, "<format>", f"a row needs exactly one of: prompt+completion, messages, text (found: {found})")
+
+
 def _check_message(path: Path, line: int, i: int, m: Any) -> None:
     """A chat turn: a string ``role``; ``content`` a string or a list of text parts; an assistant turn may
     carry ``tool_calls`` (a list of objects) instead of content; a ``tool`` turn's content is its output."""
     where = f"messages[{i}]"
     if not isinstance(m, dict) or not isinstance(m.get("role"), str) or ("content" not in m and not m.get("tool_calls")):
         raise _err(path, line, where, "expected an object with a string 'role' and a 'content'")
+    if m["role"] not in CHAT_ROLES:
+        hint = f" (did you mean '{OTHER_ROLES[m['role']]}'?)" if m["role"] in OTHER_ROLES else ""
+        raise _err(path, line, f"{where}.role", f"unknown role {m['role']!r}{hint}; a chat turn's role is one of: "
+                   f"{', '.join(CHAT_ROLES)}")
     calls = m.get("tool_calls")
     if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
         raise _err(path, line, f"{where}.tool_calls", "expected a list of tool-call objects")
