@@ -71,6 +71,8 @@ REFUSED_BY_BOTH = {
                                         "probes": {"prompts": "@chat_probes.jsonl", "every": 1}},
                                        "field 'messages': the tokenizer has no chat template"),
     "empty_probe_prompt": ({"probes": {"prompts": "@empty_probe.jsonl", "every": 1}}, "field 'prompt': empty"),
+    "missing_teacher_cache": ({"teacher": {"model": None, "cache": "@no-cache-here"}},
+                              r"teacher.cache: \S*no-cache-here: no such cache directory"),
 }
 
 

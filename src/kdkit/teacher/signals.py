@@ -35,7 +35,7 @@ from kdkit.models.load import (
     vocab_logits,
 )
 from kdkit.teacher.cache import TeacherCache, verify_cache
-from kdkit.teacher.cache.format import CacheMismatch
+from kdkit.teacher.cache.format import CacheError, CacheMismatch
 from kdkit.teacher.crosstok import aligned_teacher_logits
 from kdkit.util.errors import KdkitError
 
@@ -95,7 +95,11 @@ class CachedSignal:
     def open(cls, path: str, rows: list[kdata.TokenizedRow], tok_sha: str, vocab_rows: int, temperature: float,
              field: str, what: str, verify: bool = False, data_cfg: Any = None) -> CachedSignal:
         """Open a cache after checking it belongs to these rows, this tokenizer and this temperature."""
-        cache = TeacherCache(path)
+        try:
+            cache = TeacherCache(path)
+        except CacheError as e:  # missing, incomplete or not a cache: named by the config field that points at it
+            key = {"reference": "reference.path"}.get(what, what if what.endswith("_cache") else f"{what}.cache")
+            raise SourceError(f"{key}: {e}") from None
         if verify:  # `kdkit validate`: every shard training will read is present and sound
             problems = verify_cache(path)
             if problems:
