@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdkit-installed
 
-.PHONY: demo test test-all lint bench bench-real install sandbox-deps vllm-env clean
+.PHONY: demo test test-all lint docs bench bench-real install sandbox-deps vllm-env clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,9 @@ test: $(STAMP) $(VLLM_STAMP) sandbox-deps
 test-all: $(STAMP) $(VLLM_STAMP) sandbox-deps
 	$(PYTEST) -m ""
 
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests $(wildcard benchmarks scripts examples)
 
@@ -80,4 +83,4 @@ bench-real: $(STAMP)
 	$(PY) examples/cross_tokenizer.py --out $(REAL)/cross --steps 30
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build site *.egg-info src/*.egg-info .pytest_cache

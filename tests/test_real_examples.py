@@ -1,4 +1,4 @@
-"""The real-model examples' figures: README's table is docs/real_models.json's, and (slow) the reduced runs
+"""The real-model examples' figures: docs/real-models.md's table is docs/real_models.json's, and (slow) the reduced runs
 of examples/smollm2_kd_vs_ce.py and examples/smollm2_kl_leash.py reproduce the recorded figures (validation
 CE and KL, and τ, within 1% relative, top-1 agreement within 0.01 absolute, pass counts and gate decisions
 exactly)."""
@@ -17,17 +17,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import readme_real  # noqa: E402
+import docs_real  # noqa: E402
 
 
 def test_readme_shows_the_recorded_full_runs():
-    data = json.loads(readme_real.FIGURES.read_text())
+    data = json.loads(docs_real.FIGURES.read_text())
     assert all(len(a["seeds"]) >= 3 for a in data["kd_vs_ce"]["arms"].values())  # the issue's three seeds at least
     assert set(data["kl_leash"]["arms"]) == {"no barrier", "kl_rev mean", "kl_rev rmse"}
     assert all(len(a["seeds"]) >= 2 and a["anchor_tasks"] == 40 for a in data["kl_leash"]["arms"].values())
-    readme = readme_real.README.read_text()
-    for key, table in readme_real.TABLES.items():
-        assert readme_real.shown(readme, key) == table(data[key]), f"{key}: stale, python scripts/readme_real.py"
+    readme = docs_real.PAGE.read_text()
+    for key, table in docs_real.TABLES.items():
+        assert docs_real.shown(readme, key) == table(data[key]), f"{key}: stale, python scripts/docs_real.py"
 
 
 def _close(got, want, path: str = "") -> None:
@@ -58,7 +58,7 @@ def real(test):
 
 
 def _rerun(script: str, key: str, out: Path) -> tuple[dict, dict]:
-    recorded = json.loads(readme_real.FIGURES.read_text())[key]
+    recorded = json.loads(docs_real.FIGURES.read_text())[key]
     proc = subprocess.run([sys.executable, f"examples/{script}", "--out", str(out), *recorded["args"]], cwd=ROOT,
                           capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -69,10 +69,10 @@ def _rerun(script: str, key: str, out: Path) -> tuple[dict, dict]:
 @real
 def test_the_reduced_kd_vs_ce_run_reproduces_its_recorded_figures(tmp_path):
     summary, recorded = _rerun("smollm2_kd_vs_ce.py", "kd_vs_ce_reduced", tmp_path / "run")
-    _close(readme_real.figures(summary), recorded)
+    _close(docs_real.figures(summary), recorded)
 
 
 @real
 def test_the_reduced_kl_leash_run_reproduces_its_recorded_figures(tmp_path):
     summary, recorded = _rerun("smollm2_kl_leash.py", "kl_leash_reduced", tmp_path / "run")
-    _close(readme_real.leash_figures(summary), recorded)
+    _close(docs_real.leash_figures(summary), recorded)

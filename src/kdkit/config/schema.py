@@ -83,7 +83,7 @@ class OnPolicyConfig(_Strict):
                           "needs only the teacher's log-prob of each sampled token)")
     rollout_url: str | None = Field(
         None, description="a vLLM server of the student (http://HOST:PORT or its /v1 base URL) that writes the "
-                          "completions, its weights kept in sync (README 'A served teacher'); None: the student "
+                          "completions, its weights kept in sync (docs: A served teacher); None: the student "
                           "generates here")
     sync_every: int = Field(1, ge=1, description="with rollout_url: optimizer steps between weight syncs (the "
                                                  "lag, logged as rollout_lag, is at most sync_every − 1)")

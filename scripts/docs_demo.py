@@ -1,11 +1,12 @@
-"""README's demo table, from the demo itself: run `kdkit demo --seed N` for each seed under each of torch's CPU
+"""The demo page's table (docs/commands/demo.md), from the demo itself:
+run `kdkit demo --seed N` for each seed under each of torch's CPU
 kernel sets (ATEN_CPU_CAPABILITY), keep the figures and the environment in docs/demo_seeds.json and write the
-table and what holds across its runs into README between the demo-seeds markers.
+table and what holds across its runs into docs/commands/demo.md between the demo-seeds markers.
 
-    python scripts/readme_demo.py [--seeds 0 1 2] [--capabilities default avx2 avx512]   # about 100 s a run
-    python scripts/readme_demo.py --from-json                 # README from docs/demo_seeds.json, no run
+    python scripts/docs_demo.py [--seeds 0 1 2] [--capabilities default avx2 avx512]   # about 100 s a run
+    python scripts/docs_demo.py --from-json                 # the page from docs/demo_seeds.json, no run
 
-tests/test_readme_demo.py checks that README shows what docs/demo_seeds.json holds, and (slow) that the
+tests/test_docs_demo.py checks that the page shows what docs/demo_seeds.json holds, and (slow) that the
 demo of seed 0 prints those figures where its environment is the recorded one, and the claims that hold
 on every CPU elsewhere.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "demo_seeds.json"
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "commands" / "demo.md"
 START, END = "<!-- demo-seeds:start -->\n", "<!-- demo-seeds:end -->"
 MODELS = ("teacher", "distilled", "baseline")
 
@@ -41,7 +42,7 @@ def _passed(cell: str) -> int:
 
 
 def claims(rows: dict[str, dict]) -> dict[str, int]:
-    """What README says of the runs: in how many the distilled student is ahead (holdout, validation loss), and
+    """What the page says of the runs: in how many the distilled student is ahead (holdout, validation loss), and
     how many gates kept it."""
     return {"runs": len(rows),
             "holdout_ahead": sum(_passed(r["holdout"]["distilled"]) > _passed(r["holdout"]["baseline"])
@@ -73,10 +74,10 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def write_readme(rows: dict[str, dict]) -> None:
-    text = README.read_text()
+    text = PAGE.read_text()
     before, rest = text.split(START, 1)
     _, after = rest.split(END, 1)
-    README.write_text(before + START + table(rows) + END + after)
+    PAGE.write_text(before + START + table(rows) + END + after)
 
 
 def run(seeds: list[int], capabilities: list[str]) -> dict[str, dict]:
@@ -96,7 +97,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--capabilities", nargs="+", default=["default", "avx2", "avx512"],
                     help="ATEN_CPU_CAPABILITY values to run each seed under (those this CPU has)")
-    ap.add_argument("--from-json", action="store_true", help="rewrite README from docs/demo_seeds.json only")
+    ap.add_argument("--from-json", action="store_true", help="rewrite the demo page from docs/demo_seeds.json only")
     args = ap.parse_args()
     if args.from_json:
         rows = json.loads(FIGURES.read_text())["seeds"]
@@ -105,7 +106,7 @@ def main() -> int:
         from kdkit.util.environment import compute_environment
 
         env = {k: v for k, v in compute_environment().items() if k != "cpu_capability"}
-        FIGURES.write_text(json.dumps({"command": "python scripts/readme_demo.py --seeds "
+        FIGURES.write_text(json.dumps({"command": "python scripts/docs_demo.py --seeds "
                                        + " ".join(map(str, args.seeds)) + " --capabilities "
                                        + " ".join(args.capabilities), "environment": env,
                                        "seeds": rows}, indent=1, sort_keys=True) + "\n")

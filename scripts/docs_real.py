@@ -1,16 +1,16 @@
-"""README's real-model tables, from the examples' own summaries (docs/real_models.json).
+"""The real-model tables of docs/real-models.md, from the examples' own summaries (docs/real_models.json).
 
     python examples/smollm2_kd_vs_ce.py --out kd-vs-ce                   # the full run (~60 min, 2 cores)
-    python scripts/readme_real.py --kd-vs-ce kd-vs-ce/summary.json        # keep it and rewrite README's table
-    python scripts/readme_real.py --reduced kd-vs-ce-small/summary.json   # the reduced run the slow test repeats
+    python scripts/docs_real.py --kd-vs-ce kd-vs-ce/summary.json        # keep it and rewrite the page's table
+    python scripts/docs_real.py --reduced kd-vs-ce-small/summary.json   # the reduced run the slow test repeats
     python examples/smollm2_kl_leash.py --out kl-leash                   # the KL-leash example's full run (~85 min)
-    python scripts/readme_real.py --kl-leash kl-leash/summary.json        # keep it and rewrite README's table
+    python scripts/docs_real.py --kl-leash kl-leash/summary.json        # keep it and rewrite the page's table
     python examples/smollm2_kl_leash.py --out kl-leash-p09 --target-prob 0.9 --barrier-only   # a looser τ
-    python scripts/readme_real.py --kl-leash-p09 kl-leash-p09/summary.json
-    python scripts/readme_real.py --leash-reduced kl-leash-small/summary.json   # its reduced run, likewise
-    python scripts/readme_real.py                                         # README from docs/real_models.json
+    python scripts/docs_real.py --kl-leash-p09 kl-leash-p09/summary.json
+    python scripts/docs_real.py --leash-reduced kl-leash-small/summary.json   # its reduced run, likewise
+    python scripts/docs_real.py                                         # the page from docs/real_models.json
 
-tests/test_real_examples.py checks that README shows what docs/real_models.json holds, and (slow) that the
+tests/test_real_examples.py checks that the page shows what docs/real_models.json holds, and (slow) that the
 reduced run still gives the recorded figures.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "real_models.json"
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "real-models.md"
 REDUCED = ["--train-rows", "24", "--val-rows", "8", "--tasks-n", "3", "--steps", "4", "--seeds", "2",
            "--max-new-tokens", "64"]
 """The reduced size of examples/smollm2_kd_vs_ce.py the slow test reruns."""
@@ -36,7 +36,7 @@ from smollm2_kd_vs_ce import summary_table  # noqa: E402
 from smollm2_kl_leash import leash_table  # noqa: E402
 
 TABLES = {"kd_vs_ce": summary_table, "kl_leash": leash_table, "kl_leash_p09": leash_table}
-"""docs/real_models.json's full runs and the function that writes each one's README table."""
+"""docs/real_models.json's full runs and the function that writes each one's table."""
 
 
 def figures(summary: dict) -> dict:
@@ -60,13 +60,13 @@ def leash_figures(summary: dict) -> dict:
 
 
 def markers(key: str) -> tuple[str, str]:
-    """README's markers around a full run's table: <!-- kd-vs-ce:start --> … <!-- kd-vs-ce:end -->."""
+    """The page's markers around a full run's table: <!-- kd-vs-ce:start --> … <!-- kd-vs-ce:end -->."""
     name = key.replace("_", "-")
     return f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
 
 
 def shown(text: str, key: str) -> str:
-    """What README shows for a full run."""
+    """What the page shows for a full run."""
     start, end = markers(key)
     return text.split(start, 1)[1].split(end, 1)[0]
 
@@ -96,12 +96,12 @@ def main() -> int:
     if a.leash_reduced:
         data["kl_leash_reduced"] = {"args": LEASH_REDUCED, "figures": leash_figures(json.loads(a.leash_reduced.read_text()))}
     FIGURES.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    text = README.read_text()
+    text = PAGE.read_text()
     for key, table in TABLES.items():
         if key in data:
             text = replace_table(text, key, table(data[key]))
-    README.write_text(text)
-    print(f"README: the real-model tables from {FIGURES.relative_to(ROOT)}")
+    PAGE.write_text(text)
+    print(f"{PAGE.relative_to(ROOT)}: the real-model tables from {FIGURES.relative_to(ROOT)}")
     return 0
 
 
