@@ -16,7 +16,7 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -304,6 +304,53 @@ class Sources:
         """The frozen models the sources hold (to move them to the run's device)."""
         return [s.model for s in (self.teacher, self.reference, *self.teachers.values())
                 if isinstance(s, LiveSignal | CrossSignal)]
+
+    def prefetch(self, batches: list[kdata.Batch]) -> None:
+        """Let a KD teacher that answers from elsewhere (a served one) start on the next step's batches."""
+        if isinstance(self.teacher, Prefetching):
+            self.teacher.prefetch(batches)
+
+    def prepare(self, batches: list[kdata.Batch], sampled: bool = False) -> None:
+        """Before a step computes: every answer of the KD teacher it will read is in (a served one's, sent ahead)."""
+        if isinstance(self.teacher, Prefetching):
+            self.teacher.wait(batches, sampled)
+
+    def ask(self, batch: kdata.Batch, student: torch.nn.Module, *, sampled: bool = False, at_targets: bool = False,
+            hidden_layers: tuple[int, ...] = ()) -> Signals:
+        """Every signal one micro-batch needs, each source asked once: the KD teacher's (its log-prob of each
+        sampled token on a ``sampled`` on-policy step; with ``hidden_layers``, its hidden states from the same
+        forward; with ``at_targets``, at the target positions alone), the barrier's reference, and each named
+        teacher's. The step does not know the signals' kinds: a new kind is a class here."""
+        teacher, hidden = None, None
+        if self.teacher is not None:
+            if sampled:
+                teacher = self.teacher.sampled(batch)
+            elif hidden_layers:
+                teacher, hidden = self.teacher.with_hidden(batch, hidden_layers)
+            else:
+                teacher = self.teacher(batch, student, at_targets=at_targets)
+        return Signals(teacher=teacher, teacher_hidden=hidden,
+                       reference=self.reference(batch, student) if self.reference is not None else None,
+                       teachers={n: s(batch, student) for n, s in self.teachers.items()})
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What the sources answered for one micro-batch (:meth:`Sources.ask`)."""
+
+    teacher: Any = None  # dense logits [B, T-1, V], a TopK, a CrossTeacher / CrossTopK, or SampledTokens
+    teacher_hidden: dict[int, Tensor] | None = None  # the teacher's hidden states by layer (hidden-state KD)
+    reference: Any = None  # the barrier's reference, dense or TopK
+    teachers: dict[str, Any] = field(default_factory=dict)  # each named teacher's, for the rows that name it
+
+
+@runtime_checkable
+class Prefetching(Protocol):
+    """A signal that answers from another process (a served teacher): asked ahead, waited for before a step."""
+
+    def prefetch(self, batches: list[kdata.Batch]) -> None: ...
+
+    def wait(self, batches: list[kdata.Batch], sampled: bool = False) -> None: ...
 
 
 def _frozen(model: torch.nn.Module) -> torch.nn.Module:

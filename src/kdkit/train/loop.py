@@ -67,8 +67,7 @@ def train(
         while step < r.total_steps and not stopped:
             t0 = time.perf_counter()
             batches, on_policy = plan_step(r, step)
-            if hasattr(r.src.teacher, "prefetch"):  # a served teacher answers the next step while this one runs
-                r.src.teacher.prefetch(peek_step(r, step + 1))
+            r.src.prefetch(peek_step(r, step + 1))  # a served teacher answers the next step while this one runs
             try:
                 step_sums, metrics = optimizer_step(r, step, batches, on_policy, grad_hooks or [], last_ckpt)
             except ServedError as e:

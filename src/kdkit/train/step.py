@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -20,6 +20,7 @@ from kdkit.train.metrics import Sums
 from kdkit.train.objective import (
     ObjectiveOutput,
     StepDenominator,
+    Term,
     compute_objective,
     compute_objective_chunked,
     step_denominator,
@@ -32,38 +33,40 @@ if TYPE_CHECKING:
 
 GradHook = Callable[[torch.nn.Module, int], dict[str, float] | None]
 """Called after backward and before clipping, once per optimizer step: the place for
-gradient edits (projection, routing). May return metrics to log. A hook with an ``observe_terms(terms)``
-method is shown the first micro-batch's loss terms (with their graph) before its backward."""
+gradient edits (projection, routing). May return metrics to log. A hook that is also :class:`ObservesTerms`
+is shown the first micro-batch's loss terms (with their graph) before its backward."""
+
+
+@runtime_checkable
+class ObservesTerms(Protocol):
+    """A gradient hook that needs the loss terms apart (routing's cin_t / cin_s)."""
+
+    def observe_terms(self, terms: list[Term]) -> None: ...
 
 
 def forward_loss(r: Run, model: torch.nn.Module, batch: kdata.Batch, objective: Any,
                  denom: StepDenominator, sampled: bool = False) -> ObjectiveOutput:
-    """One micro-batch: the sources' signals, the student's forward, the objective's terms. ``sampled``: an
-    on-policy step of the sampled-token reverse KL (the teacher gives each sampled token's log-prob)."""
+    """One micro-batch: the sources' signals (asked once), the student's forward, the objective's terms.
+    ``sampled``: an on-policy step of the sampled-token reverse KL (the teacher gives each sampled token's
+    log-prob)."""
     # the chunked loss reads the teacher at the target positions alone: a live teacher runs its head there only
     chunked = r.chunked and not sampled
     at_targets = chunked and r.hidden is None
-    teacher_hidden = None
-    if sampled:
-        teacher = r.src.teacher.sampled(batch)
-    elif r.hidden is not None:  # one teacher forward gives its logits and the hidden states asked for
-        teacher, teacher_hidden = r.src.teacher.with_hidden(batch, r.hidden.teacher_layers)
-    else:
-        teacher = r.src.teacher(batch, model, at_targets=at_targets) if r.src.teacher is not None else None
-    reference = r.src.reference(batch, model) if r.src.reference is not None else None
-    kw = dict(teacher=teacher, roles=batch.roles, tasks=batch.tasks, row_weights=batch.weights, denom=denom)
-    if r.src.teachers:  # several teachers (the dense path): each scores the batch, each row's KD is its own's
-        kw.update(teachers={n: s(batch, model) for n, s in r.src.teachers.items()}, row_teachers=batch.teachers)
+    sig = r.src.ask(batch, model, sampled=sampled, at_targets=at_targets,
+                    hidden_layers=r.hidden.teacher_layers if r.hidden is not None and not sampled else ())
+    kw = dict(teacher=sig.teacher, roles=batch.roles, tasks=batch.tasks, row_weights=batch.weights, denom=denom)
+    if sig.teachers:  # several teachers (the dense path): each scores the batch, each row's KD is its own's
+        kw.update(teachers=sig.teachers, row_teachers=batch.teachers)
     if not chunked:
         logits, states = student_forward(r, model, batch, r.hidden is not None, last_hidden_only=False)
-        values = r.hidden(states, teacher_hidden) if r.hidden is not None else None
+        values = r.hidden(states, sig.teacher_hidden) if r.hidden is not None else None
         return compute_objective(vocab_logits(logits[:, :-1], r.real_vocab, "student"), batch.targets, objective,
-                                 reference=reference, hidden=values, **kw)
+                                 reference=sig.reference, hidden=values, **kw)
     # Only the last position's logits are materialised by the model; the loss is computed from the
     # final hidden states, chunk by chunk. Padded embedding rows are dropped from the head.
     _, states = student_forward(r, model, batch, True, last_hidden_only=r.hidden is None)
     hidden, head = states[-1], unwrap(model).get_output_embeddings()  # checked once, by build
-    values = r.hidden(states, teacher_hidden) if r.hidden is not None else None
+    values = r.hidden(states, sig.teacher_hidden) if r.hidden is not None else None
     bias = None if head.bias is None else head.bias[:r.real_vocab]
     return compute_objective_chunked(hidden[:, :-1], head.weight[:r.real_vocab], batch.targets, objective,
                                      head_bias=bias, teacher_at_targets=at_targets, hidden_values=values, **kw)
@@ -92,8 +95,7 @@ def optimizer_step(r: Run, step: int, batches: list[kdata.Batch], on_policy: boo
     Returns the step's sums over all ranks and the step's scalar metrics."""
     acc, cfg = r.acc, r.cfg
     sampled = on_policy and cfg.objective.on_policy.loss == "sampled_kl_rev"
-    if hasattr(r.src.teacher, "wait"):  # a served teacher: every answer of the step is in before it computes
-        r.src.teacher.wait(batches, sampled)
+    r.src.prepare(batches, sampled)  # a served teacher: every answer of the step is in before it computes
     objective = onpolicy.objective(cfg.objective) if on_policy else cfg.objective
     # One denominator for the whole step: every micro-batch of every rank.
     local = step_denominator([b.targets for b in batches], cfg.objective).tokens
@@ -106,7 +108,7 @@ def optimizer_step(r: Run, step: int, batches: list[kdata.Batch], on_policy: boo
             out = forward_loss(r, r.model, b, objective, denom, sampled)
             if j == 0:  # a hook that needs the terms apart (routing's cin_t / cin_s) sees them before backward
                 for hook in hooks:
-                    if hasattr(hook, "observe_terms"):
+                    if isinstance(hook, ObservesTerms):
                         hook.observe_terms(out.terms)
             losses.append(out.loss.detach())  # checked once, before the optimizer step
             # DDP averages gradients over ranks; the loss is already this rank's share of the
