@@ -100,6 +100,31 @@ def test_a_rule_over_several_fields_names_the_field_the_user_wrote(tmp_path):
         load_train_config(cfg, ["student.lora.rank=4", "objective.kd.beta=null"])
 
 
+def test_the_resolved_config_shows_only_what_applies(tmp_path):
+    """A cached teacher under kl_fwd: no teacher.top_k (a served teacher's K), no beta or alpha; what is left out
+    loads back at its default, and a field that applies is kept even at its default."""
+    import yaml
+
+    from kdkit.config.load import dump_config
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("student: {path: s}\ndata: {train: t.jsonl}\nteacher: {cache: c}\n")
+    loaded = load_train_config(cfg)
+    text = dump_config(loaded)
+    shown = yaml.safe_load(text)
+    assert "top_k" not in shown["teacher"] and "served_model" not in shown["teacher"] and "dtype" not in shown["teacher"]
+    assert "beta" not in shown["objective"]["kd"] and "alpha" not in shown["objective"]["kd"]
+    assert shown["objective"]["kd"]["kind"] == "kl_fwd" and shown["objective"]["kd"]["tail"] == "bucket"
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(text)
+    assert load_train_config(resolved).model_dump() == loaded.model_dump()
+    cfg.write_text("student: {path: s}\ndata: {train: t.jsonl}\nteacher: {url: 'http://h:1'}\n"
+                   "objective: {kd: {kind: jsd}}\n")
+    shown = yaml.safe_load(dump_config(load_train_config(cfg)))
+    assert shown["teacher"]["top_k"] == 64 and shown["objective"]["kd"]["beta"] == 0.5  # served, jsd: they apply
+    assert "alpha" not in shown["objective"]["kd"]
+
+
 def test_without_a_teacher_the_resolved_kd_weight_is_zero(tmp_path):
     from kdkit.config.load import dump_config
 

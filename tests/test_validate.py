@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from kdkit.cli import app
 from kdkit.config.load import ConfigError, load_train_config
+from kdkit.config.schema import RESOLVED_MARK
 from kdkit.models.generation import GenerationSettings
 from kdkit.train import train
 from kdkit.util.errors import KdkitError
@@ -124,13 +125,21 @@ def test_options_that_take_no_effect_or_do_not_exist_are_refused_by_name(world, 
 
 def test_a_resolved_config_with_every_default_still_loads_and_the_marker_is_what_allows_it(world, tmp_path):
     run = tmp_path / "run"
-    train(load_train_config(_write(tmp_path, _body(world))), run, progress=False, log=lambda m: None)
+    loaded = load_train_config(_write(tmp_path, _body(world)))
+    train(loaded, run, progress=False, log=lambda m: None)
     text = (run / "config.yaml").read_text()
-    assert load_train_config(run / "config.yaml").objective.kd.beta == 0.5  # beta listed with kl_fwd: loads
-    unmarked = tmp_path / "copied.yaml"
-    unmarked.write_text(text.split("\n", 1)[1])  # the same fields, written by a user
+    assert "beta:" not in text  # kl_fwd reads no beta: the resolved config leaves it out
+    assert load_train_config(run / "config.yaml").model_dump() == loaded.model_dump()
+    copied = tmp_path / "copied.yaml"
+    copied.write_text(text.split("\n", 1)[1])  # a user's copy of it loads as well: only what applies is in it
+    assert load_train_config(copied).model_dump() == loaded.model_dump()
+    # a resolved config of every field (as runs wrote them before): the marker is what lets beta at its default load
+    every = yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False)
+    (tmp_path / "every.yaml").write_text(RESOLVED_MARK + "\n" + every)
+    assert load_train_config(tmp_path / "every.yaml").objective.kd.beta == 0.5
+    (tmp_path / "every.yaml").write_text(every)
     with pytest.raises(ConfigError, match="objective.kd.beta: only jsd takes beta"):
-        load_train_config(unmarked)
+        load_train_config(tmp_path / "every.yaml")
 
 
 def test_duplicate_keys_are_refused_naming_both_lines(world, tmp_path):

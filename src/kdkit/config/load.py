@@ -7,10 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from kdkit.config.reference import suggestion
-from kdkit.config.schema import RESOLVED, RESOLVED_MARK, TrainConfig
+from kdkit.config.schema import RESOLVED, RESOLVED_MARK, TrainConfig, inapplicable
 from kdkit.util.errors import KdkitError
 
 
@@ -171,8 +169,18 @@ def resolve_paths(cfg: TrainConfig, base: Path) -> TrainConfig:
     return cfg
 
 
-def dump_config(cfg: BaseModel) -> str:
-    """The resolved config as YAML: every field with its value, marked so that it loads as resolved."""
+def dump_config(cfg: TrainConfig) -> str:
+    """The resolved config as YAML: every field that applies, with its value (defaults included), marked so
+    that it loads as resolved; the fields this configuration does not read are left out (they load back at
+    their defaults)."""
     import yaml
 
-    return RESOLVED_MARK + "\n" + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    data = cfg.model_dump(mode="json")
+    for dotted in inapplicable(cfg):
+        *path, last = dotted.split(".")
+        node = data
+        for part in path:
+            node = node[part]
+        node.pop(last, None)
+    return (RESOLVED_MARK + "\n# (fields that do not apply to this configuration are left out)\n"
+            + yaml.safe_dump(data, sort_keys=False))

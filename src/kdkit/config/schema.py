@@ -467,6 +467,42 @@ def _without_effect(cfg: TrainConfig) -> list[tuple[str, str]]:
     return out
 
 
+def inapplicable(cfg: TrainConfig) -> list[str]:
+    """Every field, at its default, that this configuration would not read: the fields the rules above refuse
+    when written (``objective.kd.beta`` under kl_fwd, ``teacher.top_k`` of a cached teacher, ...). The
+    resolved config.yaml leaves them out, so that it shows only what applies."""
+    token = RESOLVED.set(False)
+    try:
+        out = []
+        for dotted, model, name in _leaves(cfg, ""):
+            if name in model.model_fields_set:
+                continue  # written by the user: it passed the rules, so it applies
+            model.model_fields_set.add(name)
+            try:
+                if any(f == dotted for f, _ in _without_effect(cfg)):
+                    out.append(dotted)
+            finally:
+                model.model_fields_set.discard(name)
+        return out
+    finally:
+        RESOLVED.reset(token)
+
+
+def _leaves(model: BaseModel, prefix: str) -> list[tuple[str, BaseModel, str]]:
+    """(dotted name, the model that holds it, its name) for every scalar field under ``model``."""
+    out = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out += _leaves(value, f"{prefix}{name}.")
+        elif isinstance(value, dict) and value and all(isinstance(v, BaseModel) for v in value.values()):
+            for key, sub in value.items():
+                out += _leaves(sub, f"{prefix}{name}.{key}.")
+        else:
+            out.append((f"{prefix}{name}", model, name))
+    return out
+
+
 def _teacher_without_effect(name: str, t: TeacherConfig) -> list[tuple[str, str]]:
     """One teacher's fields that its kind (cache, model, url) does not read."""
     out = []
