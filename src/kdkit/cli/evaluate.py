@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path as _P
-
 import typer
 from rich.table import Table
 
@@ -72,9 +70,8 @@ def eval_cmd(
 ) -> None:
     """Generate a completion for every task (greedy by default), extract the function body, verify it in the sandbox, and report pass count and rate with a 95% Wilson interval (and pass@k when sampling), and why the others did not pass (results.jsonl has each task's reason and stderr)."""
 
-    from kdkit.evaluate.passrate import GenerationSettings, by_category, evaluate_model, load_tasks, write_results
+    from kdkit.evaluate.passrate import GenerationSettings, by_category, evaluate_model, load_tasks, write_eval_dir
     from kdkit.evaluate.sandbox import Limits
-    from kdkit.util.io import atomic_write_bytes, atomic_write_json
 
     if not sample:
         unused = [name for name, v in (("--temperature", temperature), ("--top-p", top_p), ("--top-k", top_k),
@@ -94,24 +91,8 @@ def eval_cmd(
                                             limit=limit, dtype=dtype, device=device)
     categories = by_category(load_tasks(tasks)[:limit], results)
     if out:
-        import json as _json
-        from dataclasses import asdict
-
-        d = _P(out)
-        d.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(d / "generations.jsonl", "".join(_json.dumps(g, sort_keys=True) + "\n" for g in gens).encode())
-        write_results(d / "results.jsonl", results)
-        from kdkit.decide.gate import evaluation_key
-        from kdkit.evaluate.tasks import tasks_fingerprint
-        from kdkit.util.identity import path_identity
-
-        atomic_write_json(d / "summary.json", {**asdict(summary), "model": model, "tasks": tasks, "limit": limit,
-                                               "dtype": dtype, "generation": asdict(settings),
-                                               "by_category": categories,
-                                               # what `kdkit gate --reuse-eval` matches on
-                                               "model_sha256": path_identity(model)["sha256"],
-                                               "tasks_sha256": tasks_fingerprint(tasks),
-                                               "evaluation_key": evaluation_key(settings, timeout)})
+        write_eval_dir(out, model=model, tasks=tasks, results=results, summary=summary, generations=gens,
+                       settings=settings, timeout_s=timeout, limit=limit, dtype=dtype, categories=categories)
     _print_summary(summary, f"eval {model} on {tasks}" + (f" (first {limit} tasks)" if limit else ""))
     _print_reasons(results)
     if categories:

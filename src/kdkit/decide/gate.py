@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from kdkit.decide.registry import Pack, Registry, RegistryError
-from kdkit.evaluate.passrate import GenerationSettings, evaluate_model, load_tasks, tasks_fingerprint
+from kdkit.evaluate.passrate import (
+    GenerationSettings,
+    evaluate_model,
+    evaluation_key,
+    load_tasks,
+    read_eval_dir,
+    tasks_fingerprint,
+)
 from kdkit.evaluate.sandbox import Limits
 from kdkit.util.errors import UsageError
 
@@ -176,18 +183,12 @@ class GateResult:
 EvalFn = Callable[[Pack, Path], tuple[dict[str, bool], tuple[float, float]]]
 
 
-def evaluation_key(settings: GenerationSettings, timeout_s: float) -> str:
-    """What an evaluation depends on besides the model and the tasks: every generation setting, the timeout."""
-    return json.dumps({"generation": asdict(settings), "timeout_s": timeout_s}, sort_keys=True)
-
-
 def _from_eval_dir(reg: Registry, pack: Pack, tasks: Path, sha: str, key: str, d: Path,
                    log: Callable[[str], None]) -> dict[str, Any] | None:
     """A ``kdkit eval --out`` directory of this pack's files, task file and settings, stored as the pack's
     evaluation (None, saying why, when it is of something else)."""
     try:
-        summary = json.loads((d / "summary.json").read_text())
-        rows = [json.loads(x) for x in (d / "results.jsonl").read_text().splitlines() if x.strip()]
+        summary, rows = read_eval_dir(d)
     except (OSError, json.JSONDecodeError) as e:
         log(f"not reusing {d}: unreadable ({type(e).__name__})")
         return None

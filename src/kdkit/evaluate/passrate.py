@@ -231,3 +231,36 @@ def evaluate_model(model_dir: str | Path, tasks_path: str | Path, *, settings: G
     generations = [{"task_id": t.task_id, "sample": s, "raw": r, "completion": completions[t.task_id][s]}
                    for t, rs in zip(tasks, raw, strict=True) for s, r in enumerate(rs)]
     return results, summarise(results, ks), generations
+
+
+def evaluation_key(settings: GenerationSettings, timeout_s: float) -> str:
+    """What an evaluation depends on besides the model and the tasks: every generation setting, the timeout."""
+    return json.dumps({"generation": asdict(settings), "timeout_s": timeout_s}, sort_keys=True)
+
+
+def write_eval_dir(out: str | Path, *, model: str, tasks: str, results: Sequence[TaskResult], summary: EvalSummary,
+                   generations: list[dict[str, Any]], settings: GenerationSettings, timeout_s: float,
+                   limit: int | None, dtype: str, categories: dict[str, Any]) -> None:
+    """``kdkit eval --out``: generations.jsonl, results.jsonl and summary.json — the figures, every setting, and
+    what :func:`read_eval_dir` (a gate reusing the evaluation) matches on: the model's and the tasks' sha256 and
+    the evaluation key."""
+    from kdkit.util.identity import path_identity
+    from kdkit.util.io import atomic_write_bytes, atomic_write_json
+
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(d / "generations.jsonl", "".join(json.dumps(g, sort_keys=True) + "\n" for g in generations).encode())
+    write_results(d / "results.jsonl", results)
+    atomic_write_json(d / "summary.json", {**asdict(summary), "model": model, "tasks": tasks, "limit": limit,
+                                           "dtype": dtype, "generation": asdict(settings), "by_category": categories,
+                                           "model_sha256": path_identity(model)["sha256"],
+                                           "tasks_sha256": tasks_fingerprint(tasks),
+                                           "evaluation_key": evaluation_key(settings, timeout_s)})
+
+
+def read_eval_dir(d: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A ``kdkit eval --out`` directory's summary and per-task results (raises OSError or JSONDecodeError)."""
+    d = Path(d)
+    summary = json.loads((d / "summary.json").read_text())
+    rows = [json.loads(x) for x in (d / "results.jsonl").read_text().splitlines() if x.strip()]
+    return summary, rows
