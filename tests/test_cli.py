@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import click
+from typing import Any
+
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -12,11 +13,11 @@ from kdkit.decide.registry import Registry
 from tests.helpers import save_model_dir
 
 
-def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+def _commands(group: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     out = []
     for name, cmd in group.commands.items():
         path = (*prefix, name)
-        out += _commands(cmd, path) if isinstance(cmd, click.Group) else [path]
+        out += _commands(cmd, path) if getattr(cmd, "commands", None) else [path]  # typer's own click: no click.Group
     return out
 
 
@@ -33,7 +34,7 @@ def test_every_help_is_complete_and_shows_no_bool_type(cmd):
         params = params.commands[part]
     assert params.help, f"kdkit {' '.join(cmd)} has no description"
     for p in params.params:
-        if isinstance(p, click.Option) and p.name != "help":
+        if getattr(p, "param_type_name", "") == "option" and p.name != "help":  # typer vendors click
             assert p.help, f"kdkit {' '.join(cmd)} {p.opts[0]} has no help text"
 
 

@@ -87,7 +87,8 @@ def registry_promote(
     name: str = typer.Option(None, help="Name for a newly registered pack (default: the directory name)."),
     workspace: str = typer.Option(None, help=WORKSPACE_HELP),
 ) -> None:
-    """Make a pack production (registering a model directory first). The first production pack is usually the teacher or the untouched student."""
+    ("Make a pack production (registering a model directory first). The first production pack is usually the "
+     "teacher or the untouched student.")
     from pathlib import Path as _P
 
 
@@ -135,12 +136,15 @@ GATE_EXIT = {"KEEP": 0, "REVERT": 1, "UNDECIDED": 3}
 @app.command("gate")
 def gate_cmd(
     candidate: str = typer.Argument(..., help="Candidate: a model directory (e.g. from `kdkit merge`) or a pack name."),
-    tasks: list[str] = typer.Option(..., help="Task file (HumanEval or MBPP format). Repeat for several suites in one decision: the first is the anchors (--rule), the others are judged by --suite-rule."),
+    tasks: list[str] = typer.Option(..., help=("Task file (HumanEval or MBPP format). Repeat for several suites in "
+                                               "one decision: the first is the anchors (--rule), the others are "
+                                               "judged by --suite-rule.")),
     against: str = typer.Option("production", help="Baseline: 'production' or a pack name/id."),
     rule: str = typer.Option(None, help=RULE_HELP),
     suite_rule: str = typer.Option(None, help=SUITE_RULE_HELP),
     max_new_tokens: int = typer.Option(256, help="Generation budget per task (greedy decoding)."),
-    batch_size: int = typer.Option(8, min=1, help="Prompts per generation batch (part of the evaluation's key: a stored evaluation is reused only at the same batch size)."),
+    batch_size: int = typer.Option(8, min=1, help=("Prompts per generation batch (part of the evaluation's key: a "
+                                                   "stored evaluation is reused only at the same batch size).")),
     prompt_style: str = typer.Option("raw", help=PROMPT_STYLE_HELP),
     instruction: str = typer.Option(None, help="The instruction of --prompt-style chat."),
     system: str = typer.Option(None, help="A system message for --prompt-style chat."),
@@ -149,10 +153,21 @@ def gate_cmd(
     json_out: str = typer.Option(None, "--json", help="Also write the decision as JSON here."),
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
     progress: bool = typer.Option(True, help="Show progress bars while the packs are evaluated."),
-    reuse_eval: list[str] = typer.Option([], "--reuse-eval", help="A `kdkit eval --out` directory to reuse instead of evaluating again, where its model files, task file and every generation setting (and --timeout) match the gate's; repeatable. The log says which it reused and why not the others."),
-    promote_undecided: bool = typer.Option(False, "--promote-undecided", help="Promote a candidate the gate cannot decide (a suite on which the exact test cannot show a drop) as if it were kept; the registry records that this was asked for."),
+    reuse_eval: list[str] = typer.Option([], "--reuse-eval", help=("A `kdkit eval --out` directory to reuse instead "
+                                                                   "of evaluating again, where its model files, "
+                                                                   "task file and every generation setting (and "
+                                                                   "--timeout) match the gate's; repeatable. The "
+                                                                   "log says which it reused and why not the others.")),
+    promote_undecided: bool = typer.Option(False, "--promote-undecided", help=("Promote a candidate the gate cannot "
+                                                                               "decide (a suite on which the exact test "
+                                                                               "cannot show a drop) as if it were kept; "
+                                                                               "the registry records that this was "
+                                                                               "asked for.")),
 ) -> None:
-    """Evaluate candidate and baseline on every task file (reusing stored evaluations), compare task by task, run the exact paired test per suite, decide once for all suites and record it: KEEP (promote), REVERT (archive), or UNDECIDED when a suite cannot show a drop (the baseline passes fewer tasks than the exact test needs to see one): nothing promoted or archived. Exit code 0 on KEEP, 1 on REVERT, 3 on UNDECIDED."""
+    ("Evaluate candidate and baseline on every task file (reusing stored evaluations), compare task by task, run "
+     "the exact paired test per suite, decide once for all suites and record it: KEEP (promote), REVERT (archive), "
+     "or UNDECIDED when a suite cannot show a drop (the baseline passes fewer tasks than the exact test needs to "
+     "see one): nothing promoted or archived. Exit code 0 on KEEP, 1 on REVERT, 3 on UNDECIDED.")
     from kdkit.decide.gate import GateRule, SuiteRule, format_tasks, gate, power_line
     from kdkit.evaluate.passrate import GenerationSettings
     from kdkit.evaluate.sandbox import Limits
@@ -187,9 +202,15 @@ def gate_cmd(
 def ladder_cmd(
     config: str = typer.Argument(..., help="Training config YAML (the rungs override it)."),
     vary: list[str] = typer.Option(..., help="key.sub=v1,v2,v3 — one rung per value (repeat for a grid)."),
-    seeds: int = typer.Option(1, help="Run every rung with seeds 0..N-1 and add a table that aggregates each rung over its seeds (mean losses, pooled anchor pass with its Wilson interval, KEEP count). A seed s sets optim.seed = s and shifts data.shuffle_seed (and objective.on_policy.seed) by s, so the data order varies too; seeds that train identical weights are named. The same as --vary optim.seed=0,1,..."),
-    tasks: list[str] = typer.Option(..., help="Task file for the gate; repeat for several suites (the first is the anchors, judged by --rule; the others by the gate's suite rule)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config field for every rung: --set optim.lr=1e-4 (repeatable; a rung's --vary value wins)."),
+    seeds: int = typer.Option(1, help=("Run every rung with seeds 0..N-1 and add a table that aggregates each rung "
+                                       "over its seeds (mean losses, pooled anchor pass with its Wilson interval, "
+                                       "KEEP count). A seed s sets optim.seed = s and shifts data.shuffle_seed (and "
+                                       "objective.on_policy.seed) by s, so the data order varies too; seeds that "
+                                       "train identical weights are named. The same as --vary optim.seed=0,1,...")),
+    tasks: list[str] = typer.Option(..., help=("Task file for the gate; repeat for several suites (the first is the "
+                                               "anchors, judged by --rule; the others by the gate's suite rule).")),
+    set_: list[str] = typer.Option([], "--set", help=("Override a config field for every rung: --set optim.lr=1e-4 "
+                                                      "(repeatable; a rung's --vary value wins).")),
     out: str = typer.Option(None, help="Ladder directory (default: ladders/<config name>)."),
     rule: str = typer.Option(None, help=RULE_HELP),
     max_new_tokens: int = typer.Option(256, help="Generation budget per anchor task."),
@@ -201,7 +222,10 @@ def ladder_cmd(
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
     progress: bool = typer.Option(True, help="Show progress bars for each rung's training and evaluation."),
 ) -> None:
-    """For each rung: train → merge → gate against the production at the ladder's start → KEEP/REVERT/UNDECIDED (as `kdkit gate`: an UNDECIDED rung promotes and archives nothing). A failed rung does not stop the ladder; a rerun skips finished rungs. Writes ladder.md, ladder.csv and ladder.png (anchor pass and losses against the varied value)."""
+    ("For each rung: train → merge → gate against the production at the ladder's start → KEEP/REVERT/UNDECIDED (as "
+     "`kdkit gate`: an UNDECIDED rung promotes and archives nothing). A failed rung does not stop the ladder; a "
+     "rerun skips finished rungs. Writes ladder.md, ladder.csv and ladder.png (anchor pass and losses against the "
+     "varied value).")
     from pathlib import Path as _P
 
     from kdkit.decide.gate import GateRule
@@ -244,7 +268,8 @@ def report_cmd(
     path: str = typer.Argument(..., help="A run, demo or ladder directory."),
     out: str = typer.Option(None, help="HTML file to write (default: PATH/report.html)."),
 ) -> None:
-    """Write a self-contained HTML report (plots embedded as PNG): loss curves per step and epoch, per-task pass grids, the ladder table and plot, and the resolved configs."""
+    ("Write a self-contained HTML report (plots embedded as PNG): loss curves per step and epoch, per-task pass "
+     "grids, the ladder table and plot, and the resolved configs.")
     from kdkit.decide.report import write_report
 
     target = write_report(path, out)
@@ -257,7 +282,9 @@ def demo_cmd(
     seed: int = typer.Option(0, help="Seed of the student initialisation and the data order (the world is the teacher's)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Distil the bundled tiny teacher into a smaller student, train the same student without the teacher (same init, data, steps, seed), evaluate all three on anchors and holdout in the sandbox, gate the distilled student against the baseline, and print the table. Minutes on a laptop CPU, no download."""
+    ("Distil the bundled tiny teacher into a smaller student, train the same student without the teacher (same "
+     "init, data, steps, seed), evaluate all three on anchors and holdout in the sandbox, gate the distilled "
+     "student against the baseline, and print the table. Minutes on a laptop CPU, no download.")
     from kdkit.demo.run import DemoSettings, run_demo
 
     res = run_demo(out, DemoSettings(seed=seed), progress=progress, log=console.print)

@@ -19,7 +19,8 @@ def verify_cmd(
     workers: int = typer.Option(None, help="Programs run in parallel (default: CPU count)."),
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
 ) -> None:
-    """Run prompt + completion + test + check(entry_point) for every task in the sandbox; print the pass count and rate with a 95% Wilson interval; write per-task results (passed, status, stderr tail, duration)."""
+    ("Run prompt + completion + test + check(entry_point) for every task in the sandbox; print the pass count and "
+     "rate with a 95% Wilson interval; write per-task results (passed, status, stderr tail, duration).")
     from kdkit.evaluate.passrate import load_completions, load_tasks, summarise, verify, write_results
     from kdkit.evaluate.sandbox import Limits
 
@@ -51,7 +52,9 @@ def eval_cmd(
     out: str = typer.Option(None, help="Directory for generations.jsonl, results.jsonl and summary.json."),
     max_new_tokens: int = typer.Option(256, help="Generation budget per task."),
     batch_size: int = typer.Option(8, help="Prompts per generation batch."),
-    sample: bool = typer.Option(False, help="Sample instead of greedy decoding (greedy is deterministic). Nothing is taken from the model's generation_config.json: every setting is one of these options, recorded in summary.json."),
+    sample: bool = typer.Option(False, help=("Sample instead of greedy decoding (greedy is deterministic). Nothing "
+                                             "is taken from the model's generation_config.json: every setting is "
+                                             "one of these options, recorded in summary.json.")),
     temperature: float = typer.Option(None, help="Sampling temperature (only with --sample; default 0.8)."),
     top_p: float = typer.Option(None, help="Nucleus sampling mass (only with --sample; default 0.95)."),
     top_k: int = typer.Option(None, help="Sample among the k most likely tokens (only with --sample; default 0 = off)."),
@@ -59,16 +62,20 @@ def eval_cmd(
     n_samples: int = typer.Option(1, help="Samples per task (with --sample; pass@k is reported for k <= n)."),
     seed: int = typer.Option(0, help="Sampling seed (only with --sample)."),
     prompt_style: str = typer.Option("raw", help=PROMPT_STYLE_HELP),
-    instruction: str = typer.Option(None, help="The instruction of --prompt-style chat (default: complete the function, answer with it in one Python code block)."),
+    instruction: str = typer.Option(None, help=("The instruction of --prompt-style chat (default: complete the "
+                                                "function, answer with it in one Python code block).")),
     system: str = typer.Option(None, help="A system message for --prompt-style chat (default: none)."),
     timeout: float = typer.Option(10.0, help="Wall-clock seconds per program in the sandbox."),
     workers: int = typer.Option(None, help="Programs verified in parallel."),
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
     limit: int = typer.Option(None, min=1, help="Evaluate only the file's first N tasks (recorded in summary.json)."),
     dtype: str = typer.Option("float32", help="The model's weights in memory: float32, bfloat16 or float16."),
-    device: str = typer.Option(None, help="Where the model runs: cpu, cuda, cuda:1, ... (default: cpu; the sandbox always runs on the CPU)."),
+    device: str = typer.Option(None, help=("Where the model runs: cpu, cuda, cuda:1, ... (default: cpu; the sandbox "
+                                           "always runs on the CPU).")),
 ) -> None:
-    """Generate a completion for every task (greedy by default), extract the function body, verify it in the sandbox, and report pass count and rate with a 95% Wilson interval (and pass@k when sampling), and why the others did not pass (results.jsonl has each task's reason and stderr)."""
+    ("Generate a completion for every task (greedy by default), extract the function body, verify it in the "
+     "sandbox, and report pass count and rate with a 95% Wilson interval (and pass@k when sampling), and why the "
+     "others did not pass (results.jsonl has each task's reason and stderr).")
 
     from kdkit.evaluate.passrate import GenerationSettings, by_category, evaluate_model, load_tasks, write_eval_dir
     from kdkit.evaluate.sandbox import Limits

@@ -98,7 +98,8 @@ def _version(value: bool) -> None:
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
-    """kdkit: capture a teacher once, train a student on CE + KD + a KL barrier, evaluate it in a sandbox, gate it against production and sweep a parameter as a ladder of such runs."""
+    ("kdkit: capture a teacher once, train a student on CE + KD + a KL barrier, evaluate it in a sandbox, gate it "
+     "against production and sweep a parameter as a ladder of such runs.")
 
 
 def _load_config(config: str, overrides: list[str]):

@@ -1,4 +1,5 @@
-"""``kdkit precompute``, ``generate``, ``teacher check`` and ``cache``: the teacher captured once, its completions, its served copy checked."""
+("``kdkit precompute``, ``generate``, ``teacher check`` and ``cache``: the teacher captured once, its completions, "
+ "its served copy checked.")
 
 from __future__ import annotations
 
@@ -13,28 +14,59 @@ from kdkit.cli.group import _end_process_group, _load_config, app, cache_app, co
 
 @app.command("precompute")
 def precompute_cmd(
-    teacher: str = typer.Option(None, help="Teacher: a local Hugging Face model directory (safetensors) with its tokenizer. With --config: defaults to the config's teacher.model."),
-    data: str = typer.Option(None, help="Training data JSONL: prompt/completion, messages or text rows. With --config: the config's data.train."),
-    out: str = typer.Option(None, help="Cache directory to create, resume, or confirm. With --config: defaults to the config's teacher.cache."),
-    config: str = typer.Option(None, help="Training config YAML: data, max_length, truncation and the temperature (objective.kd.temperature) are read from it, so capture and loss settings are declared once; giving them again here is refused unless equal."),
+    teacher: str = typer.Option(None, help=("Teacher: a local Hugging Face model directory (safetensors) with its "
+                                            "tokenizer. With --config: defaults to the config's teacher.model.")),
+    data: str = typer.Option(None, help=("Training data JSONL: prompt/completion, messages or text rows. With "
+                                         "--config: the config's data.train.")),
+    out: str = typer.Option(None, help=("Cache directory to create, resume, or confirm. With --config: defaults to "
+                                        "the config's teacher.cache.")),
+    config: str = typer.Option(None, help=("Training config YAML: data, max_length, truncation and the temperature "
+                                           "(objective.kd.temperature) are read from it, so capture and loss "
+                                           "settings are declared once; giving them again here is refused unless "
+                                           "equal.")),
     top_k: int = typer.Option(64, help="Teacher log-probs kept per position (the K largest)."),
-    temperature: float = typer.Option(None, help="Capture temperature: the teacher softmax is taken at logits / T (default 1.0)."),
+    temperature: float = typer.Option(None, help=("Capture temperature: the teacher softmax is taken at logits / T "
+                                                  "(default 1.0).")),
     batch_size: int = typer.Option(8, help="Rows per teacher forward (length-sorted batches)."),
     max_length: int = typer.Option(None, help="Truncate rows to this many tokens (truncations are counted; default 1024)."),
-    truncation: str = typer.Option(None, help="Rows over --max-length: 'left' (default) drops the oldest tokens (keeps the completion; a leading BOS stays), 'right' drops the end. Must match the training config's data.truncation."),
+    truncation: str = typer.Option(None, help=("Rows over --max-length: 'left' (default) drops the oldest tokens "
+                                               "(keeps the completion; a leading BOS stays), 'right' drops the end. "
+                                               "Must match the training config's data.truncation.")),
     dtype: str = typer.Option("float32", help="Teacher compute dtype: float32, bfloat16 or float16."),
-    logprob_dtype: str = typer.Option("float16", help="Stored log-probs: float16 (default), float32, or uint8 — lossy, opt-in: 8 bits per log-prob on a per-position scale (about 60 fewer bytes per token at K = 64; its KL error is in docs/benchmarks.md)."),
+    logprob_dtype: str = typer.Option("float16", help=("Stored log-probs: float16 (default), float32, or uint8 — "
+                                                       "lossy, opt-in: 8 bits per log-prob on a per-position scale "
+                                                       "(about 60 fewer bytes per token at K = 64; its KL error is "
+                                                       "in docs/benchmarks.md).")),
     shard_rows: int = typer.Option(256, help="Rows per shard (the unit of resumption)."),
     on_empty: str = typer.Option(None, help="Rows with no target token: 'skip' (default; reported) or 'error'."),
-    student_tokenizer: str = typer.Option(None, help="A student whose tokenizer differs from the teacher's (its model directory): the rows are read with it and the teacher's top-K is stored at the positions aligned by characters (for objective.kd.cross_tokenizer). With --config: the config's student.path when its cross_tokenizer is set."),
-    teacher_url: str = typer.Option(None, help="A teacher served by vLLM (http://HOST:PORT or http://HOST:PORT/v1): its prompt log-probs are captured instead of a local forward. --teacher is then the local directory of its tokenizer; when it also holds the weights, they are fingerprinted and `kdkit teacher check` runs on a few rows first. With --config: the config's teacher.url."),
-    served_model: str = typer.Option(None, help="With --teacher-url: the model name the server must serve (its --served-model-name; default: its only model)."),
-    mixed_environments: bool = typer.Option(False, "--mixed-environments", help="Accept shards written in another compute environment (another CPU's kernels, GPU, torch or transformers; a resume or another rank elsewhere) instead of refusing them; the manifest then records each shard's environment."),
+    student_tokenizer: str = typer.Option(None, help=("A student whose tokenizer differs from the teacher's (its "
+                                                      "model directory): the rows are read with it and the "
+                                                      "teacher's top-K is stored at the positions aligned by "
+                                                      "characters (for objective.kd.cross_tokenizer). With "
+                                                      "--config: the config's student.path when its cross_tokenizer "
+                                                      "is set.")),
+    teacher_url: str = typer.Option(None, help=("A teacher served by vLLM (http://HOST:PORT or "
+                                                "http://HOST:PORT/v1): its prompt log-probs are captured instead of "
+                                                "a local forward. --teacher is then the local directory of its "
+                                                "tokenizer; when it also holds the weights, they are fingerprinted "
+                                                "and `kdkit teacher check` runs on a few rows first. With --config: "
+                                                "the config's teacher.url.")),
+    served_model: str = typer.Option(None, help=("With --teacher-url: the model name the server must serve (its "
+                                                 "--served-model-name; default: its only model).")),
+    mixed_environments: bool = typer.Option(False, "--mixed-environments", help=("Accept shards written in another "
+                                                                                 "compute environment (another CPU's "
+                                                                                 "kernels, GPU, torch or transformers; a "
+                                                                                 "resume or another rank elsewhere) "
+                                                                                 "instead of refusing them; the manifest "
+                                                                                 "then records each shard's environment.")),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Run the teacher once over DATA and store its top-K log-probs, tail mass and statistics in OUT.
-
-    The cache is content-addressed: OUT records a key of (teacher, tokenizer, data, K, T, max_length, dtypes). Rerunning with the same inputs in the same compute environment resumes a killed run (or does nothing when complete) and gives byte-identical shards; other inputs are refused with the differing field named, and shards from another environment (recorded in each shard and in the manifest) are refused naming both."""
+    ("Run the teacher once over DATA and store its top-K log-probs, tail mass and statistics in OUT.\n"
+     "\n"
+     "The cache is content-addressed: OUT records a key of (teacher, tokenizer, data, K, T, max_length, dtypes). "
+     "Rerunning with the same inputs in the same compute environment resumes a killed run (or does nothing when "
+     "complete) and gives byte-identical shards; other inputs are refused with the differing field named, and "
+     "shards from another environment (recorded in each shard and in the manifest) are refused naming both.")
     from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
 
     given = {"--teacher": teacher, "--data": data, "--out": out, "--temperature": temperature,
@@ -87,21 +119,33 @@ def _precompute_inputs(given: dict[str, Any], config: str) -> dict[str, Any]:
 
 @app.command("generate")
 def generate_cmd(
-    model: str = typer.Option(..., help="The teacher: a local Hugging Face model directory (safetensors) with its tokenizer."),
-    data: str = typer.Option(..., help="Prompt rows (JSONL): {\"prompt\": ...} or {\"messages\": [...]}; a completion or final assistant turn already there is replaced; role, task and weight are kept."),
-    out: str = typer.Option(..., help="Training rows to write (JSONL, same format as the input); resumed when rerun with the same inputs."),
+    model: str = typer.Option(..., help=("The teacher: a local Hugging Face model directory (safetensors) with its "
+                                         "tokenizer.")),
+    data: str = typer.Option(..., help=("Prompt rows (JSONL): {\"prompt\": ...} or {\"messages\": [...]}; a "
+                                        "completion or final assistant turn already there is replaced; role, task "
+                                        "and weight are kept.")),
+    out: str = typer.Option(..., help=("Training rows to write (JSONL, same format as the input); resumed when "
+                                       "rerun with the same inputs.")),
     max_new_tokens: int = typer.Option(256, help="The most tokens per completion (each stops at EOS)."),
-    batch_size: int = typer.Option(8, help="Prompts per generation batch (fixed batches in file order: the unit of resumption)."),
+    batch_size: int = typer.Option(8, help=("Prompts per generation batch (fixed batches in file order: the unit of "
+                                            "resumption).")),
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 (default) is greedy decoding."),
     top_p: float = typer.Option(None, help="Nucleus sampling (only with --temperature > 0; default 1.0)."),
     seed: int = typer.Option(None, help="Sampling seed (only with --temperature > 0; default 0)."),
-    teacher_url: str = typer.Option(None, help="A teacher served by vLLM (http://HOST:PORT or http://HOST:PORT/v1) writes the completions, from the same prompt token ids; --model is then the local directory of its tokenizer and chat template (its EOS ids from there too)."),
-    served_model: str = typer.Option(None, help="With --teacher-url: the served model's name, when the server serves several."),
+    teacher_url: str = typer.Option(None, help=("A teacher served by vLLM (http://HOST:PORT or http://HOST:PORT/v1) "
+                                                "writes the completions, from the same prompt token ids; --model is "
+                                                "then the local directory of its tokenizer and chat template (its "
+                                                "EOS ids from there too).")),
+    served_model: str = typer.Option(None, help=("With --teacher-url: the served model's name, when the server "
+                                                 "serves several.")),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Sequence-level KD: write the teacher's completions of DATA's prompts as training rows for `kdkit train`.
-
-    Greedy by default, with every generation setting explicit (nothing from the model's generation_config.json). The same model, prompts and settings give the same bytes; a killed run resumes at its last complete batch; a rerun with other inputs is refused naming the field (the inputs are in OUT.kdkit.json, with the served model's name under --teacher-url)."""
+    ("Sequence-level KD: write the teacher's completions of DATA's prompts as training rows for `kdkit train`.\n"
+     "\n"
+     "Greedy by default, with every generation setting explicit (nothing from the model's generation_config.json). "
+     "The same model, prompts and settings give the same bytes; a killed run resumes at its last complete batch; a "
+     "rerun with other inputs is refused naming the field (the inputs are in OUT.kdkit.json, with the served "
+     "model's name under --teacher-url).")
     from kdkit.models.generation import GenerationSettings
     from kdkit.teacher.seqkd import generate_rows
 
@@ -126,20 +170,26 @@ def generate_cmd(
 @teacher_app.command("check")
 def teacher_check(
     teacher_url: str = typer.Option(..., help="The served teacher (http://HOST:PORT or http://HOST:PORT/v1)."),
-    teacher: str = typer.Option(..., help="The local copy: a Hugging Face model directory (safetensors) with its tokenizer and chat template."),
+    teacher: str = typer.Option(..., help=("The local copy: a Hugging Face model directory (safetensors) with its "
+                                           "tokenizer and chat template.")),
     data: str = typer.Option(..., help="Rows (JSONL) to compare on: prompt/completion, messages or text."),
     rows: int = typer.Option(8, min=1, help="Compare on the first N rows."),
     top_k: int = typer.Option(8, min=1, help="Log-probs compared per position (the server's top-K)."),
     served_model: str = typer.Option(None, help="The model name the server must serve (default: its only one)."),
     dtype: str = typer.Option("float32", help="The local copy's compute dtype (float32, bfloat16, float16)."),
     max_length: int = typer.Option(1024, min=2, help="Rows are cut to this many tokens."),
-    tolerance: float = typer.Option(1e-3, help="Largest |Δ log-prob| allowed (float32 on both sides agrees to about 1e-5)."),
-    min_top1: float = typer.Option(0.99, help="Smallest share of positions whose server top-1 is the local argmax (ties within the tolerance count)."),
+    tolerance: float = typer.Option(1e-3, help=("Largest |Δ log-prob| allowed (float32 on both sides agrees to about "
+                                                "1e-5).")),
+    min_top1: float = typer.Option(0.99, help=("Smallest share of positions whose server top-1 is the local argmax "
+                                               "(ties within the tolerance count).")),
     json_out: str = typer.Option(None, "--json", help="Also write the report as JSON to this file."),
 ) -> None:
-    """Is the served teacher the teacher you think it is? On the first N rows: the token ids of each row's text on both sides (the tokenizer), each chat row as each side's chat template renders it (the template), and the top-K log-probs at every position (max and mean |Δ|, top-1 agreement). Exit 1 beyond the tolerance, naming the first difference.
-
-    Example: kdkit teacher check --teacher-url http://127.0.0.1:8000 --teacher models/teacher --data rows.jsonl"""
+    ("Is the served teacher the teacher you think it is? On the first N rows: the token ids of each row's text on "
+     "both sides (the tokenizer), each chat row as each side's chat template renders it (the template), and the "
+     "top-K log-probs at every position (max and mean |Δ|, top-1 agreement). Exit 1 beyond the tolerance, naming "
+     "the first difference.\n"
+     "\n"
+     "Example: kdkit teacher check --teacher-url http://127.0.0.1:8000 --teacher models/teacher --data rows.jsonl")
     from kdkit.teacher.parity import teacher_parity
     from kdkit.teacher.served import Server
     from kdkit.util.io import atomic_write_json
@@ -195,12 +245,15 @@ def cache_info(path: str = typer.Argument(..., help="Cache directory.")) -> None
 def cache_diff(
     a: str = typer.Argument(..., help="A cache directory (the reference)."),
     b: str = typer.Argument(..., help="Another cache of the same rows."),
-    tolerance: float = typer.Option(1e-3, min=0.0, help="Largest |Δ log-prob| (nats) that counts as agreement; a top-1 that differs by more is a difference too."),
+    tolerance: float = typer.Option(1e-3, min=0.0, help=("Largest |Δ log-prob| (nats) that counts as agreement; a "
+                                                         "top-1 that differs by more is a difference too.")),
     json_out: str = typer.Option(None, "--json", help="Also write the comparison as JSON here."),
 ) -> None:
-    """Compare two caches of the same rows: the key fields and compute environments that differ, the positions whose top-K ids differ, max and mean |Δ log-prob|, bucket KL(A ‖ B) and top-1 agreement. Exit 1 when they differ beyond --tolerance (or are not of the same rows).
-
-    Example: kdkit cache diff cache-avx512 cache-default --tolerance 0.01"""
+    ("Compare two caches of the same rows: the key fields and compute environments that differ, the positions whose "
+     "top-K ids differ, max and mean |Δ log-prob|, bucket KL(A ‖ B) and top-1 agreement. Exit 1 when they differ "
+     "beyond --tolerance (or are not of the same rows).\n"
+     "\n"
+     "Example: kdkit cache diff cache-avx512 cache-default --tolerance 0.01")
     from kdkit.teacher.cache.diff import diff_caches
     from kdkit.util.io import atomic_write_json
 
