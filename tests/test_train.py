@@ -843,3 +843,14 @@ def test_rows_name_their_teacher_and_metrics_are_per_teacher(world, tmp_path):
         _run(_cfg(world, tmp_path, data={**data, "train": str(tmp_path / "bad.jsonl")}, **live), tmp_path / "bad")
     with pytest.raises(KdkitError, match="teachers.b: no row of .* names teacher 'b'"):
         _run(_cfg(world, tmp_path, **live), tmp_path / "none")
+
+
+def test_the_dense_path_says_what_it_holds():
+    """A barrier (or another reason) takes the dense path: the note says why, the size of one copy of a micro-batch's
+    logits, and what bounds it (SmolLM2, micro-batch 8 × 512 tokens: 0.75 GiB a copy; a run peaked at 13 GB)."""
+    from kdkit.train.build import dense_path_note
+
+    note = dense_path_note("the barrier needs full logits", 8, 512, 49152)
+    assert note.startswith("note: using the dense loss path (the barrier needs full logits): ")
+    assert "8 × 512 × 49,152 float32 = 0.75 GiB per copy" in note and "optim.grad_accum" in note
+    assert "2 × 512 × 49,152 float32 = 0.19 GiB" in dense_path_note("x", 2, 512, 49152)

@@ -68,6 +68,15 @@ def use_chunked(cfg: TrainConfig, model: torch.nn.Module) -> str | None:
     return None
 
 
+def dense_path_note(why_not: str, micro_batch: int, max_length: int, vocab: int) -> str:
+    """Why the dense loss path runs, and what it holds: every micro-batch's logits whole, several float32 copies
+    at once (the student's log-probabilities and probabilities, a reference's, their gradients)."""
+    gb = micro_batch * max_length * vocab * 4 / 2**30
+    return (f"note: using the dense loss path ({why_not}): a micro-batch's logits are held whole, "
+            f"{micro_batch} × {max_length} × {vocab:,} float32 = {gb:.2f} GiB per copy, and several copies live at "
+            f"once; a smaller optim.micro_batch with a larger optim.grad_accum takes the same step in less memory")
+
+
 def hidden_distill(cfg: TrainConfig, model: torch.nn.Module, src: Sources, device: torch.device
                     ) -> HiddenDistill | None:
     if cfg.objective.hidden is None:
@@ -127,7 +136,7 @@ def build(cfg: TrainConfig, run: Path, acc: Any, ckpt: Path | None, log: Callabl
             f"{world} to keep one process's batch")
     why_not = use_chunked(cfg, model)
     if why_not and cfg.objective.chunk_size:
-        log(f"note: using the dense loss path ({why_not})")
+        log(dense_path_note(why_not, o.micro_batch, cfg.data.max_length, int(model.get_output_embeddings().weight.shape[0])))
     model, opt = acc.prepare(model, opt)
     if sharding.is_sharded(model):  # FSDP2 replaced the parameters by their shards
         trainable = [p for p in model.parameters() if p.requires_grad]
