@@ -114,6 +114,24 @@ def test_gate_reverts_a_regression_and_keeps_an_improvement(packs, tmp_path, mon
         reg.archive("prod")
 
 
+def test_a_first_gate_against_a_model_directory_starts_the_workspace(packs, tmp_path, monkeypatch):
+    """README's first job gates a trained student against the student before training, in a fresh checkout: the
+    baseline directory needs no production, so the gate starts the workspace; against 'production' it does not."""
+    dirs, tasks = packs
+    _tag(dirs)
+    base = dict.fromkeys(ANCHORS, True)
+    monkeypatch.setattr(gate_mod, "evaluate_model", _fake_eval({"prod": base, "good": dict(base)}, []))
+    ws = tmp_path / "fresh-ws"
+    r = CliRunner()
+    res = r.invoke(app, ["gate", str(dirs["good"]), "--tasks", str(tasks), "--workspace", str(ws)], terminal_width=200)
+    assert res.exit_code == 2 and "no kdkit workspace here" in res.output and not ws.exists()
+    res = r.invoke(app, ["gate", str(dirs["good"]), "--against", str(dirs["prod"]), "--tasks", str(tasks),
+                         "--workspace", str(ws)], terminal_width=200)
+    assert res.exit_code == 0 and "KEEP" in res.output, res.output
+    reg = Registry(ws)
+    assert [g["decision"] for g in reg.gates()] == ["KEEP"] and reg.production() is not None
+
+
 def test_gate_cli_exit_codes(packs, tmp_path, monkeypatch):
     dirs, tasks = packs
     _tag(dirs)

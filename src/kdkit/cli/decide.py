@@ -139,7 +139,8 @@ def gate_cmd(
     tasks: list[str] = typer.Option(..., help=("Task file (HumanEval or MBPP format). Repeat for several suites in "
                                                "one decision: the first is the anchors (--rule), the others are "
                                                "judged by --suite-rule.")),
-    against: str = typer.Option("production", help="Baseline: 'production' or a pack name/id."),
+    against: str = typer.Option("production", help=("Baseline: 'production', a pack name/id, or a model directory "
+                                                    "(registered; a first gate against one starts the workspace).")),
     rule: str = typer.Option(None, help=RULE_HELP),
     suite_rule: str = typer.Option(None, help=SUITE_RULE_HELP),
     max_new_tokens: int = typer.Option(256, help="Generation budget per task (greedy decoding)."),
@@ -175,7 +176,7 @@ def gate_cmd(
 
     if suite_rule is not None and len(tasks) < 2:
         fail("--suite-rule only takes effect with a second --tasks file")
-    reg = _registry(workspace)
+    reg = _registry(workspace, create=_P(against).is_dir())  # a baseline directory needs no production yet
     res = gate(reg, candidate, tasks, against=against, rule=GateRule.parse(rule),
                suite_rule=SuiteRule.parse(suite_rule),
                settings=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size,

@@ -174,7 +174,8 @@ WORKSPACE_HELP = "Workspace directory holding registry.sqlite and packs (env KDK
 
 
 def _registry(workspace: str | None, create: bool = False):
-    """The workspace registry; only commands that add a pack (promote) create a missing workspace."""
+    """The workspace registry; only commands that add a pack (promote, a gate against a model directory) create a
+    missing workspace."""
     import os as _os
 
     from kdkit.decide.registry import Registry

@@ -157,8 +157,9 @@ def trained_with(run: Path) -> tuple[dict[str, Any], Path]:
     """The config the run's newest weights were trained with, and where it was read: ``final/kdkit.json`` or
     the newest checkpoint's ``state.json`` (each records it as it is written), else the run's ``config.yaml``
     (a run that has saved no weights yet, or one made before kdkit recorded it there). ``config.yaml`` alone
-    is a file a user may edit: it cannot say what the weights were trained with."""
-    import yaml
+    is a file a user may edit: it cannot say what the weights were trained with. It is read as a config (the
+    fields it leaves out, which do not apply, at their defaults)."""
+    from kdkit.config.load import load_train_config
 
     for path in (run / "final" / "kdkit.json",
                  *(p / "state.json" for p in [newest_checkpoint(run)] if p is not None)):
@@ -167,7 +168,7 @@ def trained_with(run: Path) -> tuple[dict[str, Any], Path]:
     saved_path = run / "config.yaml"
     if not saved_path.is_file():
         raise TrainingError(f"{run}: no config.yaml — not a kdkit run directory, nothing to resume")
-    return yaml.safe_load(saved_path.read_text()) or {}, saved_path
+    return load_train_config(saved_path).model_dump(mode="json"), saved_path
 
 
 def check_resume(run: Path, cfg: TrainConfig, inputs: dict[str, Any] | None = None,
