@@ -41,6 +41,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def listening_port() -> int:
+    """A free port below the kernel's ephemeral range: no outgoing connection is ever given it as its local port,
+    so a listener closed and reopened on it finds it free (an ephemeral port can be taken in between by any
+    connect(), and the reopening then fails with EADDRINUSE)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    start = 10000 + os.getpid() % max(1, low - 10000)
+    for offset in range(low - 10000):
+        port = 10000 + (start - 10000 + offset) % (low - 10000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 LORA = (("--enable-lora", "--max-lora-rank", "8"), {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
 """A server that loads a LoRA student's adapter at run time."""
 DEV = ((), {"VLLM_SERVER_DEV_MODE": "1"})
@@ -104,7 +124,7 @@ class Relay:
 
     def __init__(self, target: str) -> None:
         self.target = target.rsplit(":", 1)
-        self.port = free_port()
+        self.port = listening_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
