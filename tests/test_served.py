@@ -205,8 +205,8 @@ def test_training_on_the_server_equals_training_on_its_float32_cache(served, tmp
 
 
 def test_a_server_that_dies_mid_run_ends_with_a_checkpoint_and_resume_is_bitwise(served, tmp_path):
-    """The teacher's server dies while a step computes: the run reaches it through a relay that then refuses
-    and resets every connection, as a killed server does, and comes back on the same port for the resume."""
+    """The teacher's server dies while a step computes: the run reaches it through a relay that then resets
+    every connection, as a killed server does, and comes back on the same port for the resume."""
     root, url = served
     own = Relay(url).start()
     cfg = _cfg(root, tmp_path, {"url": own.url, "top_k": 16, "retries": 0, "timeout_s": 30})

@@ -41,26 +41,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def listening_port() -> int:
-    """A free port below the kernel's ephemeral range: no outgoing connection is ever given it as its local port,
-    so a listener closed and reopened on it finds it free (an ephemeral port can be taken in between by any
-    connect(), and the reopening then fails with EADDRINUSE)."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    start = 10000 + os.getpid() % max(1, low - 10000)
-    for offset in range(low - 10000):
-        port = 10000 + (start - 10000 + offset) % (low - 10000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    return free_port()
-
-
 LORA = (("--enable-lora", "--max-lora-rank", "8"), {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
 """A server that loads a LoRA student's adapter at run time."""
 DEV = ((), {"VLLM_SERVER_DEV_MODE": "1"})
@@ -119,38 +99,49 @@ class VllmServer:
 
 class Relay:
     """A TCP relay in front of a server, on a port of its own. ``stop()`` ends it as a killed server process
-    ends — new connections are refused, open ones are reset — and ``start()`` brings it back on the same port,
-    so a test can see a server die and return without paying another vLLM start-up."""
+    ends — open connections are reset, and so is every new one — and ``start()`` brings it back on the same
+    port, so a test can see a server die and return without paying another vLLM start-up. The port stays bound
+    for the relay's life: reopening a closed port can fail (EADDRINUSE) while the kernel still holds it."""
 
     def __init__(self, target: str) -> None:
         self.target = target.rsplit(":", 1)
-        self.port = listening_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
+        self._down = False
 
     def start(self) -> Relay:
-        self._listener = socket.create_server(("127.0.0.1", self.port))  # SO_REUSEADDR: the same port again
-        self._listener.settimeout(0.05)  # the accept loop looks for stop() this often
-        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+        with self._lock:
+            self._down = False
+        if self._listener is None:
+            self._listener = socket.create_server(("127.0.0.1", self.port))
+            threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
         return self
 
     def _accept(self, listener: socket.socket) -> None:
-        while self._listener is listener:
+        while True:
             try:
                 client, _ = listener.accept()
-            except TimeoutError:
-                continue
             except OSError:
                 return
+            with self._lock:
+                down = self._down
+            if down:  # a dead server: the connection is reset
+                _reset(client)
+                continue
             client.settimeout(None)
             try:
                 upstream = socket.create_connection((self.target[0].split("//")[-1], int(self.target[1])))
             except OSError:
-                client.close()
+                _reset(client)
                 continue
             with self._lock:
+                if self._down:  # it died while this connection was being made
+                    _reset(client)
+                    _reset(upstream)
+                    continue
                 self._open |= {client, upstream}
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
@@ -164,15 +155,18 @@ class Relay:
             pass
 
     def stop(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
         with self._lock:
+            self._down = True
             sockets, self._open = self._open, set()
-        for s in sockets:  # a reset, as the kernel sends for a killed process's unread connection
-            try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
+        for s in sockets:
+            _reset(s)
+
+
+def _reset(s: socket.socket) -> None:
+    """Close with a reset, as the kernel does for a killed process's connections."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    s.close()
