@@ -22,6 +22,10 @@ GOOD = {"/v1/models": MODELS, "/version": {"version": "0.32.0"}, "/tokenize": {"
 HTML = b"<html><body>502 Bad Gateway</body></html>"
 
 
+class Cut(bytes):
+    """An answer whose connection closes before the length its header announced."""
+
+
 @pytest.fixture
 def fake():
     """A server answering ``answers[path]`` (a JSON value, or bytes sent as they are, as text/html) to GET and
@@ -37,9 +41,10 @@ def fake():
                 return
             body = answers[self.path]
             raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            cut = isinstance(body, Cut)  # a server that dies mid-answer: fewer bytes than it announced
             self.send_response(200)
             self.send_header("Content-Type", "text/html" if isinstance(body, bytes) else "application/json")
-            self.send_header("Content-Length", str(len(raw)))
+            self.send_header("Content-Length", str(len(raw) + 1000 if cut else len(raw)))
             self.end_headers()
             self.wfile.write(raw)
 
@@ -129,3 +134,14 @@ def test_the_cli_prints_it_without_a_traceback(fake, tmp_path):
                                    "--data", str(rows)])
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     assert f"{url}/v1/models answered with text starting 'not json at all'" in res.output
+
+
+def test_an_answer_cut_short_is_one_line_not_a_traceback(fake):
+    """A server that dies while it answers (the connection ends before Content-Length bytes): http.client raises
+    IncompleteRead, which is neither an OSError nor a URLError; it ends as the same one line as a refusal."""
+    url, answers = fake
+    answers.update(GOOD)
+    answers["/v1/models"] = Cut(json.dumps(MODELS).encode())
+    with pytest.raises(ServedError, match=r"did not answer /v1/models after 1 tries \(IncompleteRead: the answer "
+                                          r"ended before it was whole\)"):
+        Server(url, retries=0).info()

@@ -48,7 +48,7 @@ DEV = ((), {"VLLM_SERVER_DEV_MODE": "1"})
 
 
 class VllmServer:
-    """``python -m vllm.entrypoints.openai.api_server`` as README's 'A served teacher' starts it."""
+    """``python -m vllm.entrypoints.openai.api_server`` as the docs' 'A served teacher' starts it."""
 
     def __init__(self, model: Path, log: Path, port: int | None = None, extra: tuple[str, ...] = (),
                  env: dict[str, str] | None = None) -> None:

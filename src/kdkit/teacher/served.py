@@ -15,6 +15,7 @@ and what was missing.
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import re
@@ -121,10 +122,12 @@ class Server:
                 last = f"HTTP {e.code}: {message}"
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
                 last = str(getattr(e, "reason", e))
+            except http.client.HTTPException as e:  # the connection ended mid-answer (a server that died)
+                last = f"{type(e).__name__}: the answer ended before it was whole"
             if attempt < self.retries:
                 time.sleep(self.backoff_s * 2 ** attempt)
         raise ServedError(f"teacher server {self.url} did not answer {path} after {self.retries + 1} tries "
-                          f"({last}); is it running? (start it as README's 'A served teacher' says)")
+                          f"({last}); is it running? (start it as the docs' 'A served teacher' says)")
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
         """POST ``body`` to ``path`` (retried like every request); the server's answer, parsed when JSON."""
