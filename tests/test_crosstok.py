@@ -248,7 +248,7 @@ def test_a_cross_tokenizer_cache_at_full_k_equals_the_live_teacher(world, tmp_pa
                      kd={"cross_tokenizer": cross, "temperature": 2.0})
     tok = load_tokenizer(world / "student")
     rows, _ = kdata.load_dataset(tok, world / "train.jsonl", max_length=96, offsets=True)
-    cached = open_sources(cfg, rows, tok, len(tok), student=load_causal_lm(world / "student")).teacher
+    cached = open_sources(cfg, rows, tok, len(tok)).teacher
     live = CrossSignal(load_causal_lm(world / "bpe_teacher"), bpe, rows, cached.cross[0], cross)
     student = load_causal_lm(world / "student")
     batch = kdata.collate(rows[:4], tok.pad_token_id, [0, 1, 2, 3])

@@ -128,8 +128,8 @@ def test_a_validation_cache_reports_the_live_teachers_validation_kl_and_top1(wor
 
 
 @pytest.mark.parametrize("teacher, data, match", [
-    ({"cache": "@cache_full", "validation_cache": "@cache_full"}, {}, "^teacher.validation_cache: .*cache field "
-                                                                      "'data'"),  # a cache of the training rows
+    ({"cache": "@cache_full", "validation_cache": "@cache_full"}, {}, r"^\S+\.yaml:\d+: teacher.validation_cache: "
+                                                                      r".*cache field 'data'"),  # the training rows
     ({"model": "@teacher", "cache": None, "validation_cache": "@cache_full"}, {}, "a validation cache goes with a "
                                                                                    "cached teacher"),
     ({"cache": "@cache_full", "validation_cache": "@cache_full"}, {"validation": None}, "there is no data.validation"),

@@ -83,6 +83,18 @@ def _resolve(obj, root: Path):
     return str(root / obj[1:]) if isinstance(obj, str) and obj.startswith("@") else obj
 
 
+def test_a_missing_cache_is_named_by_the_config_line_or_the_set_that_gave_it(world, tmp_path):
+    cfg = _write(tmp_path, _body(world, teacher={"model": None, "cache": str(tmp_path / "nowhere")}))
+    lines = cfg.read_text().splitlines()
+    line = next(i for i, x in enumerate(lines, 1) if x == "  cache: " + str(tmp_path / "nowhere"))
+    res = runner.invoke(app, ["validate", str(cfg)], terminal_width=400)
+    assert res.exit_code == 2 and f"{cfg}:{line}: teacher.cache: {tmp_path / 'nowhere'}: no such cache" in \
+        " ".join(res.output.split()), res.output
+    res = runner.invoke(app, ["validate", str(cfg), "--set", f"teacher.cache={tmp_path / 'elsewhere'}"],
+                        terminal_width=400)
+    assert res.exit_code == 2 and "--set teacher.cache: teacher.cache: " in " ".join(res.output.split()), res.output
+
+
 @pytest.mark.parametrize("case", sorted(REFUSED_BY_BOTH))
 def test_validate_refuses_what_train_would_refuse_in_the_same_words(world, tmp_path, case):
     over, message = REFUSED_BY_BOTH[case]

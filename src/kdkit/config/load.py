@@ -95,7 +95,24 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
         raise ConfigError("\n".join(_field_error(err, path, text, set_keys) for err in e.errors())) from None
     finally:
         RESOLVED.reset(token)
-    return resolve_paths(cfg, path.parent)
+    cfg = resolve_paths(cfg, path.parent)
+    cfg._origin = (path, text, [split_assignment(ov, "--set", "key.sub=value")[0] for ov in overrides or []])
+    return cfg
+
+
+def located(cfg: TrainConfig, message: str) -> str:
+    """``message``, when it begins with a field (``teacher.cache: ...``), prefixed with where that field was
+    written: the config file and line (``run.yaml:7: teacher.cache: ...``) or the ``--set`` that gave it."""
+    m = re.match(r"([A-Za-z_]\w*(?:\.\w+)*): ", message)
+    if cfg._origin is None or m is None:
+        return message
+    path, text, set_keys = cfg._origin
+    dotted = m.group(1)
+    given = [k for k in set_keys if k == dotted or dotted.startswith(k + ".")]
+    if given:
+        return f"--set {given[-1]}: {message}"
+    line = _yaml_line(text, dotted)
+    return f"{path}:{line}: {message}" if line else message
 
 
 def _field_error(err: Any, path: Path, text: str, set_keys: list[str]) -> str:

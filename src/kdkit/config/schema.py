@@ -7,9 +7,9 @@ the registries in :mod:`kdkit.loss.divergences`, so the schema cannot drift from
 from __future__ import annotations
 
 from contextvars import ContextVar
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from kdkit.loss.divergences import AGGREGATIONS, KINDS, TAIL_POLICIES
 
@@ -153,6 +153,9 @@ class ObjectiveConfig(_Strict):
     def _something_to_train(self) -> ObjectiveConfig:
         if self.ce_coef == 0.0 and self.kd_weight == 0.0 and self.barrier is None and self.hidden is None:
             raise ValueError("ce_coef and kd_weight are both 0 and there is no barrier or hidden term: nothing to train")
+        if self.hidden is not None and self.on_policy is not None and self.on_policy.loss == "sampled_kl_rev":
+            raise ValueError("hidden with on_policy.loss sampled_kl_rev: a sampled step asks the teacher for each "
+                             "token's log-prob alone, not its hidden states; use on_policy.loss kd")
         return self
 
     def terms_for(self, role: str) -> RoleTerms:
@@ -355,6 +358,8 @@ class RoutingConfig(_Strict):
 
 class TrainConfig(_Strict):
     student: StudentConfig
+    # where it was read (config.load): the file, its text and the keys given by --set, to name a field's line
+    _origin: Any = PrivateAttr(default=None)
     teacher: TeacherConfig | None = None
     teachers: dict[str, TeacherConfig] = Field(
         default_factory=dict, description="more teachers, by name: a row whose 'teacher' field names one is "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -290,15 +291,41 @@ class CrossSignal:
         return CrossTeacher(logits, rows, pos, self.vmap, self.loss)
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A live source opened and checked, its weights not read yet: ``load`` reads them (given the student: the
+    reference ``base`` is the student as it starts)."""
+
+    load: Callable[[torch.nn.Module], Signal]
+
+
 @dataclass
 class Sources:
     """The run's signals: the KD teacher, the barrier's reference (either may be absent) and the teachers that
-    rows name."""
+    rows name. Opened once (:func:`open_sources`); a live model's weights are read by :meth:`load`."""
 
     teacher: Signal | None = None
     reference: Signal | None = None
     teachers: dict[str, Signal] = field(default_factory=dict)  # more teachers by name (rows route to them)
     validation: Signal | None = None  # the teacher's cache of the validation rows (teacher.validation_cache)
+    pending: dict[str, Deferred] = field(default_factory=dict, repr=False)  # by config field, until :meth:`load`
+
+    def place(self, field: str, opened: Signal | Deferred) -> None:
+        """A source opened for ``field`` (teacher, teachers.<name>, reference): its signal, or its loader."""
+        if isinstance(opened, Deferred):
+            self.pending[field] = opened
+            return
+        if field.startswith("teachers."):
+            opened.what = f"teacher {field.split('.', 1)[1]}"
+            self.teachers[field.split(".", 1)[1]] = opened
+        else:
+            setattr(self, field, opened)
+
+    def load(self, student: torch.nn.Module) -> None:
+        """Read the live sources' weights, in the config's order (teacher, teachers, reference)."""
+        pending, self.pending = self.pending, {}
+        for name, deferred in pending.items():
+            self.place(name, deferred.load(student))
 
     def modules(self) -> list[torch.nn.Module]:
         """The frozen models the sources hold (to move them to the run's device)."""
@@ -401,23 +428,24 @@ def _cache_cross(cache: TeacherCache, tokenizer: Any, cross: str) -> tuple[Vocab
 
 
 def _open_teacher(cfg: TrainConfig, t: Any, field: str, rows: list[kdata.TokenizedRow], tokenizer: Any,
-                  vocab_rows: int, student: torch.nn.Module | None, verify: bool) -> Signal | None:
-    """One teacher (``field``: where the config names it) checked against the student and the data; its
-    signal, or None for a live model when only checking (its weights are not loaded then)."""
+                  vocab_rows: int, verify: bool) -> Signal | Deferred:
+    """One teacher (``field``: where the config names it) checked against the student and the data: its signal,
+    or for a live model the loader that reads its weights (:meth:`Sources.load`)."""
     tok_sha, real_vocab = tokenizer_fingerprint(tokenizer)["sha256"], len(tokenizer)
     if t.url:
-        return open_served(cfg, t, field, tokenizer, rows, check=student is None)
+        return open_served(cfg, t, field, tokenizer, rows)
     if t.model:
         if verify:
             check_model_dir(t.model, f"{field}.model:")
         cross = cfg.objective.kd.cross_tokenizer
         t_tok = _check_live_vocab(t.model, f"{field}.model", tok_sha, real_vocab, cross)
         check_quantisation(t.load_in, f"{field}.load_in")
-        if student is None:
-            return None
-        model = _frozen(load_causal_lm(t.model, t.dtype, t.load_in, f"{field}.load_in"))
-        return LiveSignal(model, real_vocab, "teacher") if cross == "none" else CrossSignal(
-            model, t_tok, rows, VocabMap.build(tokenizer, t_tok, real_vocab, len(t_tok)), cross)
+
+        def load(student: torch.nn.Module) -> Signal:
+            model = _frozen(load_causal_lm(t.model, t.dtype, t.load_in, f"{field}.load_in"))
+            return LiveSignal(model, real_vocab, "teacher") if cross == "none" else CrossSignal(
+                model, t_tok, rows, VocabMap.build(tokenizer, t_tok, real_vocab, len(t_tok)), cross)
+        return Deferred(load)
     signal = CachedSignal.open(t.cache, rows, tok_sha, vocab_rows, cfg.objective.kd.temperature,
                                "objective.kd.temperature", field, verify, cfg.data)
     signal.cross = _cache_cross(signal.cache, tokenizer, cfg.objective.kd.cross_tokenizer)
@@ -437,48 +465,43 @@ def open_validation(cfg: TrainConfig, val_rows: list[kdata.TokenizedRow], tokeni
 
 
 def open_sources(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, vocab_rows: int,
-                 student: torch.nn.Module | None = None, verify: bool = False) -> Sources:
-    """Check every source against the student and the data; load them when ``student`` is given (training),
-    else only check (``kdkit validate``, with ``verify``: also re-hash cache shards and check model dirs)."""
+                 verify: bool = False) -> Sources:
+    """Open every source once, after checking it against the student and the data (a cache opened, a served
+    teacher asked); a live model's weights are read later, by :meth:`Sources.load`, when a run trains.
+    ``verify`` (``kdkit validate``): also re-hash cache shards and check model directories."""
     tok_sha, real_vocab = tokenizer_fingerprint(tokenizer)["sha256"], len(tokenizer)
     src, t, ref = Sources(), cfg.teacher, cfg.reference
     if verify:
         check_model_dir(cfg.student.path, "student.path:")
-    if t is not None:
-        src.teacher = _open_teacher(cfg, t, "teacher", rows, tokenizer, vocab_rows, student, verify)
-    for name, other in cfg.teachers.items():
-        signal = _open_teacher(cfg, other, f"teachers.{name}", rows, tokenizer, vocab_rows, student, verify)
-        if signal is not None:
-            signal.what = f"teacher {name}"
-            src.teachers[name] = signal
+    for name, section in (("teacher", t), *((f"teachers.{n}", other) for n, other in cfg.teachers.items())):
+        if section is not None:
+            src.place(name, _open_teacher(cfg, section, name, rows, tokenizer, vocab_rows, verify))
     if ref is not None and ref.kind == "model":
         if verify:
             check_model_dir(ref.path, "reference.path:")
         _check_live_vocab(ref.path, "reference.path", tok_sha, real_vocab)
-        if student is not None:
-            src.reference = LiveSignal(_frozen(load_causal_lm(ref.path, cfg.student.dtype)), real_vocab, "reference")
+        src.place("reference", Deferred(lambda student: LiveSignal(
+            _frozen(load_causal_lm(ref.path, cfg.student.dtype)), real_vocab, "reference")))
     elif ref is not None and ref.kind == "cache":
         src.reference = CachedSignal.open(ref.path, rows, tok_sha, vocab_rows, cfg.objective.barrier.temperature,
                                           "objective.barrier.temperature", "reference", verify, cfg.data)
-    elif ref is not None and student is not None:  # kind "base": the student as it starts
-        src.reference = (AdapterOffSignal(real_vocab) if cfg.student.lora is not None else
-                         LiveSignal(_frozen(copy.deepcopy(unwrap(student))), real_vocab, "reference"))
+    elif ref is not None:  # kind "base": the student as it starts
+        src.place("reference", Deferred(lambda student: (
+            AdapterOffSignal(real_vocab) if cfg.student.lora is not None else
+            LiveSignal(_frozen(copy.deepcopy(unwrap(student))), real_vocab, "reference"))))
     return src
 
 
-def open_served(cfg: TrainConfig, t: Any, field: str, tokenizer: Any, rows: list[kdata.TokenizedRow],
-                check: bool) -> ServedSignal:
-    """The served teacher; with ``check`` (validate and train's preflight, once), after its checks: it serves
-    the model named, answers K log-probs per position at temperature 1 for rows this long, tokenises the data
-    as the student does and — when ``model`` names the local copy of its weights — gives the same log-probs
-    on a few rows (:mod:`kdkit.teacher.parity`)."""
+def open_served(cfg: TrainConfig, t: Any, field: str, tokenizer: Any, rows: list[kdata.TokenizedRow]
+                ) -> ServedSignal:
+    """The served teacher, after its checks: it serves the model named, answers K log-probs per position at
+    temperature 1 for rows this long, tokenises the data as the student does and — when ``model`` names the
+    local copy of its weights — gives the same log-probs on a few rows (:mod:`kdkit.teacher.parity`)."""
     from kdkit.teacher import parity
     from kdkit.teacher.served import ServedError, Server
 
     kd = cfg.objective.kd
     server = Server(t.url, t.served_model, t.timeout_s, t.retries)
-    if not check:
-        return ServedSignal(server, t.top_k)
     if kd.cross_tokenizer != "none":
         raise SourceError(f"objective.kd.cross_tokenizer with {field}.url: a served teacher must share the "
                           "student's tokenizer (distil across tokenizers from a local model or a cache)")

@@ -16,9 +16,11 @@ from kdkit.data import rows as kdata
 from kdkit.models import sharding
 from kdkit.models.checkpoint import load_checkpoint, load_extra
 from kdkit.models.load import head_reads_last_hidden, load_causal_lm, load_tokenizer, pad_id
-from kdkit.teacher.signals import Sources, open_sources, open_validation, unwrap
+from kdkit.teacher.signals import Sources, unwrap
+from kdkit.train import onpolicy
 from kdkit.train.hidden import HiddenDistill
 from kdkit.train.metrics import Sums
+from kdkit.train.objective import Objective
 from kdkit.train.plan import lr_lambda
 from kdkit.train.preflight import load_rows, model_config, preflight
 from kdkit.train.probes import EarlyStop, load_probes
@@ -87,29 +89,29 @@ def hidden_distill(cfg: TrainConfig, model: torch.nn.Module, src: Sources, devic
 
 
 def _checked_data(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[Any, list[kdata.TokenizedRow],
-                                                                        list[kdata.TokenizedRow]]:
-    """The tokenizer and rows, after validate's checks: what validate accepts, this runs."""
+                                                                        list[kdata.TokenizedRow], Sources]:
+    """The tokenizer, the rows and the sources (opened once), after validate's checks: what validate accepts,
+    this runs."""
     tokenizer = load_tokenizer(cfg.student.path)
     rows, val_rows, rep = load_rows(cfg, tokenizer)
     log(f"data: {rep.summary(cfg.data.max_length)}")
     try:
-        preflight(cfg, rows, tokenizer, int(model_config(cfg.student.path).get("vocab_size", len(tokenizer))),
-                  val_rows=val_rows)
+        src = preflight(cfg, rows, tokenizer, int(model_config(cfg.student.path).get("vocab_size", len(tokenizer))),
+                        val_rows=val_rows)
     except KdkitError as e:
         e.same_on_every_rank = True  # every rank checks the same config and files: rank 0 reports it
         raise
-    return tokenizer, rows, val_rows
+    return tokenizer, rows, val_rows, src
 
 
 def build(cfg: TrainConfig, run: Path, acc: Any, ckpt: Path | None, log: Callable[[str], None]
           ) -> tuple[Run, int, Sums]:
     """Data, student, sources, optimizer and schedule, placed on the run's devices and, from ``ckpt``,
     restored; returns the run, the step to continue from and the epoch's sums so far."""
-    tokenizer, rows, val_rows = _checked_data(cfg, log)
+    tokenizer, rows, val_rows, src = _checked_data(cfg, log)
     pad = pad_id(tokenizer)
     model = load_student(cfg)
-    src = open_sources(cfg, rows, tokenizer, int(model.get_output_embeddings().weight.shape[0]), student=model)
-    src.validation = open_validation(cfg, val_rows, tokenizer, int(model.get_output_embeddings().weight.shape[0]))
+    src.load(model)
     for m in (model, *src.modules()):
         # bitsandbytes places quantised weights on the GPU when loading and refuses .to()
         if not (getattr(m, "is_loaded_in_4bit", False) or getattr(m, "is_loaded_in_8bit", False)):
@@ -155,11 +157,21 @@ def build(cfg: TrainConfig, run: Path, acc: Any, ckpt: Path | None, log: Callabl
     if cfg.data.packing:
         _check_packing(model, rows, pad, acc.device)
     r = Run(cfg, acc, run, tokenizer, rows, val_rows, pad, len(tokenizer), model, trainable, opt, sched, src,
-            why_not is None, world, rank, global_batch, steps_per_epoch, total_steps, **parts)
+            *objectives(cfg, why_not is None, hidden), world, rank, global_batch, steps_per_epoch, total_steps,
+            **parts)
     if acc.is_main_process:
         write_run_meta(r, why_not)
         cut_logs(r, step)
     return r, step, epoch_sums
+
+
+def objectives(cfg: TrainConfig, chunked: bool, hidden: HiddenDistill | None) -> tuple[Objective, Objective | None]:
+    """The run's objective and, with ``objective.on_policy``, an on-policy step's: their terms chosen once."""
+    op = cfg.objective.on_policy
+    off = Objective.for_run(cfg.objective, chunked, hidden)
+    if op is None:
+        return off, None
+    return off, Objective.for_run(onpolicy.objective(cfg.objective), chunked, hidden, op.loss == "sampled_kl_rev")
 
 
 def _rollout_server(cfg: TrainConfig, run: Path, world: int, resumed: bool) -> RolloutServer | None:

@@ -20,8 +20,9 @@ Positions are prediction positions: ``student_logits[b, t]`` predicts
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -38,6 +39,8 @@ from kdkit.loss.divergences import (
     token_ce,
     token_divergence,
 )
+from kdkit.teacher.signals import Signals
+from kdkit.train.hidden import HiddenDistill
 
 DEFAULT_ROLE = "default"
 
@@ -92,6 +95,7 @@ class Term:
     name: str
     loss: Tensor
     sums: dict[str, Tensor]
+    extra: dict[str, Tensor] = field(default_factory=dict)  # per micro-batch values (the barrier's aggregate)
 
 
 @dataclass
@@ -118,15 +122,16 @@ class ObjectiveOutput:
         return dict(zip(metrics, values, strict=True))
 
 
-def _combine(terms: list[Term], extra: dict[str, Tensor] | None = None) -> ObjectiveOutput:
-    """The micro-batch's loss: its terms added in order; their sums merged, with the total."""
-    loss, sums = terms[0].loss, dict(terms[0].sums)
+def _combine(terms: list[Term]) -> ObjectiveOutput:
+    """The micro-batch's loss: its terms added in order; their sums and extras merged, with the total."""
+    loss, sums, extra = terms[0].loss, dict(terms[0].sums), dict(terms[0].extra)
     for t in terms[1:]:
         loss = loss + t.loss
         for k, v in t.sums.items():
             sums[k] = sums[k] + v if k in sums else v
+        extra.update(t.extra)
     sums["total"] = _f(loss)
-    return ObjectiveOutput(loss=loss, sums=sums, terms={t.name: t.loss for t in terms}, extra=extra or {})
+    return ObjectiveOutput(loss=loss, sums=sums, terms={t.name: t.loss for t in terms}, extra=extra)
 
 
 def _f(x: Tensor) -> Tensor:
@@ -183,6 +188,7 @@ class _Coefficients:
     bar_on: Tensor
     local: Tensor
     inv: Tensor | float
+    step_share: bool  # the barrier weighted by the micro-batch's share of the step's tokens (a step's denominator)
 
 
 def coefficients(targets: Tensor, cfg: ObjectiveConfig, roles: list[str] | None, tasks: list[str] | None,
@@ -208,69 +214,8 @@ def coefficients(targets: Tensor, cfg: ObjectiveConfig, roles: list[str] | None,
         kd_on=torch.tensor([t.kd for t in terms], dtype=torch.float32, device=device),
         task_w=torch.tensor([cfg.task_weights.get(t, 1.0) for t in task_list], dtype=torch.float32, device=device),
         bar_on=torch.tensor([t.barrier for t in terms], dtype=torch.bool, device=device),
-        local=local, inv=inv,
+        local=local, inv=inv, step_share=denom is not None,
     )
-
-
-def compute_objective(
-    student_logits: Tensor,
-    targets: Tensor,
-    cfg: ObjectiveConfig,
-    *,
-    teacher: Tensor | TopK | None = None,
-    teachers: dict[str, Tensor | TopK] | None = None,
-    row_teachers: list[str] | None = None,
-    reference: Tensor | TopK | None = None,
-    hidden: Tensor | None = None,
-    roles: list[str] | None = None,
-    tasks: list[str] | None = None,
-    row_weights: Tensor | None = None,
-    denom: StepDenominator | None = None,
-) -> ObjectiveOutput:
-    """The objective of one micro-batch: its terms (CE, KD, the barrier, the hidden-state term), added.
-
-    Args:
-        student_logits: Tensor[B, T, V] (any float dtype; math in float32).
-        targets: LongTensor[B, T], ``-100`` where there is no loss.
-        cfg: the objective configuration.
-        teacher: dense logits Tensor[B, T, V] or TopK[B, T, K] aligned with the
-            positions, or a :class:`~kdkit.loss.crosstok.CrossTeacher` (another tokenizer: KD at its aligned
-            positions only); ``None`` for no KD (plain SFT).
-        teachers, row_teachers: more teachers by name, and each row's teacher name ("" = ``teacher``): a
-            row's KD is from its own teacher; the KD sums are also kept per teacher ("kl@name", ...).
-        reference: the barrier's reference, dense or TopK; required iff
-            ``cfg.barrier`` is set.
-        hidden: float Tensor[B, T], the per-position hidden-state loss (``cfg.hidden``), or None.
-        roles, tasks: per-row strings (length B); missing means ``"default"`` / ``""``.
-        row_weights: float Tensor[B] per-row weights (default 1).
-        denom: the optimizer step's denominator; default: this micro-batch alone.
-
-    Returns:
-        ObjectiveOutput with ``loss`` (float32 scalar, this micro-batch's share of
-        the step loss), its terms, their sums, and the means: ``ce_loss`` (CE per target token),
-        ``kl_loss`` (KD divergence per KD position), ``barrier``, ``barrier_agg`` (the aggregate
-        before the hinge), ``total_loss``, ``tail_mass`` and ``top1_agree`` (with a teacher), ``tokens``.
-    """
-    if student_logits.dim() != 3:
-        raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
-    bsz, seq, vocab = student_logits.shape
-    if targets.shape != (bsz, seq):
-        raise ValueError(f"targets shape {tuple(targets.shape)} != logits leading shape {(bsz, seq)}")
-    if cfg.barrier is not None and reference is None:
-        raise ValueError("objective.barrier is set but no reference signal was given")
-    _check_targets(targets, vocab)
-    co = coefficients(targets, cfg, roles, tasks, row_weights, denom, student_logits.device)
-    logits32 = student_logits.float()
-    terms, extra = [ce_term(logits32, targets, co, cfg)], {}
-    if teacher is not None and cfg.kd_weight > 0.0:
-        terms += (routed_kd_terms(logits32, teacher, teachers, row_teachers or [""] * bsz, co, cfg) if teachers
-                  else [kd_term(logits32, teacher, co, cfg)])
-    if cfg.barrier is not None:
-        term, extra["barrier_agg"] = barrier_term(logits32, reference, co, cfg, denom is not None)
-        terms.append(term)
-    if hidden is not None:
-        terms.append(_hidden_term(hidden, co, cfg))
-    return _combine(terms, extra)
 
 
 def ce_term(logits32: Tensor, targets: Tensor, co: _Coefficients, cfg: ObjectiveConfig) -> Term:
@@ -316,20 +261,19 @@ def routed_kd_terms(logits32: Tensor, teacher: Tensor | TopK, teachers: dict[str
     return out
 
 
-def barrier_term(logits32: Tensor, reference: Tensor | TopK, co: _Coefficients, cfg: ObjectiveConfig,
-                 step_share: bool) -> tuple[Term, Tensor]:
+def barrier_term(logits32: Tensor, reference: Tensor | TopK, co: _Coefficients, cfg: ObjectiveConfig) -> Term:
     """λ_b · relu(aggregate(div(reference, student)) − τ), weighted by the micro-batch's share of the step's
-    tokens (an RMSE or a p95 does not decompose over micro-batches); and the aggregate itself."""
+    tokens (an RMSE or a p95 does not decompose over micro-batches); the aggregate itself in its ``extra``."""
     b = cfg.barrier
     div_ref = token_divergence(logits32, reference, b.kind, temperature=b.temperature, t2_scale=False)
     mask = co.valid & co.bar_on[:, None]
     agg = aggregate(div_ref, mask, b.aggregate)
-    barrier = b.weight * hinge(agg, b.tau) * (co.local * co.inv if step_share else 1.0)
+    barrier = b.weight * hinge(agg, b.tau) * (co.local * co.inv if co.step_share else 1.0)
     # every aggregate of the divergence, before the hinge: how far below τ a run sits shows in its logs
     seen = mask.any().float()
     sums = {"barrier": _f(barrier), "bdiv_n": seen,
             **{f"bdiv_{how}": _f(aggregate(div_ref.detach(), mask, how)) * seen for how in BARRIER_VIEWS}}
-    return Term("barrier", barrier, sums), _f(agg)
+    return Term("barrier", barrier, sums, {"barrier_agg": _f(agg)})
 
 
 def _hidden_term(values: Tensor, co: _Coefficients, cfg: ObjectiveConfig) -> Term:
@@ -367,6 +311,273 @@ def resolved_chunk(chunk_size: int | str, vocab: int) -> int:
 
     return auto_chunk(vocab) if chunk_size == "auto" else int(chunk_size)
 
+def fused_term(x: Inputs, co: _Coefficients, cfg: ObjectiveConfig, at_targets: bool) -> Term:
+    """CE and KD in one pass over the target positions, chunk by chunk from the final hidden states and the LM
+    head (:func:`kdkit.loss.chunked.chunked_ce_kd`): the two terms share each chunk's logits. ``at_targets``:
+    the teacher was asked at the target positions alone, row-major ([N, V] / TopK [N, K])."""
+    from kdkit.loss.chunked import KDSpec, chunked_ce_kd
+
+    sel, teacher = co.valid, x.signals.teacher
+    ce_w = (co.tok_w * (co.rw * co.ce_on)[:, None])[sel] * (cfg.ce_coef * co.inv)
+    kd_row = co.rw * co.task_w * co.kd_on
+    use_kd = teacher is not None and cfg.kd_weight > 0.0
+    kd_w = (co.tok_w * kd_row[:, None])[sel] * (cfg.kd_weight * co.inv) if use_kd else None
+    t_sel: Tensor | TopK | None = None
+    if use_kd and at_targets:
+        n_t = (teacher.ids if isinstance(teacher, TopK) else teacher).shape[0]
+        if n_t != int(sel.sum()):
+            raise ValueError(f"the teacher has {n_t} target positions, the batch {int(sel.sum())}")
+        t_sel = teacher
+    elif use_kd:
+        t_sel = teacher.select(sel) if isinstance(teacher, TopK) else teacher[sel]
+    k = cfg.kd
+    spec = KDSpec(kind=k.kind, temperature=k.temperature, t2_scale=k.t2_scale, beta=k.beta, alpha=k.alpha, tail=k.tail)
+    vocab = x.head_weight.shape[0]
+    loss, st = chunked_ce_kd(x.last_hidden[sel], x.head_weight, x.targets[sel], bias=x.head_bias, teacher=t_sel,
+                             ce_weights=ce_w, kd_weights=kd_w, spec=spec,
+                             chunk_size=resolved_chunk(cfg.chunk_size, vocab))
+    sums = {"ce": _f(st.ce_sum), "tok": co.n_valid}
+    if use_kd:
+        kd_mask = (co.kd_on[:, None] > 0).expand_as(sel)[sel]
+        sums.update(kd_sums(st.kd_div, st.student_top, t_sel, kd_mask))
+    return Term("ce+kd", loss, sums)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What an objective's terms read of a micro-batch. Of the student: its logits at the prediction
+    positions (``logits``), or its final hidden states and LM head (``head``: the chunked loss runs the head
+    itself), and every layer's hidden states (``states``). Of the KD teacher: its answer at the target
+    positions alone (``teacher_at_targets``), its hidden states at ``teacher_layers`` from the same forward,
+    or its log-prob of each sampled token (``sampled``)."""
+
+    logits: bool = False
+    head: bool = False
+    states: bool = False
+    teacher_at_targets: bool = False
+    teacher_layers: tuple[int, ...] = ()
+    sampled: bool = False
+
+    def __or__(self, other: Needs) -> Needs:
+        flags = {f: getattr(self, f) or getattr(other, f) for f in ("logits", "head", "states", "teacher_at_targets",
+                                                                    "sampled")}
+        return Needs(**flags, teacher_layers=tuple(sorted({*self.teacher_layers, *other.teacher_layers})))
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """One micro-batch as the terms read it: the targets [B, T] (``-100``: no loss), the rows' roles, tasks,
+    weights and teachers, the sources' :class:`~kdkit.teacher.signals.Signals`, and the student's outputs its
+    terms need: ``logits`` [B, T, V] over the real vocabulary, or ``last_hidden`` [B, T, H] with the LM head
+    (``head_weight`` [V, H], ``head_bias`` [V]); ``states``, every layer's hidden states [B, T + 1, H] (the
+    last input kept: :class:`~kdkit.train.hidden.HiddenDistill` drops it); ``hidden_values`` [B, T], a
+    hidden-state loss computed by the caller."""
+
+    targets: Tensor
+    signals: Signals = field(default_factory=Signals)
+    roles: list[str] | None = None
+    tasks: list[str] | None = None
+    row_weights: Tensor | None = None
+    row_teachers: list[str] | None = None
+    logits: Tensor | None = None
+    last_hidden: Tensor | None = None
+    head_weight: Tensor | None = None
+    head_bias: Tensor | None = None
+    states: tuple[Tensor, ...] | None = None
+    hidden_values: Tensor | None = None
+
+
+class LossTerm(Protocol):
+    """One term of the objective, chosen once (:meth:`Objective.build`): what it reads, and its :class:`Term`
+    (or several, or none) for a micro-batch. A new term is a class here and a line in :meth:`Objective.build`;
+    the step asks for what ``needs`` names and does not know the terms."""
+
+    needs: Needs
+
+    def __call__(self, x: Inputs, co: _Coefficients, cfg: ObjectiveConfig) -> list[Term]: ...
+
+
+@dataclass(frozen=True)
+class CE:
+    """The cross-entropy on the targets (always made: its metrics are logged even at ``ce_coef`` 0)."""
+
+    needs: Needs = Needs(logits=True)
+
+    def __call__(self, x: Inputs, co: _Coefficients, cfg: ObjectiveConfig) -> list[Term]:
+        return [ce_term(x.logits, x.targets, co, cfg)]
+
+
+@dataclass(frozen=True)
+class KD:
+    """The KD term against the teacher's answer (none when there is none); one per teacher when rows name
+    teachers; on a ``sampled`` on-policy step, the sampled-token reverse KL."""
+
+    sampled: bool = False
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(logits=True, sampled=self.sampled)
+
+    def __call__(self, x: Inputs, co: _Coefficients, cfg: ObjectiveConfig) -> list[Term]:
+        s = x.signals
+        if s.teacher is None:
+            return []
+        if s.teachers:
+            return routed_kd_terms(x.logits, s.teacher, s.teachers, x.row_teachers or [""] * len(co.rw), co, cfg)
+        return [kd_term(x.logits, s.teacher, co, cfg)]
+
+
+@dataclass(frozen=True)
+class Barrier:
+    """The KL barrier against the reference (``objective.barrier``)."""
+
+    needs: Needs = Needs(logits=True)
+
+    def __call__(self, x: Inputs, co: _Coefficients, cfg: ObjectiveConfig) -> list[Term]:
+        if x.signals.reference is None:
+            raise ValueError("objective.barrier is set but no reference signal was given")
+        return [barrier_term(x.logits, x.signals.reference, co, cfg)]
+
+
+@dataclass(frozen=True)
+class Hidden:
+    """The hidden-state term: from the student's and the teacher's states through the run's projections
+    (``module``), or from values the caller computed (``module`` None: ``Inputs.hidden_values``)."""
+
+    module: HiddenDistill | None = None
+
+    @property
+    def needs(self) -> Needs:
+        return Needs() if self.module is None else Needs(states=True, teacher_layers=self.module.teacher_layers)
+
+    def __call__(self, x: Inputs, co: _Coefficients, cfg: ObjectiveConfig) -> list[Term]:
+        values = x.hidden_values if self.module is None else self.module(x.states, x.signals.teacher_hidden)
+        return [_hidden_term(values, co, cfg)]
+
+
+@dataclass(frozen=True)
+class FusedCEKD:
+    """CE and KD in one chunked pass (:func:`fused_term`), never holding more than ``chunk_size`` × V logits."""
+
+    at_targets: bool = False
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(head=True, teacher_at_targets=self.at_targets)
+
+    def __call__(self, x: Inputs, co: _Coefficients, cfg: ObjectiveConfig) -> list[Term]:
+        return [fused_term(x, co, cfg, self.at_targets)]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The objective's terms, chosen once (a run builds its objectives when it starts), and their sum on each
+    micro-batch: the coefficients computed once per micro-batch, each term's loss added in order."""
+
+    cfg: ObjectiveConfig
+    terms: tuple[LossTerm, ...]
+
+    @classmethod
+    def build(cls, cfg: ObjectiveConfig, *, chunked: bool = False, teacher_at_targets: bool = False,
+              hidden: HiddenDistill | bool = False, sampled: bool = False) -> Objective:
+        """The terms ``cfg`` asks for: CE, KD (``kd_weight`` > 0), the barrier, the hidden-state term
+        (``hidden``: the run's projections, or True for values the caller gives); ``chunked``: CE and KD
+        fused from the LM head (no barrier), the teacher asked ``teacher_at_targets``; ``sampled``: KD is
+        the sampled-token reverse KL of an on-policy step."""
+        if chunked and cfg.barrier is not None:
+            raise ValueError("the chunked path has no barrier; use chunk_size: 0 with a barrier")
+        if chunked and cfg.chunk_size != "auto" and cfg.chunk_size < 1:
+            raise ValueError("objective.chunk_size must be >= 1 or 'auto' for the chunked path")
+        terms: list[LossTerm] = [FusedCEKD(teacher_at_targets)] if chunked else [CE()]
+        if not chunked and cfg.kd_weight > 0.0:
+            terms.append(KD(sampled))
+        if cfg.barrier is not None:
+            terms.append(Barrier())
+        if hidden is not False:
+            terms.append(Hidden(None if hidden is True else hidden))
+        return cls(cfg, tuple(terms))
+
+    @classmethod
+    def for_run(cls, cfg: ObjectiveConfig, chunked: bool, hidden: HiddenDistill | None,
+                sampled: bool = False) -> Objective:
+        """A run's objective: chunked when the run can be (not on a ``sampled`` step: the teacher's log-prob of
+        each token is per position), the teacher then asked at the targets alone unless hidden states are
+        distilled (they come from the teacher's whole forward)."""
+        chunked = chunked and not sampled
+        return cls.build(cfg, chunked=chunked, teacher_at_targets=chunked and hidden is None,
+                         hidden=False if hidden is None else hidden, sampled=sampled)
+
+    @functools.cached_property
+    def needs(self) -> Needs:
+        return functools.reduce(Needs.__or__, (t.needs for t in self.terms), Needs())
+
+    @property
+    def chunked(self) -> bool:
+        return self.needs.head
+
+    def __call__(self, x: Inputs, denom: StepDenominator | None = None) -> ObjectiveOutput:
+        """The micro-batch's loss: every term's, added in order (``denom``: the optimizer step's; default: this
+        micro-batch alone)."""
+        scores = x.last_hidden if self.chunked else x.logits
+        if scores is None or scores.dim() != 3:
+            what = "hidden" if self.chunked else "student_logits"
+            raise ValueError(f"{what} must be [B, T, {'H' if self.chunked else 'V'}], got shape "
+                             f"{None if scores is None else tuple(scores.shape)}")
+        bsz, seq = scores.shape[:2]
+        if x.targets.shape != (bsz, seq):
+            what = "hidden" if self.chunked else "logits"
+            raise ValueError(f"targets shape {tuple(x.targets.shape)} != {what} leading shape {(bsz, seq)}")
+        _check_targets(x.targets, x.head_weight.shape[0] if self.chunked else scores.shape[-1])
+        if not self.chunked:
+            x = replace(x, logits=scores.float())  # the divergence math in float32, converted once
+        co = coefficients(x.targets, self.cfg, x.roles, x.tasks, x.row_weights, denom, scores.device)
+        return _combine([t for term in self.terms for t in term(x, co, self.cfg)])
+
+
+def compute_objective(
+    student_logits: Tensor,
+    targets: Tensor,
+    cfg: ObjectiveConfig,
+    *,
+    teacher: Tensor | TopK | None = None,
+    teachers: dict[str, Tensor | TopK] | None = None,
+    row_teachers: list[str] | None = None,
+    reference: Tensor | TopK | None = None,
+    hidden: Tensor | None = None,
+    roles: list[str] | None = None,
+    tasks: list[str] | None = None,
+    row_weights: Tensor | None = None,
+    denom: StepDenominator | None = None,
+) -> ObjectiveOutput:
+    """The objective of one micro-batch: its terms (CE, KD, the barrier, the hidden-state term), added.
+
+    Args:
+        student_logits: Tensor[B, T, V] (any float dtype; math in float32).
+        targets: LongTensor[B, T], ``-100`` where there is no loss.
+        cfg: the objective configuration.
+        teacher: dense logits Tensor[B, T, V] or TopK[B, T, K] aligned with the
+            positions, or a :class:`~kdkit.loss.crosstok.CrossTeacher` (another tokenizer: KD at its aligned
+            positions only); ``None`` for no KD (plain SFT).
+        teachers, row_teachers: more teachers by name, and each row's teacher name ("" = ``teacher``): a
+            row's KD is from its own teacher; the KD sums are also kept per teacher ("kl@name", ...).
+        reference: the barrier's reference, dense or TopK; required iff
+            ``cfg.barrier`` is set.
+        hidden: float Tensor[B, T], the per-position hidden-state loss (``cfg.hidden``), or None.
+        roles, tasks: per-row strings (length B); missing means ``"default"`` / ``""``.
+        row_weights: float Tensor[B] per-row weights (default 1).
+        denom: the optimizer step's denominator; default: this micro-batch alone.
+
+    Returns:
+        ObjectiveOutput with ``loss`` (float32 scalar, this micro-batch's share of
+        the step loss), its terms, their sums, and the means: ``ce_loss`` (CE per target token),
+        ``kl_loss`` (KD divergence per KD position), ``barrier``, ``barrier_agg`` (the aggregate
+        before the hinge), ``total_loss``, ``tail_mass`` and ``top1_agree`` (with a teacher), ``tokens``.
+    """
+    objective = Objective.build(cfg, hidden=hidden is not None)
+    signals = Signals(teacher=teacher, reference=reference, teachers=teachers or {})
+    return objective(Inputs(targets, signals, roles, tasks, row_weights, row_teachers, logits=student_logits,
+                            hidden_values=hidden), denom)
+
 
 def compute_objective_chunked(
     hidden: Tensor,
@@ -387,43 +598,10 @@ def compute_objective_chunked(
     never holding more than ``cfg.chunk_size`` × V logits. Only target positions are computed at all.
     ``teacher_at_targets``: the teacher is given at the target positions only, row-major ([N, V] / TopK [N, K]).
     ``hidden_values``: the hidden-state term's per-position values [B, T], as in :func:`compute_objective`."""
-    from kdkit.loss.chunked import KDSpec, chunked_ce_kd
-
-    if cfg.barrier is not None:
-        raise ValueError("the chunked path has no barrier; use chunk_size: 0 with a barrier")
-    if cfg.chunk_size != "auto" and cfg.chunk_size < 1:
-        raise ValueError("objective.chunk_size must be >= 1 or 'auto' for the chunked path")
-    bsz, seq, _ = hidden.shape
-    if targets.shape != (bsz, seq):
-        raise ValueError(f"targets shape {tuple(targets.shape)} != hidden leading shape {(bsz, seq)}")
-    vocab = head_weight.shape[0]
-    _check_targets(targets, vocab)
-    co = coefficients(targets, cfg, roles, tasks, row_weights, denom, hidden.device)
-    sel = co.valid
-    ce_w = (co.tok_w * (co.rw * co.ce_on)[:, None])[sel] * (cfg.ce_coef * co.inv)
-    kd_row = co.rw * co.task_w * co.kd_on
-    use_kd = teacher is not None and cfg.kd_weight > 0.0
-    kd_w = (co.tok_w * kd_row[:, None])[sel] * (cfg.kd_weight * co.inv) if use_kd else None
-    t_sel: Tensor | TopK | None = None
-    if use_kd and teacher_at_targets:
-        n_t = (teacher.ids if isinstance(teacher, TopK) else teacher).shape[0]
-        if n_t != int(sel.sum()):
-            raise ValueError(f"the teacher has {n_t} target positions, the batch {int(sel.sum())}")
-        t_sel = teacher
-    elif use_kd:
-        t_sel = teacher.select(sel) if isinstance(teacher, TopK) else teacher[sel]
-    k = cfg.kd
-    spec = KDSpec(kind=k.kind, temperature=k.temperature, t2_scale=k.t2_scale, beta=k.beta, alpha=k.alpha, tail=k.tail)
-    loss, st = chunked_ce_kd(hidden[sel], head_weight, targets[sel], bias=head_bias, teacher=t_sel, ce_weights=ce_w,
-                             kd_weights=kd_w, spec=spec, chunk_size=resolved_chunk(cfg.chunk_size, vocab))
-    sums = {"ce": _f(st.ce_sum), "tok": co.n_valid}
-    if use_kd:
-        kd_mask = (co.kd_on[:, None] > 0).expand_as(sel)[sel]
-        sums.update(kd_sums(st.kd_div, st.student_top, t_sel, kd_mask))
-    terms = [Term("ce+kd", loss, sums)]  # one fused pass: the two terms share each chunk's logits
-    if hidden_values is not None:
-        terms.append(_hidden_term(hidden_values, co, cfg))
-    return _combine(terms)
+    objective = Objective.build(cfg, chunked=True, teacher_at_targets=teacher_at_targets,
+                                hidden=hidden_values is not None)
+    return objective(Inputs(targets, Signals(teacher=teacher), roles, tasks, row_weights, last_hidden=hidden,
+                            head_weight=head_weight, head_bias=head_bias, hidden_values=hidden_values), denom)
 
 
 def hidden_term(values: Tensor, targets: Tensor, cfg: ObjectiveConfig, *, roles: list[str] | None = None,

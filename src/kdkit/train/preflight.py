@@ -15,10 +15,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kdkit.config.load import located
 from kdkit.config.schema import TrainConfig
 from kdkit.data import rows as kdata
-from kdkit.teacher.signals import SourceError, check_objective_data, open_sources, open_validation
+from kdkit.teacher.signals import SourceError, Sources, check_objective_data, open_sources, open_validation
 from kdkit.train.trackers import check_installed
+from kdkit.util.errors import KdkitError
 
 
 def model_config(path: str) -> dict[str, Any]:
@@ -86,12 +88,22 @@ def check_precision(cfg: TrainConfig) -> None:
 
 
 def preflight(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, vocab_rows: int,
-              verify: bool = False, val_rows: list[kdata.TokenizedRow] | None = None) -> None:
+              verify: bool = False, val_rows: list[kdata.TokenizedRow] | None = None) -> Sources:
     """Every check of a training config that needs no weights; raises a :class:`kdkit.util.errors.KdkitError`
-    naming the field (and file and line) on the first problem."""
+    naming the field (and file and line) on the first problem. Returns the sources, opened once and checked (a
+    live model's weights not read: :meth:`~kdkit.teacher.signals.Sources.load`)."""
+    try:
+        return _checks(cfg, rows, tokenizer, vocab_rows, verify, val_rows)
+    except KdkitError as e:  # a message that begins with a field: where the user wrote it, file and line
+        e.args = (located(cfg, str(e)), *e.args[1:])
+        raise
+
+
+def _checks(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, vocab_rows: int, verify: bool,
+            val_rows: list[kdata.TokenizedRow] | None) -> Sources:
     check_precision(cfg)
-    open_sources(cfg, rows, tokenizer, vocab_rows, verify=verify)
-    open_validation(cfg, val_rows or [], tokenizer, vocab_rows, verify=verify)
+    src = open_sources(cfg, rows, tokenizer, vocab_rows, verify=verify)
+    src.validation = open_validation(cfg, val_rows or [], tokenizer, vocab_rows, verify=verify)
     check_objective_data(cfg, rows)
     check_installed(cfg.logging.report_to)
     check_lora_targets(cfg)
@@ -109,3 +121,4 @@ def preflight(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, 
         from kdkit.train.routing import load_pairs
 
         load_pairs(cfg.routing.pairs, tokenizer)
+    return src

@@ -12,6 +12,7 @@ from kdkit.config.schema import TrainConfig
 from kdkit.data import rows as kdata
 from kdkit.teacher.signals import Sources
 from kdkit.train.hidden import HiddenDistill
+from kdkit.train.objective import Objective
 from kdkit.train.probes import EarlyStop, Probe
 from kdkit.train.rollout import RolloutServer
 from kdkit.train.routing import Router
@@ -35,7 +36,8 @@ class Run:
     opt: torch.optim.Optimizer
     sched: Any
     src: Sources
-    chunked: bool
+    objective: Objective  # the run's terms, chosen once
+    on_policy_objective: Objective | None  # an on-policy step's (no CE on generated tokens), with objective.on_policy
     world: int
     rank: int
     global_batch: int
@@ -46,6 +48,11 @@ class Run:
     router: Router | None = None
     hidden: HiddenDistill | None = None
     rollout: RolloutServer | None = None  # the student's vLLM server that writes on-policy completions
+
+    @property
+    def chunked(self) -> bool:
+        """The memory-lean chunked loss: the student's logits never held whole."""
+        return self.objective.chunked
 
     @property
     def metrics_path(self) -> Path:

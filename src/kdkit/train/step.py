@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -14,17 +15,9 @@ from kdkit.data import rows as kdata
 from kdkit.models import sharding
 from kdkit.models.load import vocab_logits
 from kdkit.teacher.signals import unwrap
-from kdkit.train import onpolicy
 from kdkit.train.control import fault
 from kdkit.train.metrics import Sums
-from kdkit.train.objective import (
-    ObjectiveOutput,
-    StepDenominator,
-    Term,
-    compute_objective,
-    compute_objective_chunked,
-    step_denominator,
-)
+from kdkit.train.objective import Inputs, Objective, ObjectiveOutput, StepDenominator, step_denominator
 from kdkit.util.errors import TrainingError
 
 if TYPE_CHECKING:
@@ -41,35 +34,27 @@ is shown the first micro-batch's loss terms (with their graph) before its backwa
 class ObservesTerms(Protocol):
     """A gradient hook that needs the loss terms apart (routing's cin_t / cin_s)."""
 
-    def observe_terms(self, terms: list[Term]) -> None: ...
+    def observe_terms(self, terms: dict[str, torch.Tensor]) -> None: ...
 
 
-def forward_loss(r: Run, model: torch.nn.Module, batch: kdata.Batch, objective: Any,
-                 denom: StepDenominator, sampled: bool = False) -> ObjectiveOutput:
-    """One micro-batch: the sources' signals (asked once), the student's forward, the objective's terms.
-    ``sampled``: an on-policy step of the sampled-token reverse KL (the teacher gives each sampled token's
-    log-prob)."""
-    # the chunked loss reads the teacher at the target positions alone: a live teacher runs its head there only
-    chunked = r.chunked and not sampled
-    at_targets = chunked and r.hidden is None
-    sig = r.src.ask(batch, model, sampled=sampled, at_targets=at_targets,
-                    hidden_layers=r.hidden.teacher_layers if r.hidden is not None and not sampled else ())
-    kw = dict(teacher=sig.teacher, roles=batch.roles, tasks=batch.tasks, row_weights=batch.weights, denom=denom)
-    if sig.teachers:  # several teachers (the dense path): each scores the batch, each row's KD is its own's
-        kw.update(teachers=sig.teachers, row_teachers=batch.teachers)
-    if not chunked:
-        logits, states = student_forward(r, model, batch, r.hidden is not None, last_hidden_only=False)
-        values = r.hidden(states, sig.teacher_hidden) if r.hidden is not None else None
-        return compute_objective(vocab_logits(logits[:, :-1], r.real_vocab, "student"), batch.targets, objective,
-                                 reference=sig.reference, hidden=values, **kw)
-    # Only the last position's logits are materialised by the model; the loss is computed from the
-    # final hidden states, chunk by chunk. Padded embedding rows are dropped from the head.
-    _, states = student_forward(r, model, batch, True, last_hidden_only=r.hidden is None)
-    hidden, head = states[-1], unwrap(model).get_output_embeddings()  # checked once, by build
-    values = r.hidden(states, sig.teacher_hidden) if r.hidden is not None else None
-    bias = None if head.bias is None else head.bias[:r.real_vocab]
-    return compute_objective_chunked(hidden[:, :-1], head.weight[:r.real_vocab], batch.targets, objective,
-                                     head_bias=bias, teacher_at_targets=at_targets, hidden_values=values, **kw)
+def forward_loss(r: Run, model: torch.nn.Module, batch: kdata.Batch, objective: Objective,
+                 denom: StepDenominator) -> ObjectiveOutput:
+    """One micro-batch: the sources' signals (each asked once), the student's forward, the objective's terms.
+    What is asked of each is what the run's objective needs (:attr:`kdkit.train.objective.Objective.needs`):
+    the step does not know the terms or the signals' kinds."""
+    needs = objective.needs
+    sig = r.src.ask(batch, model, sampled=needs.sampled, at_targets=needs.teacher_at_targets,
+                    hidden_layers=needs.teacher_layers)
+    logits, states = student_forward(r, model, batch, needs.states or needs.head,
+                                     last_hidden_only=needs.head and not needs.states)
+    x = Inputs(batch.targets, sig, batch.roles, batch.tasks, batch.weights, batch.teachers, states=states)
+    if needs.logits:
+        x = replace(x, logits=vocab_logits(logits[:, :-1], r.real_vocab, "student"))
+    if needs.head:  # the chunked loss runs the head itself; padded embedding rows are dropped from it
+        head = unwrap(model).get_output_embeddings()  # checked once, by build
+        x = replace(x, last_hidden=states[-1][:, :-1], head_weight=head.weight[:r.real_vocab],
+                    head_bias=None if head.bias is None else head.bias[:r.real_vocab])
+    return objective(x, denom)
 
 
 def student_forward(r: Run, model: torch.nn.Module, batch: kdata.Batch, hidden_states: bool,
@@ -94,9 +79,8 @@ def optimizer_step(r: Run, step: int, batches: list[kdata.Batch], on_policy: boo
     """Forward and backward over the step's micro-batches, gradient hooks, clipping, the optimizer step.
     Returns the step's sums over all ranks and the step's scalar metrics."""
     acc, cfg = r.acc, r.cfg
-    sampled = on_policy and cfg.objective.on_policy.loss == "sampled_kl_rev"
-    r.src.prepare(batches, sampled)  # a served teacher: every answer of the step is in before it computes
-    objective = onpolicy.objective(cfg.objective) if on_policy else cfg.objective
+    objective = r.on_policy_objective if on_policy else r.objective
+    r.src.prepare(batches, objective.needs.sampled)  # a served teacher: the step's answers are in before it computes
     # One denominator for the whole step: every micro-batch of every rank.
     local = step_denominator([b.targets for b in batches], cfg.objective).tokens
     denom = StepDenominator(float(acc.reduce(torch.tensor(local, dtype=torch.float64, device=acc.device), "sum")))
@@ -105,7 +89,7 @@ def optimizer_step(r: Run, step: int, batches: list[kdata.Batch], on_policy: boo
     for j, b in enumerate(batches):
         # Sync gradients across ranks only on the last micro-step: earlier ones accumulate locally.
         with acc.no_sync(r.model) if j < len(batches) - 1 else nullcontext():
-            out = forward_loss(r, r.model, b, objective, denom, sampled)
+            out = forward_loss(r, r.model, b, objective, denom)
             if j == 0:  # a hook that needs the terms apart (routing's cin_t / cin_s) sees them before backward
                 for hook in hooks:
                     if isinstance(hook, ObservesTerms):
