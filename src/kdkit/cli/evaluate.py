@@ -48,8 +48,14 @@ def verify_cmd(
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="A Hugging Face model directory (safetensors) with its tokenizer."),
-    tasks: str = typer.Option(..., help="Task file (HumanEval format, .jsonl or .jsonl.gz)."),
-    out: str = typer.Option(None, help="Directory for generations.jsonl, results.jsonl and summary.json."),
+    tasks: str = typer.Option(None, help="Task file (HumanEval format, .jsonl or .jsonl.gz): pass counts."),
+    drift_from: str = typer.Option(None, "--drift-from", help=(
+        "The base model directory the candidate was trained from: KL(base‖cand) and KL(cand‖base) per target "
+        "token of --rows, mean and p95, one forward of each model and no generation (with or without --tasks).")),
+    rows: str = typer.Option(None, help=("Rows for --drift-from: any data file `kdkit train` reads (the training "
+                                         "rows, or anchor prompts with production's answers).")),
+    max_length: int = typer.Option(1024, min=2, help="--rows are tokenised as training does, cut to this length."),
+    out: str = typer.Option(None, help="Directory for generations.jsonl, results.jsonl, summary.json (and drift.json)."),
     max_new_tokens: int = typer.Option(256, help="Generation budget per task."),
     batch_size: int = typer.Option(8, help="Prompts per generation batch."),
     sample: bool = typer.Option(False, help=("Sample instead of greedy decoding (greedy is deterministic). Nothing "
@@ -75,8 +81,52 @@ def eval_cmd(
 ) -> None:
     ("Generate a completion for every task (greedy by default), extract the function body, verify it in the "
      "sandbox, and report pass count and rate with a 95% Wilson interval (and pass@k when sampling), and why the "
-     "others did not pass (results.jsonl has each task's reason and stderr).")
+     "others did not pass (results.jsonl has each task's reason and stderr). With --drift-from BASE --rows FILE: "
+     "how far the model's next-token distributions moved from the base's on those rows.")
+    if (drift_from is None) != (rows is None):
+        fail("--drift-from BASE and --rows FILE go together (the KL from the base is measured on rows)")
+    if tasks is None and drift_from is None:
+        fail("give --tasks FILE (pass counts), --drift-from BASE with --rows FILE (drift from the base), or both")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    generating = (("--max-new-tokens", max_new_tokens != 256), ("--batch-size", batch_size != 8), ("--sample", sample),
+                  ("--repetition-penalty", repetition_penalty != 1.0), ("--prompt-style", prompt_style != "raw"),
+                  ("--instruction", instruction is not None), ("--system", system is not None),
+                  ("--timeout", timeout != 10.0), ("--workers", workers is not None), ("--limit", limit is not None),
+                  ("--unsafe-no-isolation", unsafe_no_isolation))
+    if tasks is None and any(given for _, given in generating):
+        fail(f"{', '.join(n for n, given in generating if given)} only take(s) effect with --tasks (drift generates "
+             f"nothing)")
+    if drift_from is not None:
+        _drift(model, drift_from, rows, max_length, out, dtype, device)
+    elif max_length != 1024:
+        fail("--max-length only takes effect with --drift-from and --rows")
+    if tasks is not None:
+        _eval_tasks(model, tasks, out, max_new_tokens, batch_size, sample, temperature, top_p, top_k, repetition_penalty,
+                    n_samples, seed, prompt_style, instruction, system, timeout, workers, unsafe_no_isolation, limit,
+                    dtype, device)
 
+
+def _drift(model: str, base: str, rows: str, max_length: int, out: str | None, dtype: str, device: str | None) -> None:
+    from kdkit.evaluate.drift import drift, write_drift
+
+    figures = drift(model, base, rows, max_length=max_length, dtype=dtype, device=device, log=console.print)
+    t = Table(title=f"drift of {model} from {base} on {rows}")
+    for c in ("", "mean", "p95"):
+        t.add_column(c, overflow="fold")
+    t.add_row("KL(base‖cand)", f"{figures.kl_base_cand_mean:.4g}", f"{figures.kl_base_cand_p95:.4g}")
+    t.add_row("KL(cand‖base)", f"{figures.kl_cand_base_mean:.4g}", f"{figures.kl_cand_base_p95:.4g}")
+    console.print(t)
+    if out:
+        console.print(f"wrote {write_drift(out, figures, model, base)}")
+    console.print(figures.line())
+
+
+def _eval_tasks(model: str, tasks: str, out: str | None, max_new_tokens: int, batch_size: int, sample: bool,
+                temperature: float | None, top_p: float | None, top_k: int | None, repetition_penalty: float,
+                n_samples: int, seed: int, prompt_style: str, instruction: str | None, system: str | None,
+                timeout: float, workers: int | None, unsafe_no_isolation: bool, limit: int | None, dtype: str,
+                device: str | None) -> None:
     from kdkit.evaluate.passrate import GenerationSettings, by_category, evaluate_model, load_tasks, write_eval_dir
     from kdkit.evaluate.sandbox import Limits
 
@@ -91,8 +141,6 @@ def eval_cmd(
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample,
                                   repetition_penalty=repetition_penalty, n_samples=n_samples, seed=seed, **sampling,
                                   **_prompting(prompt_style, instruction, system))
-    if dtype not in ("float32", "bfloat16", "float16"):
-        fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     results, summary, gens = evaluate_model(model, tasks, settings=settings, limits=Limits(timeout_s=timeout),
                                             workers=workers, unsafe_no_isolation=unsafe_no_isolation, log=console.print,
                                             limit=limit, dtype=dtype, device=device)
