@@ -136,8 +136,9 @@ GATE_EXIT = {"KEEP": 0, "REVERT": 1, "UNDECIDED": 3}
 @app.command("gate")
 def gate_cmd(
     candidate: str = typer.Argument(..., help="Candidate: a model directory (e.g. from `kdkit merge`) or a pack name."),
-    tasks: list[str] = typer.Option(..., help=("Task file (HumanEval or MBPP format). Repeat for several suites in "
-                                               "one decision: the first is the anchors (--rule), the others are "
+    tasks: list[str] = typer.Option(..., help=("Task file (HumanEval or MBPP format), or a ready-made suite: humaneval "
+                                               "(164 tasks), mbpp-test (500; $KDKIT_MBPP). Repeat for several suites "
+                                               "in one decision: the first is the anchors (--rule), the others are "
                                                "judged by --suite-rule.")),
     against: str = typer.Option("production", help=("Baseline: 'production', a pack name/id, or a model directory "
                                                     "(registered; a first gate against one starts the workspace).")),
@@ -172,11 +173,13 @@ def gate_cmd(
     from kdkit.decide.gate import GateRule, SuiteRule, format_tasks, gate, power_line
     from kdkit.evaluate.passrate import GenerationSettings
     from kdkit.evaluate.sandbox import Limits
+    from kdkit.evaluate.tasks import resolve_tasks
     from kdkit.util.io import atomic_write_json
 
     if suite_rule is not None and len(tasks) < 2:
         fail("--suite-rule only takes effect with a second --tasks file")
     reg = _registry(workspace, create=_P(against).is_dir())  # a baseline directory needs no production yet
+    tasks = [str(resolve_tasks(t)) for t in tasks]
     res = gate(reg, candidate, tasks, against=against, rule=GateRule.parse(rule),
                suite_rule=SuiteRule.parse(suite_rule),
                settings=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -208,8 +211,9 @@ def ladder_cmd(
                                        "KEEP count). A seed s sets optim.seed = s and shifts data.shuffle_seed (and "
                                        "objective.on_policy.seed) by s, so the data order varies too; seeds that "
                                        "train identical weights are named. The same as --vary optim.seed=0,1,...")),
-    tasks: list[str] = typer.Option(..., help=("Task file for the gate; repeat for several suites (the first is the "
-                                               "anchors, judged by --rule; the others by the gate's suite rule).")),
+    tasks: list[str] = typer.Option(..., help=("Task file for the gate, or a ready-made suite (humaneval, mbpp-test); "
+                                               "repeat for several suites (the first is the anchors, judged by --rule; "
+                                               "the others by the gate's suite rule).")),
     set_: list[str] = typer.Option([], "--set", help=("Override a config field for every rung: --set optim.lr=1e-4 "
                                                       "(repeatable; a rung's --vary value wins).")),
     out: str = typer.Option(None, help="Ladder directory (default: ladders/<config name>)."),
@@ -234,6 +238,7 @@ def ladder_cmd(
     from kdkit.decide.tables import seed_rows, table_rows
     from kdkit.evaluate.passrate import GenerationSettings
     from kdkit.evaluate.sandbox import Limits
+    from kdkit.evaluate.tasks import resolve_tasks
 
     if seeds < 1:
         fail("--seeds must be >= 1")
@@ -243,6 +248,7 @@ def ladder_cmd(
         vary = [*vary, "optim.seed=" + ",".join(str(i) for i in range(seeds))]
     reg = _registry(workspace)
     out_dir = out or str(_P("ladders") / _P(config).stem)
+    tasks = [str(resolve_tasks(t)) for t in tasks]
     results = run_ladder(config, vary, tasks if len(tasks) > 1 else tasks[0], out_dir, registry=reg,
                          rule=GateRule.parse(rule),
                          settings=GenerationSettings(max_new_tokens=max_new_tokens,

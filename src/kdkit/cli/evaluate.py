@@ -10,7 +10,8 @@ from kdkit.cli.group import PROMPT_STYLE_HELP, UNSAFE_HELP, _print_reasons, _pri
 
 @app.command("verify")
 def verify_cmd(
-    tasks: str = typer.Option(..., help="Task file (HumanEval format: task_id, prompt, entry_point, test; .jsonl[.gz])."),
+    tasks: str = typer.Option(..., help=("Task file (HumanEval format: task_id, prompt, entry_point, test; .jsonl[.gz]), "
+                                         "or a ready-made suite: humaneval (164 tasks), mbpp-test (500; $KDKIT_MBPP).")),
     completions: str = typer.Option(None, help="Completions JSONL: {task_id, completion} rows (several rows = samples)."),
     solutions: str = typer.Option(None, help="'canonical': verify the tasks' own canonical_solution (self-check)."),
     out: str = typer.Option(None, help="Write per-task results (JSONL) here."),
@@ -23,11 +24,13 @@ def verify_cmd(
      "rate with a 95% Wilson interval; write per-task results (passed, status, stderr tail, duration).")
     from kdkit.evaluate.passrate import load_completions, load_tasks, summarise, verify, write_results
     from kdkit.evaluate.sandbox import Limits
+    from kdkit.evaluate.tasks import resolve_tasks
 
     if (completions is None) == (solutions is None):
         fail("give exactly one of --completions FILE or --solutions canonical")
     if solutions is not None and solutions != "canonical":
         fail(f"--solutions {solutions!r}: the only value is 'canonical'")
+    tasks = str(resolve_tasks(tasks))
     task_list = load_tasks(tasks)
     if completions:
         comps = load_completions(completions, task_list)
@@ -48,7 +51,8 @@ def verify_cmd(
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="A Hugging Face model directory (safetensors) with its tokenizer."),
-    tasks: str = typer.Option(None, help="Task file (HumanEval format, .jsonl or .jsonl.gz): pass counts."),
+    tasks: str = typer.Option(None, help=("Task file (HumanEval format, .jsonl or .jsonl.gz) or a ready-made suite "
+                                          "(humaneval: 164 tasks; mbpp-test: 500, from $KDKIT_MBPP): pass counts.")),
     drift_from: str = typer.Option(None, "--drift-from", help=(
         "The base model directory the candidate was trained from: KL(base‖cand) and KL(cand‖base) per target "
         "token of --rows, mean and p95, one forward of each model and no generation (with or without --tasks).")),
@@ -102,9 +106,11 @@ def eval_cmd(
     elif max_length != 1024:
         fail("--max-length only takes effect with --drift-from and --rows")
     if tasks is not None:
-        _eval_tasks(model, tasks, out, max_new_tokens, batch_size, sample, temperature, top_p, top_k, repetition_penalty,
-                    n_samples, seed, prompt_style, instruction, system, timeout, workers, unsafe_no_isolation, limit,
-                    dtype, device)
+        from kdkit.evaluate.tasks import resolve_tasks
+
+        _eval_tasks(model, str(resolve_tasks(tasks)), out, max_new_tokens, batch_size, sample, temperature, top_p,
+                    top_k, repetition_penalty, n_samples, seed, prompt_style, instruction, system, timeout, workers,
+                    unsafe_no_isolation, limit, dtype, device)
 
 
 def _drift(model: str, base: str, rows: str, max_length: int, out: str | None, dtype: str, device: str | None) -> None:

