@@ -344,3 +344,49 @@ def test_generate_on_the_server_writes_the_local_generations_bytes(served, tmp_p
     assert again.exit_code != 0 and "served" in again.output and "choose another --out" in again.output
     lone = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "x.jsonl"), "--served-model", "m"])
     assert lone.exit_code == 2 and "without --teacher-url it does nothing" in lone.output
+
+
+def _eval(model: Path, tasks: Path, out: Path, *extra: str) -> tuple[list[dict], list[dict], dict]:
+    res = CliRunner().invoke(app, ["eval", str(model), "--tasks", str(tasks), "--max-new-tokens", "24",
+                                   "--out", str(out), *extra], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    rows = [[json.loads(x) for x in (out / f).read_text().splitlines()] for f in ("generations.jsonl", "results.jsonl")]
+    return rows[0], rows[1], json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (make sandbox-deps)")
+def test_eval_through_the_server_equals_the_local_path_task_by_task(served, lora_server, tmp_path):
+    """The served model, a LoRA adapter loaded at run time (against its merged pack evaluated locally) and another
+    full model loaded in place: the server's greedy answers, extracted code and verdicts are the local path's,
+    task by task, and the server is left as it was."""
+    from kdkit.demo.world import make_world
+
+    root, url = served
+    tasks = write_jsonl(tmp_path / "anchors.jsonl", make_world(0).anchors[:12])
+    tok = load_tokenizer(root / "teacher")
+    torch.manual_seed(0)
+    adapter = get_peft_model(load_causal_lm(root / "teacher"), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                          target_modules=["q_proj", "v_proj"]))
+    adapter.save_pretrained(str(tmp_path / "adapter"))
+    tok.save_pretrained(str(tmp_path / "adapter"))
+    adapter.merge_and_unload().save_pretrained(str(tmp_path / "merged"))
+    tok.save_pretrained(str(tmp_path / "merged"))
+    save_model_dir(tmp_path / "other", seed=7, hidden=64, heads=2)
+    cases = ((root / "teacher", root / "teacher", url, "served"), (tmp_path / "adapter", tmp_path / "merged",
+                                                                   lora_server, "adapter"),
+             (tmp_path / "other", tmp_path / "other", url, "weights"), (root / "teacher", root / "teacher", url, "served"))
+    answers = []
+    for i, (candidate, local_model, server, how) in enumerate(cases):
+        local = _eval(local_model, tasks, tmp_path / f"local{i}")
+        remote = _eval(candidate, tasks, tmp_path / f"served{i}", "--server", server)
+        assert [(g["task_id"], g["raw"], g["completion"]) for g in remote[0]] == \
+            [(g["task_id"], g["raw"], g["completion"]) for g in local[0]]
+        assert [(r["task_id"], r["passed"], r["status"]) for r in remote[1]] == \
+            [(r["task_id"], r["passed"], r["status"]) for r in local[1]]
+        assert remote[2]["served"]["how"] == how and "served" not in local[2]
+        answers.append([g["raw"] for g in local[0]])
+    assert answers[0] != answers[1] != answers[2] and answers[3] == answers[0]  # three models; the server restored
+    assert [m["id"] for m in Server(lora_server)._object("/v1/models")["data"]] == [str(root / "teacher")]
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "adapter"), "--tasks", str(tasks), "--server", lora_server,
+                                   "--sample"])
+    assert res.exit_code == 2 and "vLLM's sampler draws other samples" in res.output

@@ -82,6 +82,11 @@ def eval_cmd(
     dtype: str = typer.Option("float32", help="The model's weights in memory: float32, bfloat16 or float16."),
     device: str = typer.Option(None, help=("Where the model runs: cpu, cuda, cuda:1, ... (default: cpu; the sandbox "
                                            "always runs on the CPU).")),
+    server: str = typer.Option(None, help=(
+        "A vLLM server's URL: it writes the answers (greedy; same prompts, stop rule, extraction and sandbox). MODEL "
+        "may then be a LoRA run or adapter (loaded at run time under a fresh name, unloaded after), the served "
+        "model, or another full model (loaded in place, the served weights loaded back after).")),
+    served_model: str = typer.Option(None, help="With --server: the served base model's name, when it serves several."),
 ) -> None:
     ("Generate a completion for every task (greedy by default), extract the function body, verify it in the "
      "sandbox, and report pass count and rate with a 95% Wilson interval (and pass@k when sampling), and why the "
@@ -101,6 +106,10 @@ def eval_cmd(
     if tasks is None and any(given for _, given in generating):
         fail(f"{', '.join(n for n, given in generating if given)} only take(s) effect with --tasks (drift generates "
              f"nothing)")
+    if served_model is not None and server is None:
+        fail("--served-model names a model of --server; without --server it does nothing")
+    if server is not None and tasks is None:
+        fail("--server writes the answers to --tasks; drift is measured here (give --tasks)")
     if drift_from is not None:
         _drift(model, drift_from, rows, max_length, out, dtype, device)
     elif max_length != 1024:
@@ -110,7 +119,7 @@ def eval_cmd(
 
         _eval_tasks(model, str(resolve_tasks(tasks)), out, max_new_tokens, batch_size, sample, temperature, top_p,
                     top_k, repetition_penalty, n_samples, seed, prompt_style, instruction, system, timeout, workers,
-                    unsafe_no_isolation, limit, dtype, device)
+                    unsafe_no_isolation, limit, dtype, device, server, served_model)
 
 
 def _drift(model: str, base: str, rows: str, max_length: int, out: str | None, dtype: str, device: str | None) -> None:
@@ -132,7 +141,7 @@ def _eval_tasks(model: str, tasks: str, out: str | None, max_new_tokens: int, ba
                 temperature: float | None, top_p: float | None, top_k: int | None, repetition_penalty: float,
                 n_samples: int, seed: int, prompt_style: str, instruction: str | None, system: str | None,
                 timeout: float, workers: int | None, unsafe_no_isolation: bool, limit: int | None, dtype: str,
-                device: str | None) -> None:
+                device: str | None, server: str | None, served_model: str | None) -> None:
     from kdkit.evaluate.passrate import GenerationSettings, by_category, evaluate_model, load_tasks, write_eval_dir
     from kdkit.evaluate.sandbox import Limits
 
@@ -147,13 +156,26 @@ def _eval_tasks(model: str, tasks: str, out: str | None, max_new_tokens: int, ba
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=sample,
                                   repetition_penalty=repetition_penalty, n_samples=n_samples, seed=seed, **sampling,
                                   **_prompting(prompt_style, instruction, system))
-    results, summary, gens = evaluate_model(model, tasks, settings=settings, limits=Limits(timeout_s=timeout),
-                                            workers=workers, unsafe_no_isolation=unsafe_no_isolation, log=console.print,
-                                            limit=limit, dtype=dtype, device=device)
+    kw = dict(settings=settings, limits=Limits(timeout_s=timeout), workers=workers,
+              unsafe_no_isolation=unsafe_no_isolation, log=console.print, limit=limit, dtype=dtype, device=device)
+    served = None
+    if server is None:
+        results, summary, gens = evaluate_model(model, tasks, **kw)
+    else:
+        from kdkit.evaluate.served import ServedCandidate, check_settings
+
+        check_settings(settings)  # before the server is touched
+        with ServedCandidate.open(server, model, served_model) as sc:
+            console.print(f"answers written by {sc.server.url} ({sc.how}: {sc.name})")
+            results, summary, gens = evaluate_model(model, tasks, served=sc, **kw)
+            served = {"url": sc.server.url, "how": sc.how, "base": sc.base,
+                      "vllm_version": sc.server.info().get("vllm_version")}
+            model = str(sc.candidate)  # what the answers are of: the adapter, not a run's checkpoints
     categories = by_category(load_tasks(tasks)[:limit], results)
     if out:
         write_eval_dir(out, model=model, tasks=tasks, results=results, summary=summary, generations=gens,
-                       settings=settings, timeout_s=timeout, limit=limit, dtype=dtype, categories=categories)
+                       settings=settings, timeout_s=timeout, limit=limit, dtype=dtype, categories=categories,
+                       served=served)
     _print_summary(summary, f"eval {model} on {tasks}" + (f" (first {limit} tasks)" if limit else ""))
     _print_reasons(results)
     if categories:

@@ -159,24 +159,26 @@ def evaluate_model(model_dir: str | Path, tasks_path: str | Path, *, settings: G
                    limits: Limits = Limits(), workers: int | None = None, unsafe_no_isolation: bool = False,
                    progress: bool = True, model: Any = None, tokenizer: Any = None,
                    log: Callable[[str], None] | None = None, limit: int | None = None, dtype: str = "float32",
-                   device: str | None = None
+                   device: str | None = None, served: Any = None
                    ) -> tuple[list[TaskResult], EvalSummary, list[dict[str, Any]]]:
     """Generate → extract → verify for every task. Returns results, summary and raw generations. Without a
-    terminal, ``log`` gets a progress line every twentieth of the tasks (verified, passed, rate, time left)."""
+    terminal, ``log`` gets a progress line every twentieth of the tasks (verified, passed, rate, time left).
+    ``served``: a :class:`kdkit.evaluate.served.ServedCandidate` writes the answers (no model is loaded here)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from kdkit.evaluate.sandbox import check_isolation
     from kdkit.models.load import check_model_dir, load_causal_lm, load_tokenizer
 
-    if model is None:
+    if model is None and served is None:
         check_model_dir(model_dir)  # a run directory is named for what it is before anything else
     tasks = load_tasks(tasks_path)[:limit]  # limit: the file's first tasks
     if not unsafe_no_isolation:
         check_isolation()  # fail before spending time on generation
-    tokenizer = tokenizer or load_tokenizer(model_dir)
-    model = model or load_causal_lm(model_dir, dtype)
-    if device is not None:
-        model.to(device)
+    tokenizer = tokenizer or load_tokenizer(served.candidate if served is not None else model_dir)
+    if served is None:
+        model = model or load_causal_lm(model_dir, dtype)
+        if device is not None:
+            model.to(device)
     from rich.progress import ProgressColumn
     from rich.text import Text
 
@@ -216,8 +218,14 @@ def evaluate_model(model_dir: str | Path, tasks_path: str | Path, *, settings: G
                                                         unsafe_no_isolation=unsafe_no_isolation,
                                                         on_done=on_done)))
 
-            raw = generate(model, tokenizer, prompts, settings, on_batch=lambda n: bar.advance(g, n), stop=answer_end,
-                           add_special_tokens=settings.prompt_style == "raw", on_texts=submit)
+            kw = dict(on_batch=lambda n: bar.advance(g, n), stop=answer_end,
+                      add_special_tokens=settings.prompt_style == "raw", on_texts=submit)
+            if served is None:
+                raw = generate(model, tokenizer, prompts, settings, **kw)
+            else:
+                from kdkit.evaluate.served import stop_ids
+
+                raw = served.generate(tokenizer, prompts, settings, stop_ids=stop_ids(served.candidate, tokenizer), **kw)
             results = []
             for sample, lo, fut in pending:
                 for j, r in enumerate(fut.result()):
@@ -240,8 +248,10 @@ def evaluation_key(settings: GenerationSettings, timeout_s: float) -> str:
 
 def write_eval_dir(out: str | Path, *, model: str, tasks: str, results: Sequence[TaskResult], summary: EvalSummary,
                    generations: list[dict[str, Any]], settings: GenerationSettings, timeout_s: float,
-                   limit: int | None, dtype: str, categories: dict[str, Any]) -> None:
-    """``kdkit eval --out``: generations.jsonl, results.jsonl and summary.json — the figures, every setting, and
+                   limit: int | None, dtype: str, categories: dict[str, Any], served: dict[str, Any] | None = None
+                   ) -> None:
+    """``kdkit eval --out``: generations.jsonl, results.jsonl and summary.json — the figures, every setting (and
+    ``served``: the server that wrote the answers), and
     what :func:`read_eval_dir` (a gate reusing the evaluation) matches on: the model's and the tasks' sha256 and
     the evaluation key."""
     from kdkit.util.identity import path_identity
@@ -255,7 +265,8 @@ def write_eval_dir(out: str | Path, *, model: str, tasks: str, results: Sequence
                                            "dtype": dtype, "generation": asdict(settings), "by_category": categories,
                                            "model_sha256": path_identity(model)["sha256"],
                                            "tasks_sha256": tasks_fingerprint(tasks),
-                                           "evaluation_key": evaluation_key(settings, timeout_s)})
+                                           "evaluation_key": evaluation_key(settings, timeout_s),
+                                           **({"served": served} if served is not None else {})})
 
 
 def read_eval_dir(d: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
