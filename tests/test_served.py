@@ -390,3 +390,40 @@ def test_eval_through_the_server_equals_the_local_path_task_by_task(served, lora
     res = CliRunner().invoke(app, ["eval", str(tmp_path / "adapter"), "--tasks", str(tasks), "--server", lora_server,
                                    "--sample"])
     assert res.exit_code == 2 and "vLLM's sampler draws other samples" in res.output
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (make sandbox-deps)")
+def test_a_gate_through_the_server_judges_the_adapter_and_promotes_its_merged_pack(served, lora_server, tmp_path):
+    """A LoRA run is gated as its adapter, unmerged; only when it is kept is it merged, and the merged pack —
+    evaluated again, here on this machine (the LoRA server cannot load whole weights in place) — is promoted
+    because its answers are the adapter's on every task."""
+    from kdkit.decide.registry import Registry
+    from kdkit.demo.world import make_world
+
+    root, _ = served
+    tasks = write_jsonl(tmp_path / "anchors.jsonl", make_world(0).anchors[:10])
+    cfg = tmp_path / "lora.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "student": {"path": str(root / "teacher"), "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        "data": {"train": str(root / "train.jsonl"), "max_length": 96},
+        "optim": {"lr": 5e-2, "micro_batch": 4, "max_steps": 3, "schedule": "constant"}, "checkpoint": {"every": 0}}))
+    train(load_train_config(cfg), tmp_path / "run", **QUIET)
+    ws = tmp_path / "ws"
+    reg = Registry(ws)
+    reg.promote(reg.register(root / "teacher").id)
+    common = ["gate", str(tmp_path / "run"), "--tasks", str(tasks), "--workspace", str(ws), "--max-new-tokens", "24",
+              "--server", lora_server, "--no-progress"]
+    res = CliRunner().invoke(app, common, terminal_width=200)
+    assert res.exit_code == 3 and "UNDECIDED" in res.output, res.output  # 0 of 10 anchors: no drop can be shown
+    assert [p.adapter for p in reg.packs()] == [False, True]  # the adapter registered as it is; nothing merged
+    res = CliRunner().invoke(app, [*common, "--promote-undecided"], terminal_width=200)
+    assert res.exit_code == 0 and "promoted as asked" in res.output, res.output
+    assert "evaluating it on this machine" in res.output
+    packs = reg.packs()
+    prod = reg.production()
+    assert [p.adapter for p in packs] == [False, True, False] and prod.id == packs[2].id  # the merged pack
+    adapter_eval, merged_eval = (reg.evaluations(p.id)[-1] for p in packs[1:])
+    assert adapter_eval["metrics"]["served"]["how"] == "adapter" and "served" not in merged_eval["metrics"]
+    assert merged_eval["outcomes"] == adapter_eval["outcomes"]
+    assert merged_eval["metrics"]["completions"] == adapter_eval["metrics"]["completions"]
+    assert [m["id"] for m in Server(lora_server)._object("/v1/models")["data"]] == [str(root / "teacher")]

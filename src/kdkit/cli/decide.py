@@ -133,9 +133,16 @@ SUITE_RULE_HELP = ("Rule of every --tasks file after the first: alpha=0.05 (defa
 GATE_EXIT = {"KEEP": 0, "REVERT": 1, "UNDECIDED": 3}
 
 
+SERVER_HELP = ("A vLLM server's URL that writes every answer (greedy; the same prompts, stop rule, extraction and "
+               "sandbox as without it): a LoRA run is judged as its adapter, loaded at run time and never merged "
+               "unless kept (the merged pack is promoted only when its answers are the adapter's); a whole model is "
+               "the served one or loaded in place (VLLM_SERVER_DEV_MODE=1), else evaluated here.")
+
+
 @app.command("gate")
 def gate_cmd(
-    candidate: str = typer.Argument(..., help="Candidate: a model directory (e.g. from `kdkit merge`) or a pack name."),
+    candidate: str = typer.Argument(..., help=("Candidate: a model directory (e.g. from `kdkit merge`), a pack name, "
+                                               "or with --server a LoRA run directory.")),
     tasks: list[str] = typer.Option(..., help=("Task file (HumanEval or MBPP format), or a ready-made suite: humaneval "
                                                "(164 tasks), mbpp-test (500; $KDKIT_MBPP). Repeat for several suites "
                                                "in one decision: the first is the anchors (--rule), the others are "
@@ -165,6 +172,8 @@ def gate_cmd(
                                                                                "cannot show a drop) as if it were kept; "
                                                                                "the registry records that this was "
                                                                                "asked for.")),
+    server: str = typer.Option(None, help=SERVER_HELP),
+    served_model: str = typer.Option(None, help="With --server: the served base model's name, when it serves several."),
 ) -> None:
     ("Evaluate candidate and baseline on every task file (reusing stored evaluations), compare task by task, run "
      "the exact paired test per suite, decide once for all suites and record it: KEEP (promote), REVERT (archive), "
@@ -178,6 +187,7 @@ def gate_cmd(
 
     if suite_rule is not None and len(tasks) < 2:
         fail("--suite-rule only takes effect with a second --tasks file")
+    spec = _server(server, served_model)
     reg = _registry(workspace, create=_P(against).is_dir())  # a baseline directory needs no production yet
     tasks = [str(resolve_tasks(t)) for t in tasks]
     res = gate(reg, candidate, tasks, against=against, rule=GateRule.parse(rule),
@@ -185,7 +195,8 @@ def gate_cmd(
                settings=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size,
                                            **_prompting(prompt_style, instruction, system)),
                limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation, log=console.print,
-               progress=progress, eval_dirs=[_P(d) for d in reuse_eval], promote_undecided=promote_undecided)
+               progress=progress, eval_dirs=[_P(d) for d in reuse_eval], promote_undecided=promote_undecided,
+               server=spec)
     for s in res.suites:
         t = Table(title=f"{_P(s['tasks']).name} ({'anchors' if s is res.suites[0] else 'suite'}): {s['decision']}")
         for c in ("model", "pass", "95% interval"):
@@ -226,8 +237,11 @@ def ladder_cmd(
     workspace: str = typer.Option(None, help=WORKSPACE_HELP),
     unsafe_no_isolation: bool = typer.Option(False, "--unsafe-no-isolation", help=UNSAFE_HELP),
     progress: bool = typer.Option(True, help="Show progress bars for each rung's training and evaluation."),
+    server: str = typer.Option(None, help=SERVER_HELP),
+    served_model: str = typer.Option(None, help="With --server: the served base model's name, when it serves several."),
 ) -> None:
-    ("For each rung: train → merge → gate against the production at the ladder's start → KEEP/REVERT/UNDECIDED (as "
+    ("For each rung: train → merge (with --server, a LoRA run only when kept) → gate against the production at the "
+     "ladder's start → KEEP/REVERT/UNDECIDED (as "
      "`kdkit gate`: an UNDECIDED rung promotes and archives nothing). A failed rung does not stop the ladder; a "
      "rerun skips finished rungs. Writes ladder.md, ladder.csv and ladder.png (anchor pass and losses against the "
      "varied value).")
@@ -242,6 +256,7 @@ def ladder_cmd(
 
     if seeds < 1:
         fail("--seeds must be >= 1")
+    spec = _server(server, served_model)
     if seeds > 1:
         if any(v.split("=", 1)[0].strip() == "optim.seed" for v in vary):
             fail("--seeds and --vary optim.seed=... both set the seed axis; give one")
@@ -254,7 +269,7 @@ def ladder_cmd(
                          settings=GenerationSettings(max_new_tokens=max_new_tokens,
                                                      **_prompting(prompt_style, instruction, system)),
                          limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation,
-                         progress=progress, log=console.print, overrides=set_)
+                         progress=progress, log=console.print, overrides=set_, server=spec)
     header, rows = table_rows(parse_vary(vary), results)
     tables = [(f"ladder {out_dir}", header, rows)]
     by_seed = seed_rows(parse_vary(vary), results)
@@ -313,3 +328,14 @@ def demo_cmd(
                "distillation does NOT beat the CE-only baseline on holdout this time")
     console.print(f"{verdict} (Δ = {res['holdout_delta']:+d} tasks). Report: {res['report']}. "
                   f"Total {res['total_seconds']:.0f} s.")
+
+
+def _server(url: str | None, served_model: str | None) -> object:
+    """--server and --served-model as one server spec (None without --server)."""
+    from kdkit.evaluate.served import ServerSpec
+
+    if url is None:
+        if served_model is not None:
+            fail("--served-model names a model of --server; without --server it does nothing")
+        return None
+    return ServerSpec(url, served_model)

@@ -27,6 +27,8 @@ from kdkit.evaluate.passrate import (
     tasks_fingerprint,
 )
 from kdkit.evaluate.sandbox import Limits
+from kdkit.evaluate.served import ServedCandidate, ServerSpec
+from kdkit.teacher.served import ServedError
 from kdkit.util.errors import UsageError
 
 
@@ -210,9 +212,12 @@ def _from_eval_dir(reg: Registry, pack: Pack, tasks: Path, sha: str, key: str, d
 
 def evaluate_pack(reg: Registry, pack: Pack, tasks: Path, settings: GenerationSettings, limits: Limits,
                   unsafe_no_isolation: bool = False, log: Callable[[str], None] = print,
-                  progress: bool = False, eval_dirs: list[Path] | None = None) -> dict[str, Any]:
+                  progress: bool = False, eval_dirs: list[Path] | None = None,
+                  server: ServerSpec | None = None) -> dict[str, Any]:
     """Evaluate a pack on a task file, reusing a stored evaluation of the same weights, tasks and settings (or a
-    ``kdkit eval --out`` directory of them among ``eval_dirs``)."""
+    ``kdkit eval --out`` directory of them among ``eval_dirs``). ``server``: the answers are written by a vLLM
+    server (:mod:`kdkit.evaluate.served`) — a LoRA adapter pack always; a whole model where the server serves
+    it or can load it in place, else here."""
     reg.check_weights(pack)  # a stored evaluation is about the registered weights; refuse changed files
     sha = tasks_fingerprint(tasks)
     key = evaluation_key(settings, limits.timeout_s)
@@ -224,13 +229,35 @@ def evaluate_pack(reg: Registry, pack: Pack, tasks: Path, settings: GenerationSe
         found = _from_eval_dir(reg, pack, tasks, sha, key, Path(d), log)
         if found is not None:
             return found
-    log(f"evaluating {pack.name} on {tasks.name}")
-    results, summary, _ = evaluate_model(pack.path, tasks, settings=settings, limits=limits,
-                                         unsafe_no_isolation=unsafe_no_isolation, progress=progress, log=log)
+    kw = dict(settings=settings, limits=limits, unsafe_no_isolation=unsafe_no_isolation, progress=progress, log=log)
+    served = _open_served(pack, server, log) if server is not None else None
+    if served is None:
+        if pack.adapter:
+            raise RegistryError(f"pack {pack.name!r} is a LoRA adapter: it is evaluated through a vLLM server "
+                                f"(--server), or merged first (kdkit merge)")
+        log(f"evaluating {pack.name} on {tasks.name}")
+        results, summary, _ = evaluate_model(pack.path, tasks, **kw)
+    else:
+        with served:
+            log(f"evaluating {pack.name} on {tasks.name} through {served.server.url} ({served.how})")
+            results, summary, _ = evaluate_model(pack.path, tasks, served=served, **kw)
     outcomes = {r.task_id: r.passed for r in results if r.sample == 0}
     completions = {r.task_id: r.completion for r in results if r.sample == 0}  # kept: the report quotes them
+    where = {} if served is None else {"served": {"url": served.server.url, "how": served.how}}
     return reg.add_evaluation(pack.id, sha, str(tasks), key, outcomes, summary.interval,
-                              {"statuses": summary.statuses, "completions": completions})
+                              {"statuses": summary.statuses, "completions": completions, **where})
+
+
+def _open_served(pack: Pack, server: ServerSpec, log: Callable[[str], None]) -> ServedCandidate | None:
+    """The server answering as ``pack``; None for a whole model it can neither serve nor load in place (then
+    it is evaluated here, as said in the log)."""
+    try:
+        return ServedCandidate.open(server.url, pack.path, server.model)
+    except ServedError as e:
+        if pack.adapter or "loading" not in str(e) and "not a directory here" not in str(e):
+            raise
+        log(f"{pack.name}: the server cannot answer as it ({e}); evaluating it on this machine")
+        return None
 
 
 def side_by_side(tasks: list[str], ev_c: dict[str, Any], ev_b: dict[str, Any], prompts: dict[str, str] | None = None
@@ -295,14 +322,17 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
          unsafe_no_isolation: bool = False, candidate_meta: dict[str, Any] | None = None,
          log: Callable[[str], None] = print, progress: bool = False,
          suite_rule: SuiteRule = SuiteRule(), eval_dirs: list[Path] | None = None,
-         promote_undecided: bool = False) -> GateResult:
+         promote_undecided: bool = False, server: ServerSpec | None = None) -> GateResult:
     """Evaluate candidate and baseline on every task file, decide, and record + apply ONE decision in one
     transaction. ``tasks``: a file or a list of files; the first (the anchors) is judged by ``rule``, the
     others by ``suite_rule``; a REVERT in any suite reverts; a suite that cannot show a drop makes a KEEP
     ``UNDECIDED`` (:func:`blind_keep`): recorded, nothing promoted or archived — unless ``promote_undecided``,
     which promotes it and records that it was asked for.
 
-    The decision is applied only if production is still what it was when the gate started."""
+    The decision is applied only if production is still what it was when the gate started. ``server``: answers
+    written by a vLLM server; a LoRA run as the candidate is then judged as its adapter, unmerged, and only a
+    KEEP merges it — the merged pack, evaluated again, is promoted when its answers are the adapter's on every
+    task, and the decision is UNDECIDED (nothing promoted) when they are not."""
     files = [Path(t) for t in (tasks if isinstance(tasks, list | tuple) else [tasks])]
     prod = reg.production()
     if against == "production":
@@ -312,13 +342,16 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
     else:
         base = _resolve(reg, against)
     meta = candidate_meta or {}
-    cand = _resolve(reg, candidate, parent_id=base.id, **meta)
+    run = lora_run(candidate) if server is not None else None
+    if run is not None:
+        meta = {"source_run": str(run), "config": (run / "config.yaml").read_text(), **meta}
+    cand = _resolve(reg, str(run / "final") if run is not None else candidate, parent_id=base.id, **meta)
     if cand.id == base.id:
         raise RegistryError(f"candidate and baseline are the same pack ({cand.name}: identical weights)")
     suites = []
     for i, f in enumerate(files):
-        ev_b = evaluate_pack(reg, base, f, settings, limits, unsafe_no_isolation, log, progress, eval_dirs)
-        ev_c = evaluate_pack(reg, cand, f, settings, limits, unsafe_no_isolation, log, progress, eval_dirs)
+        ev_b = evaluate_pack(reg, base, f, settings, limits, unsafe_no_isolation, log, progress, eval_dirs, server)
+        ev_c = evaluate_pack(reg, cand, f, settings, limits, unsafe_no_isolation, log, progress, eval_dirs, server)
         suite_r = rule if i == 0 else suite_rule
         decision, regressed, fixed, p, reason = decide(ev_b["outcomes"], ev_c["outcomes"], suite_r)
         pw = power(ev_b["outcomes"], getattr(suite_r, "require_gain_p", None) or getattr(suite_r, "alpha", 0.05))
@@ -341,6 +374,15 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
     rule_json = asdict(rule) if len(suites) == 1 else {**asdict(rule), "suites": [
         {k: s[k] for k in ("tasks", "rule", "decision", "candidate_passed", "baseline_passed", "n_tasks", "p_value")}
         for s in suites]}
+    if cand.adapter and (decision == "KEEP" or decision == "UNDECIDED" and promote_undecided):
+        merged, differ = _merge_keep(reg, cand, run, base, files, (settings, limits, unsafe_no_isolation, log,
+                                                                    progress, None, server))
+        if differ:
+            decision, promote_undecided = "UNDECIDED", False
+            reason = (f"the merged pack {merged.name} answers {len(differ)} task(s) otherwise than the adapter the "
+                      f"gate judged ({format_tasks(differ)}): nothing promoted; " + reason)
+        else:
+            cand = merged
     if decision == "UNDECIDED" and promote_undecided:
         decision, rule_json = "KEEP", {**rule_json, "promote_undecided": True}
         reason = "UNDECIDED, promoted as asked (--promote-undecided): " + reason
@@ -349,6 +391,43 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
     return GateResult(decision, cand.name, base.name, first["candidate_passed"], first["baseline_passed"],
                       first["n_tasks"], first["candidate_interval"], first["baseline_interval"], regressed, fixed,
                       first["p_value"], reason, rule_json, gid, first["candidate_outcomes"], suites)
+
+
+def lora_run(candidate: str) -> Path | None:
+    """A finished LoRA run directory named as a candidate (its ``final/`` is the adapter), else None."""
+    meta = Path(candidate) / "final" / "kdkit.json"
+    return Path(candidate) if meta.is_file() and json.loads(meta.read_text()).get("kind") == "lora" else None
+
+
+def _merge_keep(reg: Registry, adapter: Pack, run: Path | None, base: Pack, files: list[Path],
+                how: tuple[Any, ...]) -> tuple[Pack, list[str]]:
+    """The pack a KEEP of an adapter promotes: its run merged (``kdkit merge``), registered and evaluated on every
+    task file (``how``: :func:`evaluate_pack`'s arguments after the task file); and the tasks whose verdict or
+    extracted code differs from the adapter's, which the gate judged."""
+    import os
+    import shutil
+
+    from kdkit.models.load import merge
+
+    if run is None:
+        raise RegistryError(f"pack {adapter.name!r} is a LoRA adapter without its run: gate the run directory")
+    tmp = reg.workspace / f".tmp-merge-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # ours: a merge that was cut short
+    try:
+        merge(run, tmp)
+        merged = reg.register(tmp, name=f"{adapter.name}-merged", parent_id=base.id, source_run=str(run),
+                              config=(run / "config.yaml").read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    settings, limits = how[0], how[1]
+    differ = []
+    for f in files:
+        ev_m = evaluate_pack(reg, merged, f, *how)
+        ev_a = reg.find_evaluation(adapter.id, tasks_fingerprint(f), evaluation_key(settings, limits.timeout_s))
+        code_m, code_a = ev_m["metrics"].get("completions", {}), ev_a["metrics"].get("completions", {})
+        differ += [t for t in ev_a["outcomes"] if ev_m["outcomes"].get(t) != ev_a["outcomes"][t]
+                   or code_m.get(t) != code_a.get(t)]
+    return merged, differ
 
 
 def _resolve(reg: Registry, ref: str, **register_kw: Any) -> Pack:

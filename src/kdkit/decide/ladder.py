@@ -19,11 +19,12 @@ from typing import Any
 import yaml
 
 from kdkit.config.load import load_train_config, split_assignment
-from kdkit.decide.gate import GateRule, gate
+from kdkit.decide.gate import GateRule, gate, lora_run
 from kdkit.decide.registry import Registry, RegistryError
 from kdkit.decide.tables import SEED_KEY, identical_seeds, write_table
 from kdkit.evaluate.passrate import GenerationSettings
 from kdkit.evaluate.sandbox import Limits
+from kdkit.evaluate.served import ServerSpec
 from kdkit.models.load import sha256_file
 from kdkit.train.rundir import read_log
 from kdkit.util.errors import UsageError
@@ -73,9 +74,11 @@ def _epoch_means(run_dir: Path, barrier: Any = None) -> dict[str, Any]:
 def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | list[str | Path], out: str | Path, *,
                registry: Registry, rule: GateRule = GateRule(), settings: GenerationSettings = GenerationSettings(),
                limits: Limits = Limits(), unsafe_no_isolation: bool = False, progress: bool = False,
-               log: Callable[[str], None] = print, overrides: list[str] | None = None) -> list[dict[str, Any]]:
+               log: Callable[[str], None] = print, overrides: list[str] | None = None,
+               server: ServerSpec | None = None) -> list[dict[str, Any]]:
     """Train → merge → gate each rung (``overrides``: ``--set`` for every rung, before the rung's own values);
-    ``tasks``: the anchors, or a list whose first file is the anchors and the others suites (as ``kdkit gate``)."""
+    ``tasks``: the anchors, or a list whose first file is the anchors and the others suites (as ``kdkit gate``).
+    ``server``: a vLLM server writes the answers; a LoRA rung is gated as its adapter and merged only if kept."""
     from kdkit.train import merge, train
 
     out = Path(out)
@@ -121,10 +124,13 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
             t0 = time.perf_counter()
             trained = train(cfg, run_dir, resume=run_dir.exists(), progress=progress, log=log)
             rec["train_s"] = trained.get("seconds", time.perf_counter() - t0)
-            merge(run_dir, pack_dir)
+            adapter = server is not None and lora_run(str(run_dir)) is not None
+            if not adapter:  # with a server, a LoRA rung is merged by the gate, and only when it is kept
+                merge(run_dir, pack_dir)
             rec.update(seeded=seeded, weights_sha256=_weights_sha(run_dir / "final"))
-            res = gate(registry, str(pack_dir), tasks, against=baseline.name, rule=rule, settings=settings,
-                       limits=limits, unsafe_no_isolation=unsafe_no_isolation, log=log, progress=progress,
+            res = gate(registry, str(run_dir if adapter else pack_dir), tasks, against=baseline.name, rule=rule,
+                       settings=settings, limits=limits, unsafe_no_isolation=unsafe_no_isolation, log=log,
+                       progress=progress, server=server,
                        candidate_meta={"name": f"{out.name}-rung{i:02d}", "source_run": str(run_dir),
                                        "config": (run_dir / "config.yaml").read_text()})
             rec.update(status="done", **_epoch_means(run_dir, cfg.objective.barrier),

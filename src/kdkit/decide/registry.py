@@ -99,6 +99,17 @@ class Pack:
     status: str
     created: int
 
+    @property
+    def adapter(self) -> bool:
+        """A LoRA adapter (evaluated through a server; never production: a KEEP promotes its merged pack)."""
+        return (Path(self.path) / "adapter_config.json").is_file()
+
+
+def _whole(p: Pack) -> None:
+    if p.adapter:
+        raise RegistryError(f"pack {p.name!r} is a LoRA adapter: production is a whole model (merge it: `kdkit merge "
+                            f"RUN`; a gate with --server merges a KEEP's run itself)")
+
 
 def _fault(point: str) -> None:
     kill_if(FAULT_ENV, point)
@@ -177,8 +188,8 @@ class Registry:
                  source_run: str | None = None, config: str | None = None) -> Pack:
         """Add a model dir as a pack (a read-only copy in the workspace). The same files → the existing pack."""
         src = Path(path)
-        if not (src / "config.json").is_file():
-            raise RegistryError(f"{src}: not a Hugging Face model directory (no config.json)")
+        if not (src / "config.json").is_file() and not (src / "adapter_config.json").is_file():
+            raise RegistryError(f"{src}: not a Hugging Face model directory (no config.json) nor a LoRA adapter")
         sha = path_identity(src)["sha256"]  # everything that changes what it generates, not the weights alone
         existing = self.find_by_sha(sha)
         if existing is not None:
@@ -241,6 +252,7 @@ class Registry:
 
     def promote(self, ref: str | int, reason: str = "promote") -> Pack:
         p = self.check_weights(self.pack(ref))
+        _whole(p)
         with self.tx() as c:
             c.execute("UPDATE packs SET status = 'active' WHERE id = ?", (p.id,))
             _fault("promote:between")
@@ -300,7 +312,7 @@ class Registry:
         if decision not in ("KEEP", "REVERT", "UNDECIDED"):
             raise ValueError(decision)
         if decision == "KEEP":
-            self.check_weights(self.pack(candidate_id))
+            _whole(self.check_weights(self.pack(candidate_id)))
         with self.tx() as c:
             now = self._production_id(c)
             if now != expected_production:

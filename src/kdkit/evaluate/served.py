@@ -33,6 +33,14 @@ from kdkit.util.identity import path_identity
 ADAPTER_FILE = "adapter_config.json"
 
 
+@dataclass(frozen=True)
+class ServerSpec:
+    """Where answers are written: a vLLM server's URL and, when it serves several base models, which."""
+
+    url: str
+    model: str | None = None
+
+
 def adapter_dir(candidate: Path) -> Path | None:
     """The LoRA adapter a candidate names: a PEFT adapter directory, or a LoRA run (or its ``final/``)."""
     for d in (candidate, candidate / "final"):
