@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -103,3 +104,51 @@ def test_eval_drift_from_writes_the_figures_and_refuses_what_cannot_apply(world,
     assert res.exit_code == 2 and "give --tasks FILE" in res.output
     with pytest.raises(DriftError, match="its tokenizer is not"):
         drift(world / "cand", world / "other", world / "rows.jsonl")
+
+
+def test_the_fitted_line_and_its_interval_equal_scipys():
+    from scipy import stats
+
+    from kdkit.decide.stats import line_fit
+
+    xs = [0.01, 0.03, 0.02, 0.08, 0.05, 0.11, 0.07, 0.04]
+    ys = [30, 29, 30, 25, 28, 22, 26, 29]
+    fit, ref = line_fit(xs, ys), stats.linregress(xs, ys)
+    assert (fit.slope, fit.intercept, fit.r) == pytest.approx((ref.slope, ref.intercept, ref.rvalue), rel=1e-12)
+    x = np.array([0.0, 0.06, 0.12])
+    resid = np.array(ys) - (ref.intercept + ref.slope * np.array(xs))
+    s = np.sqrt(resid @ resid / (len(xs) - 2))
+    half = stats.t.ppf(0.975, len(xs) - 2) * s * np.sqrt(1 / len(xs) + (x - np.mean(xs)) ** 2 /
+                                                         np.sum((np.array(xs) - np.mean(xs)) ** 2))
+    lo, hi = fit.band(x)
+    assert np.allclose(hi - lo, 2 * half, rtol=1e-4)  # the t quantile is tabulated to 4 decimals
+    assert line_fit(xs[:2], ys[:2]) is None and line_fit([0.1] * 4, [1, 2, 3, 4]) is None
+
+
+def test_the_report_plots_anchor_pass_against_each_drift():
+    from kdkit.decide.report import drift_plot
+
+    def rung(i: int) -> dict:
+        d = {"kl_base_cand_mean": 0.01 * i, "kl_cand_base_mean": 0.02 * i, "tokens": 10}
+        return {"status": "done", "passed": 30 - i, "drift": {"train": d, "anchors": None}}
+
+    assert drift_plot([rung(i) for i in range(4)]).startswith("data:image/png;base64,")
+    assert drift_plot([{**rung(1), "drift": None}, {"status": "failed"}]) is None
+
+
+def test_an_adapter_drifts_as_its_merged_model_does(world, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft = get_peft_model(load_causal_lm(world / "base"), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                     target_modules=["q_proj", "v_proj"]))
+    tok = load_tokenizer(world / "base")
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    tok.save_pretrained(str(tmp_path / "adapter"))
+    peft.merge_and_unload().save_pretrained(str(tmp_path / "merged"))
+    tok.save_pretrained(str(tmp_path / "merged"))
+    a = drift(tmp_path / "adapter", world / "base", world / "rows.jsonl", max_length=96)
+    m = drift(tmp_path / "merged", world / "base", world / "rows.jsonl", max_length=96)
+    assert a.tokens == m.tokens and a.kl_base_cand_mean > 0
+    assert (a.kl_base_cand_mean, a.kl_cand_base_p95) == pytest.approx((m.kl_base_cand_mean, m.kl_cand_base_p95),
+                                                                      rel=1e-4)

@@ -62,9 +62,20 @@ def test_three_rung_ladder_table_plot_and_resume(ladder_world, tmp_path):
     for r in res[:2]:  # 3 tasks cannot show a drop: no KEEP
         assert r["decision"] in ("REVERT", "UNDECIDED") and r["n_tasks"] == 3 and r["avg_ce"] > 0 and r["avg_kl"] >= 0
     md = (tmp_path / "lad" / "ladder.md").read_text()
-    assert md.count("\n") == 5 and "| rung | objective.kd_weight | avg CE | avg KL | val loss | anchor pass |" in md
+    assert md.count("\n") == 5 and ("| rung | objective.kd_weight | avg CE | avg KL | val loss | drift train (KL b‖c / "
+                                     "c‖b) | drift anchors (KL b‖c / c‖b) | anchor pass |") in md
     rows = list(csv.reader((tmp_path / "lad" / "ladder.csv").open()))
-    assert rows[1][1] == "0.5" and rows[3][6] == "FAILED"
+    assert rows[1][1] == "0.5" and rows[3][8] == "FAILED"
+    # each rung's drift from the baseline: what `kdkit eval --drift-from` measures on the same rows
+    from kdkit.evaluate.drift import drift
+
+    base = reg.pack("base").path
+    for r in res[:2]:
+        direct = drift(Path(r["run_dir"]).parent / "pack", base, root / "train.jsonl", max_length=96)
+        assert r["drift"]["train"]["kl_base_cand_mean"] == direct.kl_base_cand_mean > 0
+        assert rows[1 + r["rung"]][5].startswith(f"{direct.kl_base_cand_mean:.4f} / ")
+        answered = (tmp_path / "lad" / "anchor_answers.jsonl").read_text().splitlines()
+        assert (r["drift"]["anchors"] is None) == (not answered)
     assert (tmp_path / "lad" / "ladder.png").read_bytes()[:4] == b"\x89PNG"
     assert len(reg.gates()) == 2
     # rerun: finished rungs are skipped (no new gate), the failed one is tried again
@@ -73,7 +84,7 @@ def test_three_rung_ladder_table_plot_and_resume(ladder_world, tmp_path):
     assert len(reg.gates()) == 2 and (tmp_path / "lad" / "rungs" / "00.json").read_text() == before
     assert [r["status"] for r in res2] == ["done", "done", "failed"]
     html = (tmp_path / "lad" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 2
+    assert html.count("data:image/png;base64,") >= 3 and "Drift from the baseline against anchor pass" in html
     assert "Validation against objective.kd_weight=0.5" in html  # rung 1 against rung 0, paired over the rows
     for r in res2[:2]:  # each run's per-row validation sums are its validation loss
         vr = json.loads((Path(r["run_dir"]) / "validation_rows.json").read_text())

@@ -239,6 +239,9 @@ def ladder_cmd(
     progress: bool = typer.Option(True, help="Show progress bars for each rung's training and evaluation."),
     server: str = typer.Option(None, help=SERVER_HELP),
     served_model: str = typer.Option(None, help="With --server: the served base model's name, when it serves several."),
+    drift: bool = typer.Option(True, help=("Measure each rung's KL from the baseline, both ways, on its training rows "
+                                           "and on the anchors with the baseline's answers (one forward of each "
+                                           "model; the tables' drift columns, the report's drift plot).")),
 ) -> None:
     ("For each rung: train → merge (with --server, a LoRA run only when kept) → gate against the production at the "
      "ladder's start → KEEP/REVERT/UNDECIDED (as "
@@ -269,7 +272,7 @@ def ladder_cmd(
                          settings=GenerationSettings(max_new_tokens=max_new_tokens,
                                                      **_prompting(prompt_style, instruction, system)),
                          limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation,
-                         progress=progress, log=console.print, overrides=set_, server=spec)
+                         progress=progress, log=console.print, overrides=set_, server=spec, drift=drift)
     header, rows = table_rows(parse_vary(vary), results)
     tables = [(f"ladder {out_dir}", header, rows)]
     by_seed = seed_rows(parse_vary(vary), results)

@@ -305,10 +305,50 @@ def _ladder_body(d: Path) -> str:
                                          r.get("fixed_completions", {}), fixed=True))
     if any(outcomes.values()):
         parts.append(pass_grid("Anchors per rung", outcomes))
+    plot = drift_plot([json.loads(f.read_text()) for f in sorted((d / "rungs").glob("*.json"))])
+    if plot:
+        parts.append("<h2>Drift from the baseline against anchor pass</h2><p>Each point a rung (and seed); the line "
+                     "is the least-squares fit with its 95% interval, r its correlation: whether the cheap KL "
+                     "predicts the expensive pass count on this model.</p>" + _img(plot, "anchor pass against drift"))
     parts.append(_ladder_paired(d))
     parts += regressed
     parts += [_config_block(p) for p in rung_runs.values()]
     return "".join(parts)
+
+
+def drift_plot(rungs: list[dict[str, Any]]) -> str | None:
+    """Anchor pass count against each drift figure (KL(base‖cand) and KL(cand‖base), on the training rows and on
+    the anchors' baseline answers), one point per finished rung, with the least-squares line and its 95%
+    interval where there are three points or more; None when no rung measured drift."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kdkit.decide.stats import line_fit
+
+    done = [r for r in rungs if r.get("status") == "done" and r.get("drift")]
+    panels = [(w, k) for w in ("train", "anchors") for k in ("kl_base_cand_mean", "kl_cand_base_mean")
+              if any((r["drift"].get(w) or {}).get(k) is not None for r in done)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for a, (where, key) in zip(axes[0], panels, strict=True):
+        pts = [(r["drift"][where][key], r["passed"]) for r in done if r["drift"].get(where)]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        a.scatter(xs, ys, s=18, color="#1f77b4")
+        fit = line_fit(xs, ys)
+        title = f"{'KL(base‖cand)' if key.startswith('kl_base') else 'KL(cand‖base)'} on {where}"
+        if fit is not None:
+            grid = np.linspace(min(xs), max(xs), 50)
+            lo, hi = fit.band(grid)
+            a.plot(grid, fit.intercept + fit.slope * grid, color="#d62728", lw=1.2)
+            a.fill_between(grid, lo, hi, color="#d62728", alpha=0.15, lw=0)
+            title += f"\nr = {fit.r:+.2f}, n = {fit.n}"
+        a.set(title=title, xlabel="mean nats per target token", ylabel="anchor pass")
+        a.title.set_fontsize(9)
+    fig.tight_layout()
+    return _png(fig)
 
 
 def _ladder_paired(d: Path) -> str:

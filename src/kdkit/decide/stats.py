@@ -75,3 +75,36 @@ def mean_interval(xs: list[float]) -> tuple[float, float] | None:
         return None
     a = np.asarray(xs, dtype=np.float64)
     return float(a.mean()), t975(len(a) - 1) * float(a.std(ddof=1)) / len(a) ** 0.5
+
+
+@dataclass(frozen=True)
+class LineFit:
+    """Least squares ``y = intercept + slope · x`` over ``n`` points, and Pearson's r."""
+
+    slope: float
+    intercept: float
+    r: float
+    n: int
+    x_mean: float
+    sxx: float
+    residual_sd: float
+
+    def band(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The 95% Student-t interval of the fitted mean at ``x`` (low, high)."""
+        fit = self.intercept + self.slope * x
+        half = t975(self.n - 2) * self.residual_sd * np.sqrt(1 / self.n + (x - self.x_mean) ** 2 / self.sxx)
+        return fit - half, fit + half
+
+
+def line_fit(xs: list[float], ys: list[float]) -> LineFit | None:
+    """The least-squares line through the points with its interval; None for fewer than 3 points or xs all equal."""
+    x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    if len(x) < 3 or np.ptp(x) == 0:
+        return None
+    sxx = float(((x - x.mean()) ** 2).sum())
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / sxx)
+    intercept = float(y.mean() - slope * x.mean())
+    resid = y - (intercept + slope * x)
+    syy = float(((y - y.mean()) ** 2).sum())
+    r = 0.0 if syy == 0 else slope * (sxx / syy) ** 0.5
+    return LineFit(slope, intercept, r, len(x), float(x.mean()), sxx, float((resid @ resid / (len(x) - 2)) ** 0.5))

@@ -23,25 +23,46 @@ def table_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]])
     probed = any(r.get("coherence") is not None for r in results)  # runs with probes: a coherence column
     scored = _scored(results)  # a teacher scored the validation rows: its KL and top-1 agreement
     barred, suites = _barred(results), _suite_names(results)
+    drifted = any(r.get("drift") for r in results)
     header = ["rung", *keys, "avg CE", "avg KL", *(["avg barrier div", "barrier active"] if barred else []), "val loss",
               *(["val KL", "val top-1"] if scored else []), *(["coherence (last / min)"] if probed else []),
+              *([f"drift {w} (KL b‖c / c‖b)" for w in DRIFT_ROWS] if drifted else []),
               "anchor pass", *suites, "gate", "regressed"]
     rows = []
     for r in results:
         vals = [str(r["values"][k]) for k in keys]
         if r["status"] != "done":
             rows.append([str(r["rung"]), *vals, "—", "—", *(["—", "—"] if barred else []), "—",
-                         *(["—", "—"] if scored else []), *(["—"] if probed else []), "—", *(["—"] * len(suites)),
+                         *(["—", "—"] if scored else []), *(["—"] if probed else []),
+                         *(["—"] * len(DRIFT_ROWS) if drifted else []), "—", *(["—"] * len(suites)),
                          "FAILED", r.get("error", "")[:80]])
             continue
         coh = [f"{_fmt(r.get('coherence'), 3)} / {_fmt(r.get('coherence_min'), 3)}"] if probed else []
         rows.append([str(r["rung"]), *vals, _fmt(r["avg_ce"]), _fmt(r["avg_kl"]),
                      *([_fmt(r.get("avg_barrier_div")), active_cell([r])] if barred else []), _fmt(r["val_loss"]),
                      *([_fmt(r.get("val_kl")), _fmt(r.get("val_top1"))] if scored else []), *coh,
+                     *([drift_cell(r, w) for w in DRIFT_ROWS] if drifted else []),
                      pass_cell(r["passed"], r["n_tasks"], tuple(r["interval"])),
                      *(_pooled_suite([r], j) for j in range(1, len(suites) + 1)), r["decision"],
                      format_tasks(r["regressed"])])
     return header, rows
+
+
+DRIFT_ROWS = ("train", "anchors")  # where a rung's KL from the baseline is measured (kdkit.decide.ladder.rung_drift)
+
+
+def drift_cell(r: dict[str, Any], where: str) -> str:
+    """``KL(base‖cand) / KL(cand‖base)``, the means over the target tokens, or — when not measured."""
+    d = (r.get("drift") or {}).get(where)
+    return "—" if not d else f"{_fmt(d['kl_base_cand_mean'], 4)} / {_fmt(d['kl_cand_base_mean'], 4)}"
+
+
+def _mean_drift(done: list[dict[str, Any]], where: str) -> dict[str, Any]:
+    """The seeds' drift means, averaged (the seeds that measured it)."""
+    ds = [r["drift"][where] for r in done if (r.get("drift") or {}).get(where)]
+    if not ds:
+        return {}
+    return {where: {k: sum(d[k] for d in ds) / len(ds) for k in ("kl_base_cand_mean", "kl_cand_base_mean")}}
 
 
 def active_cell(done: list[dict[str, Any]]) -> str:
@@ -110,10 +131,12 @@ def seed_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]
         groups.setdefault(tuple(str(r["values"][k]) for k in keys), []).append(r)
     probed, scored = any(r.get("coherence") is not None for r in results), _scored(results)
     barred, suites = _barred(results), _suite_names(results)
+    drifted = any(r.get("drift") for r in results)
     header = [*keys, "seeds", "avg CE", "avg KL", *(["avg barrier div", "barrier active"] if barred else []),
               "val loss ± 95%",
               *(["val KL ± 95%", "val top-1 ± 95%"] if scored else []),
-              *(["coherence (mean of last)"] if probed else []), "anchor pass (pooled)",
+              *(["coherence (mean of last)"] if probed else []),
+              *([f"drift {w} (mean KL b‖c / c‖b)" for w in DRIFT_ROWS] if drifted else []), "anchor pass (pooled)",
               *(f"{name} (pooled)" for name in suites), "KEEP", "train s (mean)"]
     rows = []
     for vals, rs in groups.items():
@@ -133,6 +156,7 @@ def seed_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]]
                      *([_fmt(mean("avg_barrier_div")), active_cell(done)] if barred else []), spread("val_loss"),
                      *([spread("val_kl"), spread("val_top1")] if scored else []),
                      *([_fmt(mean("coherence"), 3)] if probed else []),
+                     *([drift_cell({"drift": _mean_drift(done, w)}, w) for w in DRIFT_ROWS] if drifted else []),
                      pass_cell(k, n) if n else "—",
                      *(_pooled_suite(done, j) for j in range(1, len(suites) + 1)),
                      f"{sum(r['decision'] == 'KEEP' for r in done)}/{len(done)}", _fmt(mean("train_s"), 1)])

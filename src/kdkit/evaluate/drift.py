@@ -77,9 +77,42 @@ def summarise(forward: torch.Tensor, reverse: torch.Tensor, rows: str, row_count
     return Drift(rows, row_count, int(forward.numel()), *figures)
 
 
+def load_candidate(candidate: str | Path, dtype: str) -> Any:
+    """A model directory, or a LoRA adapter (a PEFT adapter directory, a LoRA run or its ``final/``) on its base
+    model: the adapter applied, not merged."""
+    from kdkit.evaluate.served import ADAPTER_FILE, adapter_dir
+
+    adapter = adapter_dir(Path(candidate))
+    if adapter is None:
+        return load_causal_lm(candidate, dtype)
+    import json
+
+    from peft import PeftModel
+
+    base = json.loads((adapter / ADAPTER_FILE).read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise DriftError(f"{adapter}: its base model {base!r} is not a directory here (adapter_config.json)")
+    return PeftModel.from_pretrained(load_causal_lm(base, dtype), str(adapter))
+
+
+def answer_rows(tasks: list[Any], completions: dict[str, str], path: str | Path) -> Path:
+    """A data file of the tasks' prompts with the answers given (``prompt`` + ``completion`` rows): drift is then
+    measured where production answers — the anchors — not where the candidate was trained."""
+    import json
+
+    from kdkit.util.io import atomic_write_bytes
+
+    rows = [{"prompt": t.prompt, "completion": completions[t.task_id], "task": t.task_id} for t in tasks
+            if completions.get(t.task_id, "").strip()]
+    atomic_write_bytes(Path(path), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+    return Path(path)
+
+
 def same_tokenizer(candidate: str | Path, base: str | Path) -> Any:
     """The tokenizer the two models share (a KL per token compares one vocabulary); refused otherwise."""
-    tok, other = load_tokenizer(candidate), load_tokenizer(base)
+    from kdkit.evaluate.served import adapter_dir
+
+    tok, other = load_tokenizer(adapter_dir(Path(candidate)) or candidate), load_tokenizer(base)
     if tokenizer_fingerprint(tok)["sha256"] != tokenizer_fingerprint(other)["sha256"]:
         raise DriftError(f"--drift-from {base}: its tokenizer is not {candidate}'s; a per-token KL needs one "
                          f"vocabulary (drift is measured from the model the candidate was trained from)")
@@ -92,13 +125,16 @@ def drift(candidate: str | Path, base: str | Path, rows_path: str | Path, *, max
           log: Callable[[str], None] = lambda m: None) -> Drift:
     """KL(base ‖ candidate) and KL(candidate ‖ base) over the target tokens of ``rows_path`` (any data file
     ``kdkit train`` reads), the rows tokenised as training tokenises them (``max_length``, left truncation)."""
-    check_model_dir(candidate)
+    from kdkit.evaluate.served import adapter_dir
+
+    if adapter_dir(Path(candidate)) is None:
+        check_model_dir(candidate)
     check_model_dir(base, "--drift-from")
     tok = same_tokenizer(candidate, base)
     rows, _ = kdata.load_dataset(tok, rows_path, max_length=max_length)
     if not rows:
         raise DriftError(f"--rows {rows_path}: no row with a target token to measure drift on")
-    models = [load_causal_lm(p, dtype) for p in (candidate, base)]
+    models = [load_candidate(candidate, dtype), load_causal_lm(base, dtype)]
     for m in models:
         m.eval()
         if device is not None:
