@@ -512,3 +512,24 @@ def test_the_gate_reuses_a_matching_kdkit_eval_out_directory(packs, tmp_path, mo
     assert sorted(e["metrics"]["imported_from"] for e in stored) == [str(tmp_path / "ev-good"), str(tmp_path / "ev-prod")]
     passed = json.loads((tmp_path / "ev-good" / "summary.json").read_text())["n_passed"]
     assert {e["n_passed"] for e in stored if e["metrics"]["imported_from"].endswith("ev-good")} == {passed}
+
+
+def test_gate_drift_is_the_kl_from_the_baseline_on_its_anchor_answers(packs, tmp_path, monkeypatch):
+    from kdkit.evaluate.drift import drift
+
+    dirs, tasks = packs
+    _tag(dirs)
+    base = dict.fromkeys(ANCHORS, True)
+    monkeypatch.setattr(gate_mod, "evaluate_model", _fake_eval({"prod": base, "good": dict(base)}, []))
+    ws = tmp_path / "ws"
+    r = CliRunner()
+    assert r.invoke(app, ["registry", "promote", str(dirs["prod"]), "--workspace", str(ws)]).exit_code == 0
+    res = r.invoke(app, ["gate", str(dirs["good"]), "--tasks", str(tasks), "--workspace", str(ws), "--drift"],
+                   terminal_width=250)
+    assert res.exit_code == 0 and "KEEP" in res.output, res.output
+    rows = next((ws / "drift").glob("*.jsonl"))
+    answered = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert [a["completion"] for a in answered] == [f"<prod> {t}" for t in ANCHORS]  # the baseline's answers
+    direct = drift(dirs["good"], dirs["prod"], rows)
+    assert f"drift from prod on anchors: KL(base‖cand) mean {direct.kl_base_cand_mean:.4g}" in res.output
+    assert "on train" not in res.output  # a pack, not a run: its training rows are not known

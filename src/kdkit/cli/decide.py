@@ -174,6 +174,9 @@ def gate_cmd(
                                                                                "asked for.")),
     server: str = typer.Option(None, help=SERVER_HELP),
     served_model: str = typer.Option(None, help="With --server: the served base model's name, when it serves several."),
+    drift: bool = typer.Option(False, help=("Also measure the candidate's KL from the baseline, both ways, on the "
+                                            "anchors with the baseline's answers (and, for a run, on its training "
+                                            "rows): one forward of each model, no generation.")),
 ) -> None:
     ("Evaluate candidate and baseline on every task file (reusing stored evaluations), compare task by task, run "
      "the exact paired test per suite, decide once for all suites and record it: KEEP (promote), REVERT (archive), "
@@ -196,7 +199,7 @@ def gate_cmd(
                                            **_prompting(prompt_style, instruction, system)),
                limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation, log=console.print,
                progress=progress, eval_dirs=[_P(d) for d in reuse_eval], promote_undecided=promote_undecided,
-               server=spec)
+               server=spec, drift=drift)
     for s in res.suites:
         t = Table(title=f"{_P(s['tasks']).name} ({'anchors' if s is res.suites[0] else 'suite'}): {s['decision']}")
         for c in ("model", "pass", "95% interval"):
@@ -207,6 +210,10 @@ def gate_cmd(
         console.print(t)
         console.print(f"regressed: {format_tasks(s['regressed'])}\nfixed: {format_tasks(s['fixed'])}\n"
                       f"exact McNemar p = {s['p_value']:.3g}\n{power_line(s['power'])}")
+    for where, d in (res.drift or {}).items():
+        console.print(f"drift from {res.baseline} on {where}: " + ("not measured" if d is None else
+                      f"KL(base‖cand) mean {d['kl_base_cand_mean']:.4g} p95 {d['kl_base_cand_p95']:.4g}, KL(cand‖base) "
+                      f"mean {d['kl_cand_base_mean']:.4g} p95 {d['kl_cand_base_p95']:.4g} ({d['tokens']} tokens)"))
     console.print(f"[bold]{res.decision}[/]: {res.reason}")
     if json_out:
         atomic_write_json(json_out, res.to_json())

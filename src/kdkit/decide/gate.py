@@ -177,6 +177,7 @@ class GateResult:
     gate_id: int = 0
     candidate_outcomes: dict[str, bool] = field(default_factory=dict)
     suites: list[dict[str, Any]] = field(default_factory=list)  # one entry per task file, the anchors first
+    drift: dict[str, Any] | None = None  # the candidate's KL from the baseline (drift_figures), when asked
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -322,7 +323,7 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
          unsafe_no_isolation: bool = False, candidate_meta: dict[str, Any] | None = None,
          log: Callable[[str], None] = print, progress: bool = False,
          suite_rule: SuiteRule = SuiteRule(), eval_dirs: list[Path] | None = None,
-         promote_undecided: bool = False, server: ServerSpec | None = None) -> GateResult:
+         promote_undecided: bool = False, server: ServerSpec | None = None, drift: bool = False) -> GateResult:
     """Evaluate candidate and baseline on every task file, decide, and record + apply ONE decision in one
     transaction. ``tasks``: a file or a list of files; the first (the anchors) is judged by ``rule``, the
     others by ``suite_rule``; a REVERT in any suite reverts; a suite that cannot show a drop makes a KEEP
@@ -332,7 +333,9 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
     The decision is applied only if production is still what it was when the gate started. ``server``: answers
     written by a vLLM server; a LoRA run as the candidate is then judged as its adapter, unmerged, and only a
     KEEP merges it — the merged pack, evaluated again, is promoted when its answers are the adapter's on every
-    task, and the decision is UNDECIDED (nothing promoted) when they are not."""
+    task, and the decision is UNDECIDED (nothing promoted) when they are not. ``drift``: the candidate's KL from
+    the baseline on the anchors with the baseline's answers and, for a run, on its training rows
+    (:func:`drift_figures`)."""
     files = [Path(t) for t in (tasks if isinstance(tasks, list | tuple) else [tasks])]
     prod = reg.production()
     if against == "production":
@@ -386,11 +389,49 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
     if decision == "UNDECIDED" and promote_undecided:
         decision, rule_json = "KEEP", {**rule_json, "promote_undecided": True}
         reason = "UNDECIDED, promoted as asked (--promote-undecided): " + reason
+    figures = None
+    if drift:
+        train_rows = load_train_config_text(meta.get("config")) if meta.get("config") else None
+        figures = drift_figures(reg, cand.path, base, files, reg.workspace / "drift" / f"{base.id}-"
+                                f"{tasks_fingerprint(files[0])[:16]}.jsonl", *(train_rows or (None, 1024)),
+                                (settings, limits), log)
     gid = reg.record_gate(cand.id, base.id, rule_json, decision, regressed, fixed, first["p_value"], reason,
                           expected_production=None if prod is None else prod.id)
     return GateResult(decision, cand.name, base.name, first["candidate_passed"], first["baseline_passed"],
                       first["n_tasks"], first["candidate_interval"], first["baseline_interval"], regressed, fixed,
-                      first["p_value"], reason, rule_json, gid, first["candidate_outcomes"], suites)
+                      first["p_value"], reason, rule_json, gid, first["candidate_outcomes"], suites, figures)
+
+
+def drift_figures(reg: Registry, candidate: str | Path, baseline: Pack, tasks: Any, rows: Path,
+                  train_rows: str | None, max_length: int, how: tuple[GenerationSettings, Limits],
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """KL(base ‖ cand) and KL(cand ‖ base), mean and p95 (:mod:`kdkit.evaluate.drift`): on the anchors with the
+    baseline's stored answers (written to ``rows`` once) and, when given, on the training rows — one forward of
+    each model, no generation. A figure that cannot be measured is None, with the reason in the log."""
+    from kdkit.evaluate.drift import answer_rows, drift
+    from kdkit.util.errors import KdkitError
+
+    anchors = Path(tasks[0] if isinstance(tasks, list | tuple) else tasks)
+    if not rows.is_file():
+        rows.parent.mkdir(parents=True, exist_ok=True)
+        ev = reg.find_evaluation(baseline.id, tasks_fingerprint(anchors), evaluation_key(how[0], how[1].timeout_s))
+        answer_rows(load_tasks(anchors), (ev or {}).get("metrics", {}).get("completions", {}), rows)
+    figures: dict[str, Any] = {}
+    for name, data in (("train", train_rows), ("anchors", rows)):
+        if data is None:
+            continue
+        if not Path(data).stat().st_size:
+            log(f"drift on {name} not measured: the baseline answered no anchor")
+            figures[name] = None
+            continue
+        try:
+            d = drift(candidate, baseline.path, data, max_length=max_length, log=log)
+        except KdkitError as e:  # the candidate was judged: a drift that cannot be measured is said, not fatal
+            log(f"drift on {name} not measured: {e}")
+            figures[name] = None
+            continue
+        figures[name] = {k: v for k, v in d.as_dict().items() if k.startswith("kl_") or k == "tokens"}
+    return figures
 
 
 def lora_run(candidate: str) -> Path | None:
@@ -428,6 +469,17 @@ def _merge_keep(reg: Registry, adapter: Pack, run: Path | None, base: Pack, file
         differ += [t for t in ev_a["outcomes"] if ev_m["outcomes"].get(t) != ev_a["outcomes"][t]
                    or code_m.get(t) != code_a.get(t)]
     return merged, differ
+
+
+def load_train_config_text(text: str) -> tuple[str, int] | None:
+    """The training rows and their max_length of a run's saved config (its text), or None when unreadable."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)["data"]
+        return str(data["train"]), int(data.get("max_length", 1024))
+    except (yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _resolve(reg: Registry, ref: str, **register_kw: Any) -> Pack:

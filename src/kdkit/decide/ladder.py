@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from kdkit.config.load import load_train_config, split_assignment
-from kdkit.decide.gate import GateRule, gate, lora_run
+from kdkit.decide.gate import GateRule, drift_figures, gate, lora_run
 from kdkit.decide.registry import Registry, RegistryError
 from kdkit.decide.tables import SEED_KEY, identical_seeds, write_table
 from kdkit.evaluate.passrate import GenerationSettings
@@ -71,37 +71,6 @@ def _epoch_means(run_dir: Path, barrier: Any = None) -> dict[str, Any]:
             "coherence_min": min(r["probe_coherence"] for r in rounds) if rounds else None}
 
 
-def rung_drift(candidate: Path, baseline: Any, cfg: Any, out: Path, tasks: Any, registry: Registry,
-               settings: GenerationSettings, limits: Limits, log: Callable[[str], None]) -> dict[str, Any]:
-    """KL(base ‖ cand) and KL(cand ‖ base), mean and p95 (:mod:`kdkit.evaluate.drift`), on the rung's training rows
-    and on the anchors with the baseline's answers (written once per ladder, ``anchor_answers.jsonl``): one
-    forward of each model, no generation."""
-    from kdkit.evaluate.drift import answer_rows, drift
-    from kdkit.evaluate.passrate import evaluation_key, load_tasks, tasks_fingerprint
-
-    anchors = Path(tasks[0] if isinstance(tasks, list) else tasks)
-    rows = out / "anchor_answers.jsonl"
-    if not rows.is_file():
-        ev = registry.find_evaluation(baseline.id, tasks_fingerprint(anchors), evaluation_key(settings, limits.timeout_s))
-        answer_rows(load_tasks(anchors), (ev or {}).get("metrics", {}).get("completions", {}), rows)
-    from kdkit.util.errors import KdkitError
-
-    figures: dict[str, Any] = {}
-    for name, data in (("train", cfg.data.train), ("anchors", rows)):
-        if not Path(data).stat().st_size:
-            log(f"drift on {name} not measured: the baseline answered no anchor")
-            figures[name] = None
-            continue
-        try:
-            d = drift(candidate, baseline.path, data, max_length=cfg.data.max_length, log=log)
-        except KdkitError as e:  # the rung was trained and gated: a drift that cannot be measured is said, not fatal
-            log(f"drift on {name} not measured: {e}")
-            figures[name] = None
-            continue
-        figures[name] = {k: v for k, v in d.as_dict().items() if k.startswith("kl_") or k == "tokens"}
-    return figures
-
-
 def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | list[str | Path], out: str | Path, *,
                registry: Registry, rule: GateRule = GateRule(), settings: GenerationSettings = GenerationSettings(),
                limits: Limits = Limits(), unsafe_no_isolation: bool = False, progress: bool = False,
@@ -110,8 +79,8 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
     """Train → merge → gate each rung (``overrides``: ``--set`` for every rung, before the rung's own values);
     ``tasks``: the anchors, or a list whose first file is the anchors and the others suites (as ``kdkit gate``).
     ``server``: a vLLM server writes the answers; a LoRA rung is gated as its adapter and merged only if kept.
-    ``drift``: each rung's KL from the baseline on the training rows and on the anchors' baseline answers
-    (:func:`rung_drift`)."""
+    ``drift``: each rung's KL from the baseline on its training rows and on the anchors with the baseline's answers
+    (:func:`kdkit.decide.gate.drift_figures`)."""
     from kdkit.train import merge, train
 
     out = Path(out)
@@ -167,8 +136,9 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
                        candidate_meta={"name": f"{out.name}-rung{i:02d}", "source_run": str(run_dir),
                                        "config": (run_dir / "config.yaml").read_text()})
             if drift:
-                rec["drift"] = rung_drift(run_dir / "final" if adapter else pack_dir, baseline, cfg, out, tasks,
-                                          registry, settings, limits, log)
+                rec["drift"] = drift_figures(registry, run_dir / "final" if adapter else pack_dir, baseline, tasks,
+                                             out / "anchor_answers.jsonl", cfg.data.train, cfg.data.max_length,
+                                             (settings, limits), log)
             rec.update(status="done", **_epoch_means(run_dir, cfg.objective.barrier),
                        decision=res.decision, passed=res.candidate_passed,
                        n_tasks=res.n_tasks, interval=list(res.candidate_interval), regressed=res.regressed,
