@@ -427,3 +427,35 @@ def test_a_gate_through_the_server_judges_the_adapter_and_promotes_its_merged_pa
     assert merged_eval["outcomes"] == adapter_eval["outcomes"]
     assert merged_eval["metrics"]["completions"] == adapter_eval["metrics"]["completions"]
     assert [m["id"] for m in Server(lora_server)._object("/v1/models")["data"]] == [str(root / "teacher")]
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (make sandbox-deps)")
+def test_a_ladder_through_the_server_gates_lora_rungs_unmerged(served, lora_server, tmp_path):
+    """`kdkit ladder --server`: each LoRA rung is judged as its adapter (no pack is written unless kept), with its
+    drift from the baseline measured on the adapter as applied."""
+    from kdkit.decide.ladder import run_ladder
+    from kdkit.decide.registry import Registry
+    from kdkit.demo.world import make_world
+    from kdkit.evaluate.passrate import GenerationSettings
+    from kdkit.evaluate.sandbox import Limits
+    from kdkit.evaluate.served import ServerSpec
+
+    root, _ = served
+    tasks = write_jsonl(tmp_path / "anchors.jsonl", make_world(0).anchors[:6])
+    cfg = tmp_path / "lora.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "student": {"path": str(root / "teacher"), "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        "data": {"train": str(root / "train.jsonl"), "max_length": 96},
+        "optim": {"lr": 5e-2, "micro_batch": 4, "max_steps": 2, "schedule": "constant"}, "checkpoint": {"every": 0}}))
+    reg = Registry(tmp_path / "ws")
+    reg.promote(reg.register(root / "teacher").id)
+    res = run_ladder(cfg, ["optim.lr=0.05,0.1"], tasks, tmp_path / "lad", registry=reg,
+                     settings=GenerationSettings(max_new_tokens=16), limits=Limits(timeout_s=5), log=lambda m: None,
+                     server=ServerSpec(lora_server))
+    assert [r["status"] for r in res] == ["done", "done"], res[0].get("traceback")
+    for r in res:
+        assert r["decision"] == "UNDECIDED" and not (tmp_path / "lad" / f"rung-{r['rung']:02d}" / "pack").exists()
+        evaluation = reg.evaluations(reg.pack(r["pack"]).id)[-1]
+        assert reg.pack(r["pack"]).adapter and evaluation["metrics"]["served"]["how"] == "adapter"
+        assert r["drift"]["train"]["kl_base_cand_mean"] > 0
+    assert "drift train (KL b‖c / c‖b)" in (tmp_path / "lad" / "ladder.md").read_text()
