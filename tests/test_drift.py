@@ -130,9 +130,10 @@ def test_the_report_plots_anchor_pass_against_each_drift():
 
     def rung(i: int) -> dict:
         d = {"kl_base_cand_mean": 0.01 * i, "kl_cand_base_mean": 0.02 * i, "tokens": 10}
-        return {"status": "done", "passed": 30 - i, "drift": {"train": d, "anchors": None}}
+        return {"status": "done", "passed": 30 - i, "baseline_passed": 31, "drift": {"train": d, "anchors": None}}
 
     assert drift_plot([rung(i) for i in range(4)]).startswith("data:image/png;base64,")
+    assert drift_plot([rung(1), rung(2)]).startswith("data:image/png;base64,")  # with the baseline: a line
     assert drift_plot([{**rung(1), "drift": None}, {"status": "failed"}]) is None
 
 

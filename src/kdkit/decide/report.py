@@ -318,8 +318,9 @@ def _ladder_body(d: Path) -> str:
 
 def drift_plot(rungs: list[dict[str, Any]]) -> str | None:
     """Anchor pass count against each drift figure (KL(base‖cand) and KL(cand‖base), on the training rows and on
-    the anchors' baseline answers), one point per finished rung, with the least-squares line and its 95%
-    interval where there are three points or more; None when no rung measured drift."""
+    the anchors' baseline answers), one point per finished rung and the baseline itself at 0 (a model does not
+    drift from itself), with the least-squares line and its 95% interval where there are three points or more;
+    None when no rung measured drift."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,8 +336,13 @@ def drift_plot(rungs: list[dict[str, Any]]) -> str | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
     for a, (where, key) in zip(axes[0], panels, strict=True):
         pts = [(r["drift"][where][key], r["passed"]) for r in done if r["drift"].get(where)]
+        base = sorted({r["baseline_passed"] for r in done if r.get("baseline_passed") is not None})
+        a.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, color="#1f77b4", label="rungs")
+        if len(base) == 1:  # one baseline for every rung: its own point, at zero drift
+            pts.append((0.0, base[0]))
+            a.scatter([0.0], base, s=26, marker="s", color="#222", label="baseline")
+            a.legend(fontsize=7)
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        a.scatter(xs, ys, s=18, color="#1f77b4")
         fit = line_fit(xs, ys)
         title = f"{'KL(base‖cand)' if key.startswith('kl_base') else 'KL(cand‖base)'} on {where}"
         if fit is not None:
