@@ -346,6 +346,17 @@ def test_generate_on_the_server_writes_the_local_generations_bytes(served, tmp_p
     assert lone.exit_code == 2 and "without --teacher-url it does nothing" in lone.output
 
 
+def _lora_config(root: Path, tmp: Path, max_steps: int) -> Path:
+    """A LoRA run on the served teacher's weights (the LoRA server's base), a few steps long."""
+    cfg = tmp / "lora.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "student": {"path": str(root / "teacher"), "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        "data": {"train": str(root / "train.jsonl"), "max_length": 96},
+        "optim": {"lr": 5e-2, "micro_batch": 4, "max_steps": max_steps, "schedule": "constant"},
+        "checkpoint": {"every": 0}}))
+    return cfg
+
+
 def _eval(model: Path, tasks: Path, out: Path, *extra: str) -> tuple[list[dict], list[dict], dict]:
     res = CliRunner().invoke(app, ["eval", str(model), "--tasks", str(tasks), "--max-new-tokens", "24",
                                    "--out", str(out), *extra], terminal_width=200)
@@ -403,11 +414,7 @@ def test_a_gate_through_the_server_judges_the_adapter_and_promotes_its_merged_pa
 
     root, _ = served
     tasks = write_jsonl(tmp_path / "anchors.jsonl", make_world(0).anchors[:10])
-    cfg = tmp_path / "lora.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "student": {"path": str(root / "teacher"), "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
-        "data": {"train": str(root / "train.jsonl"), "max_length": 96},
-        "optim": {"lr": 5e-2, "micro_batch": 4, "max_steps": 3, "schedule": "constant"}, "checkpoint": {"every": 0}}))
+    cfg = _lora_config(root, tmp_path, max_steps=3)
     train(load_train_config(cfg), tmp_path / "run", **QUIET)
     ws = tmp_path / "ws"
     reg = Registry(ws)
@@ -444,11 +451,7 @@ def test_a_ladder_through_the_server_gates_lora_rungs_unmerged(served, lora_serv
 
     root, _ = served
     tasks = write_jsonl(tmp_path / "anchors.jsonl", make_world(0).anchors[:6])
-    cfg = tmp_path / "lora.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "student": {"path": str(root / "teacher"), "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
-        "data": {"train": str(root / "train.jsonl"), "max_length": 96},
-        "optim": {"lr": 5e-2, "micro_batch": 4, "max_steps": 2, "schedule": "constant"}, "checkpoint": {"every": 0}}))
+    cfg = _lora_config(root, tmp_path, max_steps=2)
     reg = Registry(tmp_path / "ws")
     reg.promote(reg.register(root / "teacher").id)
     res = run_ladder(cfg, ["optim.lr=0.05,0.1"], tasks, tmp_path / "lad", registry=reg,

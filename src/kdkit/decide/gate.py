@@ -27,8 +27,7 @@ from kdkit.evaluate.passrate import (
     tasks_fingerprint,
 )
 from kdkit.evaluate.sandbox import Limits
-from kdkit.evaluate.served import ServedCandidate, ServerSpec
-from kdkit.teacher.served import ServedError
+from kdkit.evaluate.served import CannotServe, ServedCandidate, ServerSpec
 from kdkit.util.errors import UsageError
 
 
@@ -254,8 +253,8 @@ def _open_served(pack: Pack, server: ServerSpec, log: Callable[[str], None]) -> 
     it is evaluated here, as said in the log)."""
     try:
         return ServedCandidate.open(server.url, pack.path, server.model)
-    except ServedError as e:
-        if pack.adapter or "loading" not in str(e) and "not a directory here" not in str(e):
+    except CannotServe as e:
+        if pack.adapter:
             raise
         log(f"{pack.name}: the server cannot answer as it ({e}); evaluating it on this machine")
         return None

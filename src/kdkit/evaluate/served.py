@@ -33,6 +33,10 @@ from kdkit.util.identity import path_identity
 ADAPTER_FILE = "adapter_config.json"
 
 
+class CannotServe(ServedError):
+    """The server cannot answer as a whole model: it neither serves it nor can load its weights in place."""
+
+
 @dataclass(frozen=True)
 class ServerSpec:
     """Where answers are written: a vLLM server's URL and, when it serves several base models, which."""
@@ -92,7 +96,7 @@ class ServedCandidate:
         if info.get("root") and Path(info["root"]).is_dir() and same_files(info["root"], candidate):
             return cls(server, candidate, base, "served", base)
         if not info.get("root") or not Path(info["root"]).is_dir():
-            raise ServedError(f"--server {url} serves {info.get('root')!r}, which is not a directory here: a full "
+            raise CannotServe(f"--server {url} serves {info.get('root')!r}, which is not a directory here: a full "
                               f"model is loaded in place only on a server whose own weights it can load back")
         _reload(server, candidate)
         return cls(server, candidate, base, "weights", base)
@@ -139,7 +143,7 @@ def _reload(server: Server, weights: Path) -> None:
         server.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(weights.resolve())}})
         server.post("/reset_prefix_cache", {})
     except ServedError as e:
-        raise ServedError(f"--server: loading {weights}'s weights in place failed ({e}); start vLLM with "
+        raise CannotServe(f"--server: loading {weights}'s weights in place failed ({e}); start vLLM with "
                           f"VLLM_SERVER_DEV_MODE=1, or give a LoRA run (its adapter is loaded at run time)") from None
 
 
