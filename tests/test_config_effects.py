@@ -151,6 +151,8 @@ EFFECTS: dict[str, tuple[dict, typing.Any]] = {
     "routing.control": ({**LIVE, "routing": {**ROUTING["routing"], "refresh_every": 0}}, "random"),
     "routing.seed": (RANDOM, 5),
     "drift_tolerance": ({}, 10.0),  # no weight moves 10: refused at the end
+    "eval.server": ({}, "http://127.0.0.1:9"),  # nothing answers there: refused before training
+    "eval.served_model": ({}, "other"),  # without eval.server: refused naming the field
 }
 
 

@@ -305,3 +305,37 @@ def test_an_inert_barrier_is_said_to_be_inert():
     assert active_cell([{"values": {}}]) == "—"
     assert rung_line(0, 3, rec) == ("rung 1/3 {'objective.barrier.tau': 5.0}: REVERT — anchors 3/10 (baseline 4); "
                                     "barrier above τ on 0/12 logged steps (it never acted)")
+
+
+def test_the_configs_eval_server_is_the_default_server_and_a_flag_wins(ladder_world, tmp_path):
+    """eval.server in a ladder's config (or a LoRA run's config.yaml, for `kdkit gate`) names the server that
+    writes the answers; --server wins and says so; a rung cannot vary it; a bad section names its file."""
+    from kdkit.config.load import ConfigError, load_train_config
+    from kdkit.decide.gate import run_server
+    from kdkit.decide.ladder import configured_server
+    from kdkit.evaluate.served import ServerSpec
+
+    cfg = yaml.safe_load((ladder_world / "cfg.yaml").read_text())
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "eval": {"server": "http://h:1", "served_model": "m"}}))
+    shutil.copytree(ladder_world, tmp_path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("cfg.yaml"))
+    loaded, logs = load_train_config(path), []
+    assert configured_server(loaded, None, "cfg.yaml", logs.append) == ServerSpec("http://h:1", "m")
+    assert logs == ["answers from http://h:1 (cfg.yaml: eval.server)"]
+    assert configured_server(loaded, ServerSpec("http://g:2"), "cfg.yaml", logs.append) == ServerSpec("http://g:2")
+    assert logs[-1] == "--server http://g:2 is used; cfg.yaml's eval.server (http://h:1) is not"
+    assert configured_server(load_train_config(ladder_world / "cfg.yaml"), None, "x", logs.append) is None
+    with pytest.raises(ConfigError, match=r"cfg.yaml:6: field 'eval.server': Field required"):
+        path.write_text(yaml.safe_dump({**cfg, "eval": {"served_model": "m"}}))
+        load_train_config(path)
+    with pytest.raises(ValueError, match="every rung of a ladder is evaluated alike"):
+        run_ladder(ladder_world / "cfg.yaml", ["eval.server=http://a:1,http://b:2"], ladder_world / "tasks.jsonl",
+                   tmp_path / "lad", registry=Registry(tmp_path / "ws"))
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "kdkit.json").write_text(json.dumps({"kind": "lora"}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"eval": {"server": "http://h:1"}}))
+    assert run_server(str(run)) == ServerSpec("http://h:1") and run_server(str(ladder_world)) is None
+    (run / "config.yaml").write_text(yaml.safe_dump({"eval": {"server": "http://h:1", "port": 3}}))
+    with pytest.raises(ConfigError, match=r"run/config.yaml: eval: Extra inputs are not permitted"):
+        run_server(str(run))

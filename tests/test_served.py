@@ -346,10 +346,11 @@ def test_generate_on_the_server_writes_the_local_generations_bytes(served, tmp_p
     assert lone.exit_code == 2 and "without --teacher-url it does nothing" in lone.output
 
 
-def _lora_config(root: Path, tmp: Path, max_steps: int) -> Path:
-    """A LoRA run on the served teacher's weights (the LoRA server's base), a few steps long."""
+def _lora_config(root: Path, tmp: Path, max_steps: int, server: str | None = None) -> Path:
+    """A LoRA run on the served teacher's weights (the LoRA server's base), a few steps long; ``server``: the
+    config's eval.server."""
     cfg = tmp / "lora.yaml"
-    cfg.write_text(yaml.safe_dump({
+    cfg.write_text(yaml.safe_dump({**({"eval": {"server": server}} if server else {}),
         "student": {"path": str(root / "teacher"), "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
         "data": {"train": str(root / "train.jsonl"), "max_length": 96},
         "optim": {"lr": 5e-2, "micro_batch": 4, "max_steps": max_steps, "schedule": "constant"},
@@ -414,15 +415,16 @@ def test_a_gate_through_the_server_judges_the_adapter_and_promotes_its_merged_pa
 
     root, _ = served
     tasks = write_jsonl(tmp_path / "anchors.jsonl", make_world(0).anchors[:10])
-    cfg = _lora_config(root, tmp_path, max_steps=3)
+    cfg = _lora_config(root, tmp_path, max_steps=3, server=lora_server)  # the run's config names the server
     train(load_train_config(cfg), tmp_path / "run", **QUIET)
     ws = tmp_path / "ws"
     reg = Registry(ws)
     reg.promote(reg.register(root / "teacher").id)
     common = ["gate", str(tmp_path / "run"), "--tasks", str(tasks), "--workspace", str(ws), "--max-new-tokens", "24",
-              "--server", lora_server, "--no-progress"]
+              "--no-progress"]
     res = CliRunner().invoke(app, common, terminal_width=200)
     assert res.exit_code == 3 and "UNDECIDED" in res.output, res.output  # 0 of 10 anchors: no drop can be shown
+    assert f"answers from {lora_server} ({tmp_path / 'run'}/config.yaml: eval.server)" in res.output
     assert [p.adapter for p in reg.packs()] == [False, True]  # the adapter registered as it is; nothing merged
     res = CliRunner().invoke(app, [*common, "--promote-undecided"], terminal_width=200)
     assert res.exit_code == 0 and "promoted as asked" in res.output, res.output
@@ -440,23 +442,30 @@ def test_a_gate_through_the_server_judges_the_adapter_and_promotes_its_merged_pa
 
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (make sandbox-deps)")
 def test_a_ladder_through_the_server_gates_lora_rungs_unmerged(served, lora_server, tmp_path):
-    """`kdkit ladder --server`: each LoRA rung is judged as its adapter (no pack is written unless kept), with its
-    drift from the baseline measured on the adapter as applied."""
+    """`kdkit ladder` with the config's eval.server (as --server): each LoRA rung is judged as its adapter (no
+    pack is written unless kept), with its drift from the baseline measured on the adapter as applied."""
     from kdkit.decide.ladder import run_ladder
     from kdkit.decide.registry import Registry
     from kdkit.demo.world import make_world
     from kdkit.evaluate.passrate import GenerationSettings
     from kdkit.evaluate.sandbox import Limits
-    from kdkit.evaluate.served import ServerSpec
 
     root, _ = served
     tasks = write_jsonl(tmp_path / "anchors.jsonl", make_world(0).anchors[:6])
-    cfg = _lora_config(root, tmp_path, max_steps=2)
+    cfg = _lora_config(root, tmp_path, max_steps=2, server=lora_server)  # eval.server: no --server needed
     reg = Registry(tmp_path / "ws")
     reg.promote(reg.register(root / "teacher").id)
+    logs: list[str] = []
     res = run_ladder(cfg, ["optim.lr=0.05,0.1"], tasks, tmp_path / "lad", registry=reg,
-                     settings=GenerationSettings(max_new_tokens=16), limits=Limits(timeout_s=5), log=lambda m: None,
-                     server=ServerSpec(lora_server))
+                     settings=GenerationSettings(max_new_tokens=16), limits=Limits(timeout_s=5), log=logs.append)
+    assert f"answers from {lora_server} ({cfg}: eval.server)" in logs
+    save_model_dir(tmp_path / "other", seed=7, hidden=64, heads=2)  # a LoRA run on another base: refused at once
+    other = yaml.safe_load(cfg.read_text())
+    other["student"]["path"] = str(tmp_path / "other")
+    cfg.write_text(yaml.safe_dump(other))
+    with pytest.raises(KdkitError, match=r"lora.yaml:\d+: eval.server: .* serves .*teacher, but a LoRA run's adapter"):
+        train(load_train_config(cfg), tmp_path / "refused", **QUIET)
+    assert not (tmp_path / "refused" / "final").exists()
     assert [r["status"] for r in res] == ["done", "done"], res[0].get("traceback")
     for r in res:
         assert r["decision"] == "UNDECIDED" and not (tmp_path / "lad" / f"rung-{r['rung']:02d}" / "pack").exists()

@@ -136,7 +136,8 @@ GATE_EXIT = {"KEEP": 0, "REVERT": 1, "UNDECIDED": 3}
 SERVER_HELP = ("A vLLM server's URL that writes every answer (greedy; the same prompts, stop rule, extraction and "
                "sandbox as without it): a LoRA run is judged as its adapter, loaded at run time and never merged "
                "unless kept (the merged pack is promoted only when its answers are the adapter's); a whole model is "
-               "the served one or loaded in place (VLLM_SERVER_DEV_MODE=1), else evaluated here.")
+               "the served one or loaded in place (VLLM_SERVER_DEV_MODE=1), else evaluated here. Default: the "
+               "config's eval.server (the ladder's config; for `kdkit gate`, a LoRA run's config.yaml).")
 
 
 @app.command("gate")
@@ -182,7 +183,7 @@ def gate_cmd(
      "the exact paired test per suite, decide once for all suites and record it: KEEP (promote), REVERT (archive), "
      "or UNDECIDED when a suite cannot show a drop (the baseline passes fewer tasks than the exact test needs to "
      "see one): nothing promoted or archived. Exit code 0 on KEEP, 1 on REVERT, 3 on UNDECIDED.")
-    from kdkit.decide.gate import GateRule, SuiteRule, format_tasks, gate, power_line
+    from kdkit.decide.gate import GateRule, SuiteRule, format_tasks, gate, power_line, run_server
     from kdkit.evaluate.passrate import GenerationSettings
     from kdkit.evaluate.sandbox import Limits
     from kdkit.evaluate.tasks import resolve_tasks
@@ -190,7 +191,9 @@ def gate_cmd(
 
     if suite_rule is not None and len(tasks) < 2:
         fail("--suite-rule only takes effect with a second --tasks file")
-    spec = _server(server, served_model)
+    spec = _server(server, served_model) or run_server(candidate)
+    if server is None and spec is not None:
+        console.print(f"answers from {spec.url} ({candidate}/config.yaml: eval.server)")
     reg = _registry(workspace, create=_P(against).is_dir())  # a baseline directory needs no production yet
     tasks = [str(resolve_tasks(t)) for t in tasks]
     res = gate(reg, candidate, tasks, against=against, rule=GateRule.parse(rule),

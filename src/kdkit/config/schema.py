@@ -330,6 +330,23 @@ class EarlyStopConfig(_Strict):
     patience: int = Field(1, ge=1, description="probe rounds in a row below the floor before the run stops")
 
 
+class EvalConfig(_Strict):
+    """Where this run's candidates are evaluated when it is gated (``kdkit ladder`` with this config, ``kdkit
+    gate`` of its run directory): a vLLM server writes the answers, as ``--server`` (which wins when given)."""
+
+    server: str | None = Field(None, min_length=1, description="the vLLM server's URL (http://HOST:PORT or its /v1 "
+                               "base URL): a LoRA run is loaded as its adapter, a full fine-tune as weights in place; "
+                               "checked before training (it answers, and serves a LoRA run's base)")
+    served_model: str | None = Field(None, description="the served base model's name, when the server serves several")
+
+    @model_validator(mode="after")
+    def _a_server(self) -> EvalConfig:
+        if self.server is None:
+            raise ValueError("eval.server is not set" + (": served_model names one of its models" if self.served_model
+                                                          else ""))
+        return self
+
+
 class QuarantineConfig(_Strict):
     """The quarantine adapter: its own LoRA (a basis distinct from the main adapter's), in the forward during
     training, dropped at deployment (`kdkit merge --drop-adapter quarantine`)."""
@@ -374,6 +391,8 @@ class TrainConfig(_Strict):
     probes: ProbesConfig | None = Field(None, description="probe generations during training; omit for none")
     early_stop: EarlyStopConfig | None = Field(None, description="stop on a coherence floor (needs probes)")
     routing: RoutingConfig | None = Field(None, description="gradient routing into a quarantine adapter")
+    eval: EvalConfig | None = Field(None, description="the gate's evaluation of this run (kdkit ladder, kdkit "
+                                    "gate RUN_DIR): answers from a vLLM server; omit to evaluate here")
     drift_tolerance: float = Field(1e-7, ge=0.0, description="fail when no trainable weight moved more than this")
 
     @model_validator(mode="after")

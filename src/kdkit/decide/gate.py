@@ -439,6 +439,25 @@ def lora_run(candidate: str) -> Path | None:
     return Path(candidate) if meta.is_file() and json.loads(meta.read_text()).get("kind") == "lora" else None
 
 
+def run_server(candidate: str) -> ServerSpec | None:
+    """The server a LoRA run's config names for its evaluation (``eval.server`` in its config.yaml), else None."""
+    import yaml
+    from pydantic import ValidationError
+
+    from kdkit.config.load import ConfigError
+    from kdkit.config.schema import EvalConfig
+
+    run = lora_run(candidate)
+    section = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("eval") if run else None
+    if not section:
+        return None
+    try:
+        e = EvalConfig.model_validate(section)
+    except ValidationError as err:
+        raise ConfigError(f"{run / 'config.yaml'}: eval: {err.errors()[0]['msg']}") from None
+    return ServerSpec(e.server, e.served_model)
+
+
 def _merge_keep(reg: Registry, adapter: Pack, run: Path | None, base: Pack, files: list[Path],
                 how: tuple[Any, ...]) -> tuple[Pack, list[str]]:
     """The pack a KEEP of an adapter promotes: its run merged (``kdkit merge``), registered and evaluated on every

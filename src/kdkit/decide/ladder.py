@@ -43,6 +43,19 @@ def parse_vary(specs: list[str]) -> list[tuple[str, list[Any]]]:
     return out
 
 
+def configured_server(cfg: Any, given: ServerSpec | None, where: str,
+                      log: Callable[[str], None]) -> ServerSpec | None:
+    """The server that writes the answers: ``--server`` when given, else the config's ``eval.server``."""
+    if cfg.eval is None:
+        return given
+    if given is not None:
+        if given.url != cfg.eval.server:
+            log(f"--server {given.url} is used; {where}'s eval.server ({cfg.eval.server}) is not")
+        return given
+    log(f"answers from {cfg.eval.server} ({where}: eval.server)")
+    return ServerSpec(cfg.eval.server, cfg.eval.served_model)
+
+
 def rungs(vary: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
     keys = [k for k, _ in vary]
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*[v for _, v in vary])]
@@ -86,6 +99,9 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
     out = Path(out)
     check_output_dir(out, "--out", marker="ladder.json")  # a new ladder, or this ladder's rerun; never a user's dir
     vary = parse_vary(vary_specs)
+    if any(k.split(".")[0] == "eval" for k, _ in vary):
+        raise UsageError("--vary eval.*: every rung of a ladder is evaluated alike (one server, or none); set "
+                         "eval.server in the config or give --server")
     plan = rungs(vary)
     state_path = out / "ladder.json"
     if state_path.is_file():
@@ -106,6 +122,7 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
         (out / "rungs").mkdir(parents=True, exist_ok=True)
         atomic_write_json(state_path, state)
     base_cfg = load_train_config(config, overrides)
+    server = configured_server(base_cfg, server, str(config), log)
 
     results = []
     for i, values in enumerate(plan):

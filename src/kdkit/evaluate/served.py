@@ -147,6 +147,19 @@ def _reload(server: Server, weights: Path) -> None:
                           f"VLLM_SERVER_DEV_MODE=1, or give a LoRA run (its adapter is loaded at run time)") from None
 
 
+def check_eval_server(url: str, served_model: str | None, student: str, lora: bool) -> None:
+    """A training config's ``eval.server``, before training: it answers (as ``served_model``), and for a LoRA run
+    it serves the run's base, which its adapter is loaded on."""
+    try:
+        info = Server(url, served_model).info()
+    except ServedError as e:
+        raise ServedError(f"eval.server: {e}") from None
+    root = info.get("root")
+    if lora and root and Path(root).is_dir() and Path(student).is_dir() and not same_files(root, student):
+        raise ServedError(f"eval.server: {url} serves {root}, but a LoRA run's adapter is loaded on its base "
+                          f"{student}: start the server with --model {student}")
+
+
 def _check_adapter_base(adapter: Path, root: str | None) -> None:
     """An adapter trained on another base than the server's would answer as a model nobody trained."""
     base = json.loads((adapter / ADAPTER_FILE).read_text()).get("base_model_name_or_path")

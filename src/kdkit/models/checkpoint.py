@@ -127,7 +127,7 @@ def set_rng_states(states: dict[str, torch.Tensor]) -> None:
 
 
 # Settings that do not change what is trained: a resume may change them.
-RESUME_FREE = ("logging", "checkpoint")
+RESUME_FREE = ("logging", "checkpoint", "eval")
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "", free_too: bool = False

@@ -113,6 +113,10 @@ def _checks(cfg: TrainConfig, rows: list[kdata.TokenizedRow], tokenizer: Any, vo
         from kdkit.train.rollout import open_rollout_server
 
         open_rollout_server(op.rollout_url, None, Path("."), op.sync_every, cfg.student.lora is not None)
+    if cfg.eval is not None:  # the server that will gate this run answers as its base: refused now, not after training
+        from kdkit.evaluate.served import check_eval_server
+
+        check_eval_server(cfg.eval.server, cfg.eval.served_model, cfg.student.path, cfg.student.lora is not None)
     if cfg.probes is not None:  # the files training reads later: refused now, naming file and line
         from kdkit.train.probes import load_probes
 
