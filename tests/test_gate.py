@@ -54,6 +54,28 @@ def test_decide_rules():
         GateRule.parse("tau=1")
 
 
+def test_the_noise_rule_reverts_only_a_fall_beyond_noise():
+    """drop_alpha: flips both ways are allowed; a fall is a REVERT only where the exact paired test calls it
+    beyond noise (6 regressions, 0 fixed: p = 2·0.5⁶ = 0.03125 < 0.05; 5 of them: p = 0.0625, kept)."""
+    tasks = [f"T/{i}" for i in range(40)]
+    base = {t: i < 20 for i, t in enumerate(tasks)}
+    noise = GateRule.parse("drop_alpha=0.05")
+    assert noise == GateRule(max_regressions=None, require_not_worse=False, drop_alpha=0.05)
+    for lost, decision in ((5, "KEEP"), (6, "REVERT")):
+        cand = base | {f"T/{i}": False for i in range(lost)}
+        d, reg, fix, p, reason = decide(base, cand, noise)
+        assert (d, len(reg), fix) == (decision, lost, []) and p == pytest.approx(2 * 0.5 ** lost)
+        assert reason.startswith("pass count fell 20 → 14, beyond noise" if lost == 6 else "no fall beyond noise")
+        assert decide(base, cand, GateRule())[0] == "REVERT"  # the seeds' rule reverts any regression
+    swap = base | {"T/0": False, "T/1": False, "T/30": True}  # two lost, one gained: a fall, but noise
+    d, _, _, p, reason = decide(base, swap, noise)
+    assert d == "KEEP" and p == 1.0 and reason.startswith("no fall beyond noise (p < 0.05): 2 regressed, 1 fixed")
+    with pytest.raises(ValueError, match="drop_alpha .* replaces max_regressions"):
+        GateRule.parse("drop_alpha=0.05,max_regressions=1")
+    with pytest.raises(ValueError, match="drop_alpha='2': expected a p-value"):
+        GateRule.parse("drop_alpha=2")
+
+
 @pytest.fixture
 def packs(tmp_path):
     """Three distinct tiny model dirs and a 5-task anchor file."""

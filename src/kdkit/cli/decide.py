@@ -121,7 +121,9 @@ def registry_archive(
 
 RULE_HELP = ("Gate rule as key=value pairs: max_regressions=N (anchor tasks the baseline passes that may fail; "
              "default 0), require_not_worse=true|false (pass count may not fall; default true), require_gain_p=P "
-             "(the improvement rule: KEEP only when the pass count rises with an exact McNemar p below P, e.g. 0.05). "
+             "(the improvement rule: KEEP only when the pass count rises with an exact McNemar p below P, e.g. 0.05), "
+             "drop_alpha=A (the noise rule, instead of the first two: REVERT only when the pass count falls with "
+             "an exact McNemar p below A; single tasks may flip both ways). "
              "The gate prints each suite's power: the fewest regressions or gains its size lets the test detect.")
 
 

@@ -33,13 +33,15 @@ from kdkit.util.errors import UsageError
 
 @dataclass(frozen=True)
 class GateRule:
-    max_regressions: int = 0
+    max_regressions: int | None = 0  # None under the noise rule (drop_alpha)
     require_not_worse: bool = True
     require_gain_p: float | None = None  # the improvement rule: KEEP only a pass count that rises with p below it
+    drop_alpha: float | None = None  # the noise rule: REVERT only a pass count that falls with p below it
 
     @classmethod
     def parse(cls, text: str | None) -> GateRule:
-        """``max_regressions=1,require_not_worse=false``."""
+        """``max_regressions=1,require_not_worse=false``; ``drop_alpha=0.05`` (the noise rule, in place of the
+        other two: a suite large enough that single tasks flip both ways under any change)."""
         if not text:
             return cls()
         kw: dict[str, Any] = {}
@@ -55,16 +57,21 @@ class GateRule:
                 if v.lower() not in ("true", "false"):
                     raise UsageError(f"--rule require_not_worse={v!r}: expected true or false")
                 kw[k] = v.lower() == "true"
-            elif k == "require_gain_p":
+            elif k in ("require_gain_p", "drop_alpha"):
                 try:
                     kw[k] = float(v)
                 except ValueError:
                     kw[k] = -1.0
                 if not 0 < kw[k] < 1:
-                    raise UsageError(f"--rule require_gain_p={v!r}: expected a p-value threshold in (0, 1), e.g. 0.05")
+                    raise UsageError(f"--rule {k}={v!r}: expected a p-value threshold in (0, 1), e.g. 0.05")
             else:
                 raise UsageError(f"--rule: unknown key {k!r}; valid: max_regressions, require_not_worse, "
-                                 f"require_gain_p")
+                                 f"require_gain_p, drop_alpha")
+        if "drop_alpha" in kw and {"max_regressions", "require_not_worse"} & set(kw):
+            raise UsageError(f"--rule {text!r}: drop_alpha (a fall beyond noise) replaces max_regressions and "
+                             f"require_not_worse; give one or the others")
+        if "drop_alpha" in kw:
+            kw.update(max_regressions=None, require_not_worse=False)
         return cls(**kw)
 
 
@@ -279,12 +286,12 @@ def decide(base: dict[str, bool], cand: dict[str, bool], rule: GateRule | SuiteR
     p = mcnemar_exact(len(regressed), len(fixed))
     nb, nc = sum(base.values()), sum(cand.values())
     reasons = []
-    if isinstance(rule, SuiteRule):
-        if rule.margin is not None and nb - nc > rule.margin:
-            reasons.append(f"pass count fell {nb} → {nc}, more than the margin of {rule.margin}")
-        elif rule.margin is None and nc < nb and p < rule.alpha:
-            reasons.append(f"pass count fell {nb} → {nc}, beyond noise (p < {rule.alpha:g})")
-    elif len(regressed) > rule.max_regressions:
+    alpha = rule.alpha if isinstance(rule, SuiteRule) and rule.margin is None else getattr(rule, "drop_alpha", None)
+    if isinstance(rule, SuiteRule) and rule.margin is not None and nb - nc > rule.margin:
+        reasons.append(f"pass count fell {nb} → {nc}, more than the margin of {rule.margin}")
+    elif alpha is not None and nc < nb and p < alpha:
+        reasons.append(f"pass count fell {nb} → {nc}, beyond noise (p < {alpha:g})")
+    elif isinstance(rule, GateRule) and rule.max_regressions is not None and len(regressed) > rule.max_regressions:
         reasons.append(f"{len(regressed)} task(s) that the baseline passes now fail (allowed: {rule.max_regressions})")
     if isinstance(rule, GateRule) and rule.require_not_worse and nc < nb:
         reasons.append(f"pass count fell {nb} → {nc}")
@@ -293,7 +300,8 @@ def decide(base: dict[str, bool], cand: dict[str, bool], rule: GateRule | SuiteR
                        f"p < {rule.require_gain_p:g})")
     decision = "REVERT" if reasons else "KEEP"
     if not reasons:
-        reasons.append(f"no disallowed regression; pass count {nb} → {nc}")
+        reasons.append(f"no fall beyond noise (p < {alpha:g}): {len(regressed)} regressed, {len(fixed)} fixed; pass "
+                       f"count {nb} → {nc}" if alpha is not None else f"no disallowed regression; pass count {nb} → {nc}")
     return decision, regressed, fixed, p, "; ".join(reasons) + f" (exact McNemar p = {p:.3g})"
 
 
