@@ -73,7 +73,8 @@ def anchor_rows(base: Path, server: str, args: argparse.Namespace) -> tuple[list
 
     pool = args.out / "anchor_pool.mbpp.jsonl"
     rows = [json.loads(x) for x in args.mbpp.read_text().splitlines() if x.strip()]
-    pool.write_text("".join(json.dumps(r) + "\n" for r in rows if POOL[0] <= int(r["task_id"]) <= POOL[1]))
+    rows = [r for r in rows if POOL[0] <= int(r["task_id"]) <= POOL[1]][:args.pool or None]
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
     answers = args.out / "anchor_answers"
     if not (answers / "summary.json").is_file():
         kdkit("eval", str(base), "--tasks", str(pool), "--server", server, "--prompt-style", "chat",
@@ -168,6 +169,8 @@ def main() -> int:
     ap.add_argument("--new-rows", type=int, default=150, help="skeleton rows from MBPP ids 601..")
     ap.add_argument("--heldout", type=int, default=40, help="held-out skeleton tasks from MBPP ids 511..")
     ap.add_argument("--anchors", default="humaneval", help="the gate's anchors (a suite name or a task file)")
+    ap.add_argument("--anchor-tasks", type=int, default=0, help="only the anchors' first N tasks (0: all)")
+    ap.add_argument("--pool", type=int, default=0, help="anchor prompts answered by production (0: all 224)")
     ap.add_argument("--mbpp-test", action="store_true", help="gate on MBPP's 500 test tasks too")
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--target-prob", type=float, default=0.5, help="the barrier arm's `kdkit barrier tau --target-prob`")
@@ -181,13 +184,25 @@ def main() -> int:
         base = args.teacher or convert(find_gguf(), args.out / "base")
         with served(base, args) as server:
             d = data_files(base, server, args)
-            suites = [args.anchors, *(["mbpp-test"] if args.mbpp_test else [])]
+            anchors = args.anchors
+            if args.anchor_tasks:  # the suite's first N tasks (a reduced run)
+                anchors = str(first_tasks(anchors, args.anchor_tasks, args.out / "anchors.jsonl"))
+            suites = [anchors, *(["mbpp-test"] if args.mbpp_test else [])]
             for seed in range(args.seeds):
                 for arm in arms(args):
                     run_arm(arm, seed, d, base, server, suites, args)
                     summarize(args)
     print(summarize(args))
     return 0
+
+
+def first_tasks(suite: str, n: int, out: Path) -> Path:
+    from kdkit.evaluate.tasks import load_tasks, resolve_tasks
+
+    tasks = load_tasks(resolve_tasks(suite))[:n]
+    out.write_text("".join(json.dumps({"task_id": t.task_id, "prompt": t.prompt, "entry_point": t.entry_point,
+                                       "test": t.test}) + "\n" for t in tasks))
+    return out
 
 
 class served:

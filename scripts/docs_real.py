@@ -8,6 +8,9 @@
     python examples/smollm2_kl_leash.py --out kl-leash-p09 --target-prob 0.9 --barrier-only   # a looser τ
     python scripts/docs_real.py --kl-leash-p09 kl-leash-p09/summary.json
     python scripts/docs_real.py --leash-reduced kl-leash-small/summary.json   # its reduced run, likewise
+    python examples/smollm2_anchor_ladder.py --out anchor-ladder          # seed 000's levers (resumable)
+    python scripts/docs_real.py --anchor-ladder anchor-ladder/summary.json
+    python scripts/docs_real.py --anchor-reduced anchor-small/summary.json   # its reduced run
     python scripts/docs_real.py                                         # the page from docs/real_models.json
 
 tests/test_real_examples.py checks that the page shows what docs/real_models.json holds, and (slow) that the
@@ -30,12 +33,17 @@ REDUCED = ["--train-rows", "24", "--val-rows", "8", "--tasks-n", "3", "--steps",
 LEASH_REDUCED = ["--anchors", "4", "--heldout", "6", "--train-rows", "80", "--steps", "10", "--seeds", "2",
                  "--max-new-tokens", "96"]
 """The reduced size of examples/smollm2_kl_leash.py the slow test reruns."""
+ANCHOR_REDUCED = ["--seeds", "1", "--shares", "0.5", "--lambdas", "0.1", "--no-barrier", "--new-rows", "24",
+                  "--heldout", "4", "--anchor-tasks", "6", "--pool", "24", "--steps", "4", "--max-new-tokens", "64"]
+"""The reduced size of examples/smollm2_anchor_ladder.py the slow test reruns."""
 sys.path.insert(0, str(ROOT / "examples"))
 
+from smollm2_anchor_ladder import anchor_table  # noqa: E402
 from smollm2_kd_vs_ce import summary_table  # noqa: E402
 from smollm2_kl_leash import leash_table  # noqa: E402
 
-TABLES = {"kd_vs_ce": summary_table, "kl_leash": leash_table, "kl_leash_p09": leash_table}
+TABLES = {"kd_vs_ce": summary_table, "kl_leash": leash_table, "kl_leash_p09": leash_table,
+          "anchor_ladder": anchor_table}
 """docs/real_models.json's full runs and the function that writes each one's table."""
 
 
@@ -57,6 +65,20 @@ def leash_figures(summary: dict) -> dict:
                    "avg_ce": [round(x, 4) for x in a["avg_ce"]],
                    "kl_to_base": {how: [round(x, 4) for x in v] for how, v in a["kl_to_base"].items()}}
             for name, a in summary["arms"].items()}
+
+
+def anchor_figures(summary: dict) -> dict:
+    """What a rerun of the anchor-ladder example must reproduce: per run the pass counts, the gate's decision,
+    the training CE and KD, and the drift from the base."""
+    def rounded(d: dict | None) -> dict | None:
+        return None if d is None else {w: {k: round(v, 4) if isinstance(v, float) else v for k, v in f.items()}
+                                       for w, f in d.items() if f}
+
+    return {f"{r['arm']}, seed {r['seed']}": {
+        "passed": r["passed"], "baseline_passed": r["baseline_passed"], "skeletons": r["skeletons"],
+        "decision": r["decision"], "avg_ce": round(r["avg_ce"], 4),
+        "avg_kl": None if r["avg_kl"] is None else round(r["avg_kl"], 4), "drift": rounded(r.get("drift"))}
+        for r in summary["runs"]}
 
 
 def markers(key: str) -> tuple[str, str]:
@@ -84,6 +106,8 @@ def main() -> int:
     ap.add_argument("--kl-leash", type=Path, help="the KL-leash example's full run's summary.json")
     ap.add_argument("--kl-leash-p09", type=Path, help="its barrier arms' run at --target-prob 0.9 (summary.json)")
     ap.add_argument("--leash-reduced", type=Path, help="the KL-leash example's reduced run's summary.json")
+    ap.add_argument("--anchor-ladder", type=Path, help="the anchor-ladder example's run's summary.json")
+    ap.add_argument("--anchor-reduced", type=Path, help="the anchor-ladder example's reduced run's summary.json")
     a = ap.parse_args()
     data = json.loads(FIGURES.read_text()) if FIGURES.is_file() else {}
     if a.kd_vs_ce:
@@ -95,6 +119,11 @@ def main() -> int:
             data[key] = json.loads(getattr(a, key).read_text())
     if a.leash_reduced:
         data["kl_leash_reduced"] = {"args": LEASH_REDUCED, "figures": leash_figures(json.loads(a.leash_reduced.read_text()))}
+    if a.anchor_ladder:
+        data["anchor_ladder"] = json.loads(a.anchor_ladder.read_text())
+    if a.anchor_reduced:
+        data["anchor_ladder_reduced"] = {"args": ANCHOR_REDUCED,
+                                         "figures": anchor_figures(json.loads(a.anchor_reduced.read_text()))}
     FIGURES.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     text = PAGE.read_text()
     for key, table in TABLES.items():
