@@ -78,7 +78,7 @@ def anchor_rows(base: Path, server: str, args: argparse.Namespace) -> tuple[list
     answers = args.out / "anchor_answers"
     if not (answers / "summary.json").is_file():
         kdkit("eval", str(base), "--tasks", str(pool), "--server", server, "--prompt-style", "chat",
-              "--max-new-tokens", str(args.max_new_tokens), "--out", str(answers), "--no-progress")
+              "--max-new-tokens", str(args.max_new_tokens), "--out", str(answers))
     prompts = {t.task_id: t.prompt for t in load_tasks(pool)}
     gens = [json.loads(x) for x in (answers / "generations.jsonl").read_text().splitlines()]
     passed = [json.loads(x) for x in (answers / "results.jsonl").read_text().splitlines()]
@@ -150,8 +150,7 @@ def run_arm(arm: dict, seed: int, d: dict, base: Path, server: str, suites: list
     skel = out / "skeletons"
     if not (skel / "summary.json").is_file():
         kdkit("eval", str(out / "rung-00" / "run"), "--tasks", str(d["heldout"]), "--server", server,
-              "--prompt-style", "chat", "--max-new-tokens", str(args.max_new_tokens), "--out", str(skel),
-              "--no-progress")
+              "--prompt-style", "chat", "--max-new-tokens", str(args.max_new_tokens), "--out", str(skel))
     return out
 
 

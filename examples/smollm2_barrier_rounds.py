@@ -88,7 +88,7 @@ def one_round(model: Path, base: Path, agg: str, tau: float, seed: int, r: int, 
     passed = {}
     for suite, tasks in (("anchors", d["anchors"]), ("skeletons", d["heldout"])):
         kdkit("eval", str(pack), "--tasks", str(tasks), "--server", server, "--prompt-style", "chat",
-              "--max-new-tokens", str(args.max_new_tokens), "--out", str(where / suite), "--no-progress")
+              "--max-new-tokens", str(args.max_new_tokens), "--out", str(where / suite))
         passed[suite] = json.loads((where / suite / "summary.json").read_text())["n_passed"]
     rec = {"aggregate": agg, "seed": seed, "round": r, "tau": tau, **passed, **round_figures(where / "run")}
     rec_path.write_text(json.dumps(rec, indent=1) + "\n")

@@ -358,23 +358,9 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
     cand = _resolve(reg, str(run / "final") if run is not None else candidate, parent_id=base.id, **meta)
     if cand.id == base.id:
         raise RegistryError(f"candidate and baseline are the same pack ({cand.name}: identical weights)")
-    suites = []
-    for i, f in enumerate(files):
-        ev_b = evaluate_pack(reg, base, f, settings, limits, unsafe_no_isolation, log, progress, eval_dirs, server)
-        ev_c = evaluate_pack(reg, cand, f, settings, limits, unsafe_no_isolation, log, progress, eval_dirs, server)
-        suite_r = rule if i == 0 else suite_rule
-        decision, regressed, fixed, p, reason = decide(ev_b["outcomes"], ev_c["outcomes"], suite_r)
-        pw = power(ev_b["outcomes"], getattr(suite_r, "require_gain_p", None) or getattr(suite_r, "alpha", 0.05))
-        decision, reason = blind_keep(decision, reason, pw, f)
-        prompts = {t.task_id: t.prompt for t in load_tasks(f)}
-        suites.append({"tasks": str(f), "rule": {"kind": "anchors" if i == 0 else "suite", **asdict(suite_r)},
-                       "decision": decision, "regressed": regressed, "fixed": fixed, "p_value": p, "reason": reason,
-                       "candidate_passed": ev_c["n_passed"], "baseline_passed": ev_b["n_passed"],
-                       "n_tasks": ev_c["n_tasks"], "candidate_interval": (ev_c["ci_low"], ev_c["ci_high"]),
-                       "baseline_interval": (ev_b["ci_low"], ev_b["ci_high"]), "candidate_outcomes": ev_c["outcomes"],
-                       "regressed_completions": side_by_side(regressed, ev_c, ev_b, prompts),
-                       "fixed_completions": side_by_side(fixed, ev_c, ev_b, prompts),
-                       "power": pw})
+    how = (settings, limits, unsafe_no_isolation, log, progress, eval_dirs, server)
+    suites = [_suite(reg, base, cand, f, rule if i == 0 else suite_rule, "anchors" if i == 0 else "suite", how)
+              for i, f in enumerate(files)]
     first = suites[0]
     decision = overall([s["decision"] for s in suites])
     reason = first["reason"] if len(suites) == 1 else "; ".join(f"{Path(s['tasks']).name}: {s['decision']} — "
@@ -407,6 +393,26 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
     return GateResult(decision, cand.name, base.name, first["candidate_passed"], first["baseline_passed"],
                       first["n_tasks"], first["candidate_interval"], first["baseline_interval"], regressed, fixed,
                       first["p_value"], reason, rule_json, gid, first["candidate_outcomes"], suites, figures)
+
+
+def _suite(reg: Registry, base: Pack, cand: Pack, f: Path, suite_r: GateRule | SuiteRule, kind: str,
+           how: tuple[Any, ...]) -> dict[str, Any]:
+    """One task file judged: both packs evaluated (``how``: :func:`evaluate_pack`'s arguments after the task
+    file), the decision under ``suite_r`` (no KEEP without power: :func:`blind_keep`), what regressed and
+    what was fixed, side by side."""
+    ev_b = evaluate_pack(reg, base, f, *how)
+    ev_c = evaluate_pack(reg, cand, f, *how)
+    decision, regressed, fixed, p, reason = decide(ev_b["outcomes"], ev_c["outcomes"], suite_r)
+    pw = power(ev_b["outcomes"], getattr(suite_r, "require_gain_p", None) or getattr(suite_r, "alpha", 0.05))
+    decision, reason = blind_keep(decision, reason, pw, f)
+    prompts = {t.task_id: t.prompt for t in load_tasks(f)}
+    return {"tasks": str(f), "rule": {"kind": kind, **asdict(suite_r)},
+            "decision": decision, "regressed": regressed, "fixed": fixed, "p_value": p, "reason": reason,
+            "candidate_passed": ev_c["n_passed"], "baseline_passed": ev_b["n_passed"],
+            "n_tasks": ev_c["n_tasks"], "candidate_interval": (ev_c["ci_low"], ev_c["ci_high"]),
+            "baseline_interval": (ev_b["ci_low"], ev_b["ci_high"]), "candidate_outcomes": ev_c["outcomes"],
+            "regressed_completions": side_by_side(regressed, ev_c, ev_b, prompts),
+            "fixed_completions": side_by_side(fixed, ev_c, ev_b, prompts), "power": pw}
 
 
 def drift_figures(reg: Registry, candidate: str | Path, baseline: Pack, tasks: Any, rows: Path,

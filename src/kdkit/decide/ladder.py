@@ -103,24 +103,7 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
         raise UsageError("--vary eval.*: every rung of a ladder is evaluated alike (one server, or none); set "
                          "eval.server in the config or give --server")
     plan = rungs(vary)
-    state_path = out / "ladder.json"
-    if state_path.is_file():
-        state = json.loads(state_path.read_text())
-        if (state["vary"] != [[k, v] for k, v in vary] or state["config"] != str(Path(config).resolve())
-                or state.get("set", []) != list(overrides or [])):
-            raise UsageError(f"{out}: holds a ladder of another config, --vary or --set; use another --out")
-        baseline = registry.pack(state["baseline_pack"])
-    else:
-        baseline = registry.production()
-        if baseline is None:
-            raise RegistryError("there is no production pack yet: `kdkit registry promote MODEL_DIR` first")
-        state = {"config": str(Path(config).resolve()), "vary": [[k, v] for k, v in vary],
-                 "baseline_pack": baseline.name, "set": list(overrides or []),
-                 "tasks": [str(Path(t).resolve()) for t in (tasks if isinstance(tasks, list) else [tasks])],
-                 "workspace": str(registry.workspace.resolve())}
-        load_train_config(config, overrides)  # fail early on a bad config, before anything is written
-        (out / "rungs").mkdir(parents=True, exist_ok=True)
-        atomic_write_json(state_path, state)
+    baseline = _start(out, config, vary, overrides, tasks, registry)
     base_cfg = load_train_config(config, overrides)
     server = configured_server(base_cfg, server, str(config), log)
 
@@ -176,6 +159,30 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
 
     write_report(out)
     return results
+
+
+def _start(out: Path, config: str | Path, vary: list[tuple[str, list[Any]]], overrides: list[str] | None,
+           tasks: Any, registry: Registry) -> Any:
+    """The ladder's baseline: the production pack recorded in ``ladder.json`` when the ladder started (a rerun
+    of another config, --vary or --set is refused), or today's production, recorded now."""
+    state_path = out / "ladder.json"
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if (state["vary"] != [[k, v] for k, v in vary] or state["config"] != str(Path(config).resolve())
+                or state.get("set", []) != list(overrides or [])):
+            raise UsageError(f"{out}: holds a ladder of another config, --vary or --set; use another --out")
+        return registry.pack(state["baseline_pack"])
+    baseline = registry.production()
+    if baseline is None:
+        raise RegistryError("there is no production pack yet: `kdkit registry promote MODEL_DIR` first")
+    state = {"config": str(Path(config).resolve()), "vary": [[k, v] for k, v in vary],
+             "baseline_pack": baseline.name, "set": list(overrides or []),
+             "tasks": [str(Path(t).resolve()) for t in (tasks if isinstance(tasks, list) else [tasks])],
+             "workspace": str(registry.workspace.resolve())}
+    load_train_config(config, overrides)  # fail early on a bad config, before anything is written
+    (out / "rungs").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(state_path, state)
+    return baseline
 
 
 SUITE_FIELDS = ("tasks", "decision", "candidate_passed", "baseline_passed", "n_tasks", "p_value", "reason")
