@@ -18,12 +18,13 @@ forgetting shows on HumanEval. Rows:
 Arms: share 0 (the plain fine-tune), and shares 25% and 50% each at λ (``objective.kd_weight``) 0, 0.05, 0.10,
 0.20; plus the KL-leash example's rmse barrier arm (share 0, τ from `kdkit barrier tau`). Each arm × seed is a
 one-rung `kdkit ladder` (so every arm's first seed runs before any second seed, and a rerun skips what
-finished): LoRA r 8 on q/k/v/o, --steps steps of 8 rows; gated through one vLLM server (started here, LoRA
-adapters loaded at run time) against the base as production on all 164 HumanEval tasks (and MBPP's 500 test
+finished): LoRA r 8 on q/k/v/o, --steps steps of 8 rows; gated through one vLLM server (started here; each
+rung merged and its weights loaded in place, the faster way on vLLM's CPU build, or --served-lora adapter)
+against the base as production on all 164 HumanEval tasks (and MBPP's 500 test
 tasks with --mbpp-test) under the noise rule (``--rule drop_alpha=0.05``: a fall in pass count beyond noise
 reverts; single tasks flip both ways at this size under any change), with the drift columns. The held-out
-skeletons (MBPP validation, ids 511..) are evaluated beside the gate, not by it: production passes none, so
-as a gate suite they could never show a drop.
+skeletons (MBPP validation, ids 511..) are evaluated beside the gate, not by it: production passes almost
+none (2 of 40 in the KL-leash example), so as a gate suite they could never show a drop.
 
 What we want to learn, stated before running: is there an arm that learns the task (>= 90% of held-out
 skeletons) and that the gate keeps? If none, which lever moves the frontier, and by how much.
@@ -105,7 +106,11 @@ def data_files(base: Path, server: str, args: argparse.Namespace) -> dict:
         path = args.out / f"rows_share{round(100 * share)}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in task_rows + anchors[:k]))
         files[share] = path
-    return {"rows": files, "weighted": weighted, "heldout": args.out / "skeleton_heldout.jsonl"}
+    heldout = args.out / "skeleton_heldout.jsonl"
+    if not (args.out / "base_skeletons" / "summary.json").is_file():  # production on the new task, once
+        kdkit("eval", str(base), "--tasks", str(heldout), "--server", server, "--prompt-style", "chat",
+              "--max-new-tokens", str(args.max_new_tokens), "--out", str(args.out / "base_skeletons"))
+    return {"rows": files, "weighted": weighted, "heldout": heldout}
 
 
 def write_config(arm: dict, d: dict, base: Path, server: str, args: argparse.Namespace) -> Path:
@@ -146,10 +151,12 @@ def run_arm(arm: dict, seed: int, d: dict, base: Path, server: str, suites: list
     kdkit("registry", "promote", str(base), "--name", "base", "--workspace", ws)  # every arm against the base
     kdkit("ladder", str(config), "--vary", f"optim.seed={seed}", *extra, *(x for t in suites for x in ("--tasks", t)),
           "--rule", RULE, "--out", str(out), "--workspace", ws, "--prompt-style", "chat",
-          "--max-new-tokens", str(args.max_new_tokens), "--no-progress")
+          "--max-new-tokens", str(args.max_new_tokens), "--served-lora", args.served_lora, "--no-progress")
     skel = out / "skeletons"
     if not (skel / "summary.json").is_file():
-        kdkit("eval", str(out / "rung-00" / "run"), "--tasks", str(d["heldout"]), "--server", server,
+        pack = out / "rung-00" / "pack"  # merged before the gate, or when kept
+        kdkit("eval", str(pack if pack.is_dir() else out / "rung-00" / "run"), "--tasks", str(d["heldout"]),
+              "--server", server,
               "--prompt-style", "chat", "--max-new-tokens", str(args.max_new_tokens), "--out", str(skel))
     return out
 
@@ -159,6 +166,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("anchor-ladder"))
     ap.add_argument("--teacher", type=Path, help="SmolLM2-135M-Instruct already converted (default: from the GGUF)")
     ap.add_argument("--server", help="a vLLM server of the base with LoRA enabled (default: one started here)")
+    ap.add_argument("--served-lora", choices=("merged", "adapter"), default="merged",
+                    help="how the server answers for a rung: merged weights loaded in place (the faster on vLLM's "
+                         "CPU build) or the LoRA adapter")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--shares", type=float, nargs="+", default=list(SHARES))
     ap.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS))
@@ -205,7 +215,8 @@ def first_tasks(suite: str, n: int, out: Path) -> Path:
 
 
 class served:
-    """--server, or a vLLM server of the base started here (LoRA adapters at run time) and stopped after."""
+    """--server, or a vLLM server of the base started here (LoRA adapters at run time, whole weights loaded in
+    place) and stopped after."""
 
     def __init__(self, base: Path, args: argparse.Namespace) -> None:
         self.base, self.args, self.proc = base, args, None
@@ -215,7 +226,8 @@ class served:
             return self.args.server
         from tests.vllm_server import LORA, VllmServer
 
-        self.proc = VllmServer(self.base, self.args.out / "vllm.log", extra=LORA[0], env=LORA[1]).start()
+        self.proc = VllmServer(self.base, self.args.out / "vllm.log", extra=LORA[0],
+                               env={**LORA[1], "VLLM_SERVER_DEV_MODE": "1"}).start()
         return self.proc.url
 
     def __exit__(self, *exc: object) -> None:
@@ -250,7 +262,9 @@ def summarize(args: argparse.Namespace) -> str:
             if rec is not None:
                 runs.append({"arm": arm["name"], "share": arm["share"], "lam": arm["lam"], "seed": seed, **rec})
     n_skel = sum(1 for _ in (args.out / "skeleton_heldout.jsonl").open()) if runs else 0
+    base_skel = args.out / "base_skeletons" / "summary.json"
     summary = {"runs": runs, "heldout_tasks": n_skel, "rule": RULE,
+               "base_skeletons": json.loads(base_skel.read_text())["n_passed"] if base_skel.is_file() else None,
                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                                "python": platform.python_version(), "threads": torch.get_num_threads()}}
@@ -280,7 +294,8 @@ def anchor_table(s: dict) -> str:
         return "—" if not d else f"{d['kl_base_cand_mean']:.4f} / {d['kl_cand_base_mean']:.4f}"
 
     lines = [f"| run | λ | anchor share | avg CE | avg KL (anchors) | HumanEval pass (base {nb}/{n}) | "
-             f"skeletons (base 0/{n_s}) | gate | regressed / fixed | drift train (KL b‖c / c‖b) | drift HumanEval |",
+             f"skeletons (base {s['base_skeletons']}/{n_s}) | gate | regressed / fixed | "
+             f"drift train (KL b‖c / c‖b) | drift HumanEval |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r['arm']}, seed {r['seed']} | {r['lam']:g} | {r['share']:.0%} | {f(r['avg_ce'])} | "

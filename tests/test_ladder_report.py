@@ -331,6 +331,9 @@ def test_the_configs_eval_server_is_the_default_server_and_a_flag_wins(ladder_wo
     with pytest.raises(ValueError, match="every rung of a ladder is evaluated alike"):
         run_ladder(ladder_world / "cfg.yaml", ["eval.server=http://a:1,http://b:2"], ladder_world / "tasks.jsonl",
                    tmp_path / "lad", registry=Registry(tmp_path / "ws"))
+    with pytest.raises(ValueError, match="--served-lora merged: there is no server"):
+        run_ladder(ladder_world / "cfg.yaml", ["optim.lr=0.01"], ladder_world / "tasks.jsonl", tmp_path / "lad2",
+                   registry=Registry(tmp_path / "ws"), served_lora="merged")
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
     (run / "final" / "kdkit.json").write_text(json.dumps({"kind": "lora"}))

@@ -449,6 +449,7 @@ def test_a_ladder_through_the_server_gates_lora_rungs_unmerged(served, lora_serv
     from kdkit.demo.world import make_world
     from kdkit.evaluate.passrate import GenerationSettings
     from kdkit.evaluate.sandbox import Limits
+    from kdkit.evaluate.served import ServerSpec
 
     root, _ = served
     tasks = write_jsonl(tmp_path / "anchors.jsonl", make_world(0).anchors[:6])
@@ -459,13 +460,6 @@ def test_a_ladder_through_the_server_gates_lora_rungs_unmerged(served, lora_serv
     res = run_ladder(cfg, ["optim.lr=0.05,0.1"], tasks, tmp_path / "lad", registry=reg,
                      settings=GenerationSettings(max_new_tokens=16), limits=Limits(timeout_s=5), log=logs.append)
     assert f"answers from {lora_server} ({cfg}: eval.server)" in logs
-    save_model_dir(tmp_path / "other", seed=7, hidden=64, heads=2)  # a LoRA run on another base: refused at once
-    other = yaml.safe_load(cfg.read_text())
-    other["student"]["path"] = str(tmp_path / "other")
-    cfg.write_text(yaml.safe_dump(other))
-    with pytest.raises(KdkitError, match=r"lora.yaml:\d+: eval.server: .* serves .*teacher, but a LoRA run's adapter"):
-        train(load_train_config(cfg), tmp_path / "refused", **QUIET)
-    assert not (tmp_path / "refused" / "final").exists()
     assert [r["status"] for r in res] == ["done", "done"], res[0].get("traceback")
     for r in res:
         assert r["decision"] == "UNDECIDED" and not (tmp_path / "lad" / f"rung-{r['rung']:02d}" / "pack").exists()
@@ -473,3 +467,18 @@ def test_a_ladder_through_the_server_gates_lora_rungs_unmerged(served, lora_serv
         assert reg.pack(r["pack"]).adapter and evaluation["metrics"]["served"]["how"] == "adapter"
         assert r["drift"]["train"]["kl_base_cand_mean"] > 0
     assert "drift train (KL b‖c / c‖b)" in (tmp_path / "lad" / "ladder.md").read_text()
+    root_url = served[1]  # --served-lora merged: the rung merged first, its weights loaded in place
+    merged = run_ladder(cfg, ["optim.lr=0.05"], tasks, tmp_path / "lad-merged", registry=reg,
+                        settings=GenerationSettings(max_new_tokens=16), limits=Limits(timeout_s=5), log=logs.append,
+                        server=ServerSpec(root_url), served_lora="merged")[0]
+    assert merged["status"] == "done", merged.get("traceback")
+    assert (tmp_path / "lad-merged" / "rung-00" / "pack").is_dir() and not reg.pack(merged["pack"]).adapter
+    assert reg.evaluations(reg.pack(merged["pack"]).id)[-1]["metrics"]["served"]["how"] == "weights"
+    assert f"--server {root_url} is used; {cfg}'s eval.server ({lora_server}) is not" in logs
+    save_model_dir(tmp_path / "other", seed=7, hidden=64, heads=2)  # a LoRA run on another base: refused at once
+    other = yaml.safe_load(cfg.read_text())
+    other["student"]["path"] = str(tmp_path / "other")
+    cfg.write_text(yaml.safe_dump(other))
+    with pytest.raises(KdkitError, match=r"lora.yaml:\d+: eval.server: .* serves .*teacher, but a LoRA run's adapter"):
+        train(load_train_config(cfg), tmp_path / "refused", **QUIET)
+    assert not (tmp_path / "refused" / "final").exists()

@@ -254,6 +254,10 @@ def ladder_cmd(
     drift: bool = typer.Option(True, help=("Measure each rung's KL from the baseline, both ways, on its training rows "
                                            "and on the anchors with the baseline's answers (one forward of each "
                                            "model; the tables' drift columns, the report's drift plot).")),
+    served_lora: str = typer.Option("adapter", help=("With a server, how a LoRA rung is answered: 'adapter' "
+                                                     "(loaded at run time, merged only if kept) or 'merged' (merged "
+                                                     "first, its weights loaded in place: VLLM_SERVER_DEV_MODE=1; "
+                                                     "faster on vLLM's CPU build, docs/benchmarks.md).")),
 ) -> None:
     ("For each rung: train → merge (with --server, a LoRA run only when kept) → gate against the production at the "
      "ladder's start → KEEP/REVERT/UNDECIDED (as "
@@ -284,7 +288,8 @@ def ladder_cmd(
                          settings=GenerationSettings(max_new_tokens=max_new_tokens,
                                                      **_prompting(prompt_style, instruction, system)),
                          limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation,
-                         progress=progress, log=console.print, overrides=set_, server=spec, drift=drift)
+                         progress=progress, log=console.print, overrides=set_, server=spec, drift=drift,
+                         served_lora=served_lora)
     header, rows = table_rows(parse_vary(vary), results)
     tables = [(f"ladder {out_dir}", header, rows)]
     by_seed = seed_rows(parse_vary(vary), results)
