@@ -59,8 +59,8 @@ RULE = "drop_alpha=0.05"
 def arms(args: argparse.Namespace) -> list[dict]:
     """The grid in the order it runs: the plain fine-tune, the replay arms by share and λ, the barrier arm."""
     out = [{"name": "share 0, λ 0", "share": 0.0, "lam": 0.0}]
-    out += [{"name": f"share {s:g}, λ {lam:g}", "share": s, "lam": lam} for s in args.shares if s > 0
-            for lam in args.lambdas]
+    out += [{"name": f"share {s:g}, λ {lam:g}", "share": s, "lam": lam} for s in sorted(args.shares, reverse=True)
+            if s > 0 for lam in args.lambdas]  # the largest share's λ axis first
     if not args.no_barrier:
         out.append({"name": "rmse barrier (KL leash)", "share": 0.0, "lam": 0.0, "barrier": "rmse"})
     return out
