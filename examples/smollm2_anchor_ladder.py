@@ -41,6 +41,7 @@ import base64
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,16 +149,19 @@ def run_arm(arm: dict, seed: int, d: dict, base: Path, server: str, suites: list
         extra = ["--set", f"objective.barrier.tau={propose(config, arm['barrier'], args)}"]
     out = args.out / "ladders" / f"{slug(arm)}_seed{seed}"
     ws = str(args.out / "ws")
+    if (out / "skeletons" / "summary.json").is_file():
+        return out  # finished earlier
+    t0 = time.perf_counter()
     kdkit("registry", "promote", str(base), "--name", "base", "--workspace", ws)  # every arm against the base
     kdkit("ladder", str(config), "--vary", f"optim.seed={seed}", *extra, *(x for t in suites for x in ("--tasks", t)),
           "--rule", RULE, "--out", str(out), "--workspace", ws, "--prompt-style", "chat",
           "--max-new-tokens", str(args.max_new_tokens), "--served-lora", args.served_lora, "--no-progress")
-    skel = out / "skeletons"
-    if not (skel / "summary.json").is_file():
-        pack = out / "rung-00" / "pack"  # merged before the gate, or when kept
-        kdkit("eval", str(pack if pack.is_dir() else out / "rung-00" / "run"), "--tasks", str(d["heldout"]),
-              "--server", server,
-              "--prompt-style", "chat", "--max-new-tokens", str(args.max_new_tokens), "--out", str(skel))
+    t1 = time.perf_counter()
+    pack = out / "rung-00" / "pack"  # merged before the gate, or when kept
+    kdkit("eval", str(pack if pack.is_dir() else out / "rung-00" / "run"), "--tasks", str(d["heldout"]),
+          "--server", server, "--prompt-style", "chat", "--max-new-tokens", str(args.max_new_tokens),
+          "--out", str(out / "skeletons"))
+    (out / "seconds.json").write_text(json.dumps({"ladder": t1 - t0, "skeletons": time.perf_counter() - t1}) + "\n")
     return out
 
 
@@ -243,7 +247,9 @@ def run_record(ladder: Path) -> dict | None:
     r = json.loads(rung.read_text())
     if r["status"] != "done":
         return None
-    return {**r, "skeletons": json.loads(skel.read_text())["n_passed"]}
+    secs = ladder / "seconds.json"  # the ladder (train, merge, gate, drift) and the skeletons' evaluation
+    return {**r, "skeletons": json.loads(skel.read_text())["n_passed"],
+            "seconds": json.loads(secs.read_text()) if secs.is_file() else None}
 
 
 def summarize(args: argparse.Namespace) -> str:
