@@ -75,7 +75,7 @@ def test_three_rung_ladder_table_plot_and_resume(ladder_world, tmp_path):
         # the same figure; a KL, so >= 0 up to float32 rounding (a rung that barely moved sits at ~1e-8 either side)
         assert r["drift"]["train"]["kl_base_cand_mean"] == direct.kl_base_cand_mean >= -1e-6
         assert rows[1 + r["rung"]][5].startswith(f"{direct.kl_base_cand_mean:.4f} / ")
-        answered = (tmp_path / "lad" / "anchor_answers.jsonl").read_text().splitlines()
+        answered = next((reg.workspace / "drift").glob("*.jsonl")).read_text().splitlines()
         assert (r["drift"]["anchors"] is None) == (not answered)
     assert (tmp_path / "lad" / "ladder.png").read_bytes()[:4] == b"\x89PNG"
     assert len(reg.gates()) == 2

@@ -482,3 +482,24 @@ def test_a_ladder_through_the_server_gates_lora_rungs_unmerged(served, lora_serv
     with pytest.raises(KdkitError, match=r"lora.yaml:\d+: eval.server: .* serves .*teacher, but a LoRA run's adapter"):
         train(load_train_config(cfg), tmp_path / "refused", **QUIET)
     assert not (tmp_path / "refused" / "final").exists()
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (make sandbox-deps)")
+def test_an_exported_directory_is_loaded_by_vllm_as_it_is(served, tmp_path):
+    """`kdkit export`'s safetensors (kdkit's provenance in their __metadata__) are loaded by a real vLLM server, whose
+    greedy answers, extracted code and verdicts are the local path's on the exported directory, task by task."""
+    from kdkit.decide.export import export_pack
+    from kdkit.decide.registry import Registry
+    from kdkit.demo.world import make_world
+
+    root, url = served
+    tasks = write_jsonl(tmp_path / "anchors.jsonl", make_world(0).anchors[:8])
+    reg = Registry(tmp_path / "ws")
+    pack = reg.register(save_model_dir(tmp_path / "other", seed=7, hidden=64, heads=2), name="other")
+    out = export_pack(reg, pack.name, tmp_path / "export", ungated=True)
+    local = _eval(out, tasks, tmp_path / "local")
+    remote = _eval(out, tasks, tmp_path / "served", "--server", url)
+    assert remote[2]["served"]["how"] == "weights"
+    assert [(g["task_id"], g["raw"], g["completion"]) for g in remote[0]] == \
+        [(g["task_id"], g["raw"], g["completion"]) for g in local[0]]
+    assert [(r["task_id"], r["passed"]) for r in remote[1]] == [(r["task_id"], r["passed"]) for r in local[1]]

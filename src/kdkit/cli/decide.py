@@ -1,4 +1,5 @@
-"""``kdkit gate``, ``ladder``, ``registry``, ``report`` and ``demo``: what ships, and the evidence for it."""
+"""``kdkit gate``, ``ladder``, ``registry``, ``export``, ``report`` and ``demo``: what ships, and the evidence for
+it."""
 
 from __future__ import annotations
 
@@ -303,6 +304,40 @@ def ladder_cmd(
             t.add_row(*r)
         console.print(t)
     console.print(f"wrote {out_dir}/ladder.md, ladder.csv, ladder.png")
+
+
+@app.command("export")
+def export_cmd(
+    pack: str = typer.Argument(None, help="The pack to export: a name or id (see `kdkit registry list`)."),
+    out: str = typer.Option(None, help="The directory to write (new, or an earlier export; never another)."),
+    verify: str = typer.Option(None, help="Instead: check a directory `kdkit export` wrote against the registry "
+                                          "(files, provenance, model card); exit 1 and list what differs."),
+    ungated: bool = typer.Option(False, "--ungated", help="Export a pack no gate kept (never gated, REVERT or "
+                                                          "UNDECIDED); its model card says so first."),
+    workspace: str = typer.Option(None, help=WORKSPACE_HELP),
+) -> None:
+    ("Write a pack as a Hugging Face model directory that transformers and vLLM load as it is: its files, each "
+     "safetensors file with kdkit's provenance in its __metadata__ (pack, base, config hash, teacher cache key, "
+     "gate), a model card (README.md: the gate's decision and rule, each suite's pass@1 with its interval and "
+     "the exact test, regressions and fixes, how it was trained, its drift from the base) written from the "
+     "registry's records only, and kdkit_export.json (every file's sha256).")
+    from kdkit.decide.export import export_pack, verify_export
+
+    reg = _registry(workspace)
+    if verify is not None:
+        if pack is not None or out is not None or ungated:
+            fail("--verify checks a directory; give it alone (no PACK, --out or --ungated)")
+        problems = verify_export(reg, verify)
+        for p in problems:
+            console.print(f"[red]✗[/] {p}", highlight=False)
+        if problems:
+            raise typer.Exit(1)
+        console.print(f"{verify}: as exported, and as the registry {reg.db_path} records it")
+        return
+    if pack is None or out is None:
+        fail("give PACK and --out (or --verify DIR)")
+    d = export_pack(reg, pack, out, ungated=ungated)
+    console.print(f"exported {pack} to {d} (model card: {d / 'README.md'})", highlight=False)
 
 
 @app.command("report")

@@ -351,7 +351,7 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
             raise RegistryError("there is no production pack yet: `kdkit registry promote MODEL_DIR` first")
     else:
         base = _resolve(reg, against)
-    meta = candidate_meta or {}
+    meta = {**_pack_origin(candidate), **(candidate_meta or {})}
     run = lora_run(candidate) if server is not None else None
     if run is not None:
         meta = {"source_run": str(run), "config": (run / "config.yaml").read_text(), **meta}
@@ -389,10 +389,16 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
                                 f"{tasks_fingerprint(files[0])[:16]}.jsonl", *(train_rows or (None, 1024)),
                                 (settings, limits), log)
     gid = reg.record_gate(cand.id, base.id, rule_json, decision, regressed, fixed, first["p_value"], reason,
-                          expected_production=None if prod is None else prod.id)
+                          expected_production=None if prod is None else prod.id,
+                          metrics={"suites": [{k: s[k] for k in RECORDED} for s in suites], "drift": figures})
     return GateResult(decision, cand.name, base.name, first["candidate_passed"], first["baseline_passed"],
                       first["n_tasks"], first["candidate_interval"], first["baseline_interval"], regressed, fixed,
                       first["p_value"], reason, rule_json, gid, first["candidate_outcomes"], suites, figures)
+
+
+RECORDED = ("tasks", "tasks_sha256", "decision", "reason", "regressed", "fixed", "p_value", "candidate_passed",
+            "baseline_passed", "n_tasks", "candidate_interval", "baseline_interval", "power")
+"""What the registry keeps of each suite of a gate (beside the decision): what a model card is written from."""
 
 
 def _suite(reg: Registry, base: Pack, cand: Pack, f: Path, suite_r: GateRule | SuiteRule, kind: str,
@@ -406,7 +412,7 @@ def _suite(reg: Registry, base: Pack, cand: Pack, f: Path, suite_r: GateRule | S
     pw = power(ev_b["outcomes"], getattr(suite_r, "require_gain_p", None) or getattr(suite_r, "alpha", 0.05))
     decision, reason = blind_keep(decision, reason, pw, f)
     prompts = {t.task_id: t.prompt for t in load_tasks(f)}
-    return {"tasks": str(f), "rule": {"kind": kind, **asdict(suite_r)},
+    return {"tasks": str(f), "tasks_sha256": tasks_fingerprint(f), "rule": {"kind": kind, **asdict(suite_r)},
             "decision": decision, "regressed": regressed, "fixed": fixed, "p_value": p, "reason": reason,
             "candidate_passed": ev_c["n_passed"], "baseline_passed": ev_b["n_passed"],
             "n_tasks": ev_c["n_tasks"], "candidate_interval": (ev_c["ci_low"], ev_c["ci_high"]),
@@ -445,6 +451,17 @@ def drift_figures(reg: Registry, candidate: str | Path, baseline: Pack, tasks: A
             continue
         figures[name] = {k: v for k, v in d.as_dict().items() if k.startswith("kl_") or k == "tokens"}
     return figures
+
+
+def _pack_origin(candidate: str) -> dict[str, str]:
+    """A merged pack's run and that run's config (what a model card says of its training), where both exist."""
+    from kdkit.models.load import PACK_FILE
+
+    f = Path(candidate) / PACK_FILE
+    run = Path(json.loads(f.read_text()).get("source_run") or "") if f.is_file() else None
+    if run is None or not (run / "config.yaml").is_file():
+        return {}
+    return {"source_run": str(run), "config": (run / "config.yaml").read_text()}
 
 
 def lora_run(candidate: str) -> Path | None:

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from kdkit.config.load import load_train_config, split_assignment
-from kdkit.decide.gate import GateRule, drift_figures, gate, lora_run
+from kdkit.decide.gate import GateRule, gate, lora_run
 from kdkit.decide.registry import Registry, RegistryError
 from kdkit.decide.tables import SEED_KEY, identical_seeds, write_table
 from kdkit.evaluate.passrate import GenerationSettings
@@ -139,13 +139,11 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
             rec.update(seeded=seeded, weights_sha256=_weights_sha(run_dir / "final"))
             res = gate(registry, str(run_dir if adapter else pack_dir), tasks, against=baseline.name, rule=rule,
                        settings=settings, limits=limits, unsafe_no_isolation=unsafe_no_isolation, log=log,
-                       progress=progress, server=server,
+                       progress=progress, server=server, drift=drift,
                        candidate_meta={"name": f"{out.name}-rung{i:02d}", "source_run": str(run_dir),
                                        "config": (run_dir / "config.yaml").read_text()})
             if drift:
-                rec["drift"] = drift_figures(registry, run_dir / "final" if adapter else pack_dir, baseline, tasks,
-                                             out / "anchor_answers.jsonl", cfg.data.train, cfg.data.max_length,
-                                             (settings, limits), log)
+                rec["drift"] = res.drift
             rec.update(status="done", **_epoch_means(run_dir, cfg.objective.barrier),
                        decision=res.decision, passed=res.candidate_passed,
                        n_tasks=res.n_tasks, interval=list(res.candidate_interval), regressed=res.regressed,

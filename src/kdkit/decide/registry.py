@@ -69,7 +69,8 @@ CREATE TABLE IF NOT EXISTS gates (
   fixed TEXT NOT NULL,
   p_value REAL NOT NULL,
   reason TEXT NOT NULL,
-  created INTEGER NOT NULL
+  created INTEGER NOT NULL,
+  metrics TEXT
 );
 CREATE TABLE IF NOT EXISTS production (
   id INTEGER PRIMARY KEY,
@@ -146,6 +147,8 @@ class Registry:
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("PRAGMA foreign_keys=ON")
         self.conn.executescript(SCHEMA)
+        if "metrics" not in {r["name"] for r in self.conn.execute("PRAGMA table_info(gates)")}:
+            self.conn.execute("ALTER TABLE gates ADD COLUMN metrics TEXT")  # a workspace of an earlier kdkit
 
     def close(self) -> None:
         self.conn.close()
@@ -303,12 +306,13 @@ class Registry:
 
     def record_gate(self, candidate_id: int, baseline_id: int, rule: dict[str, Any], decision: str,
                     regressed: list[str], fixed: list[str], p_value: float, reason: str, *,
-                    expected_production: int | None) -> int:
+                    expected_production: int | None, metrics: dict[str, Any] | None = None) -> int:
         """Record the decision and apply it (KEEP → promote, REVERT → archive, UNDECIDED → neither) in ONE
         transaction.
 
         ``expected_production`` is the production pack id seen when the gate started: if another
-        process changed production since, nothing is recorded and :class:`ProductionChanged` is raised."""
+        process changed production since, nothing is recorded and :class:`ProductionChanged` is raised.
+        ``metrics``: what the gate measured beside its decision (each suite's figures, the drift)."""
         if decision not in ("KEEP", "REVERT", "UNDECIDED"):
             raise ValueError(decision)
         if decision == "KEEP":
@@ -323,9 +327,9 @@ class Registry:
                     f"new production")
             cur = c.execute(
                 "INSERT INTO gates (candidate_id, baseline_id, rule, decision, regressed, fixed, p_value, reason, "
-                "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "created, metrics) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (candidate_id, baseline_id, json.dumps(rule, sort_keys=True), decision, json.dumps(regressed),
-                 json.dumps(fixed), p_value, reason, _now()))
+                 json.dumps(fixed), p_value, reason, _now(), json.dumps(metrics or {}, sort_keys=True)))
             _fault("gate:after_insert")
             if decision == "KEEP":
                 c.execute("UPDATE packs SET status = 'active' WHERE id = ?", (candidate_id,))
@@ -339,6 +343,11 @@ class Registry:
 
     def gates(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.conn.execute("SELECT * FROM gates ORDER BY id")]
+
+    def pack_config(self, pack_id: int) -> str | None:
+        """The training config a pack was registered with (its run's resolved config.yaml), if any."""
+        r = self.conn.execute("SELECT config FROM packs WHERE id = ?", (pack_id,)).fetchone()
+        return None if r is None else r["config"]
 
     def evaluations(self, pack_id: int | None = None) -> list[dict[str, Any]]:
         q = "SELECT * FROM evaluations" + (" WHERE pack_id = ?" if pack_id is not None else "") + " ORDER BY id"
