@@ -48,6 +48,25 @@ def toy_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+TOY_TASKS = [{"task_id": f"toy/{i}", "prompt": f"def add{i}(x):\n    \"\"\"Return x + {i}.\"\"\"\n",
+              "entry_point": f"add{i}", "test": f"def check(c):\n    assert c(1) == {1 + i}\n    assert c(2) == {2 + i}\n"}
+             for i in range(3)]
+"""Three executable tasks the tiny models answer (wrongly, mostly): a gate's anchors in miniature."""
+
+
+def distill_world(root: Path) -> Path:
+    """A teacher, a smaller student, 8 toy rows, the toy tasks and the teacher's top-8 cache of the rows."""
+    from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
+
+    save_model_dir(root / "teacher", seed=1)
+    save_model_dir(root / "student", seed=2, hidden=16)
+    write_jsonl(root / "train.jsonl", toy_rows(8))
+    write_jsonl(root / "tasks.jsonl", TOY_TASKS)
+    precompute(root / "teacher", root / "train.jsonl", root / "cache", PrecomputeSettings(top_k=8), progress=False,
+               log=lambda m: None)
+    return root
+
+
 def kill_then_resume(cfg: Path, run: Path, fault: str, before_resume=None) -> None:
     """`kdkit train` killed by KDKIT_FAULT_TRAIN=<fault> (kill -9), then `--resume`d to the end."""
     import os

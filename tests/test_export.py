@@ -22,25 +22,16 @@ from kdkit.evaluate.passrate import GenerationSettings
 from kdkit.evaluate.sandbox import Limits
 from kdkit.evaluate.tasks import tasks_fingerprint
 from kdkit.models.load import load_causal_lm, merge
-from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
 from kdkit.train import train
 from kdkit.util.errors import KdkitError
-from tests.helpers import save_model_dir, toy_rows, write_jsonl
-
-TASKS = [{"task_id": f"toy/{i}", "prompt": f"def add{i}(x):\n    \"\"\"Return x + {i}.\"\"\"\n", "entry_point": f"add{i}",
-          "test": f"def check(c):\n    assert c(1) == {1 + i}\n"} for i in range(3)]
+from tests.helpers import distill_world, save_model_dir
 
 
 @pytest.fixture(scope="module")
 def kept(tmp_path_factory):
     """A distilled LoRA run, merged and gated (promoted as asked: three toy tasks cannot show a drop) with drift."""
-    root = tmp_path_factory.mktemp("export")
-    save_model_dir(root / "teacher", seed=1)
-    save_model_dir(root / "student", seed=2, hidden=16)
-    write_jsonl(root / "train.jsonl", toy_rows(8))
-    tasks = write_jsonl(root / "tasks.jsonl", TASKS)
-    precompute(root / "teacher", root / "train.jsonl", root / "cache", PrecomputeSettings(top_k=8), progress=False,
-               log=lambda m: None)
+    root = distill_world(tmp_path_factory.mktemp("export"))
+    tasks = root / "tasks.jsonl"
     cfg = {"student": {"path": str(root / "student"), "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj"]}},
            "teacher": {"cache": str(root / "cache")}, "data": {"train": str(root / "train.jsonl"), "max_length": 64},
            "optim": {"lr": 1e-2, "micro_batch": 4, "max_steps": 3}, "checkpoint": {"every": 0}}

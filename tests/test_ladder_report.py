@@ -17,24 +17,16 @@ from kdkit.decide.registry import Registry
 from kdkit.decide.report import write_report
 from kdkit.evaluate.passrate import GenerationSettings
 from kdkit.evaluate.sandbox import Limits
-from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
-from tests.helpers import save_model_dir, toy_rows, write_config, write_jsonl
+from tests.helpers import TOY_TASKS, distill_world, save_model_dir, toy_rows, write_config, write_jsonl
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
 
-TASKS = [{"task_id": f"toy/{i}", "prompt": f"def add{i}(x):\n    \"\"\"Return x + {i}.\"\"\"\n", "entry_point": f"add{i}",
-          "test": f"def check(c):\n    assert c(1) == {1 + i}\n    assert c(2) == {2 + i}\n"} for i in range(3)]
+TASKS = TOY_TASKS
 
 
 @pytest.fixture(scope="module")
 def ladder_world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ladder")
-    save_model_dir(root / "teacher", seed=1)
-    save_model_dir(root / "student", seed=2, hidden=16)
-    write_jsonl(root / "train.jsonl", toy_rows(8))
-    write_jsonl(root / "tasks.jsonl", TASKS)
-    precompute(root / "teacher", root / "train.jsonl", root / "cache", PrecomputeSettings(top_k=8), progress=False,
-               log=lambda m: None)
+    root = distill_world(tmp_path_factory.mktemp("ladder"))
     cfg = {"student": {"path": "student", "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj"]}},
            "teacher": {"cache": "cache"}, "data": {"train": "train.jsonl", "validation": "train.jsonl"},
            "optim": {"lr": 1e-2, "micro_batch": 4, "epochs": 1}, "checkpoint": {"every": 0}}
