@@ -16,6 +16,7 @@ from kdkit.cli.group import (
     _registry,
     app,
     console,
+    draft_app,
     fail,
     registry_app,
 )
@@ -338,6 +339,57 @@ def export_cmd(
         fail("give PACK and --out (or --verify DIR)")
     d = export_pack(reg, pack, out, ungated=ungated)
     console.print(f"exported {pack} to {d} (model card: {d / 'README.md'})", highlight=False)
+
+
+@draft_app.command("measure")
+def draft_measure(
+    target: str = typer.Option(..., help="The target model directory (the teacher the draft speeds up)."),
+    draft: str = typer.Option(..., help="The draft model directory (a student with the target's tokenizer)."),
+    data: str = typer.Option(..., help="Prompt rows (JSONL: prompt, or messages rendered by the chat template)."),
+    rows: int = typer.Option(32, min=1, help="The first N prompt rows."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Length of the target's greedy continuation per prompt."),
+    gamma: int = typer.Option(4, min=1, help="γ: drafted tokens per step."),
+    cost_ratio: float = typer.Option(None, help="c: a draft forward's cost over the target's (default: the ratio "
+                                                "of their parameter counts, a rough proxy)."),
+    assisted: bool = typer.Option(True, help="Also run transformers' assisted generation and time it."),
+    json_out: str = typer.Option(None, "--json", help="Also write the figures as JSON here."),
+) -> None:
+    ("Acceptance of the draft along the target's own greedy continuation of each prompt: expected for speculative "
+     "sampling (1 − TVD, temperature 1) and for greedy drafting (top-1 agreement), mean with a 95% interval over "
+     "rows; the expected tokens per target forward (1 − α^(γ+1))/(1 − α) and the speed-up it implies for cost "
+     "ratio c (Leviathan et al. 2023); then, measured, transformers' greedy assisted generation on the same "
+     "prompts: tokens per target forward and tokens per second with and without the draft.")
+    from kdkit.decide.draft import expected, measured
+    from kdkit.models.load import load_causal_lm, load_tokenizer
+    from kdkit.teacher.seqkd import prompt_tokens, read_prompts
+    from kdkit.util.io import atomic_write_json
+
+    tok = load_tokenizer(target)
+    t_model, d_model = load_causal_lm(target).eval(), load_causal_lm(draft).eval()
+    prompts = [prompt_tokens(tok, obj, data, line) for line, obj in read_prompts(data)[:rows]]
+    c = cost_ratio if cost_ratio is not None else (sum(p.numel() for p in d_model.parameters()) /
+                                                   sum(p.numel() for p in t_model.parameters()))
+    fig = expected(t_model, d_model, tok, prompts, max_new_tokens, gamma, c)
+    if assisted:
+        fig.measured = measured(t_model, d_model, tok, prompts, max_new_tokens, gamma)
+
+    def cell(m: float, hw: float | None) -> str:
+        return f"{m:.3f}" + ("" if hw is None else f" ± {hw:.3f}")
+
+    console.print(f"{fig.rows} prompts, {fig.positions} positions of the target's greedy continuation; γ = {gamma}, "
+                  f"c = {c:.3g}")
+    console.print(f"acceptance, speculative sampling (1 − TVD): {cell(fig.alpha_sample, fig.alpha_sample_halfwidth)}")
+    console.print(f"acceptance, greedy drafting (top-1 agreement): {cell(fig.alpha_greedy, fig.alpha_greedy_halfwidth)}")
+    console.print(f"expected, greedy: {fig.expected_tokens_per_step:.2f} tokens per target forward, speed-up "
+                  f"{fig.expected_speedup:.2f}×")
+    if fig.measured:
+        m = fig.measured
+        console.print(f"measured, assisted generation: {m['tokens_per_forward']:.2f} tokens per target forward; "
+                      f"{m['tokens_per_s_assisted']:.1f} tokens/s against {m['tokens_per_s_plain']:.1f} without the "
+                      f"draft (wall time × {m['wall_time_ratio']:.2f}); same output as plain greedy: "
+                      f"{'yes' if m['same_output'] else 'NO'}")
+    if json_out:
+        atomic_write_json(json_out, fig.to_json())
 
 
 @app.command("report")

