@@ -334,3 +334,31 @@ def test_the_configs_eval_server_is_the_default_server_and_a_flag_wins(ladder_wo
     (run / "config.yaml").write_text(yaml.safe_dump({"eval": {"server": "http://h:1", "port": 3}}))
     with pytest.raises(ConfigError, match=r"run/config.yaml: eval: Extra inputs are not permitted"):
         run_server(str(run))
+
+
+@needs_bwrap
+def test_a_rung_as_a_draft_for_its_teacher(ladder_world, tmp_path):
+    """--draft: each rung's expected acceptance as a draft for the teacher its cache was made from, on the first
+    training prompts — the figure `kdkit draft measure` gives for the same models and prompts — in the table."""
+    from kdkit.decide.draft import expected
+    from kdkit.models.load import load_causal_lm, load_tokenizer
+    from kdkit.teacher.seqkd import prompt_tokens, read_prompts
+
+    root = ladder_world
+    reg = Registry(tmp_path / "ws")
+    reg.promote(reg.register(root / "student", name="base").id)
+    logs: list[str] = []
+    res = run_ladder(root / "cfg.yaml", ["optim.lr=0.01"], root / "tasks.jsonl", tmp_path / "lad", registry=reg,
+                     settings=GenerationSettings(max_new_tokens=12), limits=Limits(timeout_s=5), log=logs.append,
+                     drift=False, draft=True)
+    d = res[0]["draft"]
+    tok = load_tokenizer(root / "teacher")
+    prompts = [prompt_tokens(tok, o, root / "train.jsonl", n) for n, o in read_prompts(root / "train.jsonl")[:16]]
+    want = expected(load_causal_lm(root / "teacher").eval(), load_causal_lm(tmp_path / "lad" / "rung-00" / "pack").eval(),
+                    tok, prompts, 32, gamma=4, cost_ratio=1.0)
+    assert d["teacher"] == str(root / "teacher") and d["rows"] == want.rows == 8
+    assert d["alpha_sample"] == pytest.approx(want.alpha_sample, abs=1e-6) and 0 < d["alpha_sample"] < 1
+    assert d["alpha_greedy"] == pytest.approx(want.alpha_greedy, abs=1e-6)
+    table = (tmp_path / "lad" / "ladder.md").read_text()
+    assert "as a draft (1−TVD / top-1)" in table and f"{d['alpha_sample']:.3f} / {d['alpha_greedy']:.3f}" in table
+    assert any(f"as a draft for the teacher: acceptance {d['alpha_sample']:.3f}" in m for m in logs)

@@ -260,6 +260,10 @@ def ladder_cmd(
                                                      "(loaded at run time, merged only if kept) or 'merged' (merged "
                                                      "first, its weights loaded in place: VLLM_SERVER_DEV_MODE=1; "
                                                      "faster on vLLM's CPU build, docs/benchmarks.md).")),
+    draft: bool = typer.Option(False, help=("Also measure each rung as a draft for its run's teacher (a local "
+                                            "teacher model, or the one its cache was made from): expected "
+                                            "acceptance on 16 training prompts, a table column (`kdkit draft "
+                                            "measure`).")),
 ) -> None:
     ("For each rung: train → merge (with --server, a LoRA run only when kept) → gate against the production at the "
      "ladder's start → KEEP/REVERT/UNDECIDED (as "
@@ -291,7 +295,7 @@ def ladder_cmd(
                                                      **_prompting(prompt_style, instruction, system)),
                          limits=Limits(timeout_s=timeout), unsafe_no_isolation=unsafe_no_isolation,
                          progress=progress, log=console.print, overrides=set_, server=spec, drift=drift,
-                         served_lora=served_lora)
+                         served_lora=served_lora, draft=draft)
     header, rows = table_rows(parse_vary(vary), results)
     tables = [(f"ladder {out_dir}", header, rows)]
     by_seed = seed_rows(parse_vary(vary), results)

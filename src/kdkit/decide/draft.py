@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -141,3 +142,44 @@ def measured(target: Any, draft: Any, tokenizer: Any, prompts: list[list[int]], 
     out["tokens_per_s_assisted"] = out["tokens"] / max(out["seconds_assisted"], 1e-9)
     out["wall_time_ratio"] = out["seconds_assisted"] / max(out["seconds_plain"], 1e-9)
     return out
+
+
+def teacher_dir(cfg: Any) -> Path | None:
+    """The run's teacher as a local model directory: ``teacher.model``, or the model a teacher cache was made from."""
+    import json
+
+    from kdkit.teacher.cache.format import MANIFEST_FILE
+
+    t = cfg.teacher
+    if t is None:
+        return None
+    if t.model and Path(t.model).is_dir():
+        return Path(t.model)
+    man = Path(t.cache) / MANIFEST_FILE if t.cache else None
+    path = json.loads(man.read_text())["teacher"]["path"] if man is not None and man.is_file() else None
+    return Path(path) if path and Path(path).is_dir() else None
+
+
+def rung_draft(cfg: Any, candidate: Path, log: Any, rows: int = 16, max_new_tokens: int = 32) -> dict[str, Any] | None:
+    """A ladder rung as a draft for its run's teacher: the expected acceptance (sampling and greedy) along the
+    teacher's greedy continuation of the first ``rows`` training prompts; None, said in the log, where there is
+    no local teacher or the rows have no prompt."""
+    from kdkit.evaluate.drift import load_candidate
+    from kdkit.models.load import load_causal_lm, load_tokenizer
+    from kdkit.teacher.seqkd import prompt_tokens, read_prompts
+    from kdkit.util.errors import KdkitError
+
+    target = teacher_dir(cfg)
+    if target is None:
+        log("as a draft: not measured (the run has no teacher model on this machine)")
+        return None
+    try:
+        tok = load_tokenizer(target)
+        prompts = [prompt_tokens(tok, obj, cfg.data.train, line) for line, obj in read_prompts(cfg.data.train)[:rows]]
+        fig = expected(load_causal_lm(target).eval(), load_candidate(candidate, "float32").eval(), tok, prompts,
+                       max_new_tokens, gamma=4, cost_ratio=1.0)
+    except KdkitError as e:  # rows without a prompt, another vocabulary: said, not fatal
+        log(f"as a draft: not measured ({e})")
+        return None
+    return {"alpha_sample": fig.alpha_sample, "alpha_greedy": fig.alpha_greedy, "rows": fig.rows,
+            "positions": fig.positions, "teacher": str(target)}

@@ -88,14 +88,15 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
                registry: Registry, rule: GateRule = GateRule(), settings: GenerationSettings = GenerationSettings(),
                limits: Limits = Limits(), unsafe_no_isolation: bool = False, progress: bool = False,
                log: Callable[[str], None] = print, overrides: list[str] | None = None,
-               server: ServerSpec | None = None, drift: bool = True, served_lora: str = "adapter"
-               ) -> list[dict[str, Any]]:
+               server: ServerSpec | None = None, drift: bool = True, served_lora: str = "adapter",
+               draft: bool = False) -> list[dict[str, Any]]:
     """Train → merge → gate each rung (``overrides``: ``--set`` for every rung, before the rung's own values);
     ``tasks``: the anchors, or a list whose first file is the anchors and the others suites (as ``kdkit gate``).
     ``server``: a vLLM server writes the answers; a LoRA rung is gated as its adapter and merged only if kept, or
     with ``served_lora="merged"`` merged first and its weights loaded in place (faster on vLLM's CPU build).
     ``drift``: each rung's KL from the baseline on its training rows and on the anchors with the baseline's answers
-    (:func:`kdkit.decide.gate.drift_figures`)."""
+    (:func:`kdkit.decide.gate.drift_figures`). ``draft``: each rung as a draft for its run's teacher
+    (:func:`kdkit.decide.draft.rung_draft`)."""
     from kdkit.train import merge, train
 
     out = Path(out)
@@ -144,6 +145,10 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
                                        "config": (run_dir / "config.yaml").read_text()})
             if drift:
                 rec["drift"] = res.drift
+            if draft:
+                from kdkit.decide.draft import rung_draft
+
+                rec["draft"] = rung_draft(cfg, run_dir / "final" if adapter else pack_dir, log)
             rec.update(status="done", **_epoch_means(run_dir, cfg.objective.barrier),
                        decision=res.decision, passed=res.candidate_passed,
                        n_tasks=res.n_tasks, interval=list(res.candidate_interval), regressed=res.regressed,
@@ -194,7 +199,8 @@ SUITE_FIELDS = ("tasks", "decision", "candidate_passed", "baseline_passed", "n_t
 
 
 def rung_line(i: int, n: int, rec: dict[str, Any]) -> str:
-    """A finished rung as the ladder prints it: its decision, pass counts and, with a barrier, how often it acted."""
+    """A finished rung as the ladder prints it: its decision, pass counts, with a barrier how often it acted, and
+    as a draft for its teacher when measured."""
     line = (f"rung {i + 1}/{n} {rec['values']}: {rec['decision']} — anchors {rec['passed']}/{rec['n_tasks']} "
             f"(baseline {rec['baseline_passed']})")
     for s in rec["suites"][1:]:
@@ -202,6 +208,9 @@ def rung_line(i: int, n: int, rec: dict[str, Any]) -> str:
     if rec.get("barrier_active"):
         k, m = rec["barrier_active"]
         line += f"; barrier above τ on {k}/{m} logged steps" + (" (it never acted)" if k == 0 else "")
+    if rec.get("draft"):
+        line += (f"; as a draft for the teacher: acceptance {rec['draft']['alpha_sample']:.3f} (sampling), "
+                 f"{rec['draft']['alpha_greedy']:.3f} (greedy)")
     return line
 
 

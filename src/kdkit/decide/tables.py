@@ -23,18 +23,19 @@ def table_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]])
     probed = any(r.get("coherence") is not None for r in results)  # runs with probes: a coherence column
     scored = _scored(results)  # a teacher scored the validation rows: its KL and top-1 agreement
     barred, suites = _barred(results), _suite_names(results)
-    drifted = any(r.get("drift") for r in results)
+    drifted, drafted = any(r.get("drift") for r in results), any(r.get("draft") for r in results)
     header = ["rung", *keys, "avg CE", "avg KL", *(["avg barrier div", "barrier active"] if barred else []), "val loss",
               *(["val KL", "val top-1"] if scored else []), *(["coherence (last / min)"] if probed else []),
               *([f"drift {w} (KL b‖c / c‖b)" for w in DRIFT_ROWS] if drifted else []),
-              "anchor pass", *suites, "gate", "regressed"]
+              *(["as a draft (1−TVD / top-1)"] if drafted else []), "anchor pass", *suites, "gate", "regressed"]
     rows = []
     for r in results:
         vals = [str(r["values"][k]) for k in keys]
         if r["status"] != "done":
             rows.append([str(r["rung"]), *vals, "—", "—", *(["—", "—"] if barred else []), "—",
                          *(["—", "—"] if scored else []), *(["—"] if probed else []),
-                         *(["—"] * len(DRIFT_ROWS) if drifted else []), "—", *(["—"] * len(suites)),
+                         *(["—"] * len(DRIFT_ROWS) if drifted else []), *(["—"] if drafted else []), "—",
+                         *(["—"] * len(suites)),
                          "FAILED", r.get("error", "")[:80]])
             continue
         coh = [f"{_fmt(r.get('coherence'), 3)} / {_fmt(r.get('coherence_min'), 3)}"] if probed else []
@@ -42,13 +43,19 @@ def table_rows(vary: list[tuple[str, list[Any]]], results: list[dict[str, Any]])
                      *([_fmt(r.get("avg_barrier_div")), active_cell([r])] if barred else []), _fmt(r["val_loss"]),
                      *([_fmt(r.get("val_kl")), _fmt(r.get("val_top1"))] if scored else []), *coh,
                      *([drift_cell(r, w) for w in DRIFT_ROWS] if drifted else []),
-                     pass_cell(r["passed"], r["n_tasks"], tuple(r["interval"])),
+                     *([draft_cell(r)] if drafted else []), pass_cell(r["passed"], r["n_tasks"], tuple(r["interval"])),
                      *(_pooled_suite([r], j) for j in range(1, len(suites) + 1)), r["decision"],
                      format_tasks(r["regressed"])])
     return header, rows
 
 
 DRIFT_ROWS = ("train", "anchors")  # where a rung's KL from the baseline is measured (kdkit.decide.ladder.rung_drift)
+
+
+def draft_cell(r: dict[str, Any]) -> str:
+    """The rung as a draft for its teacher: expected acceptance of speculative sampling / greedy drafting."""
+    d = r.get("draft")
+    return "—" if not d else f"{_fmt(d['alpha_sample'], 3)} / {_fmt(d['alpha_greedy'], 3)}"
 
 
 def drift_cell(r: dict[str, Any], where: str) -> str:
