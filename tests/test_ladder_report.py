@@ -339,7 +339,8 @@ def test_the_configs_eval_server_is_the_default_server_and_a_flag_wins(ladder_wo
 @needs_bwrap
 def test_a_rung_as_a_draft_for_its_teacher(ladder_world, tmp_path):
     """--draft: each rung's expected acceptance as a draft for the teacher its cache was made from, on the first
-    training prompts — the figure `kdkit draft measure` gives for the same models and prompts — in the table."""
+    training prompts — the figure `kdkit draft measure` gives for the same models and prompts — in the table;
+    and the gate's record names the rung, which the pack's model card quotes."""
     from kdkit.decide.draft import expected
     from kdkit.models.load import load_causal_lm, load_tokenizer
     from kdkit.teacher.seqkd import prompt_tokens, read_prompts
@@ -362,3 +363,11 @@ def test_a_rung_as_a_draft_for_its_teacher(ladder_world, tmp_path):
     table = (tmp_path / "lad" / "ladder.md").read_text()
     assert "as a draft (1−TVD / top-1)" in table and f"{d['alpha_sample']:.3f} / {d['alpha_greedy']:.3f}" in table
     assert any(f"as a draft for the teacher: acceptance {d['alpha_sample']:.3f}" in m for m in logs)
+    from kdkit.decide.card import model_card  # the gate recorded the rung it judged; the model card names it
+    from kdkit.decide.export import newest_gate
+
+    pack = reg.pack(res[0]["pack"])
+    g = newest_gate(reg, pack)
+    assert g["metrics"]["origin"] == {"ladder": str((tmp_path / "lad").resolve()), "rung": 0,
+                                      "values": {"optim.lr": 0.01}}
+    assert f"From the ladder `{(tmp_path / 'lad').resolve()}`, rung 0 (`optim.lr` = 0.01)" in model_card(reg, pack, g)

@@ -24,7 +24,7 @@ def model_card(reg: Registry, pack: Pack, gate: dict[str, Any] | None) -> str:
     config = yaml.safe_load(reg.pack_config(pack.id) or "") or {}
     suites = (gate or {}).get("metrics", {}).get("suites") or []
     parts = [_front_matter(pack, config, suites), f"# {pack.name}\n", _warning(gate), _gate(reg, gate, suites),
-             _training(pack, config), _drift(gate), _provenance(reg, pack)]
+             _training(pack, config), _origin(gate), _drift(gate), _provenance(reg, pack)]
     return "\n".join(p for p in parts if p)
 
 
@@ -92,6 +92,14 @@ def _training(pack: Pack, config: dict[str, Any]) -> str:
              f"- optimizer: lr {opt.get('lr')}, {steps if steps is not None else '?'} steps",
              f"- rows: `{(config.get('data') or {}).get('train')}`", f"- source run: `{pack.source_run}`"]
     return "\n".join(lines) + "\n"
+
+
+def _origin(gate: dict[str, Any] | None) -> str:
+    o = (gate or {}).get("metrics", {}).get("origin")
+    if not o:
+        return ""
+    values = ", ".join(f"`{k}` = {json.dumps(v)}" for k, v in o["values"].items())
+    return f"From the ladder `{o['ladder']}`, rung {o['rung']} ({values}): its row is `rungs/{o['rung']:02d}.json` there.\n"
 
 
 def cache_key(config: dict[str, Any]) -> str:

@@ -330,7 +330,8 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
          unsafe_no_isolation: bool = False, candidate_meta: dict[str, Any] | None = None,
          log: Callable[[str], None] = print, progress: bool = False,
          suite_rule: SuiteRule = SuiteRule(), eval_dirs: list[Path] | None = None,
-         promote_undecided: bool = False, server: ServerSpec | None = None, drift: bool = False) -> GateResult:
+         promote_undecided: bool = False, server: ServerSpec | None = None, drift: bool = False,
+         origin: dict[str, Any] | None = None) -> GateResult:
     """Evaluate candidate and baseline on every task file, decide, and record + apply ONE decision in one
     transaction. ``tasks``: a file or a list of files; the first (the anchors) is judged by ``rule``, the
     others by ``suite_rule``; a REVERT in any suite reverts; a suite that cannot show a drop makes a KEEP
@@ -342,7 +343,8 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
     KEEP merges it — the merged pack, evaluated again, is promoted when its answers are the adapter's on every
     task, and the decision is UNDECIDED (nothing promoted) when they are not. ``drift``: the candidate's KL from
     the baseline on the anchors with the baseline's answers and, for a run, on its training rows
-    (:func:`drift_figures`)."""
+    (:func:`drift_figures`). ``origin``: where the candidate came from (a ladder's rung), recorded with the
+    decision."""
     files = [Path(t) for t in (tasks if isinstance(tasks, list | tuple) else [tasks])]
     prod = reg.production()
     if against == "production":
@@ -390,7 +392,8 @@ def gate(reg: Registry, candidate: str, tasks: str | Path, *, against: str = "pr
                                 (settings, limits), log)
     gid = reg.record_gate(cand.id, base.id, rule_json, decision, regressed, fixed, first["p_value"], reason,
                           expected_production=None if prod is None else prod.id,
-                          metrics={"suites": [{k: s[k] for k in RECORDED} for s in suites], "drift": figures})
+                          metrics={"suites": [{k: s[k] for k in RECORDED} for s in suites], "drift": figures,
+                                   **({"origin": origin} if origin else {})})
     return GateResult(decision, cand.name, base.name, first["candidate_passed"], first["baseline_passed"],
                       first["n_tasks"], first["candidate_interval"], first["baseline_interval"], regressed, fixed,
                       first["p_value"], reason, rule_json, gid, first["candidate_outcomes"], suites, figures)

@@ -141,6 +141,7 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
             res = gate(registry, str(run_dir if adapter else pack_dir), tasks, against=baseline.name, rule=rule,
                        settings=settings, limits=limits, unsafe_no_isolation=unsafe_no_isolation, log=log,
                        progress=progress, server=server, drift=drift,
+                       origin={"ladder": str(out.resolve()), "rung": i, "values": values},
                        candidate_meta={"name": f"{out.name}-rung{i:02d}", "source_run": str(run_dir),
                                        "config": (run_dir / "config.yaml").read_text()})
             if drift:
