@@ -289,10 +289,32 @@ def seeds_rule(r: dict) -> str:
     return "REVERT" if r["regressed"] else "UNDECIDED" if r["decision"] == "UNDECIDED" else "KEEP"
 
 
-def anchor_table(s: dict) -> str:
-    """The seed's ladder table, a row per run; then each arm pooled over its seeds; then each gate's reason."""
+def arms_table(s: dict) -> str:
+    """Each arm pooled over its seeds: HumanEval and skeletons with Wilson intervals, the drift from the base on
+    the training rows (mean over seeds), how many runs each rule keeps (README's table)."""
     from kdkit.evaluate.passrate import pass_cell, wilson_interval
 
+    runs, n_s = s["runs"], s["heldout_tasks"]
+    if not runs:
+        return "no finished runs\n"
+    n = runs[0]["n_tasks"]
+    lines = [f"| arm | runs | HumanEval pass (base {runs[0]['baseline_passed']}/{n}) [95% Wilson] | skeletons "
+             f"(base {s['base_skeletons']}/{n_s}) | drift train, KL(b‖c) | KEEP: noise rule | KEEP: no-regression "
+             f"rule |", "|---|---|---|---|---|---|---|"]
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        rs = [r for r in runs if r["arm"] == arm]
+        k, m = sum(r["passed"] for r in rs), n * len(rs)
+        ks, ms = sum(r["skeletons"] for r in rs), n_s * len(rs)
+        kl = [r["drift"]["train"]["kl_base_cand_mean"] for r in rs if (r.get("drift") or {}).get("train")]
+        lines.append(f"| {arm} | {len(rs)} | {pass_cell(k, m, wilson_interval(k, m))} | "
+                     f"{pass_cell(ks, ms, wilson_interval(ks, ms))} | "
+                     f"{f'{sum(kl) / len(kl):.3f}' if kl else '—'} | {sum(r['decision'] == 'KEEP' for r in rs)} | "
+                     f"{sum(seeds_rule(r) == 'KEEP' for r in rs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def anchor_table(s: dict) -> str:
+    """The seed's ladder table, a row per run; then each arm pooled over its seeds; then each gate's reason."""
     runs = s["runs"]
     if not runs:
         return "no finished runs\n"
@@ -314,16 +336,8 @@ def anchor_table(s: dict) -> str:
                      f"{f(r['avg_kl'])} | {r['passed']}/{n} | {r['skeletons']}/{n_s} | "
                      f"{len(r['regressed'])} / {len(r['fixed'])} | {r['decision']} ({r['p_value']:.3g}) | "
                      f"{seeds_rule(r)} | {drift(r, 'train')} | {drift(r, 'anchors')} |")
-    lines += ["", "| arm | runs | HumanEval pooled [95% Wilson] | skeletons pooled [95% Wilson] | KEEP (noise rule) | "
-              "KEEP (no-regression rule) |", "|---|---|---|---|---|---|"]
-    for arm in dict.fromkeys(r["arm"] for r in runs):
-        rs = [r for r in runs if r["arm"] == arm]
-        k, m = sum(r["passed"] for r in rs), n * len(rs)
-        ks, ms = sum(r["skeletons"] for r in rs), n_s * len(rs)
-        lines.append(f"| {arm} | {len(rs)} | {pass_cell(k, m, wilson_interval(k, m))} | "
-                     f"{pass_cell(ks, ms, wilson_interval(ks, ms))} | {sum(r['decision'] == 'KEEP' for r in rs)} | "
-                     f"{sum(seeds_rule(r) == 'KEEP' for r in rs)} |")
-    lines += ["", f"The gate's rule: {s['rule']} on HumanEval (a fall beyond noise reverts); beside it, what the "
+    lines += ["", arms_table(s).rstrip("\n"), "",
+              f"The gate's rule: {s['rule']} on HumanEval (a fall beyond noise reverts); beside it, what the "
               "seeds' rule (no task the base passes may fail) would have decided.", "",
               *(f"- {r['arm']}, seed {r['seed']}: {r['decision']}: {r.get('reason')}" for r in runs)]
     return "\n".join(lines) + "\n"

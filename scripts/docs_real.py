@@ -38,13 +38,16 @@ ANCHOR_REDUCED = ["--seeds", "1", "--shares", "0.5", "--lambdas", "0.1", "--no-b
 """The reduced size of examples/smollm2_anchor_ladder.py the slow test reruns."""
 sys.path.insert(0, str(ROOT / "examples"))
 
-from smollm2_anchor_ladder import anchor_table  # noqa: E402
+from smollm2_anchor_ladder import anchor_table, arms_table  # noqa: E402
 from smollm2_kd_vs_ce import summary_table  # noqa: E402
 from smollm2_kl_leash import leash_table  # noqa: E402
 
 TABLES = {"kd_vs_ce": summary_table, "kl_leash": leash_table, "kl_leash_p09": leash_table,
           "anchor_ladder": anchor_table}
 """docs/real_models.json's full runs and the function that writes each one's table."""
+README = ROOT / "README.md"
+README_TABLES = {"anchor_ladder": ("anchor_ladder_arms", arms_table)}
+"""The full runs README shows a table of (between its own markers), and the function that writes it."""
 
 
 def figures(summary: dict) -> dict:
@@ -130,7 +133,12 @@ def main() -> int:
         if key in data:
             text = replace_table(text, key, table(data[key]))
     PAGE.write_text(text)
-    print(f"{PAGE.relative_to(ROOT)}: the real-model tables from {FIGURES.relative_to(ROOT)}")
+    readme = README.read_text()
+    for key, (marker, table) in README_TABLES.items():
+        if key in data:
+            readme = replace_table(readme, marker, table(data[key]))
+    README.write_text(readme)
+    print(f"{PAGE.relative_to(ROOT)}, README.md: the real-model tables from {FIGURES.relative_to(ROOT)}")
     return 0
 
 

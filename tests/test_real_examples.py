@@ -29,6 +29,10 @@ def test_readme_shows_the_recorded_full_runs():
     for key, table in docs_real.TABLES.items():
         if key != "anchor_ladder" or key in data:  # the anchor ladder's page table once a run is recorded
             assert docs_real.shown(readme, key) == table(data[key]), f"{key}: stale, python scripts/docs_real.py"
+    front = docs_real.README.read_text()
+    for key, (marker, table) in docs_real.README_TABLES.items():
+        if key in data:
+            assert docs_real.shown(front, marker) == table(data[key]), f"README {marker}: stale, scripts/docs_real.py"
 
 
 def _close(got, want, path: str = "") -> None:
