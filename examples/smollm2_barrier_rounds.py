@@ -90,14 +90,15 @@ def one_round(model: Path, base: Path, agg: str, tau: float, seed: int, r: int, 
         kdkit("eval", str(pack), "--tasks", str(tasks), "--server", server, "--prompt-style", "chat",
               "--max-new-tokens", str(args.max_new_tokens), "--out", str(where / suite))
         passed[suite] = json.loads((where / suite / "summary.json").read_text())["n_passed"]
-    rec = {"aggregate": agg, "seed": seed, "round": r, "tau": tau, **passed, **round_figures(where / "run")}
+    rec = {"aggregate": agg, "seed": seed, "round": r, "tau": tau, **passed, **round_figures(where / "run", agg, tau)}
     rec_path.write_text(json.dumps(rec, indent=1) + "\n")
     return rec, pack
 
 
-def round_figures(run: Path) -> dict:
+def round_figures(run: Path, agg: str, tau: float) -> dict:
     """The last probe round's coherence (mean, worst probe), both aggregates' divergence to the base (mean over
-    the logged steps) and whether the coherence floor stopped the run."""
+    the logged steps), on how many logged steps the barrier's own aggregate was above τ (below it the barrier
+    does nothing) and whether the coherence floor stopped the run."""
     from kdkit.decide.ladder import logged_mean
     from kdkit.train.rundir import read_log
 
@@ -106,6 +107,8 @@ def round_figures(run: Path) -> dict:
     info = json.loads((run / "run.json").read_text())
     return {"coherence": probe["probe_coherence"], "coherence_min": probe["probe_coherence_min"],
             "kl_mean": logged_mean(steps, "barrier_div_mean"), "kl_rmse": logged_mean(steps, "barrier_div_rmse"),
+            "active": [sum(s[f"barrier_div_{agg}"] > tau for s in steps if f"barrier_div_{agg}" in s),
+                       sum(f"barrier_div_{agg}" in s for s in steps)],
             "stopped": "early_stop" in info}
 
 
@@ -175,11 +178,12 @@ def rounds_table(args: argparse.Namespace) -> str:
     recs.sort(key=lambda x: (x["aggregate"], x["seed"], x["round"]))
     (args.out / "summary.json").write_text(json.dumps({"rounds": recs, "settings": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}, indent=1) + "\n")
-    lines = ["| barrier | seed | round | τ | coherence mean / worst | KL to base, mean / rmse | skeletons | anchors |"
-             " stopped |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {x['aggregate']} | {x['seed']} | {x['round']} | {x['tau']:.4g} | {x['coherence']:.3f} / "
-              f"{x['coherence_min']:.3f} | {x['kl_mean']:.4f} / {x['kl_rmse']:.4f} | {x['skeletons']} | "
-              f"{x['anchors']} | {'yes' if x['stopped'] else '—'} |" for x in recs]
+    lines = ["| barrier | seed | round | τ | above τ (steps) | coherence mean / worst | KL to base, mean / rmse | "
+             "skeletons | anchors | stopped |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {x['aggregate']} | {x['seed']} | {x['round']} | {x['tau']:.4g} | {x['active'][0]}/{x['active'][1]}"
+              f"{' (inert)' if x['active'][0] == 0 else ''} | {x['coherence']:.3f} / {x['coherence_min']:.3f} | "
+              f"{x['kl_mean']:.4f} / {x['kl_rmse']:.4f} | {x['skeletons']} | {x['anchors']} | "
+              f"{'yes' if x['stopped'] else '—'} |" for x in recs]
     text = "\n".join(lines) + "\n"
     (args.out / "summary.md").write_text(text)
     return text
