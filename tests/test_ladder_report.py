@@ -71,6 +71,13 @@ def test_three_rung_ladder_table_plot_and_resume(ladder_world, tmp_path):
         assert (r["drift"]["anchors"] is None) == (not answered)
     assert (tmp_path / "lad" / "ladder.png").read_bytes()[:4] == b"\x89PNG"
     assert len(reg.gates()) == 2
+    from kdkit.decide.card import model_card  # each gate recorded the rung it judged; the model card names it
+    from kdkit.decide.export import newest_gate
+
+    g = newest_gate(reg, reg.pack(res[1]["pack"]))
+    assert g["metrics"]["origin"] == {"ladder": str((tmp_path / "lad").resolve()), "rung": 1,
+                                      "values": {"objective.kd_weight": 1.0}}
+    assert "rung 1 (`objective.kd_weight` = 1.0)" in model_card(reg, reg.pack(res[1]["pack"]), g)
     # rerun: finished rungs are skipped (no new gate), the failed one is tried again
     before = (tmp_path / "lad" / "rungs" / "00.json").read_text()
     res2 = run_ladder(root / "cfg.yaml", vary, root / "tasks.jsonl", tmp_path / "lad", **kw)
@@ -336,11 +343,11 @@ def test_the_configs_eval_server_is_the_default_server_and_a_flag_wins(ladder_wo
         run_server(str(run))
 
 
+@pytest.mark.slow  # a whole rung and two acceptance measurements; `kdkit draft measure` itself: tests/test_draft.py
 @needs_bwrap
 def test_a_rung_as_a_draft_for_its_teacher(ladder_world, tmp_path):
     """--draft: each rung's expected acceptance as a draft for the teacher its cache was made from, on the first
-    training prompts — the figure `kdkit draft measure` gives for the same models and prompts — in the table;
-    and the gate's record names the rung, which the pack's model card quotes."""
+    training prompts — the figure `kdkit draft measure` gives for the same models and prompts — in the table."""
     from kdkit.decide.draft import expected
     from kdkit.models.load import load_causal_lm, load_tokenizer
     from kdkit.teacher.seqkd import prompt_tokens, read_prompts
@@ -363,11 +370,3 @@ def test_a_rung_as_a_draft_for_its_teacher(ladder_world, tmp_path):
     table = (tmp_path / "lad" / "ladder.md").read_text()
     assert "as a draft (1−TVD / top-1)" in table and f"{d['alpha_sample']:.3f} / {d['alpha_greedy']:.3f}" in table
     assert any(f"as a draft for the teacher: acceptance {d['alpha_sample']:.3f}" in m for m in logs)
-    from kdkit.decide.card import model_card  # the gate recorded the rung it judged; the model card names it
-    from kdkit.decide.export import newest_gate
-
-    pack = reg.pack(res[0]["pack"])
-    g = newest_gate(reg, pack)
-    assert g["metrics"]["origin"] == {"ladder": str((tmp_path / "lad").resolve()), "rung": 0,
-                                      "values": {"optim.lr": 0.01}}
-    assert f"From the ladder `{(tmp_path / 'lad').resolve()}`, rung 0 (`optim.lr` = 0.01)" in model_card(reg, pack, g)
