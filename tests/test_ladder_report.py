@@ -343,7 +343,6 @@ def test_the_configs_eval_server_is_the_default_server_and_a_flag_wins(ladder_wo
         run_server(str(run))
 
 
-@pytest.mark.slow  # a whole rung and two acceptance measurements; `kdkit draft measure` itself: tests/test_draft.py
 @needs_bwrap
 def test_a_rung_as_a_draft_for_its_teacher(ladder_world, tmp_path):
     """--draft: each rung's expected acceptance as a draft for the teacher its cache was made from, on the first
