@@ -21,11 +21,10 @@ import yaml
 
 from kdkit.decide.card import cache_key, model_card
 from kdkit.decide.registry import Pack, Registry, RegistryError
+from kdkit.util.identity import sha256_file
 from kdkit.util.io import atomic_write_json, check_output_dir
 
 EXPORT_FILE = "kdkit_export.json"
-PROVENANCE = ("kdkit.pack", "kdkit.pack_sha256", "kdkit.base_sha256", "kdkit.config_sha256", "kdkit.teacher_cache_key",
-              "kdkit.gate", "kdkit.version")
 
 
 def newest_gate(reg: Registry, pack: Pack) -> dict[str, Any] | None:
@@ -91,8 +90,7 @@ def export_pack(reg: Registry, ref: str, out: str | Path, *, ungated: bool = Fal
 
 
 def _hashes(d: Path) -> dict[str, str]:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.iterdir())
-            if f.is_file() and f.name != EXPORT_FILE}
+    return {f.name: sha256_file(f) for f in sorted(d.iterdir()) if f.is_file() and f.name != EXPORT_FILE}
 
 
 def verify_export(reg: Registry, directory: str | Path) -> list[str]:
