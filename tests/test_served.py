@@ -45,24 +45,32 @@ def servers(tmp_path_factory):
                                                     {"role": "assistant", "content": str(i + 2)}]} for i in range(4)])
     teacher = VllmServer(root / "teacher", root / "vllm.log", extra=DEV[0], env=DEV[1])
     lora = VllmServer(root / "teacher", root / "lora.log", extra=LORA[0], env=LORA[1])
+    twin = VllmServer(root / "teacher", root / "twin.log")
     try:
-        for server in (teacher.launch(), lora.launch()):
+        for server in (teacher.launch(), lora.launch(), twin.launch()):
             server.wait()
-        yield root, teacher, lora.url
+        yield root, teacher, lora.url, twin.url
     finally:
         teacher.stop()
         lora.stop()
+        twin.stop()
 
 
 @pytest.fixture(scope="module")
 def served(servers):
-    root, teacher, _ = servers
+    root, teacher = servers[:2]
     return root, teacher.url
 
 
 @pytest.fixture(scope="module")
 def lora_server(servers):
     return servers[2]
+
+
+@pytest.fixture(scope="module")
+def twin(servers):
+    """A second server of the teacher's weights, in its own process: with the teacher's, a fleet of two."""
+    return servers[3]
 
 
 def _cfg(root: Path, tmp: Path, teacher: dict, **over) -> Path:
@@ -503,3 +511,94 @@ def test_an_exported_directory_is_loaded_by_vllm_as_it_is(served, tmp_path):
     assert [(g["task_id"], g["raw"], g["completion"]) for g in remote[0]] == \
         [(g["task_id"], g["raw"], g["completion"]) for g in local[0]]
     assert [(r["task_id"], r["passed"]) for r in remote[1]] == [(r["task_id"], r["passed"]) for r in local[1]]
+
+
+def _shards(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*"))}
+
+
+def test_a_fleet_writes_one_servers_cache_bytes_with_a_server_lost_mid_capture(served, twin, tmp_path):
+    """Two servers of one teacher (two processes): the cache's bytes are the lone server's, with both
+    answering and with one lost before the capture's end (its request retried on the other)."""
+    root, url = served
+    one = precompute(root / "teacher", root / "train.jsonl", tmp_path / "one",
+                     PrecomputeSettings(top_k=16, shard_rows=8, batch_size=2, max_length=128, teacher_url=url), **QUIET)
+    relay, said = Relay(twin).start(), []
+    s = PrecomputeSettings(top_k=16, shard_rows=8, batch_size=2, max_length=128, teacher_url=(url, relay.url))
+    both = precompute(root / "teacher", root / "train.jsonl", tmp_path / "both", s, progress=False, log=said.append)
+    assert both["key"] == one["key"] and _shards(tmp_path / "both") == _shards(tmp_path / "one")
+    assert "2 teacher servers agree bit for bit on 4 rows" in said
+    answered = next(m for m in said if m.startswith("requests answered"))
+    assert f"{relay.url} " in answered and not answered.endswith(f"{relay.url} 0")  # both servers answered
+    total = relay.connections
+    relay.stop()
+    lost = Relay(twin, dies_at=total - 1).start()  # its last request of the capture: reset, as a killed server's
+    said.clear()
+    s = PrecomputeSettings(top_k=16, shard_rows=8, batch_size=2, max_length=128, teacher_url=(url, lost.url))
+    try:
+        again = precompute(root / "teacher", root / "train.jsonl", tmp_path / "lost", s, progress=False, log=said.append)
+    finally:
+        lost.stop()
+    assert again["key"] == one["key"] and _shards(tmp_path / "lost") == _shards(tmp_path / "one")
+    assert any(m.startswith(f"teacher server {lost.url} stopped answering") and m.endswith("go to the 1 left")
+               for m in said)
+
+
+def test_a_fleet_is_refused_at_the_start_naming_the_server(served, tmp_path):
+    """A URL named twice, a server that does not answer: refused before anything is captured or trained."""
+    root, url = served
+    with pytest.raises(ServedError, match=r"teacher server http://127\.0\.0\.1:\d+ is named twice"):
+        precompute(root / "teacher", root / "train.jsonl", tmp_path / "twice",
+                   PrecomputeSettings(top_k=16, max_length=128, teacher_url=(url, url + "/v1")), **QUIET)
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = _cfg(root, tmp_path, {"url": [url, dead], "top_k": 16, "retries": 0, "timeout_s": 30})
+    with pytest.raises(KdkitError, match=f"teacher.url: teacher server {dead} did not answer"):
+        train(load_train_config(cfg), tmp_path / "run", **QUIET)
+    assert not (tmp_path / "run" / "inputs.json").exists() and not (tmp_path / "twice").exists()
+
+
+def test_training_on_a_fleet_equals_training_on_one_server_with_a_server_lost_mid_run(served, twin, tmp_path, capsys):
+    """The losses and the final weights of a run whose teacher is two servers — both answering, or one lost
+    mid-run — are those of the run on one server; the loss is reported on stderr."""
+    root, url = served
+    train(load_train_config(_cfg(root, tmp_path, {"url": url, "top_k": 16})), tmp_path / "one", **QUIET)
+    relay = Relay(twin).start()
+    train(load_train_config(_cfg(root, tmp_path, {"url": [url, relay.url], "top_k": 16, "retries": 0})),
+          tmp_path / "both", **QUIET)
+    total = relay.connections
+    relay.stop()
+    lost = Relay(twin, dies_at=total - 2).start()
+    try:
+        train(load_train_config(_cfg(root, tmp_path, {"url": [url, lost.url], "top_k": 16, "retries": 0})),
+              tmp_path / "lost", **QUIET)
+    finally:
+        lost.stop()
+    assert f"teacher server {lost.url} stopped answering" in capsys.readouterr().err
+    ref = _metrics(tmp_path / "one")
+    weights = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    for run in ("both", "lost"):
+        assert [m["total_loss"] for m in _metrics(tmp_path / run)] == [m["total_loss"] for m in ref]
+        theirs = load_file(str(tmp_path / run / "final" / "model.safetensors"))
+        assert all(torch.equal(weights[k], theirs[k]) for k in weights)
+
+
+def test_a_fleet_with_no_server_left_stops_with_a_checkpoint_and_resumes_bitwise(served, twin, tmp_path):
+    root, url = served
+    first, second = Relay(url).start(), Relay(twin).start()
+    cfg = _cfg(root, tmp_path, {"url": [first.url, second.url], "top_k": 16, "retries": 0, "timeout_s": 30},
+               checkpoint={"every": 1})
+    train(load_train_config(_cfg(root, tmp_path, {"url": url, "top_k": 16})), tmp_path / "full", **QUIET)
+
+    def both_die_at_step_2(model, step):
+        if step == 1:
+            first.stop()
+            second.stop()
+
+    with pytest.raises(TrainingError, match=r"no teacher server answers .*Stopped before step \d"):
+        train(load_train_config(cfg), tmp_path / "run", grad_hooks=[both_die_at_step_2], **QUIET)
+    first.start(), second.start()
+    try:
+        train(load_train_config(cfg), tmp_path / "run", resume=True, **QUIET)
+    finally:
+        first.stop(), second.stop()
+    assert [m["total_loss"] for m in _metrics(tmp_path / "full")] == [m["total_loss"] for m in _metrics(tmp_path / "run")]

@@ -103,8 +103,11 @@ class Relay:
     port, so a test can see a server die and return without paying another vLLM start-up. The port stays bound
     for the relay's life: reopening a closed port can fail (EADDRINUSE) while the kernel still holds it."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, dies_at: int | None = None) -> None:
+        """``dies_at``: the relay stops by itself when its ``dies_at``-th connection comes (each HTTP request of
+        kdkit's is one connection), mid-run as a killed server does."""
         self.target = target.rsplit(":", 1)
+        self.dies_at, self.connections = dies_at, 0
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._open: set[socket.socket] = set()
@@ -126,6 +129,11 @@ class Relay:
                 client, _ = listener.accept()
             except OSError:
                 return
+            with self._lock:
+                self.connections += 1
+                dying = self.dies_at is not None and self.connections >= self.dies_at
+            if dying:
+                self.stop()
             with self._lock:
                 down = self._down
             if down:  # a dead server: the connection is reset

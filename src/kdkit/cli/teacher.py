@@ -45,12 +45,15 @@ def precompute_cmd(
                                                       "characters (for objective.kd.cross_tokenizer). With "
                                                       "--config: the config's student.path when its cross_tokenizer "
                                                       "is set.")),
-    teacher_url: str = typer.Option(None, help=("A teacher served by vLLM (http://HOST:PORT or "
-                                                "http://HOST:PORT/v1): its prompt log-probs are captured instead of "
-                                                "a local forward. --teacher is then the local directory of its "
-                                                "tokenizer; when it also holds the weights, they are fingerprinted "
-                                                "and `kdkit teacher check` runs on a few rows first. With --config: "
-                                                "the config's teacher.url.")),
+    teacher_url: list[str] = typer.Option(None, help=("A teacher served by vLLM (http://HOST:PORT or "
+                                                      "http://HOST:PORT/v1): its prompt log-probs are captured instead "
+                                                      "of a local forward. --teacher is then the local directory of its "
+                                                      "tokenizer; when it also holds the weights, they are "
+                                                      "fingerprinted and `kdkit teacher check` runs on a few rows "
+                                                      "first. Repeat it for several servers of the same teacher: each "
+                                                      "answers one batch at a time, a server that stops answering is "
+                                                      "left out, and the cache's bytes are those one server writes. "
+                                                      "With --config: the config's teacher.url.")),
     served_model: str = typer.Option(None, help=("With --teacher-url: the model name the server must serve (its "
                                                  "--served-model-name; default: its only model).")),
     mixed_environments: bool = typer.Option(False, "--mixed-environments", help=("Accept shards written in another "
@@ -71,7 +74,7 @@ def precompute_cmd(
 
     given = {"--teacher": teacher, "--data": data, "--out": out, "--temperature": temperature,
              "--max-length": max_length, "--truncation": truncation, "--on-empty": on_empty,
-             "--student-tokenizer": student_tokenizer, "--teacher-url": teacher_url, "--served-model": served_model}
+             "--student-tokenizer": student_tokenizer, "--teacher-url": _urls(teacher_url), "--served-model": served_model}
     v = _precompute_inputs(given, config) if config else {
         **given, "--temperature": 1.0 if temperature is None else temperature,
         "--max-length": max_length or 1024, "--truncation": truncation or "left", "--on-empty": on_empty or "skip"}
@@ -89,6 +92,13 @@ def precompute_cmd(
         _end_process_group()
 
 
+def _urls(url: str | list[str] | None) -> str | tuple[str, ...] | None:
+    """``--teacher-url`` given once or several times, or a config's ``teacher.url``: None, one URL, or a tuple."""
+    if not url:
+        return None
+    return url if isinstance(url, str) else url[0] if len(url) == 1 else tuple(url)
+
+
 def _precompute_inputs(given: dict[str, Any], config: str) -> dict[str, Any]:
     """precompute's inputs from a training config; an option also given on the command line must agree."""
     cfg = _load_config(config, [])
@@ -98,7 +108,7 @@ def _precompute_inputs(given: dict[str, Any], config: str) -> dict[str, Any]:
                 "--max-length": cfg.data.max_length, "--truncation": cfg.data.truncation,
                 "--on-empty": cfg.data.on_empty,
                 "--student-tokenizer": cfg.student.path if cfg.objective.kd.cross_tokenizer != "none" else None,
-                "--teacher-url": t.url if t is not None else None,
+                "--teacher-url": _urls(t.url) if t is not None else None,
                 "--served-model": t.served_model if t is not None else None}
     fields = {"--teacher-url": "teacher.url", "--served-model": "teacher.served_model",
               "--teacher": "teacher.model", "--data": "data.train", "--out": "teacher.cache",

@@ -193,8 +193,9 @@ class TeacherConfig(_Strict):
 
     cache: str | None = Field(None, description="teacher cache directory made by `kdkit precompute`")
     model: str | None = Field(None, description="teacher model directory, loaded once, frozen")
-    url: str | None = Field(None, description="a teacher served by vLLM (http://HOST:PORT or its /v1 base URL), asked "
-                                              "for top-K log-probs per batch")
+    url: str | list[str] | None = Field(None, description="a teacher served by vLLM (http://HOST:PORT or its /v1 base "
+                                                          "URL), asked for top-K log-probs per batch; a list: several "
+                                                          "servers of the same teacher, one request at a time each")
     served_model: str | None = Field(None, description="with url: the model name the server must serve "
                                                        "(default: its only one)")
     top_k: int = Field(64, ge=1, description="with url: log-probs asked per position (at most the server's "
@@ -209,6 +210,8 @@ class TeacherConfig(_Strict):
 
     @model_validator(mode="after")
     def _one(self) -> TeacherConfig:
+        if isinstance(self.url, list) and not self.url:
+            raise ValueError("teacher.url: an empty list (name one server, or several of the same teacher)")
         if self.url is not None:
             if self.cache is not None:
                 raise ValueError("teacher: set one of 'cache' or 'url' (a cache is captured once, by "

@@ -127,6 +127,17 @@ def token_parity(server: Any, tokenizer: Any, data_path: str | Path, n_rows: int
     return next((d for d in (_token_difference(server, tokenizer, ex) for ex in examples) if d), None)
 
 
+def parity_prompts(tokenizer: Any, data_path: str | Path, n_rows: int = PARITY_ROWS, max_length: int = 1024
+                   ) -> list[list[int]]:
+    """The first rows' tokens as training reads them, cut to ``max_length`` (rows of fewer than 2 tokens left
+    out: they have no prediction position)."""
+    prompts = []
+    for ex in kdata.read_examples(data_path)[:n_rows]:
+        ids = kdata.tokenize_example(tokenizer, Path(data_path), ex)[0]
+        prompts.append([ids[i] for i in kdata.kept_tokens(ids, max_length, "right", tokenizer.bos_token_id)])
+    return [p for p in prompts if len(p) >= 2]
+
+
 @torch.no_grad()
 def teacher_parity(server: Any, teacher: str | Path, data_path: str | Path, n_rows: int = PARITY_ROWS,
                    top_k: int = 8, dtype: str = "float32", max_length: int = 1024,
@@ -135,11 +146,7 @@ def teacher_parity(server: Any, teacher: str | Path, data_path: str | Path, n_ro
     tokenizer = load_tokenizer(teacher)
     examples = kdata.read_examples(data_path)[:n_rows]
     first = token_parity(server, tokenizer, data_path, n_rows)
-    prompts = []
-    for ex in examples:  # each row's tokens as training reads them, cut to max_length
-        ids = kdata.tokenize_example(tokenizer, Path(data_path), ex)[0]
-        prompts.append([ids[i] for i in kdata.kept_tokens(ids, max_length, "right", tokenizer.bos_token_id)])
-    prompts = [p for p in prompts if len(p) >= 2]
+    prompts = parity_prompts(tokenizer, data_path, n_rows, max_length)
     served = server.prompt_topk(prompts, top_k)
     model = load_causal_lm(teacher, dtype).eval()
     agreement = Agreement()

@@ -40,6 +40,15 @@ class ServedError(KdkitError, RuntimeError):
     exit_code = 1
 
 
+class Unreachable(ServedError):
+    """A server that did not answer through all its retries (refused or reset connections, time-outs, 5xx):
+    another server of the same teacher may answer the same request."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def _token_id(key: str) -> int:
     """``"token_id:123"`` (``return_tokens_as_token_ids``) or ``"123"`` (a JSON object's key) → 123."""
     return int(key.rsplit(":", 1)[-1])
@@ -126,8 +135,8 @@ class Server:
                 last = f"{type(e).__name__}: the answer ended before it was whole"
             if attempt < self.retries:
                 time.sleep(self.backoff_s * 2 ** attempt)
-        raise ServedError(f"teacher server {self.url} did not answer {path} after {self.retries + 1} tries "
-                          f"({last}); is it running? (start it as the docs' 'A served teacher' says)")
+        raise Unreachable(f"teacher server {self.url} did not answer {path} after {self.retries + 1} tries "
+                          f"({last}); is it running? (start it as the docs' 'A served teacher' says)", last)
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
         """POST ``body`` to ``path`` (retried like every request); the server's answer, parsed when JSON."""
@@ -269,14 +278,16 @@ def _topk_of(positions: list[Any], k: int, length: int, url: str) -> TopK:
     return TopK(ids=ids, logprobs=lps, tail=tail)
 
 
-def served_identity(url: str, model: str | None, field: str) -> dict[str, Any]:
-    """A served teacher's identity for :func:`kdkit.util.identity.run_inputs`: what its server says it serves
-    (a resume refuses a server serving another model, another context length, another vLLM or another
-    --max-logprobs)."""
-    server = Server(url, model)
+def served_identity(url: str | list[str], model: str | None, field: str) -> dict[str, Any]:
+    """A served teacher's identity for :func:`kdkit.util.identity.run_inputs`: what its server — every server
+    of a list, alike — says it serves (a resume refuses a server serving another model, another context
+    length, another vLLM or another --max-logprobs; not other URLs, nor another number of servers)."""
+    from kdkit.teacher.fleet import connect
+
+    server = connect(url, model)
     try:
+        server.max_logprobs()
         said = {k: str(v) for k, v in server.info().items() if k != "url"}
-        said["max_logprobs"] = str(server.max_logprobs())
     except ServedError as e:
         raise ServedError(f"{field}: {e}") from None
     return {"sha256": digest(said), "files": said}

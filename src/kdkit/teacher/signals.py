@@ -203,8 +203,9 @@ class ServedSignal:
         a call for one of them then waits for its answer."""
         from concurrent.futures import ThreadPoolExecutor
 
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdkit-served-teacher")
+        if self._pool is None:  # one request in flight per server (a fleet has several)
+            self._pool = ThreadPoolExecutor(max_workers=getattr(self.server, "width", 1),
+                                            thread_name_prefix="kdkit-served-teacher")
         for b in batches:
             key = self._key(b, sampled)
             if key not in self._pending:
@@ -498,10 +499,11 @@ def open_served(cfg: TrainConfig, t: Any, field: str, tokenizer: Any, rows: list
     temperature 1 for rows this long, tokenises the data as the student does and — when ``model`` names the
     local copy of its weights — gives the same log-probs on a few rows (:mod:`kdkit.teacher.parity`)."""
     from kdkit.teacher import parity
-    from kdkit.teacher.served import ServedError, Server
+    from kdkit.teacher.fleet import agreement, connect, servers_of
+    from kdkit.teacher.served import ServedError
 
     kd = cfg.objective.kd
-    server = Server(t.url, t.served_model, t.timeout_s, t.retries)
+    server = connect(t.url, t.served_model, t.timeout_s, t.retries)
     if kd.cross_tokenizer != "none":
         raise SourceError(f"objective.kd.cross_tokenizer with {field}.url: a served teacher must share the "
                           "student's tokenizer (distil across tokenizers from a local model or a cache)")
@@ -514,9 +516,14 @@ def open_served(cfg: TrainConfig, t: Any, field: str, tokenizer: Any, rows: list
         name = {"temperature": "objective.kd.temperature", "top_k": f"{field}.top_k", "max_length": "data.max_length"}
         given = {"temperature": kd.temperature, "top_k": t.top_k, "max_length": cfg.data.max_length}
         raise SourceError(f"{name[what]} is {given[what]}: {why}")
-    tokens = parity.token_parity(server, tokenizer, cfg.data.train)
-    if tokens is not None:
-        raise SourceError(f"{field}.url: {t.url} does not tokenise {cfg.data.train} as the student does: {tokens}")
+    for one in servers_of(server):
+        tokens = parity.token_parity(one, tokenizer, cfg.data.train)
+        if tokens is not None:
+            raise SourceError(f"{field}.url: {one.url} does not tokenise {cfg.data.train} as the student does: {tokens}")
+    try:
+        agreement(server, [r.input_ids for r in rows[:parity.PARITY_ROWS]], min(t.top_k, 8), parity.TOLERANCE)
+    except ServedError as e:
+        raise SourceError(f"{field}.url: {e}") from None
     if t.model:
         parity.teacher_parity(server, t.model, cfg.data.train, parity.PARITY_ROWS, min(t.top_k, 8), t.dtype,
                               cfg.data.max_length).raise_if_failed()

@@ -49,6 +49,7 @@ from kdkit.teacher.cache.format import (
     sidecar_name,
 )
 from kdkit.teacher.cache.reader import TEACHER_TOKENIZER, load_manifest, verify_cache
+from kdkit.teacher.fleet import Fleet
 from kdkit.util.environment import compute_environment
 from kdkit.util.environment import differences as environment_differences
 from kdkit.util.errors import UsageError
@@ -72,7 +73,8 @@ class PrecomputeSettings:
     on_empty: str = "skip"
     truncation: str = "left"
     student_tokenizer: str | None = None  # a student with another tokenizer: cache at its aligned positions
-    teacher_url: str | None = None  # a teacher served by vLLM; ``teacher`` is then its tokenizer (and weights)
+    teacher_url: str | tuple[str, ...] | None = None  # a teacher served by vLLM (several: one fleet); ``teacher`` is
+    # then its tokenizer (and weights)
     served_model: str | None = None  # the model name the server must serve (None: its only one)
     mixed_environments: bool = False  # accept shards from another compute environment (each one's recorded)
 
@@ -134,8 +136,8 @@ tail mass and the entropy (None from a server, which returns the top-K alone).""
 
 
 def served_capture(server: Any, s: PrecomputeSettings) -> Capture:
-    """A teacher served by vLLM: one request per batch; the tail mass is 1 − Σ of the K probabilities,
-    summed in float64."""
+    """A teacher served by vLLM: one request per batch (a fleet answers ``server.width`` batches at once); the
+    tail mass is 1 − Σ of the K probabilities, summed in float64."""
     def capture(rows: list[kdata.TokenizedRow]) -> tuple[list[np.ndarray], TopK, torch.Tensor, None]:
         per_row = server.prompt_topk([r.input_ids for r in rows], s.top_k)
         positions = [r.loss_positions() for r in rows]
@@ -143,6 +145,7 @@ def served_capture(server: Any, s: PrecomputeSettings) -> Capture:
                                for t, p in zip(per_row, positions, strict=True)]) for f in ("ids", "logprobs", "tail")))
         return positions, tk, tk.tail, None
 
+    capture.width = getattr(server, "width", 1)  # type: ignore[attr-defined]
     return capture
 
 
@@ -161,8 +164,9 @@ def _shard_bytes(rows: list[kdata.TokenizedRow], capture: Capture, s: Precompute
                  on_tokens: Callable[[int], None]) -> tuple[bytes, dict[str, Any]]:
     per_row: list[tuple[np.ndarray, ...] | None] = [None] * len(rows)
     ent_sum: float | None = 0.0
-    for idx in kdata.length_sorted_batches([len(r.input_ids) for r in rows], s.batch_size):
-        positions, tk, tail, ent = capture([rows[i] for i in idx])
+    batches = kdata.length_sorted_batches([len(r.input_ids) for r in rows], s.batch_size)
+    for idx, (positions, tk, tail, ent) in zip(batches, _in_order(capture, [[rows[i] for i in idx] for idx in batches]),
+                                               strict=True):
         start = 0
         for i, pos in zip(idx, positions, strict=True):
             seg = slice(start, start + len(pos))
@@ -186,6 +190,19 @@ def _shard_bytes(rows: list[kdata.TokenizedRow], capture: Capture, s: Precompute
     }
     stats = {"tokens": int(offsets[-1]), "entropy_sum": ent_sum}
     return st_save(tensors), stats
+
+
+def _in_order(capture: Capture, batches: list[list[kdata.TokenizedRow]]) -> Iterator[tuple[Any, ...]]:
+    """Each batch's capture, in order; a fleet's batches are asked ``capture.width`` at a time (each request
+    whole to one server, so the answers are those of one server asked batch by batch)."""
+    width = getattr(capture, "width", 1)
+    if width <= 1:
+        yield from map(capture, batches)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="kdkit-capture") as pool:
+        yield from pool.map(capture, batches)
 
 
 def _prepare_dir(out: Path, components: dict[str, Any], key: str) -> bool:
@@ -321,16 +338,16 @@ def _shard_rows(tokenizer: Any, data_path: str | Path, s: PrecomputeSettings, cr
         yield shard
 
 
-def _server(s: PrecomputeSettings, cross: bool, longest: int) -> Any:
+def _server(s: PrecomputeSettings, cross: bool, longest: int, log: Callable[[str], None]) -> Any:
     """The teacher server of ``--teacher-url`` (None without one), after refusing what it cannot capture."""
     if s.teacher_url is None:
         return None
-    from kdkit.teacher.served import Server
+    from kdkit.teacher.fleet import connect
 
     if cross:
         raise UsageError("--teacher-url with --student-tokenizer: a served teacher is captured at the student's "
                          "own positions (one tokenizer); precompute a teacher with another tokenizer locally")
-    server = Server(s.teacher_url, s.served_model)
+    server = connect(s.teacher_url, s.served_model, log=log)
     refused = server.refusal(s.top_k, s.temperature, longest)
     if refused is not None:
         what, why = refused
@@ -360,10 +377,18 @@ def _capture(teacher: str | Path, server: Any, s: PrecomputeSettings, teacher_to
         env = {**compute_environment(str(next(model.parameters()).device)), "dtype": s.dtype}
         return (local_capture(model, s, len(teacher_tok), pad_id(tokenizer), teacher_tok if cross else None),
                 int(model.get_output_embeddings().weight.shape[0]), env)
-    if any(Path(teacher).glob("*.safetensors")):
-        from kdkit.teacher.parity import PARITY_ROWS, teacher_parity
+    from kdkit.teacher import parity
+    from kdkit.teacher.fleet import agreement, servers_of
 
-        report = teacher_parity(server, teacher, data_path, PARITY_ROWS, min(s.top_k, 8), s.dtype, s.max_length)
+    for one in servers_of(server):
+        tokens = parity.token_parity(one, teacher_tok, data_path)
+        if tokens is not None:
+            raise UsageError(f"--teacher-url {one.url} does not tokenise {data_path} as --teacher does: {tokens}")
+    agreement(server, parity.parity_prompts(teacher_tok, data_path, max_length=s.max_length), min(s.top_k, 8),
+              parity.TOLERANCE)
+    if any(Path(teacher).glob("*.safetensors")):
+        report = parity.teacher_parity(server, teacher, data_path, parity.PARITY_ROWS, min(s.top_k, 8), s.dtype,
+                                       s.max_length)
         log(report.summary())
         report.raise_if_failed()
     cfg = Path(teacher) / "config.json"
@@ -437,7 +462,7 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
             f"({settings.truncation})")
     if rep.empty:
         log(f"skipped {len(rep.empty)} rows with no target token (lines {rep.empty[:10]})")
-    server = _server(settings, cross, scan.longest)
+    server = _server(settings, cross, scan.longest, log)
     t_fp, k_fp = _teacher_identity(teacher, server), tokenizer_fingerprint(tokenizer)
     components = _components(settings, t_fp["sha256"], k_fp["sha256"], scan.fingerprint,
                              tokenizer_fingerprint(teacher_tok)["sha256"] if cross else None)
@@ -492,6 +517,8 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
             bar.update(task, rate=f"{computed_tokens / max(t_compute, 1e-9):,.0f}")
             _fault("after_shard", i)
 
+    if isinstance(server, Fleet):
+        log(server.tally())
     if second.hexdigest() != scan.fingerprint:
         raise CacheError(f"{data_path}: the rows changed while precompute read them (their fingerprint differs "
                          f"between the first and the second pass); run it again on a file that stays put")
