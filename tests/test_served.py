@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -265,7 +268,8 @@ def test_a_lora_students_served_rollouts_follow_its_weights_and_show_their_lag(s
     assert rollout.generate(prompts, 8, 0.0, 1.0, 0, [2]) == first and rollout.lag(1)["rollout_lag"] == 1.0
     rollout.sync(student, 2)
     assert rollout.generate(prompts, 8, 0.0, 1.0, 0, [2]) == moved and rollout.lag(2)["rollout_lag"] == 0.0
-    assert json.loads((tmp_path / "rollout-weights" / "synced.json").read_text()) == {"step": 2}
+    assert json.loads((tmp_path / "rollout-weights" / "synced.json").read_text()) == {
+        "step": 2, "model": f"kdkit-{rollout.nonce}-step-2"}  # what every rank asks for, under several
 
 
 def test_on_policy_with_served_rollouts_equals_generate_rollouts(served, lora_server, tmp_path):
@@ -284,6 +288,45 @@ def test_on_policy_with_served_rollouts_equals_generate_rollouts(served, lora_se
     a, b = _metrics(tmp_path / "here"), _metrics(tmp_path / "served")
     assert [m["kl_loss"] for m in a] == [m["kl_loss"] for m in b]
     assert [m["rollout_lag"] for m in b] == [0.0, 0.0, 0.0]
+
+
+def _torchrun(cfg: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "kdkit", "train", str(cfg), "--out", str(out),
+                           "--no-progress", *extra], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+def test_served_rollouts_under_two_ranks_equal_one_rank_and_resume_bitwise(served, lora_server, tmp_path):
+    """torchrun, 2 ranks × micro-batch 2 against 1 × 4: rank 0 pushes the adapter every 2 steps, both ranks
+    ask the server for their rows' rollouts once it is in (greedy); killed after a checkpoint and resumed,
+    the 2-rank run goes on bit for bit."""
+    root, url = served
+    objective = {"kd_weight": 1.0, "on_policy": {"fraction": 1.0, "max_new_tokens": 6, "temperature": 0.0,
+                                                 "loss": "sampled_kl_rev", "rollout_url": lora_server,
+                                                 "sync_every": 2}}
+    student = {"path": str(root / "teacher"), "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
+
+    def cfg(micro: int) -> Path:
+        return _cfg(root, tmp_path, {"url": url, "top_k": 16}, objective=objective, student=student,
+                    optim={"lr": 5e-2, "micro_batch": micro, "grad_accum": 1, "max_steps": 4, "schedule": "constant"},
+                    checkpoint={"every": 1})
+
+    train(load_train_config(cfg(4)), tmp_path / "one", **QUIET)
+    two = _torchrun(cfg(2), tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    one_m, two_m = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [m["rollout_lag"] for m in two_m] == [m["rollout_lag"] for m in one_m] == [0.0, 1.0, 0.0, 1.0]
+    for a, b in zip(one_m, two_m, strict=True):
+        assert b["total_loss"] == pytest.approx(a["total_loss"], rel=1e-5)
+    killed = _torchrun(cfg(2), tmp_path / "again", env={"KDKIT_FAULT_TRAIN": "after_checkpoint:3"})
+    assert killed.returncode != 0 and not (tmp_path / "again" / "final").exists()
+    resumed = _torchrun(cfg(2), tmp_path / "again", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [m["total_loss"] for m in _metrics(tmp_path / "again")] == [m["total_loss"] for m in two_m]
+    fa, fb = (load_file(str(p / "final" / "adapter_model.safetensors")) for p in (tmp_path / "two", tmp_path / "again"))
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
 def test_a_fully_fine_tuned_students_weights_are_reloaded_in_place(served, tmp_path):

@@ -146,7 +146,7 @@ def build(cfg: TrainConfig, run: Path, acc: Any, ckpt: Path | None, log: Callabl
              # directions from the initial weights (a resume loads the saved ones)
              "probes": load_probes(cfg.probes, tokenizer) if cfg.probes is not None else [],
              "early": EarlyStop(cfg.early_stop) if cfg.early_stop is not None else None, "hidden": hidden,
-             "rollout": _rollout_server(cfg, run, world, ckpt is not None)}
+             "rollout": _rollout_server(cfg, run, acc, ckpt is not None)}
     step, epoch_sums = 0, Sums()
     if ckpt is not None:
         step, epoch_sums = _restore(ckpt, acc.unwrap_model(model), opt, parts, log)
@@ -174,14 +174,13 @@ def objectives(cfg: TrainConfig, chunked: bool, hidden: HiddenDistill | None) ->
     return off, Objective.for_run(onpolicy.objective(cfg.objective), chunked, hidden, op.loss == "sampled_kl_rev")
 
 
-def _rollout_server(cfg: TrainConfig, run: Path, world: int, resumed: bool) -> RolloutServer | None:
+def _rollout_server(cfg: TrainConfig, run: Path, acc: Any, resumed: bool) -> RolloutServer | None:
+    """The student's server; under several ranks rank 0 pushes the weights and every rank waits for them."""
     op = cfg.objective.on_policy
     if op is None or op.rollout_url is None:
         return None
-    if world > 1:
-        raise TrainingError("objective.on_policy.rollout_url: a student server is kept in sync by one process; "
-                            "run on one process or let each rank generate (leave rollout_url out)")
-    rollout = open_rollout_server(op.rollout_url, None, run, op.sync_every, cfg.student.lora is not None)
+    rollout = open_rollout_server(op.rollout_url, None, run, op.sync_every, cfg.student.lora is not None,
+                                  acc.process_index, acc.wait_for_everyone)
     if resumed:
         rollout.restore()
     return rollout
