@@ -645,3 +645,23 @@ def test_a_fleet_with_no_server_left_stops_with_a_checkpoint_and_resumes_bitwise
     finally:
         first.stop(), second.stop()
     assert [m["total_loss"] for m in _metrics(tmp_path / "full")] == [m["total_loss"] for m in _metrics(tmp_path / "run")]
+
+
+@pytest.mark.slow
+def test_two_ranks_each_with_its_own_server_capture_one_processs_bytes(served, twin, tmp_path):
+    """`torchrun --nproc_per_node 2 kdkit precompute --teacher-url A --teacher-url B`: rank 0 asks A, rank 1
+    asks B, and the cache is the one a single process writes from A alone, byte for byte."""
+    root, url = served
+    args = ["-m", "kdkit", "precompute", "--teacher", str(root / "teacher"), "--data", str(root / "train.jsonl"),
+            "--top-k", "16", "--shard-rows", "4", "--batch-size", "2", "--max-length", "128", "--no-progress"]
+    one = subprocess.run([sys.executable, *args, "--teacher-url", url, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", *args, "--teacher-url", url, "--teacher-url", twin,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "2 teacher servers agree bit for bit" in two.stdout
+    assert _shards(tmp_path / "two") == _shards(tmp_path / "one") and len(_shards(tmp_path / "one")) == 8
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two")]
+    assert manifests[0]["key"] == manifests[1]["key"]

@@ -36,10 +36,8 @@ def _stderr(message: str) -> None:
 def connect(url: str | Sequence[str], model: str | None = None, timeout_s: float = 120.0, retries: int = 3,
             log: Callable[[str], None] = _stderr) -> Server | Fleet:
     """The server at ``url``, or the fleet of a list of two or more."""
-    urls = url_list(url)
-    if len(urls) == 1:
-        return Server(urls[0], model, timeout_s, retries)
-    return Fleet(urls, model, timeout_s, retries, log)
+    servers = [Server(u, model, timeout_s, retries) for u in url_list(url)]
+    return servers[0] if len(servers) == 1 else Fleet(servers, log)
 
 
 def servers_of(server: Server | Fleet) -> list[Server]:
@@ -50,11 +48,10 @@ def servers_of(server: Server | Fleet) -> list[Server]:
 class Fleet:
     """Servers of one teacher; see the module's docstring. ``log`` reports a server left out."""
 
-    def __init__(self, urls: Sequence[str], model: str | None = None, timeout_s: float = 120.0, retries: int = 3,
-                 log: Callable[[str], None] = _stderr) -> None:
-        if not urls:
+    def __init__(self, servers: Sequence[Server], log: Callable[[str], None] = _stderr) -> None:
+        if not servers:
             raise ServedError("a fleet of teacher servers needs at least one URL")
-        self.servers = [Server(u, model, timeout_s, retries) for u in urls]
+        self.servers = list(servers)
         roots = [s.url for s in self.servers]
         twice = next((r for i, r in enumerate(roots) if r in roots[:i]), None)
         if twice is not None:
@@ -156,6 +153,21 @@ class Fleet:
             self._cond.notify_all()  # a waiter must see when none is left
         where = f"its requests go to the {left} left" if left else "none is left"
         self.log(f"teacher server {server.url} stopped answering ({e.reason}); {where}")
+
+
+def share(server: Server | Fleet, rank: int, world: int, log: Callable[[str], None]) -> Server | Fleet:
+    """Rank ``rank`` of ``world`` processes capturing one cache: its own servers, ``servers[rank::world]``, when
+    there are at least as many servers as ranks (then no server is asked by two processes at once, and the
+    bytes are those of one process asking the whole fleet); else every server, shared, which the log says."""
+    servers = servers_of(server)
+    if world <= 1:
+        return server
+    if len(servers) < world:
+        log(f"{len(servers)} teacher server(s) for {world} ranks: the ranks share them (a server may batch two "
+            "ranks' requests together; give at least one server per rank for one process's bytes)")
+        return server
+    own = servers[rank::world]
+    return own[0] if len(own) == 1 else Fleet(own, log)
 
 
 def identity_difference(said: list[tuple[str, dict[str, Any]]]) -> str | None:

@@ -378,7 +378,7 @@ def _capture(teacher: str | Path, server: Any, s: PrecomputeSettings, teacher_to
         return (local_capture(model, s, len(teacher_tok), pad_id(tokenizer), teacher_tok if cross else None),
                 int(model.get_output_embeddings().weight.shape[0]), env)
     from kdkit.teacher import parity
-    from kdkit.teacher.fleet import agreement, servers_of
+    from kdkit.teacher.fleet import agreement, servers_of, share
 
     for one in servers_of(server):
         tokens = parity.token_parity(one, teacher_tok, data_path)
@@ -396,7 +396,7 @@ def _capture(teacher: str | Path, server: Any, s: PrecomputeSettings, teacher_to
     info = server.info()  # the log-probs come from the server's hardware; the tail is summed here in float64
     env = {"device": "served", "model": info["model"], "vllm_version": info["vllm_version"],
            "host": compute_environment("cpu")}
-    return served_capture(server, s), max(len(teacher_tok), int(rows_cfg or 0)), env
+    return served_capture(share(server, *_ranks(), log), s), max(len(teacher_tok), int(rows_cfg or 0)), env
 
 
 def _same_environment(shard: str, was: dict[str, Any] | None, now: dict[str, Any], s: PrecomputeSettings,
