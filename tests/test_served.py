@@ -587,9 +587,16 @@ def test_a_fleet_writes_one_servers_cache_bytes_with_a_server_lost_mid_capture(s
                for m in said)
 
 
-def test_a_fleet_is_refused_at_the_start_naming_the_server(served, tmp_path):
-    """A URL named twice, a server that does not answer: refused before anything is captured or trained."""
+def test_a_fleet_is_refused_at_the_start_naming_the_server(served, twin, tmp_path):
+    """A URL named twice, a server that does not answer: refused before anything is captured or trained.
+    `kdkit teacher check` checks each server named."""
     root, url = served
+    both = CliRunner().invoke(app, ["teacher", "check", "--teacher-url", url, "--teacher-url", twin, "--teacher",
+                                    str(root / "teacher"), "--data", str(root / "chat.jsonl"), "--json",
+                                    str(tmp_path / "r.json")])
+    assert both.exit_code == 0, both.output
+    assert [r["url"] for r in json.loads((tmp_path / "r.json").read_text())] == [url, twin]
+    assert both.output.count("teacher parity (") == 2 and "DIFFER" not in both.output
     with pytest.raises(ServedError, match=r"teacher server http://127\.0\.0\.1:\d+ is named twice"):
         precompute(root / "teacher", root / "train.jsonl", tmp_path / "twice",
                    PrecomputeSettings(top_k=16, max_length=128, teacher_url=(url, url + "/v1")), **QUIET)
@@ -617,11 +624,15 @@ def test_training_on_a_fleet_equals_training_on_one_server_with_a_server_lost_mi
     finally:
         lost.stop()
     assert f"teacher server {lost.url} stopped answering" in capsys.readouterr().err
-    ref = _metrics(tmp_path / "one")
-    weights = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
-    for run in ("both", "lost"):
-        assert [m["total_loss"] for m in _metrics(tmp_path / run)] == [m["total_loss"] for m in ref]
-        theirs = load_file(str(tmp_path / run / "final" / "model.safetensors"))
+    _assert_same_runs(tmp_path / "one", tmp_path / "both", tmp_path / "lost")
+
+
+def _assert_same_runs(reference: Path, *runs: Path) -> None:
+    """Each run's losses and final weights are the reference run's, bit for bit."""
+    weights = load_file(str(reference / "final" / "model.safetensors"))
+    for run in runs:
+        assert [m["total_loss"] for m in _metrics(run)] == [m["total_loss"] for m in _metrics(reference)]
+        theirs = load_file(str(run / "final" / "model.safetensors"))
         assert all(torch.equal(weights[k], theirs[k]) for k in weights)
 
 
@@ -665,3 +676,46 @@ def test_two_ranks_each_with_its_own_server_capture_one_processs_bytes(served, t
     assert _shards(tmp_path / "two") == _shards(tmp_path / "one") and len(_shards(tmp_path / "one")) == 8
     manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two")]
     assert manifests[0]["key"] == manifests[1]["key"]
+
+
+@pytest.mark.slow
+def test_three_servers_one_lost_mid_capture_and_mid_run_write_one_servers_bytes_and_losses(served, twin, tmp_path,
+                                                                                            capsys):
+    """Three real vLLM processes of the teacher against one: the capture's shards and a run's losses and final
+    weights are the lone server's; the third server is lost mid-capture and mid-run (its connections reset,
+    as a killed process's, when its last request comes)."""
+    root, url = served
+    third = VllmServer(root / "teacher", tmp_path / "third.log").start()
+    try:
+        s1 = PrecomputeSettings(top_k=16, shard_rows=8, batch_size=2, max_length=128, teacher_url=url)
+        precompute(root / "teacher", root / "train.jsonl", tmp_path / "one", s1, **QUIET)
+        train(load_train_config(_cfg(root, tmp_path, {"url": url, "top_k": 16})), tmp_path / "run-one", **QUIET)
+        for what in ("capture", "run"):
+            probe = Relay(third.url).start()  # how many requests the third server gets when none is lost
+            urls = [url, twin, probe.url]
+            if what == "capture":
+                s3 = PrecomputeSettings(top_k=16, shard_rows=8, batch_size=2, max_length=128, teacher_url=tuple(urls))
+                precompute(root / "teacher", root / "train.jsonl", tmp_path / "probe", s3, **QUIET)
+            else:
+                train(load_train_config(_cfg(root, tmp_path, {"url": urls, "top_k": 16, "retries": 0})),
+                      tmp_path / "run-probe", **QUIET)
+            probe.stop()
+            lost = Relay(third.url, dies_at=probe.connections - 1).start()
+            urls[2] = lost.url
+            try:
+                if what == "capture":
+                    s3 = PrecomputeSettings(top_k=16, shard_rows=8, batch_size=2, max_length=128,
+                                            teacher_url=tuple(urls))
+                    precompute(root / "teacher", root / "train.jsonl", tmp_path / "three", s3, progress=False,
+                               log=lambda m: print(m, file=sys.stderr))
+                else:
+                    train(load_train_config(_cfg(root, tmp_path, {"url": urls, "top_k": 16, "retries": 0})),
+                          tmp_path / "run-three", **QUIET)
+            finally:
+                lost.stop()
+            assert f"teacher server {lost.url} stopped answering" in capsys.readouterr().err, what
+    finally:
+        third.stop()
+    for d in ("probe", "three"):
+        assert _shards(tmp_path / d) == _shards(tmp_path / "one")
+    _assert_same_runs(tmp_path / "run-one", tmp_path / "run-probe", tmp_path / "run-three")

@@ -179,7 +179,8 @@ def generate_cmd(
 
 @teacher_app.command("check")
 def teacher_check(
-    teacher_url: str = typer.Option(..., help="The served teacher (http://HOST:PORT or http://HOST:PORT/v1)."),
+    teacher_url: list[str] = typer.Option(..., help=("The served teacher (http://HOST:PORT or http://HOST:PORT/v1); "
+                                                     "repeat it to check each of several servers.")),
     teacher: str = typer.Option(..., help=("The local copy: a Hugging Face model directory (safetensors) with its "
                                            "tokenizer and chat template.")),
     data: str = typer.Option(..., help="Rows (JSONL) to compare on: prompt/completion, messages or text."),
@@ -197,19 +198,20 @@ def teacher_check(
     ("Is the served teacher the teacher you think it is? On the first N rows: the token ids of each row's text on "
      "both sides (the tokenizer), each chat row as each side's chat template renders it (the template), and the "
      "top-K log-probs at every position (max and mean |Δ|, top-1 agreement). Exit 1 beyond the tolerance, naming "
-     "the first difference.\n"
+     "the first difference. Several --teacher-url: each server is checked; exit 1 when any differs.\n"
      "\n"
      "Example: kdkit teacher check --teacher-url http://127.0.0.1:8000 --teacher models/teacher --data rows.jsonl")
     from kdkit.teacher.parity import teacher_parity
     from kdkit.teacher.served import Server
     from kdkit.util.io import atomic_write_json
 
-    report = teacher_parity(Server(teacher_url, served_model), teacher, data, rows, top_k, dtype, max_length,
-                            tolerance, min_top1)
+    reports = [teacher_parity(Server(url, served_model), teacher, data, rows, top_k, dtype, max_length, tolerance,
+                              min_top1) for url in teacher_url]
     if json_out:
-        atomic_write_json(_P(json_out), report.as_dict())
-    console.print(report.summary(), highlight=False)
-    if not report.passed:
+        atomic_write_json(_P(json_out), reports[0].as_dict() if len(reports) == 1 else [r.as_dict() for r in reports])
+    for report in reports:
+        console.print(report.summary(), highlight=False)
+    if not all(r.passed for r in reports):
         raise typer.Exit(1)
 
 
