@@ -17,6 +17,7 @@ from kdkit.cli import app
 from kdkit.decide import gate as gate_mod
 from kdkit.decide.gate import GateRule, decide, format_tasks, gate, mcnemar_exact
 from kdkit.decide.registry import FAULT_ENV, Registry, RegistryError
+from kdkit.decide.stats import paired_drop_bounds
 from kdkit.evaluate.passrate import EvalSummary, TaskResult, wilson_interval
 from tests.helpers import save_model_dir, write_jsonl
 
@@ -74,6 +75,43 @@ def test_the_noise_rule_reverts_only_a_fall_beyond_noise():
         GateRule.parse("drop_alpha=0.05,max_regressions=1")
     with pytest.raises(ValueError, match="drop_alpha='2': expected a p-value"):
         GateRule.parse("drop_alpha=2")
+
+
+def test_the_margin_rule_keeps_only_a_fall_shown_within_the_margin():
+    """max_drop: exact one-sided 95% bounds on the fall of the pass rate from the discordant tasks (Clopper-Pearson
+    on the share of them that regressed, checked against scipy's beta quantiles); KEEP when the upper bound is
+    within the margin, REVERT when the lower one is beyond it, else UNDECIDED — the 9 → 4 of 164 fall that the
+    noise rule keeps (p = 0.125) is not a KEEP here."""
+    from scipy.stats import beta
+
+    for k, n in ((6, 7), (2, 7), (0, 5), (5, 5), (13, 40)):
+        lo, hi = paired_drop_bounds(k, n - k, 164, 0.05)
+        ref_lo = 0.0 if k == 0 else beta.ppf(0.05, k, n - k + 1)
+        ref_hi = 1.0 if k == n else beta.ppf(0.95, k + 1, n - k)
+        assert lo == pytest.approx(n * (2 * ref_lo - 1) / 164, abs=1e-12)
+        assert hi == pytest.approx(n * (2 * ref_hi - 1) / 164, abs=1e-12)
+    tasks = [f"HumanEval/{i}" for i in range(164)]
+    base = {t: i < 9 for i, t in enumerate(tasks)}
+    margin = GateRule.parse("max_drop=0.03")
+    assert margin == GateRule(max_regressions=None, require_not_worse=False, max_drop=0.03)
+    fell = base | {f"HumanEval/{i}": False for i in range(6)} | {"HumanEval/100": True}
+    d, reg, fix, p, reason = decide(base, fell, margin)
+    assert (d, len(reg), len(fix), p) == ("UNDECIDED", 6, 1, 0.125)
+    assert decide(base, fell, GateRule.parse("drop_alpha=0.05"))[0] == "KEEP"
+    assert reason.startswith("the suite cannot show that the pass rate fell by at most 3.0% (it may have fallen by "
+                             "4.2%): pass count 9 → 4 of 164 (6 regressed, 1 fixed)")
+    rose = base | {"HumanEval/0": False, "HumanEval/1": False} | {f"HumanEval/{i}": True for i in range(100, 105)}
+    d, _, _, _, reason = decide(base, rose, margin)
+    assert d == "KEEP" and reason.startswith("the pass rate fell by at most 1.4%, within the margin of 3.0%")
+    big = {t: i < 60 for i, t in enumerate(tasks)}
+    d, _, _, _, reason = decide(big, big | {f"HumanEval/{i}": False for i in range(20)}, margin)
+    assert d == "REVERT" and reason.startswith("the pass rate fell by more than the margin of 3.0%")
+    with pytest.raises(ValueError, match=r"max_drop \(a fall within a margin\) replaces max_regressions"):
+        GateRule.parse("max_drop=0.03,max_regressions=1")
+    with pytest.raises(ValueError, match="is one of drop_alpha and max_drop"):
+        GateRule.parse("max_drop=0.03,drop_alpha=0.05")
+    with pytest.raises(ValueError, match="max_drop='3': expected a fraction of the tasks"):
+        GateRule.parse("max_drop=3")
 
 
 @pytest.fixture

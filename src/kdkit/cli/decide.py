@@ -125,7 +125,9 @@ RULE_HELP = ("Gate rule as key=value pairs: max_regressions=N (anchor tasks the 
              "default 0), require_not_worse=true|false (pass count may not fall; default true), require_gain_p=P "
              "(the improvement rule: KEEP only when the pass count rises with an exact McNemar p below P, e.g. 0.05), "
              "drop_alpha=A (the noise rule, instead of the first two: REVERT only when the pass count falls with "
-             "an exact McNemar p below A; single tasks may flip both ways). "
+             "an exact McNemar p below A; single tasks may flip both ways; it cannot see a fall at a low pass rate), "
+             "max_drop=D (the margin rule, instead of the first two: KEEP only when exact 95% bounds show the pass "
+             "rate fell by at most D, a fraction such as 0.03; REVERT when they show it fell by more; else UNDECIDED). "
              "The gate prints each suite's power: the fewest regressions or gains its size lets the test detect.")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kdkit.decide.registry import Pack, Registry, RegistryError
+from kdkit.decide.stats import paired_drop_bounds
 from kdkit.evaluate.passrate import (
     GenerationSettings,
     evaluate_model,
@@ -37,11 +38,14 @@ class GateRule:
     require_not_worse: bool = True
     require_gain_p: float | None = None  # the improvement rule: KEEP only a pass count that rises with p below it
     drop_alpha: float | None = None  # the noise rule: REVERT only a pass count that falls with p below it
+    max_drop: float | None = None  # the margin rule: KEEP only a pass rate shown to fall by at most this
 
     @classmethod
     def parse(cls, text: str | None) -> GateRule:
         """``max_regressions=1,require_not_worse=false``; ``drop_alpha=0.05`` (the noise rule, in place of the
-        other two: a suite large enough that single tasks flip both ways under any change)."""
+        other two: a suite large enough that single tasks flip both ways under any change); ``max_drop=0.03``
+        (the margin rule, in their place too: KEEP only when the pass rate is shown to fall by at most 3
+        points, REVERT when it is shown to fall by more, else UNDECIDED)."""
         if not text:
             return cls()
         kw: dict[str, Any] = {}
@@ -57,21 +61,24 @@ class GateRule:
                 if v.lower() not in ("true", "false"):
                     raise UsageError(f"--rule require_not_worse={v!r}: expected true or false")
                 kw[k] = v.lower() == "true"
-            elif k in ("require_gain_p", "drop_alpha"):
+            elif k in ("require_gain_p", "drop_alpha", "max_drop"):
                 try:
                     kw[k] = float(v)
                 except ValueError:
                     kw[k] = -1.0
                 if not 0 < kw[k] < 1:
-                    raise UsageError(f"--rule {k}={v!r}: expected a p-value threshold in (0, 1), e.g. 0.05")
+                    raise UsageError(f"--rule {k}={v!r}: expected " + ("a fraction of the tasks in (0, 1), e.g. 0.03"
+                                     if k == "max_drop" else "a p-value threshold in (0, 1), e.g. 0.05"))
             else:
                 raise UsageError(f"--rule: unknown key {k!r}; valid: max_regressions, require_not_worse, "
-                                 f"require_gain_p, drop_alpha")
-        if "drop_alpha" in kw and {"max_regressions", "require_not_worse"} & set(kw):
-            raise UsageError(f"--rule {text!r}: drop_alpha (a fall beyond noise) replaces max_regressions and "
-                             f"require_not_worse; give one or the others")
-        if "drop_alpha" in kw:
-            kw.update(max_regressions=None, require_not_worse=False)
+                                 f"require_gain_p, drop_alpha, max_drop")
+        for own in ("drop_alpha", "max_drop"):
+            if own in kw and {"max_regressions", "require_not_worse", *({"drop_alpha", "max_drop"} - {own})} & set(kw):
+                what = "a fall beyond noise" if own == "drop_alpha" else "a fall within a margin"
+                raise UsageError(f"--rule {text!r}: {own} ({what}) replaces max_regressions and require_not_worse, "
+                                 f"and is one of drop_alpha and max_drop; give one of them or the others")
+            if own in kw:
+                kw.update(max_regressions=None, require_not_worse=False)
         return cls(**kw)
 
 
@@ -298,11 +305,33 @@ def decide(base: dict[str, bool], cand: dict[str, bool], rule: GateRule | SuiteR
     if isinstance(rule, GateRule) and rule.require_gain_p is not None and not (nc > nb and p < rule.require_gain_p):
         reasons.append(f"no gain beyond noise: pass count {nb} → {nc} (the improvement rule needs a rise with "
                        f"p < {rule.require_gain_p:g})")
+    if isinstance(rule, GateRule) and rule.max_drop is not None:
+        verdict, why = _margin(len(regressed), len(fixed), len(base), nb, nc, rule.max_drop)
+        return ("REVERT" if reasons else verdict), regressed, fixed, p, "; ".join([*reasons, why]) + \
+            f" (exact McNemar p = {p:.3g})"
     decision = "REVERT" if reasons else "KEEP"
     if not reasons:
         reasons.append(f"no fall beyond noise (p < {alpha:g}): {len(regressed)} regressed, {len(fixed)} fixed; pass "
                        f"count {nb} → {nc}" if alpha is not None else f"no disallowed regression; pass count {nb} → {nc}")
     return decision, regressed, fixed, p, "; ".join(reasons) + f" (exact McNemar p = {p:.3g})"
+
+
+MARGIN_ALPHA = 0.05
+"""The margin rule's bounds are one-sided at 95% each way."""
+
+
+def _margin(regressed: int, fixed: int, n: int, nb: int, nc: int, max_drop: float) -> tuple[str, str]:
+    """The margin rule (``max_drop``): KEEP when the fall of the pass rate is at most ``max_drop`` at 95%, REVERT
+    when it is more than ``max_drop`` at 95%, else UNDECIDED (the suite cannot tell); with the reason."""
+    lo, hi = paired_drop_bounds(regressed, fixed, n, MARGIN_ALPHA)
+    bounds = (f"pass count {nb} → {nc} of {n} ({regressed} regressed, {fixed} fixed): the fall is between "
+              f"{lo:+.1%} and {hi:+.1%} (exact 95% one-sided bounds)")
+    if lo > max_drop:
+        return "REVERT", f"the pass rate fell by more than the margin of {max_drop:.1%}: {bounds}"
+    if hi <= max_drop:
+        return "KEEP", f"the pass rate fell by at most {hi:.1%}, within the margin of {max_drop:.1%}: {bounds}"
+    return "UNDECIDED", (f"the suite cannot show that the pass rate fell by at most {max_drop:.1%} (it may have "
+                         f"fallen by {hi:.1%}): {bounds}")
 
 
 def blind_keep(decision: str, reason: str, pw: dict[str, Any], tasks: Path) -> tuple[str, str]:

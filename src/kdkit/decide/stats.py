@@ -8,6 +8,7 @@ then the rows. Deterministic: the resampling generator is seeded.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,3 +109,38 @@ def line_fit(xs: list[float], ys: list[float]) -> LineFit | None:
     syy = float(((y - y.mean()) ** 2).sum())
     r = 0.0 if syy == 0 else slope * (sxx / syy) ** 0.5
     return LineFit(slope, intercept, r, len(x), float(x.mean()), sxx, float((resid @ resid / (len(x) - 2)) ** 0.5))
+
+
+def binomial_bound(k: int, n: int, alpha: float, upper: bool) -> float:
+    """Clopper-Pearson's one-sided exact bound at confidence 1 − ``alpha`` on a binomial proportion from ``k``
+    successes in ``n`` trials: the largest π with P(X ≤ k; n, π) ≥ alpha (``upper``), or the smallest π with
+    P(X ≥ k; n, π) ≥ alpha. Bisection on the exact tail (60 halvings: float precision)."""
+    if n == 0:
+        return 1.0 if upper else 0.0
+    if (upper and k == n) or (not upper and k == 0):
+        return 1.0 if upper else 0.0
+
+    def tail(p: float) -> float:
+        terms = range(k + 1) if upper else range(k, n + 1)
+        return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in terms)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if (tail(mid) >= alpha) == upper:
+            lo = mid
+        else:
+            hi = mid
+    return lo if upper else hi
+
+
+def paired_drop_bounds(regressed: int, fixed: int, n_tasks: int, alpha: float) -> tuple[float, float]:
+    """One-sided (1 − ``alpha``) exact bounds on the fall of a pass rate, (baseline − candidate) / tasks, from
+    the discordant tasks of a paired comparison: given the d = regressed + fixed tasks that changed, each one
+    a regression with probability π (Clopper-Pearson bounds on π), the fall is d(2π − 1) / n_tasks.
+    Returns (lower, upper); a negative lower bound means a gain is not ruled out."""
+    d = regressed + fixed
+    if d == 0:
+        return 0.0, 0.0
+    lo, hi = (binomial_bound(regressed, d, alpha, upper) for upper in (False, True))
+    return d * (2 * lo - 1) / n_tasks, d * (2 * hi - 1) / n_tasks
