@@ -283,6 +283,18 @@ def summarize(args: argparse.Namespace) -> str:
     return text
 
 
+MARGIN = 0.03
+"""The margin rule's margin beside the gate's own rule: a fall of at most 3 points of HumanEval, shown at 95%."""
+
+
+def margin_rule(r: dict) -> str:
+    """What the margin rule (``--rule max_drop=0.03``) decides of a run, from its recorded tasks."""
+    from kdkit.decide.gate import margin_verdict
+
+    return margin_verdict(len(r["regressed"]), len(r["fixed"]), r["n_tasks"], r["baseline_passed"], r["passed"],
+                          MARGIN)[0]
+
+
 def seeds_rule(r: dict) -> str:
     """What the seeds' rule decides of a run: REVERT when any task the base passes fails; else UNDECIDED where the
     suite cannot show a drop (as the gate said), else KEEP."""
@@ -299,8 +311,8 @@ def arms_table(s: dict) -> str:
         return "no finished runs\n"
     n = runs[0]["n_tasks"]
     lines = [f"| arm | runs | HumanEval pass (base {runs[0]['baseline_passed']}/{n}) [95% Wilson] | skeletons "
-             f"(base {s['base_skeletons']}/{n_s}) | drift train, KL(b‖c) | KEEP: noise rule | KEEP: no-regression "
-             f"rule |", "|---|---|---|---|---|---|---|"]
+             f"(base {s['base_skeletons']}/{n_s}) | drift train, KL(b‖c) | KEEP: noise rule | KEEP: margin rule "
+             f"(≤ {MARGIN:.0%} fall shown) | KEEP: no-regression rule |", "|---|---|---|---|---|---|---|---|"]
     for arm in dict.fromkeys(r["arm"] for r in runs):
         rs = [r for r in runs if r["arm"] == arm]
         k, m = sum(r["passed"] for r in rs), n * len(rs)
@@ -309,7 +321,7 @@ def arms_table(s: dict) -> str:
         lines.append(f"| {arm} | {len(rs)} | {pass_cell(k, m, wilson_interval(k, m))} | "
                      f"{pass_cell(ks, ms, wilson_interval(ks, ms))} | "
                      f"{f'{sum(kl) / len(kl):.3f}' if kl else '—'} | {sum(r['decision'] == 'KEEP' for r in rs)} | "
-                     f"{sum(seeds_rule(r) == 'KEEP' for r in rs)} |")
+                     f"{sum(margin_rule(r) == 'KEEP' for r in rs)} | {sum(seeds_rule(r) == 'KEEP' for r in rs)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -329,16 +341,18 @@ def anchor_table(s: dict) -> str:
 
     lines = [f"| run | λ | anchor share | avg CE | avg KL (anchors) | HumanEval pass (base {nb}/{n}) | "
              f"skeletons (base {s['base_skeletons']}/{n_s}) | regressed / fixed | gate: noise rule (p) | "
-             f"no-regression rule | drift train (KL b‖c / c‖b) | drift HumanEval |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"margin rule | no-regression rule | drift train (KL b‖c / c‖b) | drift HumanEval |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r['arm']}, seed {r['seed']} | {r['lam']:g} | {r['share']:.0%} | {f(r['avg_ce'])} | "
                      f"{f(r['avg_kl'])} | {r['passed']}/{n} | {r['skeletons']}/{n_s} | "
                      f"{len(r['regressed'])} / {len(r['fixed'])} | {r['decision']} ({r['p_value']:.3g}) | "
-                     f"{seeds_rule(r)} | {drift(r, 'train')} | {drift(r, 'anchors')} |")
+                     f"{margin_rule(r)} | {seeds_rule(r)} | {drift(r, 'train')} | {drift(r, 'anchors')} |")
     lines += ["", arms_table(s).rstrip("\n"), "",
-              f"The gate's rule: {s['rule']} on HumanEval (a fall beyond noise reverts); beside it, what the "
-              "seeds' rule (no task the base passes may fail) would have decided.", "",
+              f"The gate's rule: {s['rule']} on HumanEval (a fall beyond noise reverts); beside it, what the margin "
+              f"rule (max_drop={MARGIN:g}: KEEP only a fall shown to be at most {MARGIN:.0%} at 95%, REVERT one shown "
+              "beyond, else UNDECIDED) and the seeds' rule (no task the base passes may fail) would have decided.",
+              "",
               *(f"- {r['arm']}, seed {r['seed']}: {r['decision']}: {r.get('reason')}" for r in runs)]
     return "\n".join(lines) + "\n"
 

@@ -306,7 +306,7 @@ def decide(base: dict[str, bool], cand: dict[str, bool], rule: GateRule | SuiteR
         reasons.append(f"no gain beyond noise: pass count {nb} → {nc} (the improvement rule needs a rise with "
                        f"p < {rule.require_gain_p:g})")
     if isinstance(rule, GateRule) and rule.max_drop is not None:
-        verdict, why = _margin(len(regressed), len(fixed), len(base), nb, nc, rule.max_drop)
+        verdict, why = margin_verdict(len(regressed), len(fixed), len(base), nb, nc, rule.max_drop)
         return ("REVERT" if reasons else verdict), regressed, fixed, p, "; ".join([*reasons, why]) + \
             f" (exact McNemar p = {p:.3g})"
     decision = "REVERT" if reasons else "KEEP"
@@ -320,7 +320,7 @@ MARGIN_ALPHA = 0.05
 """The margin rule's bounds are one-sided at 95% each way."""
 
 
-def _margin(regressed: int, fixed: int, n: int, nb: int, nc: int, max_drop: float) -> tuple[str, str]:
+def margin_verdict(regressed: int, fixed: int, n: int, nb: int, nc: int, max_drop: float) -> tuple[str, str]:
     """The margin rule (``max_drop``): KEEP when the fall of the pass rate is at most ``max_drop`` at 95%, REVERT
     when it is more than ``max_drop`` at 95%, else UNDECIDED (the suite cannot tell); with the reason."""
     lo, hi = paired_drop_bounds(regressed, fixed, n, MARGIN_ALPHA)
