@@ -11,6 +11,8 @@
     python examples/smollm2_anchor_ladder.py --out anchor-ladder          # seed 000's levers (resumable)
     python scripts/docs_real.py --anchor-ladder anchor-ladder/summary.json
     python scripts/docs_real.py --anchor-reduced anchor-small/summary.json   # its reduced run
+    python examples/smollm2_draft.py --out draft                         # students as draft models (resumable)
+    python scripts/docs_real.py --draft draft/summary.json
     python scripts/docs_real.py                                         # the page from docs/real_models.json
 
 tests/test_real_examples.py checks that the page shows what docs/real_models.json holds, and (slow) that the
@@ -39,14 +41,15 @@ ANCHOR_REDUCED = ["--seeds", "1", "--shares", "0.5", "--lambdas", "0.1", "--no-b
 sys.path.insert(0, str(ROOT / "examples"))
 
 from smollm2_anchor_ladder import anchor_table, arms_table  # noqa: E402
+from smollm2_draft import draft_table  # noqa: E402
 from smollm2_kd_vs_ce import summary_table  # noqa: E402
 from smollm2_kl_leash import leash_table  # noqa: E402
 
 TABLES = {"kd_vs_ce": summary_table, "kl_leash": leash_table, "kl_leash_p09": leash_table,
-          "anchor_ladder": anchor_table}
+          "anchor_ladder": anchor_table, "draft": draft_table}
 """docs/real_models.json's full runs and the function that writes each one's table."""
 README = ROOT / "README.md"
-README_TABLES = {"anchor_ladder": ("anchor_ladder_arms", arms_table)}
+README_TABLES = {"anchor_ladder": ("anchor_ladder_arms", arms_table), "draft": ("draft", draft_table)}
 """The full runs README shows a table of (between its own markers), and the function that writes it."""
 
 
@@ -111,6 +114,7 @@ def main() -> int:
     ap.add_argument("--leash-reduced", type=Path, help="the KL-leash example's reduced run's summary.json")
     ap.add_argument("--anchor-ladder", type=Path, help="the anchor-ladder example's run's summary.json")
     ap.add_argument("--anchor-reduced", type=Path, help="the anchor-ladder example's reduced run's summary.json")
+    ap.add_argument("--draft", type=Path, help="the draft-model example's run's summary.json")
     a = ap.parse_args()
     data = json.loads(FIGURES.read_text()) if FIGURES.is_file() else {}
     if a.kd_vs_ce:
@@ -122,8 +126,9 @@ def main() -> int:
             data[key] = json.loads(getattr(a, key).read_text())
     if a.leash_reduced:
         data["kl_leash_reduced"] = {"args": LEASH_REDUCED, "figures": leash_figures(json.loads(a.leash_reduced.read_text()))}
-    if a.anchor_ladder:
-        data["anchor_ladder"] = json.loads(a.anchor_ladder.read_text())
+    for key in ("anchor_ladder", "draft"):
+        if getattr(a, key):
+            data[key] = json.loads(getattr(a, key).read_text())
     if a.anchor_reduced:
         data["anchor_ladder_reduced"] = {"args": ANCHOR_REDUCED,
                                          "figures": anchor_figures(json.loads(a.anchor_reduced.read_text()))}
