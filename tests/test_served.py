@@ -556,6 +556,11 @@ def test_an_exported_directory_is_loaded_by_vllm_as_it_is(served, tmp_path):
     assert [(r["task_id"], r["passed"]) for r in remote[1]] == [(r["task_id"], r["passed"]) for r in local[1]]
 
 
+COMPLETIONS = b"POST /v1/completions"
+"""The start of a log-prob request: a relay that dies at its n-th one dies mid-run at a point that does not
+depend on timing."""
+
+
 def _shards(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*"))}
 
@@ -573,9 +578,10 @@ def test_a_fleet_writes_one_servers_cache_bytes_with_a_server_lost_mid_capture(s
     assert "2 teacher servers agree bit for bit on 4 rows" in said
     answered = next(m for m in said if m.startswith("requests answered"))
     assert f"{relay.url} " in answered and not answered.endswith(f"{relay.url} 0")  # both servers answered
-    total = relay.connections
     relay.stop()
-    lost = Relay(twin, dies_at=total - 1).start()  # its last request of the capture: reset, as a killed server's
+    # its fourth log-prob request, the second of the capture (after the --max-logprobs probe and the check that
+    # the servers agree): reset, as a killed server's connections are
+    lost = Relay(twin, dies_at=4, counting=COMPLETIONS).start()
     said.clear()
     s = PrecomputeSettings(top_k=16, shard_rows=8, batch_size=2, max_length=128, teacher_url=(url, lost.url))
     try:
@@ -615,9 +621,10 @@ def test_training_on_a_fleet_equals_training_on_one_server_with_a_server_lost_mi
     relay = Relay(twin).start()
     train(load_train_config(_cfg(root, tmp_path, {"url": [url, relay.url], "top_k": 16, "retries": 0})),
           tmp_path / "both", **QUIET)
-    total = relay.connections
     relay.stop()
-    lost = Relay(twin, dies_at=total - 2).start()
+    # its fifth log-prob request, the second of training (after the --max-logprobs probes of the resume identity
+    # and of the run's own fleet, and the check that the servers agree)
+    lost = Relay(twin, dies_at=5, counting=COMPLETIONS).start()
     try:
         train(load_train_config(_cfg(root, tmp_path, {"url": [url, lost.url], "top_k": 16, "retries": 0})),
               tmp_path / "lost", **QUIET)
@@ -691,7 +698,7 @@ def test_three_servers_one_lost_mid_capture_and_mid_run_write_one_servers_bytes_
         precompute(root / "teacher", root / "train.jsonl", tmp_path / "one", s1, **QUIET)
         train(load_train_config(_cfg(root, tmp_path, {"url": url, "top_k": 16})), tmp_path / "run-one", **QUIET)
         for what in ("capture", "run"):
-            probe = Relay(third.url).start()  # how many requests the third server gets when none is lost
+            probe = Relay(third.url).start()
             urls = [url, twin, probe.url]
             if what == "capture":
                 s3 = PrecomputeSettings(top_k=16, shard_rows=8, batch_size=2, max_length=128, teacher_url=tuple(urls))
@@ -700,7 +707,7 @@ def test_three_servers_one_lost_mid_capture_and_mid_run_write_one_servers_bytes_
                 train(load_train_config(_cfg(root, tmp_path, {"url": urls, "top_k": 16, "retries": 0})),
                       tmp_path / "run-probe", **QUIET)
             probe.stop()
-            lost = Relay(third.url, dies_at=probe.connections - 1).start()
+            lost = Relay(third.url, dies_at=3 if what == "capture" else 4, counting=COMPLETIONS).start()
             urls[2] = lost.url
             try:
                 if what == "capture":

@@ -103,11 +103,12 @@ class Relay:
     port, so a test can see a server die and return without paying another vLLM start-up. The port stays bound
     for the relay's life: reopening a closed port can fail (EADDRINUSE) while the kernel still holds it."""
 
-    def __init__(self, target: str, dies_at: int | None = None) -> None:
-        """``dies_at``: the relay stops by itself when its ``dies_at``-th connection comes (each HTTP request of
-        kdkit's is one connection), mid-run as a killed server does."""
+    def __init__(self, target: str, dies_at: int | None = None, counting: bytes = b"") -> None:
+        """``dies_at``: the relay stops by itself when its ``dies_at``-th connection comes whose request starts
+        with ``counting`` (each HTTP request of kdkit's is one connection; b"POST /v1/completions" counts the
+        log-prob requests alone), mid-run as a killed server does."""
         self.target = target.rsplit(":", 1)
-        self.dies_at, self.connections = dies_at, 0
+        self.dies_at, self.counting, self.connections = dies_at, counting, 0
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._open: set[socket.socket] = set()
@@ -129,9 +130,10 @@ class Relay:
                 client, _ = listener.accept()
             except OSError:
                 return
+            counted = not self.counting or _starts(client, self.counting)
             with self._lock:
-                self.connections += 1
-                dying = self.dies_at is not None and self.connections >= self.dies_at
+                self.connections += counted
+                dying = counted and self.dies_at is not None and self.connections >= self.dies_at
             if dying:
                 self.stop()
             with self._lock:
@@ -168,6 +170,15 @@ class Relay:
             sockets, self._open = self._open, set()
         for s in sockets:
             _reset(s)
+
+
+def _starts(client: socket.socket, prefix: bytes) -> bool:
+    """Whether the request on ``client`` starts with ``prefix`` (read without taking it from the stream)."""
+    try:
+        client.settimeout(30)
+        return client.recv(len(prefix), socket.MSG_PEEK | socket.MSG_WAITALL).startswith(prefix)
+    except OSError:
+        return False
 
 
 def _reset(s: socket.socket) -> None:
