@@ -45,7 +45,7 @@ def precompute_cmd(
                                                       "characters (for objective.kd.cross_tokenizer). With "
                                                       "--config: the config's student.path when its cross_tokenizer "
                                                       "is set.")),
-    teacher_url: list[str] = typer.Option(None, help=("A teacher served by vLLM (http://HOST:PORT or "
+    teacher_url: list[str] = typer.Option(None, metavar="URL", help=("A teacher served by vLLM (http://HOST:PORT or "
                                                       "http://HOST:PORT/v1): its prompt log-probs are captured instead "
                                                       "of a local forward. --teacher is then the local directory of its "
                                                       "tokenizer; when it also holds the weights, they are "
@@ -179,8 +179,9 @@ def generate_cmd(
 
 @teacher_app.command("check")
 def teacher_check(
-    teacher_url: list[str] = typer.Option(..., help=("The served teacher (http://HOST:PORT or http://HOST:PORT/v1); "
-                                                     "repeat it to check each of several servers.")),
+    teacher_url: list[str] = typer.Option(..., metavar="URL", help=("The served teacher (http://HOST:PORT or "
+                                                                    "http://HOST:PORT/v1); repeat it to check each "
+                                                                    "of several servers.")),
     teacher: str = typer.Option(..., help=("The local copy: a Hugging Face model directory (safetensors) with its "
                                            "tokenizer and chat template.")),
     data: str = typer.Option(..., help="Rows (JSONL) to compare on: prompt/completion, messages or text."),
