@@ -132,7 +132,8 @@ def draft_table(summary: dict) -> str:
     gamma = summary["settings"]["gamma"]
     lines = [f"| draft | runs | acceptance, sampling (1 − TVD) | acceptance, greedy | expected tokens / forward "
              f"(γ {gamma}) | measured tokens / forward | wall time vs plain |", "|---|---|---|---|---|---|---|"]
-    for name, fs in summary["figures"].items():
+    order = ["before", *ARMS]  # the student before training, then the arms as run (a JSON file may sort its keys)
+    for name, fs in sorted(summary["figures"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         m = [f["measured"] for f in fs]
         cells = [cell([f["alpha_sample"] for f in fs]), cell([f["alpha_greedy"] for f in fs]),
                  cell([f["expected_tokens_per_step"] for f in fs], ".2f"),
