@@ -683,6 +683,15 @@ def test_two_ranks_each_with_its_own_server_capture_one_processs_bytes(served, t
     assert _shards(tmp_path / "two") == _shards(tmp_path / "one") and len(_shards(tmp_path / "one")) == 8
     manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two")]
     assert manifests[0]["key"] == manifests[1]["key"]
+    # a worker dies (rank 1, after writing its first shard): the same command again resumes, the same bytes
+    again = [str(torchrun), "--nproc_per_node", "2", *args, "--teacher-url", url, "--teacher-url", twin, "--out",
+             str(tmp_path / "again")]
+    died = subprocess.run(again, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "KDKIT_FAULT_PRECOMPUTE": "after_shard:1"})
+    assert died.returncode != 0 and not (tmp_path / "again" / "manifest.json").exists()
+    resumed = subprocess.run(again, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _shards(tmp_path / "again") == _shards(tmp_path / "one")
 
 
 @pytest.mark.slow
