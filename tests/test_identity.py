@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kdkit.config.load import load_train_config
-from kdkit.teacher.served import served_identity
+from kdkit.teacher.fleet import served_identity
 from kdkit.train import FAULT_ENV, TrainingError, train
 from kdkit.util.identity import changed_inputs, path_identity, run_inputs
 from tests.helpers import save_model_dir, toy_rows, write_config, write_jsonl

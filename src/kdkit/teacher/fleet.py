@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from kdkit.teacher.served import ServedError, Server, Unreachable
+from kdkit.util.identity import digest
 
 IDENTITY = ("model", "root", "max_model_len", "vllm_version", "max_logprobs")
 """What every server of a fleet must say alike (a server's own URL aside)."""
@@ -209,3 +210,15 @@ def agreement(server: Server | Fleet, prompts: list[list[int]], k: int, toleranc
                f"{n} teacher servers agree within {tolerance:g} on {len(prompts)} rows but not bit for bit (max "
                f"|Δ| {worst:.3g}): the bytes written depend on which server answers which rows")
 
+
+def served_identity(url: str | list[str], model: str | None, field: str) -> dict[str, Any]:
+    """A served teacher's identity for :func:`kdkit.util.identity.run_inputs`: what its server — every server
+    of a list, alike — says it serves (a resume refuses a server serving another model, another context
+    length, another vLLM or another --max-logprobs; not other URLs, nor another number of servers)."""
+    server = connect(url, model)
+    try:
+        server.max_logprobs()
+        said = {k: str(v) for k, v in server.info().items() if k != "url"}
+    except ServedError as e:
+        raise ServedError(f"{field}: {e}") from None
+    return {"sha256": digest(said), "files": said}

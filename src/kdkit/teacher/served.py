@@ -31,7 +31,6 @@ import torch
 
 from kdkit.loss.divergences import TopK
 from kdkit.util.errors import KdkitError
-from kdkit.util.identity import digest
 
 
 class ServedError(KdkitError, RuntimeError):
@@ -277,17 +276,3 @@ def _topk_of(positions: list[Any], k: int, length: int, url: str) -> TopK:
     tail = torch.log1p(-torch.exp(lps.double()).sum(-1).clamp(max=1.0)).float()  # 1 − Σ_K p, in float64
     return TopK(ids=ids, logprobs=lps, tail=tail)
 
-
-def served_identity(url: str | list[str], model: str | None, field: str) -> dict[str, Any]:
-    """A served teacher's identity for :func:`kdkit.util.identity.run_inputs`: what its server — every server
-    of a list, alike — says it serves (a resume refuses a server serving another model, another context
-    length, another vLLM or another --max-logprobs; not other URLs, nor another number of servers)."""
-    from kdkit.teacher.fleet import connect
-
-    server = connect(url, model)
-    try:
-        server.max_logprobs()
-        said = {k: str(v) for k, v in server.info().items() if k != "url"}
-    except ServedError as e:
-        raise ServedError(f"{field}: {e}") from None
-    return {"sha256": digest(said), "files": said}

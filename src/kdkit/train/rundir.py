@@ -18,7 +18,7 @@ from kdkit.config.schema import TrainConfig
 from kdkit.models import sharding
 from kdkit.models.checkpoint import INPUTS_FILE, check_resume, finished, save_checkpoint, save_final
 from kdkit.models.load import sha256_file
-from kdkit.teacher.served import served_identity
+from kdkit.teacher.fleet import served_identity
 from kdkit.train.objective import resolved_chunk
 from kdkit.util.errors import TrainingError
 from kdkit.util.identity import run_inputs

@@ -99,7 +99,7 @@ def cache_identity(path: str | Path) -> dict[str, Any]:
 def run_inputs(cfg: Any, served_identity: Callable[[str, str | None, str], dict[str, Any]]
                ) -> dict[str, dict[str, Any]]:
     """The identity of every input of a training run, by the config field that names it; a served teacher's
-    by ``served_identity(url, served_model, field)`` (:func:`kdkit.teacher.served.served_identity`)."""
+    by ``served_identity(url, served_model, field)`` (:func:`kdkit.teacher.fleet.served_identity`)."""
     out = {}
     for field, p in _cfg_inputs(cfg).items():
         if p is not None and Path(p).exists():
