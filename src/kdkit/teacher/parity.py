@@ -165,3 +165,17 @@ def teacher_parity(server: Any, teacher: str | Path, data_path: str | Path, n_ro
     return ParityReport(url=server.url, teacher=str(teacher), rows=len(prompts), positions=agreement.positions,
                         max_abs=agreement.max_abs, mean_abs=agreement.mean_abs, top1=agreement.top1,
                         tolerance=tolerance, min_top1=min_top1, first_difference=first)
+
+
+def check_servers(server: Any, tokenizer: Any, data_path: Any, prompts: list[list[int]], k: int,
+                  tolerance: float) -> None:
+    """Before a capture or a run: each server tokenises the data's first rows as ``tokenizer`` does (raised
+    naming the server otherwise), and a fleet's servers agree (:func:`kdkit.teacher.fleet.agreement`)."""
+    from kdkit.teacher.fleet import agreement, servers_of
+    from kdkit.teacher.served import ServedError
+
+    for one in servers_of(server):
+        tokens = token_parity(one, tokenizer, data_path)
+        if tokens is not None:
+            raise ServedError(f"{one.url} does not tokenise {data_path} as the local tokenizer does: {tokens}")
+    agreement(server, prompts, k, tolerance)

@@ -499,7 +499,7 @@ def open_served(cfg: TrainConfig, t: Any, field: str, tokenizer: Any, rows: list
     temperature 1 for rows this long, tokenises the data as the student does and — when ``model`` names the
     local copy of its weights — gives the same log-probs on a few rows (:mod:`kdkit.teacher.parity`)."""
     from kdkit.teacher import parity
-    from kdkit.teacher.fleet import agreement, connect, servers_of
+    from kdkit.teacher.fleet import connect
     from kdkit.teacher.served import ServedError
 
     kd = cfg.objective.kd
@@ -516,12 +516,9 @@ def open_served(cfg: TrainConfig, t: Any, field: str, tokenizer: Any, rows: list
         name = {"temperature": "objective.kd.temperature", "top_k": f"{field}.top_k", "max_length": "data.max_length"}
         given = {"temperature": kd.temperature, "top_k": t.top_k, "max_length": cfg.data.max_length}
         raise SourceError(f"{name[what]} is {given[what]}: {why}")
-    for one in servers_of(server):
-        tokens = parity.token_parity(one, tokenizer, cfg.data.train)
-        if tokens is not None:
-            raise SourceError(f"{field}.url: {one.url} does not tokenise {cfg.data.train} as the student does: {tokens}")
     try:
-        agreement(server, [r.input_ids for r in rows[:parity.PARITY_ROWS]], min(t.top_k, 8), parity.TOLERANCE)
+        parity.check_servers(server, tokenizer, cfg.data.train, [r.input_ids for r in rows[:parity.PARITY_ROWS]],
+                      min(t.top_k, 8), parity.TOLERANCE)
     except ServedError as e:
         raise SourceError(f"{field}.url: {e}") from None
     if t.model:

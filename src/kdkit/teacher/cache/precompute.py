@@ -378,14 +378,10 @@ def _capture(teacher: str | Path, server: Any, s: PrecomputeSettings, teacher_to
         return (local_capture(model, s, len(teacher_tok), pad_id(tokenizer), teacher_tok if cross else None),
                 int(model.get_output_embeddings().weight.shape[0]), env)
     from kdkit.teacher import parity
-    from kdkit.teacher.fleet import agreement, servers_of, share
+    from kdkit.teacher.fleet import share
 
-    for one in servers_of(server):
-        tokens = parity.token_parity(one, teacher_tok, data_path)
-        if tokens is not None:
-            raise UsageError(f"--teacher-url {one.url} does not tokenise {data_path} as --teacher does: {tokens}")
-    agreement(server, parity.parity_prompts(teacher_tok, data_path, max_length=s.max_length), min(s.top_k, 8),
-              parity.TOLERANCE)
+    prompts = parity.parity_prompts(teacher_tok, data_path, max_length=s.max_length)
+    parity.check_servers(server, teacher_tok, data_path, prompts, min(s.top_k, 8), parity.TOLERANCE)
     if any(Path(teacher).glob("*.safetensors")):
         report = parity.teacher_parity(server, teacher, data_path, parity.PARITY_ROWS, min(s.top_k, 8), s.dtype,
                                        s.max_length)
