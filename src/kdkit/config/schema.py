@@ -130,7 +130,7 @@ class ObjectiveConfig(_Strict):
     chunk_size: int | Literal["auto"] = Field(
         "auto",
         description="target tokens per chunk of the memory-lean loss (at most chunk × V logits at once); 'auto' = "
-                    "from the vocabulary (about 16 MiB of float32 logits per chunk, 64 to 1024 tokens); 0 = dense path",
+                    "from the vocabulary (about 64 MiB of float32 logits per chunk, 256 to 1024 tokens); 0 = dense path",
     )
 
     @field_validator("chunk_size")

@@ -18,17 +18,19 @@ from torch import Tensor
 
 from kdkit.loss.divergences import IGNORE_INDEX, TopK, token_ce, token_divergence
 
-CHUNK_BYTES = 16 * 2**20
+CHUNK_BYTES = 64 * 2**20
+MIN_CHUNK = 256
 
 
 def auto_chunk(vocab: int) -> int:
     """Positions per chunk for ``objective.chunk_size: auto``: the largest power of two whose [chunk, V] float32
-    logits fit in :data:`CHUNK_BYTES`, between 64 and 1024 (1024 for small vocabularies, 128 at V = 32,000,
-    64 from V = 49,152 up). Each chunk holds a few such tensors beside the LM head's gradient, and reads the
-    head's weight twice: below 64 positions those reads dominate (at V = 151,936, 16 positions per chunk took
-    1.7× the time of 64 for half the memory; docs/benchmarks.md)."""
+    logits fit in :data:`CHUNK_BYTES`, between :data:`MIN_CHUNK` and 1024 (1024 up to V = 16,384, 512 at
+    V = 32,000, 256 from V = 49,152 up). Each chunk multiplies by the LM head's weight twice and adds to its
+    gradient once, whatever its size: with fewer positions those weight-sized passes set the time (at
+    V = 49,152 and N = 4096, the head's matrix products took 6.0 s of a 7.9 s pass with 64 positions per
+    chunk, 4.5 s of 6.0 s with 256 and 4.7 s of 6.1 s with 1024; docs/benchmarks.md)."""
     fit = max(1, CHUNK_BYTES // (4 * vocab))
-    return max(64, min(1024, 1 << (fit.bit_length() - 1)))
+    return max(MIN_CHUNK, min(1024, 1 << (fit.bit_length() - 1)))
 
 
 @dataclass(frozen=True)
