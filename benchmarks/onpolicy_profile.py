@@ -83,6 +83,7 @@ def run(inputs: dict, args: argparse.Namespace) -> list[dict[str, float]]:
     ns = argparse.Namespace(lr=3e-4, new_tokens=args.new_tokens, seed=0)
     cfg = ttq.kdkit_config(arm, inputs, ns, None)
     cfg["optim"]["max_steps"] = args.steps
+    cfg["logging"]["every"] = 1  # every step's wall time in metrics.jsonl
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump(cfg))

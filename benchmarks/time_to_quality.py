@@ -36,10 +36,10 @@ are interleaved, seed after seed; a rerun skips the arm-seeds that finished.
 
 Reported (out/summary.json, out/summary.md, out/time_to_quality.png): per arm the steps and validation KL at
 the budget (mean over seeds), peak RSS of the arm's process, and the seconds it needs to reach the final
-validation KL of TRL's trainer of the same policy and divergence (off-policy: trl_gkd_fwd; on-policy:
-trl_distill): when
-its first saved student at or below that KL was ready (no interpolation between saves, so the resolution is
-the marks' spacing); the speed-up is the seconds at which TRL's final student was ready over the arm's.
+validation KL of TRL's trainer of the same policy and divergence (off-policy, trl_gkd included: trl_gkd_fwd;
+on-policy: trl_distill): when its first saved student at or below that KL was ready (no interpolation between
+saves, so the resolution is the marks' spacing); the speed-up is the seconds at which TRL's final student was
+ready over the arm's.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from _common import machine, peak_rss_mb, reset_peak_rss  # noqa: E402
 
 ARMS = ("trl_gkd", "trl_gkd_fwd", "trl_distill", "kdkit_cache", "kdkit_live", "kdkit_served",
         "kdkit_onpolicy_sampled", "kdkit_onpolicy_full")
-REFERENCE = {"trl_gkd": "trl_gkd", "trl_gkd_fwd": "trl_gkd_fwd", "kdkit_cache": "trl_gkd_fwd",
+REFERENCE = {"trl_gkd": "trl_gkd_fwd", "trl_gkd_fwd": "trl_gkd_fwd", "kdkit_cache": "trl_gkd_fwd",
              "kdkit_live": "trl_gkd_fwd", "kdkit_served": "trl_gkd_fwd",
              "trl_distill": "trl_distill", "kdkit_onpolicy_sampled": "trl_distill",
              "kdkit_onpolicy_full": "trl_distill"}
@@ -337,7 +337,7 @@ def table(s: dict) -> str:
     out = ["| arm | seeds | steps in budget | s/step | val KL at budget (seeds) | val CE | reverse KL | peak RSS MB "
            "| s to reach the reference's final KL | speed-up vs reference |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
-        to = "—" if r["target_kl"] is None else (
+        to = "—" if r["target_kl"] is None else "(the reference)" if r["arm"] == r["reference"] else (
             "not reached" if r["seconds_to_target"] is None else
             "at the start" if r["seconds_to_target"] == 0 else f"{r['seconds_to_target']:.0f}")
         if r["arm"] == "kdkit_cache" and r["seconds_to_target"] is not None:
