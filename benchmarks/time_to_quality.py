@@ -68,6 +68,7 @@ REFERENCE = {"trl_gkd": "trl_gkd_fwd", "trl_gkd_fwd": "trl_gkd_fwd", "kdkit_cach
              "trl_distill": "trl_distill", "kdkit_onpolicy_sampled": "trl_distill",
              "kdkit_onpolicy_full": "trl_distill"}
 MAX_LENGTH = 768
+OWN = {"run.json", "result.json", "config.yaml", "run", "trl"}  # what one arm-seed's directory holds, marks aside
 
 
 # ---------------------------------------------------------------- the inputs, made once
@@ -219,7 +220,11 @@ def one(args: argparse.Namespace) -> None:
 
     d = json.loads((args.out / "data" / "inputs.json").read_text())
     out = args.out / "runs" / f"{args.one}_s{args.seed}"
-    shutil.rmtree(out, ignore_errors=True)
+    if out.exists():  # an earlier try of this arm-seed: removed only if everything in it is what one() writes
+        foreign = [p.name for p in out.iterdir() if p.name not in OWN and not p.name.startswith("mark-")]
+        if foreign:
+            sys.exit(f"{out}: holds {', '.join(sorted(foreign))}, which this benchmark did not write; not removed")
+        shutil.rmtree(out)
     out.mkdir(parents=True)
     reset_peak_rss()
     marks = Marks(out, args.budget, args.marks)

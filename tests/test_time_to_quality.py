@@ -112,3 +112,16 @@ def test_a_kdkit_arm_stops_at_its_budget_through_the_optimizer_hook(tmp_path):
     curve = ttq.evaluate(tmp_path / "runs" / "kdkit_live_s0", d)
     assert [p["step"] for p in curve] == [0, 1]
     assert curve[1]["val_kl"] < curve[0]["val_kl"]  # one step of KD at lr 1e-3 on the rows scored brings it closer
+
+
+def test_an_arm_directory_with_files_it_did_not_write_is_not_removed(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "inputs.json").write_text("{}")
+    mine = tmp_path / "runs" / "kdkit_live_s0"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("a user's file")
+    args = argparse.Namespace(out=tmp_path, one="kdkit_live", seed=0, budget=1.0, marks=1, lr=1e-3, new_tokens=8,
+                              url=None)
+    with pytest.raises(SystemExit, match="notes.txt, which this benchmark did not write"):
+        ttq.one(args)
+    assert (mine / "notes.txt").read_text() == "a user's file"
