@@ -14,9 +14,12 @@ a coherence floor (``early_stop``) stops a run that falls below it. After each r
 evaluated through a vLLM server (its weights loaded in place) on the anchors (HumanEval's first --anchors)
 and the held-out skeletons.
 
-Per aggregate, seed and round (summary.md, summary.json): coherence (mean, worst probe), the divergence to
-the base under both aggregates (mean over the round's logged steps), skeletons and anchors passed, and
-whether the floor stopped the round. Whether the seed's claim holds here, the table says so.
+Per aggregate, seed and round (summary.md, summary.json), the base as round 0: coherence (mean, worst
+probe), the probes' own divergence to the base (mean and p95 over their generated tokens), the divergence to
+the base on the training rows under both aggregates (mean over the round's logged steps), on how many steps
+the barrier was above τ (at none it did nothing: "inert"), skeletons and anchors passed, and whether the
+floor stopped the round; then each aggregate pooled over seeds by round. Whether the seed's claim holds
+here, the tables say so. A rerun skips finished rounds; --summary-only rewrites the tables.
 """
 
 from __future__ import annotations
@@ -96,20 +99,37 @@ def one_round(model: Path, base: Path, agg: str, tau: float, seed: int, r: int, 
 
 
 def round_figures(run: Path, agg: str, tau: float) -> dict:
-    """The last probe round's coherence (mean, worst probe), both aggregates' divergence to the base (mean over
-    the logged steps), on how many logged steps the barrier's own aggregate was above τ (below it the barrier
-    does nothing) and whether the coherence floor stopped the run."""
+    """The last probe round's coherence (mean, worst probe) and its divergence to the base on the probes' own
+    tokens (mean and p95 over every generated token: the minority the seed is about), both aggregates'
+    divergence to the base on the training rows (mean over the logged steps), on how many logged steps the
+    barrier's own aggregate was above τ (below it the barrier does nothing) and whether the floor stopped it."""
     from kdkit.decide.ladder import logged_mean
     from kdkit.train.rundir import read_log
 
     steps = read_log(run / "metrics.jsonl")
-    probe = [s for s in steps if s.get("probe_round")][-1]
+    first, *_, probe = [s for s in steps if s.get("probe_round")]  # step 0 and the round's end
     info = json.loads((run / "run.json").read_text())
     return {"coherence": probe["probe_coherence"], "coherence_min": probe["probe_coherence_min"],
+            "start_coherence": [first["probe_coherence"], first["probe_coherence_min"]],
+            "probe_kl_mean": probe["probe_kl_mean"], "probe_kl_p95": probe["probe_kl_p95"],
             "kl_mean": logged_mean(steps, "barrier_div_mean"), "kl_rmse": logged_mean(steps, "barrier_div_rmse"),
             "active": [sum(s[f"barrier_div_{agg}"] > tau for s in steps if f"barrier_div_{agg}" in s),
                        sum(f"barrier_div_{agg}" in s for s in steps)],
             "stopped": "early_stop" in info}
+
+
+def base_record(base: Path, d: dict, server: str, args: argparse.Namespace) -> dict:
+    """Round 0: the base's passes through the server (written once; its probes' coherence is round 1's step 0)."""
+    path = args.out / "runs" / "base.json"
+    if not path.is_file():
+        rec = {}
+        for suite, tasks in (("anchors", d["anchors"]), ("skeletons", d["heldout"])):
+            out = args.out / "runs" / "base" / suite
+            kdkit("eval", str(base), "--tasks", str(tasks), "--server", server, "--prompt-style", "chat",
+                  "--max-new-tokens", str(args.max_new_tokens), "--out", str(out))
+            rec[suite] = json.loads((out / "summary.json").read_text())["n_passed"]
+        path.write_text(json.dumps(rec, indent=1) + "\n")
+    return json.loads(path.read_text())
 
 
 def main() -> int:
@@ -129,9 +149,13 @@ def main() -> int:
     ap.add_argument("--target-prob", type=float, default=0.5, help="`kdkit barrier tau --target-prob`")
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--mbpp", type=Path, default=MBPP)
+    ap.add_argument("--summary-only", action="store_true", help="write summary.md from what finished, run nothing")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.summary_only:
+        print(write_summary(args))
+        return 0
     base = args.teacher or convert(find_gguf(), args.out / "base")
     d = {"rows": chat_rows(skeleton_tasks(args.mbpp, 601, 600 + args.train_rows, args.out / "skeleton_train.jsonl"),
                            args.out / "train_rows.jsonl"),
@@ -141,6 +165,7 @@ def main() -> int:
     first = round_config(base, base, "mean", 0.0, 0, 1, d, args)
     taus = {agg: propose(first, agg, args) for agg in AGGREGATES}
     with served_dev(base, args) as server:
+        base_record(base, d, server, args)
         for seed in range(args.seeds):
             for agg in AGGREGATES:
                 model = base
@@ -148,8 +173,8 @@ def main() -> int:
                     rec, model = one_round(model, base, agg, taus[agg], seed, r, d, server, args)
                     if rec["stopped"]:
                         break  # the floor stopped the run: later rounds would start from its last good round
-                    print(rounds_table(args), flush=True)
-    print(rounds_table(args))
+                    print(write_summary(args), flush=True)
+    print(write_summary(args))
     return 0
 
 
@@ -172,21 +197,89 @@ class served_dev:
             self.proc.stop()
 
 
-def rounds_table(args: argparse.Namespace) -> str:
-    """summary.json and summary.md from every finished round."""
+def write_summary(args: argparse.Namespace) -> str:
+    """summary.json and summary.md from the base's record and every finished round."""
     recs = [json.loads(p.read_text()) for p in sorted((args.out / "runs").glob("*/seed*/round*/round.json"))]
     recs.sort(key=lambda x: (x["aggregate"], x["seed"], x["round"]))
-    (args.out / "summary.json").write_text(json.dumps({"rounds": recs, "settings": {
-        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}, indent=1) + "\n")
-    lines = ["| barrier | seed | round | τ | above τ (steps) | coherence mean / worst | KL to base, mean / rmse | "
-             "skeletons | anchors | stopped |", "|---|---|---|---|---|---|---|---|---|---|"]
+    base = args.out / "runs" / "base.json"
+    summary = {"base": json.loads(base.read_text()) if base.is_file() else None, "rounds": recs,
+               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    text = rounds_table(summary)
+    (args.out / "summary.md").write_text(text)
+    if summary["base"] is not None and recs:
+        rounds_plot(summary, args.out / "rounds.png")
+    return text
+
+
+COLORS = {"mean": "#1f77b4", "rmse": "#d62728"}
+
+
+def rounds_plot(s: dict, out: Path) -> None:
+    """Per aggregate and seed, against the round (the base at 0): the probes' worst and mean coherence, the KL
+    to the base on the probes' own tokens (p95) and HumanEval anchors passed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    start = next(x["start_coherence"] for x in s["rounds"] if x["round"] == 1)
+    panels = (("coherence (solid mean, dashed worst probe)", lambda x: x["coherence"], start[0]),
+              ("probe KL to base, p95 (nats)", lambda x: x["probe_kl_p95"], 0.0),
+              ("HumanEval anchors passed", lambda x: x["anchors"], s["base"]["anchors"]))
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.3))
+    for a, (title, value, at0) in zip(axes, panels, strict=True):
+        for agg, seed in sorted({(x["aggregate"], x["seed"]) for x in s["rounds"]}):
+            run = [x for x in s["rounds"] if (x["aggregate"], x["seed"]) == (agg, seed)]
+            rounds = [0] + [x["round"] for x in run]
+            a.plot(rounds, [at0] + [value(x) for x in run], marker="o", ms=3, color=COLORS[agg],
+                   alpha=max(0.35, 0.9 - 0.3 * seed), label=f"{agg}, seed {seed}")
+            if a is axes[0]:
+                a.plot(rounds, [start[1]] + [x["coherence_min"] for x in run], ls="--", color=COLORS[agg],
+                       alpha=max(0.35, 0.9 - 0.3 * seed))
+        a.set(title=title, xlabel="round")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.title.set_fontsize(9)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def rounds_table(s: dict) -> str:
+    """A row per aggregate, seed and round (the base first), then each aggregate pooled over its seeds by round."""
+    b, recs = s["base"], s["rounds"]
+    n_a, n_s = s["settings"]["anchors"], s["settings"]["heldout"]
+    start = [x["start_coherence"] for x in recs if x["round"] == 1]  # the base's probes, the same in every run
+    lines = [f"| barrier | seed | round | τ | above τ (steps) | coherence mean / worst probe | probe KL mean / p95 | "
+             f"KL to base, mean / rmse | skeletons (/{n_s}) | HumanEval anchors (/{n_a}) | stopped |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    if b is not None and start:
+        lines.append(f"| base | — | 0 | — | — | {start[0][0]:.3f} / {start[0][1]:.3f} | 0 / 0 | 0 / 0 | "
+                     f"{b['skeletons']} | {b['anchors']} | — |")
     lines += [f"| {x['aggregate']} | {x['seed']} | {x['round']} | {x['tau']:.4g} | {x['active'][0]}/{x['active'][1]}"
               f"{' (inert)' if x['active'][0] == 0 else ''} | {x['coherence']:.3f} / {x['coherence_min']:.3f} | "
-              f"{x['kl_mean']:.4f} / {x['kl_rmse']:.4f} | {x['skeletons']} | {x['anchors']} | "
-              f"{'yes' if x['stopped'] else '—'} |" for x in recs]
-    text = "\n".join(lines) + "\n"
-    (args.out / "summary.md").write_text(text)
-    return text
+              f"{x['probe_kl_mean']:.4f} / {x['probe_kl_p95']:.4f} | {x['kl_mean']:.4f} / {x['kl_rmse']:.4f} | "
+              f"{x['skeletons']} | {x['anchors']} | {'yes' if x['stopped'] else '—'} |" for x in recs]
+    return "\n".join(lines) + "\n\n" + pooled_table(recs, n_a, n_s)
+
+
+def pooled_table(recs: list[dict], n_a: int, n_s: int) -> str:
+    """Per aggregate and round, over the seeds that reached it: mean coherence, the worst probe of any seed,
+    the mean KL to the base by each aggregate, passes summed, steps above τ summed, runs the floor stopped."""
+    lines = ["| barrier | round | seeds | coherence mean / worst probe | probe KL p95 | KL to base, mean / rmse | "
+             "skeletons | HumanEval anchors | above τ (steps) | stopped |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for agg, r in sorted({(x["aggregate"], x["round"]) for x in recs}):
+        g = [x for x in recs if (x["aggregate"], x["round"]) == (agg, r)]
+        k = len(g)
+        lines.append(f"| {agg} | {r} | {k} | {sum(x['coherence'] for x in g) / k:.3f} / "
+                     f"{min(x['coherence_min'] for x in g):.3f} | {sum(x['probe_kl_p95'] for x in g) / k:.4f} | "
+                     f"{sum(x['kl_mean'] for x in g) / k:.4f} / {sum(x['kl_rmse'] for x in g) / k:.4f} | "
+                     f"{sum(x['skeletons'] for x in g)}/{n_s * k} | {sum(x['anchors'] for x in g)}/{n_a * k} | "
+                     f"{sum(x['active'][0] for x in g)}/{sum(x['active'][1] for x in g)} | "
+                     f"{sum(x['stopped'] for x in g)} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@
     python examples/smollm2_anchor_ladder.py --out anchor-ladder          # seed 000's levers (resumable)
     python scripts/docs_real.py --anchor-ladder anchor-ladder/summary.json
     python scripts/docs_real.py --anchor-reduced anchor-small/summary.json   # its reduced run
+    python examples/smollm2_barrier_rounds.py --out barrier-rounds      # seed 002's rounds (resumable)
+    python scripts/docs_real.py --barrier-rounds barrier-rounds/summary.json
+    python scripts/docs_real.py --rounds-reduced rounds-small/summary.json   # its reduced run
     python examples/smollm2_draft.py --out draft                         # students as draft models (resumable)
     python scripts/docs_real.py --draft draft/summary.json
     python scripts/docs_real.py                                         # the page from docs/real_models.json
@@ -38,15 +41,19 @@ LEASH_REDUCED = ["--anchors", "4", "--heldout", "6", "--train-rows", "80", "--st
 ANCHOR_REDUCED = ["--seeds", "1", "--shares", "0.5", "--lambdas", "0.1", "--no-barrier", "--new-rows", "24",
                   "--heldout", "4", "--anchor-tasks", "6", "--pool", "24", "--steps", "4", "--max-new-tokens", "64"]
 """The reduced size of examples/smollm2_anchor_ladder.py the slow test reruns."""
+ROUNDS_REDUCED = ["--rounds", "2", "--seeds", "1", "--round-steps", "2", "--train-rows", "24", "--heldout", "4",
+                  "--anchors", "4", "--max-new-tokens", "64"]
+"""The reduced size of examples/smollm2_barrier_rounds.py the slow test reruns."""
 sys.path.insert(0, str(ROOT / "examples"))
 
 from smollm2_anchor_ladder import anchor_table, arms_table  # noqa: E402
+from smollm2_barrier_rounds import rounds_table  # noqa: E402
 from smollm2_draft import draft_table  # noqa: E402
 from smollm2_kd_vs_ce import summary_table  # noqa: E402
 from smollm2_kl_leash import leash_table  # noqa: E402
 
 TABLES = {"kd_vs_ce": summary_table, "kl_leash": leash_table, "kl_leash_p09": leash_table,
-          "anchor_ladder": anchor_table, "draft": draft_table}
+          "anchor_ladder": anchor_table, "barrier_rounds": rounds_table, "draft": draft_table}
 """docs/real_models.json's full runs and the function that writes each one's table."""
 README = ROOT / "README.md"
 README_TABLES = {"anchor_ladder": ("anchor_ladder_arms", arms_table), "draft": ("draft", draft_table)}
@@ -87,6 +94,17 @@ def anchor_figures(summary: dict) -> dict:
         for r in summary["runs"]}
 
 
+def rounds_figures(summary: dict) -> dict:
+    """What a rerun of the barrier-rounds example must reproduce: the base's passes, and per aggregate, seed and
+    round the τ, the steps above it, the coherence, the divergences to the base, the passes, the floor's stop."""
+    def rounded(x: dict) -> dict:
+        return {k: round(v, 4) if isinstance(v, float) else [round(e, 4) for e in v] if k == "start_coherence"
+                else v for k, v in x.items() if k not in ("aggregate", "seed", "round")}
+
+    return {"base": summary["base"],
+            **{f"{x['aggregate']}, seed {x['seed']}, round {x['round']}": rounded(x) for x in summary["rounds"]}}
+
+
 def markers(key: str) -> tuple[str, str]:
     """The page's markers around a full run's table: <!-- kd-vs-ce:start --> … <!-- kd-vs-ce:end -->."""
     name = key.replace("_", "-")
@@ -114,6 +132,8 @@ def main() -> int:
     ap.add_argument("--leash-reduced", type=Path, help="the KL-leash example's reduced run's summary.json")
     ap.add_argument("--anchor-ladder", type=Path, help="the anchor-ladder example's run's summary.json")
     ap.add_argument("--anchor-reduced", type=Path, help="the anchor-ladder example's reduced run's summary.json")
+    ap.add_argument("--barrier-rounds", type=Path, help="the barrier-rounds example's run's summary.json")
+    ap.add_argument("--rounds-reduced", type=Path, help="the barrier-rounds example's reduced run's summary.json")
     ap.add_argument("--draft", type=Path, help="the draft-model example's run's summary.json")
     a = ap.parse_args()
     data = json.loads(FIGURES.read_text()) if FIGURES.is_file() else {}
@@ -126,12 +146,15 @@ def main() -> int:
             data[key] = json.loads(getattr(a, key).read_text())
     if a.leash_reduced:
         data["kl_leash_reduced"] = {"args": LEASH_REDUCED, "figures": leash_figures(json.loads(a.leash_reduced.read_text()))}
-    for key in ("anchor_ladder", "draft"):
+    for key in ("anchor_ladder", "barrier_rounds", "draft"):
         if getattr(a, key):
             data[key] = json.loads(getattr(a, key).read_text())
     if a.anchor_reduced:
         data["anchor_ladder_reduced"] = {"args": ANCHOR_REDUCED,
                                          "figures": anchor_figures(json.loads(a.anchor_reduced.read_text()))}
+    if a.rounds_reduced:
+        data["barrier_rounds_reduced"] = {"args": ROUNDS_REDUCED,
+                                          "figures": rounds_figures(json.loads(a.rounds_reduced.read_text()))}
     FIGURES.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     text = PAGE.read_text()
     for key, table in TABLES.items():

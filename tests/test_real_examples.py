@@ -1,7 +1,7 @@
 """The real-model examples' figures: docs/real-models.md's table is docs/real_models.json's, and (slow) the
-reduced runs of examples/smollm2_kd_vs_ce.py, examples/smollm2_kl_leash.py and examples/smollm2_anchor_ladder.py
-reproduce the recorded figures (validation CE and KL, and τ, within 1% relative, top-1 agreement within 0.01
-absolute, pass counts and gate decisions exactly)."""
+reduced runs of examples/smollm2_kd_vs_ce.py, smollm2_kl_leash.py, smollm2_anchor_ladder.py and
+smollm2_barrier_rounds.py reproduce the recorded figures (validation CE and KL, τ and coherence within 1%
+relative, top-1 agreement within 0.01 absolute, pass counts and gate decisions exactly)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_readme_shows_the_recorded_full_runs():
     assert all(len(a["seeds"]) >= 2 and a["anchor_tasks"] == 40 for a in data["kl_leash"]["arms"].values())
     readme = docs_real.PAGE.read_text()
     for key, table in docs_real.TABLES.items():
-        if key not in ("anchor_ladder", "draft") or key in data:  # these tables once a run is recorded
+        if key not in ("anchor_ladder", "barrier_rounds", "draft") or key in data:  # these tables once a run is recorded
             assert docs_real.shown(readme, key) == table(data[key]), f"{key}: stale, python scripts/docs_real.py"
     front = docs_real.README.read_text()
     for key, (marker, table) in docs_real.README_TABLES.items():
@@ -88,3 +88,10 @@ def test_the_reduced_kl_leash_run_reproduces_its_recorded_figures(tmp_path):
 def test_the_reduced_anchor_ladder_run_reproduces_its_recorded_figures(tmp_path):
     summary, recorded = _rerun("smollm2_anchor_ladder.py", "anchor_ladder_reduced", tmp_path / "run")
     _close(docs_real.anchor_figures(summary), recorded)
+
+
+@pytest.mark.skipif(not (ROOT / ".venv-vllm" / "bin" / "python").is_file(), reason="make vllm-env")
+@real
+def test_the_reduced_barrier_rounds_run_reproduces_its_recorded_figures(tmp_path):
+    summary, recorded = _rerun("smollm2_barrier_rounds.py", "barrier_rounds_reduced", tmp_path / "run")
+    _close(docs_real.rounds_figures(summary), recorded)
