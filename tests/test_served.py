@@ -409,12 +409,12 @@ def _lora_config(root: Path, tmp: Path, max_steps: int, server: str | None = Non
     return cfg
 
 
-def _eval(model: Path, tasks: Path, out: Path, *extra: str) -> tuple[list[dict], list[dict], dict]:
+def _eval(model: Path, tasks: Path, out: Path, *extra: str) -> tuple[list[dict], list[dict], dict, str]:
     res = CliRunner().invoke(app, ["eval", str(model), "--tasks", str(tasks), "--max-new-tokens", "24",
                                    "--out", str(out), *extra], terminal_width=200)
     assert res.exit_code == 0, res.output
     rows = [[json.loads(x) for x in (out / f).read_text().splitlines()] for f in ("generations.jsonl", "results.jsonl")]
-    return rows[0], rows[1], json.loads((out / "summary.json").read_text())
+    return rows[0], rows[1], json.loads((out / "summary.json").read_text()), "".join(res.output.split())
 
 
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (make sandbox-deps)")
@@ -447,6 +447,9 @@ def test_eval_through_the_server_equals_the_local_path_task_by_task(served, lora
         assert [(r["task_id"], r["passed"], r["status"]) for r in remote[1]] == \
             [(r["task_id"], r["passed"], r["status"]) for r in local[1]]
         assert remote[2]["served"]["how"] == how and "served" not in local[2]
+        said = {"served": f"its own model {root / 'teacher'}", "adapter": f"adapter {candidate} loaded as kdkit-eval-",
+                "weights": f"{candidate}'s weights loaded in place of {root / 'teacher'}"}[how]
+        assert "".join(f"answers written by {server} ({said}".split()) in remote[3]  # the output, spaces aside
         answers.append([g["raw"] for g in local[0]])
     assert answers[0] != answers[1] != answers[2] and answers[3] == answers[0]  # three models; the server restored
     served = [m["id"] for m in Server(lora_server)._object("/v1/models")["data"]]

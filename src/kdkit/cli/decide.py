@@ -18,6 +18,7 @@ from kdkit.cli.group import (
     console,
     draft_app,
     fail,
+    print_rows,
     registry_app,
 )
 
@@ -304,12 +305,7 @@ def ladder_cmd(
     if by_seed is not None:
         tables.append((f"ladder {out_dir}, over seeds", *by_seed))
     for title, header, rows in tables:
-        t = Table(title=title)
-        for h in header:
-            t.add_column(h, overflow="fold")
-        for r in rows:
-            t.add_row(*r)
-        console.print(t)
+        print_rows(title, header, rows)
     console.print(f"wrote {out_dir}/ladder.md, ladder.csv, ladder.png")
 
 

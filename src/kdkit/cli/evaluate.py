@@ -166,7 +166,7 @@ def _eval_tasks(model: str, tasks: str, out: str | None, max_new_tokens: int, ba
 
         check_settings(settings)  # before the server is touched
         with ServedCandidate.open(server, model, served_model) as sc:
-            console.print(f"answers written by {sc.server.url} ({sc.how}: {sc.name})")
+            console.print(f"answers written by {sc.server.url} ({sc.describe()})")
             results, summary, gens = evaluate_model(model, tasks, served=sc, **kw)
             served = {"url": sc.server.url, "how": sc.how, "base": sc.base,
                       "vllm_version": sc.server.info().get("vllm_version")}

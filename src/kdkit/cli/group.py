@@ -133,6 +133,16 @@ def _print_reasons(results) -> None:
     console.print(t)
 
 
+def print_rows(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A table of strings, each column folded rather than cut."""
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h, overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+
+
 def _print_summary(summary, title: str) -> None:
     table = Table(title=title)
     for c in ("tasks", "passed", "pass rate", "95% Wilson interval", "statuses", *summary.pass_at_k):

@@ -253,7 +253,7 @@ def evaluate_pack(reg: Registry, pack: Pack, tasks: Path, settings: GenerationSe
         results, summary, _ = evaluate_model(pack.path, tasks, **kw)
     else:
         with served:
-            log(f"evaluating {pack.name} on {tasks.name} through {served.server.url} ({served.how})")
+            log(f"evaluating {pack.name} on {tasks.name} through {served.server.url} ({served.describe()})")
             results, summary, _ = evaluate_model(pack.path, tasks, served=served, **kw)
     outcomes = {r.task_id: r.passed for r in results if r.sample == 0}
     completions = {r.task_id: r.completion for r in results if r.sample == 0}  # kept: the report quotes them

@@ -107,12 +107,7 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
                          "eval.server in the config or give --server")
     plan = rungs(vary)
     base_cfg = load_train_config(config, overrides)  # fail early on a bad config, before anything is written
-    server = configured_server(base_cfg, server, str(config), log)
-    if served_lora not in ("adapter", "merged"):
-        raise UsageError(f"--served-lora {served_lora!r}: expected adapter or merged")
-    if served_lora == "merged" and server is None:
-        raise UsageError("--served-lora merged: there is no server (--server or eval.server); without one every "
-                         "rung is merged and evaluated here")
+    server = _ladder_server(base_cfg, server, served_lora, config, log)
     baseline = _start(out, config, vary, overrides, tasks, registry)
 
     results = []
@@ -150,13 +145,7 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
                 from kdkit.decide.draft import rung_draft
 
                 rec["draft"] = rung_draft(cfg, run_dir / "final" if adapter else pack_dir, log)
-            rec.update(status="done", **_epoch_means(run_dir, cfg.objective.barrier),
-                       decision=res.decision, passed=res.candidate_passed,
-                       n_tasks=res.n_tasks, interval=list(res.candidate_interval), regressed=res.regressed,
-                       fixed=res.fixed, p_value=res.p_value, baseline_passed=res.baseline_passed, pack=res.candidate,
-                       reason=res.reason, suites=[{k: s[k] for k in SUITE_FIELDS} for s in res.suites],
-                       regressed_completions=res.suites[0]["regressed_completions"],
-                       fixed_completions=res.suites[0]["fixed_completions"])
+            rec.update(status="done", **_epoch_means(run_dir, cfg.objective.barrier), **_gate_fields(res))
             log(rung_line(i, len(plan), rec))
         except Exception as e:  # a failed rung must not stop the ladder
             rec.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
@@ -170,6 +159,28 @@ def run_ladder(config: str | Path, vary_specs: list[str], tasks: str | Path | li
 
     write_report(out)
     return results
+
+
+def _ladder_server(cfg: Any, server: ServerSpec | None, served_lora: str, config: str | Path,
+                   log: Callable[[str], None]) -> ServerSpec | None:
+    """The ladder's server (--server, else the config's eval.server), checked against --served-lora."""
+    server = configured_server(cfg, server, str(config), log)
+    if served_lora not in ("adapter", "merged"):
+        raise UsageError(f"--served-lora {served_lora!r}: expected adapter or merged")
+    if served_lora == "merged" and server is None:
+        raise UsageError("--served-lora merged: there is no server (--server or eval.server); without one every "
+                         "rung is merged and evaluated here")
+    return server
+
+
+def _gate_fields(res: Any) -> dict[str, Any]:
+    """A finished rung's record of its gate: decision, passes, flips, the exact test, each suite."""
+    return dict(decision=res.decision, passed=res.candidate_passed, n_tasks=res.n_tasks,
+                interval=list(res.candidate_interval), regressed=res.regressed, fixed=res.fixed, p_value=res.p_value,
+                baseline_passed=res.baseline_passed, pack=res.candidate, reason=res.reason,
+                suites=[{k: s[k] for k in SUITE_FIELDS} for s in res.suites],
+                regressed_completions=res.suites[0]["regressed_completions"],
+                fixed_completions=res.suites[0]["fixed_completions"])
 
 
 def _start(out: Path, config: str | Path, vary: list[tuple[str, list[Any]]], overrides: list[str] | None,

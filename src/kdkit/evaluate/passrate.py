@@ -155,6 +155,18 @@ def write_results(path: str | Path, results: Sequence[TaskResult]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(asdict(r), sort_keys=True) + "\n" for r in results).encode())
 
 
+def _rate() -> Any:
+    """A progress column: tasks per second."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            return Text(f"{task.speed:.2f} tasks/s" if task.speed else "")
+
+    return Rate()
+
+
 def evaluate_model(model_dir: str | Path, tasks_path: str | Path, *, settings: GenerationSettings = GenerationSettings(),
                    limits: Limits = Limits(), workers: int | None = None, unsafe_no_isolation: bool = False,
                    progress: bool = True, model: Any = None, tokenizer: Any = None,
@@ -179,13 +191,6 @@ def evaluate_model(model_dir: str | Path, tasks_path: str | Path, *, settings: G
         model = model or load_causal_lm(model_dir, dtype)
         if device is not None:
             model.to(device)
-    from rich.progress import ProgressColumn
-    from rich.text import Text
-
-    class _Rate(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            return Text(f"{task.speed:.2f} tasks/s" if task.speed else "")
-
     shown = bar_shown(progress)
     ticker = Ticker("eval", len(tasks) * settings.n_samples, "answers verified", log or (lambda m: None),
                     enabled=log is not None and not shown)
@@ -197,7 +202,7 @@ def evaluate_model(model_dir: str | Path, tasks_path: str | Path, *, settings: G
         verified["passed"] += int(r.passed)
         ticker.update(verified["done"], f"{verified['passed']} passed")
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(), TimeElapsedColumn(),
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _rate(), TimeElapsedColumn(),
                   disable=not shown) as bar:
         g = bar.add_task("generate", total=len(tasks) * settings.n_samples)
         try:

@@ -101,6 +101,11 @@ class ServedCandidate:
         _reload(server, candidate)
         return cls(server, candidate, base, "weights", base)
 
+    def describe(self) -> str:
+        """How the server answers as the candidate, for a log line."""
+        return {"served": f"its own model {self.name}", "adapter": f"adapter {self.candidate} loaded as {self.name}",
+                "weights": f"{self.candidate}'s weights loaded in place of {self.base}"}[self.how]
+
     def close(self) -> None:
         """The server as it was: the adapter unloaded, or its own weights loaded back."""
         if self.how == "adapter":

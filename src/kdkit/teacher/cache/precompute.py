@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -475,43 +475,9 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
         raise UsageError(f"--top-k {settings.top_k} exceeds the vocabulary ({len(teacher_tok)} tokens)")
     capture, vocab, env = _capture(teacher, server, settings, teacher_tok, tokenizer, cross, data_path, log)
     n_shards = (rep.rows + settings.shard_rows - 1) // settings.shard_rows
-    total_tokens = rep.target_tokens
-
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    columns = [TextColumn("precompute"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
-               TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
-    computed_tokens, t_compute = 0, 0.0
-    shown = bar_shown(progress) and rank == 0
-    ticker = Ticker("precompute", total_tokens, "target tokens", log, enabled=not shown and rank == 0)
-    with Progress(*columns, disable=not shown, transient=False) as bar:
-        task = bar.add_task("precompute", total=total_tokens, rate="-")
-        second = kdata.RowHash()
-        for i, shard_rows in enumerate(_shard_rows(tokenizer, data_path, settings, cross, second)):
-            if i % world != rank:  # under torchrun, rank r computes shards r, r + N, ...
-                continue
-            lo, hi = i * settings.shard_rows, i * settings.shard_rows + len(shard_rows)
-            spath, cpath = out / shard_name(i), out / sidecar_name(i)
-            side = _read_sidecar(cpath)
-            if side and spath.is_file() and side.get("sha256") == sha256_file(spath) and side.get("rows") == [lo, hi]:
-                _same_environment(spath.name, side.get("environment"), env, settings, out)
-                bar.advance(task, side["tokens"])
-                continue
-            ts = time.perf_counter()
-
-            def on_tokens(n: int, i: int = i) -> None:
-                bar.advance(task, n)
-                ticker.update(int(bar.tasks[0].completed), f"shard {i + 1}/{n_shards}")
-
-            blob, stats = _shard_bytes(shard_rows, capture, settings, vocab, on_tokens)
-            atomic_write_bytes(spath, blob, before_rename=lambda i=i: _fault("mid_shard", i))
-            side = {"file": spath.name, "rows": [lo, hi], "sha256": sha256_file(spath), "bytes": len(blob), **stats,
-                    "environment": env}
-            atomic_write_json(cpath, side)
-            t_compute += time.perf_counter() - ts
-            computed_tokens += stats["tokens"]
-            bar.update(task, rate=f"{computed_tokens / max(t_compute, 1e-9):,.0f}")
-            _fault("after_shard", i)
+    second = kdata.RowHash()
+    _write_shards(out, _shard_rows(tokenizer, data_path, settings, cross, second), capture, settings, vocab, env,
+                  (rep.target_tokens, n_shards), progress, log)
 
     if isinstance(server, Fleet):
         log(server.tally())
@@ -539,6 +505,48 @@ def _precompute(teacher: str | Path, data_path: str | Path, out: Path, settings:
         f"{elapsed:.1f}s; the rows streamed from {data_path}, at most {min(settings.shard_rows, rep.rows)} "
         f"in memory at a time (--shard-rows)")
     return manifest
+
+
+def _write_shards(out: Path, shards: Iterable[list[Any]], capture: Any, settings: PrecomputeSettings, vocab: int,
+                  env: dict[str, Any], sizes: tuple[int, int], progress: bool, log: Callable[[str], None]) -> None:
+    """Compute and write this rank's shards (under torchrun rank r takes shards r, r + N, ...; every rank reads
+    every shard's rows, so the rows' second fingerprint is whole); a shard whose sidecar matches its bytes and
+    rows is kept once its environment is checked against this one. ``sizes``: target tokens, shards."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    (total_tokens, n_shards), (rank, world) = sizes, _ranks()
+    columns = [TextColumn("precompute"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
+               TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
+    computed_tokens, t_compute = 0, 0.0
+    shown = bar_shown(progress) and rank == 0
+    ticker = Ticker("precompute", total_tokens, "target tokens", log, enabled=not shown and rank == 0)
+    with Progress(*columns, disable=not shown, transient=False) as bar:
+        task = bar.add_task("precompute", total=total_tokens, rate="-")
+        for i, shard_rows in enumerate(shards):
+            if i % world != rank:
+                continue
+            lo, hi = i * settings.shard_rows, i * settings.shard_rows + len(shard_rows)
+            spath, cpath = out / shard_name(i), out / sidecar_name(i)
+            side = _read_sidecar(cpath)
+            if side and spath.is_file() and side.get("sha256") == sha256_file(spath) and side.get("rows") == [lo, hi]:
+                _same_environment(spath.name, side.get("environment"), env, settings, out)
+                bar.advance(task, side["tokens"])
+                continue
+            ts = time.perf_counter()
+
+            def on_tokens(n: int, i: int = i) -> None:
+                bar.advance(task, n)
+                ticker.update(int(bar.tasks[0].completed), f"shard {i + 1}/{n_shards}")
+
+            blob, stats = _shard_bytes(shard_rows, capture, settings, vocab, on_tokens)
+            atomic_write_bytes(spath, blob, before_rename=lambda i=i: _fault("mid_shard", i))
+            side = {"file": spath.name, "rows": [lo, hi], "sha256": sha256_file(spath), "bytes": len(blob), **stats,
+                    "environment": env}
+            atomic_write_json(cpath, side)
+            t_compute += time.perf_counter() - ts
+            computed_tokens += stats["tokens"]
+            bar.update(task, rate=f"{computed_tokens / max(t_compute, 1e-9):,.0f}")
+            _fault("after_shard", i)
 
 
 def _manifest(out: Path, key: str, components: dict[str, Any], s: PrecomputeSettings, teacher: str | Path,
