@@ -37,7 +37,9 @@ from smollm2_distill import convert, find_gguf  # noqa: E402
 from smollm2_kd_vs_ce import kdkit  # noqa: E402
 from smollm2_kl_leash import MBPP, chat_rows, humaneval_slice, propose, skeleton_tasks  # noqa: E402
 
-AGGREGATES = ("mean", "rmse")
+ARMS = {"mean": ("mean", 1.0), "rmse": ("rmse", 1.0), "none": ("mean", 0.0)}
+"""Each arm's barrier aggregate and weight: ``none`` is the control without a barrier (weight 0: the
+divergence to the base is still measured and logged, and pulls on nothing)."""
 
 
 def probes(args: argparse.Namespace) -> Path:
@@ -58,7 +60,7 @@ def probes(args: argparse.Namespace) -> Path:
     return out
 
 
-def round_config(model: Path, base: Path, agg: str, tau: float, seed: int, r: int, d: dict,
+def round_config(model: Path, base: Path, arm: str, tau: float, seed: int, r: int, d: dict,
                  args: argparse.Namespace) -> Path:
     import yaml
 
@@ -66,26 +68,27 @@ def round_config(model: Path, base: Path, agg: str, tau: float, seed: int, r: in
                                                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
            "reference": {"kind": "model", "path": str(base)},
            "data": {"train": str(d["rows"]), "max_length": 512, "shuffle_seed": 100 * seed + r},
-           "objective": {"ce_coef": 1.0, "barrier": {"kind": "kl_rev", "aggregate": agg, "tau": tau, "weight": 1.0}},
+           "objective": {"ce_coef": 1.0, "barrier": {"kind": "kl_rev", "aggregate": ARMS[arm][0], "tau": tau,
+                                                        "weight": ARMS[arm][1]}},
            "optim": {"lr": args.lr, "micro_batch": 4, "grad_accum": 2, "epochs": 100, "max_steps": args.round_steps,
                      "schedule": "constant", "seed": seed},
            "probes": {"prompts": str(d["probes"]), "every": args.round_steps, "max_new_tokens": 96},
            "early_stop": {"coherence_floor": args.floor, "patience": 1},
            "checkpoint": {"every": 0}, "logging": {"every": 1}}
-    path = args.out / "configs" / f"{agg}_seed{seed}_r{r}.yaml"
+    path = args.out / "configs" / f"{arm}_seed{seed}_r{r}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
-def one_round(model: Path, base: Path, agg: str, tau: float, seed: int, r: int, d: dict, server: str,
+def one_round(model: Path, base: Path, arm: str, tau: float, seed: int, r: int, d: dict, server: str,
               args: argparse.Namespace) -> tuple[dict, Path]:
     """Train round r from ``model``, merge, evaluate; its record (written once: a rerun skips it) and pack."""
-    where = args.out / "runs" / agg / f"seed{seed}" / f"round{r}"
+    where = args.out / "runs" / arm / f"seed{seed}" / f"round{r}"
     rec_path, pack = where / "round.json", where / "pack"
     if rec_path.is_file():
         return json.loads(rec_path.read_text()), pack
-    config = round_config(model, base, agg, tau, seed, r, d, args)
+    config = round_config(model, base, arm, tau, seed, r, d, args)
     kdkit("train", str(config), "--out", str(where / "run"), "--no-progress")
     kdkit("merge", str(where / "run"), "--out", str(pack))
     passed = {}
@@ -93,12 +96,13 @@ def one_round(model: Path, base: Path, agg: str, tau: float, seed: int, r: int, 
         kdkit("eval", str(pack), "--tasks", str(tasks), "--server", server, "--prompt-style", "chat",
               "--max-new-tokens", str(args.max_new_tokens), "--out", str(where / suite))
         passed[suite] = json.loads((where / suite / "summary.json").read_text())["n_passed"]
-    rec = {"aggregate": agg, "seed": seed, "round": r, "tau": tau, **passed, **round_figures(where / "run", agg, tau)}
+    rec = {"aggregate": arm, "seed": seed, "round": r, "tau": tau if ARMS[arm][1] else None, **passed,
+           **round_figures(where / "run", arm, tau)}
     rec_path.write_text(json.dumps(rec, indent=1) + "\n")
     return rec, pack
 
 
-def round_figures(run: Path, agg: str, tau: float) -> dict:
+def round_figures(run: Path, arm: str, tau: float) -> dict:
     """The last probe round's coherence (mean, worst probe) and its divergence to the base on the probes' own
     tokens (mean and p95 over every generated token: the minority the seed is about), both aggregates'
     divergence to the base on the training rows (mean over the logged steps), on how many logged steps the
@@ -113,9 +117,16 @@ def round_figures(run: Path, agg: str, tau: float) -> dict:
             "start_coherence": [first["probe_coherence"], first["probe_coherence_min"]],
             "probe_kl_mean": probe["probe_kl_mean"], "probe_kl_p95": probe["probe_kl_p95"],
             "kl_mean": logged_mean(steps, "barrier_div_mean"), "kl_rmse": logged_mean(steps, "barrier_div_rmse"),
-            "active": [sum(s[f"barrier_div_{agg}"] > tau for s in steps if f"barrier_div_{agg}" in s),
-                       sum(f"barrier_div_{agg}" in s for s in steps)],
+            "active": _active(steps, *ARMS[arm], tau),
             "stopped": "early_stop" in info}
+
+
+def _active(steps: list[dict], agg: str, weight: float, tau: float) -> list[int] | None:
+    """[logged steps with the barrier's own aggregate above τ, logged steps]; None without a barrier."""
+    if not weight:
+        return None
+    return [sum(s[f"barrier_div_{agg}"] > tau for s in steps if f"barrier_div_{agg}" in s),
+            sum(f"barrier_div_{agg}" in s for s in steps)]
 
 
 def base_record(base: Path, d: dict, server: str, args: argparse.Namespace) -> dict:
@@ -138,6 +149,8 @@ def main() -> int:
     ap.add_argument("--teacher", type=Path, help="SmolLM2-135M-Instruct already converted (default: from the GGUF)")
     ap.add_argument("--server", help="a vLLM server of the base started with VLLM_SERVER_DEV_MODE=1 (default: "
                                      "one started here)")
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=["mean", "rmse"],
+                    help="the barriers compared (none: the control without one)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--round-steps", type=int, default=8, help="optimizer steps per round (8 rows each)")
@@ -163,14 +176,14 @@ def main() -> int:
          "anchors": humaneval_slice(args.anchors, args.out / "humaneval.jsonl")}
     skeleton_tasks(args.mbpp, 511, 510 + args.heldout, d["heldout"])
     first = round_config(base, base, "mean", 0.0, 0, 1, d, args)
-    taus = {agg: propose(first, agg, args) for agg in AGGREGATES}
+    taus = {arm: propose(first, ARMS[arm][0], args) if ARMS[arm][1] else 0.0 for arm in args.arms}
     with served_dev(base, args) as server:
         base_record(base, d, server, args)
         for seed in range(args.seeds):
-            for agg in AGGREGATES:
+            for arm in args.arms:
                 model = base
                 for r in range(1, args.rounds + 1):
-                    rec, model = one_round(model, base, agg, taus[agg], seed, r, d, server, args)
+                    rec, model = one_round(model, base, arm, taus[arm], seed, r, d, server, args)
                     if rec["stopped"]:
                         break  # the floor stopped the run: later rounds would start from its last good round
                     print(write_summary(args), flush=True)
@@ -200,7 +213,7 @@ class served_dev:
 def write_summary(args: argparse.Namespace) -> str:
     """summary.json and summary.md from the base's record and every finished round."""
     recs = [json.loads(p.read_text()) for p in sorted((args.out / "runs").glob("*/seed*/round*/round.json"))]
-    recs.sort(key=lambda x: (x["aggregate"], x["seed"], x["round"]))
+    recs.sort(key=lambda x: (list(ARMS).index(x["aggregate"]), x["seed"], x["round"]))
     base = args.out / "runs" / "base.json"
     summary = {"base": json.loads(base.read_text()) if base.is_file() else None, "rounds": recs,
                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
@@ -212,7 +225,7 @@ def write_summary(args: argparse.Namespace) -> str:
     return text
 
 
-COLORS = {"mean": "#1f77b4", "rmse": "#d62728"}
+COLORS = {"mean": "#1f77b4", "rmse": "#d62728", "none": "#555555"}
 
 
 def rounds_plot(s: dict, out: Path) -> None:
@@ -258,11 +271,24 @@ def rounds_table(s: dict) -> str:
     if b is not None and start:
         lines.append(f"| base | — | 0 | — | — | {start[0][0]:.3f} / {start[0][1]:.3f} | 0 / 0 | 0 / 0 | "
                      f"{b['skeletons']} | {b['anchors']} | — |")
-    lines += [f"| {x['aggregate']} | {x['seed']} | {x['round']} | {x['tau']:.4g} | {x['active'][0]}/{x['active'][1]}"
-              f"{' (inert)' if x['active'][0] == 0 else ''} | {x['coherence']:.3f} / {x['coherence_min']:.3f} | "
+    lines += [f"| {x['aggregate']} | {x['seed']} | {x['round']} | {_tau(x)} | {_above(x['active'])} | "
+              f"{x['coherence']:.3f} / {x['coherence_min']:.3f} | "
               f"{x['probe_kl_mean']:.4f} / {x['probe_kl_p95']:.4f} | {x['kl_mean']:.4f} / {x['kl_rmse']:.4f} | "
               f"{x['skeletons']} | {x['anchors']} | {'yes' if x['stopped'] else '—'} |" for x in recs]
     return "\n".join(lines) + "\n\n" + pooled_table(recs, n_a, n_s)
+
+
+def _tau(x: dict) -> str:
+    return "—" if x["tau"] is None else f"{x['tau']:.4g}"
+
+
+def _above(active: list[int] | None) -> str:
+    """Steps above τ of the logged steps, "inert" at none (the barrier did nothing); "—" without a barrier."""
+    return "—" if active is None else f"{active[0]}/{active[1]}{' (inert)' if active[0] == 0 else ''}"
+
+
+def _summed(actives: list[list[int] | None]) -> list[int] | None:
+    return None if None in actives else [sum(a[0] for a in actives), sum(a[1] for a in actives)]
 
 
 def pooled_table(recs: list[dict], n_a: int, n_s: int) -> str:
@@ -270,14 +296,14 @@ def pooled_table(recs: list[dict], n_a: int, n_s: int) -> str:
     the mean KL to the base by each aggregate, passes summed, steps above τ summed, runs the floor stopped."""
     lines = ["| barrier | round | seeds | coherence mean / worst probe | probe KL p95 | KL to base, mean / rmse | "
              "skeletons | HumanEval anchors | above τ (steps) | stopped |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for agg, r in sorted({(x["aggregate"], x["round"]) for x in recs}):
+    for agg, r in sorted({(x["aggregate"], x["round"]) for x in recs}, key=lambda k: (list(ARMS).index(k[0]), k[1])):
         g = [x for x in recs if (x["aggregate"], x["round"]) == (agg, r)]
         k = len(g)
         lines.append(f"| {agg} | {r} | {k} | {sum(x['coherence'] for x in g) / k:.3f} / "
                      f"{min(x['coherence_min'] for x in g):.3f} | {sum(x['probe_kl_p95'] for x in g) / k:.4f} | "
                      f"{sum(x['kl_mean'] for x in g) / k:.4f} / {sum(x['kl_rmse'] for x in g) / k:.4f} | "
                      f"{sum(x['skeletons'] for x in g)}/{n_s * k} | {sum(x['anchors'] for x in g)}/{n_a * k} | "
-                     f"{sum(x['active'][0] for x in g)}/{sum(x['active'][1] for x in g)} | "
+                     f"{_above(_summed([x['active'] for x in g]))} | "
                      f"{sum(x['stopped'] for x in g)} |")
     return "\n".join(lines) + "\n"
 
