@@ -61,7 +61,7 @@ def probes(args: argparse.Namespace) -> Path:
 
 
 def round_config(model: Path, base: Path, arm: str, tau: float, seed: int, r: int, d: dict,
-                 args: argparse.Namespace) -> Path:
+                 args: argparse.Namespace, name: str | None = None) -> Path:
     import yaml
 
     cfg = {"student": {"path": str(model), "lora": {"r": 8, "alpha": 16, "dropout": 0.0,
@@ -75,7 +75,7 @@ def round_config(model: Path, base: Path, arm: str, tau: float, seed: int, r: in
            "probes": {"prompts": str(d["probes"]), "every": args.round_steps, "max_new_tokens": 96},
            "early_stop": {"coherence_floor": args.floor, "patience": 1},
            "checkpoint": {"every": 0}, "logging": {"every": 1}}
-    path = args.out / "configs" / f"{arm}_seed{seed}_r{r}.yaml"
+    path = args.out / "configs" / f"{name or f'{arm}_seed{seed}_r{r}'}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -175,7 +175,7 @@ def main() -> int:
          "heldout": args.out / "skeleton_heldout.jsonl", "probes": probes(args),
          "anchors": humaneval_slice(args.anchors, args.out / "humaneval.jsonl")}
     skeleton_tasks(args.mbpp, 511, 510 + args.heldout, d["heldout"])
-    first = round_config(base, base, "mean", 0.0, 0, 1, d, args)
+    first = round_config(base, base, "mean", 0.0, 0, 1, d, args, name="tau_proposal")  # round 1's rows, no τ
     taus = {arm: propose(first, ARMS[arm][0], args) if ARMS[arm][1] else 0.0 for arm in args.arms}
     with served_dev(base, args) as server:
         base_record(base, d, server, args)
