@@ -230,7 +230,7 @@ COLORS = {"mean": "#1f77b4", "rmse": "#d62728", "none": "#555555"}
 
 def rounds_plot(s: dict, out: Path) -> None:
     """Per aggregate and seed, against the round (the base at 0): the probes' worst and mean coherence, the KL
-    to the base on the probes' own tokens (p95) and HumanEval anchors passed."""
+    to the base on the probes' own tokens (p95), held-out skeletons and HumanEval anchors passed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,8 +240,9 @@ def rounds_plot(s: dict, out: Path) -> None:
     start = next(x["start_coherence"] for x in s["rounds"] if x["round"] == 1)
     panels = (("coherence (solid mean, dashed worst probe)", lambda x: x["coherence"], start[0]),
               ("probe KL to base, p95 (nats)", lambda x: x["probe_kl_p95"], 0.0),
+              ("held-out skeletons passed (the task)", lambda x: x["skeletons"], s["base"]["skeletons"]),
               ("HumanEval anchors passed", lambda x: x["anchors"], s["base"]["anchors"]))
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.3))
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.3))
     for a, (title, value, at0) in zip(axes, panels, strict=True):
         for agg, seed in sorted({(x["aggregate"], x["seed"]) for x in s["rounds"]}):
             run = [x for x in s["rounds"] if (x["aggregate"], x["seed"]) == (agg, seed)]
