@@ -139,8 +139,9 @@ def _servers(method: str, tmp: Path, student: Path, teacher: Path) -> dict:
     if method not in ("kdkit_onpolicy_vllm", "kdkit_onpolicy_served"):
         return {}
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.vllm_server import DEV, VllmServer
+    from tests.vllm_server import DEV, VllmServer, stop_on_sigterm
 
+    stop_on_sigterm()  # a kill stops these servers, not only a normal exit
     started = [VllmServer(student, tmp / "student-vllm.log", extra=DEV[0], env=DEV[1]).start()]
     out = {"student": started[0].url}
     if method == "kdkit_onpolicy_served":

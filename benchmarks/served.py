@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import machine  # noqa: E402
+from tests.vllm_server import stop_on_sigterm  # noqa: E402
 
 
 def one(teacher: str, data: str, out: str, url: str | None, top_k: int, batch: int, max_length: int) -> dict:
@@ -66,6 +67,7 @@ def main() -> int:
     ap.add_argument("--one", nargs=3, metavar=("TEACHER", "DATA", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    stop_on_sigterm()  # a kill stops the servers this script started, not only a normal exit
     if args.one:
         print(json.dumps(one(*args.one, args.url, args.top_k, args.batch_size, args.max_length)))
         return 0

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import machine  # noqa: E402
+from tests.vllm_server import stop_on_sigterm  # noqa: E402
 
 
 def eval_once(model: Path, out: Path, limit: int, max_new_tokens: int, url: str | None) -> dict:
@@ -82,6 +83,7 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--adapter-rank", type=int, default=None)
     args = ap.parse_args()
+    stop_on_sigterm()  # a kill stops the servers this script started, not only a normal exit
     from tests.vllm_server import LORA, VllmServer
 
     runs: list[dict] = []

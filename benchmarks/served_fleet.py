@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import machine  # noqa: E402
+from tests.vllm_server import stop_on_sigterm  # noqa: E402
 
 
 def capture(model: Path, data: Path, out: Path, urls: list[str]) -> dict:
@@ -59,6 +60,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--servers", type=int, default=3)
     args = ap.parse_args()
+    stop_on_sigterm()  # a kill stops the servers this script started, not only a normal exit
     from tests.vllm_server import VllmServer
 
     from kdkit.models.load import load_tokenizer

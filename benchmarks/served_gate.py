@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import machine  # noqa: E402
+from tests.vllm_server import stop_on_sigterm  # noqa: E402
 
 VARIANTS = ("local", "served-adapter", "served-weights")
 RULE = "max_regressions=0,require_gain_p=0.05"
@@ -105,6 +106,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     args = ap.parse_args()
+    stop_on_sigterm()  # a kill stops the servers this script started, not only a normal exit
     from tests.vllm_server import LORA, VllmServer
 
     from kdkit.evaluate.tasks import resolve_tasks

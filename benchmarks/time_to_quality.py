@@ -60,6 +60,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
 
 from _common import machine, peak_rss_mb, reset_peak_rss  # noqa: E402
+from tests.vllm_server import stop_on_sigterm  # noqa: E402
 
 ARMS = ("trl_gkd", "trl_gkd_fwd", "trl_distill", "kdkit_cache", "kdkit_live", "kdkit_served",
         "kdkit_onpolicy_sampled", "kdkit_onpolicy_full")
@@ -421,6 +422,7 @@ def main() -> int:
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("--evaluate", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    stop_on_sigterm()  # a kill stops the servers this script started, not only a normal exit
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the saves' and loads' bars, in every process
     if args.one:

@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 from smollm2_distill import convert, find_gguf  # noqa: E402
 from smollm2_kd_vs_ce import kdkit, optim_section  # noqa: E402
 from smollm2_kl_leash import MBPP, chat_rows, propose, skeleton_tasks  # noqa: E402
+from tests.vllm_server import stop_on_sigterm  # noqa: E402
 
 SHARES = (0.0, 0.25, 0.5)
 LAMBDAS = (0.0, 0.05, 0.10, 0.20)
@@ -190,6 +191,7 @@ def main() -> int:
     ap.add_argument("--mbpp", type=Path, default=MBPP)
     ap.add_argument("--summary-only", action="store_true", help="write summary.md from what finished, run nothing")
     args = ap.parse_args()
+    stop_on_sigterm()  # a kill stops the servers this script started, not only a normal exit
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("KDKIT_MBPP", str(args.mbpp))
     args.out.mkdir(parents=True, exist_ok=True)

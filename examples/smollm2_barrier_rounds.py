@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from smollm2_distill import convert, find_gguf  # noqa: E402
 from smollm2_kd_vs_ce import kdkit  # noqa: E402
 from smollm2_kl_leash import MBPP, chat_rows, humaneval_slice, propose, skeleton_tasks  # noqa: E402
+from tests.vllm_server import stop_on_sigterm  # noqa: E402
 
 ARMS = {"mean": ("mean", 1.0), "rmse": ("rmse", 1.0), "none": ("mean", 0.0)}
 """Each arm's barrier aggregate and weight: ``none`` is the control without a barrier (weight 0: the
@@ -164,6 +165,7 @@ def main() -> int:
     ap.add_argument("--mbpp", type=Path, default=MBPP)
     ap.add_argument("--summary-only", action="store_true", help="write summary.md from what finished, run nothing")
     args = ap.parse_args()
+    stop_on_sigterm()  # a kill stops the servers this script started, not only a normal exit
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.summary_only:

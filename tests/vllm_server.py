@@ -7,9 +7,11 @@ fail: the served path is then always exercised.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -45,6 +47,15 @@ LORA = (("--enable-lora", "--max-lora-rank", "8"), {"VLLM_ALLOW_RUNTIME_LORA_UPD
 """A server that loads a LoRA student's adapter at run time."""
 DEV = ((), {"VLLM_SERVER_DEV_MODE": "1"})
 """A server whose weights a fully fine-tuned student reloads in place (/collective_rpc, /reset_prefix_cache)."""
+
+
+def stop_on_sigterm() -> None:
+    """For a script that starts servers (an example, a benchmark): SIGTERM to it (``kill PID``, a scheduler's
+    stop) raises SystemExit, so that ``with`` blocks and ``finally`` run: a server, in its own session, is stopped
+    instead of outliving its owner, and a kdkit child run by ``subprocess.run`` is killed. Only from the main
+    thread, and only where no handler is set already (not under pytest: it would turn a stop into a failure)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 class VllmServer:
