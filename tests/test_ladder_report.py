@@ -246,7 +246,8 @@ def test_a_seed_varies_the_data_order_and_identical_seeds_are_named(tmp_path):
 @needs_bwrap
 def test_a_ladder_with_set_two_suites_and_seeds(ladder_world, tmp_path):
     """--set for every rung, a second suite and a barrier: the tables show the barrier's divergence (under its
-    aggregate, averaged over the logged steps) and the second suite's pass counts, per rung and pooled."""
+    aggregate, averaged over the logged steps), on how many steps it acted, and the second suite's pass
+    counts, per rung and pooled."""
     root = ladder_world
     write_jsonl(root / "tasks2.jsonl", TASKS[:2])
     cfg = yaml.safe_load((root / "cfg.yaml").read_text())
@@ -287,7 +288,7 @@ def test_a_ladder_with_set_two_suites_and_seeds(ladder_world, tmp_path):
         assert printed == (f"rung {i + 1}/2 {r['values']}: {r['decision']} — anchors {r['passed']}/{r['n_tasks']} "
                            f"(baseline {r['baseline_passed']}), tasks2.jsonl {r['suites'][1]['candidate_passed']}/2 "
                            f"(baseline {r['suites'][1]['baseline_passed']}); barrier above τ on {active}/{len(logged)} "
-                           f"logged steps")
+                           f"steps")  # every step is logged here, and every step is counted
     assert header[5] == "barrier active"
     pooled = sum(r["suites"][1]["candidate_passed"] for r in res)
     assert f"| {pooled}/4 |" in seeds_md and "tasks2.jsonl pass (pooled)" in seeds_md
@@ -303,7 +304,8 @@ def test_an_inert_barrier_is_said_to_be_inert():
     assert active_cell([rec]) == "0/12 (inert)" and active_cell([rec, {**rec, "barrier_active": [3, 12]}]) == "3/24"
     assert active_cell([{"values": {}}]) == "—"
     assert rung_line(0, 3, rec) == ("rung 1/3 {'objective.barrier.tau': 5.0}: REVERT — anchors 3/10 (baseline 4); "
-                                    "barrier above τ on 0/12 logged steps (it never acted)")
+                                    "barrier above τ on 0/12 logged steps (it never acted)")  # a run from before
+    assert rung_line(0, 3, {**rec, "barrier_counted": "steps"}).endswith("barrier above τ on 0/12 steps (it never acted)")
 
 
 def test_the_configs_eval_server_is_the_default_server_and_a_flag_wins(ladder_world, tmp_path):

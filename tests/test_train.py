@@ -180,6 +180,31 @@ def test_kill_9_after_checkpoint_then_resume_is_bitwise_equal(world, tmp_path):
     assert _jsonl(Path(full["run_dir"]) / "epochs.jsonl") == _jsonl(run / "epochs.jsonl")
 
 
+def test_every_step_counts_where_the_barrier_was_above_tau_not_only_the_logged_ones(world, tmp_path):
+    """A barrier of weight 0 measures its divergence and pulls on nothing, so τ and the logging interval leave
+    training unchanged: a run logging every 3rd step counts, in epochs.jsonl, the same steps above τ as the
+    per-step divergences of a run logging every step say."""
+    def barrier(tau: float) -> dict:
+        return {"barrier": {"kind": "kl_rev", "aggregate": "rmse", "tau": tau, "weight": 0.0}}
+
+    every = _run(_cfg(world, tmp_path, objective=barrier(0.0), reference={"kind": "base"}, logging={"every": 1}),
+                 tmp_path / "every")
+    steps = _jsonl(Path(every["run_dir"]) / "metrics.jsonl")
+    divs = sorted({s["barrier_div_rmse"] for s in steps})
+    tau = divs[len(divs) // 2]  # the median: some steps above, some not
+    sparse = _run(_cfg(world, tmp_path, objective=barrier(tau), reference={"kind": "base"}, logging={"every": 3}),
+                  tmp_path / "sparse")
+    logged = _jsonl(Path(sparse["run_dir"]) / "metrics.jsonl")
+    assert len(logged) < len(steps) and [s["total_loss"] for s in logged] == [
+        s["total_loss"] for s in steps if s["step"] in {x["step"] for x in logged}]  # the same training
+    epochs = _jsonl(Path(sparse["run_dir"]) / "epochs.jsonl")
+    for e, prev in zip(epochs, [0, *(x["step"] for x in epochs)], strict=False):
+        in_epoch = [s for s in steps if prev < s["step"] <= e["step"]]
+        assert e["barrier_steps"] == len(in_epoch)
+        assert e["barrier_active_steps"] == sum(s["barrier_div_rmse"] > tau for s in in_epoch)
+    assert 0 < sum(e["barrier_active_steps"] for e in epochs) < len(steps)
+
+
 def test_barrier_reference_base_with_lora_equals_explicit_copy(world, tmp_path):
     barrier = {"kd_weight": 0.5, "barrier": {"kind": "kl_rev", "aggregate": "rmse", "tau": 0.0, "weight": 5.0}}
     a = _run(_cfg(world, tmp_path, objective=barrier, reference={"kind": "base"}), tmp_path / "base")

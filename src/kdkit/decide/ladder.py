@@ -67,18 +67,27 @@ def logged_mean(steps: list[dict[str, Any]], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def barrier_active(steps: list[dict[str, Any]], epochs: list[dict[str, Any]], barrier: Any) -> dict[str, Any]:
+    """[steps the barrier was above τ, steps] from every step, as each epoch's row counts them; a run from
+    before those counts: of its logged steps only, and ``barrier_counted`` says so."""
+    if epochs and all("barrier_steps" in e for e in epochs):
+        return {"barrier_active": [sum(e["barrier_active_steps"] for e in epochs),
+                                   sum(e["barrier_steps"] for e in epochs)], "barrier_counted": "steps"}
+    divs = [s[f"barrier_div_{barrier.aggregate}"] for s in steps if f"barrier_div_{barrier.aggregate}" in s]
+    return {"barrier_active": [sum(d > barrier.tau for d in divs), len(divs)], "barrier_counted": "logged steps"}
+
+
 def _epoch_means(run_dir: Path, barrier: Any = None) -> dict[str, Any]:
     """avg CE / avg KL over the training steps (as the seeds' table), the barrier's divergence to the reference
-    under its aggregate averaged likewise (its weight may be 0) and on how many logged steps it was above τ
-    (the hinge active: below τ the barrier does nothing), val loss of the last epoch."""
+    under its aggregate averaged likewise (its weight may be 0), on how many steps it was above τ (the hinge
+    active: below τ the barrier does nothing; :func:`barrier_active`), val loss of the last epoch."""
     steps, epochs = read_log(run_dir / "metrics.jsonl"), read_log(run_dir / "epochs.jsonl")
     rounds = [s for s in steps if s.get("probe_round")]
     last = epochs[-1] if epochs else {}
     key = barrier and f"barrier_div_{barrier.aggregate}"
-    divs = [s[key] for s in steps if key in s] if barrier else []
     return {"avg_ce": logged_mean(steps, "ce_loss"), "avg_kl": logged_mean(steps, "kl_loss"),
             "avg_barrier_div": logged_mean(steps, key) if barrier else None,
-            "barrier_active": [sum(d > barrier.tau for d in divs), len(divs)] if barrier else None,
+            **(barrier_active(steps, epochs, barrier) if barrier else {"barrier_active": None}),
             "val_loss": last.get("val_loss"), "val_kl": last.get("val_kl"), "val_top1": last.get("val_top1"),
             "coherence": rounds[-1]["probe_coherence"] if rounds else None,
             "coherence_min": min(r["probe_coherence"] for r in rounds) if rounds else None}
@@ -219,7 +228,8 @@ def rung_line(i: int, n: int, rec: dict[str, Any]) -> str:
         line += f", {Path(s['tasks']).name} {s['candidate_passed']}/{s['n_tasks']} (baseline {s['baseline_passed']})"
     if rec.get("barrier_active"):
         k, m = rec["barrier_active"]
-        line += f"; barrier above τ on {k}/{m} logged steps" + (" (it never acted)" if k == 0 else "")
+        line += (f"; barrier above τ on {k}/{m} {rec.get('barrier_counted', 'logged steps')}"
+                 + (" (it never acted)" if k == 0 else ""))
     if rec.get("draft"):
         line += (f"; as a draft for the teacher: acceptance {rec['draft']['alpha_sample']:.3f} (sampling), "
                  f"{rec['draft']['alpha_greedy']:.3f} (greedy)")

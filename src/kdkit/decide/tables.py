@@ -73,8 +73,9 @@ def _mean_drift(done: list[dict[str, Any]], where: str) -> dict[str, Any]:
 
 
 def active_cell(done: list[dict[str, Any]]) -> str:
-    """On how many logged steps the barrier's divergence was above τ (its hinge active), summed over ``done``;
-    "0/n (inert)" says that the leash never acted."""
+    """On how many steps the barrier's divergence was above τ (its hinge active), summed over ``done`` (every
+    step; of the logged steps only for a run from before kdkit counted every step); "0/n (inert)" says that
+    the leash never acted."""
     counts = [r["barrier_active"] for r in done if r.get("barrier_active")]
     if not counts:
         return "—"

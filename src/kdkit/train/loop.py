@@ -17,7 +17,7 @@ from kdkit.teacher.served import ServedError
 from kdkit.train import trackers
 from kdkit.train.build import build
 from kdkit.train.control import Interrupts, early_stopped, fault, probe, server_down, stop_interrupted
-from kdkit.train.metrics import Sums, end_epoch, log_step
+from kdkit.train.metrics import Sums, count_barrier_step, end_epoch, log_step
 from kdkit.train.plan import peek_step, plan_step
 from kdkit.train.rundir import max_weight_change, open_run, write_checkpoint, write_final
 from kdkit.train.step import GradHook, optimizer_step
@@ -77,6 +77,7 @@ def train(
             step += 1
             epoch_sums.merge(step_sums)
             summary = log_step(r, step, step_sums, metrics, time.perf_counter() - t0)
+            count_barrier_step(r, epoch_sums, summary)
             bar.update(task, completed=step, info=f"loss {summary['total_loss']:.4f}")
             ticker.update(step, _step_info(summary, step_sums))
             fault("after_step", step)

@@ -66,6 +66,17 @@ def log_step(r: Run, step: int, sums: Sums, metrics: dict[str, float], dt: float
     return summary
 
 
+def count_barrier_step(r: Run, epoch_sums: Sums, summary: dict[str, float]) -> None:
+    """Every step, logged or not: one more step in ``epoch_sums`` on which the barrier's divergence under its
+    aggregate (the micro-batches' mean, as ``barrier_div_<how>`` is logged) was above τ — its hinge active;
+    below τ the barrier does nothing — and one more step it was measured on."""
+    barrier = r.cfg.objective.barrier
+    div = summary.get(f"barrier_div_{barrier.aggregate}") if barrier is not None else None
+    if div is not None:
+        for key, add in (("barrier_active_steps", float(div > barrier.tau)), ("barrier_steps", 1.0)):
+            epoch_sums.v[key] = epoch_sums.v.get(key, 0.0) + add
+
+
 def end_epoch(r: Run, step: int, epoch_sums: Sums) -> None:
     """The epoch's row in epochs.jsonl, with the validation loss (and KL to a live teacher)."""
     live = r.src.teacher if r.src.teacher is not None and r.src.teacher.scores_any_tokens else None
@@ -74,8 +85,9 @@ def end_epoch(r: Run, step: int, epoch_sums: Sums) -> None:
     if r.acc.is_main_process:
         summary = epoch_sums.summary()
         per_row = ev.pop("per_row", None)
+        counted = {k: int(epoch_sums.v[k]) for k in ("barrier_active_steps", "barrier_steps") if k in epoch_sums.v}
         row = {"epoch": (step - 1) // r.steps_per_epoch, "step": step, "train_loss": summary["total_loss"],
-               **summary, **ev}
+               **summary, **counted, **ev}
         append_jsonl(r.epochs_path, row)
         trackers.log(r.acc, r.cfg, row, step, prefix="epoch/")
         if per_row is not None:  # the latest epoch's, row by row: `kdkit report`'s paired intervals
