@@ -73,7 +73,8 @@ def barrier_active(steps: list[dict[str, Any]], epochs: list[dict[str, Any]], ba
     if epochs and all("barrier_steps" in e for e in epochs):
         return {"barrier_active": [sum(e["barrier_active_steps"] for e in epochs),
                                    sum(e["barrier_steps"] for e in epochs)], "barrier_counted": "steps"}
-    divs = [s[f"barrier_div_{barrier.aggregate}"] for s in steps if f"barrier_div_{barrier.aggregate}" in s]
+    key = f"barrier_div_{barrier.aggregate}"
+    divs = [s[key] for s in steps if key in s]
     return {"barrier_active": [sum(d > barrier.tau for d in divs), len(divs)], "barrier_counted": "logged steps"}
 
 
