@@ -20,9 +20,10 @@ Arms: share 0 (the plain fine-tune), and shares 25% and 50% each at λ (``object
 one-rung `kdkit ladder` (so every arm's first seed runs before any second seed, and a rerun skips what
 finished): LoRA r 8 on q/k/v/o, --steps steps of 8 rows; gated through one vLLM server (started here; each
 rung merged and its weights loaded in place, the faster way on vLLM's CPU build, or --served-lora adapter)
-against the base as production on all 164 HumanEval tasks (and MBPP's 500 test
-tasks with --mbpp-test) under the noise rule (``--rule drop_alpha=0.05``: a fall in pass count beyond noise
-reverts; single tasks flip both ways at this size under any change), with the drift columns. The held-out
+against the base as production on all 164 HumanEval tasks under the noise rule (``--rule drop_alpha=0.05``: a
+fall in pass count beyond noise reverts; single tasks flip both ways at this size under any change), with the
+drift columns. With --mbpp-test each finished run is gated again, on HumanEval and MBPP's 500 test tasks in one
+decision (`kdkit gate`, HumanEval's answers reused; about 12 more minutes a run, and once for the base). The held-out
 skeletons (MBPP validation, ids 511..) are evaluated beside the gate, not by it: production passes almost
 none (2 of 40 in the KL-leash example), so as a gate suite they could never show a drop.
 
@@ -141,7 +142,7 @@ def slug(arm: dict) -> str:
     return arm["name"].replace(", ", "_").replace(" ", "").replace("λ", "lam").replace("(", "").replace(")", "")
 
 
-def run_arm(arm: dict, seed: int, d: dict, base: Path, server: str, suites: list[str],
+def run_arm(arm: dict, seed: int, d: dict, base: Path, server: str, anchors: str,
             args: argparse.Namespace) -> Path:
     """One arm at one seed: a one-rung ladder (gated through the server), then the held-out skeletons."""
     config = write_config(arm, d, base, server, args)
@@ -154,7 +155,7 @@ def run_arm(arm: dict, seed: int, d: dict, base: Path, server: str, suites: list
         return out  # finished earlier
     t0 = time.perf_counter()
     kdkit("registry", "promote", str(base), "--name", "base", "--workspace", ws)  # every arm against the base
-    kdkit("ladder", str(config), "--vary", f"optim.seed={seed}", *extra, *(x for t in suites for x in ("--tasks", t)),
+    kdkit("ladder", str(config), "--vary", f"optim.seed={seed}", *extra, "--tasks", anchors,
           "--rule", RULE, "--out", str(out), "--workspace", ws, "--prompt-style", "chat",
           "--max-new-tokens", str(args.max_new_tokens), "--served-lora", args.served_lora, "--no-progress")
     t1 = time.perf_counter()
@@ -164,6 +165,36 @@ def run_arm(arm: dict, seed: int, d: dict, base: Path, server: str, suites: list
           "--out", str(out / "skeletons"))
     (out / "seconds.json").write_text(json.dumps({"ladder": t1 - t0, "skeletons": time.perf_counter() - t1}) + "\n")
     return out
+
+
+def full_gate(out: Path, server: str, anchors: str, args: argparse.Namespace) -> None:
+    """--mbpp-test: a finished run's merged model gated against the base on the anchors and MBPP's 500 test tasks
+    in one decision (the anchors' answers are the rung's, reused), recorded in gate_full.json; a rerun skips the
+    runs that have one. The rung's own gate stays the anchors' alone, so runs from before --mbpp-test compare."""
+    import subprocess
+
+    record, pack = out / "gate_full.json", out / "rung-00" / "pack"
+    if record.is_file() or not pack.is_dir():
+        return
+    args_ = ["gate", str(pack), "--tasks", anchors, "--tasks", "mbpp-test", "--against", "base", "--rule", RULE,
+             "--workspace", str(args.out / "ws"), "--prompt-style", "chat", "--max-new-tokens",
+             str(args.max_new_tokens), "--server", server, "--no-progress", "--json", str(record)]
+    print("$ kdkit " + " ".join(args_), flush=True)
+    rc = subprocess.run([sys.executable, "-m", "kdkit", *args_]).returncode
+    if rc not in (0, 1, 3):  # KEEP, REVERT, UNDECIDED are answers; anything else stops the example
+        raise SystemExit(f"kdkit gate on {pack} failed (exit {rc})")
+
+
+def full_gate_record(ladder: Path) -> dict | None:
+    """What gate_full.json says of MBPP test and of both suites together (None before --mbpp-test ran)."""
+    path = ladder / "gate_full.json"
+    if not path.is_file():
+        return None
+    g = json.loads(path.read_text())
+    mbpp = g["suites"][1]
+    return {"decision": g["decision"], "reason": g["reason"],
+            "mbpp": {k: mbpp[k] for k in ("baseline_passed", "candidate_passed", "n_tasks", "p_value", "decision")}
+            | {"regressed": len(mbpp["regressed"]), "fixed": len(mbpp["fixed"])}}
 
 
 def main() -> int:
@@ -185,7 +216,9 @@ def main() -> int:
     ap.add_argument("--anchors", default="humaneval", help="the gate's anchors (a suite name or a task file)")
     ap.add_argument("--anchor-tasks", type=int, default=0, help="only the anchors' first N tasks (0: all)")
     ap.add_argument("--pool", type=int, default=0, help="anchor prompts answered by production (0: all 224)")
-    ap.add_argument("--mbpp-test", action="store_true", help="gate on MBPP's 500 test tasks too")
+    ap.add_argument("--mbpp-test", action="store_true",
+                    help="gate every finished run again on HumanEval and MBPP's 500 test tasks in one decision "
+                         "(gate_full.json; a rerun skips runs that have one)")
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--target-prob", type=float, default=0.5, help="the barrier arm's `kdkit barrier tau --target-prob`")
     ap.add_argument("--mbpp", type=Path, default=MBPP)
@@ -202,10 +235,11 @@ def main() -> int:
             anchors = args.anchors
             if args.anchor_tasks:  # the suite's first N tasks (a reduced run)
                 anchors = str(first_tasks(anchors, args.anchor_tasks, args.out / "anchors.jsonl"))
-            suites = [anchors, *(["mbpp-test"] if args.mbpp_test else [])]
             for seed in range(args.seeds):
                 for arm in arms(args):
-                    run_arm(arm, seed, d, base, server, suites, args)
+                    out = run_arm(arm, seed, d, base, server, anchors, args)
+                    if args.mbpp_test:
+                        full_gate(out, server, anchors, args)
                     summarize(args)
     print(summarize(args))
     return 0
@@ -251,7 +285,7 @@ def run_record(ladder: Path) -> dict | None:
         return None
     secs = ladder / "seconds.json"  # the ladder (train, merge, gate, drift) and the skeletons' evaluation
     return {**r, "skeletons": json.loads(skel.read_text())["n_passed"],
-            "seconds": json.loads(secs.read_text()) if secs.is_file() else None}
+            "seconds": json.loads(secs.read_text()) if secs.is_file() else None, "full_gate": full_gate_record(ladder)}
 
 
 def summarize(args: argparse.Namespace) -> str:
@@ -327,6 +361,22 @@ def arms_table(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def full_gate_table(runs: list[dict]) -> list[str]:
+    """The runs gated on both suites (--mbpp-test): MBPP test's counts and verdict, and the one decision."""
+    rs = [r for r in runs if r.get("full_gate")]
+    if not rs:
+        return []
+    m0 = rs[0]["full_gate"]["mbpp"]
+    lines = [f"| run | MBPP test pass (base {m0['baseline_passed']}/{m0['n_tasks']}) | regressed / fixed | "
+             "MBPP test: may not fall beyond noise (p) | HumanEval and MBPP test, one decision |", "|---|---|---|---|---|"]
+    for r in rs:
+        g = r["full_gate"]
+        m = g["mbpp"]
+        lines.append(f"| {r['arm']}, seed {r['seed']} | {m['candidate_passed']}/{m['n_tasks']} | "
+                     f"{m['regressed']} / {m['fixed']} | {m['decision']} ({m['p_value']:.3g}) | {g['decision']} |")
+    return [*lines, ""]
+
+
 def anchor_table(s: dict) -> str:
     """The seed's ladder table, a row per run; then each arm pooled over its seeds; then each gate's reason."""
     runs = s["runs"]
@@ -350,7 +400,7 @@ def anchor_table(s: dict) -> str:
                      f"{f(r['avg_kl'])} | {r['passed']}/{n} | {r['skeletons']}/{n_s} | "
                      f"{len(r['regressed'])} / {len(r['fixed'])} | {r['decision']} ({r['p_value']:.3g}) | "
                      f"{margin_rule(r)} | {seeds_rule(r)} | {drift(r, 'train')} | {drift(r, 'anchors')} |")
-    lines += ["", arms_table(s).rstrip("\n"), "",
+    lines += ["", arms_table(s).rstrip("\n"), "", *full_gate_table(runs),
               f"The gate's rule: {s['rule']} on HumanEval (a fall beyond noise reverts); beside it, what the margin "
               f"rule (max_drop={MARGIN:g}: KEEP only a fall shown to be at most {MARGIN:.0%} at 95%, REVERT one shown "
               "beyond, else UNDECIDED) and the seeds' rule (no task the base passes may fail) would have decided.",

@@ -95,3 +95,47 @@ def test_the_reduced_anchor_ladder_run_reproduces_its_recorded_figures(tmp_path)
 def test_the_reduced_barrier_rounds_run_reproduces_its_recorded_figures(tmp_path):
     summary, recorded = _rerun("smollm2_barrier_rounds.py", "barrier_rounds_reduced", tmp_path / "run")
     _close(docs_real.rounds_figures(summary), recorded)
+
+
+def test_the_anchor_ladders_mbpp_test_table_reads_the_two_suite_gate_record(tmp_path, monkeypatch):
+    """--mbpp-test's gate_full.json, as `kdkit gate --json` writes it for two suites, becomes the table's row: MBPP
+    test's counts and verdict, and the one decision (UNDECIDED here: the anchors cannot show a drop)."""
+    from smollm2_anchor_ladder import full_gate_record, full_gate_table
+
+    from kdkit.decide import gate as gate_mod
+    from kdkit.decide.registry import Registry
+    from kdkit.evaluate.passrate import EvalSummary, TaskResult, wilson_interval
+    from kdkit.util.io import atomic_write_json
+    from tests.helpers import save_model_dir, write_jsonl
+
+    suites = {"anchors.jsonl": [f"HE/{i}" for i in range(5)], "mbpp.jsonl": [f"MBPP/{i}" for i in range(11, 31)]}
+    for name, ids in suites.items():
+        write_jsonl(tmp_path / name, [{"task_id": t, "prompt": "def f():\n", "entry_point": "f",
+                                       "test": "def check(c):\n    pass\n"} for t in ids])
+    base = {t: i < 3 for i, t in enumerate(suites["anchors.jsonl"])} | \
+        {t: i < 10 for i, t in enumerate(suites["mbpp.jsonl"])}  # 3/5 anchors (too few to show a drop), 10/20
+    cand = base | {"MBPP/11": False, "MBPP/12": False, "MBPP/30": True}  # two lost, one fixed on MBPP test
+
+    def fake(model_dir, tasks_path, **kw):
+        outcomes = cand if (Path(model_dir) / "cand.tag").is_file() else base  # the registered copy keeps the tag
+        res = [TaskResult(t, outcomes[t], "passed" if outcomes[t] else "failed", "", 0.0)
+               for t in suites[Path(tasks_path).name]]
+        k = sum(r.passed for r in res)
+        return res, EvalSummary(len(res), k, k / len(res), wilson_interval(k, len(res)), {}, {}), []
+
+    monkeypatch.setattr(gate_mod, "evaluate_model", fake)
+    reg = Registry(tmp_path / "ws")
+    reg.register(save_model_dir(tmp_path / "base", seed=1), name="base")
+    (save_model_dir(tmp_path / "cand", seed=2) / "cand.tag").write_text("")
+    res = gate_mod.gate(reg, str(tmp_path / "cand"),
+                        [tmp_path / "anchors.jsonl", tmp_path / "mbpp.jsonl"], against="base",
+                        rule=gate_mod.GateRule.parse("drop_alpha=0.05"), log=lambda m: None)
+    (tmp_path / "run").mkdir()
+    atomic_write_json(tmp_path / "run" / "gate_full.json", res.to_json())
+    record = full_gate_record(tmp_path / "run")
+    assert record["mbpp"] == {"baseline_passed": 10, "candidate_passed": 9, "n_tasks": 20, "p_value": 1.0,
+                              "decision": "KEEP", "regressed": 2, "fixed": 1}
+    assert record["decision"] == "UNDECIDED" and full_gate_record(tmp_path / "none") is None
+    table = full_gate_table([{"arm": "share 0.5, λ 0", "seed": 1, "full_gate": record}, {"arm": "x", "seed": 0}])
+    assert table[0].startswith("| run | MBPP test pass (base 10/20) |") and len(table) == 4
+    assert table[2] == "| share 0.5, λ 0, seed 1 | 9/20 | 2 / 1 | KEEP (1) | UNDECIDED |"
