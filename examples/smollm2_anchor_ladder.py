@@ -368,12 +368,17 @@ def full_gate_table(runs: list[dict]) -> list[str]:
         return []
     m0 = rs[0]["full_gate"]["mbpp"]
     lines = [f"| run | MBPP test pass (base {m0['baseline_passed']}/{m0['n_tasks']}) | regressed / fixed | "
-             "MBPP test: may not fall beyond noise (p) | HumanEval and MBPP test, one decision |", "|---|---|---|---|---|"]
+             f"MBPP test: noise rule (p) | MBPP test: margin rule | HumanEval and MBPP test, one decision (noise rule) |",
+             "|---|---|---|---|---|---|"]
     for r in rs:
         g = r["full_gate"]
         m = g["mbpp"]
+        margin = margin_rule({"regressed": [None] * m["regressed"], "fixed": [None] * m["fixed"],
+                              "n_tasks": m["n_tasks"], "baseline_passed": m["baseline_passed"],
+                              "passed": m["candidate_passed"]})
         lines.append(f"| {r['arm']}, seed {r['seed']} | {m['candidate_passed']}/{m['n_tasks']} | "
-                     f"{m['regressed']} / {m['fixed']} | {m['decision']} ({m['p_value']:.3g}) | {g['decision']} |")
+                     f"{m['regressed']} / {m['fixed']} | {m['decision']} ({m['p_value']:.3g}) | {margin} | "
+                     f"{g['decision']} |")
     return [*lines, ""]
 
 
