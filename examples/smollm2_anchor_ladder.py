@@ -23,7 +23,7 @@ rung merged and its weights loaded in place, the faster way on vLLM's CPU build,
 against the base as production on all 164 HumanEval tasks under the noise rule (``--rule drop_alpha=0.05``: a
 fall in pass count beyond noise reverts; single tasks flip both ways at this size under any change), with the
 drift columns. With --mbpp-test each finished run is gated again, on HumanEval and MBPP's 500 test tasks in one
-decision (`kdkit gate`, HumanEval's answers reused; about 12 more minutes a run, and once for the base). The held-out
+decision (`kdkit gate`, HumanEval's answers reused; about 9 more minutes a run, and 10 once for the base). The held-out
 skeletons (MBPP validation, ids 511..) are evaluated beside the gate, not by it: production passes almost
 none (2 of 40 in the KL-leash example), so as a gate suite they could never show a drop.
 
@@ -363,6 +363,8 @@ def arms_table(s: dict) -> str:
 
 def full_gate_table(runs: list[dict]) -> list[str]:
     """The runs gated on both suites (--mbpp-test): MBPP test's counts and verdict, and the one decision."""
+    from kdkit.decide.gate import margin_verdict
+
     rs = [r for r in runs if r.get("full_gate")]
     if not rs:
         return []
@@ -373,9 +375,8 @@ def full_gate_table(runs: list[dict]) -> list[str]:
     for r in rs:
         g = r["full_gate"]
         m = g["mbpp"]
-        margin = margin_rule({"regressed": [None] * m["regressed"], "fixed": [None] * m["fixed"],
-                              "n_tasks": m["n_tasks"], "baseline_passed": m["baseline_passed"],
-                              "passed": m["candidate_passed"]})
+        margin = margin_verdict(m["regressed"], m["fixed"], m["n_tasks"], m["baseline_passed"], m["candidate_passed"],
+                                MARGIN)[0]
         lines.append(f"| {r['arm']}, seed {r['seed']} | {m['candidate_passed']}/{m['n_tasks']} | "
                      f"{m['regressed']} / {m['fixed']} | {m['decision']} ({m['p_value']:.3g}) | {margin} | "
                      f"{g['decision']} |")
