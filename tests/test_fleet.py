@@ -41,6 +41,10 @@ def test_a_request_fails_only_when_no_server_is_left_and_each_loss_is_reported()
     assert all(u in str(e.value) for u in urls) and sorted(fleet.left_out) == sorted(urls)
     assert said[0].startswith(f"teacher server {urls[0]} stopped answering") and said[0].endswith("go to the 1 left")
     assert said[1].endswith("none is left")
+    fleet.rejoin_s = 0  # each request now asks the servers left out first: quiet while they do not answer
+    with pytest.raises(ServedError, match="no teacher server answers"):
+        fleet.tokenize(text="x")
+    assert len(said) == 2 and sorted(fleet.left_out) == sorted(urls)
 
 
 def test_ranks_take_their_own_servers_when_there_are_enough():

@@ -20,10 +20,12 @@ from typer.testing import CliRunner
 from kdkit.cli import app
 from kdkit.config.load import load_train_config
 from kdkit.data import rows as kdata
+from kdkit.loss.divergences import TopK
 from kdkit.models.generation import GenerationSettings, generate_ids
 from kdkit.models.load import load_causal_lm, load_tokenizer
 from kdkit.teacher.cache import TeacherCache
 from kdkit.teacher.cache.precompute import PrecomputeSettings, precompute
+from kdkit.teacher.fleet import Fleet, agreement
 from kdkit.teacher.parity import teacher_parity
 from kdkit.teacher.served import ServedError, Server
 from kdkit.train import TrainingError, train
@@ -644,6 +646,41 @@ def _assert_same_runs(reference: Path, *runs: Path) -> None:
         assert [m["total_loss"] for m in _metrics(run)] == [m["total_loss"] for m in _metrics(reference)]
         theirs = load_file(str(run / "final" / "model.safetensors"))
         assert all(torch.equal(weights[k], theirs[k]) for k in weights)
+
+
+def test_a_server_that_returns_rejoins_the_fleet_only_when_it_answers_as_before(served, twin):
+    """A server left out is asked again (here on every request, `rejoin_s` 0): once back, it takes requests
+    again and its answers are the lone server's; one whose answers to the parity rows differ stays out."""
+    root, url = served
+    relay, said = Relay(twin).start(), []
+    fleet = Fleet([Server(url, retries=0), Server(relay.url, retries=0)], said.append, rejoin_s=0)
+    rows = [[1, 40 + i, 41, 42 + 2 * i, 43, 77, 12] for i in range(6)]
+    try:
+        fleet.info()
+        agreement(fleet, rows[:2], 8, 1e-3)
+        lone = Server(url).prompt_topk(rows, 8)
+        relay.stop()
+        fleet.token_logprobs(rows[:1]), fleet.token_logprobs(rows[:1])  # one of them finds the relay down
+        assert relay.url in fleet.left_out and said[-1].startswith(f"teacher server {relay.url} stopped answering")
+        relay.start()
+        answers = [fleet.prompt_topk([r], 8)[0] for r in rows]
+        assert f"teacher server {relay.url} answers again, as before; it takes requests again" in said
+        assert not fleet.left_out and fleet.answered[relay.url] >= 1
+        assert all(torch.equal(a.ids, b.ids) and torch.equal(a.logprobs, b.logprobs)
+                   for a, b in zip(answers, lone, strict=True))
+        # a server back with other weights: its answers to the parity rows are not the first server's
+        prompts, k, tolerance, ref = fleet.parity
+        shifted = [TopK(t.ids, t.logprobs - 0.5, t.tail) for t in ref]
+        fleet.parity = (prompts, k, tolerance, shifted)
+        relay.stop()
+        fleet.token_logprobs(rows[:1]), fleet.token_logprobs(rows[:1])
+        relay.start()
+        fleet.token_logprobs(rows[:1])
+    finally:
+        relay.stop()
+    assert relay.url in fleet.left_out
+    assert said[-1] == (f"teacher server {relay.url} answers again but stays out: teacher server {relay.url} "
+                        f"answers otherwise than {url} on parity row 1: max |Δ log-prob| 0.5 (tolerance 0.001)")
 
 
 def test_a_fleet_with_no_server_left_stops_with_a_checkpoint_and_resumes_bitwise(served, twin, tmp_path):
