@@ -338,33 +338,65 @@ def seeds_rule(r: dict) -> str:
 
 
 def arms_table(s: dict) -> str:
-    """Each arm pooled over its seeds: HumanEval and skeletons with Wilson intervals, the drift from the base on
-    the training rows (mean over seeds), how many runs each rule keeps (README's table)."""
+    """Each arm pooled over its seeds: HumanEval, the skeletons and (once --mbpp-test ran) MBPP test with Wilson
+    intervals, the drift from the base on the training rows (mean over seeds), how many runs each rule keeps
+    (README's table)."""
     from kdkit.evaluate.passrate import pass_cell, wilson_interval
 
     runs, n_s = s["runs"], s["heldout_tasks"]
     if not runs:
         return "no finished runs\n"
     n = runs[0]["n_tasks"]
+    m0 = next((r["full_gate"]["mbpp"] for r in runs if r.get("full_gate")), None)
+    mbpp_head = f"MBPP test (base {m0['baseline_passed']}/{m0['n_tasks']})" if m0 else "MBPP test"
     lines = [f"| arm | runs | HumanEval pass (base {runs[0]['baseline_passed']}/{n}) [95% Wilson] | skeletons "
-             f"(base {s['base_skeletons']}/{n_s}) | drift train, KL(b‖c) | KEEP: noise rule | KEEP: margin rule "
-             f"(≤ {MARGIN:.0%} fall shown) | KEEP: no-regression rule |", "|---|---|---|---|---|---|---|---|"]
+             f"(base {s['base_skeletons']}/{n_s}) | {mbpp_head} | drift train, KL(b‖c) | KEEP: noise rule | "
+             f"KEEP: margin rule (≤ {MARGIN:.0%} fall shown) | KEEP: margin rule, HumanEval and MBPP test | "
+             "KEEP: no-regression rule |", "|---|---|---|---|---|---|---|---|---|---|"]
     for arm in dict.fromkeys(r["arm"] for r in runs):
         rs = [r for r in runs if r["arm"] == arm]
         k, m = sum(r["passed"] for r in rs), n * len(rs)
         ks, ms = sum(r["skeletons"] for r in rs), n_s * len(rs)
         kl = [r["drift"]["train"]["kl_base_cand_mean"] for r in rs if (r.get("drift") or {}).get("train")]
         lines.append(f"| {arm} | {len(rs)} | {pass_cell(k, m, wilson_interval(k, m))} | "
-                     f"{pass_cell(ks, ms, wilson_interval(ks, ms))} | "
+                     f"{pass_cell(ks, ms, wilson_interval(ks, ms))} | {mbpp_cell(rs)} | "
                      f"{f'{sum(kl) / len(kl):.3f}' if kl else '—'} | {sum(r['decision'] == 'KEEP' for r in rs)} | "
-                     f"{sum(margin_rule(r) == 'KEEP' for r in rs)} | {sum(seeds_rule(r) == 'KEEP' for r in rs)} |")
+                     f"{sum(margin_rule(r) == 'KEEP' for r in rs)} | {both_suites_margin(rs)} | "
+                     f"{sum(seeds_rule(r) == 'KEEP' for r in rs)} |")
     return "\n".join(lines) + "\n"
+
+
+def mbpp_margin(m: dict) -> str:
+    """What the margin rule decides of a run on MBPP test, from gate_full.json's counts (:func:`full_gate_record`)."""
+    from kdkit.decide.gate import margin_verdict
+
+    return margin_verdict(m["regressed"], m["fixed"], m["n_tasks"], m["baseline_passed"], m["candidate_passed"],
+                          MARGIN)[0]
+
+
+def mbpp_cell(rs: list[dict]) -> str:
+    """An arm's MBPP test passes pooled over its runs gated there, with the Wilson interval ("—": none was;
+    "(2 of 3 runs)" when some were not)."""
+    from kdkit.evaluate.passrate import pass_cell, wilson_interval
+
+    ms = [r["full_gate"]["mbpp"] for r in rs if r.get("full_gate")]
+    if not ms:
+        return "—"
+    k, m = sum(x["candidate_passed"] for x in ms), sum(x["n_tasks"] for x in ms)
+    return pass_cell(k, m, wilson_interval(k, m)) + ("" if len(ms) == len(rs) else f" ({len(ms)} of {len(rs)} runs)")
+
+
+def both_suites_margin(rs: list[dict]) -> str:
+    """How many of an arm's runs the margin rule keeps on HumanEval and on MBPP test ("—": none gated on both)."""
+    both = [r for r in rs if r.get("full_gate")]
+    if not both:
+        return "—"
+    kept = sum(margin_rule(r) == "KEEP" and mbpp_margin(r["full_gate"]["mbpp"]) == "KEEP" for r in both)
+    return str(kept) if len(both) == len(rs) else f"{kept} of {len(both)} gated"
 
 
 def full_gate_table(runs: list[dict]) -> list[str]:
     """The runs gated on both suites (--mbpp-test): MBPP test's counts and verdict, and the one decision."""
-    from kdkit.decide.gate import margin_verdict
-
     rs = [r for r in runs if r.get("full_gate")]
     if not rs:
         return []
@@ -375,10 +407,8 @@ def full_gate_table(runs: list[dict]) -> list[str]:
     for r in rs:
         g = r["full_gate"]
         m = g["mbpp"]
-        margin = margin_verdict(m["regressed"], m["fixed"], m["n_tasks"], m["baseline_passed"], m["candidate_passed"],
-                                MARGIN)[0]
         lines.append(f"| {r['arm']}, seed {r['seed']} | {m['candidate_passed']}/{m['n_tasks']} | "
-                     f"{m['regressed']} / {m['fixed']} | {m['decision']} ({m['p_value']:.3g}) | {margin} | "
+                     f"{m['regressed']} / {m['fixed']} | {m['decision']} ({m['p_value']:.3g}) | {mbpp_margin(m)} | "
                      f"{g['decision']} |")
     return [*lines, ""]
 

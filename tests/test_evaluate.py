@@ -23,6 +23,7 @@ from kdkit.evaluate.passrate import (
     load_completions,
     load_tasks,
     pass_at_k,
+    pass_cell,
     summarise,
     verify,
     wilson_interval,
@@ -128,6 +129,9 @@ def test_wilson_interval_known_values():
     assert lo == pytest.approx(0.5667, abs=1e-3) and hi == pytest.approx(0.9149, abs=1e-3)
     assert wilson_interval(0, 0) == (0.0, 0.0)
     assert wilson_interval(0, 10)[0] == 0.0
+    # as a table shows it: whole percents, tenths where both ends would read alike (0 of 1000: z²/(n + z²) = 0.38%)
+    assert pass_cell(15, 19) == "15/19 [57–91%]" and pass_cell(0, 0) == "0/0 [0–0%]"
+    assert pass_cell(0, 1000) == "0/1000 [0.0–0.4%]" and pass_cell(1000, 1000) == "1000/1000 [99.6–100.0%]"
 
 
 def test_pass_at_k_unbiased_estimator():

@@ -100,7 +100,7 @@ def test_the_reduced_barrier_rounds_run_reproduces_its_recorded_figures(tmp_path
 def test_the_anchor_ladders_mbpp_test_table_reads_the_two_suite_gate_record(tmp_path, monkeypatch):
     """--mbpp-test's gate_full.json, as `kdkit gate --json` writes it for two suites, becomes the table's row: MBPP
     test's counts and verdict, and the one decision (UNDECIDED here: the anchors cannot show a drop)."""
-    from smollm2_anchor_ladder import full_gate_record, full_gate_table
+    from smollm2_anchor_ladder import arms_table, full_gate_record, full_gate_table
 
     from kdkit.decide import gate as gate_mod
     from kdkit.decide.registry import Registry
@@ -140,3 +140,14 @@ def test_the_anchor_ladders_mbpp_test_table_reads_the_two_suite_gate_record(tmp_
     assert table[0].startswith("| run | MBPP test pass (base 10/20) |") and len(table) == 4
     # the margin rule: a fall of 1 in 20 (2 lost, 1 gained) cannot be shown to be within 3 points
     assert table[2] == "| share 0.5, λ 0, seed 1 | 9/20 | 2 / 1 | KEEP (1) | UNDECIDED | UNDECIDED |"
+    # README's table pools MBPP test over the arm's gated runs and counts the runs the margin rule keeps on both
+    # suites: HumanEval 9 → 12 (2 lost, 5 gained) is kept there, MBPP test's 2 lost and 1 gained of 20 is not
+    run = {"arm": "a", "n_tasks": 164, "baseline_passed": 9, "passed": 12, "skeletons": 40, "decision": "KEEP",
+           "regressed": ["HE/1", "HE/2"], "fixed": [f"HE/{i}" for i in range(3, 8)], "drift": None}
+    rows = arms_table({"runs": [run | {"full_gate": record}, run], "heldout_tasks": 40, "base_skeletons": 2})
+    head, _, row = rows.splitlines()
+    assert "| MBPP test (base 10/20) |" in head
+    assert row == ("| a | 2 | 24/328 [5–11%] | 80/80 [95–100%] | 9/20 [26–66%] (1 of 2 runs) | — | 2 | 2 | 0 of 1 gated "
+                   "| 0 |")
+    assert arms_table({"runs": [run], "heldout_tasks": 40, "base_skeletons": 2}).splitlines()[2] == \
+        "| a | 1 | 12/164 [4–12%] | 40/40 [91–100%] | — | — | 1 | 1 | — | 0 |"  # no run gated on MBPP test

@@ -46,9 +46,11 @@ def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float
 
 
 def pass_cell(k: int, n: int, interval: tuple[float, float] | None = None) -> str:
-    """``k/n [lo–hi%]``: a pass count with its 95% interval (Wilson's unless given), whole percents."""
+    """``k/n [lo–hi%]``: a pass count with its 95% interval (Wilson's unless given), whole percents — or tenths
+    where whole percents would show the two ends alike (0 of 1000: ``[0.0–0.4%]``, not ``[0–0%]``)."""
     lo, hi = interval if interval is not None else wilson_interval(k, n)
-    return f"{k}/{n} [{100 * lo:.0f}–{100 * hi:.0f}%]"
+    digits = 1 if lo != hi and f"{100 * lo:.0f}" == f"{100 * hi:.0f}" else 0
+    return f"{k}/{n} [{100 * lo:.{digits}f}–{100 * hi:.{digits}f}%]"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
