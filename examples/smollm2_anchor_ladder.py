@@ -350,9 +350,9 @@ def arms_table(s: dict) -> str:
     m0 = next((r["full_gate"]["mbpp"] for r in runs if r.get("full_gate")), None)
     mbpp_head = f"MBPP test (base {m0['baseline_passed']}/{m0['n_tasks']})" if m0 else "MBPP test"
     lines = [f"| arm | runs | HumanEval pass (base {runs[0]['baseline_passed']}/{n}) [95% Wilson] | skeletons "
-             f"(base {s['base_skeletons']}/{n_s}) | {mbpp_head} | drift train, KL(b‖c) | KEEP: noise rule | "
-             f"KEEP: margin rule (≤ {MARGIN:.0%} fall shown) | KEEP: margin rule, HumanEval and MBPP test | "
-             "KEEP: no-regression rule |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"(base {s['base_skeletons']}/{n_s}) | {mbpp_head} | drift train, KL(b‖c) | KEEP: noise rule (HumanEval) | "
+             f"KEEP: margin rule (HumanEval, ≤ {MARGIN:.0%} fall shown) | KEEP: margin rule, HumanEval and MBPP test | "
+             "KEEP: no-regression rule (HumanEval) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for arm in dict.fromkeys(r["arm"] for r in runs):
         rs = [r for r in runs if r["arm"] == arm]
         k, m = sum(r["passed"] for r in rs), n * len(rs)
