@@ -5,11 +5,11 @@ idle server, and a server has one request at a time: each server then computes e
 server would, one by one, so an answer does not depend on how many servers there are or which one gave it
 (the servers are checked to agree on a few rows first). A server that stops answering — connection refused
 or reset, time-outs or 5xx through all its retries — is reported and left out; its request goes to another.
-Every :data:`REJOIN_S` seconds a request first asks each server left out whether it answers again: one that
-says what it said before and answers the fleet's parity rows as the first server did takes requests again (a
-restarted server), which the log says; one that answers otherwise stays out, named with why. A request fails
-only when no server is left; one that a server refuses (a 4xx: the request's fault) fails at once, as it
-would on any of them.
+Every :data:`REJOIN_S` seconds a request first asks each server left out whether it answers again (its
+``/health`` within :data:`HEALTH_S` seconds, then what it serves): one that says what it said before and
+answers the fleet's parity rows as the first server did takes requests again (a restarted server), which the
+log says; one that answers otherwise stays out, named with why. A request fails only when no server is left;
+one that a server refuses (a 4xx: the request's fault) fails at once, as it would on any of them.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ IDENTITY = ("model", "root", "max_model_len", "vllm_version", "max_logprobs")
 
 REJOIN_S = 60.0
 """Seconds between two asks of a server left out whether it answers again."""
+
+HEALTH_S = 5.0
+"""How long that ask waits for the server's ``/health`` before it leaves the server out for another round."""
 
 
 def url_list(url: str | Sequence[str]) -> list[str]:
@@ -190,6 +193,8 @@ class Fleet:
         """Why ``server``, left out, may not take requests again, as a sentence: "" while it does not answer;
         what it says otherwise than the fleet's first server (:data:`IDENTITY`), or how its answers to the
         parity rows of :func:`agreement` differ from the first server's. None: it may."""
+        if not server.alive(HEALTH_S):
+            return ""
         probe = Server(server.url, server.model, server.timeout_s, retries=0)
         try:
             probe.max_logprobs()

@@ -137,6 +137,15 @@ class Server:
         raise Unreachable(f"teacher server {self.url} did not answer {path} after {self.retries + 1} tries "
                           f"({last}); is it running? (start it as the docs' 'A served teacher' says)", last)
 
+    def alive(self, timeout_s: float) -> bool:
+        """Whether the server answers ``/health`` within ``timeout_s`` seconds, in one try (a running vLLM
+        server answers it at once; a hung one does not hold the caller for its full time-out)."""
+        try:
+            Server(self.url, self.model, timeout_s, retries=0)._request("/health")
+        except ServedError:
+            return False
+        return True
+
     def post(self, path: str, body: dict[str, Any]) -> Any:
         """POST ``body`` to ``path`` (retried like every request); the server's answer, parsed when JSON."""
         return self._request(path, body)
